@@ -1,0 +1,254 @@
+// CUDA kernel of sample_tokens: one thread block per row of logits.
+//
+// The row is streamed once with 16-byte loads, several in flight per thread.
+// Each thread keeps an online-softmax state (running max, sum of exp, sum of
+// exp times logit offset for the entropy), the two largest logits with the
+// index of the first, and the best Gumbel score when sampling. The states are
+// merged across the block; the softmax is never written out.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "llada/kernels_cuda.h"
+
+namespace llada {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 4;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kNegInf = -__builtin_huge_valf();
+
+struct RowState {
+  float max = kNegInf;     // running maximum of the logits
+  float sum = 0.0f;        // sum of exp(x - max)
+  float wsum = 0.0f;       // sum of exp(x - max) * (x - max)
+  float top1 = kNegInf;    // largest logit ...
+  int32_t top1_index = -1; // ... and its first index
+  float top2 = kNegInf;    // second largest logit (equal to top1 on ties)
+  float best = kNegInf;    // best Gumbel score ...
+  int32_t best_index = -1; // ... and its index
+};
+
+__device__ __forceinline__ float fast_exp(float t) { return exp2f(t * kLog2e); }
+
+// Re-expresses the sums relative to a new, larger maximum.
+__device__ __forceinline__ void rescale(RowState& s, float new_max) {
+  if (s.sum > 0.0f) {
+    float shift = s.max - new_max;
+    float a = fast_exp(shift);
+    s.wsum = a * (s.wsum + s.sum * shift);
+    s.sum *= a;
+  }
+  s.max = new_max;
+}
+
+__device__ __forceinline__ void merge(RowState& a, const RowState& b) {
+  float m = fmaxf(a.max, b.max);
+  if (m != kNegInf) {
+    rescale(a, m);
+    RowState bb = b;
+    rescale(bb, m);
+    a.sum += bb.sum;
+    a.wsum += bb.wsum;
+  }
+  bool b_first = b.top1_index >= 0 &&
+                 (a.top1_index < 0 || b.top1 > a.top1 ||
+                  (b.top1 == a.top1 && b.top1_index < a.top1_index));
+  float loser = b_first ? a.top1 : b.top1;
+  a.top2 = fmaxf(loser, fmaxf(a.top2, b.top2));
+  if (b_first) {
+    a.top1 = b.top1;
+    a.top1_index = b.top1_index;
+  }
+  if (b.best_index >= 0 &&
+      (a.best_index < 0 || b.best > a.best || (b.best == a.best && b.best_index < a.best_index))) {
+    a.best = b.best;
+    a.best_index = b.best_index;
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void accumulate(RowState& s, float (&v)[N], int32_t col0,
+                                           const int32_t* suppress, int num_suppress,
+                                           float inv_temperature, GumbelKey key) {
+  for (int q = 0; q < num_suppress; ++q) {
+    int32_t offset = suppress[q] - col0;
+    if (offset >= 0 && offset < N) {
+#pragma unroll
+      for (int j = 0; j < N; ++j)
+        if (j == offset) v[j] = kNegInf;
+    }
+  }
+  float chunk_max = v[0];
+#pragma unroll
+  for (int j = 1; j < N; ++j) chunk_max = fmaxf(chunk_max, v[j]);
+  if (chunk_max > s.max) rescale(s, chunk_max);
+  if (s.max != kNegInf) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      float t = v[j] - s.max;
+      float e = fast_exp(t);
+      s.sum += e;
+      s.wsum += e > 0.0f ? e * t : 0.0f;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    if (v[j] > s.top1) {
+      s.top2 = s.top1;
+      s.top1 = v[j];
+      s.top1_index = col0 + j;
+    } else if (v[j] > s.top2) {
+      s.top2 = v[j];
+    }
+  }
+  if (inv_temperature > 0.0f) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      if (v[j] == kNegInf) continue;
+      float score = gumbel_score(v[j], inv_temperature, key, uint32_t(col0 + j));
+      if (score > s.best || s.best_index < 0) {
+        s.best = score;
+        s.best_index = col0 + j;
+      }
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float load_one(const T* p);
+template <>
+__device__ __forceinline__ float load_one<float>(const float* p) { return __ldg(p); }
+template <>
+__device__ __forceinline__ float load_one<__nv_bfloat16>(const __nv_bfloat16* p) {
+  return __bfloat162float(__ldg(p));
+}
+template <>
+__device__ __forceinline__ float load_one<__half>(const __half* p) { return __half2float(__ldg(p)); }
+
+// Widens the 16 bytes in `raw` into 16 / sizeof(T) floats.
+template <typename T>
+__device__ __forceinline__ void widen(const uint4& raw, float (&v)[16 / sizeof(T)]) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int j = 0; j < int(16 / sizeof(T)); ++j) {
+    if constexpr (sizeof(T) == 4) v[j] = reinterpret_cast<const float*>(&raw)[j];
+    else if constexpr (std::is_same_v<T, __nv_bfloat16>) v[j] = __bfloat162float(e[j]);
+    else v[j] = __half2float(e[j]);
+  }
+}
+
+__device__ RowState block_merge(RowState s) {
+  __shared__ RowState partial[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    RowState o;
+    o.max = __shfl_xor_sync(0xffffffffu, s.max, offset);
+    o.sum = __shfl_xor_sync(0xffffffffu, s.sum, offset);
+    o.wsum = __shfl_xor_sync(0xffffffffu, s.wsum, offset);
+    o.top1 = __shfl_xor_sync(0xffffffffu, s.top1, offset);
+    o.top1_index = __shfl_xor_sync(0xffffffffu, s.top1_index, offset);
+    o.top2 = __shfl_xor_sync(0xffffffffu, s.top2, offset);
+    o.best = __shfl_xor_sync(0xffffffffu, s.best, offset);
+    o.best_index = __shfl_xor_sync(0xffffffffu, s.best_index, offset);
+    merge(s, o);
+  }
+  if (lane == 0) partial[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = lane < kWarps ? partial[lane] : RowState{};
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      RowState o;
+      o.max = __shfl_xor_sync(0xffffffffu, s.max, offset);
+      o.sum = __shfl_xor_sync(0xffffffffu, s.sum, offset);
+      o.wsum = __shfl_xor_sync(0xffffffffu, s.wsum, offset);
+      o.top1 = __shfl_xor_sync(0xffffffffu, s.top1, offset);
+      o.top1_index = __shfl_xor_sync(0xffffffffu, s.top1_index, offset);
+      o.top2 = __shfl_xor_sync(0xffffffffu, s.top2, offset);
+      o.best = __shfl_xor_sync(0xffffffffu, s.best, offset);
+      o.best_index = __shfl_xor_sync(0xffffffffu, s.best_index, offset);
+      merge(s, o);
+    }
+  }
+  return s;  // complete in thread 0
+}
+
+constexpr int kMaxSuppress = 64;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) sample_tokens_kernel(SampleTokensParams p) {
+  constexpr int kVec = 16 / sizeof(T);
+  __shared__ int32_t suppress[kMaxSuppress];
+  const int num_suppress = p.num_suppress;
+  for (int i = threadIdx.x; i < num_suppress; i += kThreads) suppress[i] = int32_t(p.suppress[i]);
+  __syncthreads();
+
+  const int64_t row = blockIdx.x;
+  const T* x = static_cast<const T*>(p.logits) + row * p.row_stride;
+  const int32_t vocab = int32_t(p.vocab);
+  const float inv_temperature = p.temperature > 0.0f ? 1.0f / p.temperature : 0.0f;
+  const GumbelKey key = gumbel_row_key(p.seed, row);
+  RowState s;
+
+  // 16-byte loads when the row start allows them; the tail goes one by one.
+  const bool aligned = (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+  const int32_t num_vec = aligned ? vocab / kVec : 0;
+  const uint4* xv = reinterpret_cast<const uint4*>(x);
+  int32_t i = threadIdx.x;
+  for (; i + (kUnroll - 1) * kThreads < num_vec; i += kUnroll * kThreads) {
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) raw[u] = __ldg(xv + i + u * kThreads);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float v[kVec];
+      widen<T>(raw[u], v);
+      accumulate(s, v, (i + u * kThreads) * kVec, suppress, num_suppress, inv_temperature, key);
+    }
+  }
+  for (; i < num_vec; i += kThreads) {
+    float v[kVec];
+    widen<T>(__ldg(xv + i), v);
+    accumulate(s, v, i * kVec, suppress, num_suppress, inv_temperature, key);
+  }
+  for (int32_t col = num_vec * kVec + threadIdx.x; col < vocab; col += kThreads) {
+    float v[1] = {load_one(x + col)};
+    accumulate(s, v, col, suppress, num_suppress, inv_temperature, key);
+  }
+
+  s = block_merge(s);
+  if (threadIdx.x != 0) return;
+  const int32_t token = inv_temperature > 0.0f ? s.best_index : s.top1_index;
+  if (token < 0) {
+    p.tokens[row] = -1;
+    p.confidence[row] = kNegInf;
+    p.margin[row] = 0.0f;
+    p.entropy[row] = 0.0f;
+    return;
+  }
+  const float chosen = token == s.top1_index ? s.top1 : load_one(x + token);
+  p.tokens[row] = token;
+  p.confidence[row] = expf(chosen - s.max) / s.sum;
+  p.margin[row] = (1.0f - expf(s.top2 - s.max)) / s.sum;
+  p.entropy[row] = logf(s.sum) - s.wsum / s.sum;
+}
+
+}  // namespace
+
+cudaError_t sample_tokens_cuda(const SampleTokensParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  if (p.num_suppress > kMaxSuppress || p.vocab >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
+  dim3 grid(unsigned(p.rows));
+  switch (p.dtype) {
+    case DType::kFloat32: sample_tokens_kernel<float><<<grid, kThreads, 0, stream>>>(p); break;
+    case DType::kBFloat16: sample_tokens_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p); break;
+    case DType::kFloat16: sample_tokens_kernel<__half><<<grid, kThreads, 0, stream>>>(p); break;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace llada

@@ -1,0 +1,63 @@
+// Argument checks shared by the CPU and CUDA glue. Each failure names the
+// argument, what was expected and what was received.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+#include "llada/common.h"
+
+namespace llada {
+
+inline std::string shape_of(const at::Tensor& t) { return c10::str(t.sizes()); }
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const char* layout) {
+  TORCH_CHECK_VALUE(t.dim() == dim, name, ": expected a ", dim, "-D tensor ", layout,
+                    ", got shape ", shape_of(t));
+}
+
+inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ",
+                   t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                              const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, ": expected to be on the device of ",
+                    ref_name, " (", ref.device(), "), got ", t.device());
+}
+
+inline void check_same_shape(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                             const char* ref_name) {
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, ": expected the shape of ", ref_name, " ",
+                    shape_of(ref), ", got ", shape_of(t));
+}
+
+inline void check_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.is_contiguous(), name,
+                    ": expected a contiguous tensor (call .contiguous() first), got strides ",
+                    c10::str(t.strides()));
+}
+
+inline DType logits_dtype(const at::Tensor& logits) {
+  switch (logits.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "logits: expected dtype float32, bfloat16 or float16, got ",
+                       logits.scalar_type());
+  }
+}
+
+// Checks shared by both devices; returns nothing, throws on bad input.
+void check_sample_tokens_args(const at::Tensor& logits, const at::Tensor& suppress_ids,
+                              double temperature);
+void check_select_positions_args(const at::Tensor& confidence, const at::Tensor& k, int64_t rule,
+                                 double threshold, double factor);
+void check_commit_tokens_args(const at::Tensor& canvas, const at::Tensor& x0,
+                              const at::Tensor& accepted, const c10::optional<at::Tensor>& remask);
+
+}  // namespace llada

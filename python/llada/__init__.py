@@ -1,0 +1,27 @@
+"""llada: a fast inference engine for masked diffusion language models."""
+
+import torch  # noqa: F401  (loads libtorch before the extension needs it)
+
+from . import _C, ops
+from .ops import TokenChoice, commit_tokens, sample_tokens, select_positions
+
+__version__ = _C.__version__
+
+
+def cuda_kernels_available() -> bool:
+    """Whether the CUDA kernels were compiled into this build of llada.
+
+    This says nothing about whether a GPU is present (see
+    ``torch.cuda.is_available()``); both are needed to run them.
+    """
+    return bool(_C.cuda_compiled())
+
+
+__all__ = [
+    "TokenChoice",
+    "commit_tokens",
+    "cuda_kernels_available",
+    "ops",
+    "sample_tokens",
+    "select_positions",
+]

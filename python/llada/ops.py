@@ -1,0 +1,310 @@
+"""The decoding ops: typed wrappers over ``torch.ops.llada.*``, their fake
+kernels, and the pure-torch reference implementations that define them.
+
+Each op has three implementations that must agree: the CUDA kernel, the C++ CPU
+twin, and the reference here. The references are the specification and the
+test oracle; they favour clarity (and float64) over speed.
+
+Ops
+---
+``sample_tokens(logits, temperature, seed, suppress_ids)``
+    Per row of ``logits [N, V]``: the chosen token, its softmax probability,
+    the top-1 minus top-2 probability margin and the entropy of the softmax.
+``select_positions(confidence, rule, k, threshold, factor)``
+    Which positions of ``confidence [B, L]`` to commit this step.
+``commit_tokens(canvas, x0, accepted, remask, mask_id)``
+    Write the accepted predictions into the canvas in place, optionally
+    re-mask positions, and return the masked count left per row.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (loading the extension registers torch.ops.llada)
+
+SELECTION_RULES = ("topk", "threshold", "factor")
+
+
+class TokenChoice(NamedTuple):
+    """Result of :func:`sample_tokens`; every field has shape ``[N]``.
+
+    tokens: int64 chosen ids (-1 for a row with no finite, unsuppressed logit).
+    confidence: float32 softmax(logits)[token] (-inf for such a row).
+    margin: float32 top-1 minus top-2 probability of softmax(logits).
+    entropy: float32 entropy of softmax(logits), in nats.
+    """
+
+    tokens: torch.Tensor
+    confidence: torch.Tensor
+    margin: torch.Tensor
+    entropy: torch.Tensor
+
+
+# --------------------------------------------------------------------------
+# Counter-based Gumbel noise, shared bit-for-bit by every implementation.
+#
+# Each (seed, row, column) maps to a 32-bit hash; its top 24 bits give a
+# uniform u in (0, 1) and g = -log(-log(u)) is the Gumbel sample. The hash is
+# a keyed double round of a 32-bit avalanche mixer, so the noise depends only
+# on the key and not on how the work is split across threads or devices.
+# --------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 tensors holding uint32 values, without
+    overflowing int64 (the constant is split into 16-bit halves)."""
+    lo = (x * (c & 0xFFFF)) & _MASK32
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mix32_int(x: int) -> int:
+    return int(_mix32(torch.tensor([x & _MASK32], dtype=torch.int64))[0])
+
+
+def gumbel_row_keys(seed: int, row: int) -> tuple[int, int]:
+    """The two 32-bit keys of one row (the kernels compute the same)."""
+    s = _mix32_int((seed & _MASK32) ^ _mix32_int(((seed >> 32) + _GOLDEN) & _MASK32))
+    k1 = _mix32_int(s ^ ((row * _GOLDEN) & _MASK32) ^ ((row >> 32) & _MASK32))
+    k2 = _mix32_int(k1 + 0x632BE5AB)
+    return k1, k2
+
+
+def gumbel_noise_reference(seed: int, rows: int, cols: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [rows, cols] in float64, keyed by (seed, row, col)."""
+    col = torch.arange(cols, dtype=torch.int64)
+    out = torch.empty(rows, cols, dtype=torch.float64)
+    for r in range(rows):
+        k1, k2 = gumbel_row_keys(seed, r)
+        h = _mix32((_mix32(col ^ k1) + k2) & _MASK32)
+        u = ((h >> 8).to(torch.float64) + 0.5) * 2.0**-24
+        out[r] = -torch.log(-torch.log(u))
+    return out
+
+
+# --------------------------------------------------------------------------
+# sample_tokens
+# --------------------------------------------------------------------------
+
+
+def _suppress_tensor(suppress_ids, device) -> torch.Tensor:
+    if suppress_ids is None:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    if isinstance(suppress_ids, torch.Tensor):
+        return suppress_ids.to(device=device, dtype=torch.int64).reshape(-1).contiguous()
+    return torch.tensor(list(suppress_ids), dtype=torch.int64, device=device)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    seed: int = 0,
+    suppress_ids: Optional[Sequence[int] | torch.Tensor] = None,
+) -> TokenChoice:
+    """Choose one token per row of ``logits`` and score it, in one pass.
+
+    Args:
+        logits: ``[N, V]`` float32, bfloat16 or float16; the last dimension must
+            be contiguous (row strides are free). Logits are finite or -inf.
+        temperature: 0 takes the argmax (lowest index on ties); > 0 takes the
+            argmax of ``logits / temperature + Gumbel noise``, i.e. a sample of
+            ``softmax(logits / temperature)``.
+        seed: keys the counter-based noise with (seed, row, column), so the same
+            seed gives the same sample on every device and launch shape.
+        suppress_ids: token ids treated as -inf logits everywhere (e.g. EOS).
+
+    Returns:
+        :class:`TokenChoice` with the chosen ids and, computed in float32 from
+        ``softmax(logits)`` (not the tempered distribution), the chosen token's
+        probability, the top-1 minus top-2 margin and the entropy.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
+    out = torch.ops.llada.sample_tokens(
+        logits, _suppress_tensor(suppress_ids, logits.device), float(temperature), int(seed)
+    )
+    return TokenChoice(*out)
+
+
+@torch.library.register_fake("llada::sample_tokens")
+def _sample_tokens_fake(logits, suppress_ids, temperature, seed):
+    n = logits.shape[0]
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    return (
+        logits.new_empty(n, dtype=torch.int64),
+        logits.new_empty(n, **f32),
+        logits.new_empty(n, **f32),
+        logits.new_empty(n, **f32),
+    )
+
+
+def sample_tokens_reference(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    seed: int = 0,
+    suppress_ids: Optional[Sequence[int] | torch.Tensor] = None,
+) -> TokenChoice:
+    """The specification of :func:`sample_tokens`, in float64 torch."""
+    x = logits.detach().to(device="cpu", dtype=torch.float64).clone()
+    n, v = x.shape
+    ids = _suppress_tensor(suppress_ids, "cpu")
+    ids = ids[(ids >= 0) & (ids < v)]
+    x[:, ids] = -math.inf
+
+    finite = torch.isfinite(x).any(dim=1)
+    if temperature > 0:
+        score = x / temperature + gumbel_noise_reference(seed, n, v)
+        score[torch.isinf(x)] = -math.inf
+    else:
+        score = x
+    # torch.argmax returns the first maximal index: the documented tie-break.
+    tokens = torch.where(finite, torch.argmax(score, dim=1), -1)
+
+    p = torch.softmax(x, dim=1)
+    p = torch.where(finite[:, None], p, 0.0)
+    confidence = torch.where(
+        finite, p.gather(1, tokens.clamp(min=0)[:, None])[:, 0], -math.inf
+    )
+    top2 = p.topk(min(2, v), dim=1).values
+    margin = top2[:, 0] - (top2[:, 1] if v > 1 else 0.0)
+    plogp = torch.where(p > 0, p * torch.log(p), 0.0)
+    entropy = -plogp.sum(dim=1)
+    dev = logits.device
+    return TokenChoice(
+        tokens.to(dev),
+        confidence.to(device=dev, dtype=torch.float32),
+        torch.where(finite, margin, 0.0).to(device=dev, dtype=torch.float32),
+        torch.where(finite, entropy, 0.0).to(device=dev, dtype=torch.float32),
+    )
+
+
+# --------------------------------------------------------------------------
+# select_positions
+# --------------------------------------------------------------------------
+
+
+def select_positions(
+    confidence: torch.Tensor,
+    rule: str = "topk",
+    k: Optional[torch.Tensor | int] = None,
+    threshold: float = 0.9,
+    factor: float = 1.0,
+) -> torch.Tensor:
+    """Decide which positions to commit; returns a bool mask ``[B, L]``.
+
+    A position is a candidate when its confidence is not -inf (NaN is treated
+    as -inf). Candidates are ranked by confidence, descending; ties go to the
+    lower position. The accepted set is always a prefix of that ranking:
+
+    - ``"topk"``: the first ``k[b]`` candidates of row b (all of them if fewer);
+      ``k`` is an int or an int tensor ``[B]`` of values >= 0.
+    - ``"threshold"``: every candidate with confidence >= ``threshold``, and at
+      least the best one if the row has any candidate.
+    - ``"factor"``: with ranked confidences c_1 >= c_2 >= ..., the largest n
+      with ``(n + 1) * (1 - c_n) < factor``; at least one if any candidate.
+    """
+    if not isinstance(confidence, torch.Tensor):
+        raise TypeError(
+            f"confidence: expected a torch.Tensor, got {type(confidence).__name__}"
+        )
+    if rule not in SELECTION_RULES:
+        raise ValueError(f"rule: expected one of {SELECTION_RULES}, got {rule!r}")
+    if rule == "topk":
+        if k is None:
+            raise ValueError("k: required for rule='topk'")
+        if not isinstance(k, torch.Tensor):
+            rows = confidence.shape[0] if confidence.dim() == 2 else 0
+            k = torch.full((rows,), int(k), dtype=torch.int64, device=confidence.device)
+    else:
+        k = torch.empty(0, dtype=torch.int64, device=confidence.device)
+    return torch.ops.llada.select_positions(
+        confidence, k, SELECTION_RULES.index(rule), float(threshold), float(factor)
+    )
+
+
+@torch.library.register_fake("llada::select_positions")
+def _select_positions_fake(confidence, k, rule, threshold, factor):
+    return torch.empty_like(confidence, dtype=torch.bool)
+
+
+def select_positions_reference(
+    confidence: torch.Tensor,
+    rule: str = "topk",
+    k: Optional[torch.Tensor | int] = None,
+    threshold: float = 0.9,
+    factor: float = 1.0,
+) -> torch.Tensor:
+    """The specification of :func:`select_positions`, row by row."""
+    c = confidence.detach().to(device="cpu", dtype=torch.float64)
+    b, l = c.shape
+    if rule == "topk":
+        ks = torch.as_tensor(k).expand(b).tolist() if not isinstance(k, int) else [k] * b
+    accepted = torch.zeros(b, l, dtype=torch.bool)
+    for row in range(b):
+        cand = [i for i in range(l) if not (math.isnan(c[row, i]) or c[row, i] == -math.inf)]
+        ranked = sorted(cand, key=lambda i: (-float(c[row, i]), i))
+        values = [float(c[row, i]) for i in ranked]
+        if rule == "topk":
+            n = min(int(ks[row]), len(ranked))
+        elif rule == "threshold":
+            n = sum(1 for v in values if v >= threshold)
+        else:
+            n = max([j + 1 for j, v in enumerate(values) if (j + 2) * (1 - v) < factor], default=0)
+        if rule != "topk" and ranked:
+            n = max(n, 1)
+        accepted[row, ranked[:n]] = True
+    return accepted.to(confidence.device)
+
+
+# --------------------------------------------------------------------------
+# commit_tokens
+# --------------------------------------------------------------------------
+
+
+def commit_tokens(
+    canvas: torch.Tensor,
+    x0: torch.Tensor,
+    accepted: torch.Tensor,
+    mask_id: int,
+    remask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Apply one step's decision to ``canvas`` **in place**.
+
+    ``canvas[accepted] = x0[accepted]``, then ``canvas[remask] = mask_id``
+    (re-masking wins where both are set). ``canvas`` and ``x0`` are int64
+    ``[B, L]``; ``accepted`` and ``remask`` are bool ``[B, L]``.
+
+    Returns:
+        int64 ``[B]``: how many positions of each row still hold ``mask_id``.
+    """
+    if not isinstance(canvas, torch.Tensor):
+        raise TypeError(f"canvas: expected a torch.Tensor, got {type(canvas).__name__}")
+    return torch.ops.llada.commit_tokens(canvas, x0, accepted, remask, int(mask_id))
+
+
+@torch.library.register_fake("llada::commit_tokens")
+def _commit_tokens_fake(canvas, x0, accepted, remask, mask_id):
+    return canvas.new_empty(canvas.shape[0], dtype=torch.int64)
+
+
+def commit_tokens_reference(canvas, x0, accepted, mask_id, remask=None):
+    """The specification of :func:`commit_tokens` (also in place)."""
+    canvas[accepted] = x0[accepted]
+    if remask is not None:
+        canvas[remask] = mask_id
+    return (canvas == mask_id).sum(dim=1)
