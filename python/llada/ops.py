@@ -126,7 +126,9 @@ def sample_tokens(
             ``softmax(logits / temperature)``.
         seed: keys the counter-based noise with (seed, row, column), so the same
             seed gives the same sample on every device and launch shape.
-        suppress_ids: token ids treated as -inf logits everywhere (e.g. EOS).
+        suppress_ids: token ids treated as -inf logits everywhere (e.g. EOS); at
+            most 64. Ids outside [0, V) match no column (a Python list of
+            them is rejected up front).
 
     Returns:
         :class:`TokenChoice` with the chosen ids and, computed in float32 from
@@ -135,6 +137,14 @@ def sample_tokens(
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
+    if suppress_ids is not None and not isinstance(suppress_ids, torch.Tensor):
+        # A Python list can be checked for free; a tensor on the GPU would cost
+        # a sync, so there out-of-range ids simply match no column.
+        bad = [i for i in suppress_ids if not 0 <= int(i) < logits.shape[-1]]
+        if bad:
+            raise ValueError(
+                f"suppress_ids: expected ids in [0, {logits.shape[-1]}), got {bad}"
+            )
     out = torch.ops.llada.sample_tokens(
         logits, _suppress_tensor(suppress_ids, logits.device), float(temperature), int(seed)
     )

@@ -1,0 +1,33 @@
+"""Shared fixtures: the devices every op test runs on, and output poisoning."""
+
+import pytest
+import torch
+
+import llada
+
+_NO_GPU = "no CUDA GPU present" if not torch.cuda.is_available() else None
+_NO_KERNELS = "llada was built without CUDA kernels" if not llada.cuda_kernels_available() else None
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            bool(_NO_GPU or _NO_KERNELS), reason=_NO_GPU or _NO_KERNELS or ""
+        ),
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def poison_allocator(device: str, shapes_bytes: list[int]) -> None:
+    """Hand back freed blocks full of 0xFF bytes, so that an op's output
+    elements it forgets to write show up as garbage instead of lucky zeros."""
+    blocks = [
+        torch.full((n,), 0xFF, dtype=torch.uint8, device=device) for n in shapes_bytes
+    ]
+    del blocks

@@ -1,0 +1,206 @@
+"""sample_tokens against its float64 reference, on CPU and CUDA."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import llada
+from llada.ops import gumbel_noise_reference, sample_tokens_reference
+
+from conftest import poison_allocator
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def random_logits(n, v, dtype, device, generator=None, scale=3.0):
+    x = torch.randn(n, v, generator=generator, dtype=torch.float32) * scale
+    return x.to(dtype=dtype, device=device)
+
+
+def assert_matches_reference(logits, temperature=0.0, seed=0, suppress_ids=None):
+    n, v = logits.shape
+    poison_allocator(logits.device.type, [n * 8, n * 4, n * 4, n * 4])
+    got = llada.sample_tokens(logits, temperature, seed, suppress_ids)
+    want = sample_tokens_reference(logits, temperature, seed, suppress_ids)
+    got = [t.cpu() for t in got]
+    want = [t.cpu() for t in want]
+    if temperature == 0:
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    else:
+        # The kernels' Gumbel noise uses a float32 log; a token may only differ
+        # from the float64 reference where two scores tie to ~1e-5.
+        x = logits.detach().cpu().double()
+        if suppress_ids is not None:
+            x[:, [i for i in suppress_ids if 0 <= i < v]] = -math.inf
+        score = x / temperature + gumbel_noise_reference(seed, n, v)
+        for row in torch.nonzero(got[0] != want[0]).flatten().tolist():
+            assert got[0][row] >= 0, f"row {row}: no token chosen"
+            gap = float(score[row, want[0][row]] - score[row, got[0][row]])
+            assert gap < 1e-4, f"row {row}: token {got[0][row]} vs {want[0][row]}, gap {gap}"
+    # The kernel computes in float32 whatever the logits dtype, so the same
+    # tolerance holds for every dtype (the inputs are exact in float32).
+    torch.testing.assert_close(got[1], want[1], rtol=2e-5, atol=1e-7, equal_nan=False)
+    torch.testing.assert_close(got[2], want[2], rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(got[3], want[3], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (64, 1000), (4, 126464)])
+def test_argmax_matches_reference(device, dtype, shape):
+    logits = random_logits(*shape, dtype, device)
+    assert_matches_reference(logits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.5])
+def test_sampling_matches_reference(device, dtype, temperature):
+    logits = random_logits(16, 5003, dtype, device)
+    assert_matches_reference(logits, temperature=temperature, seed=1234)
+
+
+def test_suppressed_ids_are_never_chosen(device):
+    logits = random_logits(32, 777, torch.bfloat16, device)
+    best = logits.float().argmax(dim=1)
+    ids = sorted(set(best.tolist()))[:64]
+    assert_matches_reference(logits, suppress_ids=ids)
+    assert_matches_reference(logits, temperature=1.0, seed=5, suppress_ids=ids)
+    tokens = llada.sample_tokens(logits, suppress_ids=ids).tokens.cpu()
+    assert not any(t in ids for t in tokens.tolist())
+
+
+def test_suppress_ids_as_tensor_ignores_out_of_range(device):
+    logits = random_logits(8, 100, torch.float32, device)
+    ids = torch.tensor([3, 250, -7], device=device)
+    got = llada.sample_tokens(logits, suppress_ids=ids)
+    want = sample_tokens_reference(logits, suppress_ids=[3])
+    torch.testing.assert_close(got.tokens.cpu(), want.tokens.cpu())
+
+
+def test_ties_go_to_the_lowest_index(device):
+    logits = torch.zeros(3, 1000, device=device)
+    logits[1, [10, 500, 900]] = 5.0
+    logits[2, :] = -math.inf
+    logits[2, [7, 8]] = 1.0
+    out = llada.sample_tokens(logits)
+    assert out.tokens.cpu().tolist() == [0, 10, 7]
+    assert out.margin.cpu().tolist() == [0.0, 0.0, 0.0]
+    torch.testing.assert_close(out.entropy[0].cpu(), torch.tensor(math.log(1000.0)))
+    torch.testing.assert_close(out.confidence[2].cpu(), torch.tensor(0.5))
+
+
+def test_rows_without_a_finite_logit(device):
+    logits = random_logits(4, 50, torch.float32, device)
+    logits[1] = -math.inf
+    logits[3, 1:] = -math.inf
+    for temperature in (0.0, 1.0):
+        out = llada.sample_tokens(logits, temperature=temperature, seed=9)
+        assert out.tokens[1].item() == -1
+        assert out.confidence[1].item() == -math.inf
+        assert out.tokens[3].item() == 0
+        assert out.confidence[3].item() == 1.0
+        assert out.margin[3].item() == 1.0 and out.entropy[3].item() == 0.0
+        assert_matches_reference(logits, temperature=temperature, seed=9)
+    everything = list(range(50))[:64]
+    out = llada.sample_tokens(logits[:, :50], suppress_ids=everything)
+    assert (out.tokens == -1).all()
+
+
+def test_strided_rows_are_read_in_place(device):
+    wide = random_logits(10, 300, torch.bfloat16, device)
+    view = wide[::2, 5:205]  # row stride 600, columns contiguous
+    assert not view.is_contiguous()
+    assert_matches_reference(view)
+    assert_matches_reference(view, temperature=0.7, seed=2)
+
+
+def test_zero_rows(device):
+    out = llada.sample_tokens(torch.empty(0, 10, device=device))
+    assert all(t.shape == (0,) for t in out)
+
+
+def test_same_seed_same_sample_and_seeds_differ(device):
+    logits = random_logits(64, 4000, torch.bfloat16, device, scale=0.5)
+    a = llada.sample_tokens(logits, temperature=1.0, seed=77).tokens
+    b = llada.sample_tokens(logits, temperature=1.0, seed=77).tokens
+    c = llada.sample_tokens(logits, temperature=1.0, seed=78).tokens
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_samples_follow_the_tempered_softmax(device):
+    # Rows of identical logits are independent draws (the noise is keyed by row).
+    base = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    temperature = 0.8
+    rows = 20000
+    logits = base.expand(rows, 4).contiguous().to(device)
+    tokens = llada.sample_tokens(logits, temperature=temperature, seed=11).tokens.cpu()
+    freq = torch.bincount(tokens, minlength=4).double() / rows
+    want = torch.softmax(base.double() / temperature, dim=0)
+    # Four standard errors of a binomial proportion.
+    tol = 4 * torch.sqrt(want * (1 - want) / rows)
+    assert torch.all((freq - want).abs() < tol), (freq, want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    v=st.integers(1, 300),
+    temperature=st.sampled_from([0.0, 0.3, 1.0]),
+    levels=st.integers(1, 6),
+    neg_inf_fraction=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**63 - 1),
+)
+def test_property_edge_cases_cpu(n, v, temperature, levels, neg_inf_fraction, seed):
+    # Few distinct values force ties; -inf entries and whole -inf rows appear.
+    g = torch.Generator().manual_seed(seed % (2**31))
+    logits = torch.randint(0, levels, (n, v), generator=g).float()
+    logits[torch.rand(n, v, generator=g) < neg_inf_fraction] = -math.inf
+    assert_matches_reference(logits, temperature=temperature, seed=seed)
+
+
+def test_cuda_matches_cpu_bit_for_bit_tokens():
+    if not (torch.cuda.is_available() and llada.cuda_kernels_available()):
+        pytest.skip("needs a CUDA GPU and the CUDA kernels")
+    logits = random_logits(128, 126464, torch.bfloat16, "cpu", scale=1.0)
+    for temperature in (0.0, 1.0):
+        cpu = llada.sample_tokens(logits, temperature=temperature, seed=3)
+        gpu = llada.sample_tokens(logits.cuda(), temperature=temperature, seed=3)
+        assert torch.equal(cpu.tokens, gpu.tokens.cpu())
+        torch.testing.assert_close(cpu.confidence, gpu.confidence.cpu(), rtol=2e-5, atol=1e-7)
+
+
+def test_opcheck(device):
+    logits = random_logits(5, 33, torch.bfloat16, device)
+    ids = torch.tensor([1, 4], device=device)
+    for args in [(logits, ids, 0.0, 0), (logits, ids, 1.5, 42)]:
+        torch.library.opcheck(torch.ops.llada.sample_tokens.default, args)
+
+
+def test_bad_input(device):
+    good = random_logits(2, 10, torch.float32, device)
+    with pytest.raises(TypeError, match="logits"):
+        llada.sample_tokens(good.long())
+    with pytest.raises(TypeError, match="logits"):
+        llada.sample_tokens(good.tolist())
+    with pytest.raises(ValueError, match="logits"):
+        llada.sample_tokens(good[0])
+    with pytest.raises(ValueError, match="logits"):
+        llada.sample_tokens(good.t())  # columns not contiguous
+    with pytest.raises(ValueError, match="logits"):
+        llada.sample_tokens(torch.empty(3, 0, device=device))
+    with pytest.raises(ValueError, match="temperature"):
+        llada.sample_tokens(good, temperature=-1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        llada.sample_tokens(good, temperature=float("nan"))
+    with pytest.raises(ValueError, match="suppress_ids"):
+        llada.sample_tokens(good, suppress_ids=[3, 10])
+    with pytest.raises(ValueError, match="suppress_ids"):
+        llada.sample_tokens(good, suppress_ids=torch.arange(65))
+    with pytest.raises(TypeError, match="suppress_ids"):
+        torch.ops.llada.sample_tokens(good, torch.tensor([1.0], device=device), 0.0, 0)
+    if device == "cuda":
+        with pytest.raises(ValueError, match="suppress_ids"):
+            torch.ops.llada.sample_tokens(good, torch.tensor([1]), 0.0, 0)
