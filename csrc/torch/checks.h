@@ -11,7 +11,17 @@
 
 namespace llada {
 
-inline std::string shape_of(const at::Tensor& t) { return c10::str(t.sizes()); }
+// "[2, 10]": written out by hand to keep error paths free of stream overloads.
+inline std::string format_sizes(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i > 0) out += ", ";
+    out += std::to_string(sizes[i]);
+  }
+  return out + "]";
+}
+
+inline std::string shape_of(const at::Tensor& t) { return format_sizes(t.sizes()); }
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const char* layout) {
   TORCH_CHECK_VALUE(t.dim() == dim, name, ": expected a ", dim, "-D tensor ", layout,
@@ -38,7 +48,7 @@ inline void check_same_shape(const at::Tensor& t, const at::Tensor& ref, const c
 inline void check_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.is_contiguous(), name,
                     ": expected a contiguous tensor (call .contiguous() first), got strides ",
-                    c10::str(t.strides()));
+                    format_sizes(t.strides()));
 }
 
 inline DType logits_dtype(const at::Tensor& logits) {

@@ -24,7 +24,7 @@ void check_sample_tokens_args(const at::Tensor& logits, const at::Tensor& suppre
                     logits.size(1));
   TORCH_CHECK_VALUE(logits.stride(1) == 1 || logits.size(1) == 1,
                     "logits: expected contiguous columns (stride 1 in the last dimension), got strides ",
-                    c10::str(logits.strides()));
+                    format_sizes(logits.strides()));
   TORCH_CHECK_VALUE(logits.stride(0) >= 0, "logits: expected a non-negative row stride");
   check_dim(suppress_ids, 1, "suppress_ids", "[S]");
   check_dtype(suppress_ids, at::kLong, "suppress_ids");

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU check: on a machine with a CUDA GPU and torch, nvcc, cmake, ninja,
+# scikit-build-core and pybind11 preinstalled (no network), build llada in
+# place against that torch, run the tests (CUDA ones included), run every
+# kernel microbenchmark and the Python benchmarks, and print a summary table.
+#
+#   bash bench/gpu_check.sh            # everything (under 8 minutes on 16 cores)
+#   LLADA_CUDA_ARCHITECTURES=90 ...    # the architectures to build (default: 90)
+#
+# Logs go to $OUT when that variable is set, else to build/gpu_check/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+ARCHS=${LLADA_CUDA_ARCHITECTURES:-90}
+LOGS=${OUT:-build/gpu_check}
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1
+status=0
+
+step() {  # step NAME COMMAND...: run, log, remember failures
+  local name=$1; shift
+  local start=$SECONDS
+  echo "== $name"
+  if "$@" >"$LOGS/$name.log" 2>&1; then
+    echo "   ok ($((SECONDS - start)) s)"
+  else
+    echo "   FAILED ($((SECONDS - start)) s); last lines:"
+    tail -n 25 "$LOGS/$name.log" | sed 's/^/   | /'
+    status=1
+  fi
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$LOGS/device.txt"
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$LOGS/device.txt"
+
+step build "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v . \
+  -C cmake.define.LLADA_CUDA_ARCHITECTURES="$ARCHS" -C build-dir=build/gpu
+step tests "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests
+step bench_build bash -c "cmake -S bench/cuda -B build/bench-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DLLADA_CUDA_ARCHITECTURES='$ARCHS' && cmake --build build/bench-gpu"
+for bin in build/bench-gpu/bench_*; do
+  [ -x "$bin" ] && step "$(basename "$bin")" "$bin"
+done
+[ -f bench/bench_ops.py ] && step bench_ops "$PYTHON" bench/bench_ops.py --device cuda
+[ -f bench/bench_generate.py ] && step bench_generate "$PYTHON" bench/bench_generate.py --device cuda --shape 8b
+
+echo
+echo "================ summary ================"
+cat "$LOGS/device.txt"
+echo "tests: $(grep -E '(passed|failed|error)' "$LOGS/tests.log" | tail -n 1)"
+grep -h '^RESULT' "$LOGS"/bench_*.log 2>/dev/null | sed 's/^RESULT /  /'
+for f in "$LOGS"/bench_ops.log "$LOGS"/bench_generate.log; do
+  [ -f "$f" ] && { echo "-- $(basename "$f" .log)"; sed -n '/^|/p' "$f"; }
+done
+exit $status
