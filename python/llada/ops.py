@@ -259,22 +259,31 @@ def select_positions_reference(
     threshold: float = 0.9,
     factor: float = 1.0,
 ) -> torch.Tensor:
-    """The specification of :func:`select_positions`, row by row."""
-    c = confidence.detach().to(device="cpu", dtype=torch.float64)
+    """The specification of :func:`select_positions`, row by row.
+
+    The tests run in float32, as in the kernels (``threshold`` and ``factor``
+    are rounded to float32 first), so that boundary cases agree exactly.
+    """
+    c = confidence.detach().to(device="cpu", dtype=torch.float32)
     b, l = c.shape
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    threshold, factor = f32(threshold), f32(factor)
     if rule == "topk":
         ks = torch.as_tensor(k).expand(b).tolist() if not isinstance(k, int) else [k] * b
     accepted = torch.zeros(b, l, dtype=torch.bool)
     for row in range(b):
         cand = [i for i in range(l) if not (math.isnan(c[row, i]) or c[row, i] == -math.inf)]
         ranked = sorted(cand, key=lambda i: (-float(c[row, i]), i))
-        values = [float(c[row, i]) for i in ranked]
+        values = [c[row, i] for i in ranked]
         if rule == "topk":
             n = min(int(ks[row]), len(ranked))
         elif rule == "threshold":
             n = sum(1 for v in values if v >= threshold)
         else:
-            n = max([j + 1 for j, v in enumerate(values) if (j + 2) * (1 - v) < factor], default=0)
+            n = max(
+                [j + 1 for j, v in enumerate(values) if f32(j + 2) * (1 - v) < factor],
+                default=0,
+            )
         if rule != "topk" and ranked:
             n = max(n, 1)
         accepted[row, ranked[:n]] = True
