@@ -9,8 +9,10 @@ add_library(llada_kernels STATIC
 target_include_directories(llada_kernels PUBLIC ${LLADA_ROOT}/csrc/include)
 set_target_properties(llada_kernels PROPERTIES POSITION_INDEPENDENT_CODE ON)
 # -ffp-contract=off: the Gumbel noise must round exactly as on the GPU.
+# -fno-trapping-math: lets the row loops turn selects into vector blends (no
+# operation rounds differently).
 target_compile_options(llada_kernels PRIVATE
-  $<$<COMPILE_LANGUAGE:CXX>:-O3 -fopenmp-simd -ffp-contract=off>)
+  $<$<COMPILE_LANGUAGE:CXX>:-O3 -fopenmp-simd -ffp-contract=off -fno-trapping-math>)
 
 if(LLADA_WITH_CUDA)
   target_sources(llada_kernels PRIVATE

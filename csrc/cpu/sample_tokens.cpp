@@ -4,8 +4,10 @@
 // 126464 floats, stays in the core's cache), then read by short loops that the
 // compiler vectorises: the maximum, then the sums of exp(x - max) that give
 // the probability, margin and entropy. The hot loops are compiled twice, for
-// AVX2+FMA and for the baseline, and the loader picks one at run time.
+// x86-64-v3 (AVX2, FMA) and for the baseline; the loader picks one by the
+// instruction sets the processor has.
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -17,7 +19,7 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LLADA_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
+#define LLADA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define LLADA_MULTIVERSION
 #endif
@@ -98,25 +100,30 @@ int64_t first_index_of(const float* x, int64_t n, float value) {
   return -1;
 }
 
-int64_t gumbel_argmax(const float* x, int64_t n, float temperature, uint64_t seed, int64_t row) {
-  GumbelKey key = gumbel_row_key(seed, row);
-  float inv_temperature = 1.0f / temperature;
-  float best = kNegInf;
-  int64_t best_index = -1;
-  for (int64_t i = 0; i < n; ++i) {
-    if (x[i] == kNegInf) continue;
-    float score = gumbel_score(x[i], inv_temperature, key, uint32_t(i));
-    if (score > best || best_index < 0) {
-      best = score;
-      best_index = i;
-    }
+// The noise is computed for the whole row first (a loop that vectorises), then
+// the first maximal score is taken. A row whose every score overflowed to
+// -inf falls back to its first finite logit, as the GPU kernel does.
+LLADA_MULTIVERSION
+void gumbel_scores(const float* x, float* score, int64_t n, float inv_temperature, GumbelKey key) {
+  for (int64_t i = 0; i < n; ++i)
+    score[i] = x[i] == kNegInf ? kNegInf : gumbel_score(x[i], inv_temperature, key, uint32_t(i));
+}
+
+int64_t gumbel_argmax(const float* x, float* score, int64_t n, float temperature, uint64_t seed,
+                      int64_t row) {
+  gumbel_scores(x, score, n, 1.0f / temperature, gumbel_row_key(seed, row));
+  const float best = row_max(score, n);
+  if (best == kNegInf) {
+    for (int64_t i = 0; i < n; ++i)
+      if (x[i] != kNegInf) return i;
   }
-  return best_index;
+  return first_index_of(score, n, best);
 }
 
 void sample_row(const SampleTokensParams& p, int64_t row, std::vector<float>& buffer) {
   const int64_t v = p.vocab;
-  buffer.resize(size_t(v));
+  // The widened row, followed by room for the Gumbel scores when sampling.
+  buffer.resize(size_t(p.temperature > 0.0f ? 2 * v : v));
   float* x = buffer.data();
   const char* base = static_cast<const char*>(p.logits);
   switch (p.dtype) {
@@ -144,7 +151,7 @@ void sample_row(const SampleTokensParams& p, int64_t row, std::vector<float>& bu
   }
   const RowSums sums = row_sums(x, v, m);
   const int64_t token = p.temperature > 0.0f
-                            ? gumbel_argmax(x, v, p.temperature, p.seed, row)
+                            ? gumbel_argmax(x, x + v, v, p.temperature, p.seed, row)
                             : first_index_of(x, v, m);
   const double s = sums.sum_exp;
   p.tokens[row] = token;

@@ -2,8 +2,8 @@
 // counter-based Gumbel noise. Plain C++ (no torch, no CUDA headers needed).
 #pragma once
 
+#include <bit>
 #include <cstdint>
-#include <cstring>
 
 #if defined(__CUDACC__)
 #define LLADA_HD __host__ __device__ __forceinline__
@@ -30,9 +30,7 @@ LLADA_HD uint32_t float_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
 #else
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
+  return std::bit_cast<uint32_t>(f);
 #endif
 }
 
@@ -40,9 +38,7 @@ LLADA_HD float bits_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+  return std::bit_cast<float>(u);
 #endif
 }
 
