@@ -36,7 +36,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 step build "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v . \
   -C cmake.define.LLADA_CUDA_ARCHITECTURES="$ARCHS" -C build-dir=build/gpu
-step tests "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests
+# With pytest-xdist the tests run in parallel and a crashing test cannot end the run.
+parallel=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+step tests "$PYTHON" -m pytest -q -rs -p no:cacheprovider $parallel tests
 step bench_build bash -c "cmake -S bench/cuda -B build/bench-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DLLADA_CUDA_ARCHITECTURES='$ARCHS' && cmake --build build/bench-gpu"
 for bin in build/bench-gpu/bench_*; do
