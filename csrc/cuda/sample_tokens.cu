@@ -1,9 +1,9 @@
 // CUDA kernel of sample_tokens: one thread block per row of logits.
 //
 // The row is streamed once with 16-byte loads, several in flight per thread.
-// Each thread keeps an online-softmax state (running max, sum of exp, sum of
-// exp times logit offset for the entropy), the two largest logits with the
-// index of the first, and the best Gumbel score when sampling. The states are
+// Each thread keeps an online-softmax state (running max and its index, the
+// runner-up, sum of exp, sum of exp times logit offset for the entropy) and
+// the best Gumbel score when sampling. The states are
 // merged across the block; the softmax is never written out.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -23,12 +23,11 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -__builtin_huge_valf();
 
 struct RowState {
-  float max = kNegInf;     // running maximum of the logits
+  float max = kNegInf;     // running maximum of the logits (the top-1 logit)
+  int32_t max_index = -1;  // its first index
+  float second = kNegInf;  // second largest logit (equal to max on ties)
   float sum = 0.0f;        // sum of exp(x - max)
   float wsum = 0.0f;       // sum of exp(x - max) * (x - max)
-  float top1 = kNegInf;    // largest logit ...
-  int32_t top1_index = -1; // ... and its first index
-  float top2 = kNegInf;    // second largest logit (equal to top1 on ties)
   float best = kNegInf;    // best Gumbel score ...
   int32_t best_index = -1; // ... and its index
 };
@@ -47,23 +46,18 @@ __device__ __forceinline__ void rescale(RowState& s, float new_max) {
 }
 
 __device__ __forceinline__ void merge(RowState& a, const RowState& b) {
+  bool b_first = b.max_index >= 0 &&
+                 (a.max_index < 0 || b.max > a.max || (b.max == a.max && b.max_index < a.max_index));
+  a.second = fmaxf(fmaxf(a.second, b.second), b_first ? a.max : b.max);
   float m = fmaxf(a.max, b.max);
   if (m != kNegInf) {
-    rescale(a, m);
     RowState bb = b;
+    rescale(a, m);
     rescale(bb, m);
     a.sum += bb.sum;
     a.wsum += bb.wsum;
   }
-  bool b_first = b.top1_index >= 0 &&
-                 (a.top1_index < 0 || b.top1 > a.top1 ||
-                  (b.top1 == a.top1 && b.top1_index < a.top1_index));
-  float loser = b_first ? a.top1 : b.top1;
-  a.top2 = fmaxf(loser, fmaxf(a.top2, b.top2));
-  if (b_first) {
-    a.top1 = b.top1;
-    a.top1_index = b.top1_index;
-  }
+  if (b_first) a.max_index = b.max_index;
   if (b.best_index >= 0 &&
       (a.best_index < 0 || b.best > a.best || (b.best == a.best && b.best_index < a.best_index))) {
     a.best = b.best;
@@ -71,6 +65,9 @@ __device__ __forceinline__ void merge(RowState& a, const RowState& b) {
   }
 }
 
+// Folds N consecutive logits starting at column col0 into the state. A
+// thread visits its columns in increasing order, so keeping the first
+// maximum gives the lowest index on ties.
 template <int N>
 __device__ __forceinline__ void accumulate(RowState& s, float (&v)[N], int32_t col0,
                                            const int32_t* suppress, int num_suppress,
@@ -86,25 +83,35 @@ __device__ __forceinline__ void accumulate(RowState& s, float (&v)[N], int32_t c
   float chunk_max = v[0];
 #pragma unroll
   for (int j = 1; j < N; ++j) chunk_max = fmaxf(chunk_max, v[j]);
-  if (chunk_max > s.max) rescale(s, chunk_max);
-  if (s.max != kNegInf) {
+  if (chunk_max > s.max) {
+    // A new maximum: rare after the first chunks, so the per-element work
+    // of locating it and of finding the chunk's runner-up is done only here.
+    int first = -1;
+    float runner_up = kNegInf;
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      float t = v[j] - s.max;
-      float e = fast_exp(t);
-      s.sum += e;
-      s.wsum += e > 0.0f ? e * t : 0.0f;
+      if (first < 0 && v[j] == chunk_max) first = j;
+      else runner_up = fmaxf(runner_up, v[j]);
     }
+    s.second = fmaxf(s.max, runner_up);
+    rescale(s, chunk_max);
+    s.max_index = col0 + first;
+  } else {
+    s.second = fmaxf(s.second, chunk_max);
   }
+  if (s.max != kNegInf) {
+    float chunk_sum = 0.0f, chunk_wsum = 0.0f;
 #pragma unroll
-  for (int j = 0; j < N; ++j) {
-    if (v[j] > s.top1) {
-      s.top2 = s.top1;
-      s.top1 = v[j];
-      s.top1_index = col0 + j;
-    } else if (v[j] > s.top2) {
-      s.top2 = v[j];
+    for (int j = 0; j < N; ++j) {
+      // -inf logits are clamped to a finite offset whose exp is exactly 0,
+      // so they add nothing and never make 0 * inf.
+      float t = fmaxf(v[j] - s.max, -1.0e4f);
+      float e = fast_exp(t);
+      chunk_sum += e;
+      chunk_wsum = fmaf(e, t, chunk_wsum);
     }
+    s.sum += chunk_sum;
+    s.wsum += chunk_wsum;
   }
   if (inv_temperature > 0.0f) {
 #pragma unroll
@@ -142,36 +149,30 @@ __device__ __forceinline__ void widen(const uint4& raw, float (&v)[16 / sizeof(T
   }
 }
 
+__device__ __forceinline__ RowState shuffle_xor(const RowState& s, int offset) {
+  RowState o;
+  o.max = __shfl_xor_sync(0xffffffffu, s.max, offset);
+  o.max_index = __shfl_xor_sync(0xffffffffu, s.max_index, offset);
+  o.second = __shfl_xor_sync(0xffffffffu, s.second, offset);
+  o.sum = __shfl_xor_sync(0xffffffffu, s.sum, offset);
+  o.wsum = __shfl_xor_sync(0xffffffffu, s.wsum, offset);
+  o.best = __shfl_xor_sync(0xffffffffu, s.best, offset);
+  o.best_index = __shfl_xor_sync(0xffffffffu, s.best_index, offset);
+  return o;
+}
+
 __device__ RowState block_merge(RowState s) {
   __shared__ RowState partial[kWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int offset = 16; offset > 0; offset >>= 1) {
-    RowState o;
-    o.max = __shfl_xor_sync(0xffffffffu, s.max, offset);
-    o.sum = __shfl_xor_sync(0xffffffffu, s.sum, offset);
-    o.wsum = __shfl_xor_sync(0xffffffffu, s.wsum, offset);
-    o.top1 = __shfl_xor_sync(0xffffffffu, s.top1, offset);
-    o.top1_index = __shfl_xor_sync(0xffffffffu, s.top1_index, offset);
-    o.top2 = __shfl_xor_sync(0xffffffffu, s.top2, offset);
-    o.best = __shfl_xor_sync(0xffffffffu, s.best, offset);
-    o.best_index = __shfl_xor_sync(0xffffffffu, s.best_index, offset);
-    merge(s, o);
+    merge(s, shuffle_xor(s, offset));
   }
   if (lane == 0) partial[warp] = s;
   __syncthreads();
   if (warp == 0) {
     s = lane < kWarps ? partial[lane] : RowState{};
     for (int offset = 16; offset > 0; offset >>= 1) {
-      RowState o;
-      o.max = __shfl_xor_sync(0xffffffffu, s.max, offset);
-      o.sum = __shfl_xor_sync(0xffffffffu, s.sum, offset);
-      o.wsum = __shfl_xor_sync(0xffffffffu, s.wsum, offset);
-      o.top1 = __shfl_xor_sync(0xffffffffu, s.top1, offset);
-      o.top1_index = __shfl_xor_sync(0xffffffffu, s.top1_index, offset);
-      o.top2 = __shfl_xor_sync(0xffffffffu, s.top2, offset);
-      o.best = __shfl_xor_sync(0xffffffffu, s.best, offset);
-      o.best_index = __shfl_xor_sync(0xffffffffu, s.best_index, offset);
-      merge(s, o);
+      merge(s, shuffle_xor(s, offset));
     }
   }
   return s;  // complete in thread 0
@@ -222,7 +223,7 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(SampleTokensPar
 
   s = block_merge(s);
   if (threadIdx.x != 0) return;
-  const int32_t token = inv_temperature > 0.0f ? s.best_index : s.top1_index;
+  const int32_t token = inv_temperature > 0.0f ? s.best_index : s.max_index;
   if (token < 0) {
     p.tokens[row] = -1;
     p.confidence[row] = kNegInf;
@@ -230,10 +231,10 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(SampleTokensPar
     p.entropy[row] = 0.0f;
     return;
   }
-  const float chosen = token == s.top1_index ? s.top1 : load_one(x + token);
+  const float chosen = token == s.max_index ? s.max : load_one(x + token);
   p.tokens[row] = token;
   p.confidence[row] = expf(chosen - s.max) / s.sum;
-  p.margin[row] = (1.0f - expf(s.top2 - s.max)) / s.sum;
+  p.margin[row] = (1.0f - expf(s.second - s.max)) / s.sum;
   p.entropy[row] = logf(s.sum) - s.wsum / s.sum;
 }
 

@@ -5,11 +5,22 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdio>
 #include <string>
 
 #include "llada/common.h"
 
 namespace llada {
+
+// Numbers in error messages are formatted here, not by stream insertion: with
+// some toolchains a module's own copy of the numeric stream code crashes when
+// it meets libtorch's streams.
+inline std::string num(int64_t x) { return std::to_string(x); }
+inline std::string num(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", x);
+  return buf;
+}
 
 // "[2, 10]": written out by hand to keep error paths free of stream overloads.
 inline std::string format_sizes(at::IntArrayRef sizes) {
@@ -24,7 +35,7 @@ inline std::string format_sizes(at::IntArrayRef sizes) {
 inline std::string shape_of(const at::Tensor& t) { return format_sizes(t.sizes()); }
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const char* layout) {
-  TORCH_CHECK_VALUE(t.dim() == dim, name, ": expected a ", dim, "-D tensor ", layout,
+  TORCH_CHECK_VALUE(t.dim() == dim, name, ": expected a ", num(dim), "-D tensor ", layout,
                     ", got shape ", shape_of(t));
 }
 

@@ -21,7 +21,7 @@ void check_sample_tokens_args(const at::Tensor& logits, const at::Tensor& suppre
   TORCH_CHECK_VALUE(logits.size(1) >= 1, "logits: expected at least one column, got shape ",
                     shape_of(logits));
   TORCH_CHECK_VALUE(logits.size(1) < (int64_t(1) << 31), "logits: expected fewer than 2^31 columns, got ",
-                    logits.size(1));
+                    num(logits.size(1)));
   TORCH_CHECK_VALUE(logits.stride(1) == 1 || logits.size(1) == 1,
                     "logits: expected contiguous columns (stride 1 in the last dimension), got strides ",
                     format_sizes(logits.strides()));
@@ -30,9 +30,9 @@ void check_sample_tokens_args(const at::Tensor& logits, const at::Tensor& suppre
   check_dtype(suppress_ids, at::kLong, "suppress_ids");
   check_same_device(suppress_ids, logits, "suppress_ids", "logits");
   TORCH_CHECK_VALUE(suppress_ids.numel() <= kMaxSuppressIds, "suppress_ids: expected at most ",
-                    kMaxSuppressIds, " ids, got ", suppress_ids.numel());
+                    num(kMaxSuppressIds), " ids, got ", num(suppress_ids.numel()));
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 0,
-                    "temperature: expected a finite value >= 0, got ", temperature);
+                    "temperature: expected a finite value >= 0, got ", num(temperature));
 }
 
 void check_select_positions_args(const at::Tensor& confidence, const at::Tensor& k, int64_t rule,
@@ -41,23 +41,23 @@ void check_select_positions_args(const at::Tensor& confidence, const at::Tensor&
   check_dtype(confidence, at::kFloat, "confidence");
   check_contiguous(confidence, "confidence");
   TORCH_CHECK_VALUE(confidence.size(1) < (int64_t(1) << 31),
-                    "confidence: expected fewer than 2^31 positions per row, got ", confidence.size(1));
+                    "confidence: expected fewer than 2^31 positions per row, got ", num(confidence.size(1)));
   TORCH_CHECK_VALUE(rule >= 0 && rule <= 2, "rule: expected 0 (topk), 1 (threshold) or 2 (factor), got ",
-                    rule);
+                    num(rule));
   if (rule == int64_t(SelectionRule::kTopK)) {
     check_dim(k, 1, "k", "[B]");
     check_dtype(k, at::kLong, "k");
     check_same_device(k, confidence, "k", "confidence");
     TORCH_CHECK_VALUE(k.size(0) == confidence.size(0), "k: expected one value per row of confidence (",
-                      confidence.size(0), "), got ", k.size(0));
+                      num(confidence.size(0)), "), got ", num(k.size(0)));
     if (k.numel() > 0) {
       const int64_t smallest = k.min().item<int64_t>();
-      TORCH_CHECK_VALUE(smallest >= 0, "k: expected values >= 0, got ", smallest);
+      TORCH_CHECK_VALUE(smallest >= 0, "k: expected values >= 0, got ", num(smallest));
     }
   }
   TORCH_CHECK_VALUE(!std::isnan(threshold), "threshold: expected a number, got nan");
   TORCH_CHECK_VALUE(std::isfinite(factor) && factor > 0, "factor: expected a finite value > 0, got ",
-                    factor);
+                    num(factor));
 }
 
 void check_commit_tokens_args(const at::Tensor& canvas, const at::Tensor& x0,

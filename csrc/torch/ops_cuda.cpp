@@ -35,7 +35,7 @@ at::Tensor select_positions_cuda_op(const at::Tensor& confidence, const at::Tens
                                     double threshold, double factor) {
   check_select_positions_args(confidence, k, rule, threshold, factor);
   TORCH_CHECK_VALUE(confidence.size(1) <= kSelectMaxLength, "confidence: expected at most ",
-                    kSelectMaxLength, " positions per row on CUDA, got ", confidence.size(1));
+                    num(kSelectMaxLength), " positions per row on CUDA, got ", num(confidence.size(1)));
   const c10::cuda::CUDAGuard guard(confidence.device());
   at::Tensor accepted = at::empty(confidence.sizes(), confidence.options().dtype(at::kBool));
   SelectPositionsParams p{confidence.data_ptr<float>(), confidence.size(0), confidence.size(1),
