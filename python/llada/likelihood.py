@@ -1,0 +1,99 @@
+"""Monte Carlo estimate of log p(answer | prompt) under a masked diffusion LM.
+
+The estimate is the evidence lower bound: draw a number l of answer tokens to
+mask (1 <= l <= L, L the answer length), mask a random set of that size, and
+score the masked tokens with cross-entropy weighted by L / l; minus the mean
+over draws lower-bounds the log-likelihood. Within each batch of draws the
+mask counts are stratified — evenly spaced over 1..L from a random start —
+which lowers the variance at no cost. The prompt is never masked.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def stratified_mask_counts(
+    batch: int, length: int, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """(batch,) mask counts in 1..length, evenly spaced from a random start."""
+    start = int(torch.randint(1, length + 1, (), generator=generator))
+    spaced = torch.round(start + torch.arange(batch, dtype=torch.float64) * (length / batch)).long()
+    return (spaced - 1) % length + 1
+
+
+def _ids(x, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        if x.dim() == 2 and x.shape[0] == 1:
+            x = x[0]
+        if x.dim() != 1 or x.dtype != torch.long:
+            raise ValueError(f"{name}: expected a 1-D int64 tensor of token ids, got shape "
+                             f"{tuple(x.shape)} and dtype {x.dtype}")
+        return x
+    if isinstance(x, (list, tuple)) and all(isinstance(i, int) for i in x):
+        return torch.tensor(x, dtype=torch.long)
+    raise TypeError(f"{name}: expected a tensor or a list of token ids, got {type(x).__name__}")
+
+
+@torch.no_grad()
+def log_likelihood(
+    model,
+    prompt,
+    answer,
+    mc_num: int = 128,
+    batch_size: int = 16,
+    cfg_scale: float = 0.0,
+    mask_id: Optional[int] = None,
+    seed: Optional[int] = None,
+) -> float:
+    """Estimate log p(answer | prompt) with ``mc_num`` masked draws.
+
+    Args:
+        model: called as ``model(ids).logits`` on (batch, Lp + La) ids.
+        prompt, answer: 1-D token ids (tensors or lists); the answer non-empty.
+        mc_num: number of draws, a multiple of ``batch_size``.
+        cfg_scale: > 0 applies classifier-free guidance against the same
+            draw with the whole prompt masked.
+        mask_id: defaults to the model config's ``mask_token_id``.
+        seed: makes the estimate deterministic.
+    """
+    prompt = _ids(prompt, "prompt")
+    answer = _ids(answer, "answer")
+    if answer.numel() == 0:
+        raise ValueError("answer: expected at least one token")
+    if batch_size < 1 or mc_num < 1 or mc_num % batch_size:
+        raise ValueError(f"mc_num: expected a positive multiple of batch_size ({batch_size}), got {mc_num}")
+    if cfg_scale < 0:
+        raise ValueError(f"cfg_scale: expected a value >= 0, got {cfg_scale}")
+    if mask_id is None:
+        mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
+        if mask_id is None:
+            raise ValueError("mask_id: not given and the model's config has no mask_token_id")
+    device = next(model.parameters()).device if hasattr(model, "parameters") else prompt.device
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    lp, la = prompt.numel(), answer.numel()
+    sequence = torch.cat([prompt, answer]).to(device)
+    total = 0.0
+    for _ in range(mc_num // batch_size):
+        counts = stratified_mask_counts(batch_size, la, generator)
+        # A random set of `count` answer positions per row: rank random keys.
+        ranks = torch.rand(batch_size, la, generator=generator).argsort(dim=1).argsort(dim=1)
+        masked_answer = ranks < counts[:, None]
+        masked = torch.cat([torch.zeros(batch_size, lp, dtype=torch.bool), masked_answer], dim=1)
+        masked = masked.to(device)
+        noisy = torch.where(masked, mask_id, sequence.expand(batch_size, -1))
+        logits = model(noisy).logits
+        if cfg_scale > 0:
+            unconditional = noisy.clone()
+            unconditional[:, :lp] = mask_id
+            un = model(unconditional).logits
+            logits = un + (cfg_scale + 1) * (logits - un)
+        targets = sequence.expand(batch_size, -1)[masked]
+        ce = F.cross_entropy(logits[masked].float(), targets, reduction="none")
+        weight = (la / counts.to(device=device, dtype=torch.float32))[:, None].expand(-1, lp + la)
+        total += float((ce * weight[masked]).sum()) / batch_size
+    return -total / (mc_num // batch_size)

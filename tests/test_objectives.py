@@ -1,0 +1,157 @@
+"""The training losses and the likelihood estimator, against direct sums."""
+
+import math
+
+import pytest
+import torch
+
+from llada.likelihood import log_likelihood, stratified_mask_counts
+from llada.objectives import corrupt, pretraining_loss, sft_loss
+
+MASK = 7
+VOCAB = 11
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in model: returns preset logits and records what it was fed."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+        self.seen = []
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the device
+
+    def forward(self, ids):
+        self.seen.append(ids.clone())
+        return type("Out", (), {"logits": self.logits[:, : ids.shape[1]]})()
+
+
+class Unigram(torch.nn.Module):
+    """Predicts every position with the same distribution q, whatever the
+    context, so log p(answer) is exactly sum(log q[answer]) and the ELBO is
+    unbiased for it."""
+
+    def __init__(self, q):
+        super().__init__()
+        self.log_q = torch.nn.Parameter(q.log())
+        self.config = type("Config", (), {"mask_token_id": MASK})()
+
+    def forward(self, ids):
+        b, l = ids.shape
+        return type("Out", (), {"logits": self.log_q.expand(b, l, -1)})()
+
+
+def direct_loss(logits, targets, noisy, weight_of_row):
+    total = 0.0
+    for b in range(targets.shape[0]):
+        for i in range(targets.shape[1]):
+            if noisy[b, i] == MASK:
+                log_p = torch.log_softmax(logits[b, i].double(), dim=0)[targets[b, i]]
+                total += -float(log_p) * weight_of_row[b]
+    return total
+
+
+def test_pretraining_loss_matches_direct_sum():
+    torch.manual_seed(0)
+    ids = torch.randint(0, MASK, (3, 9))
+    logits = torch.randn(3, 9, VOCAB)
+    model = FixedLogits(logits)
+    t = torch.tensor([0.2, 0.5, 0.9])
+    loss = pretraining_loss(model, ids, MASK, eps=1e-3, crop_probability=0.0, t=t)
+    p = (1 - 1e-3) * t + 1e-3
+    want = direct_loss(logits, ids, model.seen[0], [1 / float(pb) for pb in p]) / ids.numel()
+    assert math.isclose(float(loss), want, rel_tol=1e-5)
+
+
+def test_sft_loss_matches_direct_sum_and_never_masks_prompt():
+    torch.manual_seed(1)
+    ids = torch.randint(0, MASK, (2, 10))
+    logits = torch.randn(2, 10, VOCAB)
+    model = FixedLogits(logits)
+    prompt_lengths = torch.tensor([3, 6])
+    t = torch.tensor([0.99, 0.99])
+    loss = sft_loss(model, ids, prompt_lengths, MASK, t=t)
+    noisy = model.seen[0]
+    assert torch.equal(noisy[0, :3], ids[0, :3]) and torch.equal(noisy[1, :6], ids[1, :6])
+    assert (noisy[0, 3:] == MASK).sum() > 0
+    p = (1 - 1e-3) * 0.99 + 1e-3
+    weights = [1 / (p * (10 - 3)), 1 / (p * (10 - 6))]
+    want = direct_loss(logits, ids, noisy, weights) / 2
+    assert math.isclose(float(loss), want, rel_tol=1e-5)
+
+
+def test_corruption_rate_follows_t():
+    g = torch.Generator().manual_seed(2)
+    ids = torch.zeros(4, 20000, dtype=torch.long)
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    c = corrupt(ids, MASK, eps=1e-3, t=t, generator=g)
+    rate = c.masked.float().mean(dim=1)
+    assert torch.allclose(rate, c.p_mask, atol=0.015)
+    assert torch.equal(c.masked, c.noisy == MASK)
+
+
+def test_pretraining_crop_shortens_the_batch():
+    model = FixedLogits(torch.randn(2, 50, VOCAB))
+    ids = torch.randint(0, MASK, (2, 50))
+    g = torch.Generator().manual_seed(3)
+    pretraining_loss(model, ids, MASK, crop_probability=1.0, generator=g)
+    assert model.seen[0].shape[1] < 50
+
+
+def test_stratified_counts_cover_the_range():
+    g = torch.Generator().manual_seed(4)
+    counts = stratified_mask_counts(16, 40, g)
+    assert counts.min() >= 1 and counts.max() <= 40
+    assert len(set(counts.tolist())) == 16  # evenly spaced, no repeats
+
+
+def test_likelihood_is_unbiased_and_spread_shrinks():
+    q = torch.softmax(torch.randn(VOCAB), dim=0)
+    model = Unigram(q)
+    prompt = [1, 2, 3]
+    answer = [4, 0, 0, 5, 1, 2]
+    exact = float(q.log()[answer].sum())
+
+    def spread(mc_num):
+        estimates = [log_likelihood(model, prompt, answer, mc_num=mc_num, batch_size=8, seed=s)
+                     for s in range(12)]
+        return torch.tensor(estimates)
+
+    small, large = spread(8), spread(128)
+    assert large.std() < small.std() / 2
+    assert abs(float(large.mean()) - exact) < 4 * float(large.std()) / math.sqrt(12) + 1e-6
+    # A likely answer ranks above a corrupted one.
+    likely = [int(q.argmax())] * 6
+    unlikely = [int(q.argmin())] * 6
+    assert log_likelihood(model, prompt, likely, seed=0) > log_likelihood(model, prompt, unlikely, seed=0)
+
+
+def test_likelihood_is_deterministic_for_a_seed():
+    model = Unigram(torch.softmax(torch.randn(VOCAB), dim=0))
+    a = log_likelihood(model, [1, 2], [3, 4, 5], mc_num=32, batch_size=8, seed=9)
+    b = log_likelihood(model, [1, 2], [3, 4, 5], mc_num=32, batch_size=8, seed=9)
+    assert a == b
+
+
+def test_bad_arguments():
+    model = Unigram(torch.softmax(torch.randn(VOCAB), dim=0))
+    with pytest.raises(ValueError, match="answer"):
+        log_likelihood(model, [1], [])
+    with pytest.raises(ValueError, match="mc_num"):
+        log_likelihood(model, [1], [2], mc_num=10, batch_size=4)
+    with pytest.raises(TypeError, match="prompt"):
+        log_likelihood(model, "text", [2])
+    with pytest.raises(ValueError, match="cfg_scale"):
+        log_likelihood(model, [1], [2], cfg_scale=-1)
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        sft_loss(model, torch.zeros(2, 4, dtype=torch.long), torch.tensor([1, 4]), MASK)
+    with pytest.raises(TypeError, match="input_ids"):
+        pretraining_loss(model, torch.zeros(2, 4), MASK)
+
+
+def test_guidance_is_neutral_when_the_prompt_does_not_matter():
+    # For a context-free model the guided logits equal the plain ones.
+    model = Unigram(torch.softmax(torch.randn(VOCAB), dim=0))
+    plain = log_likelihood(model, [1, 2], [3, 4, 5], mc_num=16, batch_size=8, seed=5)
+    guided = log_likelihood(model, [1, 2], [3, 4, 5], mc_num=16, batch_size=8, seed=5, cfg_scale=2.0)
+    assert math.isclose(plain, guided, rel_tol=1e-5)
