@@ -142,3 +142,12 @@ def test_bad_input(device):
             llada.select_positions(c, "topk", k=torch.tensor([1, 2]))
         with pytest.raises(ValueError, match="confidence"):
             llada.select_positions(torch.zeros(1, 16385, device=device), "topk", k=1)
+
+
+def test_strided_k_is_read_by_its_strides(device):
+    c = random_confidence(3, 8, device, holes=0.0)
+    schedule = torch.tensor([[3, 1], [3, 1], [2, 1]], device=device)
+    k = schedule[:, 0]  # a column view: stride 2
+    assert not k.is_contiguous()
+    got = check(c, "topk", k=k)
+    assert got.sum(1).cpu().tolist() == [3, 3, 2]

@@ -105,9 +105,10 @@ at::Tensor select_positions_cpu_op(const at::Tensor& confidence, const at::Tenso
                                    double threshold, double factor) {
   check_select_positions_args(confidence, k, rule, threshold, factor);
   at::Tensor accepted = at::empty(confidence.sizes(), confidence.options().dtype(at::kBool));
+  const at::Tensor k_dense = k.contiguous();  // k is often a column of a schedule
   SelectPositionsParams p{confidence.data_ptr<float>(), confidence.size(0), confidence.size(1),
                           SelectionRule(rule),
-                          rule == int64_t(SelectionRule::kTopK) ? k.data_ptr<int64_t>() : nullptr,
+                          rule == int64_t(SelectionRule::kTopK) ? k_dense.data_ptr<int64_t>() : nullptr,
                           float(threshold), float(factor), accepted.data_ptr<bool>()};
   at::parallel_for(0, p.rows, 1, [&](int64_t begin, int64_t end) { select_positions_cpu(p, begin, end); });
   return accepted;

@@ -38,9 +38,10 @@ at::Tensor select_positions_cuda_op(const at::Tensor& confidence, const at::Tens
                     num(kSelectMaxLength), " positions per row on CUDA, got ", num(confidence.size(1)));
   const c10::cuda::CUDAGuard guard(confidence.device());
   at::Tensor accepted = at::empty(confidence.sizes(), confidence.options().dtype(at::kBool));
+  const at::Tensor k_dense = k.contiguous();  // k is often a column of a schedule
   SelectPositionsParams p{confidence.data_ptr<float>(), confidence.size(0), confidence.size(1),
                           SelectionRule(rule),
-                          rule == int64_t(SelectionRule::kTopK) ? k.data_ptr<int64_t>() : nullptr,
+                          rule == int64_t(SelectionRule::kTopK) ? k_dense.data_ptr<int64_t>() : nullptr,
                           float(threshold), float(factor), accepted.data_ptr<bool>()};
   check_launch(select_positions_cuda(p, c10::cuda::getCurrentCUDAStream()), "select_positions");
   return accepted;

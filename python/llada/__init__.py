@@ -4,6 +4,9 @@ import torch  # noqa: F401  (loads libtorch before the extension needs it)
 
 from . import _C, ops
 from .ops import TokenChoice, commit_tokens, sample_tokens, select_positions
+from .model import LLaDAConfig, LLaDAModel
+from .checkpoint import load_config, load_model, load_tokenizer, write_random_checkpoint
+from .sampler import generate
 
 __version__ = _C.__version__
 
@@ -18,10 +21,17 @@ def cuda_kernels_available() -> bool:
 
 
 __all__ = [
+    "LLaDAConfig",
+    "LLaDAModel",
     "TokenChoice",
     "commit_tokens",
     "cuda_kernels_available",
+    "generate",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
     "ops",
     "sample_tokens",
     "select_positions",
+    "write_random_checkpoint",
 ]

@@ -1,0 +1,496 @@
+"""Hugging Face LLaDA folders: read them (config, weights, tokenizer) and write
+random ones in the same format for tests and benchmarks.
+
+A folder holds ``config.json``, ``model.safetensors`` (or shards listed in
+``model.safetensors.index.json``) and the tokenizer files. Weights are read one
+tensor at a time straight onto the target device and dtype, into a model built
+on the meta device, so a model never exists twice in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from .model import LLaDAConfig, LLaDAModel
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Config keys whose value selects a feature: what we implement, and what a
+# missing key is taken to mean (the value every LLaDA checkpoint carries).
+# Anything else is rejected rather than silently ignored.
+SUPPORTED_VALUES = {
+    "alibi": (False,),
+    "block_type": ("llama",),
+    "include_bias": (False,),
+    "include_qkv_bias": (False,),
+    "bias_for_layer_norm": (False, None),
+    "layer_norm_type": ("rms",),
+    "layer_norm_with_affine": (True,),
+    "attention_layer_norm": (False,),
+    "activation_type": ("silu",),
+    "rope": (True,),
+    "rope_full_precision": (True,),
+    "scale_logits": (False,),
+    "input_emb_norm": (False,),
+    "clip_qkv": (None,),
+    "multi_query_attention": (None, False),
+}
+
+SPECIAL_TOKENS = {
+    "bos": "<|startoftext|>",
+    "eos": "<|endoftext|>",
+    "eot": "<|eot_id|>",
+    "mask": "<|mdm_mask|>",
+}
+
+
+# --------------------------------------------------------------------------
+# config.json <-> LLaDAConfig
+# --------------------------------------------------------------------------
+
+
+def config_from_dict(raw: dict, eot_token_id: Optional[int] = None) -> LLaDAConfig:
+    """Validate a config.json dict and turn it into an :class:`LLaDAConfig`."""
+    model_type = raw.get("model_type", "llada")
+    if model_type != "llada":
+        raise ValueError(f"config.json: model_type {model_type!r} is not supported (expected 'llada')")
+    for key, allowed in SUPPORTED_VALUES.items():
+        if key in raw and raw[key] not in allowed:
+            raise ValueError(
+                f"config.json: {key} = {raw[key]!r} is not supported (supported: "
+                f"{', '.join(repr(a) for a in allowed)})"
+            )
+
+    def integer(key, default=None, required=False):
+        value = raw.get(key, default)
+        if value is None and required:
+            raise ValueError(f"config.json: required key {key!r} is missing")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"config.json: {key} must be a non-negative integer, got {value!r}")
+        return value
+
+    d_model = integer("d_model", required=True)
+    n_heads = integer("n_heads", required=True)
+    vocab_size = integer("vocab_size", required=True)
+    mlp_hidden_size = integer("mlp_hidden_size")
+    if mlp_hidden_size is None:
+        ratio = raw.get("mlp_ratio", 4)
+        mlp_hidden_size = int(ratio * d_model)
+    for key in ("d_model", "n_heads", "n_layers", "vocab_size"):
+        if integer(key, required=True) == 0:
+            raise ValueError(f"config.json: {key} must be positive")
+    eos = integer("eos_token_id", 126081)
+    cfg = LLaDAConfig(
+        d_model=d_model,
+        n_heads=n_heads,
+        n_kv_heads=integer("n_kv_heads") or n_heads,
+        n_layers=integer("n_layers", required=True),
+        mlp_hidden_size=mlp_hidden_size,
+        vocab_size=vocab_size,
+        embedding_size=integer("embedding_size") or vocab_size,
+        max_sequence_length=integer("max_sequence_length", 4096),
+        rope_theta=float(raw.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+        weight_tying=bool(raw.get("weight_tying", False)),
+        mask_token_id=integer("mask_token_id", 126336),
+        eos_token_id=eos,
+        pad_token_id=integer("pad_token_id", eos),
+        bos_token_id=integer("bos_token_id"),
+        eot_token_id=integer("eot_token_id", eot_token_id),
+        extra=dict(raw),
+    )
+    for key in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id"):
+        value = getattr(cfg, key)
+        if value is not None and value >= cfg.embedding_size:
+            raise ValueError(
+                f"config.json: {key} = {value} is outside the embedding ({cfg.embedding_size} rows)"
+            )
+    return cfg
+
+
+def config_to_dict(cfg: LLaDAConfig) -> dict:
+    """The config.json a LLaDA checkpoint with this shape carries."""
+    raw = {
+        "architectures": ["LLaDAModelLM"],
+        "model_type": "llada",
+        "activation_type": "silu",
+        "alibi": False,
+        "attention_layer_norm": False,
+        "block_type": "llama",
+        "d_model": cfg.d_model,
+        "embedding_size": cfg.embedding_size,
+        "eos_token_id": cfg.eos_token_id,
+        "flash_attention": False,
+        "include_bias": False,
+        "include_qkv_bias": False,
+        "input_emb_norm": False,
+        "layer_norm_type": "rms",
+        "layer_norm_with_affine": True,
+        "mask_token_id": cfg.mask_token_id,
+        "max_sequence_length": cfg.max_sequence_length,
+        "mlp_hidden_size": cfg.mlp_hidden_size,
+        "mlp_ratio": 4,
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.n_kv_heads,
+        "n_layers": cfg.n_layers,
+        "pad_token_id": cfg.pad_token_id,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope": True,
+        "rope_full_precision": True,
+        "rope_theta": cfg.rope_theta,
+        "scale_logits": False,
+        "use_cache": False,
+        "vocab_size": cfg.vocab_size,
+        "weight_tying": cfg.weight_tying,
+    }
+    if cfg.bos_token_id is not None:
+        raw["bos_token_id"] = cfg.bos_token_id
+    return raw
+
+
+def _special_id_from_tokenizer(folder: Path, content: str) -> Optional[int]:
+    """The id of an added token in tokenizer.json, read without a tokenizer."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        for token in json.load(f).get("added_tokens", []):
+            if token.get("content") == content:
+                return int(token["id"])
+    return None
+
+
+def load_config(path: str | os.PathLike) -> LLaDAConfig:
+    """Read and validate ``config.json`` of a checkpoint folder.
+
+    config.json has no EoT id; it is taken from ``<|eot_id|>`` in tokenizer.json.
+    """
+    folder = _folder(path)
+    file = folder / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing; a LLaDA checkpoint folder needs {CONFIG_FILE}")
+    with open(file, encoding="utf-8") as f:
+        raw = json.load(f)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    return config_from_dict(raw, _special_id_from_tokenizer(folder, SPECIAL_TOKENS["eot"]))
+
+
+def _folder(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"path: {folder} is not a directory")
+    return folder
+
+
+# --------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------
+
+
+def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _weight_files(folder: Path) -> dict[str, list[str]]:
+    """Map each safetensors file of the folder to the weight names it holds
+    (None = read the names from the file itself)."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: has no 'weight_map' object")
+        files: dict[str, list[str]] = {}
+        for name, file in weight_map.items():
+            files.setdefault(file, []).append(name)
+        for file in files:
+            if not (folder / file).is_file():
+                raise FileNotFoundError(f"{folder / file}: missing (listed in {INDEX_FILE})")
+        return files
+    if (folder / WEIGHTS_FILE).is_file():
+        return {WEIGHTS_FILE: None}
+    raise FileNotFoundError(f"{folder}: neither {WEIGHTS_FILE} nor {INDEX_FILE} found")
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
+
+
+def _check_and_assign(model, shapes, name, tensor, dtype):
+    if name not in shapes:
+        raise ValueError(f"weight {name}: not part of a LLaDA model with this config")
+    if tuple(tensor.shape) != shapes[name]:
+        raise ValueError(
+            f"weight {name}: expected shape {list(shapes[name])}, got {list(tensor.shape)}"
+        )
+    _assign(model, name, tensor.to(dtype))
+
+
+def _default_device_dtype(device, dtype):
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} requested but CUDA is not available")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+    return device, dtype
+
+
+def load_model(
+    path: str | os.PathLike,
+    device: Optional[str | torch.device] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> LLaDAModel:
+    """Load a Hugging Face LLaDA checkpoint folder as a :class:`LLaDAModel`.
+
+    Args:
+        path: the folder (config.json, model.safetensors or its shards).
+        device: default CUDA when available, else CPU.
+        dtype: float32, bfloat16 or float16; default bfloat16 on CUDA and
+            float32 on CPU.
+    """
+    from safetensors import safe_open
+
+    folder = _folder(path)
+    cfg = load_config(folder)
+    device, dtype = _default_device_dtype(device, dtype)
+    files = _weight_files(folder)
+    with torch.device("meta"):
+        model = LLaDAModel(cfg)
+    shapes = expected_shapes(model)
+    loaded = set()
+    for file, names in files.items():
+        # safetensors can only place tensors on a concrete device index.
+        target = device
+        if target.type == "cuda" and target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+        with safe_open(folder / file, framework="pt", device=str(target)) as f:
+            available = set(f.keys())
+            for name in names if names is not None else sorted(available):
+                if name not in available:
+                    raise ValueError(f"weight {name}: listed in {INDEX_FILE} but absent from {file}")
+                _check_and_assign(model, shapes, name, f.get_tensor(name), dtype)
+                loaded.add(name)
+    missing = sorted(set(shapes) - loaded)
+    if missing:
+        raise ValueError(
+            f"weight {missing[0]}: missing from the checkpoint (expected shape "
+            f"{list(shapes[missing[0]])}; {len(missing)} weight(s) missing in all)"
+        )
+    return model.eval()
+
+
+# --------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The checkpoint's tokenizer (a transformers fast tokenizer, chat template
+    included), read from the folder only: never the network."""
+    folder = _folder(path)
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no tokenizer.json or tokenizer_config.json")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # transformers warns that config.json's model_type is unknown to it; the
+    # tokenizer does not depend on it.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+# --------------------------------------------------------------------------
+# Random checkpoints
+# --------------------------------------------------------------------------
+
+SIZES = {
+    "tiny": dict(d_model=64, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=160,
+                 vocab_size=288, max_sequence_length=512),
+    "mid": dict(d_model=512, n_heads=8, n_kv_heads=8, n_layers=8, mlp_hidden_size=1376,
+                vocab_size=32000, max_sequence_length=2048),
+    "8b-shape": dict(),  # the LLaDAConfig defaults are LLaDA-8B's
+}
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ message['role'] }}: {{ message['content'] | trim }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def random_config(size: str = "tiny", **overrides) -> LLaDAConfig:
+    """A config of a named size; special ids go to the top of a small vocab."""
+    if size not in SIZES:
+        raise ValueError(f"size: expected one of {list(SIZES)}, got {size!r}")
+    values = dict(SIZES[size])
+    values.update(overrides)
+    vocab = values.get("vocab_size", LLaDAConfig.vocab_size)
+    values.setdefault("embedding_size", vocab)
+    if vocab < LLaDAConfig.mask_token_id + 1:
+        # Small vocabularies: byte tokens first, then the four special tokens.
+        top = vocab - 1
+        values.setdefault("mask_token_id", top)
+        values.setdefault("eot_token_id", top - 1)
+        values.setdefault("eos_token_id", top - 2)
+        values.setdefault("bos_token_id", top - 3)
+        values.setdefault("pad_token_id", values["eos_token_id"])
+    return LLaDAConfig(**values)
+
+
+def random_weights(
+    cfg: LLaDAConfig, seed: int = 0, dtype=torch.float32, device="cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every weight, each drawn from its own generator so a
+    weight depends only on (seed, name). Scales keep activations O(1) and the
+    logits spread (std ~2), so decoding decisions are well separated."""
+    with torch.device("meta"):
+        shapes = expected_shapes(LLaDAModel(cfg))
+    for name, shape in shapes.items():
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+        if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+            t = 1.0 + 0.1 * t
+        elif name.endswith("wte.weight"):
+            pass
+        elif name == "model.transformer.ff_out.weight":
+            t = t * (2.0 / shape[1] ** 0.5)
+        else:
+            t = t * shape[1] ** -0.5
+        yield name, t.to(dtype)
+
+
+def random_model(cfg: LLaDAConfig, seed: int = 0, device="cpu", dtype=torch.float32) -> LLaDAModel:
+    """A randomly initialised model built directly on ``device`` (no files)."""
+    with torch.device("meta"):
+        model = LLaDAModel(cfg)
+    for name, tensor in random_weights(cfg, seed, dtype, device):
+        _assign(model, name, tensor)
+    return model.eval()
+
+
+def write_tokenizer(folder: Path, cfg: LLaDAConfig) -> None:
+    """A byte-level tokenizer (256 byte tokens, ids 0..255, no merges) plus the
+    LLaDA special tokens at the config's ids, and a small chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    ids = {
+        "bos": cfg.bos_token_id, "eos": cfg.eos_token_id,
+        "eot": cfg.eot_token_id, "mask": cfg.mask_token_id,
+    }
+    for kind, i in ids.items():
+        if i is None or not 256 <= i < cfg.embedding_size:
+            raise ValueError(f"{kind}_token_id: must lie in [256, {cfg.embedding_size}), got {i}")
+    if len(set(ids.values())) != len(ids):
+        raise ValueError(f"special token ids must be distinct, got {ids}")
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({SPECIAL_TOKENS[kind]: i for kind, i in ids.items()})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS.values()))
+    tok.save(str(folder / "tokenizer.json"))
+
+    special_map = {
+        "bos_token": SPECIAL_TOKENS["bos"],
+        "eos_token": SPECIAL_TOKENS["eos"],
+        "pad_token": SPECIAL_TOKENS["eos"],
+        "mask_token": SPECIAL_TOKENS["mask"],
+    }
+    tok_config = dict(
+        special_map,
+        tokenizer_class="PreTrainedTokenizerFast",
+        model_max_length=cfg.max_sequence_length,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
+    )
+    _write_json(folder / "tokenizer_config.json", tok_config)
+    _write_json(folder / "special_tokens_map.json", special_map)
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def write_random_checkpoint(
+    path: str | os.PathLike,
+    config_overrides: Optional[dict] = None,
+    seed: int = 0,
+    *,
+    size: str = "tiny",
+    dtype: torch.dtype = torch.float32,
+    num_shards: int = 1,
+) -> Path:
+    """Write a random LLaDA checkpoint folder in the real Hugging Face format.
+
+    Args:
+        path: the folder to create (or fill).
+        config_overrides: LLaDAConfig fields replacing those of ``size``.
+        seed: the weights depend only on (seed, weight name).
+        size: "tiny", "mid" or "8b-shape" (see ``SIZES``).
+        dtype: storage dtype of the weights.
+        num_shards: > 1 writes model-0000i-of-0000n.safetensors and the index.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards: expected a positive int, got {num_shards!r}")
+    cfg = random_config(size, **(config_overrides or {}))
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / CONFIG_FILE, config_to_dict(cfg))
+    write_tokenizer(folder, cfg)
+
+    with torch.device("meta"):
+        names = list(expected_shapes(LLaDAModel(cfg)))
+    per_shard = -(-len(names) // num_shards)
+    groups = [names[i : i + per_shard] for i in range(0, len(names), per_shard)]
+    weights = random_weights(cfg, seed, dtype)
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups):
+        # Only one shard's tensors are held at a time (8B shapes are 16 GB).
+        shard = dict(next(weights) for _ in group)
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        file = WEIGHTS_FILE if num_shards == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in group})
+    if num_shards > 1:
+        _write_json(folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return folder
+
+
+__all__ = [
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "random_config",
+    "random_model",
+    "random_weights",
+    "write_random_checkpoint",
+]

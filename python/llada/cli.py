@@ -1,0 +1,188 @@
+"""The ``llada`` command.
+
+    llada generate --model PATH [--chat] [--steps N ...] "prompt"
+    llada make-random-checkpoint DIR [--size tiny|mid|8b-shape]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MASK_GLYPH = {True: "░", False: "_"}  # terminal, plain text
+
+
+def default_model_path() -> Optional[str]:
+    """Where ``--model`` points when not given; no model is bundled yet."""
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llada", description="Masked diffusion language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="answer a prompt")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--model", help="checkpoint folder (Hugging Face LLaDA format)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--steps", type=int, default=128)
+    gen.add_argument("--gen-length", type=int, default=128)
+    gen.add_argument("--block-length", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--cfg-scale", type=float, default=0.0)
+    gen.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--device", help="default: cuda when available, else cpu")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    gen.add_argument("--show-steps", action="store_true", help="show the canvas filling in")
+    gen.set_defaults(run=run_generate)
+
+    rnd = sub.add_parser("make-random-checkpoint", help="write a random LLaDA checkpoint folder")
+    rnd.add_argument("dir")
+    rnd.add_argument("--size", choices=("tiny", "mid", "8b-shape"), default="tiny")
+    rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32, bfloat16 for 8b-shape")
+    rnd.add_argument("--shards", type=int, default=None, help="default: 1, 8 for 8b-shape")
+    rnd.set_defaults(run=run_make_random)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args, parser)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"llada: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_make_random(args, parser) -> int:
+    from .checkpoint import write_random_checkpoint
+
+    big = args.size == "8b-shape"
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if big else torch.float32)
+    shards = args.shards if args.shards is not None else (8 if big else 1)
+    path = write_random_checkpoint(args.dir, seed=args.seed, size=args.size, dtype=dtype, num_shards=shards)
+    print(path)
+    return 0
+
+
+def run_generate(args, parser) -> int:
+    from .checkpoint import load_model, load_tokenizer
+    from .sampler import generate
+
+    path = args.model or default_model_path()
+    if path is None:
+        parser.error("--model is required (no default model is bundled yet)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(path, device=device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    tokenizer = load_tokenizer(path)
+    cfg = model.config
+
+    text = args.prompt
+    if args.chat:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+    ids = tokenizer(text, add_special_tokens=not args.chat)["input_ids"]
+    prompt = torch.tensor([ids], dtype=torch.long)
+    stops = {cfg.eos_token_id, cfg.eot_token_id} - {None}
+
+    with _StepDisplay(args.show_steps, args.steps, tokenizer, cfg.mask_token_id, len(ids), stops) as show:
+        out = generate(
+            model,
+            prompt,
+            steps=args.steps,
+            gen_length=args.gen_length,
+            block_length=args.block_length,
+            temperature=args.temperature,
+            cfg_scale=args.cfg_scale,
+            remasking=args.remasking,
+            seed=args.seed,
+            on_step=show.update,
+        )
+    print(decode_answer(tokenizer, out[0, len(ids):].tolist(), stops))
+    return 0
+
+
+def decode_answer(tokenizer, ids: list[int], stops: set[int]) -> str:
+    """The answer text: tokens up to the first EOS/EoT, specials dropped."""
+    for i, t in enumerate(ids):
+        if t in stops:
+            ids = ids[:i]
+            break
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def render_canvas(tokenizer, ids: list[int], mask_id: int, glyph: str, stops: set[int]) -> str:
+    """The generated part with masks visible; runs of tokens decode together so
+    multi-byte characters survive."""
+    pieces, run = [], []
+    for t in ids:
+        if t == mask_id:
+            if run:
+                pieces.append(tokenizer.decode(run, skip_special_tokens=True))
+                run = []
+            pieces.append(glyph)
+        elif t not in stops:
+            run.append(t)
+    if run:
+        pieces.append(tokenizer.decode(run, skip_special_tokens=True))
+    return "".join(pieces)
+
+
+class _StepDisplay:
+    """Progress on stderr, and with --show-steps the canvas: redrawn in place
+    on a terminal (rich Live), one line per step when stdout is not one."""
+
+    def __init__(self, show_steps, total, tokenizer, mask_id, prompt_len, stops):
+        self.show_steps, self.total = show_steps, total
+        self.tokenizer, self.mask_id, self.prompt_len, self.stops = tokenizer, mask_id, prompt_len, stops
+        self.tty = sys.stdout.isatty()
+        self.live = self.bar = None
+
+    def __enter__(self):
+        if self.show_steps and self.tty:
+            from rich.live import Live
+
+            self.live = Live("", refresh_per_second=20, transient=False)
+            self.live.__enter__()
+        elif not self.show_steps and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, file=sys.stderr, unit="step", leave=False)
+        return self
+
+    def update(self, step, total, canvas):
+        if self.bar is not None:
+            self.bar.update(1)
+        if not self.show_steps:
+            return
+        text = render_canvas(
+            self.tokenizer, canvas[0, self.prompt_len:].tolist(), self.mask_id,
+            MASK_GLYPH[self.tty], self.stops,
+        )
+        if self.live is not None:
+            from rich.text import Text
+
+            self.live.update(Text(f"step {step + 1}/{total}\n{text}"))
+        else:
+            # One line per step: escape line breaks and other control characters.
+            text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+            print(f"step {step + 1}/{total}: {text}", flush=True)
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.__exit__(*exc)
+        if self.bar is not None:
+            self.bar.close()
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The LLaDA transformer: a bidirectional Llama-style mask predictor.
+
+    h = x + attn_out(attention(rope(q), rope(k), v))      q, k, v from attn_norm(x)
+    y = h + ff_out(silu(ff_proj(m)) * up_proj(m))          m = ff_norm(h)
+    logits = head(ln_f(y))
+
+Module names mirror the Hugging Face checkpoint (``model.transformer.wte``,
+``model.transformer.blocks.{i}.q_proj``, ...), so ``state_dict()`` keys are the
+checkpoint's weight names and loading needs no renaming table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LLaDAConfig:
+    """The shape and special ids of a LLaDA model (defaults: LLaDA-8B)."""
+
+    d_model: int = 4096
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    n_layers: int = 32
+    mlp_hidden_size: int = 12288
+    vocab_size: int = 126464
+    # Rows of the embedding and the head; may exceed vocab_size (padding rows),
+    # and the logits are this wide, as in the official model.
+    embedding_size: int = 126464
+    max_sequence_length: int = 4096
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    weight_tying: bool = False
+    mask_token_id: int = 126336
+    eos_token_id: int = 126081
+    pad_token_id: int = 126081
+    bos_token_id: Optional[int] = 126080
+    eot_token_id: Optional[int] = 126348
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+        if self.embedding_size < self.vocab_size:
+            raise ValueError(
+                f"embedding_size ({self.embedding_size}) must be >= vocab_size ({self.vocab_size})"
+            )
+
+
+class LLaDAOutput(NamedTuple):
+    """What the forward returns; ``.logits`` as in Hugging Face models."""
+
+    logits: torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the storage dtype; the weight multiplies
+        # after the cast back, as in the checkpoint's training code.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
+    """cos and sin [L, head_dim] in float32 for the half-split convention."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    )
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, L, H, D] by position (cos, sin [1 or B, L, D]); computed in
+    float32, returned in x's dtype."""
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Bidirectional attention, softmax(q k^T / sqrt(D)) v.
+
+    q [B, Lq, Hq, D]; k, v [B, Lk, Hkv, D] with Hq a multiple of Hkv (query head
+    h reads kv head h // (Hq / Hkv)); key_mask [B, Lk] bool, False = padding key,
+    or None. Returns [B, Lq, Hq, D]. This is the one place a fused kernel plugs in.
+    """
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        enable_gqa=k.shape[2] != q.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LLaDAConfig):
+        super().__init__()
+        d, kv, m = cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg.mlp_hidden_size
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.ff_proj = nn.Linear(d, m, bias=False)
+        self.up_proj = nn.Linear(d, m, bias=False)
+        self.ff_out = nn.Linear(m, d, bias=False)
+
+    def forward(self, x, cos, sin, key_mask, rows=None):
+        """x [B, L, d] -> [B, L, d]; or, given int64 positions rows [B, K],
+        only the outputs at those positions, [B, K, d]. Keys and values always
+        come from every position; only the query side is cut down."""
+        b, l, _ = x.shape
+        a = self.attn_norm(x)
+        k = self.k_proj(a).view(b, l, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(a).view(b, l, self.n_kv_heads, self.head_dim)
+        k = apply_rope(k, cos, sin)
+        cos_q, sin_q = cos, sin
+        if rows is not None:
+            x, a = _gather_rows(x, rows), _gather_rows(a, rows)
+            cos_q, sin_q = cos[0][rows], sin[0][rows]
+        q = apply_rope(self.q_proj(a).view(b, -1, self.n_heads, self.head_dim), cos_q, sin_q)
+        h = x + self.attn_out(attention(q, k, v, key_mask).flatten(2))
+        m = self.ff_norm(h)
+        return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
+
+
+class _Backbone(nn.Module):
+    """Holds ``transformer`` so parameter names start with ``model.transformer``."""
+
+    def __init__(self, cfg: LLaDAConfig):
+        super().__init__()
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.embedding_size, cfg.d_model),
+                blocks=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
+                ln_f=RMSNorm(cfg.d_model, cfg.rms_norm_eps),
+            )
+        )
+        if not cfg.weight_tying:
+            self.transformer["ff_out"] = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
+
+
+class LLaDAModel(nn.Module):
+    """LLaDA mask predictor: ``model(input_ids, attention_mask).logits``."""
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        self.config = config
+        self.model = _Backbone(config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.transformer["wte"].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.transformer["wte"].weight.dtype
+
+    def head_weight(self) -> torch.Tensor:
+        t = self.model.transformer
+        return t["wte"].weight if self.config.weight_tying else t["ff_out"].weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        logits_at: Optional[torch.Tensor] = None,
+    ) -> LLaDAOutput:
+        """Logits of every position, or only of the positions in ``logits_at``.
+
+        Args:
+            input_ids: int64 [B, L].
+            attention_mask: [B, L] of 1 (attend) / 0 (padding key), or None.
+                Padding positions still get logits; only keys are masked.
+            logits_at: None for logits [B, L, V]; a bool mask [B, L] for logits
+                [N, V] of its True positions in row-major order (like
+                ``x[mask]``); or int64 positions [B, K] for logits [B, K, V].
+                The last block's queries and MLP, the final norm and the head
+                then run on those rows only; keys and values still see every position.
+        """
+        t = self.model.transformer
+        b, l = input_ids.shape
+        key_mask = None
+        if attention_mask is not None:
+            key_mask = attention_mask.to(device=input_ids.device) != 0
+        cos, sin = rope_tables(
+            torch.arange(l, device=input_ids.device), self.config.head_dim, self.config.rope_theta
+        )
+        cos, sin = cos[None], sin[None]
+        rows = keep = None
+        if logits_at is not None:
+            rows, keep = _query_rows(logits_at, b, l, input_ids.device)
+        x = t["wte"](input_ids)
+        blocks = t["blocks"]
+        for block in blocks[:-1]:
+            x = block(x, cos, sin, key_mask)
+        # Nothing after the last block mixes positions, so it only needs to
+        # produce the rows whose logits are wanted.
+        x = blocks[-1](x, cos, sin, key_mask, rows)
+        if keep is not None:
+            x = x[keep]
+        return LLaDAOutput(F.linear(t["ln_f"](x), self.head_weight()))
+
+
+def _gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, L, d] at positions rows [B, K] -> [B, K, d]."""
+    return x.gather(1, rows[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+def _query_rows(logits_at: torch.Tensor, b: int, l: int, device):
+    """Positions [B, K] to compute, and for a bool mask the [B, K] mask of
+    those that are real (rows with fewer True entries are padded)."""
+    if logits_at.dtype == torch.bool:
+        if logits_at.shape != (b, l):
+            raise ValueError(
+                f"logits_at: expected a bool mask of shape {(b, l)}, got {tuple(logits_at.shape)}"
+            )
+        mask = logits_at.to(device)
+        k = max(int(mask.sum(1).max()), 1)
+        # A stable sort puts each row's True positions first, in ascending
+        # order, so keep-selection below yields them in row-major order.
+        rows = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :k]
+        keep = torch.arange(k, device=device)[None, :] < mask.sum(1, keepdim=True)
+        return rows, keep
+    if logits_at.dtype not in (torch.int64, torch.int32) or logits_at.dim() != 2 or logits_at.shape[0] != b:
+        raise ValueError(
+            f"logits_at: expected a bool mask [B, L] or int positions [B, K] with B={b}, "
+            f"got dtype {logits_at.dtype} shape {tuple(logits_at.shape)}"
+        )
+    rows = logits_at.to(device=device, dtype=torch.int64)
+    if rows.numel() and (rows.min() < 0 or rows.max() >= l):
+        raise ValueError(f"logits_at: positions must lie in [0, {l}), got {rows.min()}..{rows.max()}")
+    return rows, None
+
+
+def count_parameters(config: LLaDAConfig) -> int:
+    """Parameters of a model with this config, without building it."""
+    d, kv, m = config.d_model, config.n_kv_heads * config.head_dim, config.mlp_hidden_size
+    per_block = 2 * d + 2 * d * d + 2 * d * kv + 3 * d * m
+    head = 0 if config.weight_tying else config.embedding_size * d
+    return config.embedding_size * d + config.n_layers * per_block + d + head
+
+
+__all__ = ["LLaDAConfig", "LLaDAModel", "LLaDAOutput", "attention", "count_parameters"]

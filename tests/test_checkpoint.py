@@ -1,0 +1,185 @@
+"""Loading Hugging Face LLaDA folders, their error cases, and the tokenizer."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import llada
+from llada.checkpoint import config_from_dict, random_model, write_random_checkpoint
+
+from checkpoints import TINY, make_checkpoint
+from naive_llada import NaiveLLaDA
+
+
+def edit_config(folder, **changes):
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    raw.update(changes)
+    path.write_text(json.dumps(raw))
+
+
+def edit_weights(folder, fn):
+    file = str(folder / "model.safetensors")
+    weights = load_file(file)
+    fn(weights)
+    save_file(weights, file)
+
+
+def test_loaded_weights_are_the_files(tmp_path):
+    folder = make_checkpoint(tmp_path, seed=3, n_kv_heads=2)
+    model = llada.load_model(folder, device="cpu", dtype=torch.float32)
+    stored = load_file(str(folder / "model.safetensors"))
+    params = dict(model.named_parameters())
+    assert set(params) == set(stored)
+    for name, tensor in stored.items():
+        assert torch.equal(params[name], tensor), name
+        assert not params[name].requires_grad
+    assert not model.training
+
+
+def test_sharded_checkpoint_loads_the_same_model(tmp_path):
+    one = write_random_checkpoint(tmp_path / "one", TINY, seed=5)
+    sharded = write_random_checkpoint(tmp_path / "sharded", TINY, seed=5, num_shards=3)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 3
+    assert not (sharded / "model.safetensors").exists()
+    a = dict(llada.load_model(one, device="cpu").named_parameters())
+    b = dict(llada.load_model(sharded, device="cpu").named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dtype_and_device_are_applied(tmp_path, device):
+    folder = make_checkpoint(tmp_path)
+    model = llada.load_model(folder, device=device, dtype=torch.bfloat16)
+    stored = load_file(str(folder / "model.safetensors"))
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16 and p.device.type == device
+        assert torch.equal(p.cpu(), stored[name].to(torch.bfloat16))
+
+
+def test_random_model_matches_written_checkpoint(tmp_path):
+    folder = write_random_checkpoint(tmp_path, TINY, seed=9)
+    direct = random_model(llada.load_config(folder), seed=9)
+    ids = torch.randint(0, 256, (2, 7))
+    assert torch.equal(direct(ids).logits, llada.load_model(folder, device="cpu")(ids).logits)
+
+
+def test_config_values(tmp_path):
+    folder = make_checkpoint(tmp_path)
+    cfg = llada.load_config(folder)
+    assert (cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.mlp_hidden_size) == (32, 4, 2, 80)
+    # config.json carries no EoT id: it comes from <|eot_id|> in tokenizer.json.
+    assert cfg.eot_token_id == NaiveLLaDA(folder).eot_id
+    raw = json.loads((folder / "config.json").read_text())
+    raw["mlp_ratio"] = 8
+    assert config_from_dict(raw).mlp_hidden_size == 80  # mlp_ratio is ignored when set
+    del raw["mlp_hidden_size"], raw["n_kv_heads"]
+    cfg = config_from_dict(raw)
+    assert cfg.mlp_hidden_size == 8 * 32 and cfg.n_kv_heads == cfg.n_heads
+
+
+def test_embedding_rows_beyond_vocab(tmp_path):
+    folder = make_checkpoint(tmp_path, embedding_size=300)
+    model = llada.load_model(folder, device="cpu")
+    assert model.config.vocab_size == 272
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == 300
+
+
+@pytest.mark.parametrize("key,value", [
+    ("alibi", True),
+    ("block_type", "sequential"),
+    ("include_bias", True),
+    ("layer_norm_type", "default"),
+    ("activation_type", "gelu"),
+    ("rope", False),
+    ("rope_full_precision", False),
+    ("scale_logits", True),
+    ("attention_layer_norm", True),
+    ("model_type", "llada_moe"),
+])
+def test_unsupported_config_value_is_rejected(tmp_path, key, value):
+    folder = make_checkpoint(tmp_path)
+    edit_config(folder, **{key: value})
+    with pytest.raises(ValueError, match=f"{key}.*{value!r}"):
+        llada.load_model(folder, device="cpu")
+
+
+@pytest.mark.parametrize("key,value", [("d_model", None), ("n_heads", "4"), ("mask_token_id", 5000)])
+def test_bad_shape_config_is_rejected(tmp_path, key, value):
+    folder = make_checkpoint(tmp_path)
+    edit_config(folder, **{key: value})
+    with pytest.raises(ValueError, match=key):
+        llada.load_config(folder)
+
+
+def test_missing_files_are_named(tmp_path):
+    folder = make_checkpoint(tmp_path / "a")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        llada.load_model(folder, device="cpu")
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        llada.load_model(folder, device="cpu")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        llada.load_model(tmp_path / "nowhere", device="cpu")
+    with pytest.raises(TypeError, match="path"):
+        llada.load_model(3, device="cpu")
+
+    sharded = write_random_checkpoint(tmp_path / "b", TINY, num_shards=2)
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
+        llada.load_model(sharded, device="cpu")
+
+
+def test_missing_weight_is_named(tmp_path):
+    folder = make_checkpoint(tmp_path)
+    edit_weights(folder, lambda w: w.pop("model.transformer.blocks.1.k_proj.weight"))
+    with pytest.raises(ValueError, match=r"blocks\.1\.k_proj\.weight.*missing"):
+        llada.load_model(folder, device="cpu")
+
+
+def test_misshaped_weight_names_both_shapes(tmp_path):
+    folder = make_checkpoint(tmp_path)
+    name = "model.transformer.blocks.0.up_proj.weight"
+    edit_weights(folder, lambda w: w.update({name: torch.zeros(81, 32)}))
+    with pytest.raises(ValueError, match=r"up_proj\.weight.*\[80, 32\].*\[81, 32\]"):
+        llada.load_model(folder, device="cpu")
+
+
+def test_unexpected_weight_is_rejected(tmp_path):
+    folder = make_checkpoint(tmp_path)
+    edit_weights(folder, lambda w: w.update({"model.transformer.blocks.0.q_proj.bias": torch.zeros(32)}))
+    with pytest.raises(ValueError, match=r"q_proj\.bias"):
+        llada.load_model(folder, device="cpu")
+
+
+def test_bad_dtype_is_rejected(tmp_path):
+    with pytest.raises(TypeError, match="dtype"):
+        llada.load_model(make_checkpoint(tmp_path), device="cpu", dtype=torch.int32)
+
+
+def test_tokenizer(tmp_path):
+    folder = make_checkpoint(tmp_path)
+    cfg = llada.load_config(folder)
+    tok = llada.load_tokenizer(folder)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in
+           ("<|startoftext|>", "<|endoftext|>", "<|eot_id|>", "<|mdm_mask|>")}
+    assert list(ids.values()) == [cfg.bos_token_id, cfg.eos_token_id, cfg.eot_token_id, cfg.mask_token_id]
+    assert tok.eos_token_id == cfg.eos_token_id and tok.pad_token_id == cfg.pad_token_id
+    text = "héllo, wörld ✓"
+    encoded = tok(text)["input_ids"]
+    assert max(encoded) < 256 and tok.decode(encoded) == text
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert chat.startswith("<|startoftext|>") and "hi<|eot_id|>" in chat
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        (folder / "tokenizer.json").unlink()
+        (folder / "tokenizer_config.json").unlink()
+        llada.load_tokenizer(folder)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="device"):
+        llada.load_model(make_checkpoint(tmp_path), device="cuda")

@@ -1,0 +1,108 @@
+"""The LLaDA forward against the naive oracle on tiny random checkpoints."""
+
+import pytest
+import torch
+
+import llada
+from llada.model import count_parameters
+
+from checkpoints import SHAPES, TINY, make_checkpoint
+from naive_llada import NaiveLLaDA
+
+
+def rel_err(got, want):
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max())
+
+
+def left_padded_batch(cfg, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(0, 256, (len(lengths), width), generator=g)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        mask[r, width - n:] = 1
+    ids[mask == 0] = cfg.pad_token_id
+    return ids, mask
+
+
+@pytest.fixture(scope="module", params=[
+    dict(SHAPES["mha"]),
+    dict(SHAPES["gqa"]),
+    dict(TINY, n_kv_heads=1),
+    dict(TINY, weight_tying=True, n_kv_heads=2),
+    dict(TINY, embedding_size=288),
+], ids=["mha", "gqa", "mqa", "tied", "padded-embedding"])
+def checkpoint(request, tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=7, **request.param)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_logits_match_oracle(checkpoint, device, padded):
+    model = llada.load_model(checkpoint, device=device, dtype=torch.float32)
+    oracle = NaiveLLaDA(checkpoint)
+    ids, mask = left_padded_batch(model.config, [11, 6, 1] if padded else [11, 11, 11])
+    am = mask if padded else None
+    got = model(ids.to(device), None if am is None else am.to(device)).logits.cpu()
+    want = oracle.forward(ids, am)
+    assert got.shape == (3, 11, model.config.embedding_size)
+    assert rel_err(got, want) < 1e-5
+
+
+def test_logits_at_selects_rows(checkpoint, device):
+    model = llada.load_model(checkpoint, device=device, dtype=torch.float32)
+    ids, mask = left_padded_batch(model.config, [9, 5], seed=1)
+    ids, mask = ids.to(device), mask.to(device)
+    full = model(ids, mask).logits
+    where = torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 0.4
+    where[0, 3] = True
+    rows = model(ids, mask, logits_at=where.to(device)).logits
+    assert rows.shape == (int(where.sum()), model.config.embedding_size)
+    assert rel_err(rows, full[where.to(device)]) < 1e-5
+    where[1] = False  # a row with nothing to compute
+    rows = model(ids, mask, logits_at=where.to(device)).logits
+    assert rel_err(rows, full[where.to(device)]) < 1e-5
+    none = model(ids, mask, logits_at=torch.zeros_like(where, device=device)).logits
+    assert none.shape == (0, model.config.embedding_size)
+    positions = torch.tensor([[8, 0, 3], [2, 2, 7]], device=device)
+    picked = model(ids, mask, logits_at=positions).logits
+    assert rel_err(picked, full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+def test_low_precision_close_to_fp32_oracle(checkpoint, device, dtype, tol):
+    model = llada.load_model(checkpoint, device=device, dtype=dtype)
+    assert model.dtype == dtype
+    ids, mask = left_padded_batch(model.config, [10, 4], seed=3)
+    got = model(ids.to(device), mask.to(device)).logits
+    assert got.dtype == dtype
+    assert rel_err(got.cpu(), NaiveLLaDA(checkpoint).forward(ids, mask)) < tol
+
+
+def test_padding_keys_are_ignored(checkpoint):
+    """Changing the token under a padding key must not change any other logit."""
+    model = llada.load_model(checkpoint, device="cpu")
+    ids, mask = left_padded_batch(model.config, [8, 5], seed=4)
+    other = ids.clone()
+    other[1, 0] = 3
+    a, b = model(ids, mask).logits, model(other, mask).logits
+    assert torch.allclose(a[:, 1:], b[:, 1:], rtol=0, atol=1e-5)
+    assert not torch.allclose(model(ids).logits[1], model(other).logits[1])
+
+
+def test_parameter_count_and_names(checkpoint):
+    model = llada.load_model(checkpoint, device="cpu")
+    assert count_parameters(model.config) == sum(p.numel() for p in model.parameters())
+    names = set(dict(model.named_parameters()))
+    assert "model.transformer.blocks.1.up_proj.weight" in names
+    assert ("model.transformer.ff_out.weight" in names) != model.config.weight_tying
+
+
+def test_logits_at_rejects_bad_shapes(tmp_path):
+    model = llada.load_model(make_checkpoint(tmp_path), device="cpu")
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="logits_at"):
+        model(ids, logits_at=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="logits_at"):
+        model(ids, logits_at=torch.tensor([[0, 5], [1, 1]]))
+    with pytest.raises(ValueError, match="logits_at"):
+        model(ids, logits_at=torch.ones(2, 5))
