@@ -42,9 +42,10 @@ step tests "$PYTHON" -m pytest -q -rs -p no:cacheprovider $parallel tests
 step bench_build bash -c "cmake -S bench/cuda -B build/bench-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DLLADA_CUDA_ARCHITECTURES='$ARCHS' && cmake --build build/bench-gpu"
 for bin in build/bench-gpu/bench_*; do
-  [ -x "$bin" ] && step "$(basename "$bin")" "$bin"
+  [ -x "$bin" ] && step "$(basename "$bin")" timeout 120 "$bin"
 done
 [ -f bench/bench_ops.py ] && step bench_ops "$PYTHON" bench/bench_ops.py --device cuda
+[ -f bench/bench_attention.py ] && step bench_attention timeout 150 "$PYTHON" bench/bench_attention.py --device cuda
 [ -f bench/bench_generate.py ] && step bench_generate "$PYTHON" bench/bench_generate.py --device cuda --shape 8b
 
 echo
@@ -52,7 +53,7 @@ echo "================ summary ================"
 cat "$LOGS/device.txt"
 echo "tests: $(grep -E '(passed|failed|error)' "$LOGS/tests.log" | tail -n 1)"
 grep -h '^RESULT' "$LOGS"/bench_*.log 2>/dev/null | sed 's/^RESULT /  /'
-for f in "$LOGS"/bench_ops.log "$LOGS"/bench_generate.log; do
+for f in "$LOGS"/bench_ops.log "$LOGS"/bench_attention.log "$LOGS"/bench_generate.log; do
   [ -f "$f" ] && { echo "-- $(basename "$f" .log)"; sed -n '/^|/p' "$f"; }
 done
 exit $status

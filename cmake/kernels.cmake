@@ -5,7 +5,8 @@ set(LLADA_ROOT ${CMAKE_CURRENT_LIST_DIR}/..)
 add_library(llada_kernels STATIC
   ${LLADA_ROOT}/csrc/cpu/sample_tokens.cpp
   ${LLADA_ROOT}/csrc/cpu/select_positions.cpp
-  ${LLADA_ROOT}/csrc/cpu/commit_tokens.cpp)
+  ${LLADA_ROOT}/csrc/cpu/commit_tokens.cpp
+  ${LLADA_ROOT}/csrc/cpu/attention.cpp)
 target_include_directories(llada_kernels PUBLIC ${LLADA_ROOT}/csrc/include)
 set_target_properties(llada_kernels PROPERTIES POSITION_INDEPENDENT_CODE ON)
 # -ffp-contract=off: the Gumbel noise must round exactly as on the GPU.
@@ -13,12 +14,17 @@ set_target_properties(llada_kernels PROPERTIES POSITION_INDEPENDENT_CODE ON)
 # operation rounds differently).
 target_compile_options(llada_kernels PRIVATE
   $<$<COMPILE_LANGUAGE:CXX>:-O3 -fopenmp-simd -ffp-contract=off -fno-trapping-math>)
+# Attention has no bit-exactness contract with the GPU: its products want FMAs
+# (this option comes after the target's and wins).
+set_source_files_properties(${LLADA_ROOT}/csrc/cpu/attention.cpp PROPERTIES
+  COMPILE_OPTIONS -ffp-contract=fast)
 
 if(LLADA_WITH_CUDA)
   target_sources(llada_kernels PRIVATE
     ${LLADA_ROOT}/csrc/cuda/sample_tokens.cu
     ${LLADA_ROOT}/csrc/cuda/select_positions.cu
-    ${LLADA_ROOT}/csrc/cuda/commit_tokens.cu)
+    ${LLADA_ROOT}/csrc/cuda/commit_tokens.cu
+    ${LLADA_ROOT}/csrc/cuda/attention.cu)
   target_compile_options(llada_kernels PRIVATE
     $<$<COMPILE_LANGUAGE:CUDA>:-O3 --expt-relaxed-constexpr>)
   target_link_libraries(llada_kernels PUBLIC CUDA::cudart)

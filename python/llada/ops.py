@@ -15,6 +15,8 @@ Ops
 ``commit_tokens(canvas, x0, accepted, remask, mask_id)``
     Write the accepted predictions into the canvas in place, optionally
     re-mask positions, and return the masked count left per row.
+``attention(q, k, v, key_mask, scale)``
+    Bidirectional attention with grouped-query heads and key padding.
 """
 
 from __future__ import annotations
@@ -327,3 +329,74 @@ def commit_tokens_reference(canvas, x0, accepted, mask_id, remask=None):
     if remask is not None:
         canvas[remask] = mask_id
     return (canvas == mask_id).sum(dim=1)
+
+
+# --------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Bidirectional (non-causal) attention ``softmax(q k^T * scale) v``.
+
+    Args:
+        q: ``[B, Lq, Hq, D]`` queries.
+        k, v: ``[B, Lk, Hkv, D]`` keys and values; ``Lk`` may differ from
+            ``Lq`` (cached decoding: a block of queries against the whole
+            sequence). ``Hq`` must be a multiple of ``Hkv``: query head ``h``
+            reads kv head ``h // (Hq // Hkv)`` (``repeat_interleave``
+            grouping), without materialising repeated keys.
+        key_mask: optional bool ``[B, Lk]``, True for keys to attend to
+            (padding is False). A query row with no valid key outputs zeros.
+        scale: the score scale; ``1 / sqrt(D)`` by default.
+
+    D is 64 or 128. q, k, v share a dtype: float32 or bfloat16 on CPU
+    (computed in float32), float32, bfloat16 or float16 on CUDA (float32
+    accumulation, tensor cores for the 16-bit types). Their last dimension must
+    be contiguous; other strides are free (e.g. a slice of a K/V cache).
+
+    Returns:
+        ``[B, Lq, Hq, D]`` contiguous, in q's dtype.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if key_mask is not None and not isinstance(key_mask, torch.Tensor):
+        raise TypeError(f"key_mask: expected a torch.Tensor or None, got {type(key_mask).__name__}")
+    return torch.ops.llada.attention(q, k, v, key_mask, None if scale is None else float(scale))
+
+
+@torch.library.register_fake("llada::attention")
+def _attention_fake(q, k, v, key_mask=None, scale=None):
+    return q.new_empty(q.shape)
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The specification of :func:`attention`, computed in ``dtype`` (float64
+    by default) on q's device and returned in that dtype: repeat the kv heads,
+    mask the scores, softmax, and zero the rows with no valid key."""
+    d = q.shape[-1]
+    s = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    group = q.shape[2] // k.shape[2]
+    qd = q.to(dtype).transpose(1, 2)  # [B, Hq, Lq, D]
+    kd = k.to(dtype).repeat_interleave(group, dim=2).transpose(1, 2)
+    vd = v.to(dtype).repeat_interleave(group, dim=2).transpose(1, 2)
+    scores = (qd @ kd.transpose(-1, -2)) * s  # [B, Hq, Lq, Lk]
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], -math.inf)
+    p = torch.softmax(scores, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # rows with no valid key: all -inf -> NaN -> 0
+    return (p @ vd).transpose(1, 2).contiguous()

@@ -4,6 +4,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "llada/attention.h"
 #include "llada/commit_tokens.h"
 #include "llada/sample_tokens.h"
 #include "llada/select_positions.h"
@@ -17,5 +18,21 @@ constexpr int64_t kSelectMaxLength = 16384;
 cudaError_t select_positions_cuda(const SelectPositionsParams& p, cudaStream_t stream);
 
 cudaError_t commit_tokens_cuda(const CommitTokensParams& p, cudaStream_t stream);
+
+// Attention. bf16/fp16 run a tensor-core kernel that may split the keys into
+// chunks (partial results in `workspace`, combined by a second kernel) when
+// there are too few query tiles to fill the device; float32 runs a simple
+// kernel (for testing) and needs no workspace. attention_cuda_plan picks the
+// split count for the current device; the caller allocates
+// plan.workspace_bytes of device memory (none when 0) and passes both on.
+// bf16/fp16 need q, k, v 16-byte aligned with strides multiple of 8 elements.
+struct AttentionCudaPlan {
+  int num_splits = 1;
+  size_t workspace_bytes = 0;
+};
+cudaError_t attention_cuda_plan(const AttentionParams& p, AttentionCudaPlan* plan);
+size_t attention_cuda_workspace_bytes(const AttentionParams& p, int num_splits);
+cudaError_t attention_cuda(const AttentionParams& p, const AttentionCudaPlan& plan, void* workspace,
+                           cudaStream_t stream);
 
 }  // namespace llada

@@ -1,0 +1,139 @@
+"""Benchmark of llada.attention against torch's scaled_dot_product_attention,
+every SDPA backend available on the device (flash, efficient, cuDNN, math,
+selected with torch.nn.attention.sdpa_kernel), in the same run.
+
+    python bench/bench_attention.py                 # CPU, float32, small shapes
+    python bench/bench_attention.py --device cuda   # GPU, bfloat16, full shapes
+
+Shapes: "full" runs every query against every key (a plain forward, Lq = Lk);
+"cache" runs one 32-token block of queries against the whole sequence (cached
+decoding). On CUDA: H=32, D=128, full L = 512..4096 at B=1 and L=1024 at B=8;
+cache Lk = 512..4096 at B=1 and 1024 at B=8. On CPU (to finish in about two
+minutes on 2 cores) the cache shapes are the same, the full shapes smaller:
+H=8 (not 32), L = 256..2048 at B=1 and L=512 at B=8.
+
+Every backend's output is checked against llada's before timing. The table
+reports TFLOP/s (4 B H Lq Lk D flops per call) and llada's speed as a
+multiple of the best SDPA backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import llada
+
+BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def time_us(fn: Callable[[], object], device: str, min_time: float) -> float:
+    """Microseconds per call: CUDA-event-timed loop on the GPU, median of
+    single calls on the CPU (robust on a shared machine)."""
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        once_ms = max(start.elapsed_time(stop), 1e-3)
+        repeats = int(min(max(min_time * 1e3 / once_ms, 5), 2000))
+        start.record()
+        for _ in range(repeats):
+            fn()
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop) * 1e3 / repeats
+    samples = []
+    began = time.perf_counter()
+    while len(samples) < 3 or (time.perf_counter() - began < min_time and len(samples) < 1000):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e6
+
+
+def cases(device: str) -> list[tuple[str, int, int, int, int, int]]:
+    """(kind, B, H, Lq, Lk, D)."""
+    if device == "cuda":
+        full = [(1, 32, l, l) for l in (512, 1024, 2048, 4096)] + [(8, 32, 1024, 1024)]
+        cache = [(1, 32, 32, l) for l in (512, 1024, 2048, 4096)] + [(8, 32, 32, 1024)]
+    else:
+        full = [(1, 8, l, l) for l in (256, 512, 1024, 2048)] + [(8, 8, 512, 512)]
+        cache = [(1, 32, 32, l) for l in (512, 1024, 2048, 4096)] + [(8, 32, 32, 1024)]
+    return [("full", *c, 128) for c in full] + [("cache", *c, 128) for c in cache]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--min-time", type=float, default=None, help="seconds per measurement")
+    args = parser.parse_args()
+    device = args.device
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    min_time = args.min_time if args.min_time is not None else (0.2 if device == "cuda" else 0.5)
+    if device == "cuda" and not (torch.cuda.is_available() and llada.cuda_kernels_available()):
+        raise SystemExit("CUDA benchmark needs a GPU and llada built with CUDA kernels")
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {dtype}", flush=True)
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for kind, b, h, lq, lk, d in cases(device):
+        q = torch.randn(b, lq, h, d, generator=gen).to(device=device, dtype=dtype)
+        k = torch.randn(b, lk, h, d, generator=gen).to(device=device, dtype=dtype)
+        v = torch.randn(b, lk, h, d, generator=gen).to(device=device, dtype=dtype)
+        flops = 4.0 * b * h * lq * lk * d
+        ours = llada.attention(q, k, v)
+        # SDPA wants [B, H, L, D]; the transposes are views, as in a model.
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        tflops = {"llada": flops / time_us(lambda: llada.attention(q, k, v), device, min_time) / 1e6}
+        for name, backend in BACKENDS.items():
+            if device == "cpu" and name != "math" and name != "flash":
+                continue  # CPU has only these two
+            try:
+                with sdpa_kernel([backend]):
+                    out = F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+                    diff = (out.float() - ours.float()).abs().max().item()
+                    tol = 1e-4 if dtype == torch.float32 else 3e-2
+                    if not diff <= tol:
+                        print(f"  {kind} {name}: output differs from llada by {diff:.3g}", flush=True)
+                    us = time_us(lambda: F.scaled_dot_product_attention(qt, kt, vt), device, min_time)
+                tflops[name] = flops / us / 1e6
+            except RuntimeError as e:  # backend not available for this shape/dtype/device
+                tflops[name] = None
+                print(f"  {kind} {name}: unavailable ({str(e).splitlines()[0][:80]})", flush=True)
+        best_name, best = max(((n, t) for n, t in tflops.items() if n != "llada" and t), key=lambda x: x[1])
+        shape = f"B={b} H={h} Lq={lq} Lk={lk} D={d}"
+        rows.append((kind, shape, tflops, best_name, best))
+        print(f"{kind:<5} {shape:<34} llada {tflops['llada']:8.3f} TFLOP/s  best SDPA {best_name} "
+              f"{best:8.3f}  x{tflops['llada'] / best:5.2f}", flush=True)
+        del q, k, v, qt, kt, vt, ours
+
+    names = [n for n in BACKENDS if any(r[2].get(n) for r in rows)]
+    print()
+    print(f"attention, {dtype}, {device}: TFLOP/s (higher is better)")
+    print()
+    print("| kind | shape | llada | " + " | ".join(f"SDPA {n}" for n in names) + " | llada / best SDPA |")
+    print("|---|---|---|" + "---|" * len(names) + "---|")
+    for kind, shape, t, best_name, best in rows:
+        cells = " | ".join(f"{t[n]:.3f}" if t.get(n) else "n/a" for n in names)
+        print(f"| {kind} | {shape} | {t['llada']:.3f} | {cells} | {t['llada'] / best:.2f}x ({best_name}) |")
+
+
+if __name__ == "__main__":
+    main()

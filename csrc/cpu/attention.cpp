@@ -1,0 +1,298 @@
+// CPU twin of the attention kernel: tiled attention with an online softmax,
+// the same algorithm as the CUDA kernel (S = Q K^T per key tile, mask, update
+// the running max m and sum l, rescale O, O += P V, finally O / l).
+//
+// A task is one (batch, query head, tile of up to 64 query rows). The tile's
+// queries are widened to float32, pre-scaled and stored transposed once,
+// Q^T [D][queries]; then the keys are streamed in tiles of 64. The scores are
+// computed transposed, S^T = K Q^T, so K's rows are used as they lie in memory
+// (in place for float32, widened for bfloat16: no per-tile transpose), and the
+// softmax loops run along contiguous queries. O += P V reads P through a
+// transposed view of S^T. Both products use one register-blocked
+// micro-kernel written with vector types, which compiles to AVX2 FMAs in the
+// x86-64-v3 clone.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "llada/attention.h"
+
+namespace llada {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int kQueryTile = int(kAttentionCpuQueryTile);
+constexpr int kKeyTile = 64;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LLADA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define LLADA_MULTIVERSION
+#endif
+
+// Eight floats; in the default clone the compiler splits it into SSE halves.
+// Values of this type only pass between always-inlined functions of this
+// file, so GCC's note that their calling convention differs without AVX
+// concerns no real call.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float Vec8 __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline Vec8 load8(const float* p) {
+  Vec8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+__attribute__((always_inline)) inline void store8(float* p, const Vec8& v) { std::memcpy(p, &v, sizeof v); }
+
+// C[R][N] += A[R][K] * B[K][N] for R rows, N a multiple of 16. A's element
+// (r, k) is a[r * a_row + k * a_col], so A may be read transposed. Each
+// 16-column strip keeps its R x 16 accumulators in registers across the whole
+// K loop. Always inlined, so that each clone of the caller compiles it for its
+// own instruction set.
+template <int R>
+__attribute__((always_inline)) inline void gemm_rows(const float* a, int64_t a_row, int64_t a_col,
+                                                     const float* b, int64_t ldb, float* c,
+                                                     int64_t ldc, int n, int k) {
+  for (int j = 0; j < n; j += 16) {
+    Vec8 acc[R][2];
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = load8(c + r * ldc + j);
+      acc[r][1] = load8(c + r * ldc + j + 8);
+    }
+    for (int kk = 0; kk < k; ++kk) {
+      const Vec8 b0 = load8(b + kk * ldb + j);
+      const Vec8 b1 = load8(b + kk * ldb + j + 8);
+      for (int r = 0; r < R; ++r) {
+        const float x = a[r * a_row + kk * a_col];
+        acc[r][0] += x * b0;
+        acc[r][1] += x * b1;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      store8(c + r * ldc + j, acc[r][0]);
+      store8(c + r * ldc + j + 8, acc[r][1]);
+    }
+  }
+}
+
+LLADA_MULTIVERSION
+void gemm_accumulate(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb,
+                     float* c, int64_t ldc, int m, int n, int k) {
+  int i = 0;
+  for (; i + 6 <= m; i += 6) gemm_rows<6>(a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc, n, k);
+  for (; i + 4 <= m; i += 4) gemm_rows<4>(a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc, n, k);
+  for (; i < m; ++i) gemm_rows<1>(a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc, n, k);
+}
+
+// exp(t) for t <= 0 (or -inf), about 1 ulp: Cephes-style range reduction and
+// polynomial in plain arithmetic so the loops calling it vectorise. Exactly 0
+// below -87.
+inline float exp_nonpositive(float t) {
+  const float x = t < -87.0f ? -87.0f : t;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float scale = bits_float(uint32_t(int32_t(n) + 127) << 23);
+  return t < -87.0f ? 0.0f : p * scale;
+}
+
+// The online-softmax step for one key tile, on the transposed scores
+// st[key][query] (so every loop runs along contiguous queries and
+// vectorises): masks keys, updates the running max m and sum l of each query,
+// turns the scores into probabilities in place and writes the factor by which
+// each query's accumulated output must shrink into alpha. tile_max is
+// scratch of `cols` floats.
+LLADA_MULTIVERSION
+void softmax_update(float* st, int n, int cols, const float* key_bias, float* m, float* l,
+                    float* alpha, float* tile_max) {
+  for (int r = 0; r < cols; ++r) tile_max[r] = kNegInf;
+  for (int j = 0; j < n; ++j) {
+    float* row = st + size_t(j) * cols;
+    const float bias = key_bias[j];  // 0 for a valid key, -inf for a masked one
+    for (int r = 0; r < cols; ++r) {
+      row[r] += bias;
+      tile_max[r] = row[r] > tile_max[r] ? row[r] : tile_max[r];
+    }
+  }
+  // With no valid key yet (max -inf) every probability is exp(-inf) = 0 and
+  // O, l stay 0: subtract 0 rather than -inf to avoid -inf - -inf = NaN.
+  for (int r = 0; r < cols; ++r) {
+    const float m_new = tile_max[r] > m[r] ? tile_max[r] : m[r];
+    const float m_use = m_new == kNegInf ? 0.0f : m_new;
+    alpha[r] = exp_nonpositive(m[r] - m_use);  // 0 when m was -inf
+    m[r] = m_new;
+    tile_max[r] = m_use;
+    l[r] *= alpha[r];
+  }
+  for (int j = 0; j < n; ++j) {
+    float* row = st + size_t(j) * cols;
+    for (int r = 0; r < cols; ++r) {
+      row[r] = exp_nonpositive(row[r] - tile_max[r]);
+      l[r] += row[r];
+    }
+  }
+}
+
+LLADA_MULTIVERSION
+void scale_row(float* x, int n, float factor) {
+  for (int i = 0; i < n; ++i) x[i] *= factor;
+}
+
+// Reads `n` elements of type `dtype` at `src` into float32.
+LLADA_MULTIVERSION
+void widen(const void* src, DType dtype, float* dst, int n) {
+  if (dtype == DType::kFloat32) {
+    std::memcpy(dst, src, size_t(n) * sizeof(float));
+  } else {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    if (dtype == DType::kBFloat16) {
+      for (int i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+    } else {
+      for (int i = 0; i < n; ++i) dst[i] = half_to_float(s[i]);
+    }
+  }
+}
+
+// float32 -> bfloat16 bits, round to nearest even; NaN stays NaN.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+size_t element_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+const char* element_at(const void* base, DType t, int64_t offset) {
+  return static_cast<const char*>(base) + offset * int64_t(element_size(t));
+}
+
+// Per-thread buffers. Scores are kept transposed, st[key][query]: S^T = K Q^T
+// is a product whose A operand is K's rows as they lie in memory (no
+// transpose per tile), and P V reads P through a transposed view.
+struct Workspace {
+  std::vector<float> qt, k, v, st, o, m, l, alpha, tmp, key_bias;
+  explicit Workspace(int d)
+      : qt(size_t(d) * kQueryTile), k(size_t(kKeyTile) * d), v(size_t(kKeyTile) * d),
+        st(size_t(kKeyTile) * kQueryTile), o(size_t(kQueryTile) * d), m(kQueryTile),
+        l(kQueryTile), alpha(kQueryTile), tmp(std::max(kQueryTile, d)), key_bias(kKeyTile) {}
+};
+
+void attention_task(const AttentionParams& p, int64_t task, Workspace& w) {
+  const int d = p.head_dim;
+  const int64_t q_tiles = (p.q_len + kQueryTile - 1) / kQueryTile;
+  const int64_t q_tile = task % q_tiles;
+  const int64_t h = (task / q_tiles) % p.q_heads;
+  const int64_t b = task / q_tiles / p.q_heads;
+  const int64_t h_kv = h / (p.q_heads / p.kv_heads);  // repeat_interleave grouping
+  const int64_t q0 = q_tile * kQueryTile;
+  const int rows = int(p.q_len - q0 < kQueryTile ? p.q_len - q0 : kQueryTile);
+  // The query count rounded up to the 16-wide strips of the products; the
+  // extra queries are zero and their results are dropped.
+  const int cols = (rows + 15) / 16 * 16;
+
+  // Q^T [D][cols], pre-scaled so the scores come out of the product scaled.
+  std::fill(w.qt.begin(), w.qt.begin() + size_t(d) * cols, 0.0f);
+  for (int i = 0; i < rows; ++i) {
+    const int64_t off = b * p.q_strides[0] + (q0 + i) * p.q_strides[1] + h * p.q_strides[2];
+    widen(element_at(p.q, p.dtype, off), p.dtype, w.tmp.data(), d);
+    for (int c = 0; c < d; ++c) w.qt[size_t(c) * cols + i] = w.tmp[c] * p.scale;
+  }
+  std::fill(w.o.begin(), w.o.begin() + size_t(cols) * d, 0.0f);
+  std::fill(w.m.begin(), w.m.end(), kNegInf);
+  std::fill(w.l.begin(), w.l.end(), 0.0f);
+
+  const int64_t row_bytes = int64_t(d) * int64_t(element_size(p.dtype));
+  for (int64_t k0 = 0; k0 < p.kv_len; k0 += kKeyTile) {
+    const int n = int(p.kv_len - k0 < kKeyTile ? p.kv_len - k0 : kKeyTile);
+    bool any_valid = false;
+    for (int j = 0; j < n; ++j) {
+      const bool valid = p.key_mask == nullptr || p.key_mask[b * p.kv_len + k0 + j];
+      w.key_bias[j] = valid ? 0.0f : kNegInf;
+      any_valid = any_valid || valid;
+    }
+    if (!any_valid) continue;  // a fully masked tile changes nothing
+
+    // The rows of one head are H * D elements apart, too far for the
+    // hardware prefetcher: ask for the next tile's rows while this one runs.
+    const int64_t next_n = p.kv_len - k0 - kKeyTile < kKeyTile ? p.kv_len - k0 - kKeyTile : kKeyTile;
+    for (int64_t j = 0; j < next_n; ++j) {
+      const int64_t key = k0 + kKeyTile + j;
+      const char* kr = element_at(p.k, p.dtype, b * p.k_strides[0] + key * p.k_strides[1] + h_kv * p.k_strides[2]);
+      const char* vr = element_at(p.v, p.dtype, b * p.v_strides[0] + key * p.v_strides[1] + h_kv * p.v_strides[2]);
+      for (int64_t off = 0; off < row_bytes; off += 64) {
+        __builtin_prefetch(kr + off);
+        __builtin_prefetch(vr + off);
+      }
+    }
+
+    // K and V rows of this tile as float32: read in place for float32 input,
+    // widened into the buffers otherwise.
+    const float* k_rows;
+    const float* v_rows;
+    int64_t k_ld, v_ld;
+    const int64_t k_first = b * p.k_strides[0] + k0 * p.k_strides[1] + h_kv * p.k_strides[2];
+    const int64_t v_first = b * p.v_strides[0] + k0 * p.v_strides[1] + h_kv * p.v_strides[2];
+    if (p.dtype == DType::kFloat32) {
+      k_rows = static_cast<const float*>(p.k) + k_first;
+      v_rows = static_cast<const float*>(p.v) + v_first;
+      k_ld = p.k_strides[1];
+      v_ld = p.v_strides[1];
+    } else {
+      for (int j = 0; j < n; ++j) {
+        widen(element_at(p.k, p.dtype, k_first + j * p.k_strides[1]), p.dtype, w.k.data() + size_t(j) * d, d);
+        widen(element_at(p.v, p.dtype, v_first + j * p.v_strides[1]), p.dtype, w.v.data() + size_t(j) * d, d);
+      }
+      k_rows = w.k.data();
+      v_rows = w.v.data();
+      k_ld = v_ld = d;
+    }
+
+    // S^T [n][cols] = K [n][D] Q^T [D][cols].
+    std::fill(w.st.begin(), w.st.begin() + size_t(n) * cols, 0.0f);
+    gemm_accumulate(k_rows, k_ld, 1, w.qt.data(), cols, w.st.data(), cols, n, cols, d);
+    softmax_update(w.st.data(), n, cols, w.key_bias.data(), w.m.data(), w.l.data(), w.alpha.data(),
+                   w.tmp.data());
+    for (int i = 0; i < rows; ++i)
+      if (w.alpha[i] != 1.0f) scale_row(w.o.data() + size_t(i) * d, d, w.alpha[i]);
+    // O [rows][D] += P [rows][n] V [n][D], P read from S^T (P[i][j] = st[j][i]).
+    gemm_accumulate(w.st.data(), 1, cols, v_rows, v_ld, w.o.data(), d, rows, d, n);
+  }
+
+  for (int i = 0; i < rows; ++i) {
+    // A row with no valid key has l = 0 and outputs zeros.
+    const float inv = w.l[i] > 0.0f ? 1.0f / w.l[i] : 0.0f;
+    float* o_row = w.o.data() + size_t(i) * d;
+    scale_row(o_row, d, inv);
+    const int64_t off = ((b * p.q_len + q0 + i) * p.q_heads + h) * d;
+    if (p.dtype == DType::kFloat32) {
+      std::memcpy(static_cast<float*>(p.out) + off, o_row, size_t(d) * sizeof(float));
+    } else {
+      uint16_t* dst = static_cast<uint16_t*>(p.out) + off;
+      for (int c = 0; c < d; ++c) dst[c] = float_to_bf16(o_row[c]);
+    }
+  }
+}
+
+}  // namespace
+
+int64_t attention_cpu_num_tasks(const AttentionParams& p) {
+  return p.batch * p.q_heads * ((p.q_len + kQueryTile - 1) / kQueryTile);
+}
+
+void attention_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end) {
+  if (task_begin >= task_end) return;
+  Workspace w(p.head_dim);
+  for (int64_t t = task_begin; t < task_end; ++t) attention_task(p, t, w);
+}
+
+}  // namespace llada

@@ -1,0 +1,47 @@
+// Bidirectional (non-causal) attention: out = softmax(q k^T * scale) v per
+// query head, with grouped-query heads (query head h reads kv head
+// h / (q_heads / kv_heads)) and an optional key-padding mask. A query row
+// whose keys are all masked gets a zero output.
+//
+// Layout: q [B, Lq, Hq, D], k and v [B, Lk, Hkv, D] (what the projections
+// produce), out [B, Lq, Hq, D] contiguous. The last dimension of q, k, v is
+// contiguous; the other three have free strides (in elements), so a slice of
+// a larger K/V cache needs no copy.
+#pragma once
+
+#include <cstdint>
+
+#include "llada/common.h"
+
+namespace llada {
+
+struct AttentionParams {
+  const void* q;  // element type `dtype` for q, k, v and out
+  const void* k;
+  const void* v;
+  const bool* key_mask;  // [B, Lk] contiguous, true = attend; nullptr: all keys valid
+  void* out;             // [B, Lq, Hq, D] contiguous
+  int64_t q_strides[3];  // batch, position, head
+  int64_t k_strides[3];
+  int64_t v_strides[3];
+  int64_t batch;
+  int64_t q_len;
+  int64_t kv_len;
+  int32_t q_heads;
+  int32_t kv_heads;
+  int32_t head_dim;
+  float scale;
+  DType dtype;
+};
+
+// Head dimensions every implementation supports.
+inline bool attention_head_dim_supported(int64_t d) { return d == 64 || d == 128; }
+
+// The CPU twin works on tasks of (batch, query head, tile of query rows); it
+// runs tasks [task_begin, task_end) so callers may split them across threads.
+// Supports float32 and bfloat16 (computed in float32).
+constexpr int64_t kAttentionCpuQueryTile = 64;
+int64_t attention_cpu_num_tasks(const AttentionParams& p);
+void attention_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end);
+
+}  // namespace llada

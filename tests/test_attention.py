@@ -1,0 +1,221 @@
+"""attention against its float64 reference, on CPU and CUDA.
+
+Accuracy criteria: float32 agrees with float64 to ~1e-5. For the 16-bit
+types the inputs are first rounded to the dtype and the float64 reference
+runs on those rounded inputs; on CUDA the op's error must then be at most
+twice that of torch's own attention in the same dtype (SDPA), and on CPU
+(float32 inside, one rounding of the output) within one bfloat16 rounding.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llada
+from llada.ops import attention_reference
+
+from conftest import poison_allocator
+
+DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
+
+
+def make_qkv(b, lq, lk, hq, hkv, d, dtype, device, seed=None):
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    # q scaled by 2 so the softmax is not flat (scores ~ N(0, 4)).
+    q = 2 * torch.randn(b, lq, hq, d, generator=gen)
+    k = torch.randn(b, lk, hkv, d, generator=gen)
+    v = torch.randn(b, lk, hkv, d, generator=gen)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+
+
+def padding_mask(b, lk, device, gen=None):
+    """Row 0: random ~30% padding plus left padding; row 1: exactly one valid
+    key (in the middle); row 2: no valid key; later rows: all valid."""
+    gen = gen or torch.Generator().manual_seed(1)
+    mask = torch.ones(b, lk, dtype=torch.bool)
+    mask[0] = torch.rand(lk, generator=gen) > 0.3
+    mask[0, : lk // 5] = False
+    mask[0, -1] = True
+    if b > 1:
+        mask[1] = False
+        mask[1, lk // 2] = True
+    if b > 2:
+        mask[2] = False
+    return mask.to(device)
+
+
+def sdpa(q, k, v, key_mask, scale):
+    """torch's attention in the inputs' dtype, on their device."""
+    group = q.shape[2] // k.shape[2]
+    kk = k.repeat_interleave(group, dim=2).transpose(1, 2)
+    vv = v.repeat_interleave(group, dim=2).transpose(1, 2)
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def check_against_reference(q, k, v, key_mask=None, scale=None):
+    device, dtype = q.device.type, q.dtype
+    poison_allocator(device, [q.numel() * q.element_size() * 2])
+    got = llada.attention(q, k, v, key_mask, scale)
+    assert got.shape == q.shape and got.dtype == dtype and got.device == q.device
+    assert got.is_contiguous()
+    want = attention_reference(q, k, v, key_mask, scale)  # float64, on the rounded inputs
+    got64 = got.double()
+    assert torch.isfinite(got64).all(), "non-finite output"
+
+    # Rows with no valid key are exactly zero.
+    if key_mask is not None:
+        empty = ~key_mask.any(dim=1)
+        if empty.any():
+            assert (got64[empty] == 0).all(), "a row with no valid key is not zero"
+        live = ~empty
+        got64, want, qs = got64[live], want[live], (q[live], k[live], v[live], key_mask[live])
+    else:
+        qs = (q, k, v, None)
+    if got64.numel() == 0:
+        return
+
+    if dtype == torch.float32:
+        torch.testing.assert_close(got64, want, rtol=1e-4, atol=2e-5)
+    elif device == "cpu":
+        # float32 inside, then one rounding to bfloat16 (relative 2^-9).
+        torch.testing.assert_close(got64, want, rtol=2.0**-8, atol=1e-5)
+    else:
+        err = (got64 - want).abs().max().item()
+        torch_err = (sdpa(*qs, scale).double() - want).abs().max().item()
+        assert err <= 2 * torch_err + 1e-6, f"error {err:.3g} vs torch SDPA {torch_err:.3g}"
+
+
+SHAPES = [
+    # b, lq, lk, hq, hkv, d
+    (1, 1, 1, 1, 1, 64),
+    (2, 17, 17, 2, 2, 128),
+    (1, 255, 255, 2, 1, 64),
+    (1, 17, 1000, 2, 2, 128),  # few query tiles: the CUDA split-KV path
+    (2, 32, 300, 8, 2, 128),   # GQA, a cached-decoding block
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_matches_reference(device, dtype, shape):
+    if dtype not in DTYPES[device]:
+        pytest.skip(f"{dtype} is not supported on {device}")
+    check_against_reference(*make_qkv(*shape, dtype, device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("lk", [1, 17, 255, 1000])
+def test_key_padding(device, dtype, lk):
+    if dtype not in DTYPES[device]:
+        pytest.skip(f"{dtype} is not supported on {device}")
+    q, k, v = make_qkv(3, 17, lk, 8, 2, 64, dtype, device)
+    check_against_reference(q, k, v, padding_mask(3, lk, device))
+
+
+def test_custom_scale_and_long_keys(device):
+    dtype = torch.bfloat16
+    q, k, v = make_qkv(1, 33, 2047, 4, 4, 128, dtype, device)
+    check_against_reference(q, k, v, scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_many_query_tiles(device, dtype):
+    """Enough query tiles that the CUDA kernel does not split the keys."""
+    if dtype not in DTYPES[device]:
+        pytest.skip(f"{dtype} is not supported on {device}")
+    if device == "cpu" and dtype == torch.float32:
+        pytest.skip("covered by the smaller CPU cases; keeps the CPU run short")
+    b = 4 if device == "cuda" else 1
+    q, k, v = make_qkv(b, 300, 700, 32 if device == "cuda" else 4, 8 if device == "cuda" else 2,
+                       128, dtype, device)
+    check_against_reference(q, k, v, padding_mask(b, 700, device))
+
+
+def test_strided_inputs(device):
+    """q sliced out of a fused qkv projection; k, v a prefix of a longer cache."""
+    b, lq, lk, h, d = 2, 19, 150, 4, 64
+    dtype = torch.bfloat16
+    qkv = torch.randn(b, lq, 3, h, d).to(device=device, dtype=dtype)
+    cache_k = torch.randn(b, 400, h, d).to(device=device, dtype=dtype)
+    cache_v = torch.randn(b, 400, h, d).to(device=device, dtype=dtype)
+    q, k, v = qkv[:, :, 0], cache_k[:, :lk], cache_v[:, :lk]
+    assert not q.is_contiguous() and not k.is_contiguous()
+    check_against_reference(q, k, v, padding_mask(b, lk, device))
+    # Element offsets that break 16-byte alignment are handled too.
+    odd = torch.randn(b * lk * h * d + 3).to(device=device, dtype=dtype)[3:].view(b, lk, h, d)
+    check_against_reference(q, odd, v)
+
+
+def test_inputs_not_modified(device):
+    q, k, v = make_qkv(1, 5, 9, 2, 1, 64, torch.float32, device)
+    mask = padding_mask(1, 9, device)
+    copies = [t.clone() for t in (q, k, v, mask)]
+    llada.attention(q, k, v, mask)
+    for before, after in zip(copies, (q, k, v, mask)):
+        assert torch.equal(before, after)
+
+
+def test_opcheck(device):
+    q, k, v = make_qkv(2, 5, 7, 4, 2, 64, torch.float32, device, seed=3)
+    mask = padding_mask(2, 7, device)
+    torch.library.opcheck(torch.ops.llada.attention.default, (q, k, v, mask, None))
+    torch.library.opcheck(torch.ops.llada.attention.default, (q, k, v, None, 0.5))
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.llada.attention.default, (qb, kb, vb, mask, None))
+
+
+def test_bad_input(device):
+    q, k, v = make_qkv(2, 5, 7, 4, 2, 64, torch.float32, device, seed=4)
+    mask = torch.ones(2, 7, dtype=torch.bool, device=device)
+    with pytest.raises(ValueError, match="q"):
+        llada.attention(q[0], k, v)
+    with pytest.raises(ValueError, match="k: expected a number of kv heads"):
+        llada.attention(q, k[:, :, :1].expand(2, 7, 3, 64), v[:, :, :1].expand(2, 7, 3, 64))
+    with pytest.raises(ValueError, match="v"):
+        llada.attention(q, k, v[:, :6])
+    with pytest.raises(ValueError, match="k: expected the batch size"):
+        llada.attention(q, k[:1], v[:1])
+    with pytest.raises(ValueError, match="q: expected head dim 64 or 128"):
+        llada.attention(q[..., :32], k[..., :32], v[..., :32])
+    q128 = torch.randn(2, 5, 4, 128, device=device)
+    with pytest.raises(ValueError, match="k: expected the head dim"):
+        llada.attention(q128, k, v)
+    with pytest.raises(TypeError, match="k"):
+        llada.attention(q, k.double(), v)
+    with pytest.raises(TypeError, match="v"):
+        llada.attention(q, k, v.bfloat16())
+    with pytest.raises(TypeError, match="q"):
+        llada.attention(q.double(), k.double(), v.double())
+    if device == "cpu":
+        with pytest.raises(TypeError, match="q: expected dtype float32 or bfloat16"):
+            llada.attention(q.half(), k.half(), v.half())
+    with pytest.raises(ValueError, match="key_mask"):
+        llada.attention(q, k, v, mask[:, :6])
+    with pytest.raises(TypeError, match="key_mask"):
+        llada.attention(q, k, v, mask.float())
+    with pytest.raises(TypeError, match="key_mask"):
+        llada.attention(q, k, v, [True] * 7)
+    with pytest.raises(TypeError, match="q"):
+        llada.attention(q.tolist(), k, v)
+    last_dim_strided = torch.randn(2, 5, 64, 4, device=device).transpose(2, 3)
+    with pytest.raises(ValueError, match="q: expected a contiguous last"):
+        llada.attention(last_dim_strided, k, v)
+    with pytest.raises(ValueError, match="scale"):
+        llada.attention(q, k, v, scale=math.nan)
+    if device == "cuda":
+        with pytest.raises(ValueError, match="k: expected to be on the device of q"):
+            llada.attention(q, k.cpu(), v)
+        with pytest.raises(ValueError, match="key_mask"):
+            llada.attention(q, k, v, mask.cpu())
+
+
+def test_empty(device):
+    q, k, v = make_qkv(1, 0, 5, 2, 2, 64, torch.float32, device)
+    assert llada.attention(q, k, v).shape == (1, 0, 2, 64)
+    q, k, v = make_qkv(1, 3, 0, 2, 2, 64, torch.bfloat16, device)
+    out = llada.attention(q, k, v)
+    assert (out == 0).all()
