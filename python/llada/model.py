@@ -11,12 +11,15 @@ checkpoint's weight names and loading needs no renaming table.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import _C, ops
 
 
 @dataclass
@@ -104,6 +107,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x32 * cos + rotated * sin).to(x.dtype)
 
 
+ATTENTION_BACKENDS = ("llada", "sdpa")
+# "llada": the fused kernels of llada.ops.attention wherever they support the
+# shape and dtype (head dim 64 or 128; CPU float32/bfloat16, CUDA also
+# float16) and no gradient is needed; torch's SDPA otherwise.
+# "sdpa": always torch.nn.functional.scaled_dot_product_attention.
+# Chosen with set_attention_backend() or the LLADA_ATTENTION variable.
+_attention_backend = os.environ.get("LLADA_ATTENTION", "llada")
+if _attention_backend not in ATTENTION_BACKENDS:
+    raise ValueError(f"LLADA_ATTENTION: expected one of {ATTENTION_BACKENDS}, got {_attention_backend!r}")
+
+
+def set_attention_backend(name: str) -> None:
+    """Selects the attention the model runs: "llada" (default) or "sdpa"."""
+    global _attention_backend
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"name: expected one of {ATTENTION_BACKENDS}, got {name!r}")
+    _attention_backend = name
+
+
+def _fused_attention_fits(q: torch.Tensor) -> bool:
+    if _attention_backend != "llada" or q.shape[-1] not in (64, 128):
+        return False
+    if torch.is_grad_enabled() and q.requires_grad:
+        return False  # the fused kernels are inference-only
+    if q.device.type == "cpu":
+        return q.dtype in (torch.float32, torch.bfloat16)
+    return q.device.type == "cuda" and _C.cuda_compiled()
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor]
 ) -> torch.Tensor:
@@ -111,8 +143,10 @@ def attention(
 
     q [B, Lq, Hq, D]; k, v [B, Lk, Hkv, D] with Hq a multiple of Hkv (query head
     h reads kv head h // (Hq / Hkv)); key_mask [B, Lk] bool, False = padding key,
-    or None. Returns [B, Lq, Hq, D]. This is the one place a fused kernel plugs in.
+    or None. Returns [B, Lq, Hq, D].
     """
+    if _fused_attention_fits(q):
+        return ops.attention(q, k, v, key_mask)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
@@ -139,15 +173,25 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, m, bias=False)
         self.ff_out = nn.Linear(m, d, bias=False)
 
-    def forward(self, x, cos, sin, key_mask, rows=None):
+    def forward(self, x, cos, sin, key_mask, rows=None, cache=None, start=0):
         """x [B, L, d] -> [B, L, d]; or, given int64 positions rows [B, K],
         only the outputs at those positions, [B, K, d]. Keys and values always
-        come from every position; only the query side is cut down."""
+        come from every position; only the query side is cut down.
+
+        With a cache (this layer's ``(k, v)``, each [B, total, Hkv, D]), x
+        holds positions start .. start + L of the sequence: their keys and
+        values are written into the cache, and the queries attend to every
+        cached position."""
         b, l, _ = x.shape
         a = self.attn_norm(x)
         k = self.k_proj(a).view(b, l, self.n_kv_heads, self.head_dim)
         v = self.v_proj(a).view(b, l, self.n_kv_heads, self.head_dim)
         k = apply_rope(k, cos, sin)
+        if cache is not None:
+            cache_k, cache_v = cache
+            cache_k[:, start : start + l] = k
+            cache_v[:, start : start + l] = v
+            k, v = cache_k, cache_v
         cos_q, sin_q = cos, sin
         if rows is not None:
             x, a = _gather_rows(x, rows), _gather_rows(a, rows)
@@ -172,6 +216,20 @@ class _Backbone(nn.Module):
         )
         if not cfg.weight_tying:
             self.transformer["ff_out"] = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
+
+
+class KVCache:
+    """Keys (after RoPE) and values of every position of a sequence, per
+    layer, each [B, total, Hkv, D]: what a forward over a slice of positions
+    attends to. Filled by a full forward, refreshed slice by slice."""
+
+    def __init__(self, config: "LLaDAConfig", batch: int, total: int, device, dtype):
+        shape = (batch, total, config.n_kv_heads, config.head_dim)
+        self.layers = [
+            (torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+            for _ in range(config.n_layers)
+        ]
+        self.batch, self.total = batch, total
 
 
 class LLaDAModel(nn.Module):
@@ -199,6 +257,8 @@ class LLaDAModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         logits_at: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        start: int = 0,
     ) -> LLaDAOutput:
         """Logits of every position, or only of the positions in ``logits_at``.
 
@@ -211,26 +271,43 @@ class LLaDAModel(nn.Module):
                 ``x[mask]``); or int64 positions [B, K] for logits [B, K, V].
                 The last block's queries and MLP, the final norm and the head
                 then run on those rows only; keys and values still see every position.
+            cache: a :class:`KVCache` of the whole sequence. ``input_ids`` are
+                then the positions ``start .. start + L`` of it: their keys and
+                values are written into the cache, every position's cached
+                keys and values are attended to, RoPE uses the true positions,
+                and ``attention_mask`` (if any) covers the whole sequence.
+                ``logits_at`` refers to the given slice.
+            start: where ``input_ids`` begin in the cached sequence.
         """
         t = self.model.transformer
         b, l = input_ids.shape
+        device = input_ids.device
+        if cache is not None:
+            if cache.batch != b or not 0 <= start <= cache.total - l:
+                raise ValueError(
+                    f"cache: holds {cache.batch} rows of {cache.total} positions; cannot take "
+                    f"{b} rows at positions {start}..{start + l}"
+                )
+        elif start != 0:
+            raise ValueError(f"start: must be 0 without a cache, got {start}")
         key_mask = None
         if attention_mask is not None:
-            key_mask = attention_mask.to(device=input_ids.device) != 0
+            key_mask = attention_mask.to(device=device) != 0
         cos, sin = rope_tables(
-            torch.arange(l, device=input_ids.device), self.config.head_dim, self.config.rope_theta
+            torch.arange(start, start + l, device=device), self.config.head_dim, self.config.rope_theta
         )
         cos, sin = cos[None], sin[None]
         rows = keep = None
         if logits_at is not None:
-            rows, keep = _query_rows(logits_at, b, l, input_ids.device)
+            rows, keep = _query_rows(logits_at, b, l, device)
+        layers = cache.layers if cache is not None else [None] * len(t["blocks"])
         x = t["wte"](input_ids)
         blocks = t["blocks"]
-        for block in blocks[:-1]:
-            x = block(x, cos, sin, key_mask)
+        for block, layer in zip(blocks[:-1], layers[:-1]):
+            x = block(x, cos, sin, key_mask, cache=layer, start=start)
         # Nothing after the last block mixes positions, so it only needs to
         # produce the rows whose logits are wanted.
-        x = blocks[-1](x, cos, sin, key_mask, rows)
+        x = blocks[-1](x, cos, sin, key_mask, rows, cache=layers[-1], start=start)
         if keep is not None:
             x = x[keep]
         return LLaDAOutput(F.linear(t["ln_f"](x), self.head_weight()))
@@ -275,4 +352,4 @@ def count_parameters(config: LLaDAConfig) -> int:
     return config.embedding_size * d + config.n_layers * per_block + d + head
 
 
-__all__ = ["LLaDAConfig", "LLaDAModel", "LLaDAOutput", "attention", "count_parameters"]
+__all__ = ["ATTENTION_BACKENDS", "set_attention_backend", "KVCache", "LLaDAConfig", "LLaDAModel", "LLaDAOutput", "attention", "count_parameters"]
