@@ -3,10 +3,11 @@
 import torch  # noqa: F401  (loads libtorch before the extension needs it)
 
 from . import _C, ops
-from .ops import TokenChoice, commit_tokens, sample_tokens, select_positions
+from .ops import TokenChoice, attention, commit_tokens, sample_tokens, select_positions
 from .model import LLaDAConfig, LLaDAModel
 from .checkpoint import load_config, load_model, load_tokenizer, write_random_checkpoint
-from .sampler import generate
+from .policies import DecodePolicy
+from .sampler import DecodeStats, generate, infill, stream
 
 __version__ = _C.__version__
 
@@ -21,9 +22,14 @@ def cuda_kernels_available() -> bool:
 
 
 __all__ = [
+    "DecodePolicy",
+    "DecodeStats",
+    "infill",
+    "stream",
     "LLaDAConfig",
     "LLaDAModel",
     "TokenChoice",
+    "attention",
     "commit_tokens",
     "cuda_kernels_available",
     "generate",

@@ -1,6 +1,7 @@
 """The ``llada`` command.
 
-    llada generate --model PATH [--chat] [--steps N ...] "prompt"
+    llada generate --model PATH [--chat] [--steps N ...] [--policy fast] "prompt"
+    llada infill --model PATH --prefix "..." --suffix "..." --length N
     llada make-random-checkpoint DIR [--size tiny|mid|8b-shape]
 """
 
@@ -39,7 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="default: cuda when available, else cpu")
     gen.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     gen.add_argument("--show-steps", action="store_true", help="show the canvas filling in")
+    gen.add_argument("--stream", action="store_true", help="print the answer block by block as it is final")
+    add_policy_arguments(gen)
     gen.set_defaults(run=run_generate)
+
+    fill = sub.add_parser("infill", help="fill a gap between a prefix and a suffix")
+    fill.add_argument("--model", help="checkpoint folder (Hugging Face LLaDA format)")
+    fill.add_argument("--prefix", default="", help="text before the gap")
+    fill.add_argument("--suffix", default="", help="text after the gap")
+    fill.add_argument("--length", type=int, required=True, help="tokens to fill")
+    fill.add_argument("--steps", type=int, default=None, help="default: one token per step")
+    fill.add_argument("--block-length", type=int, default=None, help="default: the whole gap")
+    fill.add_argument("--temperature", type=float, default=0.0)
+    fill.add_argument("--seed", type=int, default=None)
+    fill.add_argument("--device", help="default: cuda when available, else cpu")
+    fill.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    add_policy_arguments(fill)
+    fill.set_defaults(run=run_infill)
 
     rnd = sub.add_parser("make-random-checkpoint", help="write a random LLaDA checkpoint folder")
     rnd.add_argument("dir")
@@ -49,6 +66,46 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("--shards", type=int, default=None, help="default: 1, 8 for 8b-shape")
     rnd.set_defaults(run=run_make_random)
     return parser
+
+
+def add_policy_arguments(parser) -> None:
+    group = parser.add_argument_group("decoding policy (see llada.DecodePolicy)")
+    group.add_argument("--policy", choices=("exact", "fast"), default="exact",
+                       help="exact: the official algorithm; fast: dual cache + threshold 0.9")
+    group.add_argument("--commit", choices=("schedule", "threshold", "factor", "entropy_bound"))
+    group.add_argument("--threshold", type=float)
+    group.add_argument("--factor", type=float)
+    group.add_argument("--cache", choices=("none", "prefix", "dual"))
+    group.add_argument("--early-stop", action="store_true", help="stop a row once a block holds EOS")
+    group.add_argument("--stats", action="store_true", help="print forwards and tokens per forward to stderr")
+
+
+def policy_from_arguments(args):
+    from .policies import DecodePolicy
+
+    base = DecodePolicy.fast() if args.policy == "fast" else DecodePolicy()
+    changes = {name: getattr(args, name) for name in ("commit", "threshold", "factor", "cache")
+               if getattr(args, name) is not None}
+    if args.early_stop:
+        changes["early_stop"] = True
+    return DecodePolicy(**{**base.__dict__, **changes})
+
+
+def load_for_cli(args, parser):
+    """Model and tokenizer of --model (or the default), on --device/--dtype."""
+    from .checkpoint import load_model, load_tokenizer
+
+    path = args.model or default_model_path()
+    if path is None:
+        parser.error("--model is required (no default model is bundled yet)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(path, device=device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    return model, load_tokenizer(path)
+
+
+def print_stats(stats) -> None:
+    print(f"forwards {stats.nfe}, tokens per forward {stats.tokens_per_forward:.2f}, "
+          f"positions per forward {stats.positions_per_forward:.1f}", file=sys.stderr)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -73,16 +130,11 @@ def run_make_random(args, parser) -> int:
 
 
 def run_generate(args, parser) -> int:
-    from .checkpoint import load_model, load_tokenizer
     from .sampler import generate
 
-    path = args.model or default_model_path()
-    if path is None:
-        parser.error("--model is required (no default model is bundled yet)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(path, device=device, dtype=DTYPES[args.dtype] if args.dtype else None)
-    tokenizer = load_tokenizer(path)
+    model, tokenizer = load_for_cli(args, parser)
     cfg = model.config
+    policy = policy_from_arguments(args)
 
     text = args.prompt
     if args.chat:
@@ -93,20 +145,61 @@ def run_generate(args, parser) -> int:
     prompt = torch.tensor([ids], dtype=torch.long)
     stops = {cfg.eos_token_id, cfg.eot_token_id} - {None}
 
+    options = dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
+                   temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
+                   seed=args.seed, policy=policy)
+    if args.stream:
+        return stream_answer(model, prompt, tokenizer, stops, options, args.stats)
     with _StepDisplay(args.show_steps, args.steps, tokenizer, cfg.mask_token_id, len(ids), stops) as show:
-        out = generate(
-            model,
-            prompt,
-            steps=args.steps,
-            gen_length=args.gen_length,
-            block_length=args.block_length,
-            temperature=args.temperature,
-            cfg_scale=args.cfg_scale,
-            remasking=args.remasking,
-            seed=args.seed,
-            on_step=show.update,
-        )
+        out, stats = generate(model, prompt, on_step=show.update, return_stats=True, **options)
     print(decode_answer(tokenizer, out[0, len(ids):].tolist(), stops))
+    if args.stats:
+        print_stats(stats)
+    return 0
+
+
+def stream_answer(model, prompt, tokenizer, stops, options, show_stats) -> int:
+    """Prints the answer as each block becomes final, up to the first stop token."""
+    from .sampler import BlockEvent, DecodeStats, stream
+
+    answer, shown, nfe = [], "", 0
+    for event in stream(model, prompt, **options):
+        if not isinstance(event, BlockEvent):
+            continue
+        nfe = event.nfe
+        answer += event.tokens[0].tolist()
+        text = decode_answer(tokenizer, answer, stops)
+        # Print only what is new; hold back a trailing partial character.
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+        if any(t in stops for t in answer):
+            break
+    print(decode_answer(tokenizer, answer, stops)[len(shown):])
+    if show_stats:
+        print_stats(DecodeStats(nfe=nfe, committed=len(answer)))
+    return 0
+
+
+def run_infill(args, parser) -> int:
+    from .sampler import infill
+
+    if args.length < 1:
+        parser.error(f"--length: expected a positive number of tokens, got {args.length}")
+    model, tokenizer = load_for_cli(args, parser)
+    cfg = model.config
+    prefix = tokenizer(args.prefix, add_special_tokens=False)["input_ids"]
+    suffix = tokenizer(args.suffix, add_special_tokens=False)["input_ids"]
+    canvas = torch.tensor(prefix + [cfg.mask_token_id] * args.length + suffix, dtype=torch.long)
+    out, stats = infill(model, canvas, steps=args.steps, block_length=args.block_length,
+                        temperature=args.temperature, seed=args.seed,
+                        policy=policy_from_arguments(args), return_stats=True)
+    gap = out[len(prefix): len(prefix) + args.length].tolist()
+    stops = {cfg.eos_token_id, cfg.eot_token_id} - {None}
+    print(args.prefix + tokenizer.decode([t for t in gap if t not in stops], skip_special_tokens=True)
+          + args.suffix)
+    if args.stats:
+        print_stats(stats)
     return 0
 
 

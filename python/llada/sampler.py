@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 
 from . import ops
-from .model import LLaDAModel
+from .model import KVCache, LLaDAModel
+from .policies import DecodePolicy, demote, ranking_scores, select
 
 REMASKING = ("low_confidence", "random")
 _INT64_MAX = 2**63 - 1
@@ -35,6 +37,54 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + step) & _INT64_MAX
 
 
+@dataclass
+class DecodeStats:
+    """Work done by one decoding call."""
+
+    nfe: int = 0  # forward passes (a guided step counts one: both halves run batched)
+    committed: int = 0  # tokens committed (re-masked ones count again)
+    positions: int = 0  # positions fed through the model, summed over forwards and rows
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.committed / max(self.nfe, 1)
+
+    @property
+    def positions_per_forward(self) -> float:
+        return self.positions / max(self.nfe, 1)
+
+
+@dataclass
+class StepEvent:
+    """One decoding step: what it committed (and re-masked) where."""
+
+    step: int
+    block: int
+    nfe: int
+    canvas: torch.Tensor  # [B, T], live: read it before the next event
+    committed: torch.Tensor  # [B, T] bool
+    scores: torch.Tensor  # [B, T] float32, the ranking score of committed positions
+    remasked: Optional[torch.Tensor] = None  # [B, T] bool
+
+    def positions(self, row: int = 0) -> list[int]:
+        return torch.nonzero(self.committed[row]).flatten().tolist()
+
+    def tokens(self, row: int = 0) -> list[int]:
+        return self.canvas[row][self.committed[row]].tolist()
+
+
+@dataclass
+class BlockEvent:
+    """A finished block: its tokens are final."""
+
+    block: int
+    start: int
+    end: int
+    nfe: int
+    tokens: torch.Tensor  # [B, end - start]
+    finished: torch.Tensor  # [B] bool: rows needing no more forwards
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -51,17 +101,23 @@ def generate(
     confidence_eos_eot_inf: bool = False,
     seed: Optional[int] = None,
     *,
+    policy: Optional[DecodePolicy] = None,
     on_step: Optional[Callable[[int, int, torch.Tensor], None]] = None,
-) -> torch.Tensor:
+    return_stats: bool = False,
+):
     """Fill ``gen_length`` masked positions after ``prompt`` by iterative unmasking.
+
+    With the default ``policy`` this is the official LLaDA algorithm: the same
+    tokens at temperature 0.
 
     Args:
         model: a :class:`LLaDAModel` (or any model whose ``model(ids,
-            attention_mask=...).logits`` is [B, L, V]).
+            attention_mask=...).logits`` is [B, L, V]; caches need LLaDAModel).
         prompt: int64 [B, Lp], left-padded with the pad id when rows differ.
         attention_mask: [B, Lp] of 1/0 (0 = padding), or None.
-        steps: forwards in all; each of the ``gen_length // block_length``
-            blocks gets ``steps / num_blocks`` of them.
+        steps: forwards in all under the fixed schedule; each of the
+            ``gen_length // block_length`` blocks gets ``steps / num_blocks``.
+            Adaptive commit rules ignore it (they stop when a block is full).
         gen_length, block_length: canvas length, and the semi-autoregressive
             block size (gen_length for a single block).
         temperature: 0 = greedy; > 0 samples softmax(logits / temperature)
@@ -69,28 +125,145 @@ def generate(
         cfg_scale: classifier-free guidance; > 0 adds a pass with the prompt
             masked: logits = un + (cfg_scale + 1) * (cond - un).
         remasking: 'low_confidence' (probability of the prediction) or
-            'random' (torch.rand from a CPU generator seeded with ``seed``).
+            'random' (torch.rand from a CPU generator seeded with ``seed``);
+            ``policy.ranking`` offers more.
         mask_id: defaults to ``model.config.mask_token_id``.
         logits_eos_inf: never predict EOS.
         confidence_eos_eot_inf: positions predicting EOS or EoT are committed
             only after every other candidate of the row.
         seed: makes temperature > 0 and 'random' reproducible; None draws one
             from torch's global generator.
+        policy: a :class:`DecodePolicy` (commit rule, ranking, cache, early
+            stop, re-masking); the default is the official algorithm.
         on_step: called as ``on_step(step, total_steps, canvas)`` after every
             step; ``canvas`` is the live [B, Lp + gen_length] tensor (read only).
+        return_stats: also return a :class:`DecodeStats`.
 
     Returns:
-        int64 [B, Lp + gen_length] on the model's device: prompt, then answer.
+        int64 [B, Lp + gen_length] on the model's device: prompt, then answer
+        (and the stats when ``return_stats``).
+    """
+    canvas, key_mask, args = _prepare_generate(
+        model, prompt, attention_mask, steps, gen_length, block_length, temperature, cfg_scale,
+        remasking, mask_id, logits_eos_inf, confidence_eos_eot_inf, seed, policy,
+    )
+    stats = DecodeStats()
+    for event in _decode(model, canvas, key_mask, stats=stats, **args):
+        if on_step is not None and isinstance(event, StepEvent):
+            on_step(event.step, steps, canvas)
+    return (canvas, stats) if return_stats else canvas
+
+
+@torch.no_grad()
+def stream(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+    """Like :func:`generate`, but an iterator of :class:`StepEvent` (one per
+    step) and :class:`BlockEvent` (one per finished block) while decoding.
+    The last event's ``canvas``/tokens hold the final result."""
+    names = ("steps", "gen_length", "block_length", "temperature", "cfg_scale", "remasking",
+             "mask_id", "logits_eos_inf", "confidence_eos_eot_inf", "seed", "policy")
+    unknown = set(kwargs) - set(names)
+    if unknown:
+        raise TypeError(f"stream: unexpected arguments {sorted(unknown)}")
+    defaults = dict(steps=128, gen_length=128, block_length=128, temperature=0.0, cfg_scale=0.0,
+                    remasking="low_confidence", mask_id=None, logits_eos_inf=False,
+                    confidence_eos_eot_inf=False, seed=None, policy=None)
+    defaults.update(kwargs)
+    canvas, key_mask, args = _prepare_generate(model, prompt, attention_mask,
+                                               *(defaults[n] for n in names))
+    yield from _decode(model, canvas, key_mask, stats=DecodeStats(), **args)
+
+
+@torch.no_grad()
+def infill(
+    model,
+    canvas: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    steps: Optional[int] = None,
+    block_length: Optional[int] = None,
+    temperature: float = 0.0,
+    cfg_scale: float = 0.0,
+    remasking: str = "low_confidence",
+    mask_id: Optional[int] = None,
+    seed: Optional[int] = None,
+    *,
+    policy: Optional[DecodePolicy] = None,
+    return_stats: bool = False,
+):
+    """Fill the masked positions of ``canvas`` (anywhere: between a prefix and
+    a suffix, or scattered), attending to both sides; every other token is
+    fixed and never changes.
+
+    Args:
+        canvas: int64 [B, L] (or [L]) holding ``mask_id`` where tokens are wanted.
+        steps: forwards under the fixed schedule; defaults to one token per
+            step in the block with the most masks.
+        block_length: semi-autoregressive blocks over the span from the first
+            to the last masked position; defaults to the whole span.
+        Other arguments as in :func:`generate`.
+
+    Returns:
+        a new int64 tensor shaped like ``canvas`` with the masks filled.
     """
     config = getattr(model, "config", None)
     mask_id = _config_id(config, "mask_token_id", mask_id, 126336)
-    eos_id = _config_id(config, "eos_token_id", None, 126081)
-    eot_id = _config_id(config, "eot_token_id", None, 126348)
+    if not isinstance(canvas, torch.Tensor) or canvas.dtype != torch.long:
+        raise TypeError(f"canvas: expected an int64 tensor, got {getattr(canvas, 'dtype', type(canvas))}")
+    squeeze = canvas.dim() == 1
+    ids = canvas[None] if squeeze else canvas
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(f"canvas: expected shape [B, L] or [L], got {tuple(canvas.shape)}")
+    masked_cols = torch.nonzero((ids == mask_id).any(0)).flatten()
+    if masked_cols.numel() == 0:
+        raise ValueError(f"canvas: holds no mask token ({mask_id}) to fill")
+    first, last = int(masked_cols[0]), int(masked_cols[-1]) + 1
+    span = last - first
+    block_length = span if block_length is None else block_length
+    if not _is_int(block_length) or block_length < 1:
+        raise ValueError(f"block_length: expected a positive int, got {block_length!r}")
+    num_blocks = -(-span // block_length)
+    if steps is None:  # one token per step in the fullest block
+        holes = (ids[:, first:last] == mask_id).long()
+        per_block = torch.nn.functional.pad(holes, (0, num_blocks * block_length - span))
+        steps = num_blocks * int(per_block.view(-1, num_blocks, block_length).sum(2).max())
+    if not _is_int(steps) or steps < 1 or steps % num_blocks:
+        raise ValueError(f"steps: expected a positive multiple of the block count ({num_blocks}), got {steps!r}")
+    key_mask = None
+    if attention_mask is not None:
+        if attention_mask.shape != ids.shape:
+            raise ValueError(f"attention_mask: expected shape {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
+        if not bool((attention_mask != 0).all()):
+            key_mask = (attention_mask != 0).to(_device_of(model))
+    policy = _resolve_policy(policy, remasking, cfg_scale)
+    work = ids.to(_device_of(model)).clone()
+    stats = DecodeStats()
+    for _ in _decode(model, work, key_mask, stats=stats, **_decode_args(
+            config, work, mask_id, first, last, block_length, steps // num_blocks, temperature,
+            cfg_scale, False, False, seed, policy)):
+        pass
+    out = work[0] if squeeze else work
+    return (out, stats) if return_stats else out
+
+
+def _resolve_policy(policy, remasking, cfg_scale) -> DecodePolicy:
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking: expected one of {REMASKING}, got {remasking!r}")
+    if policy is None:
+        policy = DecodePolicy()
+    if not isinstance(policy, DecodePolicy):
+        raise TypeError(f"policy: expected a DecodePolicy, got {type(policy).__name__}")
+    if remasking == "random" and policy.ranking == "probability":
+        policy = replace(policy, ranking="random")
+    return policy
+
+
+def _prepare_generate(model, prompt, attention_mask, steps, gen_length, block_length, temperature,
+                      cfg_scale, remasking, mask_id, logits_eos_inf, confidence_eos_eot_inf, seed,
+                      policy):
+    config = getattr(model, "config", None)
+    mask_id = _config_id(config, "mask_token_id", mask_id, 126336)
     _validate(config, prompt, attention_mask, steps, gen_length, block_length, temperature,
               cfg_scale, remasking, mask_id, seed)
-    if seed is None:
-        seed = int(torch.randint(0, _INT64_MAX, (1,)))
-
+    policy = _resolve_policy(policy, remasking, cfg_scale)
     device = _device_of(model)
     b, lp = prompt.shape
     total = lp + gen_length
@@ -100,62 +273,171 @@ def generate(
     if attention_mask is not None and not bool((attention_mask != 0).all()):
         key_mask = torch.ones(b, total, dtype=torch.bool, device=device)
         key_mask[:, :lp] = attention_mask.to(device) != 0
-
     num_blocks = gen_length // block_length
-    steps_per_block = steps // num_blocks
-    suppress = [eos_id] if logits_eos_inf else None
-    last_ids = torch.tensor([eos_id, eot_id if eot_id is not None else eos_id], device=device)
-    random_conf = torch.Generator().manual_seed(seed) if remasking == "random" else None
+    args = _decode_args(config, canvas, mask_id, lp, total, block_length, steps // num_blocks,
+                        temperature, cfg_scale, logits_eos_inf, confidence_eos_eot_inf, seed, policy)
+    return canvas, key_mask, args
 
+
+def _decode_args(config, canvas, mask_id, first, last, block_length, steps_per_block, temperature,
+                 cfg_scale, logits_eos_inf, confidence_eos_eot_inf, seed, policy):
+    if seed is None:
+        seed = int(torch.randint(0, _INT64_MAX, (1,)))
+    eos_id = _config_id(config, "eos_token_id", None, 126081)
+    eot_id = _config_id(config, "eot_token_id", None, 126348)
+    return dict(
+        mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, first=first, last=last,
+        block_length=block_length, steps_per_block=steps_per_block, temperature=temperature,
+        cfg_scale=cfg_scale, logits_eos_inf=logits_eos_inf,
+        confidence_eos_eot_inf=confidence_eos_eot_inf, seed=seed, policy=policy,
+    )
+
+
+def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, block_length,
+            steps_per_block, temperature, cfg_scale, logits_eos_inf, confidence_eos_eot_inf, seed,
+            policy, stats):
+    """The decoding loop, shared by every entry point: fills the masks of
+    ``canvas`` [B, T] in columns first..last in place, yielding events."""
+    if policy.cache != "none" and not isinstance(model, LLaDAModel):
+        raise ValueError(f"policy: cache={policy.cache!r} needs a llada LLaDAModel")
+    device = canvas.device
+    b, total = canvas.shape
+    fixed = canvas != mask_id  # the prompt (and, when infilling, every given token)
+    forward = _Forward(model, canvas, key_mask, fixed, cfg_scale, mask_id, policy, stats)
+    suppress = [eos_id] if logits_eos_inf else None
+    stop_ids = torch.tensor([eos_id, eot_id if eot_id is not None else eos_id], device=device)
+    noise_gen = torch.Generator().manual_seed(seed) if policy.ranking == "random" else None
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    remasked_once = torch.zeros(b, total, dtype=torch.bool, device=device)
+    step = 0
+    num_blocks = -(-(last - first) // block_length)
     for blk in range(num_blocks):
-        start, end = lp + blk * block_length, lp + (blk + 1) * block_length
+        start, end = first + blk * block_length, min(first + (blk + 1) * block_length, last)
         in_block = torch.zeros(b, total, dtype=torch.bool, device=device)
         in_block[:, start:end] = True
-        schedule = transfer_schedule((canvas[:, start:end] == mask_id).sum(1), steps_per_block)
-        for i in range(steps_per_block):
-            step = blk * steps_per_block + i
-            k = schedule[:, i]
+        schedule = None
+        if policy.commit == "schedule":
+            schedule = transfer_schedule((canvas[:, start:end] == mask_id).sum(1), steps_per_block)
+        forward.new_block(start, end)
+        i = 0
+        while True:
+            masked = (canvas == mask_id) & in_block & ~finished[:, None]
+            if schedule is not None:
+                if i == steps_per_block:
+                    break
+                k = schedule[:, i]
+                active = masked & (k > 0)[:, None]
+            else:
+                k = None
+                active = masked
             # Drawn every step, so the stream matches one draw per official step.
-            noise = torch.rand(b, total, generator=random_conf) if random_conf is not None else None
-            active = (canvas == mask_id) & in_block & (k > 0)[:, None]
-            if bool(active.any()):
-                logits = _logits_at(model, canvas, key_mask, active, cfg_scale, lp, mask_id)
-                choice = ops.sample_tokens(logits, temperature, step_seed(seed, step), suppress)
-                conf = choice.confidence if noise is None else noise.to(device)[active]
-                if confidence_eos_eot_inf:
-                    # Confidences lie in [0, 1]: minus 2 ranks these after every
-                    # other candidate while keeping them candidates, in order.
-                    conf = torch.where(torch.isin(choice.tokens, last_ids), conf - 2.0, conf)
-                confidence = torch.full((b, total), -math.inf, dtype=torch.float32, device=device)
-                confidence[active] = conf.float()
-                x0 = canvas.masked_scatter(active, choice.tokens)
-                accepted = ops.select_positions(confidence, "topk", k)
-                ops.commit_tokens(canvas, x0, accepted, mask_id)
-            if on_step is not None:
-                on_step(step, steps, canvas)
-    return canvas
+            noise = torch.rand(b, total, generator=noise_gen) if noise_gen is not None else None
+            if not bool(active.any()):
+                if schedule is None:
+                    break
+                i, step = i + 1, step + 1
+                continue
+            # With re-masking, earlier decoded tokens of the block are scored too.
+            decoded = (~fixed & ~masked & in_block) if policy.remask_below is not None else None
+            query = active if decoded is None else active | decoded
+            logits = forward(query)
+            rows = logits if decoded is None else logits[active[query]]
+            choice = ops.sample_tokens(rows, temperature, step_seed(seed, step), suppress)
+            scores = ranking_scores(choice, policy.ranking,
+                                    None if noise is None else noise.to(device)[active])
+            if confidence_eos_eot_inf:
+                scores = demote(scores, torch.isin(choice.tokens, stop_ids))
+            score_grid = torch.full((b, total), -math.inf, dtype=torch.float32, device=device)
+            score_grid[active] = scores.float()
+            entropy_grid = None
+            if policy.commit == "entropy_bound":
+                entropy_grid = torch.zeros(b, total, dtype=torch.float32, device=device)
+                entropy_grid[active] = choice.entropy
+            accepted = select(policy, score_grid, entropy_grid, k)
+            x0 = canvas.masked_scatter(active, choice.tokens)
+            remask = None
+            if decoded is not None:
+                # Each position at most once, and only in rows still decoding
+                # this block: a row's steps stay bounded by twice its masks.
+                remask = _weak_tokens(logits[decoded[query]], canvas[decoded], decoded,
+                                      policy.remask_below)
+                remask &= ~remasked_once & active.any(1)[:, None]
+                remasked_once |= remask
+            ops.commit_tokens(canvas, x0, accepted, mask_id, remask)
+            stats.committed += int(accepted.sum())
+            yield StepEvent(step, blk, stats.nfe, canvas, accepted, score_grid, remask)
+            i, step = i + 1, step + 1
+        if policy.early_stop:
+            # A row whose block holds EOS is done: the rest of it is EOS.
+            ended = (canvas[:, start:end] == eos_id).any(1) & ~finished
+            rest = torch.zeros(b, total, dtype=torch.bool, device=device)
+            rest[:, end:last] = True
+            canvas[rest & ended[:, None] & (canvas == mask_id)] = eos_id
+            finished |= ended
+        yield BlockEvent(blk, start, end, stats.nfe, canvas[:, start:end].clone(), finished.clone())
+        if bool(finished.all()):
+            break
 
 
-def _logits_at(model, canvas, key_mask, at, cfg_scale, lp, mask_id):
-    """Logits [N, V] of the positions ``at`` (row-major), with guidance."""
-    if cfg_scale <= 0:
-        return _forward_at(model, canvas, key_mask, at)
-    uncond = canvas.clone()
-    uncond[:, :lp] = mask_id
-    both = _forward_at(
-        model,
-        torch.cat([canvas, uncond]),
-        None if key_mask is None else torch.cat([key_mask, key_mask]),
-        torch.cat([at, at]),
-    )
-    cond, un = both.chunk(2)
-    return un + (cfg_scale + 1) * (cond - un)
+def _weak_tokens(logits, tokens, where, below):
+    """[B, T] bool: decoded positions (``where``) whose current token has
+    probability < ``below`` under the latest prediction."""
+    p = torch.softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
+    weak = torch.zeros_like(where)
+    weak[where] = p < below
+    return weak
 
 
-def _forward_at(model, ids, key_mask, at):
-    if isinstance(model, LLaDAModel):
-        return model(ids, key_mask, logits_at=at).logits
-    return model(ids, attention_mask=key_mask).logits[at].contiguous()
+class _Forward:
+    """Logits at the queried positions, with guidance and the policy's cache.
+
+    Without a cache every call is a full forward. With one, the first call of
+    a block (and every ``refresh_every`` calls) is a full forward that fills
+    the cache; the others feed only the block (dual) or the block and all
+    after it (prefix), attending to the cached keys and values.
+    """
+
+    def __init__(self, model, canvas, key_mask, fixed, cfg_scale, mask_id, policy, stats):
+        self.model, self.canvas, self.fixed = model, canvas, fixed
+        self.cfg_scale, self.mask_id, self.policy, self.stats = cfg_scale, mask_id, policy, stats
+        self.key_mask = key_mask
+        if cfg_scale > 0 and key_mask is not None:
+            self.key_mask = torch.cat([key_mask, key_mask])
+        self.cache = None
+
+    def new_block(self, start, end):
+        self.start, self.end = start, end
+        self.calls = 0
+
+    def __call__(self, query):
+        ids = self.canvas
+        if self.cfg_scale > 0:
+            # The unconditional half sees every given token masked.
+            uncond = torch.where(self.fixed, self.mask_id, self.canvas)
+            ids, query = torch.cat([ids, uncond]), torch.cat([query, query])
+        logits = self._run(ids, query)
+        self.stats.nfe += 1
+        if self.cfg_scale > 0:
+            cond, un = logits.chunk(2)
+            logits = un + (self.cfg_scale + 1) * (cond - un)
+        return logits
+
+    def _run(self, ids, query):
+        policy, model = self.policy, self.model
+        if not isinstance(model, LLaDAModel):
+            self.stats.positions += ids.numel()
+            return model(ids, attention_mask=self.key_mask).logits[query].contiguous()
+        refresh = self.calls == 0 or (policy.refresh_every and self.calls % policy.refresh_every == 0)
+        self.calls += 1
+        if policy.cache == "none" or refresh:
+            if policy.cache != "none":
+                self.cache = KVCache(model.config, ids.shape[0], ids.shape[1], ids.device, model.dtype)
+            self.stats.positions += ids.numel()
+            return model(ids, self.key_mask, logits_at=query, cache=self.cache).logits
+        lo, hi = self.start, (self.end if policy.cache == "dual" else ids.shape[1])
+        self.stats.positions += ids.shape[0] * (hi - lo)
+        return model(ids[:, lo:hi], self.key_mask, logits_at=query[:, lo:hi],
+                     cache=self.cache, start=lo).logits
 
 
 def _device_of(model) -> torch.device:

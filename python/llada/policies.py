@@ -1,0 +1,153 @@
+"""Decoding policies: how many and which masked positions to commit per step,
+how to rank them, and how to reuse work between steps.
+
+The default policy is the official LLaDA algorithm (a fixed number of tokens
+per step, ranked by the probability of the prediction, a full forward every
+step). The others trade a little accuracy for far fewer forwards:
+
+commit (how many positions per step)
+    ``"schedule"``  the official fixed schedule: each block's masked count
+                    spread evenly over its steps.
+    ``"threshold"`` every candidate whose score is >= ``threshold`` (0.9),
+                    and at least the best one. Confident steps commit many
+                    tokens, hard ones a single token.
+    ``"factor"``    with scores sorted c1 >= c2 >= ..., the largest n with
+                    (n + 1) (1 - c_n) < ``factor`` (1.0); at least one.
+    ``"entropy_bound"``  sort by entropy (ascending) and accept the largest
+                    prefix whose entropies, minus the largest, sum to at most
+                    ``gamma``: the EB sampler's bound on the joint error.
+ranking (which positions count as confident)
+    ``"probability"`` top-1 probability (the official "low_confidence"),
+    ``"margin"`` top-1 minus top-2 probability, ``"entropy"`` negative
+    entropy, ``"random"`` uniform noise (the official "random").
+cache (what is recomputed per step)
+    ``"none"``   a full forward every step (exact).
+    ``"prefix"`` at each block start one full forward fills every position's
+                 keys and values; later steps feed the block and everything
+                 after it, attending to the cached prefix.
+    ``"dual"``   as prefix, but later steps feed only the active block and
+                 reuse the cached keys and values on both sides of it.
+    ``refresh_every`` > 0 also refreshes the cache every that many steps.
+early_stop
+    once a finished block of a row holds EOS, the rest of that row's canvas
+    becomes EOS and the row needs no more forwards.
+remask_below
+    error correction (threshold-like policies only): after each commit, tokens
+    decoded at earlier steps of the active block whose probability under the
+    current prediction is below this value are masked again, each position at
+    most once, so decoding still terminates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import ops
+
+COMMIT_RULES = ("schedule", "threshold", "factor", "entropy_bound")
+RANKINGS = ("probability", "margin", "entropy", "random")
+CACHES = ("none", "prefix", "dual")
+
+
+@dataclass(frozen=True)
+class DecodePolicy:
+    """How to decode; see the module documentation for each field."""
+
+    commit: str = "schedule"
+    threshold: float = 0.9
+    factor: float = 1.0
+    gamma: float = 0.1
+    ranking: str = "probability"
+    cache: str = "none"
+    refresh_every: int = 0
+    early_stop: bool = False
+    remask_below: Optional[float] = None
+
+    def __post_init__(self):
+        for name, allowed in (("commit", COMMIT_RULES), ("ranking", RANKINGS), ("cache", CACHES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.threshold <= 1.0 and self.ranking in ("probability", "margin"):
+            raise ValueError(f"threshold: expected a value in [0, 1], got {self.threshold}")
+        if not (math.isfinite(self.factor) and self.factor > 0):
+            raise ValueError(f"factor: expected a finite value > 0, got {self.factor}")
+        if not (math.isfinite(self.gamma) and self.gamma >= 0):
+            raise ValueError(f"gamma: expected a finite value >= 0, got {self.gamma}")
+        if not isinstance(self.refresh_every, int) or self.refresh_every < 0:
+            raise ValueError(f"refresh_every: expected an int >= 0, got {self.refresh_every!r}")
+        if self.remask_below is not None:
+            if not 0.0 < self.remask_below < 1.0:
+                raise ValueError(f"remask_below: expected a value in (0, 1), got {self.remask_below}")
+            if self.commit == "schedule":
+                raise ValueError(
+                    "remask_below: needs a commit rule that adapts the step count "
+                    "(threshold, factor or entropy_bound), not the fixed schedule"
+                )
+
+    @classmethod
+    def fast(cls, **overrides) -> "DecodePolicy":
+        """Dual cache + threshold 0.9: the published fast setting."""
+        return cls(**{"commit": "threshold", "cache": "dual", **overrides})
+
+    @property
+    def exact(self) -> bool:
+        """Whether this is the official algorithm (the default)."""
+        return self == DecodePolicy(ranking=self.ranking) and self.ranking in ("probability", "random")
+
+
+def ranking_scores(choice: ops.TokenChoice, ranking: str, noise: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per predicted position, the score that ranks it (higher = surer)."""
+    if ranking == "probability":
+        return choice.confidence
+    if ranking == "margin":
+        return choice.margin
+    if ranking == "entropy":
+        return -choice.entropy
+    return noise
+
+
+def demote(scores: torch.Tensor, demoted: torch.Tensor) -> torch.Tensor:
+    """Moves the ``demoted`` entries below every other score, keeping their
+    order among themselves (used to rank EOS/EoT predictions last)."""
+    if not bool(demoted.any()):
+        return scores
+    shift = (scores.max() - scores.min()) + 1.0
+    return torch.where(demoted, scores - shift, scores)
+
+
+def entropy_bound_select(entropy: torch.Tensor, candidate: torch.Tensor, gamma: float) -> torch.Tensor:
+    """EB rule on [B, L] entropies: per row, the largest prefix U of the
+    candidates sorted by entropy (ties: lower position) with
+    sum(H(U)) - max(H(U)) <= gamma; at least one when there is a candidate."""
+    h = torch.where(candidate, entropy, math.inf)
+    order = torch.sort(h, dim=1, stable=True).indices
+    sorted_h = h.gather(1, order)
+    # With ascending entropies, sum(U) - max(U) is the sum of all but the last.
+    before = torch.cumsum(torch.nan_to_num(sorted_h, posinf=0.0), dim=1) - torch.nan_to_num(
+        sorted_h, posinf=0.0
+    )
+    take = (before <= gamma) & torch.isfinite(sorted_h)
+    take[:, 0] &= torch.isfinite(sorted_h[:, 0])
+    accepted = torch.zeros_like(candidate)
+    return accepted.scatter(1, order, take)
+
+
+def select(
+    policy: DecodePolicy,
+    scores: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    k: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Which positions to commit: scores [B, L] float32 (-inf = not a
+    candidate), entropies [B, L] for the EB rule, k [B] for the schedule."""
+    if policy.commit == "schedule":
+        return ops.select_positions(scores, "topk", k=k)
+    if policy.commit == "threshold":
+        return ops.select_positions(scores, "threshold", threshold=policy.threshold)
+    if policy.commit == "factor":
+        return ops.select_positions(scores, "factor", factor=policy.factor)
+    return entropy_bound_select(entropy, torch.isfinite(scores), policy.gamma)

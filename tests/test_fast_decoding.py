@@ -1,0 +1,195 @@
+"""Fast decoding: policies, caches, early stop, re-masking, infilling, streaming."""
+
+import math
+
+import pytest
+import torch
+
+import llada
+from llada.model import KVCache
+from llada.policies import DecodePolicy, entropy_bound_select
+from llada.sampler import BlockEvent, StepEvent
+
+from checkpoints import SHAPES, make_checkpoint
+
+POLICIES = {
+    "threshold": DecodePolicy(commit="threshold", threshold=0.5),
+    "threshold-1.0": DecodePolicy(commit="threshold", threshold=1.0),
+    "threshold-0.0": DecodePolicy(commit="threshold", threshold=0.0),
+    "factor": DecodePolicy(commit="factor", factor=1.0),
+    "entropy-bound": DecodePolicy(commit="entropy_bound", gamma=0.5),
+    "margin": DecodePolicy(commit="threshold", ranking="margin", threshold=0.3),
+    "neg-entropy": DecodePolicy(commit="factor", ranking="entropy"),
+    "dual": DecodePolicy.fast(),
+    "prefix": DecodePolicy(commit="threshold", cache="prefix"),
+    "schedule-dual": DecodePolicy(cache="dual"),
+    "early-stop": DecodePolicy(commit="threshold", early_stop=True),
+    "remask": DecodePolicy(commit="threshold", threshold=0.3, remask_below=0.2),
+}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = make_checkpoint(tmp_path_factory.mktemp("gqa"), seed=5, boost_stop_tokens=2.0, **SHAPES["gqa"])
+    return llada.load_model(folder, dtype=torch.float32)
+
+
+def prompt_batch(model, padded=True):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :3] = 0
+        ids[mask == 0] = model.config.pad_token_id
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_every_policy_fills_the_canvas(model, name):
+    prompt, mask = prompt_batch(model)
+    out, stats = llada.generate(model, prompt, mask, steps=16, gen_length=16, block_length=8,
+                                policy=POLICIES[name], return_stats=True)
+    assert out.shape == (3, 7 + 16)
+    assert not (out == model.config.mask_token_id).any()
+    assert torch.equal(out[:, :7], prompt)
+    assert 1 <= stats.nfe <= 16 + 16  # re-masking may add steps, bounded
+    assert stats.committed >= 3 * 16
+
+
+def test_adaptive_policies_save_forwards_on_a_confident_model(model):
+    # Threshold 0: every candidate passes, so a block takes one step.
+    prompt, mask = prompt_batch(model)
+    _, stats = llada.generate(model, prompt, mask, steps=16, gen_length=16, block_length=8,
+                              policy=POLICIES["threshold-0.0"], return_stats=True)
+    assert stats.nfe == 2
+    assert stats.tokens_per_forward == 3 * 16 / 2
+
+
+def test_cache_refreshed_every_step_equals_no_cache(model):
+    prompt, mask = prompt_batch(model)
+    kw = dict(steps=12, gen_length=24, block_length=8)
+    exact = llada.generate(model, prompt, mask, **kw)
+    for cache in ("dual", "prefix"):
+        cached = llada.generate(model, prompt, mask, **kw,
+                                policy=DecodePolicy(cache=cache, refresh_every=1))
+        assert torch.equal(cached, exact), cache
+
+
+def test_cached_forward_sees_the_same_keys_as_a_full_forward(model):
+    ids = torch.randint(0, 256, (2, 20))
+    full = model(ids).logits
+    cache = KVCache(model.config, 2, 20, "cpu", torch.float32)
+    model(ids, cache=cache)
+    part = model(ids[:, 8:12], cache=cache, start=8).logits
+    torch.testing.assert_close(part, full[:, 8:12], rtol=1e-5, atol=1e-5)
+
+
+def test_dual_cache_feeds_only_the_block(model):
+    prompt, mask = prompt_batch(model)
+    _, stats = llada.generate(model, prompt, mask, steps=16, gen_length=16, block_length=8,
+                              policy=DecodePolicy(cache="dual"), return_stats=True)
+    # Per block: one full forward (3 x 23 positions), then 7 block-only ones.
+    assert stats.nfe == 16
+    assert stats.positions == 2 * (3 * 23 + 7 * 3 * 8)
+
+
+def test_a_row_that_finishes_first_stops_costing(model):
+    prompt, mask = prompt_batch(model, padded=False)
+    policy = DecodePolicy(commit="threshold", early_stop=True)
+    out = llada.generate(model, prompt, None, steps=32, gen_length=32, block_length=8, policy=policy)
+    eos = model.config.eos_token_id
+    for row in out[:, 7:]:
+        hits = torch.nonzero(row == eos).flatten()
+        if hits.numel():
+            block_end = (int(hits[0]) // 8 + 1) * 8
+            assert (row[block_end:] == eos).all()
+
+
+def test_gen_length_one(model):
+    prompt, mask = prompt_batch(model)
+    for policy in POLICIES.values():
+        out = llada.generate(model, prompt, mask, steps=1, gen_length=1, block_length=1, policy=policy)
+        assert not (out == model.config.mask_token_id).any()
+
+
+def test_equal_confidences_terminate():
+    # All scores equal: the rules still make progress, lowest positions first.
+    scores = torch.full((2, 6), 0.5)
+    scores[1, :2] = -math.inf
+    for commit in ("threshold", "factor"):
+        got = llada.select_positions(scores, commit, threshold=0.9, factor=0.1)
+        assert got.sum(1).tolist() == [1, 1]
+        assert got[0, 0] and got[1, 2]
+    ent = torch.full((2, 6), 0.7)
+    got = entropy_bound_select(ent, torch.isfinite(scores), gamma=0.0)
+    assert got.sum(1).tolist() == [1, 1] and got[0, 0] and got[1, 2]
+    got = entropy_bound_select(ent, torch.isfinite(scores), gamma=1.5)
+    assert got.sum(1).tolist() == [3, 3]
+
+
+def test_infill_keeps_fixed_tokens_and_fills_the_gap(model):
+    mask_id = model.config.mask_token_id
+    g = torch.Generator().manual_seed(1)
+    canvas = torch.randint(0, 256, (2, 20), generator=g)
+    holes = torch.zeros(2, 20, dtype=torch.bool)
+    holes[:, 5:12] = True
+    holes[1, 15] = True
+    canvas[holes] = mask_id
+    for policy in (None, DecodePolicy.fast(), DecodePolicy(commit="factor", cache="prefix")):
+        out = llada.infill(model, canvas, policy=policy, block_length=4)
+        assert torch.equal(out[~holes], canvas[~holes])
+        assert not (out == mask_id).any()
+    assert (canvas[holes] == mask_id).all()  # the input is untouched
+
+
+def test_infill_matches_generate_when_the_gap_is_at_the_end(model):
+    prompt, _ = prompt_batch(model, padded=False)
+    want = llada.generate(model, prompt, steps=8, gen_length=8, block_length=8)
+    canvas = torch.cat([prompt, torch.full((3, 8), model.config.mask_token_id)], dim=1)
+    assert torch.equal(llada.infill(model, canvas, steps=8), want)
+
+
+def test_stream_events_reassemble_to_the_output(model):
+    prompt, mask = prompt_batch(model)
+    kw = dict(steps=16, gen_length=16, block_length=8)
+    for policy in (None, DecodePolicy.fast()):
+        want = llada.generate(model, prompt, mask, **kw, policy=policy)
+        canvas = torch.full_like(want, model.config.mask_token_id)
+        canvas[:, :7] = prompt
+        blocks = []
+        for event in llada.stream(model, prompt, mask, **kw, policy=policy):
+            if isinstance(event, StepEvent):
+                canvas[event.committed] = event.canvas[event.committed]
+            else:
+                assert isinstance(event, BlockEvent)
+                blocks.append(event.tokens)
+        assert torch.equal(canvas, want)
+        assert torch.equal(torch.cat(blocks, dim=1), want[:, 7:])
+
+
+def test_bad_policies_are_named():
+    with pytest.raises(ValueError, match="commit"):
+        DecodePolicy(commit="greedy")
+    with pytest.raises(ValueError, match="cache"):
+        DecodePolicy(cache="all")
+    with pytest.raises(ValueError, match="remask_below"):
+        DecodePolicy(remask_below=0.5)
+    with pytest.raises(ValueError, match="remask_below"):
+        DecodePolicy(commit="threshold", remask_below=1.5)
+    with pytest.raises(ValueError, match="refresh_every"):
+        DecodePolicy(refresh_every=-1)
+    with pytest.raises(ValueError, match="threshold"):
+        DecodePolicy(commit="threshold", threshold=2.0)
+
+
+def test_bad_infill_arguments(model):
+    with pytest.raises(ValueError, match="canvas"):
+        llada.infill(model, torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="canvas"):
+        llada.infill(model, torch.zeros(1, 5))
+    canvas = torch.full((1, 6), model.config.mask_token_id)
+    with pytest.raises(ValueError, match="steps"):
+        llada.infill(model, canvas, steps=5, block_length=2)
+    with pytest.raises(TypeError, match="policy"):
+        llada.generate(model, torch.zeros(1, 3, dtype=torch.long), steps=4, gen_length=4,
+                       block_length=4, policy="fast")
