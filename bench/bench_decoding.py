@@ -1,0 +1,91 @@
+"""Fast decoding against the exact sampler: tokens/s, forwards (NFE), tokens per
+forward and positions fed per forward, for each policy, on one random model.
+
+    python bench/bench_decoding.py                        # CPU, mid-size model
+    python bench/bench_decoding.py --device cuda --shape 8b
+
+The baseline is exact mode with one token per step (steps = gen_length),
+measured in the same run; ratios are against it. Random weights say nothing
+about quality (see bench/quality.py for that), only about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import llada
+from llada.checkpoint import random_config, random_model
+
+SHAPES = {
+    "mid": dict(size="mid", prompt=64, gen=128, block=32),
+    "8b": dict(size="8b-shape", prompt=256, gen=256, block=32),
+}
+
+
+def policies(gen: int, block: int):
+    """(name, steps, policy): the exact baseline first."""
+    P = llada.DecodePolicy
+    return [
+        ("exact, 1 token/step", gen, P()),
+        ("exact, 4 tokens/step", gen // 4, P()),
+        ("prefix cache, 4 tokens/step", gen // 4, P(cache="prefix")),
+        ("dual cache, 4 tokens/step", gen // 4, P(cache="dual")),
+        ("dual cache + threshold 0.9", gen, P.fast()),
+        ("dual cache + factor 1.0", gen, P(commit="factor", cache="dual")),
+    ]
+
+
+def run(model, prompt, steps, gen, block, policy, device):
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
+    start = time.perf_counter()
+    out, stats = llada.generate(model, prompt, steps=steps, gen_length=gen, block_length=block,
+                                policy=policy, return_stats=True)
+    sync()
+    return time.perf_counter() - start, stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="mid")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per policy; the best counts")
+    args = parser.parse_args()
+    shape = SHAPES[args.shape]
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    cfg = random_config(shape["size"])
+    model = random_model(cfg, seed=0, device=args.device, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, min(cfg.vocab_size, 30000), (1, shape["prompt"]), generator=g)
+    gen, block = shape["gen"], shape["block"]
+    print(f"model {args.shape} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
+          f"{dtype}), device {args.device}, prompt {shape['prompt']}, gen {gen}, block {block}, batch 1")
+
+    run(model, prompt, gen // 4, gen, block, llada.DecodePolicy(cache="dual"), args.device)  # warm-up
+    rows, base = [], None
+    for name, steps, policy in policies(gen, block):
+        best = None
+        for _ in range(args.repeats):
+            seconds, stats = run(model, prompt, steps, gen, block, policy, args.device)
+            best = seconds if best is None else min(best, seconds)
+        tps = gen / best
+        base = base or tps
+        rows.append((name, stats.nfe, stats.tokens_per_forward, stats.positions_per_forward, tps, tps / base))
+        print(f"RESULT decoding {args.shape} {args.device} policy='{name}' nfe={stats.nfe} "
+              f"tok_per_s={tps:.1f} x_exact={tps / base:.2f}", flush=True)
+
+    print()
+    print("| policy | NFE | tokens/forward | positions/forward | tokens/s | x exact |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, nfe, tpf, ppf, tps, ratio in rows:
+        print(f"| {name} | {nfe} | {tpf:.2f} | {ppf:.1f} | {tps:.1f} | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
