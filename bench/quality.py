@@ -1,0 +1,101 @@
+"""Decoding quality vs. speed on the checkable task models.
+
+For every model in python/llada/task_models/ and every decoding policy, the
+accuracy on the task's held-out set (exact match with the one answer, or for
+``perm`` a verified valid answer) and the NFE (forward passes
+per answer, counted with a hook on the model, so policies that stop early or
+skip steps are measured, not assumed). Prints one markdown table.
+
+    python bench/quality.py [--examples 500] [--device cpu]
+
+A policy is a name, a decoder with the signature of ``llada.generate`` and
+the keyword arguments it gets for a given gen_length; faster policies
+(threshold decoding, caches) are added as more entries of ``policies()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import llada
+from llada import tasks
+from llada.tokenizer import read_tokenizer
+
+TASK_MODELS = Path(llada.__file__).resolve().parent / "task_models"
+
+
+@dataclass
+class Policy:
+    name: str
+    decode: Callable  # same signature as llada.generate
+    kwargs: Callable[[int], dict]  # gen_length -> steps, block_length, remasking, ...
+
+
+def half_block(gen_length: int) -> int:
+    """The largest proper divisor of gen_length (about half): two or more blocks."""
+    return max(d for d in range(1, gen_length) if gen_length % d == 0) if gen_length > 1 else 1
+
+
+def policies() -> list[Policy]:
+    g = llada.generate
+    return [
+        Policy("fixed, steps = G", g, lambda n: dict(steps=n, block_length=n)),
+        Policy("fixed, steps = G/2", g, lambda n: dict(steps=max(1, n // 2), block_length=n)),
+        Policy("fixed, steps = G/4", g, lambda n: dict(steps=max(1, n // 4), block_length=n)),
+        Policy("fixed, steps = G, random remasking", g,
+               lambda n: dict(steps=n, block_length=n, remasking="random")),
+        Policy("fixed, steps = G, semi-AR blocks", g,
+               lambda n: dict(steps=n, block_length=half_block(n))),
+    ]
+
+
+def run(model, tok, task, examples, policy: Policy, batch_size: int):
+    calls = [0]
+    hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    kwargs = policy.kwargs(task.answer_tokens)
+    start = time.perf_counter()
+    try:
+        acc = tasks.evaluate(model, tok, task, examples, batch_size=batch_size,
+                             generate_fn=policy.decode, **kwargs)
+    finally:
+        hook.remove()
+    seconds = time.perf_counter() - start
+    batches = -(-len(examples) // batch_size)
+    return acc, calls[0] / batches, kwargs, seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--examples", type=int, default=500, help="held-out examples per task")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", default=str(TASK_MODELS), help="folder of task model folders")
+    args = parser.parse_args(argv)
+
+    folders = sorted(p for p in Path(args.models).iterdir() if (p / "config.json").is_file())
+    if not folders:
+        raise SystemExit(f"no task models under {args.models}")
+    print(f"device: {args.device}; {args.examples} held-out examples per task; G = gen_length\n")
+    print("| task | policy | steps | block | remasking | NFE | accuracy | seconds |")
+    print("|---|---|---:|---:|---|---:|---:|---:|")
+    for folder in folders:
+        task = tasks.get_task(folder.name)
+        model = llada.load_model(folder, device=args.device, dtype=torch.float32)
+        tok = read_tokenizer(folder)
+        examples = tasks.held_out_set(task, args.examples)
+        for policy in policies():
+            acc, nfe, kw, seconds = run(model, tok, task, examples, policy, args.batch_size)
+            print(f"| {task.name} (G={task.answer_tokens}) | {policy.name} | {kw['steps']} | "
+                  f"{kw['block_length']} | {kw.get('remasking', 'low_confidence')} | {nfe:.1f} | "
+                  f"{100 * acc:.1f}% | {seconds:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,499 @@
+"""Train small LLaDA models from scratch: ``python -m llada.train ...``.
+
+Two modes, both with the LLaDA objectives of :mod:`llada.objectives`:
+
+- pretraining (``--corpus stdlib`` or ``--corpus DIR``): a byte-level BPE
+  tokenizer is learned from the training files, the files become one token
+  stream (``BOS file EOS BOS file EOS ...``) and each step draws random
+  windows of ``--seq-len`` tokens (:func:`llada.objectives.pretraining_loss`);
+- SFT (``--task sort|add``): (prompt, answer) pairs of a synthetic task from
+  :mod:`llada.tasks`, answers padded with EOS to a fixed length
+  (:func:`llada.objectives.sft_loss`).
+
+The loop is plain PyTorch: AdamW, linear warm-up then cosine decay, gradient
+clipping, bf16 autocast on CUDA. Every ``--eval-every`` steps the loss on a
+fixed set of held-out batches (same windows, same masks each time, so the
+numbers are comparable) goes to ``train_log.csv``. The output folder is a
+Hugging Face LLaDA checkpoint (config.json, model.safetensors, tokenizer
+files) that :func:`llada.load_model` reads, plus ``training_state.pt``
+(optimizer, schedule, step, RNG states) and ``train_args.json``, so
+``--resume DIR`` continues the run where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checkpoint import config_to_dict, load_model
+from .model import LLaDAConfig, LLaDAModel, count_parameters
+from .objectives import pretraining_loss, sft_loss
+
+STATE_FILE = "training_state.pt"
+ARGS_FILE = "train_args.json"
+LOG_FILE = "train_log.csv"
+DATA_FILE = "data.json"
+LOG_FIELDS = ["step", "lr", "train_loss", "eval_loss", "eval_accuracy", "tokens", "elapsed_s"]
+
+
+def default_model_path() -> str:
+    """The folder of the bundled default model (a small Python code model)."""
+    return str(Path(__file__).resolve().parent / "default_model")
+
+
+# --------------------------------------------------------------------------
+# Pretraining data: a corpus of text files
+# --------------------------------------------------------------------------
+
+EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages"}
+
+
+def corpus_files(corpus: str) -> tuple[Path, list[Path]]:
+    """(root, sorted *.py files) of ``corpus``: 'stdlib' is the standard
+    library of the running interpreter without its test directories and
+    site-packages; anything else is a directory searched the same way."""
+    root = Path(sysconfig.get_paths()["stdlib"] if corpus == "stdlib" else corpus).resolve()
+    if not root.is_dir():
+        raise ValueError(f"corpus: {root} is not a directory")
+    files = sorted(
+        p for p in root.rglob("*.py")
+        if p.is_file() and not EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])
+    )
+    if not files:
+        raise ValueError(f"corpus: no *.py files under {root}")
+    return root, files
+
+
+def describe_files(root: Path, files: list[Path]) -> dict:
+    """Which files exactly: count, bytes and a sha256 of the sorted
+    'relative/path<TAB>size' lines, plus the Python that supplied them."""
+    lines = [f"{p.relative_to(root).as_posix()}\t{p.stat().st_size}" for p in files]
+    return {
+        "root": str(root),
+        "python_version": sys.version.split()[0],
+        "files": len(files),
+        "bytes": sum(p.stat().st_size for p in files),
+        "sha256": hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest(),
+    }
+
+
+def split_files(files: list[Path], held_out_fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """A seeded shuffle; the first ``held_out_fraction`` (at least one file) is held out."""
+    if not 0 < held_out_fraction < 1:
+        raise ValueError(f"held_out_fraction: expected a value in (0, 1), got {held_out_fraction}")
+    order = list(files)
+    random.Random(seed).shuffle(order)
+    n = max(1, round(held_out_fraction * len(order)))
+    return sorted(order[n:]), sorted(order[:n])
+
+
+def read_text(path: Path) -> str:
+    # A few stdlib files hold stray non-UTF-8 bytes; replacing them is harmless.
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def token_stream(tok, files: list[Path], bos: int, eos: int) -> torch.Tensor:
+    """``BOS file EOS`` for every file, concatenated (int32 to save memory)."""
+    encodings = tok.encode_batch([read_text(p) for p in files], add_special_tokens=False)
+    ids = []
+    for enc in encodings:
+        ids.append(bos)
+        ids.extend(enc.ids)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.int32)
+
+
+def random_windows(stream: torch.Tensor, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    if stream.numel() <= length:
+        raise ValueError(f"seq_len: {length} is not shorter than the token stream ({stream.numel()})")
+    starts = torch.randint(0, stream.numel() - length, (batch,), generator=generator)
+    return torch.stack([stream[s : s + length] for s in starts.tolist()]).long()
+
+
+# --------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------
+
+
+def build_config(args, vocab_size: int, ids: dict, max_len: int) -> LLaDAConfig:
+    mlp = args.mlp_hidden or 64 * math.ceil(8 * args.d_model / 3 / 64)  # Llama's 8/3 ratio
+    return LLaDAConfig(
+        d_model=args.d_model, n_heads=args.n_heads, n_kv_heads=args.n_heads, n_layers=args.n_layers,
+        mlp_hidden_size=mlp, vocab_size=vocab_size, embedding_size=vocab_size,
+        max_sequence_length=max_len, rope_theta=10000.0, weight_tying=args.weight_tying,
+        mask_token_id=ids["mask"], eos_token_id=ids["eos"], pad_token_id=ids["eos"],
+        bos_token_id=ids["bos"], eot_token_id=ids["eot"],
+    )
+
+
+def init_weights(model: LLaDAModel, seed: int) -> None:
+    """N(0, 0.02) everywhere, residual outputs shrunk by 1/sqrt(2 n_layers)
+    (GPT-2 style) so the residual stream does not grow with depth; norms 1."""
+    gen = torch.Generator().manual_seed(seed)
+    n_layers = model.config.n_layers
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+                p.fill_(1.0)
+                continue
+            std = 0.02
+            if name.endswith("attn_out.weight") or ("blocks" in name and name.endswith(".ff_out.weight")):
+                std /= math.sqrt(2 * n_layers)
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+# --------------------------------------------------------------------------
+# Optimization
+# --------------------------------------------------------------------------
+
+
+def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    # Decay matrices only; norm gains stay free (decaying them toward 0 hurts).
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak LR: linear 0 -> 1 over ``warmup`` steps, then a
+    cosine from 1 to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------
+
+
+def save_checkpoint(folder: Path, model: LLaDAModel, tok, state: dict, args, data_info: dict) -> None:
+    """Write the HF folder + resume state. Files are written under temporary
+    names and renamed, so an interrupted save leaves the previous one intact."""
+    from safetensors.torch import save_file
+
+    from .tokenizer import write_tokenizer_files
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(folder / "model.safetensors.tmp"), metadata={"format": "pt"})
+    torch.save(state, folder / (STATE_FILE + ".tmp"))
+    os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
+    os.replace(folder / (STATE_FILE + ".tmp"), folder / STATE_FILE)
+    for name, obj in (
+        ("config.json", config_to_dict(model.config)),
+        (ARGS_FILE, vars(args)),
+        (DATA_FILE, data_info),
+    ):
+        with open(folder / name, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    write_tokenizer_files(folder, tok, model.config.max_sequence_length)
+
+
+def rng_state(generators: dict) -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "generators": {name: g.get_state() for name, g in generators.items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generators: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    for name, g in generators.items():
+        g.set_state(state["generators"][name])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------
+
+
+class Data:
+    """Batches for one mode: ``batch(n, generator)`` -> (ids, prompt_lengths or None)."""
+
+    def __init__(self, args, tok=None):
+        from .tokenizer import special_ids
+
+        self.args = args
+        if args.task:
+            from . import tasks
+
+            self.task = tasks.get_task(args.task)
+            self.tok = tok or tasks.tokenizer_for(self.task)
+            held_out = tasks.held_out_set(self.task, args.eval_examples)
+            train = tasks.make_examples(self.task, args.train_examples, args.seed, exclude=held_out)
+            self.train_rows, self.train_prompt = tasks.encode_sft(self.tok, self.task, train)
+            self.eval_rows, self.eval_prompt = tasks.encode_sft(self.tok, self.task, held_out)
+            self.held_out = held_out
+            self.seq_len = self.train_rows.shape[1]
+            self.info = {"task": self.task.name, "train_examples": len(train), "train_seed": args.seed,
+                         "held_out_examples": len(held_out), "held_out_seed": tasks.TEST_SEED}
+        else:
+            from .tokenizer import train_bpe
+
+            root, files = corpus_files(args.corpus)
+            train_files, held_files = split_files(files, args.held_out_fraction, args.seed)
+            # The tokenizer sees the training files only.
+            self.tok = tok or train_bpe((read_text(p) for p in train_files), args.vocab_size)
+            bos, eos = special_ids(self.tok)["bos"], special_ids(self.tok)["eos"]
+            self.train_stream = token_stream(self.tok, train_files, bos, eos)
+            self.eval_stream = token_stream(self.tok, held_files, bos, eos)
+            self.seq_len = args.seq_len
+            self.info = {
+                "corpus": describe_files(root, files),
+                "train_files": describe_files(root, train_files),
+                "held_out_files": [p.relative_to(root).as_posix() for p in held_files],
+                "train_tokens": self.train_stream.numel(),
+                "held_out_tokens": self.eval_stream.numel(),
+            }
+        self.ids = special_ids(self.tok)
+
+    def batch(self, n: int, generator: torch.Generator, held_out: bool = False):
+        if self.args.task:
+            rows, prompt = (self.eval_rows, self.eval_prompt) if held_out else (self.train_rows, self.train_prompt)
+            pick = torch.randint(0, rows.shape[0], (n,), generator=generator)
+            return rows[pick], prompt[pick]
+        stream = self.eval_stream if held_out else self.train_stream
+        return random_windows(stream, n, self.seq_len, generator), None
+
+
+def compute_loss(model, ids, prompt_lengths, mask_id, generator, device):
+    ids = ids.to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast:
+        if prompt_lengths is None:
+            return pretraining_loss(model, ids, mask_id, generator=generator)
+        return sft_loss(model, ids, prompt_lengths.to(device), mask_id, generator=generator)
+
+
+@torch.no_grad()
+def evaluate_loss(model, eval_batches, mask_id, device, seed: int) -> float:
+    """Mean loss on the fixed held-out batches with masks from a fixed seed."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    losses = [float(compute_loss(model, ids, pl, mask_id, gen, device)) for ids, pl in eval_batches]
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def train(args) -> Path:
+    """Run (or resume) a training run; returns the output folder."""
+    from .tokenizer import read_tokenizer
+
+    out = Path(args.out)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    resuming = (out / STATE_FILE).is_file() and args.resume
+    torch.manual_seed(args.seed)
+
+    data = Data(args, tok=read_tokenizer(out) if resuming else None)
+    if resuming:
+        model = load_model(out, device=device, dtype=torch.float32)
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        vocab = data.tok.get_vocab_size()
+        cfg = build_config(args, vocab, data.ids, max(args.max_len, data.seq_len))
+        model = LLaDAModel(cfg)
+        init_weights(model, args.seed)
+        model.to(device)
+    model.train()
+    mask_id = model.config.mask_token_id
+
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, args.warmup, args.steps, args.min_lr_ratio)
+    )
+    # Separate generators: data order and masks continue exactly on resume.
+    generators = {"data": torch.Generator().manual_seed(args.seed + 1),
+                  "mask": torch.Generator(device=device).manual_seed(args.seed + 2)}
+    step, tokens, elapsed = 0, 0, 0.0
+    if resuming:
+        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"], generators)
+        step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
+
+    eval_gen = torch.Generator().manual_seed(12345)
+    eval_batches = [data.batch(args.batch_size, eval_gen, held_out=True) for _ in range(args.eval_batches)]
+    n_params = count_parameters(model.config)
+    print(f"llada.train: {n_params:,} parameters, seq_len {data.seq_len}, vocab "
+          f"{model.config.vocab_size}, device {device}, start step {step}/{args.steps}", file=sys.stderr)
+
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / LOG_FILE
+    if not resuming:
+        with open(log_path, "w", newline="") as f:
+            csv.writer(f).writerow(LOG_FIELDS)
+
+    def log_eval(train_loss):
+        row = {"step": step, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss,
+               "eval_loss": evaluate_loss(model, eval_batches, mask_id, device, args.seed + 3),
+               "eval_accuracy": "", "tokens": tokens, "elapsed_s": round(elapsed, 1)}
+        if args.task and args.accuracy_examples:
+            from . import tasks
+
+            model.eval()
+            row["eval_accuracy"] = tasks.evaluate(model, data.tok, data.task,
+                                                  data.held_out[: args.accuracy_examples])
+            model.train()
+        with open(log_path, "a", newline="") as f:
+            csv.writer(f).writerow([row[k] if not isinstance(row[k], float) else f"{row[k]:.5g}"
+                                    for k in LOG_FIELDS])
+        return row
+
+    def checkpoint():
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": rng_state(generators), "step": step, "tokens": tokens, "elapsed_s": elapsed}
+        save_checkpoint(out, model, data.tok, state, args, dict(data.info, parameters=n_params))
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.steps, initial=step, disable=not args.progress, dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    if step == 0:
+        log_eval("")
+    running, count = 0.0, 0
+    stop = args.steps if not args.stop_at else min(args.stop_at, args.steps)
+    while step < stop:
+        t0 = time.perf_counter()
+        ids, prompt_lengths = data.batch(args.batch_size, generators["data"])
+        loss = compute_loss(model, ids, prompt_lengths, mask_id, generators["mask"], device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        tokens += ids.numel()
+        elapsed += time.perf_counter() - t0
+        running, count = running + loss.item(), count + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{running / count:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}",
+                        refresh=False)
+        if step % args.eval_every == 0 or step == args.steps:
+            row = log_eval(running / count)
+            bar.write(f"step {step}: train {running / count:.4f} eval {row['eval_loss']:.4f}"
+                      + (f" acc {row['eval_accuracy']:.3f}" if row["eval_accuracy"] != "" else "")
+                      + f" ({tokens / max(elapsed, 1e-9):.0f} tok/s)")
+            running, count = 0.0, 0
+        if step % args.save_every == 0 or step == stop:
+            checkpoint()
+    bar.close()
+    return out
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llada train", description="Train a small LLaDA model from scratch.")
+    src = p.add_argument_group("data (one of --corpus, --task)")
+    src.add_argument("--corpus", help="'stdlib' (this Python's standard library) or a directory of *.py files")
+    src.add_argument("--task", help="a synthetic task of llada.tasks (SFT)")
+    src.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (pretraining)")
+    src.add_argument("--held-out-fraction", type=float, default=0.03, help="files held out (pretraining)")
+    src.add_argument("--seq-len", type=int, default=256, help="window length (pretraining)")
+    src.add_argument("--train-examples", type=int, default=200_000, help="SFT training examples")
+    src.add_argument("--eval-examples", type=int, default=500, help="held-out SFT examples")
+    src.add_argument("--accuracy-examples", type=int, default=100,
+                     help="held-out examples decoded at each evaluation (SFT; 0 = off)")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--d-model", type=int, default=256)
+    m.add_argument("--n-layers", type=int, default=4)
+    m.add_argument("--n-heads", type=int, default=4)
+    m.add_argument("--mlp-hidden", type=int, default=0, help="0 = 8/3 d_model rounded up to 64")
+    m.add_argument("--weight-tying", action=argparse.BooleanOptionalAction, default=True)
+    m.add_argument("--max-len", type=int, default=0, help="max_sequence_length in config.json")
+
+    o = p.add_argument_group("optimization")
+    o.add_argument("--steps", type=int, default=1000)
+    o.add_argument("--batch-size", type=int, default=32)
+    o.add_argument("--lr", type=float, default=3e-3)
+    o.add_argument("--min-lr-ratio", type=float, default=0.1)
+    o.add_argument("--warmup", type=int, default=100)
+    o.add_argument("--weight-decay", type=float, default=0.1)
+    o.add_argument("--grad-clip", type=float, default=1.0)
+    o.add_argument("--seed", type=int, default=0)
+
+    r = p.add_argument_group("run")
+    r.add_argument("--out", help="output folder (the checkpoint)")
+    r.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its arguments are reused)")
+    r.add_argument("--eval-every", type=int, default=100)
+    r.add_argument("--eval-batches", type=int, default=4)
+    r.add_argument("--save-every", type=int, default=500)
+    r.add_argument("--stop-at", type=int, default=0,
+                   help="save and stop at this step, leaving the schedule as for --steps (0 = run to the end)")
+    r.add_argument("--device", help="default: cuda when available, else cpu")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    return p
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume:
+        folder = Path(args.resume)
+        if not (folder / ARGS_FILE).is_file() or not (folder / STATE_FILE).is_file():
+            raise ValueError(f"resume: {folder} has no {ARGS_FILE} and {STATE_FILE} to resume from")
+        with open(folder / ARGS_FILE, encoding="utf-8") as f:
+            saved = json.load(f)
+        # Options given now win (e.g. more --steps); the rest come from the run.
+        given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
+        merged = {**saved, **{k: getattr(args, k) for k in given}}
+        merged["out"], merged["resume"] = str(folder), str(folder)
+        merged["stop_at"] = args.stop_at  # a pause point belongs to one invocation, not the run
+        args = argparse.Namespace(**merged)
+    if bool(args.corpus) == bool(args.task):
+        raise ValueError("corpus, task: give exactly one of --corpus (pretraining) or --task (SFT)")
+    if not args.out:
+        raise ValueError("out: an output folder is required (--out DIR)")
+    for name in ("steps", "batch_size", "eval_every", "eval_batches", "save_every", "seq_len",
+                 "d_model", "n_layers", "n_heads"):
+        value = getattr(args, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if args.warmup < 0 or args.lr <= 0 or args.grad_clip <= 0:
+        raise ValueError("warmup, lr, grad_clip: expected warmup >= 0, lr > 0 and grad_clip > 0")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        args = parse_args(argv)
+        out = train(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"llada train: error: {e}", file=sys.stderr)
+        return 2
+    print(f"llada train: wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Copy the files a user needs from a training run folder into a model folder.
+
+    python scripts/export_model.py RUN_DIR DEST_DIR [--dtype bfloat16|float32]
+
+The run keeps float32 weights (exact resume); a shipped model may store them
+as bfloat16 to halve its size. The resume state (training_state.pt) stays behind.
+"""
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+         "train_args.json", "train_log.csv", "data.json"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run")
+    parser.add_argument("dest")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32")
+    args = parser.parse_args()
+    run, dest = Path(args.run), Path(args.dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, args.dtype)
+    weights = load_file(run / "model.safetensors")
+    save_file({k: v.to(dtype).contiguous() for k, v in weights.items()},
+              str(dest / "model.safetensors"), metadata={"format": "pt"})
+    for name in FILES:
+        shutil.copy(run / name, dest / name)
+    print(f"exported {run} -> {dest} ({args.dtype})")
+
+
+if __name__ == "__main__":
+    main()

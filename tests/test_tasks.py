@@ -1,0 +1,113 @@
+"""Synthetic checkable tasks (llada.tasks): deterministic data, exact
+verifiers, SFT encoding, and the shipped task models' accuracy."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import llada
+from llada import tasks
+from llada.tokenizer import read_tokenizer, special_ids
+
+TASK_MODELS = Path(llada.__file__).resolve().parent / "task_models"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from intra-op threads on a busy machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", sorted(tasks.TASKS))
+def test_examples_are_deterministic_distinct_and_correct(name):
+    a = tasks.make_examples(name, 200, seed=7)
+    assert a == tasks.make_examples(name, 200, seed=7)
+    assert a != tasks.make_examples(name, 200, seed=8)
+    assert len({e.prompt for e in a}) == 200
+    task = tasks.get_task(name)
+    for e in a:
+        assert len(e.prompt.split()) == task.prompt_tokens
+        assert 1 <= len(e.answer.split()) <= task.answer_tokens
+        assert task.check(e.prompt, e.answer)
+
+
+@pytest.mark.parametrize("name", sorted(tasks.TASKS))
+def test_training_data_avoids_the_held_out_prompts(name):
+    held_out = tasks.held_out_set(name, 300)
+    train = tasks.make_examples(name, 2000, seed=0, exclude=held_out)
+    assert not {e.prompt for e in held_out} & {e.prompt for e in train}
+
+
+def test_sort_verifier():
+    task = tasks.get_task("sort")
+    prompt = "sort 3 1 4 1 5 9 2 6 5 3 ="
+    assert task.check(prompt, "1 1 2 3 3 4 5 5 6 9")
+    assert task.check(prompt, " 1 1 2 3  3 4 5 5 6 9 ")  # whitespace does not matter
+    assert not task.check(prompt, "1 1 2 3 3 4 5 5 6")  # one short
+    assert not task.check(prompt, "1 1 2 3 3 4 5 5 9 6")  # order
+    assert not task.check(prompt, "1 1 2 3 3 4 5 5 6 9 9")  # one too many
+    assert not task.check("sort 3 1 4 =", "1 3 4")  # wrong length is not a task prompt
+    with pytest.raises(TypeError, match="prompt, answer"):
+        task.check(prompt, None)
+
+
+def test_add_verifier():
+    task = tasks.get_task("add")
+    assert task.check("add 9 9 9 + 9 9 9 =", "1 9 9 8")
+    assert task.check("add 0 0 0 + 0 0 7 =", "7")
+    assert task.check("add 4 7 1 + 5 8 3 =", "1 0 5 4")
+    assert not task.check("add 4 7 1 + 5 8 3 =", "0 1 0 5 4")  # leading zero
+    assert not task.check("add 4 7 1 + 5 8 3 =", "1 0 5 5")
+    assert not task.check("add 4 7 x + 5 8 3 =", "1 0 5 4")
+
+
+def test_perm_verifier_accepts_any_ordering():
+    task = tasks.get_task("perm")
+    prompt = "perm 3 1 4 5 9 2 ="
+    assert task.check(prompt, "3 1 4 5 9 2") and task.check(prompt, "9 5 4 3 2 1")
+    assert not task.check(prompt, "3 3 4 5 9 2")  # a repeat (what parallel decoding risks)
+    assert not task.check(prompt, "3 1 4 5 9")
+    assert not task.check(prompt, "3 1 4 5 9 2 0")
+    assert not task.check("perm 3 3 4 5 9 2 =", "3 3 4 5 9 2")  # prompt digits must be distinct
+
+
+def test_encode_sft_pads_answers_with_eos():
+    task = tasks.get_task("add")
+    tok = tasks.tokenizer_for(task)
+    ids = special_ids(tok)
+    examples = [tasks.Example("add 0 0 0 + 0 0 7 =", "7"), tasks.Example("add 9 9 9 + 9 9 9 =", "1 9 9 8")]
+    rows, prompt_lengths = tasks.encode_sft(tok, task, examples)
+    assert rows.shape == (2, 1 + task.prompt_tokens + task.answer_tokens)
+    assert prompt_lengths.tolist() == [1 + task.prompt_tokens] * 2
+    assert rows[0, 0] == ids["bos"]
+    assert rows[0, -3:].tolist() == [ids["eos"]] * 3
+    assert tasks.decode_answer(tok, rows[1, prompt_lengths[1]:].tolist()) == "1 9 9 8"
+    assert tasks.decode_answer(tok, rows[0, prompt_lengths[0]:].tolist()) == "7"
+
+
+def test_bad_task_arguments():
+    with pytest.raises(ValueError, match="task"):
+        tasks.get_task("multiply")
+    with pytest.raises(ValueError, match="n:"):
+        tasks.make_examples("sort", -1, seed=0)
+
+
+def shipped():
+    return sorted(p.name for p in TASK_MODELS.glob("*") if (p / "config.json").is_file())
+
+
+@pytest.mark.parametrize("name", shipped() or [pytest.param("none", marks=pytest.mark.skip("no task models"))])
+def test_shipped_task_model_accuracy(name):
+    folder = TASK_MODELS / name
+    model = llada.load_model(folder, device="cpu", dtype=torch.float32)
+    tok = read_tokenizer(folder)
+    # The full-step low-confidence schedule at temperature 0 (the defaults).
+    accuracy = tasks.evaluate(model, tok, name, tasks.held_out_set(name, 50))
+    assert accuracy >= 0.94, f"{name}: {accuracy:.2%} exact match on 50 held-out examples"
+    assert json.loads((folder / "data.json").read_text())["task"] == name
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 5 * 2**20

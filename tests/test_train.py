@@ -1,0 +1,141 @@
+"""The trainer (llada.train): it learns, its checkpoints are real LLaDA
+folders, resuming continues the same run, bad arguments are named; and the
+bundled default model loads and generates."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import llada
+from llada import train
+from llada.tokenizer import read_tokenizer, special_ids
+
+TINY = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--batch-size", "16",
+        "--lr", "1e-2", "--warmup", "2", "--eval-batches", "2", "--no-progress"]
+SORT = ["--task", "sort", "--train-examples", "500", "--eval-examples", "64", "--accuracy-examples", "0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Models this small gain nothing from intra-op threads, and on a busy
+    # machine the extra thread only spins.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def log_rows(folder):
+    with open(Path(folder) / train.LOG_FILE, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run(argv):
+    assert train.main(argv) == 0
+
+
+def test_sft_loss_decreases_on_fixed_batches(tmp_path):
+    run(SORT + TINY + ["--steps", "20", "--eval-every", "10", "--out", str(tmp_path)])
+    rows = log_rows(tmp_path)
+    assert [int(r["step"]) for r in rows] == [0, 10, 20]
+    # eval_loss is measured on the same held-out rows with the same masks.
+    assert float(rows[-1]["eval_loss"]) < float(rows[0]["eval_loss"]) - 0.3
+
+
+def test_pretraining_on_a_small_corpus(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "pkg").mkdir(parents=True)
+    (corpus / "test").mkdir()
+    for i in range(6):
+        (corpus / "pkg" / f"m{i}.py").write_text(
+            "".join(f"def f{j}(x):\n    return x * {j} + {i}\n\n" for j in range(40))
+        )
+    (corpus / "test" / "test_skip.py").write_text("this file must be excluded\n")
+    out = tmp_path / "run"
+    run(["--corpus", str(corpus), "--vocab-size", "300", "--seq-len", "32", "--held-out-fraction",
+         "0.3", "--steps", "20", "--eval-every", "10", "--out", str(out)] + TINY)
+    data = json.loads((out / train.DATA_FILE).read_text())
+    assert data["corpus"]["files"] == 6  # test/ left out
+    assert len(data["held_out_files"]) == 2
+    rows = log_rows(out)
+    assert float(rows[-1]["eval_loss"]) < float(rows[0]["eval_loss"])
+    tok = llada.load_tokenizer(out)
+    assert tok.decode(tok("def f1(x):")["input_ids"], skip_special_tokens=True) == "def f1(x):"
+    assert tok.mask_token_id == llada.load_config(out).mask_token_id
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    tok = llada.tasks.tokenizer_for("sort")
+    args = train.build_parser().parse_args(TINY)
+    cfg = train.build_config(args, tok.get_vocab_size(), special_ids(tok), 64)
+    model = llada.LLaDAModel(cfg)
+    train.init_weights(model, seed=3)
+    train.save_checkpoint(tmp_path, model, tok, {"step": 0}, args, {})
+    loaded = llada.load_model(tmp_path, device="cpu", dtype=torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (2, 23), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
+    assert loaded.config.eot_token_id == special_ids(tok)["eot"]
+    assert read_tokenizer(tmp_path).get_vocab() == tok.get_vocab()
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    common = SORT + TINY + ["--steps", "12", "--eval-every", "4", "--save-every", "100"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(common + ["--out", str(straight)])
+    run(common + ["--out", str(split), "--stop-at", "6"])
+    state = torch.load(split / train.STATE_FILE, weights_only=False)
+    assert state["step"] == 6
+    run(["--resume", str(split)])
+    state = torch.load(split / train.STATE_FILE, weights_only=False)
+    assert state["step"] == 12
+    assert state["scheduler"]["last_epoch"] == 12
+    # Same data order, masks and optimizer moments: the same weights.
+    a = llada.load_model(straight, device="cpu")
+    b = llada.load_model(split, device="cpu")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, msg=name)
+    assert [r["step"] for r in log_rows(split)] == [r["step"] for r in log_rows(straight)]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = [train.lr_factor(s, warmup=10, total=110, min_ratio=0.1) for s in range(120)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[110] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "argv, name",
+    [
+        (["--out", "x"], "corpus, task"),
+        (["--task", "sort", "--corpus", "stdlib", "--out", "x"], "corpus, task"),
+        (["--task", "sort"], "out"),
+        (["--task", "sort", "--out", "x", "--steps", "0"], "steps"),
+        (["--task", "nope", "--out", "{tmp}"], "task"),
+        (["--resume", "{tmp}"], "resume"),
+    ],
+)
+def test_bad_arguments_are_named(tmp_path, argv, name):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(ValueError, match=name):
+        train.train(train.parse_args(argv))
+    assert train.main(argv) == 2
+
+
+def test_default_model_loads_and_generates():
+    path = train.default_model_path()
+    if not (Path(path) / "model.safetensors").is_file():
+        pytest.skip("the default model is not bundled in this checkout")
+    model = llada.load_model(path, device="cpu")
+    tok = llada.load_tokenizer(path)
+    ids = tok("def fibonacci(n):")["input_ids"]
+    assert tok.bos_token_id not in ids  # prompts are bare text, like mid-file windows
+    out = llada.generate(model, torch.tensor([ids]), steps=8, gen_length=8, block_length=8)
+    assert out.shape == (1, len(ids) + 8)
+    assert (out[0, len(ids):] != model.config.mask_token_id).all()
+    assert isinstance(tok.decode(out[0, len(ids):].tolist()), str)
+    info = json.loads((Path(path) / train.DATA_FILE).read_text())
+    assert info["corpus"]["files"] > 0 and len(info["corpus"]["sha256"]) == 64
