@@ -54,10 +54,24 @@ def test_show_steps_without_a_terminal(checkpoint, capsys):
     assert answer == oracle_answer(checkpoint, "Hey") + "\n"
 
 
-def test_bad_arguments(checkpoint, capsys, tmp_path):
+def test_default_model_is_the_bundled_one(capsys):
+    assert main(["generate", "--steps", "8", "--gen-length", "8", "--block-length", "8", "def f("]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_infill_and_stream_commands(checkpoint, capsys):
+    assert main(["infill", "--model", str(checkpoint), "--prefix", "ab", "--suffix", "yz",
+                 "--length", "4", "--stats"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("ab") and captured.out.rstrip("\n").endswith("yz")
+    assert "forwards 4" in captured.err
+    assert main(["generate", "--model", str(checkpoint), *ARGS, "--stream", "--policy", "fast", "x"]) == 0
     with pytest.raises(SystemExit) as e:
-        main(["generate", "no model given"])
-    assert e.value.code == 2 and "--model" in capsys.readouterr().err
+        main(["infill", "--model", str(checkpoint), "--length", "0"])
+    assert e.value.code == 2 and "--length" in capsys.readouterr().err
+
+
+def test_bad_arguments(checkpoint, capsys, tmp_path):
     assert main(["generate", "--model", str(checkpoint), "--gen-length", "20", "--block-length", "8", "x"]) == 2
     assert "block_length" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "missing"), "x"]) == 2

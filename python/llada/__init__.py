@@ -6,6 +6,7 @@ from . import _C, ops
 from .ops import TokenChoice, attention, commit_tokens, sample_tokens, select_positions
 from .model import LLaDAConfig, LLaDAModel
 from .checkpoint import load_config, load_model, load_tokenizer, write_random_checkpoint
+from .likelihood import log_likelihood
 from .policies import DecodePolicy
 from .sampler import DecodeStats, generate, infill, stream
 
@@ -25,6 +26,7 @@ __all__ = [
     "DecodePolicy",
     "DecodeStats",
     "infill",
+    "log_likelihood",
     "stream",
     "LLaDAConfig",
     "LLaDAModel",

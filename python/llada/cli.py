@@ -2,6 +2,7 @@
 
     llada generate --model PATH [--chat] [--steps N ...] [--policy fast] "prompt"
     llada infill --model PATH --prefix "..." --suffix "..." --length N
+    llada train (--corpus stdlib | --task NAME) --out DIR ...
     llada make-random-checkpoint DIR [--size tiny|mid|8b-shape]
 """
 
@@ -18,8 +19,10 @@ MASK_GLYPH = {True: "░", False: "_"}  # terminal, plain text
 
 
 def default_model_path() -> Optional[str]:
-    """Where ``--model`` points when not given; no model is bundled yet."""
-    return None
+    """Where ``--model`` points when not given: the bundled code model."""
+    from .train import default_model_path as bundled
+
+    return bundled()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     add_policy_arguments(fill)
     fill.set_defaults(run=run_infill)
+
+    # `llada train` has its own parser (llada.train); main() hands it the rest.
+    sub.add_parser("train", help="train a small LLaDA model (see llada train --help)", add_help=False)
 
     rnd = sub.add_parser("make-random-checkpoint", help="write a random LLaDA checkpoint folder")
     rnd.add_argument("dir")
@@ -109,6 +115,9 @@ def print_stats(stats) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        return run_train(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -116,6 +125,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"llada: error: {e}", file=sys.stderr)
         return 2
+
+
+def run_train(argv: list[str]) -> int:
+    from .train import main as train_main
+
+    return train_main(argv)
 
 
 def run_make_random(args, parser) -> int:
