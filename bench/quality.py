@@ -9,8 +9,9 @@ skip steps are measured, not assumed). Prints one markdown table.
     python bench/quality.py [--examples 500] [--device cpu]
 
 A policy is a name, a decoder with the signature of ``llada.generate`` and
-the keyword arguments it gets for a given gen_length; faster policies
-(threshold decoding, caches) are added as more entries of ``policies()``.
+the keyword arguments it gets for a given gen_length (with a
+``llada.DecodePolicy`` for the faster rules: threshold, factor, entropy bound,
+caches, re-masking); new policies are more entries of ``policies()``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,30 @@ def policies() -> list[Policy]:
                lambda n: dict(steps=n, block_length=n, remasking="random")),
         Policy("fixed, steps = G, semi-AR blocks", g,
                lambda n: dict(steps=n, block_length=half_block(n))),
+        Policy("threshold 0.9", g, adaptive(P(commit="threshold", threshold=0.9))),
+        Policy("threshold 0.7", g, adaptive(P(commit="threshold", threshold=0.7))),
+        Policy("factor 1.0", g, adaptive(P(commit="factor", factor=1.0))),
+        Policy("entropy bound 0.1", g, adaptive(P(commit="entropy_bound", gamma=0.1))),
+        Policy("margin threshold 0.7", g, adaptive(P(commit="threshold", ranking="margin", threshold=0.7))),
+        Policy("dual cache, 2 tokens/step, semi-AR", g,
+               lambda n: dict(steps=(n // half_block(n)) * max(1, half_block(n) // 2),
+                              block_length=half_block(n), policy=P(cache="dual"))),
+        Policy("dual cache + threshold 0.9, semi-AR", g,
+               lambda n: dict(steps=n, block_length=half_block(n), policy=P.fast())),
+        Policy("dual cache (refresh every 2) + threshold 0.9, semi-AR", g,
+               lambda n: dict(steps=n, block_length=half_block(n), policy=P.fast(refresh_every=2))),
+        Policy("threshold 0.9 + re-masking 0.3", g,
+               adaptive(P(commit="threshold", threshold=0.9, remask_below=0.3))),
     ]
+
+
+P = llada.DecodePolicy
+
+
+def adaptive(policy) -> Callable[[int], dict]:
+    """Arguments for an adaptive commit rule: one block; steps only bound
+    the fixed schedule, so they are given as G."""
+    return lambda n: dict(steps=n, block_length=n, policy=policy)
 
 
 def run(model, tok, task, examples, policy: Policy, batch_size: int):

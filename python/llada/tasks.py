@@ -235,12 +235,14 @@ def evaluate(
     temperature: float = 0.0,
     batch_size: int = 128,
     seed: int = 0,
+    policy=None,
     generate_fn: Optional[Callable] = None,
 ) -> float:
     """Exact-match accuracy of ``llada.generate`` on ``examples``.
 
     Defaults are the full-step single-block schedule: steps = block_length =
-    gen_length = ``task.answer_tokens``. ``generate_fn`` (same signature as
+    gen_length = ``task.answer_tokens``; ``policy`` is a
+    :class:`llada.DecodePolicy`. ``generate_fn`` (same signature as
     :func:`llada.generate`) lets benchmarks plug in other decoders.
     """
     from .sampler import generate
@@ -259,7 +261,7 @@ def evaluate(
         prompt = torch.tensor([tok.encode(e.prompt).ids for e in batch], device=device)
         out = generate_fn(
             model, prompt, steps=steps, gen_length=gen_length, block_length=block_length,
-            temperature=temperature, remasking=remasking, seed=seed + start,
+            temperature=temperature, remasking=remasking, seed=seed + start, policy=policy,
         )
         for e, row in zip(batch, out[:, prompt.shape[1] :].tolist()):
             correct += task.check(e.prompt, decode_answer(tok, row))
