@@ -20,15 +20,13 @@ multiple of the best SDPA backend.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import llada
+from timing import time_us
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -36,34 +34,6 @@ BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "math": SDPBackend.MATH,
 }
-
-
-def time_us(fn: Callable[[], object], device: str, min_time: float) -> float:
-    """Microseconds per call: CUDA-event-timed loop on the GPU, median of
-    single calls on the CPU (robust on a shared machine)."""
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        once_ms = max(start.elapsed_time(stop), 1e-3)
-        repeats = int(min(max(min_time * 1e3 / once_ms, 5), 2000))
-        start.record()
-        for _ in range(repeats):
-            fn()
-        stop.record()
-        stop.synchronize()
-        return start.elapsed_time(stop) * 1e3 / repeats
-    samples = []
-    began = time.perf_counter()
-    while len(samples) < 3 or (time.perf_counter() - began < min_time and len(samples) < 1000):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e6
 
 
 def cases(device: str) -> list[tuple[str, int, int, int, int, int]]:

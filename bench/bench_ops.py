@@ -12,52 +12,15 @@ ratio. Timing uses the default torch thread count.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 import llada
+from timing import time_us
 
 VOCAB = 126464  # LLaDA-8B
 MASK_ID = 126336
-
-
-# --------------------------------------------------------------------------
-# Timing
-# --------------------------------------------------------------------------
-
-
-def time_us(fn: Callable[[], object], device: str, min_time: float, warmup: int = 2) -> float:
-    """Microseconds per call of fn: the median of single calls on CPU (robust
-    on a shared machine), the mean of a CUDA-event-timed loop on the GPU."""
-    for _ in range(warmup):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        # One timed call sizes the loop so it runs about min_time seconds.
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        once_ms = max(start.elapsed_time(stop), 1e-3)
-        repeats = int(min(max(min_time * 1e3 / once_ms, 5), 10000))
-        start.record()
-        for _ in range(repeats):
-            fn()
-        stop.record()
-        stop.synchronize()
-        return start.elapsed_time(stop) * 1e3 / repeats
-    samples = []
-    began = time.perf_counter()
-    while len(samples) < 3 or (time.perf_counter() - began < min_time and len(samples) < 10000):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e6
 
 
 @dataclass

@@ -17,20 +17,14 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_math.h"
 #include "llada/attention.h"
 
 namespace llada {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int kQueryTile = int(kAttentionCpuQueryTile);
 constexpr int kKeyTile = 64;
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LLADA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define LLADA_MULTIVERSION
-#endif
 
 // Eight floats; in the default clone the compiler splits it into SSE halves.
 // Values of this type only pass between always-inlined functions of this
@@ -85,24 +79,6 @@ void gemm_accumulate(const float* a, int64_t a_row, int64_t a_col, const float* 
   for (; i + 6 <= m; i += 6) gemm_rows<6>(a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc, n, k);
   for (; i + 4 <= m; i += 4) gemm_rows<4>(a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc, n, k);
   for (; i < m; ++i) gemm_rows<1>(a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc, n, k);
-}
-
-// exp(t) for t <= 0 (or -inf), about 1 ulp: Cephes-style range reduction and
-// polynomial in plain arithmetic so the loops calling it vectorise. Exactly 0
-// below -87.
-inline float exp_nonpositive(float t) {
-  const float x = t < -87.0f ? -87.0f : t;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const float scale = bits_float(uint32_t(int32_t(n) + 127) << 23);
-  return t < -87.0f ? 0.0f : p * scale;
 }
 
 // The online-softmax step for one key tile, on the transposed scores

@@ -11,35 +11,12 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_math.h"
 #include "llada/sample_tokens.h"
 
 namespace llada {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LLADA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define LLADA_MULTIVERSION
-#endif
-
-// exp(t) for t <= 0, about 1 ulp (the classic Cephes polynomial), written with
-// plain arithmetic so loops calling it vectorise. Exactly 0 below -87.
-inline float exp_nonpositive(float t) {
-  float x = t < -87.0f ? -87.0f : t;
-  float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  float scale = bits_float(uint32_t(int32_t(n) + 127) << 23);
-  return t < -87.0f ? 0.0f : p * scale;
-}
 
 LLADA_MULTIVERSION
 void widen_bf16(const uint16_t* src, float* dst, int64_t n) {
