@@ -93,11 +93,6 @@ class DecodePolicy:
         """Dual cache + threshold 0.9: the published fast setting."""
         return cls(**{"commit": "threshold", "cache": "dual", **overrides})
 
-    @property
-    def exact(self) -> bool:
-        """Whether this is the official algorithm (the default)."""
-        return self == DecodePolicy(ranking=self.ranking) and self.ranking in ("probability", "random")
-
 
 def ranking_scores(choice: ops.TokenChoice, ranking: str, noise: Optional[torch.Tensor]) -> torch.Tensor:
     """Per predicted position, the score that ranks it (higher = surer)."""

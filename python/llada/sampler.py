@@ -155,21 +155,30 @@ def generate(
 
 
 @torch.no_grad()
-def stream(model, prompt: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
-    """Like :func:`generate`, but an iterator of :class:`StepEvent` (one per
-    step) and :class:`BlockEvent` (one per finished block) while decoding.
-    The last event's ``canvas``/tokens hold the final result."""
-    names = ("steps", "gen_length", "block_length", "temperature", "cfg_scale", "remasking",
-             "mask_id", "logits_eos_inf", "confidence_eos_eot_inf", "seed", "policy")
-    unknown = set(kwargs) - set(names)
-    if unknown:
-        raise TypeError(f"stream: unexpected arguments {sorted(unknown)}")
-    defaults = dict(steps=128, gen_length=128, block_length=128, temperature=0.0, cfg_scale=0.0,
-                    remasking="low_confidence", mask_id=None, logits_eos_inf=False,
-                    confidence_eos_eot_inf=False, seed=None, policy=None)
-    defaults.update(kwargs)
-    canvas, key_mask, args = _prepare_generate(model, prompt, attention_mask,
-                                               *(defaults[n] for n in names))
+def stream(
+    model,
+    prompt: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    steps: int = 128,
+    gen_length: int = 128,
+    block_length: int = 128,
+    temperature: float = 0.0,
+    cfg_scale: float = 0.0,
+    remasking: str = "low_confidence",
+    mask_id: Optional[int] = None,
+    logits_eos_inf: bool = False,
+    confidence_eos_eot_inf: bool = False,
+    seed: Optional[int] = None,
+    *,
+    policy: Optional[DecodePolicy] = None,
+):
+    """Like :func:`generate` (same arguments), but an iterator of
+    :class:`StepEvent` (one per step) and :class:`BlockEvent` (one per
+    finished block) while decoding. The last event's canvas holds the result."""
+    canvas, key_mask, args = _prepare_generate(
+        model, prompt, attention_mask, steps, gen_length, block_length, temperature, cfg_scale,
+        remasking, mask_id, logits_eos_inf, confidence_eos_eot_inf, seed, policy,
+    )
     yield from _decode(model, canvas, key_mask, stats=DecodeStats(), **args)
 
 
@@ -233,18 +242,18 @@ def infill(
             raise ValueError(f"attention_mask: expected shape {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
         if not bool((attention_mask != 0).all()):
             key_mask = (attention_mask != 0).to(_device_of(model))
-    policy = _resolve_policy(policy, remasking, cfg_scale)
+    policy = _resolve_policy(policy, remasking)
     work = ids.to(_device_of(model)).clone()
     stats = DecodeStats()
     for _ in _decode(model, work, key_mask, stats=stats, **_decode_args(
-            config, work, mask_id, first, last, block_length, steps // num_blocks, temperature,
+            config, mask_id, first, last, block_length, steps // num_blocks, temperature,
             cfg_scale, False, False, seed, policy)):
         pass
     out = work[0] if squeeze else work
     return (out, stats) if return_stats else out
 
 
-def _resolve_policy(policy, remasking, cfg_scale) -> DecodePolicy:
+def _resolve_policy(policy, remasking) -> DecodePolicy:
     if remasking not in REMASKING:
         raise ValueError(f"remasking: expected one of {REMASKING}, got {remasking!r}")
     if policy is None:
@@ -263,7 +272,7 @@ def _prepare_generate(model, prompt, attention_mask, steps, gen_length, block_le
     mask_id = _config_id(config, "mask_token_id", mask_id, 126336)
     _validate(config, prompt, attention_mask, steps, gen_length, block_length, temperature,
               cfg_scale, remasking, mask_id, seed)
-    policy = _resolve_policy(policy, remasking, cfg_scale)
+    policy = _resolve_policy(policy, remasking)
     device = _device_of(model)
     b, lp = prompt.shape
     total = lp + gen_length
@@ -274,12 +283,12 @@ def _prepare_generate(model, prompt, attention_mask, steps, gen_length, block_le
         key_mask = torch.ones(b, total, dtype=torch.bool, device=device)
         key_mask[:, :lp] = attention_mask.to(device) != 0
     num_blocks = gen_length // block_length
-    args = _decode_args(config, canvas, mask_id, lp, total, block_length, steps // num_blocks,
+    args = _decode_args(config, mask_id, lp, total, block_length, steps // num_blocks,
                         temperature, cfg_scale, logits_eos_inf, confidence_eos_eot_inf, seed, policy)
     return canvas, key_mask, args
 
 
-def _decode_args(config, canvas, mask_id, first, last, block_length, steps_per_block, temperature,
+def _decode_args(config, mask_id, first, last, block_length, steps_per_block, temperature,
                  cfg_scale, logits_eos_inf, confidence_eos_eot_inf, seed, policy):
     if seed is None:
         seed = int(torch.randint(0, _INT64_MAX, (1,)))
