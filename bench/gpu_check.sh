@@ -44,16 +44,18 @@ step bench_build bash -c "cmake -S bench/cuda -B build/bench-gpu -G Ninja -DCMAK
 for bin in build/bench-gpu/bench_*; do
   [ -x "$bin" ] && step "$(basename "$bin")" timeout 120 "$bin"
 done
-[ -f bench/bench_ops.py ] && step bench_ops "$PYTHON" bench/bench_ops.py --device cuda
-[ -f bench/bench_attention.py ] && step bench_attention timeout 150 "$PYTHON" bench/bench_attention.py --device cuda
-[ -f bench/bench_generate.py ] && step bench_generate "$PYTHON" bench/bench_generate.py --device cuda --shape 8b
+step bench_ops timeout 120 "$PYTHON" bench/bench_ops.py --device cuda
+step bench_attention timeout 150 "$PYTHON" bench/bench_attention.py --device cuda
+step bench_generate timeout 150 "$PYTHON" bench/bench_generate.py --device cuda --shape 8b
+step bench_decoding timeout 200 "$PYTHON" bench/bench_decoding.py --device cuda --shape 8b --repeats 1
 
 echo
 echo "================ summary ================"
 cat "$LOGS/device.txt"
 echo "tests: $(grep -E '(passed|failed|error)' "$LOGS/tests.log" | tail -n 1)"
 grep -h '^RESULT' "$LOGS"/bench_*.log 2>/dev/null | sed 's/^RESULT /  /'
-for f in "$LOGS"/bench_ops.log "$LOGS"/bench_attention.log "$LOGS"/bench_generate.log; do
+for f in "$LOGS"/bench_ops.log "$LOGS"/bench_attention.log "$LOGS"/bench_generate.log \
+         "$LOGS"/bench_decoding.log; do
   [ -f "$f" ] && { echo "-- $(basename "$f" .log)"; sed -n '/^|/p' "$f"; }
 done
 exit $status
