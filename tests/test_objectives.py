@@ -155,3 +155,24 @@ def test_guidance_is_neutral_when_the_prompt_does_not_matter():
     plain = log_likelihood(model, [1, 2], [3, 4, 5], mc_num=16, batch_size=8, seed=5)
     guided = log_likelihood(model, [1, 2], [3, 4, 5], mc_num=16, batch_size=8, seed=5, cfg_scale=2.0)
     assert math.isclose(plain, guided, rel_tol=1e-5)
+
+
+def test_trained_model_prefers_the_right_answer():
+    # The bundled sort model: the sorted answer must outscore a shuffled one.
+    from pathlib import Path
+
+    import llada
+    from llada import tasks
+    from llada.tokenizer import read_tokenizer
+
+    folder = Path(llada.__file__).parent / "task_models" / "sort"
+    model = llada.load_model(folder, dtype=torch.float32)
+    tok = read_tokenizer(folder)
+    task = tasks.get_task("sort")
+    for example in tasks.held_out_set(task, 3):
+        prompt = tok.encode(example.prompt).ids
+        right = tok.encode(example.answer).ids
+        wrong = right[::-1] if right[::-1] != right else right[1:] + right[:1]
+        good = log_likelihood(model, prompt, right, mc_num=32, batch_size=16, seed=0)
+        bad = log_likelihood(model, prompt, wrong, mc_num=32, batch_size=16, seed=0)
+        assert good > bad + 1.0, (example, good, bad)
