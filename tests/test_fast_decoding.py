@@ -193,3 +193,57 @@ def test_bad_infill_arguments(model):
     with pytest.raises(TypeError, match="policy"):
         llada.generate(model, torch.zeros(1, 3, dtype=torch.long), steps=4, gen_length=4,
                        block_length=4, policy="fast")
+
+
+class EndsWhenAskedTo(torch.nn.Module):
+    """A stand-in model: rows whose first token is 1 predict EOS everywhere,
+    the others token 5 (so only some rows finish early)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), dict(mask_token_id=9, eos_token_id=8, eot_token_id=7,
+                                              embedding_size=10, max_sequence_length=64))()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, ids, attention_mask=None):
+        logits = torch.zeros(*ids.shape, 10)
+        logits[..., 5] = 5.0
+        logits[ids[:, 0] == 1, :, 8] = 6.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_finished_rows_leave_the_batch():
+    model = EndsWhenAskedTo()
+    prompt = torch.tensor([[1, 2, 3], [2, 2, 3], [1, 4, 4]])
+    policy = DecodePolicy(commit="threshold", threshold=0.3, early_stop=True)
+    kw = dict(steps=24, gen_length=24, block_length=8, policy=policy)
+    out, stats = llada.generate(model, prompt, **kw, return_stats=True)
+    assert (out[[0, 2], 3:] == 8).all() and (out[1, 3:] == 5).all()
+    # Rows are independent: the batch gives each row what it gets alone.
+    for r in range(3):
+        assert torch.equal(out[r], llada.generate(model, prompt[r : r + 1], **kw)[0])
+    # Rows 0 and 2 end after the first block and are no longer fed.
+    assert stats.nfe == 3
+    assert stats.positions == 3 * 27 + 1 * 27 + 1 * 27
+
+
+def test_finished_rows_leave_a_cached_guided_batch(tmp_path):
+    # A checkpoint whose head favours EOS enough that one of four rows ends
+    # after its second block; the others go on with the cache and guidance.
+    folder = make_checkpoint(tmp_path, seed=5, boost_stop_tokens=8.0, **SHAPES["gqa"])
+    model = llada.load_model(folder, dtype=torch.float32)
+    prompt = torch.randint(0, 256, (4, 7), generator=torch.Generator().manual_seed(0))
+    policy = DecodePolicy(commit="threshold", threshold=0.3, early_stop=True, cache="dual")
+    out, stats = llada.generate(model, prompt, steps=24, gen_length=24, block_length=8,
+                                cfg_scale=1.0, policy=policy, return_stats=True)
+    eos = model.config.eos_token_id
+    assert not (out == model.config.mask_token_id).any()
+    ended = [(row[7:15] == eos).any() or (row[15:23] == eos).any() for row in out]
+    assert any(ended) and not all(ended)
+    for row, done in zip(out, ended):
+        if done:
+            assert (row[23:] == eos).all()
+    without = llada.generate(model, prompt, steps=24, gen_length=24, block_length=8, cfg_scale=1.0,
+                             policy=DecodePolicy(commit="threshold", threshold=0.3, cache="dual"),
+                             return_stats=True)[1]
+    assert stats.positions < without.positions

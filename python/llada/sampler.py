@@ -327,7 +327,8 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
         schedule = None
         if policy.commit == "schedule":
             schedule = transfer_schedule((canvas[:, start:end] == mask_id).sum(1), steps_per_block)
-        forward.new_block(start, end)
+        alive = torch.nonzero(~finished).flatten() if bool(finished.any()) else None
+        forward.new_block(start, end, alive)
         i = 0
         while True:
             masked = (canvas == mask_id) & in_block & ~finished[:, None]
@@ -347,7 +348,9 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                 i, step = i + 1, step + 1
                 continue
             # With re-masking, earlier decoded tokens of the block are scored too.
-            decoded = (~fixed & ~masked & in_block) if policy.remask_below is not None else None
+            decoded = None
+            if policy.remask_below is not None:
+                decoded = ~fixed & ~masked & in_block & ~finished[:, None]
             query = active if decoded is None else active | decoded
             logits = forward(query)
             rows = logits if decoded is None else logits[active[query]]
@@ -407,23 +410,29 @@ class _Forward:
     """
 
     def __init__(self, model, canvas, key_mask, fixed, cfg_scale, mask_id, policy, stats):
-        self.model, self.canvas, self.fixed = model, canvas, fixed
+        self.model, self.canvas, self.fixed, self.all_key_mask = model, canvas, fixed, key_mask
         self.cfg_scale, self.mask_id, self.policy, self.stats = cfg_scale, mask_id, policy, stats
-        self.key_mask = key_mask
-        if cfg_scale > 0 and key_mask is not None:
-            self.key_mask = torch.cat([key_mask, key_mask])
         self.cache = None
 
-    def new_block(self, start, end):
-        self.start, self.end = start, end
+    def new_block(self, start, end, rows):
+        """Starts a block; only ``rows`` (an index tensor, or None for all)
+        still decode, so only they are fed (rows are independent)."""
+        self.start, self.end, self.rows = start, end, rows
         self.calls = 0
 
     def __call__(self, query):
-        ids = self.canvas
+        """Logits [N, V] of the True positions of ``query`` [B, T], row-major;
+        rows outside ``self.rows`` must have none."""
+        ids, fixed, key_mask = self.canvas, self.fixed, self.all_key_mask
+        if self.rows is not None:
+            ids, fixed, query = ids[self.rows], fixed[self.rows], query[self.rows]
+            key_mask = None if key_mask is None else key_mask[self.rows]
         if self.cfg_scale > 0:
             # The unconditional half sees every given token masked.
-            uncond = torch.where(self.fixed, self.mask_id, self.canvas)
+            uncond = torch.where(fixed, self.mask_id, ids)
             ids, query = torch.cat([ids, uncond]), torch.cat([query, query])
+            key_mask = None if key_mask is None else torch.cat([key_mask, key_mask])
+        self.key_mask = key_mask
         logits = self._run(ids, query)
         self.stats.nfe += 1
         if self.cfg_scale > 0:
