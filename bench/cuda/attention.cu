@@ -29,15 +29,6 @@ struct Case {
   bool timed;   // timed (and validated on two heads) or validated in full
 };
 
-const char* short_name(DType t) {
-  switch (t) {
-    case DType::kFloat32: return "fp32";
-    case DType::kBFloat16: return "bf16";
-    case DType::kFloat16: return "fp16";
-  }
-  return "?";
-}
-
 uint16_t to_half_bits(float x) {
   __half h = __float2half_rn(x);
   uint16_t u;
@@ -217,7 +208,7 @@ bool run_case(const Case& c, const bench::Options& o, uint64_t seed) {
     std::snprintf(label, sizeof label,
                   "kernel=attention variant=%s dtype=%s B=%lld Lq=%lld Lk=%lld Hq=%d Hkv=%d D=%d mask=%d "
                   "splits=%d",
-                  variant.name, short_name(c.dtype), (long long)b, (long long)lq, (long long)lk, hq, hkv,
+                  variant.name, bench::short_name(c.dtype), (long long)b, (long long)lq, (long long)lk, hq, hkv,
                   d, int(c.mask), plan.num_splits);
     if (bad != 0) {
       std::printf("RESULT %s max_err=%.3g mismatches=%lld FAIL\n", label, max_err, (long long)bad);

@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "llada/common.h"
+
 namespace bench {
 
 #define CUDA_CHECK(expr)                                                           \
@@ -120,6 +122,16 @@ inline double copy_bandwidth_gbps(const Options& o, size_t bytes = size_t(1) << 
 // ---------------------------------------------------------------------------
 
 // float -> bfloat16 bits, round to nearest even (inputs here are finite or inf).
+// The dtype as the RESULT lines spell it.
+inline const char* short_name(llada::DType t) {
+  switch (t) {
+    case llada::DType::kFloat32: return "fp32";
+    case llada::DType::kBFloat16: return "bf16";
+    case llada::DType::kFloat16: return "fp16";
+  }
+  return "?";
+}
+
 inline uint16_t float_to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);

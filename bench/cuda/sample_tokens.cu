@@ -34,15 +34,6 @@ struct Case {
   std::vector<int64_t> suppress;  // sorted, unique
 };
 
-const char* short_name(DType t) {
-  switch (t) {
-    case DType::kFloat32: return "fp32";
-    case DType::kBFloat16: return "bf16";
-    case DType::kFloat16: return "fp16";
-  }
-  return "?";
-}
-
 size_t element_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
 // LM-head-like logits: N(0, 2.5) noise plus, per row, a few boosted tokens
@@ -165,7 +156,7 @@ bool run_case(const Case& c, const bench::Options& o, double copy_gbps, uint64_t
     char label[256];
     std::snprintf(label, sizeof(label),
                   "kernel=sample_tokens variant=%s dtype=%s N=%lld V=%lld T=%g suppress=%zu",
-                  variant.name, short_name(c.dtype), (long long)n, (long long)v, c.temperature,
+                  variant.name, bench::short_name(c.dtype), (long long)n, (long long)v, c.temperature,
                   c.suppress.size());
     if (bad != 0) {
       std::printf("RESULT %s mismatches=%lld FAIL\n", label, (long long)bad);
