@@ -31,3 +31,13 @@ def poison_allocator(device: str, shapes_bytes: list[int]) -> None:
         torch.full((n,), 0xFF, dtype=torch.uint8, device=device) for n in shapes_bytes
     ]
     del blocks
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from more, and on a busy
+    machine the extra thread only spins (often 10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,13 +14,7 @@ from llada.tokenizer import read_tokenizer, special_ids
 TASK_MODELS = Path(llada.__file__).resolve().parent / "task_models"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads on a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", sorted(tasks.TASKS))

@@ -18,14 +18,7 @@ TINY = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--batch-size", 
 SORT = ["--task", "sort", "--train-examples", "500", "--eval-examples", "64", "--accuracy-examples", "0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Models this small gain nothing from intra-op threads, and on a busy
-    # machine the extra thread only spins.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def log_rows(folder):
