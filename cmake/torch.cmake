@@ -3,7 +3,7 @@
 # module will run against: torch extensions have no stable ABI).
 execute_process(
   COMMAND ${Python_EXECUTABLE} -c
-    "import torch, os; print(os.path.dirname(torch.__file__)); print(int(torch._C._GLIBCXX_USE_CXX11_ABI))"
+    "import torch, os; print(os.path.dirname(torch.__file__)); print(int(torch._C._GLIBCXX_USE_CXX11_ABI)); print(int(torch._C.has_openmp))"
   OUTPUT_VARIABLE _torch_info OUTPUT_STRIP_TRAILING_WHITESPACE
   RESULT_VARIABLE _torch_result)
 if(NOT _torch_result EQUAL 0)
@@ -13,6 +13,7 @@ endif()
 string(REPLACE "\n" ";" _torch_info "${_torch_info}")
 list(GET _torch_info 0 TORCH_ROOT)
 list(GET _torch_info 1 TORCH_CXX11_ABI)
+list(GET _torch_info 2 TORCH_HAS_OPENMP)
 message(STATUS "llada: torch at ${TORCH_ROOT}")
 
 add_library(llada_torch INTERFACE)
@@ -32,3 +33,18 @@ if(LLADA_WITH_CUDA)
   target_link_libraries(llada_torch INTERFACE CUDA::cudart)
   target_include_directories(llada_torch INTERFACE ${CUDAToolkit_INCLUDE_DIRS})
 endif()
+
+# at::parallel_for is a header template. Compiled without the OpenMP that
+# torch was built with, it silently becomes a serial loop and every CPU op
+# runs on one thread. Link torch's own libgomp where it ships one, so the
+# process has a single OpenMP runtime and one thread pool.
+if(TORCH_HAS_OPENMP)
+  find_package(OpenMP REQUIRED COMPONENTS CXX)
+  target_compile_options(llada_torch INTERFACE $<$<COMPILE_LANGUAGE:CXX>:${OpenMP_CXX_FLAGS}>)
+  if(EXISTS ${TORCH_ROOT}/lib/libgomp.so.1)
+    target_link_libraries(llada_torch INTERFACE ${TORCH_ROOT}/lib/libgomp.so.1)
+  else()
+    target_link_libraries(llada_torch INTERFACE OpenMP::OpenMP_CXX)
+  endif()
+endif()
+message(STATUS "llada: torch OpenMP ${TORCH_HAS_OPENMP}")

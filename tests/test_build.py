@@ -23,3 +23,16 @@ def test_ops_are_registered_for_cpu_and_cuda():
 
 def test_version():
     assert llada.__version__.count(".") == 2
+
+
+def test_cpu_ops_run_on_torch_intra_op_threads():
+    # Without the OpenMP torch uses, at::parallel_for compiles to a serial
+    # loop and every CPU op runs on one thread whatever torch is set to.
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert llada._C.cpu_threads_used(64) == 2
+        torch.set_num_threads(1)
+        assert llada._C.cpu_threads_used(64) == 1
+    finally:
+        torch.set_num_threads(before)

@@ -1,6 +1,9 @@
 // The Python module llada._C: build information. Loading it also registers
 // the torch ops (TORCH_LIBRARY in ops.cpp), so it must be imported after torch.
+#include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
+
+#include <atomic>
 
 #ifndef LLADA_VERSION
 #define LLADA_VERSION "0.0.0"
@@ -21,4 +24,14 @@ PYBIND11_MODULE(_C, m) {
   }, "Whether the CUDA kernels were compiled into this build.");
   m.def("cuda_architectures", [] { return std::string(LLADA_CUDA_ARCHITECTURES); },
         "The CUDA architectures the kernels were compiled for (empty without CUDA).");
+  // The CPU ops split their work with at::parallel_for; this reports how many
+  // threads it really uses here, which is 1 if the build lost its OpenMP.
+  m.def("cpu_threads_used", [](int64_t tasks) {
+    std::atomic<int> most{0};
+    at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+      const int id = at::get_thread_num() + 1;
+      for (int seen = most.load(); seen < id && !most.compare_exchange_weak(seen, id);) {}
+    });
+    return most.load();
+  }, "Threads at::parallel_for uses for `tasks` one-element tasks in this build.");
 }
