@@ -9,7 +9,8 @@ from typing import Callable
 import torch
 
 
-def time_us(fn: Callable[[], object], device: str, min_time: float, warmup: int = 2) -> float:
+def time_us(fn: Callable[[], object], device: str, min_time: float, warmup: int = 2,
+            min_samples: int = 3) -> float:
     """Microseconds per call of fn: the median of single calls on CPU (robust
     on a shared machine), the mean of a CUDA-event-timed loop on the GPU."""
     for _ in range(warmup):
@@ -32,8 +33,21 @@ def time_us(fn: Callable[[], object], device: str, min_time: float, warmup: int 
         return start.elapsed_time(stop) * 1e3 / repeats
     samples = []
     began = time.perf_counter()
-    while len(samples) < 3 or (time.perf_counter() - began < min_time and len(samples) < 10000):
+    while len(samples) < min_samples or (time.perf_counter() - began < min_time and len(samples) < 10000):
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples) * 1e6
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: str, min_time: float,
+                     rounds: int = 3) -> dict[str, float]:
+    """Microseconds per call of each fn, measured in turn for `rounds` rounds
+    and keeping each one's best round: a shared machine's speed drifts over
+    seconds, and interleaving puts every contender through the same drift."""
+    best = {name: float("inf") for name in fns}
+    for round_ in range(rounds):
+        for name, fn in fns.items():
+            us = time_us(fn, device, min_time / rounds, warmup=2 if round_ == 0 else 0, min_samples=1)
+            best[name] = min(best[name], us)
+    return best

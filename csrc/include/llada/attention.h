@@ -40,7 +40,7 @@ inline bool attention_head_dim_supported(int64_t d) { return d == 64 || d == 128
 // The CPU twin works on tasks of (batch, query head, tile of query rows); it
 // runs tasks [task_begin, task_end) so callers may split them across threads.
 // Supports float32 and bfloat16 (computed in float32).
-constexpr int64_t kAttentionCpuQueryTile = 64;
+constexpr int64_t kAttentionCpuQueryTile = 256;
 int64_t attention_cpu_num_tasks(const AttentionParams& p);
 void attention_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end);
 
