@@ -25,9 +25,16 @@ SHAPES = {
 }
 
 
-def policies(gen: int, block: int):
-    """(name, steps, policy): the exact baseline first."""
+def policies(gen: int, block: int, device: str):
+    """(name, steps, policy): the exact baseline first; on CUDA also the dual
+    cache with its steps replayed as CUDA graphs."""
     P = llada.DecodePolicy
+    graphed = []
+    if device == "cuda":
+        graphed = [
+            ("dual cache, 4 tokens/step, CUDA graph", gen // 4, P(cache="dual", cuda_graph=True)),
+            ("dual cache + threshold 0.9, CUDA graph", gen, P.fast(cuda_graph=True)),
+        ]
     return [
         ("exact, 1 token/step", gen, P()),
         ("exact, 4 tokens/step", gen // 4, P()),
@@ -35,7 +42,7 @@ def policies(gen: int, block: int):
         ("dual cache, 4 tokens/step", gen // 4, P(cache="dual")),
         ("dual cache + threshold 0.9", gen, P.fast()),
         ("dual cache + factor 1.0", gen, P(commit="factor", cache="dual")),
-    ]
+    ] + graphed
 
 
 def run(model, prompt, steps, gen, block, policy, device):
@@ -69,7 +76,7 @@ def main() -> None:
 
     run(model, prompt, gen // 4, gen, block, llada.DecodePolicy(cache="dual"), args.device)  # warm-up
     rows, base = [], None
-    for name, steps, policy in policies(gen, block):
+    for name, steps, policy in policies(gen, block, args.device):
         best = None
         for _ in range(args.repeats):
             seconds, stats = run(model, prompt, steps, gen, block, policy, args.device)

@@ -133,7 +133,8 @@ def _fused_attention_fits(q: torch.Tensor) -> bool:
         return False  # the fused kernels are inference-only
     if q.device.type == "cpu":
         return q.dtype in (torch.float32, torch.bfloat16)
-    return q.device.type == "cuda" and _C.cuda_compiled()
+    return q.device.type == "cuda" and _C.cuda_compiled() and q.dtype in (
+        torch.float32, torch.bfloat16, torch.float16)
 
 
 def attention(
@@ -173,13 +174,13 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, m, bias=False)
         self.ff_out = nn.Linear(m, d, bias=False)
 
-    def forward(self, x, cos, sin, key_mask, rows=None, cache=None, start=0):
+    def forward(self, x, cos, sin, key_mask, rows=None, cache=None, positions=None):
         """x [B, L, d] -> [B, L, d]; or, given int64 positions rows [B, K],
         only the outputs at those positions, [B, K, d]. Keys and values always
         come from every position; only the query side is cut down.
 
         With a cache (this layer's ``(k, v)``, each [B, total, Hkv, D]), x
-        holds positions start .. start + L of the sequence: their keys and
+        holds the sequence positions ``positions`` (int64 [L]): their keys and
         values are written into the cache, and the queries attend to every
         cached position."""
         b, l, _ = x.shape
@@ -189,8 +190,8 @@ class Block(nn.Module):
         k = apply_rope(k, cos, sin)
         if cache is not None:
             cache_k, cache_v = cache
-            cache_k[:, start : start + l] = k
-            cache_v[:, start : start + l] = v
+            cache_k.index_copy_(1, positions, k)
+            cache_v.index_copy_(1, positions, v)
             k, v = cache_k, cache_v
         cos_q, sin_q = cos, sin
         if rows is not None:
@@ -259,6 +260,7 @@ class LLaDAModel(nn.Module):
         logits_at: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
         start: int = 0,
+        positions: Optional[torch.Tensor] = None,
     ) -> LLaDAOutput:
         """Logits of every position, or only of the positions in ``logits_at``.
 
@@ -278,6 +280,10 @@ class LLaDAModel(nn.Module):
                 and ``attention_mask`` (if any) covers the whole sequence.
                 ``logits_at`` refers to the given slice.
             start: where ``input_ids`` begin in the cached sequence.
+            positions: instead of ``start``, the cached positions as an int64
+                tensor [L] on the model's device. Nothing is read back to the
+                host, so a forward taking them can be captured once as a CUDA
+                graph and replayed at any position; they are not range-checked.
         """
         t = self.model.transformer
         b, l = input_ids.shape
@@ -288,14 +294,23 @@ class LLaDAModel(nn.Module):
                     f"cache: holds {cache.batch} rows of {cache.total} positions; cannot take "
                     f"{b} rows at positions {start}..{start + l}"
                 )
-        elif start != 0:
-            raise ValueError(f"start: must be 0 without a cache, got {start}")
+            if positions is None:
+                positions = torch.arange(start, start + l, device=device)
+            elif start != 0:
+                raise ValueError("start: give either start or positions, not both")
+            elif positions.dtype != torch.int64 or positions.shape != (l,) or positions.device != device:
+                raise ValueError(
+                    f"positions: expected int64 [{l}] on {device}, got {positions.dtype} "
+                    f"{tuple(positions.shape)} on {positions.device}"
+                )
+        elif start != 0 or positions is not None:
+            raise ValueError("start, positions: only meaningful with a cache")
+        else:
+            positions = torch.arange(l, device=device)
         key_mask = None
         if attention_mask is not None:
             key_mask = attention_mask.to(device=device) != 0
-        cos, sin = rope_tables(
-            torch.arange(start, start + l, device=device), self.config.head_dim, self.config.rope_theta
-        )
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         cos, sin = cos[None], sin[None]
         rows = keep = None
         if logits_at is not None:
@@ -304,10 +319,10 @@ class LLaDAModel(nn.Module):
         x = t["wte"](input_ids)
         blocks = t["blocks"]
         for block, layer in zip(blocks[:-1], layers[:-1]):
-            x = block(x, cos, sin, key_mask, cache=layer, start=start)
+            x = block(x, cos, sin, key_mask, cache=layer, positions=positions)
         # Nothing after the last block mixes positions, so it only needs to
         # produce the rows whose logits are wanted.
-        x = blocks[-1](x, cos, sin, key_mask, rows, cache=layers[-1], start=start)
+        x = blocks[-1](x, cos, sin, key_mask, rows, cache=layers[-1], positions=positions)
         if keep is not None:
             x = x[keep]
         return LLaDAOutput(F.linear(t["ln_f"](x), self.head_weight()))

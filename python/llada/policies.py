@@ -28,6 +28,11 @@ cache (what is recomputed per step)
     ``"dual"``   as prefix, but later steps feed only the active block and
                  reuse the cached keys and values on both sides of it.
     ``refresh_every`` > 0 also refreshes the cache every that many steps.
+cuda_graph
+    with the dual cache on a CUDA device, each cached step replays a captured
+    CUDA graph of the block's forward instead of launching its kernels one by
+    one from Python (see llada.cuda_graph). It computes logits at every
+    position of the block rather than only the masked ones. Ignored elsewhere.
 early_stop
     once a finished block of a row holds EOS, the rest of that row's canvas
     becomes EOS and the row needs no more forwards.
@@ -66,6 +71,7 @@ class DecodePolicy:
     refresh_every: int = 0
     early_stop: bool = False
     remask_below: Optional[float] = None
+    cuda_graph: bool = False
 
     def __post_init__(self):
         for name, allowed in (("commit", COMMIT_RULES), ("ranking", RANKINGS), ("cache", CACHES)):
@@ -77,6 +83,8 @@ class DecodePolicy:
             raise ValueError(f"factor: expected a finite value > 0, got {self.factor}")
         if not (math.isfinite(self.gamma) and self.gamma >= 0):
             raise ValueError(f"gamma: expected a finite value >= 0, got {self.gamma}")
+        if not isinstance(self.cuda_graph, bool):
+            raise TypeError(f"cuda_graph: expected a bool, got {type(self.cuda_graph).__name__}")
         if not isinstance(self.refresh_every, int) or self.refresh_every < 0:
             raise ValueError(f"refresh_every: expected an int >= 0, got {self.refresh_every!r}")
         if self.remask_below is not None:

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from . import ops
+from .cuda_graph import CachedStepGraph
 from .model import KVCache, LLaDAModel
 from .policies import DecodePolicy, demote, ranking_scores, select
 
@@ -413,6 +414,7 @@ class _Forward:
         self.model, self.canvas, self.fixed, self.all_key_mask = model, canvas, fixed, key_mask
         self.cfg_scale, self.mask_id, self.policy, self.stats = cfg_scale, mask_id, policy, stats
         self.cache = None
+        self.graph = None
 
     def new_block(self, start, end, rows):
         """Starts a block; only ``rows`` (an index tensor, or None for all)
@@ -448,14 +450,27 @@ class _Forward:
         refresh = self.calls == 0 or (policy.refresh_every and self.calls % policy.refresh_every == 0)
         self.calls += 1
         if policy.cache == "none" or refresh:
-            if policy.cache != "none":
+            if policy.cache != "none" and not self._cache_fits(ids):
                 self.cache = KVCache(model.config, ids.shape[0], ids.shape[1], ids.device, model.dtype)
             self.stats.positions += ids.numel()
             return model(ids, self.key_mask, logits_at=query, cache=self.cache).logits
         lo, hi = self.start, (self.end if policy.cache == "dual" else ids.shape[1])
         self.stats.positions += ids.shape[0] * (hi - lo)
+        if policy.cuda_graph and policy.cache == "dual" and ids.is_cuda:
+            # The graph computes every position of the block; the step keeps
+            # the queried ones (indexing copies them out of the graph's buffer).
+            block = ids[:, lo:hi]
+            if self.graph is None or not self.graph.fits(self.cache, self.key_mask, block):
+                self.graph = CachedStepGraph(model, self.cache, self.key_mask, block, lo)
+            return self.graph(self.key_mask, block, lo)[query[:, lo:hi]]
         return model(ids[:, lo:hi], self.key_mask, logits_at=query[:, lo:hi],
                      cache=self.cache, start=lo).logits
+
+    def _cache_fits(self, ids):
+        """Reuse the cache when the batch keeps its shape: a full forward
+        rewrites every position, and a captured graph holds its address."""
+        c = self.cache
+        return c is not None and (c.batch, c.total) == tuple(ids.shape) and c.layers[0][0].device == ids.device
 
 
 def _device_of(model) -> torch.device:
