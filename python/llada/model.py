@@ -210,7 +210,11 @@ class _Backbone(nn.Module):
         super().__init__()
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(cfg.embedding_size, cfg.d_model),
+                # No default random init: the weights come from a checkpoint
+                # or train.init_weights. (normal_ on the meta device that the
+                # loader builds on would also import torch._dynamo: ~2 s.)
+                wte=nn.Embedding(cfg.embedding_size, cfg.d_model,
+                                 _weight=torch.empty(cfg.embedding_size, cfg.d_model)),
                 blocks=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
                 ln_f=RMSNorm(cfg.d_model, cfg.rms_norm_eps),
             )
