@@ -156,8 +156,9 @@ def test_stream_events_reassemble_to_the_output(model):
         want = llada.generate(model, prompt, mask, **kw, policy=policy)
         canvas = torch.full_like(want, model.config.mask_token_id)
         canvas[:, :7] = prompt
-        blocks = []
-        for event in llada.stream(model, prompt, mask, **kw, policy=policy):
+        blocks, stats = [], llada.DecodeStats()
+        _, want_stats = llada.generate(model, prompt, mask, **kw, policy=policy, return_stats=True)
+        for event in llada.stream(model, prompt, mask, **kw, policy=policy, stats=stats):
             if isinstance(event, StepEvent):
                 canvas[event.committed] = event.canvas[event.committed]
             else:
@@ -165,6 +166,7 @@ def test_stream_events_reassemble_to_the_output(model):
                 blocks.append(event.tokens)
         assert torch.equal(canvas, want)
         assert torch.equal(torch.cat(blocks, dim=1), want[:, 7:])
+        assert stats == want_stats  # forwards, tokens and positions, counted live
 
 
 def test_bad_policies_are_named():

@@ -181,11 +181,10 @@ def stream_answer(model, prompt, tokenizer, stops, options, show_stats) -> int:
     """Prints the answer as each block becomes final, up to the first stop token."""
     from .sampler import BlockEvent, DecodeStats, stream
 
-    answer, shown, nfe = [], "", 0
-    for event in stream(model, prompt, **options):
+    answer, shown, stats = [], "", DecodeStats()
+    for event in stream(model, prompt, **options, stats=stats):
         if not isinstance(event, BlockEvent):
             continue
-        nfe = event.nfe
         answer += event.tokens[0].tolist()
         text = decode_answer(tokenizer, answer, stops)
         # Print only what is new; hold back a trailing partial character.
@@ -196,7 +195,7 @@ def stream_answer(model, prompt, tokenizer, stops, options, show_stats) -> int:
             break
     print(decode_answer(tokenizer, answer, stops)[len(shown):])
     if show_stats:
-        print_stats(DecodeStats(nfe=nfe, committed=len(answer)))
+        print_stats(stats)
     return 0
 
 

@@ -172,15 +172,19 @@ def stream(
     seed: Optional[int] = None,
     *,
     policy: Optional[DecodePolicy] = None,
+    stats: Optional[DecodeStats] = None,
 ):
     """Like :func:`generate` (same arguments), but an iterator of
     :class:`StepEvent` (one per step) and :class:`BlockEvent` (one per
-    finished block) while decoding. The last event's canvas holds the result."""
+    finished block) while decoding. The last event's canvas holds the result.
+    A :class:`DecodeStats` passed as ``stats`` is kept up to date as it runs."""
+    if stats is not None and not isinstance(stats, DecodeStats):
+        raise TypeError(f"stats: expected a DecodeStats or None, got {type(stats).__name__}")
     canvas, key_mask, args = _prepare_generate(
         model, prompt, attention_mask, steps, gen_length, block_length, temperature, cfg_scale,
         remasking, mask_id, logits_eos_inf, confidence_eos_eot_inf, seed, policy,
     )
-    yield from _decode(model, canvas, key_mask, stats=DecodeStats(), **args)
+    yield from _decode(model, canvas, key_mask, stats=DecodeStats() if stats is None else stats, **args)
 
 
 @torch.no_grad()
