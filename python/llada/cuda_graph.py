@@ -24,10 +24,11 @@ from .model import KVCache, LLaDAModel
 class CachedStepGraph:
     """One captured cached forward of width W for a batch of B rows.
 
-    Capturing needs real inputs: the warm-up runs before the capture execute
-    and write the block's keys and values into the cache, so the first call
-    (which captures) must be given the step's true ids and start; it then
-    returns the same logits an eager step would.
+    Building it needs real inputs: the warm-up forward before the capture
+    executes and writes the block's keys and values into the cache, so the
+    constructor takes the step's true ids and start. Every call, the first
+    included, then replays the graph and returns the logits an eager step
+    would.
     """
 
     def __init__(self, model: LLaDAModel, cache: KVCache, key_mask: Optional[torch.Tensor],
