@@ -123,16 +123,20 @@ def test_custom_scale_and_long_keys(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_many_query_tiles(device, dtype):
-    """Enough query tiles that the CUDA kernel does not split the keys."""
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "nomask"])
+def test_many_query_tiles(device, dtype, d, masked):
+    """Enough query tiles that the CUDA kernel takes 32 query rows per warp
+    and does not split the keys; the last query and key tiles are partial,
+    and without a mask the whole key tiles skip the per-key checks."""
     if dtype not in DTYPES[device]:
         pytest.skip(f"{dtype} is not supported on {device}")
     if device == "cpu" and dtype == torch.float32:
         pytest.skip("covered by the smaller CPU cases; keeps the CPU run short")
     b = 4 if device == "cuda" else 1
     q, k, v = make_qkv(b, 300, 700, 32 if device == "cuda" else 4, 8 if device == "cuda" else 2,
-                       128, dtype, device)
-    check_against_reference(q, k, v, padding_mask(b, 700, device))
+                       d, dtype, device)
+    check_against_reference(q, k, v, padding_mask(b, 700, device) if masked else None)
 
 
 def test_strided_inputs(device):

@@ -1,8 +1,8 @@
 // Microbenchmark of attention: softmax(q k^T * scale) v, non-causal, GQA,
 // optional key padding.
 //
-// Every variant (the automatic plan, no key split, forced key splits) is first
-// validated against the C++ CPU twin, run in float32 on the same rounded
+// Every variant (the automatic plan; 16 or 32 query rows per warp, each with
+// no key split and with forced key splits) is first validated against the C++ CPU twin, run in float32 on the same rounded
 // inputs: small ragged shapes in full (lengths that are not multiples of the
 // 64-row tiles, GQA, padding rows with one valid key and with none), the
 // timed shapes on their first and last (batch, head). Then the timed shapes
@@ -76,9 +76,11 @@ void set_strides(int64_t (&s)[3], int64_t len, int heads, int d) {
 
 struct Variant {
   const char* name;
-  int splits;  // 0: the automatic plan
+  int splits;         // 0: the automatic plan
+  int rows_per_warp;  // ignored by the automatic plan
 };
-const Variant kVariants[] = {{"auto", 0}, {"nosplit", 1}, {"split3", 3}, {"split16", 16}};
+const Variant kVariants[] = {{"auto", 0, 0},      {"rows16", 1, 16},        {"rows16-split3", 3, 16},
+                             {"rows16-split16", 16, 16}, {"rows32", 1, 32}, {"rows32-split3", 3, 32}};
 
 bool run_case(const Case& c, const bench::Options& o, uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -167,6 +169,7 @@ bool run_case(const Case& c, const bench::Options& o, uint64_t seed) {
       CUDA_CHECK(llada::attention_cuda_plan(p, &plan));
     } else {
       plan.num_splits = variant.splits;
+      plan.rows_per_warp = variant.rows_per_warp;
       plan.workspace_bytes = llada::attention_cuda_workspace_bytes(p, variant.splits);
     }
     bench::DeviceBuffer<uint8_t> workspace(std::max<size_t>(plan.workspace_bytes, 1));
@@ -207,9 +210,9 @@ bool run_case(const Case& c, const bench::Options& o, uint64_t seed) {
     char label[256];
     std::snprintf(label, sizeof label,
                   "kernel=attention variant=%s dtype=%s B=%lld Lq=%lld Lk=%lld Hq=%d Hkv=%d D=%d mask=%d "
-                  "splits=%d",
+                  "splits=%d rows_per_warp=%d",
                   variant.name, bench::short_name(c.dtype), (long long)b, (long long)lq, (long long)lk, hq, hkv,
-                  d, int(c.mask), plan.num_splits);
+                  d, int(c.mask), plan.num_splits, plan.rows_per_warp);
     if (bad != 0) {
       std::printf("RESULT %s max_err=%.3g mismatches=%lld FAIL\n", label, max_err, (long long)bad);
       all_ok = false;

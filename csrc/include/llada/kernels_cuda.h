@@ -19,15 +19,17 @@ cudaError_t select_positions_cuda(const SelectPositionsParams& p, cudaStream_t s
 
 cudaError_t commit_tokens_cuda(const CommitTokensParams& p, cudaStream_t stream);
 
-// Attention. bf16/fp16 run a tensor-core kernel that may split the keys into
-// chunks (partial results in `workspace`, combined by a second kernel) when
-// there are too few query tiles to fill the device; float32 runs a simple
-// kernel (for testing) and needs no workspace. attention_cuda_plan picks the
-// split count for the current device; the caller allocates
-// plan.workspace_bytes of device memory (none when 0) and passes both on.
+// Attention. bf16/fp16 run a tensor-core kernel with 16 or 32 query rows per
+// warp that may split the keys into chunks (partial results in `workspace`,
+// combined by a second kernel) when there are too few query tiles to fill the
+// device; float32 runs a simple kernel (for testing) and needs no workspace.
+// attention_cuda_plan picks rows per warp and the split count for the current
+// device; the caller allocates plan.workspace_bytes of device memory (none
+// when 0) and passes both on.
 // bf16/fp16 need q, k, v 16-byte aligned with strides multiple of 8 elements.
 struct AttentionCudaPlan {
   int num_splits = 1;
+  int rows_per_warp = 16;  // 16 or 32
   size_t workspace_bytes = 0;
 };
 cudaError_t attention_cuda_plan(const AttentionParams& p, AttentionCudaPlan* plan);
