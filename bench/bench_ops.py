@@ -1,5 +1,6 @@
-"""Benchmark of the llada decoding ops through torch, against the plain-torch
-compositions the official LLaDA sampler uses for the same work.
+"""Benchmark of the llada decoding ops and the fused norm through torch,
+against the plain-torch compositions the official LLaDA code uses for the
+same work.
 
     python bench/bench_ops.py                 # CPU
     python bench/bench_ops.py --device cuda   # GPU (CUDA-event timing)
@@ -182,6 +183,30 @@ def bench_commit_tokens(device: str, min_time: float, gen: torch.Generator) -> l
 
 
 # --------------------------------------------------------------------------
+# rms_norm vs the checkpoint code's RMSNorm composition
+# --------------------------------------------------------------------------
+
+
+def bench_rms_norm(device: str, min_time: float, gen: torch.Generator) -> list[Row]:
+    """The model's norm at LLaDA-8B width: a cached block, a full forward."""
+    rows = []
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    for n in (32, 512):
+        x = torch.randn(n, 4096, generator=gen).to(device=device, dtype=dtype)
+        w = (1 + 0.1 * torch.randn(4096, generator=gen)).to(device=device, dtype=dtype)
+        ours = llada.rms_norm(x, w, 1e-5)
+        ref = llada.ops.rms_norm_reference(x, w, 1e-5)
+        # Equal up to the rounding of the float32 normalisation (see the tests).
+        same = bool(torch.allclose(ours.float(), ref.float(), rtol=2.0**-6, atol=0))
+        rows.append(report(Row(
+            "rms_norm", f"[{n}, 4096] {str(dtype).removeprefix('torch.')}", "float/pow/mean/rsqrt/mul/cast/mul",
+            time_us(lambda: llada.rms_norm(x, w, 1e-5), device, min_time),
+            time_us(lambda: llada.ops.rms_norm_reference(x, w, 1e-5), device, min_time),
+            same)))
+    return rows
+
+
+# --------------------------------------------------------------------------
 
 
 def main() -> int:
@@ -201,6 +226,7 @@ def main() -> int:
     rows = bench_sample_tokens(args.device, min_time, gen)
     rows += bench_select_positions(args.device, min_time, gen)
     rows += bench_commit_tokens(args.device, min_time, gen)
+    rows += bench_rms_norm(args.device, min_time, gen)
 
     print(f"\n| op | shape | baseline | llada us | baseline us | speed-up | same result |")
     print("|---|---|---|---:|---:|---:|---|")

@@ -9,8 +9,6 @@
 // run under CUDA events; TFLOP/s counts 4 B Hq Lq Lk D flops per call.
 //
 //   bench_attention [--repeats N] [--warmup N]
-#include <cuda_fp16.h>
-
 #include "bench_common.cuh"
 #include "llada/attention.h"
 #include "llada/kernels_cuda.h"
@@ -29,33 +27,13 @@ struct Case {
   bool timed;   // timed (and validated on two heads) or validated in full
 };
 
-uint16_t to_half_bits(float x) {
-  __half h = __float2half_rn(x);
-  uint16_t u;
-  std::memcpy(&u, &h, 2);
-  return u;
-}
-
-float half_bits_to_float(uint16_t u) {
-  __half_raw raw;
-  raw.x = u;
-  return __half2float(__half(raw));
-}
-
-float bf16_bits_to_float(uint16_t u) {
-  uint32_t x = uint32_t(u) << 16;
-  float f;
-  std::memcpy(&f, &x, 4);
-  return f;
-}
-
 // Rounds `x` to the dtype in place (so the reference sees the kernel's
 // inputs) and returns the 16-bit encoding.
 std::vector<uint16_t> round_to(std::vector<float>& x, DType t) {
   std::vector<uint16_t> bits(x.size());
   for (size_t i = 0; i < x.size(); ++i) {
-    bits[i] = t == DType::kBFloat16 ? bench::float_to_bf16(x[i]) : to_half_bits(x[i]);
-    x[i] = t == DType::kBFloat16 ? bf16_bits_to_float(bits[i]) : half_bits_to_float(bits[i]);
+    bits[i] = bench::bits_from_float(x[i], t);
+    x[i] = bench::bits_to_float(bits[i], t);
   }
   return bits;
 }
@@ -194,7 +172,7 @@ bool run_case(const Case& c, const bench::Options& o, uint64_t seed) {
             } else {
               uint16_t u;
               std::memcpy(&u, out_bytes.data() + 2 * idx, 2);
-              got = c.dtype == DType::kBFloat16 ? bf16_bits_to_float(u) : half_bits_to_float(u);
+              got = bench::bits_to_float(u, c.dtype);
             }
             const float w = want[idx];
             if (std::isfinite(got)) max_err = std::max(max_err, double(std::fabs(got - w)));

@@ -2,6 +2,7 @@
 // CUDA-event timing, fixed-seed random data and result lines.
 #pragma once
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -138,6 +139,26 @@ inline uint16_t float_to_bf16(float f) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
   u += 0x7fffu + ((u >> 16) & 1u);
   return uint16_t(u >> 16);
+}
+
+inline uint16_t to_half_bits(float x) {
+  const __half h = __float2half_rn(x);
+  uint16_t u;
+  std::memcpy(&u, &h, 2);
+  return u;
+}
+
+// 16-bit encodings of `t` (bfloat16 or float16) to and from float,
+// rounding to nearest even.
+inline float bits_to_float(uint16_t u, llada::DType t) {
+  if (t == llada::DType::kBFloat16) return llada::bf16_to_float(u);
+  __half_raw raw;
+  raw.x = u;
+  return __half2float(__half(raw));
+}
+
+inline uint16_t bits_from_float(float x, llada::DType t) {
+  return t == llada::DType::kBFloat16 ? float_to_bf16(x) : to_half_bits(x);
 }
 
 template <typename T>

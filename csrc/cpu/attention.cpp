@@ -156,14 +156,6 @@ void widen(const void* src, DType dtype, float* dst, int n) {
   }
 }
 
-// float32 -> bfloat16 bits, round to nearest even; NaN stays NaN.
-inline uint16_t float_to_bf16(float f) {
-  uint32_t u = float_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-
 size_t element_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
 const char* element_at(const void* base, DType t, int64_t offset) {

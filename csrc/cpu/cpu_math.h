@@ -1,5 +1,5 @@
-// Pieces shared by the CPU twins: the run-time choice of vector width and an
-// exp that loops can vectorise. Torch-free.
+// Pieces shared by the CPU twins: the run-time choice of vector width, the
+// rounding to bfloat16 and an exp that loops can vectorise. Torch-free.
 #pragma once
 
 #include <cmath>
@@ -19,6 +19,14 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 #else
 #define LLADA_MULTIVERSION
 #endif
+
+// float32 -> bfloat16 bits, round to nearest even; NaN stays NaN.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
 
 // exp(t) for t <= 0 (or -inf), about 1 ulp: Cephes-style range reduction and
 // polynomial in plain arithmetic so the loops calling it vectorise. Exactly 0

@@ -80,11 +80,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused_norm_fits(x, self.weight):
+            return ops.rms_norm(x, self.weight, self.eps)  # the same numbers, one kernel
         # Normalise in float32 whatever the storage dtype; the weight multiplies
         # after the cast back, as in the checkpoint's training code.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+def _fused_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether llada.ops.rms_norm can stand in for RMSNorm's composition:
+    no gradient needed, matching dtypes the compiled kernels take."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    if x.dtype != weight.dtype or x.device != weight.device:
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16)
+    return x.device.type == "cuda" and _C.cuda_compiled() and x.dtype in (
+        torch.float32, torch.bfloat16, torch.float16)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):

@@ -17,6 +17,9 @@ Ops
     re-mask positions, and return the masked count left per row.
 ``attention(q, k, v, key_mask, scale)``
     Bidirectional attention with grouped-query heads and key padding.
+``rms_norm(x, weight, eps)``
+    The model's RMSNorm in one pass: float32 inside, rounded as the
+    checkpoint's code rounds.
 """
 
 from __future__ import annotations
@@ -400,3 +403,41 @@ def attention_reference(
     p = torch.softmax(scores, dim=-1)
     p = torch.nan_to_num(p, nan=0.0)  # rows with no valid key: all -inf -> NaN -> 0
     return (p @ vd).transpose(1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------
+# rms_norm
+# --------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of the last dimension, as LLaDA's blocks compute it:
+    ``weight * (x * rsqrt(mean(x**2, -1) + eps)).to(x.dtype)`` with the
+    normalisation in float32 (see :func:`rms_norm_reference`).
+
+    Args:
+        x: ``[..., dim]``; float32 or bfloat16 on CPU, also float16 on CUDA.
+        weight: ``[dim]``, x's dtype and device.
+        eps: added to the mean square; finite and >= 0.
+
+    Returns:
+        A new contiguous tensor of x's shape and dtype.
+    """
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    return torch.ops.llada.rms_norm(x, weight, float(eps))
+
+
+@torch.library.register_fake("llada::rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The specification of :func:`rms_norm`: normalise in float32, round to
+    x's dtype, then multiply by the weight in that dtype (two roundings, as
+    in the checkpoint's training code)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)

@@ -6,6 +6,7 @@
 
 #include "llada/attention.h"
 #include "llada/commit_tokens.h"
+#include "llada/rms_norm.h"
 #include "llada/sample_tokens.h"
 #include "llada/select_positions.h"
 
@@ -18,6 +19,8 @@ constexpr int64_t kSelectMaxLength = 16384;
 cudaError_t select_positions_cuda(const SelectPositionsParams& p, cudaStream_t stream);
 
 cudaError_t commit_tokens_cuda(const CommitTokensParams& p, cudaStream_t stream);
+
+cudaError_t rms_norm_cuda(const RmsNormParams& p, cudaStream_t stream);
 
 // Attention. bf16/fp16 run a tensor-core kernel with 16 or 32 query rows per
 // warp that may split the keys into chunks (partial results in `workspace`,

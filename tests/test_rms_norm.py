@@ -1,0 +1,161 @@
+"""rms_norm against its reference (the torch composition the checkpoint's code
+uses), on CPU and CUDA.
+
+Accuracy criteria: float32 agrees with the reference to a few ulps (only the
+order of the sum of squares differs). The 16-bit types round twice, like the
+reference; where the float32 normalisation differs in its last bit, a rounding
+may go the other way, so an element may differ by up to 2 ulps of its dtype,
+and only a small fraction of elements may differ at all.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import llada
+from llada.model import RMSNorm
+from llada.ops import rms_norm_reference
+
+from conftest import poison_allocator
+
+DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
+MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
+
+
+def make_inputs(shape, dtype, device, seed=0):
+    """Rows at scales from 1e-3 to 1e3 (the normalisation must undo them) and
+    a weight around 1."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=gen)
+    if x.dim() > 1:
+        x = x * torch.logspace(-3, 3, x.shape[-2]).unsqueeze(-1)
+    w = 1 + 0.5 * torch.randn(shape[-1], generator=gen)
+    return x.to(device=device, dtype=dtype), w.to(device=device, dtype=dtype)
+
+
+def check(x, w, eps):
+    poison_allocator(x.device.type, [x.numel() * x.element_size() * 2])
+    got = llada.rms_norm(x, w, eps)
+    want = rms_norm_reference(x, w, eps)
+    assert got.shape == x.shape and got.dtype == x.dtype and got.device == x.device
+    assert got.is_contiguous()
+    if x.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-30, equal_nan=True)
+        return
+    g, r = got.float(), want.float()
+    assert torch.equal(g.isnan(), r.isnan()), "NaN where the reference has none, or the reverse"
+    g, r = g[~g.isnan()], r[~r.isnan()]
+    size = torch.maximum(g.abs(), r.abs()).clamp_min(torch.finfo(x.dtype).tiny)
+    ulp = torch.exp2(torch.floor(torch.log2(size)) - MANTISSA_BITS[x.dtype])
+    diff = (g - r).abs()
+    assert (diff <= 2 * ulp).all(), f"max error {(diff / ulp).max().item():.1f} ulp"
+    if diff.numel() >= 1000:
+        assert (diff > 0).float().mean().item() < 0.02, "too many elements differ from the reference"
+
+
+SHAPES = [(1, 1), (3, 17), (2, 5, 4096), (64, 4095), (7, 130), (0, 8)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_matches_reference(device, dtype, shape):
+    if dtype not in DTYPES[device]:
+        pytest.skip(f"{dtype} is not supported on {device}")
+    x, w = make_inputs(shape, dtype, device)
+    check(x, w, 1e-5)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-6, 1.0])
+def test_eps_and_zero_rows(device, eps):
+    x, w = make_inputs((4, 256), torch.float32, device, seed=1)
+    x[1] = 0  # 0 with eps > 0; 0 * inf = nan with eps = 0, as in the reference
+    check(x, w, eps)
+    check(x.bfloat16(), w.bfloat16(), eps)
+
+
+def test_strided_input(device):
+    """A transposed view is read as the tensor it represents."""
+    x, w = make_inputs((64, 6), torch.float32, device, seed=2)
+    xt = x.t()  # [6, 64], not contiguous
+    w64 = torch.randn(64, device=device)
+    check(xt, w64, 1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 20), dim=st.integers(1, 600), eps=st.sampled_from([0.0, 1e-5, 0.1]),
+       scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2**31 - 1))
+def test_random_shapes_cpu(rows, dim, eps, scale, seed):
+    x, w = make_inputs((rows, dim), torch.float32, "cpu", seed)
+    x = x * scale + 0.1  # no all-zero row, so eps = 0 stays finite
+    check(x, w, eps)
+    check(x.bfloat16(), w.bfloat16(), eps)
+
+
+def test_inputs_not_modified(device):
+    x, w = make_inputs((3, 100), torch.bfloat16, device, seed=3)
+    before = (x.clone(), w.clone())
+    llada.rms_norm(x, w, 1e-5)
+    assert torch.equal(before[0], x) and torch.equal(before[1], w)
+
+
+def test_opcheck(device):
+    x, w = make_inputs((3, 4, 64), torch.float32, device, seed=4)
+    torch.library.opcheck(torch.ops.llada.rms_norm.default, (x, w, 1e-5))
+    torch.library.opcheck(torch.ops.llada.rms_norm.default, (x.bfloat16(), w.bfloat16(), 0.0))
+
+
+def test_bad_input(device):
+    x, w = make_inputs((3, 64), torch.float32, device, seed=5)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        llada.rms_norm(x.double(), w.double(), 1e-5)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        llada.rms_norm(x.long(), w.long(), 1e-5)
+    if device == "cpu":
+        with pytest.raises(TypeError, match="x: expected dtype float32 or bfloat16"):
+            llada.rms_norm(x.half(), w.half(), 1e-5)
+    with pytest.raises(TypeError, match="weight: expected dtype"):
+        llada.rms_norm(x, w.bfloat16(), 1e-5)
+    with pytest.raises(ValueError, match="weight: expected 64 elements"):
+        llada.rms_norm(x, w[:63], 1e-5)
+    with pytest.raises(ValueError, match="weight: expected a 1-D"):
+        llada.rms_norm(x, w[None], 1e-5)
+    with pytest.raises(ValueError, match="x: expected at least one dimension"):
+        llada.rms_norm(x[0, 0], w[:1], 1e-5)
+    for eps in (math.nan, math.inf, -1e-5):
+        with pytest.raises(ValueError, match="eps"):
+            llada.rms_norm(x, w, eps)
+    with pytest.raises(TypeError, match="x"):
+        llada.rms_norm(x.tolist(), w, 1e-5)
+    with pytest.raises(TypeError, match="weight"):
+        llada.rms_norm(x, w.tolist(), 1e-5)
+    if device == "cuda":
+        with pytest.raises(ValueError, match="weight: expected to be on the device of x"):
+            llada.rms_norm(x, w.cpu(), 1e-5)
+
+
+def test_model_norm_uses_it_and_keeps_gradients(device, monkeypatch):
+    """The model's RMSNorm goes through the fused op in inference, with the
+    reference's values, and still trains (the composition, which has a
+    gradient)."""
+    calls, fused = [], llada.ops.rms_norm
+
+    def counting_rms_norm(*args):
+        calls.append(args[0].shape)
+        return fused(*args)
+
+    monkeypatch.setattr(llada.model.ops, "rms_norm", counting_rms_norm)
+    norm = RMSNorm(96, 1e-5).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(96))
+    x = torch.randn(2, 7, 96, device=device)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), rms_norm_reference(x, norm.weight, 1e-5), rtol=1e-5, atol=1e-30)
+    assert calls == [x.shape]
+    xg = x.clone().requires_grad_(True)
+    norm(xg).square().sum().backward()
+    assert calls == [x.shape], "the training path must keep the differentiable composition"
+    assert xg.grad is not None and norm.weight.grad is not None
+    assert torch.isfinite(xg.grad).all()
