@@ -1,6 +1,6 @@
-"""Benchmark of the llada decoding ops and the fused norm through torch,
-against the plain-torch compositions the official LLaDA code uses for the
-same work.
+"""Benchmark of the llada decoding ops and the fused norm and rotary ops
+through torch, against the plain-torch compositions the official LLaDA code
+uses for the same work.
 
     python bench/bench_ops.py                 # CPU
     python bench/bench_ops.py --device cuda   # GPU (CUDA-event timing)
@@ -183,7 +183,7 @@ def bench_commit_tokens(device: str, min_time: float, gen: torch.Generator) -> l
 
 
 # --------------------------------------------------------------------------
-# rms_norm vs the checkpoint code's RMSNorm composition
+# rms_norm and rope vs the checkpoint code's compositions
 # --------------------------------------------------------------------------
 
 
@@ -202,6 +202,24 @@ def bench_rms_norm(device: str, min_time: float, gen: torch.Generator) -> list[R
             "rms_norm", f"[{n}, 4096] {str(dtype).removeprefix('torch.')}", "float/pow/mean/rsqrt/mul/cast/mul",
             time_us(lambda: llada.rms_norm(x, w, 1e-5), device, min_time),
             time_us(lambda: llada.ops.rms_norm_reference(x, w, 1e-5), device, min_time),
+            same)))
+    return rows
+
+
+def bench_rope(device: str, min_time: float, gen: torch.Generator) -> list[Row]:
+    """Queries at LLaDA-8B shape: a cached block, a full forward."""
+    from llada.model import rope_tables
+
+    rows = []
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    for n in (32, 512):
+        x = torch.randn(1, n, 32, 128, generator=gen).to(device=device, dtype=dtype)
+        cos, sin = (t[None].to(device) for t in rope_tables(torch.arange(n), 128, 500000.0))
+        same = bool(torch.equal(llada.rope(x, cos, sin), llada.ops.rope_reference(x, cos, sin)))
+        rows.append(report(Row(
+            "rope", f"[1, {n}, 32, 128] {str(dtype).removeprefix('torch.')}", "float/neg/cat/mul/mul/add/cast",
+            time_us(lambda: llada.rope(x, cos, sin), device, min_time),
+            time_us(lambda: llada.ops.rope_reference(x, cos, sin), device, min_time),
             same)))
     return rows
 
@@ -227,6 +245,7 @@ def main() -> int:
     rows += bench_select_positions(args.device, min_time, gen)
     rows += bench_commit_tokens(args.device, min_time, gen)
     rows += bench_rms_norm(args.device, min_time, gen)
+    rows += bench_rope(args.device, min_time, gen)
 
     print(f"\n| op | shape | baseline | llada us | baseline us | speed-up | same result |")
     print("|---|---|---|---:|---:|---:|---|")

@@ -161,6 +161,22 @@ inline uint16_t bits_from_float(float x, llada::DType t) {
   return t == llada::DType::kBFloat16 ? float_to_bf16(x) : to_half_bits(x);
 }
 
+// The elements of `bytes` (float32, or 16-bit encodings of `t`) as floats.
+inline std::vector<float> as_floats(const std::vector<uint8_t>& bytes, llada::DType t) {
+  const size_t size = t == llada::DType::kFloat32 ? 4 : 2;
+  std::vector<float> out(bytes.size() / size);
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (size == 4) {
+      std::memcpy(&out[i], bytes.data() + 4 * i, 4);
+    } else {
+      uint16_t u;
+      std::memcpy(&u, bytes.data() + 2 * i, 2);
+      out[i] = bits_to_float(u, t);
+    }
+  }
+  return out;
+}
+
 template <typename T>
 struct DeviceBuffer {
   T* ptr = nullptr;

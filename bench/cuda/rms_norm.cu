@@ -69,17 +69,7 @@ bool run_case(DType dtype, int64_t rows, int64_t dim, const bench::Options& o, u
   RmsNormParams p{dx.ptr, dw.ptr, dout.ptr, rows, dim, eps, dtype};
   CUDA_CHECK(llada::rms_norm_cuda(p, 0));
   CUDA_CHECK(cudaDeviceSynchronize());
-  const std::vector<uint8_t> out = dout.download();
-  std::vector<float> got(want.size());
-  for (size_t i = 0; i < got.size(); ++i) {
-    if (dtype == DType::kFloat32) {
-      std::memcpy(&got[i], out.data() + 4 * i, 4);
-    } else {
-      uint16_t u;
-      std::memcpy(&u, out.data() + 2 * i, 2);
-      got[i] = bench::bits_to_float(u, dtype);
-    }
-  }
+  const std::vector<float> got = bench::as_floats(dout.download(), dtype);
   // 2 ulps of the dtype (relative), or a few float32 ulps.
   const float rtol = dtype == DType::kBFloat16 ? 0x1p-6f : dtype == DType::kFloat16 ? 0x1p-9f : 1e-5f;
   const int64_t bad = bench::count_close_mismatches("out", got, want, rtol, 1e-30f);

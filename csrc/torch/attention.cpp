@@ -12,21 +12,6 @@ namespace llada {
 
 namespace {
 
-DType attention_dtype(const at::Tensor& q, bool allow_half) {
-  switch (q.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf:
-      if (allow_half) return DType::kFloat16;
-      break;
-    default: break;
-  }
-  TORCH_CHECK_TYPE(false, "q: expected dtype ",
-                   allow_half ? "float32, bfloat16 or float16" : "float32 or bfloat16 (on CPU)",
-                   ", got ", q.scalar_type(), " on ", q.device());
-  return DType::kFloat32;  // not reached
-}
-
 void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.stride(3) == 1 || t.size(3) == 1, name,
                     ": expected a contiguous last (head) dimension, got strides ",
@@ -45,7 +30,7 @@ DType check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::T
   check_dim(q, 4, "q", "[B, Lq, Hq, D]");
   check_dim(k, 4, "k", "[B, Lk, Hkv, D]");
   check_dim(v, 4, "v", "[B, Lk, Hkv, D]");
-  const DType dtype = attention_dtype(q, allow_half);
+  const DType dtype = float_dtype(q, "q", allow_half);
   check_dtype(k, q.scalar_type(), "k");
   check_dtype(v, q.scalar_type(), "v");
   check_same_device(k, q, "k", "q");

@@ -62,6 +62,23 @@ inline void check_contiguous(const at::Tensor& t, const char* name) {
                     format_sizes(t.strides()));
 }
 
+// The element type of a floating-point input: float32, bfloat16, and float16
+// where the implementation takes it (CUDA).
+inline DType float_dtype(const at::Tensor& t, const char* name, bool allow_half) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf:
+      if (allow_half) return DType::kFloat16;
+      break;
+    default: break;
+  }
+  TORCH_CHECK_TYPE(false, name, ": expected dtype ",
+                   allow_half ? "float32, bfloat16 or float16" : "float32 or bfloat16 (on CPU)",
+                   ", got ", t.scalar_type(), " on ", t.device());
+  return DType::kFloat32;  // not reached
+}
+
 inline DType logits_dtype(const at::Tensor& logits) {
   switch (logits.scalar_type()) {
     case at::kFloat: return DType::kFloat32;

@@ -14,21 +14,7 @@ namespace llada {
 // Checks shared by both devices; returns the element type.
 DType check_rms_norm_args(const at::Tensor& x, const at::Tensor& weight, double eps, bool allow_half) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected at least one dimension [..., dim], got a 0-D tensor");
-  DType dtype = DType::kFloat32;
-  switch (x.scalar_type()) {
-    case at::kFloat: dtype = DType::kFloat32; break;
-    case at::kBFloat16: dtype = DType::kBFloat16; break;
-    case at::kHalf:
-      if (allow_half) {
-        dtype = DType::kFloat16;
-        break;
-      }
-      [[fallthrough]];
-    default:
-      TORCH_CHECK_TYPE(false, "x: expected dtype ",
-                       allow_half ? "float32, bfloat16 or float16" : "float32 or bfloat16 (on CPU)",
-                       ", got ", x.scalar_type(), " on ", x.device());
-  }
+  const DType dtype = float_dtype(x, "x", allow_half);
   check_dim(weight, 1, "weight", "[dim]");
   check_dtype(weight, x.scalar_type(), "weight");
   check_same_device(weight, x, "weight", "x");

@@ -3,7 +3,7 @@
 import torch  # noqa: F401  (loads libtorch before the extension needs it)
 
 from . import _C, ops
-from .ops import TokenChoice, attention, commit_tokens, rms_norm, sample_tokens, select_positions
+from .ops import TokenChoice, attention, commit_tokens, rms_norm, rope, sample_tokens, select_positions
 from .model import LLaDAConfig, LLaDAModel
 from .checkpoint import load_config, load_model, load_tokenizer, write_random_checkpoint
 from .likelihood import log_likelihood
@@ -40,6 +40,7 @@ __all__ = [
     "load_tokenizer",
     "ops",
     "rms_norm",
+    "rope",
     "sample_tokens",
     "select_positions",
     "write_random_checkpoint",

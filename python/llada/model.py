@@ -80,26 +80,30 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _fused_norm_fits(x, self.weight):
-            return ops.rms_norm(x, self.weight, self.eps)  # the same numbers, one kernel
         # Normalise in float32 whatever the storage dtype; the weight multiplies
-        # after the cast back, as in the checkpoint's training code.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # after the cast back, as in the checkpoint's training code. One kernel
+        # when no gradient is needed; the (differentiable) composition otherwise.
+        if _fused_norm_fits(x, self.weight):
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm_reference(x, self.weight, self.eps)
 
 
-def _fused_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether llada.ops.rms_norm can stand in for RMSNorm's composition:
-    no gradient needed, matching dtypes the compiled kernels take."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False
-    if x.dtype != weight.dtype or x.device != weight.device:
+def _fused_elementwise_fits(x: torch.Tensor) -> bool:
+    """Whether the one-kernel norm and rotary ops can stand in for their
+    torch compositions on x: no gradient needed (they have none), and a
+    device and dtype the compiled kernels take."""
+    if torch.is_grad_enabled() and x.requires_grad:
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16)
     return x.device.type == "cuda" and _C.cuda_compiled() and x.dtype in (
         torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fused_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return False
+    return _fused_elementwise_fits(x) and x.dtype == weight.dtype and x.device == weight.device
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
@@ -114,12 +118,11 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, L, H, D] by position (cos, sin [1 or B, L, D]); computed in
-    float32, returned in x's dtype."""
-    x32 = x.float()
-    x1, x2 = x32.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return (x32 * cos + rotated * sin).to(x.dtype)
+    float32, returned in x's dtype. One kernel (llada.ops.rope, the same bits)
+    when no gradient is needed; the composition otherwise."""
+    if _fused_elementwise_fits(x) and cos.dtype == torch.float32:
+        return ops.rope(x, cos, sin)
+    return ops.rope_reference(x, cos, sin)
 
 
 ATTENTION_BACKENDS = ("llada", "sdpa")

@@ -20,6 +20,9 @@ Ops
 ``rms_norm(x, weight, eps)``
     The model's RMSNorm in one pass: float32 inside, rounded as the
     checkpoint's code rounds.
+``rope(x, cos, sin)``
+    The model's rotary embedding of queries or keys in one pass, with the
+    composition's bits.
 """
 
 from __future__ import annotations
@@ -441,3 +444,43 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
+
+
+# --------------------------------------------------------------------------
+# rope
+# --------------------------------------------------------------------------
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, half-split convention, as the model applies
+    it to queries and keys (see :func:`rope_reference`); bit-identical to it.
+
+    Args:
+        x: ``[B, L, H, D]`` with D even; float32 or bfloat16 on CPU, also
+            float16 on CUDA.
+        cos, sin: float32 ``[B or 1, L, D]``, the tables of each position
+            (shared by the batch rows when the first dimension is 1).
+
+    Returns:
+        A new contiguous tensor of x's shape and dtype.
+    """
+    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    return torch.ops.llada.rope(x, cos, sin)
+
+
+@torch.library.register_fake("llada::rope")
+def _rope_fake(x, cos, sin):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The specification of :func:`rope`: in float32,
+    ``x * cos + cat(-x2, x1) * sin`` with ``x1, x2`` the halves of the last
+    dimension and the tables broadcast over heads, then x's dtype."""
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x32 * cos + rotated * sin).to(x.dtype)

@@ -7,6 +7,7 @@
 #include "llada/attention.h"
 #include "llada/commit_tokens.h"
 #include "llada/rms_norm.h"
+#include "llada/rope.h"
 #include "llada/sample_tokens.h"
 #include "llada/select_positions.h"
 
@@ -21,6 +22,8 @@ cudaError_t select_positions_cuda(const SelectPositionsParams& p, cudaStream_t s
 cudaError_t commit_tokens_cuda(const CommitTokensParams& p, cudaStream_t stream);
 
 cudaError_t rms_norm_cuda(const RmsNormParams& p, cudaStream_t stream);
+
+cudaError_t rope_cuda(const RopeParams& p, cudaStream_t stream);
 
 // Attention. bf16/fp16 run a tensor-core kernel with 16 or 32 query rows per
 // warp that may split the keys into chunks (partial results in `workspace`,
