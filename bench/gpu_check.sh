@@ -53,7 +53,9 @@ echo
 echo "================ summary ================"
 cat "$LOGS/device.txt"
 echo "tests: $(grep -E '(passed|failed|error)' "$LOGS/tests.log" | tail -n 1)"
-grep -h '^RESULT' "$LOGS"/bench_*.log 2>/dev/null | sed 's/^RESULT /  /'
+# Timed and failed kernel cases; the cases only validated are counted.
+grep -h '^RESULT' "$LOGS"/bench_*.log 2>/dev/null | grep -E ' us=| FAIL$' | sed 's/^RESULT /  /'
+echo "  validated only (not timed): $(grep -h '^RESULT.*validated ok$' "$LOGS"/bench_*.log 2>/dev/null | wc -l) ok"
 for f in "$LOGS"/bench_ops.log "$LOGS"/bench_attention.log "$LOGS"/bench_generate.log \
          "$LOGS"/bench_decoding.log; do
   [ -f "$f" ] && { echo "-- $(basename "$f" .log)"; sed -n '/^|/p' "$f"; }
