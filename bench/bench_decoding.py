@@ -5,7 +5,8 @@ forward and positions fed per forward, for each policy, on one random model.
     python bench/bench_decoding.py --device cuda --shape 8b
 
 The baseline is exact mode with one token per step (steps = gen_length),
-measured in the same run; ratios are against it. Random weights say nothing
+measured in the same run; ratios are against it. A last table times the parts
+of a dual-cache block on their own. Random weights say nothing
 about quality (see bench/quality.py for that), only about speed.
 """
 
@@ -58,6 +59,58 @@ def run(model, prompt, steps, gen, block, policy, device):
     return time.perf_counter() - start, stats
 
 
+def step_anatomy(model, prompt_len: int, gen: int, block: int, device: str, min_time: float) -> None:
+    """Where a dual-cache block's time goes: the block-start forward over the
+    whole sequence, a cached forward of the block (eagerly, and on CUDA as a
+    replayed graph) and the sampler's ops of one step; and the tokens/s they
+    imply at 4 tokens per step (one full forward, then cached steps)."""
+    from llada.cuda_graph import CachedStepGraph
+    from llada.model import KVCache
+    from timing import time_us
+
+    cfg = model.config
+    total, lo, hi = prompt_len + gen, prompt_len, prompt_len + block
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, min(cfg.vocab_size, 30000), (1, total), generator=g).to(device)
+    in_block = torch.zeros(1, total, dtype=torch.bool, device=device)
+    in_block[:, lo:hi] = True
+    cache = KVCache(cfg, 1, total, device, model.dtype)
+    all_block = torch.ones(1, block, dtype=torch.bool, device=device)
+    rows = {
+        "full forward (fills the cache)": lambda: model(ids, None, logits_at=in_block, cache=cache),
+        "cached forward of the block": lambda: model(ids[:, lo:hi], None, logits_at=all_block, cache=cache,
+                                                     start=lo),
+    }
+    if device == "cuda":
+        graph = CachedStepGraph(model, cache, None, ids[:, lo:hi], lo)
+        rows["cached forward, CUDA graph"] = lambda: graph(None, ids[:, lo:hi], lo)
+    logits = model(ids, None, logits_at=in_block, cache=cache).logits
+    canvas = ids.clone()
+    k = torch.full((1,), 4, dtype=torch.int64, device=device)
+
+    def sampler_ops():
+        choice = llada.sample_tokens(logits)
+        grid = torch.full((1, total), -float("inf"), device=device)
+        grid[:, lo:hi] = choice.confidence
+        accepted = llada.select_positions(grid, "topk", k)
+        x0 = canvas.clone()
+        x0[:, lo:hi] = choice.tokens
+        llada.commit_tokens(canvas, x0, accepted, cfg.mask_token_id)
+
+    rows["sampler ops of a step (approx.)"] = sampler_ops
+    ms = {name: time_us(fn, device, min_time) / 1e3 for name, fn in rows.items()}
+    print()
+    print(f"| step anatomy (prompt {prompt_len}, gen {gen}, block {block}) | ms |")
+    print("|---|---:|")
+    for name, value in ms.items():
+        print(f"| {name} | {value:.2f} |")
+    steps = block // 4
+    for cached in [n for n in ms if n.startswith("cached")]:
+        block_ms = ms["full forward (fills the cache)"] + (steps - 1) * ms[cached] + steps * ms[
+            "sampler ops of a step (approx.)"]
+        print(f"| implied tokens/s, 4 tokens/step, {cached} | {block / block_ms * 1e3:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -92,6 +145,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name, nfe, tpf, ppf, tps, ratio in rows:
         print(f"| {name} | {nfe} | {tpf:.2f} | {ppf:.1f} | {tps:.1f} | {ratio:.2f} |")
+    with torch.no_grad():
+        step_anatomy(model, shape["prompt"], gen, block, args.device, 0.5 if args.device == "cuda" else 1.0)
 
 
 if __name__ == "__main__":
