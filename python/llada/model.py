@@ -88,10 +88,10 @@ class RMSNorm(nn.Module):
         return ops.rms_norm_reference(x, self.weight, self.eps)
 
 
-def _fused_elementwise_fits(x: torch.Tensor) -> bool:
-    """Whether the one-kernel norm and rotary ops can stand in for their
-    torch compositions on x: no gradient needed (they have none), and a
-    device and dtype the compiled kernels take."""
+def _kernels_take(x: torch.Tensor) -> bool:
+    """Whether llada's compiled ops can stand in for a torch composition on
+    x: no gradient needed (they have none), and a device and dtype they
+    take (CPU float32/bfloat16; CUDA, when compiled in, also float16)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return False
     if x.device.type == "cpu":
@@ -103,7 +103,7 @@ def _fused_elementwise_fits(x: torch.Tensor) -> bool:
 def _fused_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if torch.is_grad_enabled() and weight.requires_grad:
         return False
-    return _fused_elementwise_fits(x) and x.dtype == weight.dtype and x.device == weight.device
+    return _kernels_take(x) and x.dtype == weight.dtype and x.device == weight.device
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
@@ -120,7 +120,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate x [B, L, H, D] by position (cos, sin [1 or B, L, D]); computed in
     float32, returned in x's dtype. One kernel (llada.ops.rope, the same bits)
     when no gradient is needed; the composition otherwise."""
-    if _fused_elementwise_fits(x) and cos.dtype == torch.float32:
+    if _kernels_take(x) and cos.dtype == torch.float32:
         return ops.rope(x, cos, sin)
     return ops.rope_reference(x, cos, sin)
 
@@ -145,14 +145,7 @@ def set_attention_backend(name: str) -> None:
 
 
 def _fused_attention_fits(q: torch.Tensor) -> bool:
-    if _attention_backend != "llada" or q.shape[-1] not in (64, 128):
-        return False
-    if torch.is_grad_enabled() and q.requires_grad:
-        return False  # the fused kernels are inference-only
-    if q.device.type == "cpu":
-        return q.dtype in (torch.float32, torch.bfloat16)
-    return q.device.type == "cuda" and _C.cuda_compiled() and q.dtype in (
-        torch.float32, torch.bfloat16, torch.float16)
+    return _attention_backend == "llada" and q.shape[-1] in (64, 128) and _kernels_take(q)
 
 
 def attention(
