@@ -52,6 +52,13 @@ class TokenChoice(NamedTuple):
     entropy: torch.Tensor
 
 
+def _require_tensors(*named: tuple[str, object]) -> None:
+    """A clear error naming the first argument that is not a tensor."""
+    for name, value in named:
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+
+
 # --------------------------------------------------------------------------
 # Counter-based Gumbel noise, shared bit-for-bit by every implementation.
 #
@@ -143,8 +150,7 @@ def sample_tokens(
         ``softmax(logits)`` (not the tempered distribution), the chosen token's
         probability, the top-1 minus top-2 margin and the entropy.
     """
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
+    _require_tensors(("logits", logits))
     if suppress_ids is not None and not isinstance(suppress_ids, torch.Tensor):
         # A Python list can be checked for free; a tensor on the GPU would cost
         # a sync, so there out-of-range ids simply match no column.
@@ -236,10 +242,7 @@ def select_positions(
     - ``"factor"``: with ranked confidences c_1 >= c_2 >= ..., the largest n
       with ``(n + 1) * (1 - c_n) < factor``; at least one if any candidate.
     """
-    if not isinstance(confidence, torch.Tensor):
-        raise TypeError(
-            f"confidence: expected a torch.Tensor, got {type(confidence).__name__}"
-        )
+    _require_tensors(("confidence", confidence))
     if rule not in SELECTION_RULES:
         raise ValueError(f"rule: expected one of {SELECTION_RULES}, got {rule!r}")
     if rule == "topk":
@@ -319,8 +322,7 @@ def commit_tokens(
     Returns:
         int64 ``[B]``: how many positions of each row still hold ``mask_id``.
     """
-    if not isinstance(canvas, torch.Tensor):
-        raise TypeError(f"canvas: expected a torch.Tensor, got {type(canvas).__name__}")
+    _require_tensors(("canvas", canvas))
     return torch.ops.llada.commit_tokens(canvas, x0, accepted, remask, int(mask_id))
 
 
@@ -370,9 +372,7 @@ def attention(
     Returns:
         ``[B, Lq, Hq, D]`` contiguous, in q's dtype.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    _require_tensors(("q", q), ("k", k), ("v", v))
     if key_mask is not None and not isinstance(key_mask, torch.Tensor):
         raise TypeError(f"key_mask: expected a torch.Tensor or None, got {type(key_mask).__name__}")
     return torch.ops.llada.attention(q, k, v, key_mask, None if scale is None else float(scale))
@@ -426,9 +426,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Returns:
         A new contiguous tensor of x's shape and dtype.
     """
-    for name, t in (("x", x), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    _require_tensors(("x", x), ("weight", weight))
     return torch.ops.llada.rms_norm(x, weight, float(eps))
 
 
@@ -464,9 +462,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     Returns:
         A new contiguous tensor of x's shape and dtype.
     """
-    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    _require_tensors(("x", x), ("cos", cos), ("sin", sin))
     return torch.ops.llada.rope(x, cos, sin)
 
 
