@@ -41,3 +41,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def assert_new_tensor_like(got: torch.Tensor, like: torch.Tensor) -> None:
+    """An op's output for input ``like``: a contiguous tensor of its shape,
+    dtype and device."""
+    assert got.shape == like.shape and got.dtype == like.dtype and got.device == like.device
+    assert got.is_contiguous()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import llada
 from llada.ops import attention_reference
 
-from conftest import poison_allocator
+from conftest import assert_new_tensor_like, poison_allocator
 
 DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
 
@@ -60,8 +60,7 @@ def check_against_reference(q, k, v, key_mask=None, scale=None):
     device, dtype = q.device.type, q.dtype
     poison_allocator(device, [q.numel() * q.element_size() * 2])
     got = llada.attention(q, k, v, key_mask, scale)
-    assert got.shape == q.shape and got.dtype == dtype and got.device == q.device
-    assert got.is_contiguous()
+    assert_new_tensor_like(got, q)
     want = attention_reference(q, k, v, key_mask, scale)  # float64, on the rounded inputs
     got64 = got.double()
     assert torch.isfinite(got64).all(), "non-finite output"

@@ -19,7 +19,7 @@ import llada
 from llada.model import RMSNorm
 from llada.ops import rms_norm_reference
 
-from conftest import poison_allocator
+from conftest import assert_new_tensor_like, poison_allocator
 
 DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
@@ -40,8 +40,7 @@ def check(x, w, eps):
     poison_allocator(x.device.type, [x.numel() * x.element_size() * 2])
     got = llada.rms_norm(x, w, eps)
     want = rms_norm_reference(x, w, eps)
-    assert got.shape == x.shape and got.dtype == x.dtype and got.device == x.device
-    assert got.is_contiguous()
+    assert_new_tensor_like(got, x)
     if x.dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-30, equal_nan=True)
         return

@@ -11,7 +11,7 @@ import llada
 from llada.model import apply_rope, rope_tables
 from llada.ops import rope_reference
 
-from conftest import poison_allocator
+from conftest import assert_new_tensor_like, poison_allocator
 
 DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
 
@@ -31,8 +31,7 @@ def check(x, cos, sin):
     poison_allocator(x.device.type, [x.numel() * x.element_size() * 2])
     got = llada.rope(x, cos, sin)
     want = rope_reference(x, cos, sin)
-    assert got.shape == x.shape and got.dtype == x.dtype and got.device == x.device
-    assert got.is_contiguous()
+    assert_new_tensor_like(got, x)
     assert torch.equal(got, want), f"max difference {(got.float() - want.float()).abs().max().item():.3g}"
 
 
