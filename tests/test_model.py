@@ -114,7 +114,7 @@ def test_fused_attention_backend_matches_oracle(tmp_path, backend):
     from llada.model import set_attention_backend
 
     folder = make_checkpoint(tmp_path, seed=3, d_model=128, n_heads=2, n_kv_heads=1)
-    model = llada.load_model(folder, dtype=torch.float32)
+    model = llada.load_model(folder, dtype=torch.float32, device="cpu")
     oracle = NaiveLLaDA(folder)
     ids = torch.randint(0, 256, (2, 19))
     mask = torch.ones_like(ids)
