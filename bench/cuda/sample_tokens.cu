@@ -23,7 +23,8 @@ struct Variant {
   cudaError_t (*launch)(const SampleTokensParams&, cudaStream_t);
 };
 const Variant kVariants[] = {
-    {"block_per_row", llada::sample_tokens_cuda},
+    {"block_per_row_prefetch", llada::sample_tokens_cuda},
+    {"block_per_row", llada::sample_tokens_cuda_without_prefetch},
 };
 
 struct Case {

@@ -188,8 +188,18 @@ __device__ RowState block_merge(RowState s) {
 
 constexpr int kMaxSuppress = 64;
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) sample_tokens_kernel(SampleTokensParams p) {
+// Loads the kUnroll 16-byte vectors of thread group start i.
+__device__ __forceinline__ void load_group(uint4 (&raw)[kUnroll], const uint4* xv, int32_t i) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) raw[u] = __ldg(xv + i + u * kThreads);
+}
+
+// kPrefetch issues the loads of a thread's next group before folding the
+// current one, so its loads stay in flight while it computes; two blocks
+// must still fit on a multiprocessor (64 registers per thread), hence the
+// launch bound.
+template <typename T, bool kPrefetch>
+__global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(SampleTokensParams p) {
   constexpr int kVec = 16 / sizeof(T);
   __shared__ int32_t suppress[kMaxSuppress];
   const int num_suppress = p.num_suppress;
@@ -202,21 +212,42 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(SampleTokensPar
   const float inv_temperature = p.temperature > 0.0f ? 1.0f / p.temperature : 0.0f;
   const GumbelKey key = gumbel_row_key(p.seed, row);
   RowState s;
-
-  // 16-byte loads when the row start allows them; the tail goes one by one.
-  const bool aligned = (reinterpret_cast<uintptr_t>(x) & 15) == 0;
-  const int32_t num_vec = aligned ? vocab / kVec : 0;
-  const uint4* xv = reinterpret_cast<const uint4*>(x);
-  int32_t i = threadIdx.x;
-  for (; i + (kUnroll - 1) * kThreads < num_vec; i += kUnroll * kThreads) {
-    uint4 raw[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) raw[u] = __ldg(xv + i + u * kThreads);
+  auto fold_group = [&](const uint4 (&raw)[kUnroll], int32_t i) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       float v[kVec];
       widen<T>(raw[u], v);
       accumulate(s, v, (i + u * kThreads) * kVec, suppress, num_suppress, inv_temperature, key);
+    }
+  };
+
+  // 16-byte loads when the row start allows them; the tail goes one by one.
+  const bool aligned = (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+  const int32_t num_vec = aligned ? vocab / kVec : 0;
+  const uint4* xv = reinterpret_cast<const uint4*>(x);
+  const int32_t groups_end = num_vec - (kUnroll - 1) * kThreads;  // a whole group starts below
+  int32_t i = threadIdx.x;
+  if constexpr (kPrefetch) {
+    if (i < groups_end) {
+      uint4 raw[kUnroll];
+      load_group(raw, xv, i);
+      for (;;) {
+        const int32_t next = i + kUnroll * kThreads;
+        const bool more = next < groups_end;
+        uint4 ahead[kUnroll];
+        if (more) load_group(ahead, xv, next);
+        fold_group(raw, i);
+        i = next;
+        if (!more) break;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) raw[u] = ahead[u];
+      }
+    }
+  } else {
+    for (; i < groups_end; i += kUnroll * kThreads) {
+      uint4 raw[kUnroll];
+      load_group(raw, xv, i);
+      fold_group(raw, i);
     }
   }
   for (; i < num_vec; i += kThreads) {
@@ -240,24 +271,49 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(SampleTokensPar
     return;
   }
   const float chosen = token == s.max_index ? s.max : load_one(x + token);
+  // The terms summed against the final maximum carry a common factor 2^d,
+  // d being the rounding error of max * log2(e) in the multiply-add. The
+  // numerators are computed the same way, so the factor cancels: a row with
+  // one finite logit gets a confidence of exactly 1.
+  const float max_log2 = s.max * kLog2e;
+  const float top = fast_exp2(fmaf(s.max, kLog2e, -max_log2));
   p.tokens[row] = token;
-  p.confidence[row] = expf(chosen - s.max) / s.sum;
-  p.margin[row] = (1.0f - expf(s.second - s.max)) / s.sum;
+  p.confidence[row] = fast_exp2(fmaxf(fmaf(chosen, kLog2e, -max_log2), -1.0e4f)) / s.sum;
+  p.margin[row] = (top - fast_exp2(fmaxf(fmaf(s.second, kLog2e, -max_log2), -1.0e4f))) / s.sum;
   p.entropy[row] = logf(s.sum) - s.wsum / (s.sum * kLog2e);
 }
 
 }  // namespace
 
-cudaError_t sample_tokens_cuda(const SampleTokensParams& p, cudaStream_t stream) {
+namespace {
+
+template <bool kPrefetch>
+cudaError_t launch(const SampleTokensParams& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   if (p.num_suppress > kMaxSuppress || p.vocab >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
   dim3 grid(unsigned(p.rows));
   switch (p.dtype) {
-    case DType::kFloat32: sample_tokens_kernel<float><<<grid, kThreads, 0, stream>>>(p); break;
-    case DType::kBFloat16: sample_tokens_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p); break;
-    case DType::kFloat16: sample_tokens_kernel<__half><<<grid, kThreads, 0, stream>>>(p); break;
+    case DType::kFloat32:
+      sample_tokens_kernel<float, kPrefetch><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case DType::kBFloat16:
+      sample_tokens_kernel<__nv_bfloat16, kPrefetch><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case DType::kFloat16:
+      sample_tokens_kernel<__half, kPrefetch><<<grid, kThreads, 0, stream>>>(p);
+      break;
   }
   return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t sample_tokens_cuda(const SampleTokensParams& p, cudaStream_t stream) {
+  return launch<true>(p, stream);
+}
+
+cudaError_t sample_tokens_cuda_without_prefetch(const SampleTokensParams& p, cudaStream_t stream) {
+  return launch<false>(p, stream);
 }
 
 }  // namespace llada

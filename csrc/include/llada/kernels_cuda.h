@@ -14,6 +14,8 @@
 namespace llada {
 
 cudaError_t sample_tokens_cuda(const SampleTokensParams& p, cudaStream_t stream);
+// The same kernel without prefetching a thread's next loads (benchmark only).
+cudaError_t sample_tokens_cuda_without_prefetch(const SampleTokensParams& p, cudaStream_t stream);
 
 // Rows up to this length are ranked in shared memory.
 constexpr int64_t kSelectMaxLength = 16384;
