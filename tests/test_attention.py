@@ -133,7 +133,7 @@ def test_many_query_tiles(device, dtype, d, masked):
     if device == "cpu" and dtype == torch.float32:
         pytest.skip("covered by the smaller CPU cases; keeps the CPU run short")
     b = 4 if device == "cuda" else 1
-    q, k, v = make_qkv(b, 300, 700, 32 if device == "cuda" else 4, 8 if device == "cuda" else 2,
+    q, k, v = make_qkv(b, 380, 700, 32 if device == "cuda" else 4, 8 if device == "cuda" else 2,
                        d, dtype, device)
     check_against_reference(q, k, v, padding_mask(b, 700, device) if masked else None)
 

@@ -675,9 +675,12 @@ cudaError_t attention_cuda_plan(const AttentionParams& p, AttentionCudaPlan* pla
   if (err == cudaSuccess) err = device_capacity(int(p.head_dim), 16, &capacity);
   if (err != cudaSuccess) return err;
   // More than half a wave of blocks keeps the device busy enough. 32 rows
-  // per warp are preferred when they get there; below that, 16 rows per warp
-  // and the keys split so that about one full wave runs.
-  if (capacity_tall > 0 && 2 * query_blocks(p, 32) > capacity_tall) {
+  // per warp are preferred when they get there and their taller tiles add
+  // few padding rows (not for 32 queries, say: 128-row tiles would be three
+  // quarters padding); otherwise 16 rows per warp, with the keys split so
+  // that about one full wave runs.
+  const int64_t tall_rows = (p.q_len + 127) / 128 * 128, rows = (p.q_len + 63) / 64 * 64;
+  if (capacity_tall > 0 && 2 * query_blocks(p, 32) > capacity_tall && 8 * tall_rows <= 9 * rows) {
     plan->rows_per_warp = 32;
     return cudaSuccess;
   }
