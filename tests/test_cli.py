@@ -95,3 +95,16 @@ def test_entry_point_subprocess(checkpoint):
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout == oracle_answer(checkpoint, "Hello there") + "\n"
+
+
+def test_policy_flags_build_the_policy():
+    from llada.cli import build_parser, policy_from_arguments
+
+    def policy(*flags):
+        return policy_from_arguments(build_parser().parse_args(["generate", "hi", *flags]))
+
+    assert policy() == llada.DecodePolicy()
+    fast = policy("--policy", "fast", "--threshold", "0.7", "--early-stop")
+    assert fast == llada.DecodePolicy.fast(threshold=0.7, early_stop=True)
+    assert policy("--cache", "dual").cuda_graph  # on unless turned off
+    assert not policy("--cache", "dual", "--no-cuda-graph").cuda_graph

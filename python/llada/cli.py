@@ -83,8 +83,8 @@ def add_policy_arguments(parser) -> None:
     group.add_argument("--factor", type=float)
     group.add_argument("--cache", choices=("none", "prefix", "dual"))
     group.add_argument("--early-stop", action="store_true", help="stop a row once a block holds EOS")
-    group.add_argument("--cuda-graph", action="store_true",
-                       help="on CUDA, replay dual-cache steps as a captured CUDA graph")
+    group.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                       help="on CUDA, replay dual-cache steps as a captured CUDA graph (default: on)")
     group.add_argument("--stats", action="store_true", help="print forwards and tokens per forward to stderr")
 
 
@@ -96,8 +96,8 @@ def policy_from_arguments(args):
                if getattr(args, name) is not None}
     if args.early_stop:
         changes["early_stop"] = True
-    if args.cuda_graph:
-        changes["cuda_graph"] = True
+    if args.cuda_graph is not None:
+        changes["cuda_graph"] = args.cuda_graph
     return DecodePolicy(**{**base.__dict__, **changes})
 
 

@@ -28,7 +28,7 @@ cache (what is recomputed per step)
     ``"dual"``   as prefix, but later steps feed only the active block and
                  reuse the cached keys and values on both sides of it.
     ``refresh_every`` > 0 also refreshes the cache every that many steps.
-cuda_graph
+cuda_graph (on by default)
     with the dual cache on a CUDA device, each cached step replays a captured
     CUDA graph of the block's forward instead of launching its kernels one by
     one from Python (see llada.cuda_graph). It computes logits at every
@@ -71,7 +71,7 @@ class DecodePolicy:
     refresh_every: int = 0
     early_stop: bool = False
     remask_below: Optional[float] = None
-    cuda_graph: bool = False
+    cuda_graph: bool = True
 
     def __post_init__(self):
         for name, allowed in (("commit", COMMIT_RULES), ("ranking", RANKINGS), ("cache", CACHES)):
