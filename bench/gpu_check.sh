@@ -7,13 +7,15 @@
 #   bash bench/gpu_check.sh            # everything (under 8 minutes on 16 cores)
 #   LLADA_CUDA_ARCHITECTURES=90 ...    # the architectures to build (default: 90)
 #
-# Logs go to $OUT when that variable is set, else to build/gpu_check/.
+# Logs go to build/gpu_check/; when $OUT is set, the summary and a tarball of
+# the logs are copied there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 ARCHS=${LLADA_CUDA_ARCHITECTURES:-90}
-LOGS=${OUT:-build/gpu_check}
+LOGS=build/gpu_check
+rm -rf "$LOGS"
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 status=0
@@ -38,26 +40,34 @@ step build "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v
   -C cmake.define.LLADA_CUDA_ARCHITECTURES="$ARCHS" -C build-dir=build/gpu
 # With pytest-xdist the tests run in parallel and a crashing test cannot end the run.
 parallel=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-step tests "$PYTHON" -m pytest -q -rs -p no:cacheprovider $parallel tests
+step tests "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider $parallel tests
 step bench_build bash -c "cmake -S bench/cuda -B build/bench-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DLLADA_CUDA_ARCHITECTURES='$ARCHS' && cmake --build build/bench-gpu"
 for bin in build/bench-gpu/bench_*; do
-  [ -x "$bin" ] && step "$(basename "$bin")" timeout 120 "$bin"
+  [ -x "$bin" ] && step "bin_$(basename "$bin")" timeout 120 "$bin"
 done
 step bench_ops timeout 120 "$PYTHON" bench/bench_ops.py --device cuda
 step bench_attention timeout 150 "$PYTHON" bench/bench_attention.py --device cuda
 step bench_generate timeout 150 "$PYTHON" bench/bench_generate.py --device cuda --shape 8b
 step bench_decoding timeout 200 "$PYTHON" bench/bench_decoding.py --device cuda --shape 8b --repeats 1
 
+summary() {
+  echo "================ summary ================"
+  cat "$LOGS/device.txt"
+  echo "tests: $(grep -E '(passed|failed|error)' "$LOGS/tests.log" | tail -n 1)"
+  grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" | sed 's/^/  /'
+  # Timed and failed kernel cases; the cases only validated are counted.
+  grep -h '^RESULT' "$LOGS"/bin_bench_*.log 2>/dev/null | grep -E ' us=| FAIL$' | sed 's/^RESULT /  /'
+  echo "  validated only (not timed): $(grep -h '^RESULT.*validated ok$' "$LOGS"/bin_bench_*.log 2>/dev/null | wc -l) ok"
+  for f in "$LOGS"/bench_ops.log "$LOGS"/bench_attention.log "$LOGS"/bench_generate.log \
+           "$LOGS"/bench_decoding.log; do
+    [ -f "$f" ] && { echo "-- $(basename "$f" .log)"; sed -n '/^|/p' "$f"; }
+  done
+}
 echo
-echo "================ summary ================"
-cat "$LOGS/device.txt"
-echo "tests: $(grep -E '(passed|failed|error)' "$LOGS/tests.log" | tail -n 1)"
-# Timed and failed kernel cases; the cases only validated are counted.
-grep -h '^RESULT' "$LOGS"/bench_*.log 2>/dev/null | grep -E ' us=| FAIL$' | sed 's/^RESULT /  /'
-echo "  validated only (not timed): $(grep -h '^RESULT.*validated ok$' "$LOGS"/bench_*.log 2>/dev/null | wc -l) ok"
-for f in "$LOGS"/bench_ops.log "$LOGS"/bench_attention.log "$LOGS"/bench_generate.log \
-         "$LOGS"/bench_decoding.log; do
-  [ -f "$f" ] && { echo "-- $(basename "$f" .log)"; sed -n '/^|/p' "$f"; }
-done
+summary | tee "$LOGS/summary.txt"
+if [ -n "${OUT:-}" ]; then
+  cp "$LOGS/summary.txt" "$OUT/"
+  tar czf "$OUT/gpu_check_logs.tar.gz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")"
+fi
 exit $status
