@@ -110,6 +110,35 @@ def step_anatomy(model, prompt_len: int, gen: int, block: int, device: str, min_
         block_ms = ms["full forward (fills the cache)"] + (steps - 1) * ms[cached] + steps * ms[
             "sampler ops of a step (approx.)"]
         print(f"| implied tokens/s, 4 tokens/step, {cached} | {block / block_ms * 1e3:.0f} |")
+    kernel_breakdown(rows["cached forward of the block"], device, ms["cached forward of the block"])
+
+
+def kernel_breakdown(forward, device: str, wall_ms: float, calls: int = 5, top: int = 12) -> None:
+    """The kernels (CPU: ops) an eager cached forward spends its device time
+    in, from the profiler: the biggest first, per forward. Device time well
+    below the wall time means the step waits on launches, not on the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    forward()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            forward()
+        if cuda:
+            torch.cuda.synchronize()
+    attribute = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [(getattr(e, attribute), e.count, e.key) for e in prof.key_averages()]
+    events = sorted([e for e in events if e[0] > 0], reverse=True)
+    busy_us = sum(e[0] for e in events) / calls
+    print()
+    print(f"| cached forward, {'kernel' if cuda else 'op'} (device busy {busy_us / 1e3:.2f} ms "
+          f"of {wall_ms:.2f} ms wall) | calls | us | share |")
+    print("|---|---:|---:|---:|")
+    for total_us, count, name in events[:top]:
+        short = name if len(name) <= 70 else name[:67] + "..."
+        print(f"| `{short}` | {count / calls:g} | {total_us / calls:.1f} | {total_us / calls / busy_us:.1%} |")
 
 
 def main() -> None:
