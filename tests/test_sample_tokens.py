@@ -101,7 +101,11 @@ def test_rows_without_a_finite_logit(device):
         assert out.confidence[1].item() == -math.inf
         assert out.tokens[3].item() == 0
         assert out.confidence[3].item() == 1.0
-        assert out.margin[3].item() == 1.0 and out.entropy[3].item() == 0.0
+        assert out.margin[3].item() == 1.0
+        # The CUDA kernel's sums carry the rounding of max * log2(e) (a factor
+        # 2^d, |d| < 1e-6 at these logits), which a one-hot entropy cannot
+        # cancel exactly.
+        assert abs(out.entropy[3].item()) < 1e-6
         assert_matches_reference(logits, temperature=temperature, seed=9)
     everything = list(range(50))[:64]
     out = llada.sample_tokens(logits[:, :50], suppress_ids=everything)
