@@ -111,6 +111,15 @@ def test_opcheck(device):
     k = torch.tensor([1, 2, 30], device=device)
     for rule in range(3):
         torch.library.opcheck(torch.ops.llada.select_positions.default, (c, k, rule, 0.5, 1.0))
+    none = torch.empty(0, dtype=torch.int64, device=device)
+    torch.library.opcheck(torch.ops.llada.select_positions.default, (c, none, 0, 0.5, 1.0, 2))
+
+
+def test_one_k_for_every_row_equals_a_k_per_row(device):
+    c = random_confidence(4, 40, device)
+    for k in (0, 1, 5, 40, 100):
+        per_row = torch.full((4,), k, dtype=torch.int64, device=device)
+        assert torch.equal(check(c, "topk", k=k), check(c, "topk", k=per_row)), k
 
 
 def test_bad_input(device):
@@ -133,6 +142,13 @@ def test_bad_input(device):
         llada.select_positions(c, "topk", k=torch.tensor([1, 2, 3], device=device))
     with pytest.raises(TypeError, match="k"):
         llada.select_positions(c, "topk", k=torch.tensor([1.0, 2.0], device=device))
+    with pytest.raises(ValueError, match="k"):
+        llada.select_positions(c, "topk", k=-2)
+    op = torch.ops.llada.select_positions
+    with pytest.raises(ValueError, match="k: expected values >= 0"):
+        op(c, torch.empty(0, dtype=torch.int64, device=device), 0, 0.5, 1.0, -3)
+    with pytest.raises(ValueError, match="k: expected an empty tensor"):
+        op(c, torch.tensor([1, 1], device=device), 0, 0.5, 1.0, 1)
     with pytest.raises(ValueError, match="factor"):
         llada.select_positions(c, "factor", factor=0.0)
     with pytest.raises(ValueError, match="threshold"):

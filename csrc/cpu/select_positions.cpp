@@ -25,7 +25,7 @@ void select_row(const SelectPositionsParams& p, int64_t row, std::vector<uint64_
 
   switch (p.rule) {
     case SelectionRule::kTopK: {
-      const int64_t take = std::min(p.k[row], candidates);
+      const int64_t take = std::min(p.k != nullptr ? p.k[row] : p.k_all, candidates);
       if (take == 0) return;
       std::nth_element(keys.begin(), keys.begin() + (take - 1), keys.end());
       for (int64_t j = 0; j < take; ++j) accepted[position_of(keys[size_t(j)])] = true;

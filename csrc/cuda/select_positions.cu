@@ -55,7 +55,8 @@ __global__ void select_positions_kernel(SelectPositionsParams p, int32_t padded)
 
   const int32_t n = candidates;
   if (p.rule == SelectionRule::kTopK) {
-    if (threadIdx.x == 0) take = int32_t(p.k[row] < n ? p.k[row] : n);
+    const int64_t k = p.k != nullptr ? p.k[row] : p.k_all;
+    if (threadIdx.x == 0) take = int32_t(k < n ? k : n);
   } else {
     int32_t local_take = 0;
     for (int32_t j = threadIdx.x; j < n; j += blockDim.x) {

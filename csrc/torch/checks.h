@@ -94,7 +94,7 @@ inline DType logits_dtype(const at::Tensor& logits) {
 void check_sample_tokens_args(const at::Tensor& logits, const at::Tensor& suppress_ids,
                               double temperature);
 void check_select_positions_args(const at::Tensor& confidence, const at::Tensor& k, int64_t rule,
-                                 double threshold, double factor);
+                                 double threshold, double factor, int64_t k_all);
 void check_commit_tokens_args(const at::Tensor& canvas, const at::Tensor& x0,
                               const at::Tensor& accepted, const c10::optional<at::Tensor>& remask);
 

@@ -36,7 +36,7 @@ void check_sample_tokens_args(const at::Tensor& logits, const at::Tensor& suppre
 }
 
 void check_select_positions_args(const at::Tensor& confidence, const at::Tensor& k, int64_t rule,
-                                 double threshold, double factor) {
+                                 double threshold, double factor, int64_t k_all) {
   check_dim(confidence, 2, "confidence", "[B, L]");
   check_dtype(confidence, at::kFloat, "confidence");
   check_contiguous(confidence, "confidence");
@@ -44,7 +44,12 @@ void check_select_positions_args(const at::Tensor& confidence, const at::Tensor&
                     "confidence: expected fewer than 2^31 positions per row, got ", num(confidence.size(1)));
   TORCH_CHECK_VALUE(rule >= 0 && rule <= 2, "rule: expected 0 (topk), 1 (threshold) or 2 (factor), got ",
                     num(rule));
-  if (rule == int64_t(SelectionRule::kTopK)) {
+  if (rule == int64_t(SelectionRule::kTopK) && k_all != -1) {
+    // One k for every row, checked here without reading device memory.
+    TORCH_CHECK_VALUE(k_all >= 0, "k: expected values >= 0, got ", num(k_all));
+    TORCH_CHECK_VALUE(k.numel() == 0, "k: expected an empty tensor with k_all, got ", num(k.numel()),
+                      " values");
+  } else if (rule == int64_t(SelectionRule::kTopK)) {
     check_dim(k, 1, "k", "[B]");
     check_dtype(k, at::kLong, "k");
     check_same_device(k, confidence, "k", "confidence");
@@ -102,14 +107,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_tokens_cpu_op(
 }
 
 at::Tensor select_positions_cpu_op(const at::Tensor& confidence, const at::Tensor& k, int64_t rule,
-                                   double threshold, double factor) {
-  check_select_positions_args(confidence, k, rule, threshold, factor);
+                                   double threshold, double factor, int64_t k_all) {
+  check_select_positions_args(confidence, k, rule, threshold, factor, k_all);
   at::Tensor accepted = at::empty(confidence.sizes(), confidence.options().dtype(at::kBool));
   const at::Tensor k_dense = k.contiguous();  // k is often a column of a schedule
+  const bool per_row = rule == int64_t(SelectionRule::kTopK) && k_all == -1;
   SelectPositionsParams p{confidence.data_ptr<float>(), confidence.size(0), confidence.size(1),
-                          SelectionRule(rule),
-                          rule == int64_t(SelectionRule::kTopK) ? k_dense.data_ptr<int64_t>() : nullptr,
-                          float(threshold), float(factor), accepted.data_ptr<bool>()};
+                          SelectionRule(rule), per_row ? k_dense.data_ptr<int64_t>() : nullptr,
+                          k_all, float(threshold), float(factor), accepted.data_ptr<bool>()};
   at::parallel_for(0, p.rows, 1, [&](int64_t begin, int64_t end) { select_positions_cpu(p, begin, end); });
   return accepted;
 }
@@ -131,8 +136,8 @@ at::Tensor commit_tokens_cpu_op(at::Tensor& canvas, const at::Tensor& x0, const 
 TORCH_LIBRARY(llada, m) {
   m.def("sample_tokens(Tensor logits, Tensor suppress_ids, float temperature, int seed)"
         " -> (Tensor tokens, Tensor confidence, Tensor margin, Tensor entropy)");
-  m.def("select_positions(Tensor confidence, Tensor k, int rule, float threshold, float factor)"
-        " -> Tensor");
+  m.def("select_positions(Tensor confidence, Tensor k, int rule, float threshold, float factor,"
+        " int k_all=-1) -> Tensor");
   m.def("commit_tokens(Tensor(a!) canvas, Tensor x0, Tensor accepted, Tensor? remask, int mask_id)"
         " -> Tensor");
 }

@@ -32,17 +32,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_tokens_cuda_op
 }
 
 at::Tensor select_positions_cuda_op(const at::Tensor& confidence, const at::Tensor& k, int64_t rule,
-                                    double threshold, double factor) {
-  check_select_positions_args(confidence, k, rule, threshold, factor);
+                                    double threshold, double factor, int64_t k_all) {
+  check_select_positions_args(confidence, k, rule, threshold, factor, k_all);
   TORCH_CHECK_VALUE(confidence.size(1) <= kSelectMaxLength, "confidence: expected at most ",
                     num(kSelectMaxLength), " positions per row on CUDA, got ", num(confidence.size(1)));
   const c10::cuda::CUDAGuard guard(confidence.device());
   at::Tensor accepted = at::empty(confidence.sizes(), confidence.options().dtype(at::kBool));
   const at::Tensor k_dense = k.contiguous();  // k is often a column of a schedule
+  const bool per_row = rule == int64_t(SelectionRule::kTopK) && k_all == -1;
   SelectPositionsParams p{confidence.data_ptr<float>(), confidence.size(0), confidence.size(1),
-                          SelectionRule(rule),
-                          rule == int64_t(SelectionRule::kTopK) ? k_dense.data_ptr<int64_t>() : nullptr,
-                          float(threshold), float(factor), accepted.data_ptr<bool>()};
+                          SelectionRule(rule), per_row ? k_dense.data_ptr<int64_t>() : nullptr,
+                          k_all, float(threshold), float(factor), accepted.data_ptr<bool>()};
   check_launch(select_positions_cuda(p, c10::cuda::getCurrentCUDAStream()), "select_positions");
   return accepted;
 }

@@ -236,7 +236,8 @@ def select_positions(
     lower position. The accepted set is always a prefix of that ranking:
 
     - ``"topk"``: the first ``k[b]`` candidates of row b (all of them if fewer);
-      ``k`` is an int or an int tensor ``[B]`` of values >= 0.
+      ``k`` is an int tensor ``[B]`` of values >= 0, or an int for every row
+      (which, unlike a tensor on the GPU, is checked without a sync).
     - ``"threshold"``: every candidate with confidence >= ``threshold``, and at
       least the best one if the row has any candidate.
     - ``"factor"``: with ranked confidences c_1 >= c_2 >= ..., the largest n
@@ -245,21 +246,23 @@ def select_positions(
     _require_tensors(("confidence", confidence))
     if rule not in SELECTION_RULES:
         raise ValueError(f"rule: expected one of {SELECTION_RULES}, got {rule!r}")
+    k_all = -1
     if rule == "topk":
         if k is None:
             raise ValueError("k: required for rule='topk'")
         if not isinstance(k, torch.Tensor):
-            rows = confidence.shape[0] if confidence.dim() == 2 else 0
-            k = torch.full((rows,), int(k), dtype=torch.int64, device=confidence.device)
-    else:
+            k_all = int(k)
+            if k_all < 0:
+                raise ValueError(f"k: expected values >= 0, got {k_all}")
+    if not isinstance(k, torch.Tensor) or rule != "topk":
         k = torch.empty(0, dtype=torch.int64, device=confidence.device)
     return torch.ops.llada.select_positions(
-        confidence, k, SELECTION_RULES.index(rule), float(threshold), float(factor)
+        confidence, k, SELECTION_RULES.index(rule), float(threshold), float(factor), k_all
     )
 
 
 @torch.library.register_fake("llada::select_positions")
-def _select_positions_fake(confidence, k, rule, threshold, factor):
+def _select_positions_fake(confidence, k, rule, threshold, factor, k_all=-1):
     return torch.empty_like(confidence, dtype=torch.bool)
 
 

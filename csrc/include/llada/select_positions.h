@@ -15,7 +15,8 @@ struct SelectPositionsParams {
   int64_t rows;
   int64_t length;
   SelectionRule rule;
-  const int64_t* k;         // [rows], for kTopK; values >= 0
+  const int64_t* k;         // [rows], for kTopK; values >= 0; null: every row takes k_all
+  int64_t k_all;            // for kTopK without k; >= 0
   float threshold;          // for kThreshold
   float factor;             // for kFactor
   bool* accepted;           // [rows, length], every element written
