@@ -251,3 +251,70 @@ def test_finished_rows_leave_a_cached_guided_batch(tmp_path):
                              policy=DecodePolicy(commit="threshold", threshold=0.3, cache="dual"),
                              return_stats=True)[1]
     assert stats.positions < without.positions
+
+
+WHOLE_BLOCK_CASES = {
+    "schedule": (DecodePolicy(cache="dual"), {}),
+    "threshold": (DecodePolicy.fast(threshold=0.5), {}),
+    "factor": (DecodePolicy(commit="factor", cache="dual"), {}),
+    "entropy-bound": (DecodePolicy(commit="entropy_bound", gamma=0.5, cache="dual"), {}),
+    "margin": (DecodePolicy.fast(ranking="margin", threshold=0.3), {}),
+    "neg-entropy": (DecodePolicy(commit="factor", ranking="entropy", cache="dual"), {}),
+    "refresh": (DecodePolicy(cache="dual", refresh_every=3), {}),
+    "eos-last": (DecodePolicy(cache="dual"), dict(confidence_eos_eot_inf=True)),
+    "eos-last-factor": (DecodePolicy(commit="factor", cache="dual"), dict(confidence_eos_eot_inf=True)),
+    "no-eos": (DecodePolicy.fast(threshold=0.5), dict(logits_eos_inf=True)),
+    "guided": (DecodePolicy.fast(threshold=0.5), dict(cfg_scale=1.5)),
+}
+
+
+@pytest.fixture(scope="module")
+def stop_model(tmp_path_factory):
+    """Predicts EOS often: ranking stop tokens last then changes decisions."""
+    folder = make_checkpoint(tmp_path_factory.mktemp("stop"), seed=5, boost_stop_tokens=6.0, **SHAPES["gqa"])
+    return llada.load_model(folder, dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("name", list(WHOLE_BLOCK_CASES))
+def test_whole_block_steps_decide_as_queried_row_steps(model, stop_model, monkeypatch, name):
+    # Whole-block steps (what a dual-cache step does on CUDA, to stay free of
+    # host syncs) against steps over the queried rows only: the same tokens,
+    # forwards and commits, for every rule, ranking and option they serve.
+    from llada import sampler
+
+    policy, options = WHOLE_BLOCK_CASES[name]
+    if "eos" in name:
+        model = stop_model
+    prompt, mask = prompt_batch(model)
+    kw = dict(steps=16, gen_length=16, block_length=8, policy=policy, return_stats=True, **options)
+    want, want_stats = llada.generate(model, prompt, mask, **kw)
+    calls = []  # (whole block, full forward) per forward
+    run = sampler._Forward._run
+    monkeypatch.setattr(sampler._Forward, "_whole_block_wanted", staticmethod(lambda canvas: True))
+    monkeypatch.setattr(sampler._Forward, "_run", lambda self, ids, query, whole: calls.append(
+        (whole, self._refresh_due())) or run(self, ids, query, whole))
+    got, got_stats = llada.generate(model, prompt, mask, **kw)
+    assert torch.equal(got, want)
+    assert got_stats == want_stats
+    cached = [whole for whole, full in calls if not full]
+    assert cached and all(cached) and not any(whole for whole, full in calls if full)
+
+
+def test_whole_block_steps_with_finished_rows(tmp_path, monkeypatch):
+    # Rows that end early leave the batch: whole-block logits then cover the
+    # live rows only, and are laid back onto the full batch.
+    from llada import sampler
+
+    folder = make_checkpoint(tmp_path, seed=5, boost_stop_tokens=8.0, **SHAPES["gqa"])
+    model = llada.load_model(folder, dtype=torch.float32, device="cpu")
+    prompt = torch.randint(0, 256, (4, 7), generator=torch.Generator().manual_seed(0))
+    policy = DecodePolicy(commit="threshold", threshold=0.3, early_stop=True, cache="dual")
+    kw = dict(steps=24, gen_length=24, block_length=8, policy=policy, return_stats=True)
+    want, want_stats = llada.generate(model, prompt, **kw)
+    monkeypatch.setattr(sampler._Forward, "_whole_block_wanted", staticmethod(lambda canvas: True))
+    got, got_stats = llada.generate(model, prompt, **kw)
+    assert torch.equal(got, want)
+    assert got_stats == want_stats
+    # Some rows stopped after a block while others went on decoding.
+    stopped_early = (want[:, 7 + 16:] == model.config.eos_token_id).all(1)
+    assert stopped_early.any() and not stopped_early.all()

@@ -113,13 +113,20 @@ def ranking_scores(choice: ops.TokenChoice, ranking: str, noise: Optional[torch.
     return noise
 
 
-def demote(scores: torch.Tensor, demoted: torch.Tensor) -> torch.Tensor:
+def demote(scores: torch.Tensor, demoted: torch.Tensor,
+           candidate: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Moves the ``demoted`` entries below every other score, keeping their
-    order among themselves (used to rank EOS/EoT predictions last)."""
-    if not bool(demoted.any()):
+    order among themselves (used to rank EOS/EoT predictions last). Only the
+    ``candidate`` entries (default: all; ``demoted`` must lie among them)
+    count for the shift, which is their score range plus one. No host sync."""
+    if scores.numel() == 0:
         return scores
-    shift = (scores.max() - scores.min()) + 1.0
-    return torch.where(demoted, scores - shift, scores)
+    if candidate is None:
+        top, bottom = scores.max(), scores.min()
+    else:
+        top = torch.where(candidate, scores, -math.inf).max()
+        bottom = torch.where(candidate, scores, math.inf).min()
+    return torch.where(demoted, scores - ((top - bottom) + 1.0), scores)
 
 
 def entropy_bound_select(entropy: torch.Tensor, candidate: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -38,13 +38,36 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + step) & _INT64_MAX
 
 
-@dataclass
 class DecodeStats:
     """Work done by one decoding call."""
 
-    nfe: int = 0  # forward passes (a guided step counts one: both halves run batched)
-    committed: int = 0  # tokens committed (re-masked ones count again)
-    positions: int = 0  # positions fed through the model, summed over forwards and rows
+    def __init__(self):
+        self.nfe = 0  # forward passes (a guided step counts one: both halves run batched)
+        self.positions = 0  # positions fed through the model, summed over forwards and rows
+        self._committed = 0
+        self._pending: Optional[torch.Tensor] = None  # counted on the device, not yet read
+
+    def __repr__(self) -> str:
+        return f"DecodeStats(nfe={self.nfe}, committed={self.committed}, positions={self.positions})"
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, DecodeStats):
+            return NotImplemented
+        return (self.nfe, self.committed, self.positions) == (other.nfe, other.committed, other.positions)
+
+    @property
+    def committed(self) -> int:
+        """Tokens committed (re-masked ones count again)."""
+        if self._pending is not None:
+            self._committed += int(self._pending)
+            self._pending = None
+        return self._committed
+
+    def count_committed(self, accepted: torch.Tensor) -> None:
+        """Adds accepted.sum() without reading it back: a step stays free of
+        host syncs, and the count is read when ``committed`` is."""
+        n = accepted.sum()
+        self._pending = n if self._pending is None else self._pending + n
 
     @property
     def tokens_per_forward(self) -> float:
@@ -311,16 +334,25 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
             steps_per_block, temperature, cfg_scale, logits_eos_inf, confidence_eos_eot_inf, seed,
             policy, stats):
     """The decoding loop, shared by every entry point: fills the masks of
-    ``canvas`` [B, T] in columns first..last in place, yielding events."""
+    ``canvas`` [B, T] in columns first..last in place, yielding events.
+
+    On a GPU the host runs ahead of the device as long as it never waits for
+    a result. A cached dual-cache step waits at most once (under the fixed
+    schedule, not at all): as a whole-block step (see :class:`_Forward`) it
+    takes tokens and scores for every block position and keeps the active
+    ones with ``where``, where indexing by a mask would wait for the count."""
     if policy.cache != "none" and not isinstance(model, LLaDAModel):
         raise ValueError(f"policy: cache={policy.cache!r} needs a llada LLaDAModel")
     device = canvas.device
     b, total = canvas.shape
     fixed = canvas != mask_id  # the prompt (and, when infilling, every given token)
     forward = _Forward(model, canvas, key_mask, fixed, cfg_scale, mask_id, policy, stats)
-    suppress = [eos_id] if logits_eos_inf else None
+    suppress = [eos_id] if logits_eos_inf else None  # a list is checked at the first step
     stop_ids = torch.tensor([eos_id, eot_id if eot_id is not None else eos_id], device=device)
     noise_gen = torch.Generator().manual_seed(seed) if policy.ranking == "random" else None
+    # Whole-block steps sample every block position: only at temperature 0 is
+    # a row's choice independent of which other rows are sampled with it.
+    whole_block_ok = temperature == 0 and noise_gen is None and policy.remask_below is None
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     remasked_once = torch.zeros(b, total, dtype=torch.bool, device=device)
     step = 0
@@ -329,10 +361,15 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
         start, end = first + blk * block_length, min(first + (blk + 1) * block_length, last)
         in_block = torch.zeros(b, total, dtype=torch.bool, device=device)
         in_block[:, start:end] = True
-        schedule = None
+        finished_now = finished.cpu()
+        alive = torch.nonzero(~finished).flatten() if bool(finished_now.any()) else None
+        schedule = planned = None
         if policy.commit == "schedule":
             schedule = transfer_schedule((canvas[:, start:end] == mask_id).sum(1), steps_per_block)
-        alive = torch.nonzero(~finished).flatten() if bool(finished.any()) else None
+            # Read once per block: each step then knows without a sync whether
+            # it has work (a row commits exactly its k while it has masks) and
+            # whether one k serves every live row.
+            planned = schedule.cpu()[~finished_now]
         forward.new_block(start, end, alive)
         i = 0
         while True:
@@ -342,12 +379,15 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                     break
                 k = schedule[:, i]
                 active = masked & (k > 0)[:, None]
+                has_work = bool((planned[:, i] > 0).any())
+                if has_work and bool((planned[:, i] == planned[0, i]).all()):
+                    k = int(planned[0, i])
             else:
                 k = None
                 active = masked
             # Drawn every step, so the stream matches one draw per official step.
             noise = torch.rand(b, total, generator=noise_gen) if noise_gen is not None else None
-            if not bool(active.any()):
+            if not (has_work if schedule is not None else bool(active.any())):
                 if schedule is None:
                     break
                 i, step = i + 1, step + 1
@@ -357,21 +397,39 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
             if policy.remask_below is not None:
                 decoded = ~fixed & ~masked & in_block & ~finished[:, None]
             query = active if decoded is None else active | decoded
-            logits = forward(query)
-            rows = logits if decoded is None else logits[active[query]]
-            choice = ops.sample_tokens(rows, temperature, step_seed(seed, step), suppress)
-            scores = ranking_scores(choice, policy.ranking,
-                                    None if noise is None else noise.to(device)[active])
-            if confidence_eos_eot_inf:
-                scores = demote(scores, torch.isin(choice.tokens, stop_ids))
-            score_grid = torch.full((b, total), -math.inf, dtype=torch.float32, device=device)
-            score_grid[active] = scores.float()
-            entropy_grid = None
-            if policy.commit == "entropy_bound":
-                entropy_grid = torch.zeros(b, total, dtype=torch.float32, device=device)
-                entropy_grid[active] = choice.entropy
+            if whole_block_ok and forward.next_is_whole_block():
+                block = forward(query, whole_block=True)  # [B', W, V]
+                live, width, vocab = block.shape
+                choice = ops.sample_tokens(block.view(live * width, vocab), temperature,
+                                           step_seed(seed, step), suppress)
+                spread = _BlockSpread(b, total, start, end, alive, live, width)
+                score_grid = spread(ranking_scores(choice, policy.ranking, None), -math.inf, active)
+                if confidence_eos_eot_inf:
+                    stop = spread(torch.isin(choice.tokens, stop_ids), False, active)
+                    score_grid = demote(score_grid, stop, active)
+                entropy_grid = None
+                if policy.commit == "entropy_bound":
+                    entropy_grid = spread(choice.entropy, 0.0, active)
+                x0 = spread(choice.tokens, canvas, active)
+            else:
+                logits = forward(query)
+                rows = logits if decoded is None else logits[active[query]]
+                choice = ops.sample_tokens(rows, temperature, step_seed(seed, step), suppress)
+                scores = ranking_scores(choice, policy.ranking,
+                                        None if noise is None else noise.to(device)[active])
+                if confidence_eos_eot_inf:
+                    scores = demote(scores, torch.isin(choice.tokens, stop_ids))
+                score_grid = torch.full((b, total), -math.inf, dtype=torch.float32, device=device)
+                score_grid[active] = scores.float()
+                entropy_grid = None
+                if policy.commit == "entropy_bound":
+                    entropy_grid = torch.zeros(b, total, dtype=torch.float32, device=device)
+                    entropy_grid[active] = choice.entropy
+                x0 = canvas.masked_scatter(active, choice.tokens)
+            if isinstance(suppress, list):
+                # Then a tensor: a list would be copied to the device every step.
+                suppress = torch.tensor(suppress, device=device)
             accepted = select(policy, score_grid, entropy_grid, k)
-            x0 = canvas.masked_scatter(active, choice.tokens)
             remask = None
             if decoded is not None:
                 # Each position at most once, and only in rows still decoding
@@ -381,7 +439,7 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                 remask &= ~remasked_once & active.any(1)[:, None]
                 remasked_once |= remask
             ops.commit_tokens(canvas, x0, accepted, mask_id, remask)
-            stats.committed += int(accepted.sum())
+            stats.count_committed(accepted)
             yield StepEvent(step, blk, stats.nfe, canvas, accepted, score_grid, remask)
             i, step = i + 1, step + 1
         if policy.early_stop:
@@ -394,6 +452,26 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
         yield BlockEvent(blk, start, end, stats.nfe, canvas[:, start:end].clone(), finished.clone())
         if bool(finished.all()):
             break
+
+
+class _BlockSpread:
+    """Lays per-position values of a whole-block step ([B' * W], rows
+    ``alive`` of the batch, or all) out on the [B, T] canvas grid, keeping
+    them where ``active`` and ``fill`` (a scalar or a [B, T] tensor)
+    elsewhere; no host sync."""
+
+    def __init__(self, batch, total, start, end, alive, rows, width):
+        self.batch, self.total, self.start, self.end = batch, total, start, end
+        self.alive, self.rows, self.width = alive, rows, width
+
+    def __call__(self, values, fill, active):
+        grid = torch.zeros((self.batch, self.total), dtype=values.dtype, device=values.device)
+        block = values.view(self.rows, self.width)
+        if self.alive is None:
+            grid[:, self.start:self.end] = block
+        else:
+            grid[:, self.start:self.end].index_copy_(0, self.alive, block)
+        return torch.where(active, grid, fill)
 
 
 def _weak_tokens(logits, tokens, where, below):
@@ -412,6 +490,11 @@ class _Forward:
     a block (and every ``refresh_every`` calls) is a full forward that fills
     the cache; the others feed only the block (dual) or the block and all
     after it (prefix), attending to the cached keys and values.
+
+    A dual-cache step on CUDA can instead return the logits of the whole
+    block: taking only the queried rows would wait for their count, while
+    the few extra rows cost the LM head little (and a replayed graph
+    computes them anyway).
     """
 
     def __init__(self, model, canvas, key_mask, fixed, cfg_scale, mask_id, policy, stats):
@@ -426,9 +509,24 @@ class _Forward:
         self.start, self.end, self.rows = start, end, rows
         self.calls = 0
 
-    def __call__(self, query):
+    @staticmethod
+    def _whole_block_wanted(canvas: torch.Tensor) -> bool:
+        return canvas.is_cuda
+
+    def _refresh_due(self) -> bool:
+        every = self.policy.refresh_every
+        return self.calls == 0 or bool(every and self.calls % every == 0)
+
+    def next_is_whole_block(self) -> bool:
+        """Whether the next call can return the whole block's logits."""
+        return (isinstance(self.model, LLaDAModel) and self.policy.cache == "dual"
+                and not self._refresh_due() and self._whole_block_wanted(self.canvas))
+
+    def __call__(self, query, whole_block=False):
         """Logits [N, V] of the True positions of ``query`` [B, T], row-major;
-        rows outside ``self.rows`` must have none."""
+        rows outside ``self.rows`` must have none. With ``whole_block`` (when
+        :meth:`next_is_whole_block`), logits [B', W, V] of every position of
+        the block instead, for the rows ``self.rows`` (or all)."""
         ids, fixed, key_mask = self.canvas, self.fixed, self.all_key_mask
         if self.rows is not None:
             ids, fixed, query = ids[self.rows], fixed[self.rows], query[self.rows]
@@ -439,19 +537,19 @@ class _Forward:
             ids, query = torch.cat([ids, uncond]), torch.cat([query, query])
             key_mask = None if key_mask is None else torch.cat([key_mask, key_mask])
         self.key_mask = key_mask
-        logits = self._run(ids, query)
+        logits = self._run(ids, query, whole_block)
         self.stats.nfe += 1
         if self.cfg_scale > 0:
             cond, un = logits.chunk(2)
             logits = un + (self.cfg_scale + 1) * (cond - un)
         return logits
 
-    def _run(self, ids, query):
+    def _run(self, ids, query, whole_block):
         policy, model = self.policy, self.model
         if not isinstance(model, LLaDAModel):
             self.stats.positions += ids.numel()
             return model(ids, attention_mask=self.key_mask).logits[query].contiguous()
-        refresh = self.calls == 0 or (policy.refresh_every and self.calls % policy.refresh_every == 0)
+        refresh = self._refresh_due()
         self.calls += 1
         if policy.cache == "none" or refresh:
             if policy.cache != "none" and not self._cache_fits(ids):
@@ -461,12 +559,15 @@ class _Forward:
         lo, hi = self.start, (self.end if policy.cache == "dual" else ids.shape[1])
         self.stats.positions += ids.shape[0] * (hi - lo)
         if policy.cuda_graph and policy.cache == "dual" and ids.is_cuda:
-            # The graph computes every position of the block; the step keeps
-            # the queried ones (indexing copies them out of the graph's buffer).
+            # The graph computes every position of the block (into its own
+            # buffer, which the next replay overwrites).
             block = ids[:, lo:hi]
             if self.graph is None or not self.graph.fits(self.cache, self.key_mask, block):
                 self.graph = CachedStepGraph(model, self.cache, self.key_mask, block, lo)
-            return self.graph(self.key_mask, block, lo)[query[:, lo:hi]]
+            logits = self.graph(self.key_mask, block, lo)
+            return logits if whole_block else logits[query[:, lo:hi]]
+        if whole_block:
+            return model(ids[:, lo:hi], self.key_mask, cache=self.cache, start=lo).logits
         return model(ids[:, lo:hi], self.key_mask, logits_at=query[:, lo:hi],
                      cache=self.cache, start=lo).logits
 
