@@ -6,7 +6,8 @@ forward and positions fed per forward, for each policy, on one random model.
 
 The baseline is exact mode with one token per step (steps = gen_length),
 measured in the same run; ratios are against it. A last table times the parts
-of a dual-cache block on their own. Random weights say nothing
+of a dual-cache block on their own, and where one forward's and one whole
+decode's device time goes. Random weights say nothing
 about quality (see bench/quality.py for that), only about speed.
 """
 
@@ -110,22 +111,23 @@ def step_anatomy(model, prompt_len: int, gen: int, block: int, device: str, min_
         block_ms = ms["full forward (fills the cache)"] + (steps - 1) * ms[cached] + steps * ms[
             "sampler ops of a step (approx.)"]
         print(f"| implied tokens/s, 4 tokens/step, {cached} | {block / block_ms * 1e3:.0f} |")
-    kernel_breakdown(rows["cached forward of the block"], device, ms["cached forward of the block"])
+    device_time("cached forward", rows["cached forward of the block"], device,
+                ms["cached forward of the block"], calls=5)
 
 
-def kernel_breakdown(forward, device: str, wall_ms: float, calls: int = 5, top: int = 12) -> None:
-    """The kernels (CPU: ops) an eager cached forward spends its device time
-    in, from the profiler: the biggest first, per forward. Device time well
-    below the wall time means the step waits on launches, not on the GPU."""
+def device_time(title: str, fn, device: str, wall_ms: float, calls: int, top: int = 12) -> None:
+    """The kernels (CPU: ops) a call of fn spends its device time in, from
+    the profiler: the biggest first, per call. Device time well below the
+    wall time means the GPU waits on the host (launches, syncs, Python)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device == "cuda"
-    forward()
+    fn()
     if cuda:
         torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
-            forward()
+            fn()
         if cuda:
             torch.cuda.synchronize()
     attribute = "self_device_time_total" if cuda else "self_cpu_time_total"
@@ -133,7 +135,7 @@ def kernel_breakdown(forward, device: str, wall_ms: float, calls: int = 5, top: 
     events = sorted([e for e in events if e[0] > 0], reverse=True)
     busy_us = sum(e[0] for e in events) / calls
     print()
-    print(f"| cached forward, {'kernel' if cuda else 'op'} (device busy {busy_us / 1e3:.2f} ms "
+    print(f"| {title}, {'kernel' if cuda else 'op'} (device busy {busy_us / 1e3:.2f} ms "
           f"of {wall_ms:.2f} ms wall) | calls | us | share |")
     print("|---|---:|---:|---:|")
     for total_us, count, name in events[:top]:
@@ -177,6 +179,13 @@ def main() -> None:
         print(f"| {name} | {nfe} | {tpf:.2f} | {ppf:.1f} | {tps:.1f} | {ratio:.2f} |")
     with torch.no_grad():
         step_anatomy(model, shape["prompt"], gen, block, args.device, 0.5 if args.device == "cuda" else 1.0)
+    # A whole decode with the default fast path: what the GPU does between
+    # the forwards, and how long it waits on the host.
+    default = ("dual cache, 4 tokens/step", gen // 4, llada.DecodePolicy(cache="dual"))
+    seconds, _ = run(model, prompt, default[1], gen, block, default[2], args.device)
+    device_time(f"one decode, {default[0]}",
+                lambda: run(model, prompt, default[1], gen, block, default[2], args.device),
+                args.device, seconds * 1e3, calls=1)
 
 
 if __name__ == "__main__":
