@@ -101,3 +101,25 @@ def test_decoding_with_graphs_gives_the_same_tokens(folder):
         graphed, graphed_stats = llada.generate(model, prompt, mask, **kw, policy=policy)
         assert torch.equal(eager, graphed), policy
         assert eager_stats.nfe == graphed_stats.nfe
+
+
+@needs_cuda
+def test_whole_block_steps_on_cuda_decide_as_queried_row_steps(folder, monkeypatch):
+    # On CUDA, cached dual-cache steps take the whole block's logits (with or
+    # without graphs); steps over the queried rows only must agree.
+    from llada import sampler
+
+    model = llada.load_model(folder, device="cuda", dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 256, (3, 7), generator=g).cuda()
+    mask = torch.ones_like(prompt)
+    mask[2, :2] = 0
+    kw = dict(steps=16, gen_length=32, block_length=8, return_stats=True)
+    policies = (DecodePolicy(cache="dual"), DecodePolicy.fast(),
+                DecodePolicy(commit="factor", cache="dual", cuda_graph=False))
+    whole = [llada.generate(model, prompt, mask, **kw, policy=p) for p in policies]
+    monkeypatch.setattr(sampler._Forward, "_whole_block_wanted", staticmethod(lambda canvas: False))
+    for policy, (want, want_stats) in zip(policies, whole):
+        got, got_stats = llada.generate(model, prompt, mask, **kw, policy=policy)
+        assert torch.equal(got, want), policy
+        assert got_stats == want_stats
