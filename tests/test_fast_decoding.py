@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import llada
 from llada.model import KVCache
@@ -318,3 +320,39 @@ def test_whole_block_steps_with_finished_rows(tmp_path, monkeypatch):
     # Some rows stopped after a block while others went on decoding.
     stopped_early = (want[:, 7 + 16:] == model.config.eos_token_id).all(1)
     assert stopped_early.any() and not stopped_early.all()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**16),
+    batch=st.integers(1, 3),
+    blocks=st.integers(1, 3),
+    block_length=st.integers(1, 9),
+    steps_per_block=st.integers(1, 6),
+    commit=st.sampled_from(["schedule", "threshold", "factor", "entropy_bound"]),
+    ranking=st.sampled_from(["probability", "margin", "entropy"]),
+    guided=st.booleans(),
+    stops_last=st.booleans(),
+    early_stop=st.booleans(),
+)
+def test_whole_block_steps_property(model, monkeypatch, seed, batch, blocks, block_length,
+                                    steps_per_block, commit, ranking, guided, stops_last, early_stop):
+    from llada import sampler
+
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, 256, (batch, 5), generator=g)
+    mask = torch.ones_like(prompt)
+    mask[0, : seed % 3] = 0  # some left padding in the first row
+    prompt[mask == 0] = model.config.pad_token_id
+    policy = DecodePolicy(commit=commit, ranking=ranking, cache="dual", early_stop=early_stop,
+                          threshold=0.4, factor=1.5, gamma=0.5)
+    steps_per_block = min(steps_per_block, block_length)  # at most one step per position
+    kw = dict(steps=blocks * steps_per_block, gen_length=blocks * block_length, block_length=block_length,
+              cfg_scale=1.0 if guided else 0.0, confidence_eos_eot_inf=stops_last, policy=policy,
+              return_stats=True)
+    with monkeypatch.context() as m:
+        want, want_stats = llada.generate(model, prompt, mask, **kw)
+        m.setattr(sampler._Forward, "_whole_block_wanted", staticmethod(lambda canvas: True))
+        got, got_stats = llada.generate(model, prompt, mask, **kw)
+    assert torch.equal(got, want)
+    assert got_stats == want_stats
