@@ -85,13 +85,18 @@ def test_replay_equals_the_eager_step_at_every_block(folder, dtype):
         assert torch.equal(replayed, eager), start
 
 
+def padded_prompts(seed, row, pad):
+    """Three random prompts of 7 tokens on CUDA; ``row`` has ``pad`` left pads."""
+    prompt = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(seed)).cuda()
+    mask = torch.ones_like(prompt)
+    mask[row, :pad] = 0
+    return prompt, mask
+
+
 @needs_cuda
 def test_decoding_with_graphs_gives_the_same_tokens(folder):
     model = llada.load_model(folder, device="cuda", dtype=torch.float32)
-    g = torch.Generator().manual_seed(2)
-    prompt = torch.randint(0, 256, (3, 7), generator=g).cuda()
-    mask = torch.ones_like(prompt)
-    mask[1, :3] = 0
+    prompt, mask = padded_prompts(2, row=1, pad=3)
     kw = dict(steps=16, gen_length=32, block_length=8, return_stats=True)
     for policy in (DecodePolicy(cache="dual"), DecodePolicy.fast(), DecodePolicy.fast(early_stop=True)):
         assert policy.cuda_graph  # the default
@@ -110,10 +115,7 @@ def test_whole_block_steps_on_cuda_decide_as_queried_row_steps(folder, monkeypat
     from llada import sampler
 
     model = llada.load_model(folder, device="cuda", dtype=torch.float32)
-    g = torch.Generator().manual_seed(3)
-    prompt = torch.randint(0, 256, (3, 7), generator=g).cuda()
-    mask = torch.ones_like(prompt)
-    mask[2, :2] = 0
+    prompt, mask = padded_prompts(3, row=2, pad=2)
     kw = dict(steps=16, gen_length=32, block_length=8, return_stats=True)
     policies = (DecodePolicy(cache="dual"), DecodePolicy.fast(),
                 DecodePolicy(commit="factor", cache="dual", cuda_graph=False))
