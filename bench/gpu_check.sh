@@ -57,7 +57,7 @@ summary() {
   echo "tests: $(grep -E '(passed|failed|error)' "$LOGS/tests.log" | tail -n 1)"
   grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" | sed 's/^/  /'
   # Timed and failed kernel cases; the cases only validated are counted.
-  grep -h '^RESULT' "$LOGS"/bin_bench_*.log 2>/dev/null | grep -E ' us=| FAIL$' | sed 's/^RESULT /  /'
+  grep -h -A2 '^RESULT' "$LOGS"/bin_bench_*.log 2>/dev/null | grep -E ' us=| FAIL$|^  bad by' | sed 's/^RESULT /  /'
   echo "  validated only (not timed): $(grep -h '^RESULT.*validated ok$' "$LOGS"/bin_bench_*.log 2>/dev/null | wc -l) ok"
   for f in "$LOGS"/bench_ops.log "$LOGS"/bench_attention.log "$LOGS"/bench_generate.log \
            "$LOGS"/bench_decoding.log; do

@@ -32,4 +32,16 @@ if(LLADA_WITH_CUDA)
   target_compile_options(llada_kernels PRIVATE
     $<$<COMPILE_LANGUAGE:CUDA>:-O3 --expt-relaxed-constexpr>)
   target_link_libraries(llada_kernels PUBLIC CUDA::cudart)
+
+  # The Hopper attention kernel uses sm_90a-only instructions (wgmma, TMA), so
+  # it is compiled for that one target, and only when Hopper is asked for.
+  if(LLADA_CUDA_ARCHITECTURES MATCHES "(^|;)90a?(-real|-virtual)?($|;)")
+    add_library(llada_kernels_sm90 OBJECT ${LLADA_ROOT}/csrc/cuda/attention_sm90.cu)
+    target_include_directories(llada_kernels_sm90 PRIVATE ${LLADA_ROOT}/csrc/include)
+    set_target_properties(llada_kernels_sm90 PROPERTIES CUDA_ARCHITECTURES OFF POSITION_INDEPENDENT_CODE ON)
+    target_compile_options(llada_kernels_sm90 PRIVATE
+      -O3 --expt-relaxed-constexpr "SHELL:-gencode arch=compute_90a,code=sm_90a")
+    target_sources(llada_kernels PRIVATE $<TARGET_OBJECTS:llada_kernels_sm90>)
+    target_compile_definitions(llada_kernels PRIVATE LLADA_WITH_SM90)
+  endif()
 endif()

@@ -222,3 +222,91 @@ def test_empty(device):
     q, k, v = make_qkv(1, 3, 0, 2, 2, 64, torch.bfloat16, device)
     out = llada.attention(q, k, v)
     assert (out == 0).all()
+
+
+# ---------------------------------------------------------------------------
+# The Hopper kernel (csrc/cuda/attention_sm90.cu), forced on for every shape
+# it takes: only on a compute capability 9.0 device with a build for it.
+# ---------------------------------------------------------------------------
+
+
+def _sm90_runs_here():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        return False
+    return "90" in llada._C.cuda_architectures().replace("90a", "90").split(",")
+
+
+@pytest.fixture
+def sm90(monkeypatch):
+    if not _sm90_runs_here():
+        pytest.skip("needs an sm_90 GPU and a build for it")
+    monkeypatch.setenv("LLADA_ATTENTION_SM90", "always")
+
+
+def _kernels_run(fn):
+    """Names of the CUDA kernels `fn` launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+SM90_SHAPES = [
+    # b, lq, lk, hq, hkv (d = 128)
+    (1, 1, 1, 1, 1),
+    (2, 17, 17, 2, 2),
+    (1, 255, 255, 2, 1),
+    (1, 17, 1000, 2, 2),
+    (2, 32, 300, 8, 2),
+    (2, 256, 384, 4, 2),   # whole tiles only
+    (4, 380, 700, 32, 8),  # many query tiles, partial last tiles
+]
+
+
+@pytest.mark.parametrize("shape", SM90_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_sm90_matches_reference(sm90, dtype, shape):
+    check_against_reference(*make_qkv(*shape, 128, dtype, "cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("lk", [1, 17, 255, 1000])
+def test_sm90_key_padding(sm90, dtype, lk):
+    q, k, v = make_qkv(3, 150, lk, 8, 2, 128, dtype, "cuda")
+    check_against_reference(q, k, v, padding_mask(3, lk, "cuda"))
+
+
+def test_sm90_strided_inputs_and_scale(sm90):
+    b, lq, lk, h, d = 2, 130, 300, 4, 128
+    qkv = torch.randn(b, lq, 3, h, d).to(device="cuda", dtype=torch.bfloat16)
+    cache_k = torch.randn(b, 700, h, d).to(device="cuda", dtype=torch.bfloat16)
+    cache_v = torch.randn(b, 700, h, d).to(device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv[:, :, 0], cache_k[:, 100:100 + lk], cache_v[:, :lk]
+    check_against_reference(q, k, v, padding_mask(b, lk, "cuda"))
+    check_against_reference(q, k, v, scale=0.3)
+
+
+def test_sm90_switch_picks_the_kernel(sm90, monkeypatch):
+    """The switch really selects the Hopper kernel (so the tests above test
+    it), "1" takes it only for long query tiles, and "0" never."""
+    q, k, v = make_qkv(1, 2048, 2048, 32, 32, 128, torch.bfloat16, "cuda", seed=5)
+    short = make_qkv(1, 32, 2048, 32, 32, 128, torch.bfloat16, "cuda", seed=6)
+
+    def uses_sm90(args):
+        return any("attention_sm90" in name for name in _kernels_run(lambda: llada.attention(*args)))
+
+    assert uses_sm90((q, k, v)) and uses_sm90(short)
+    monkeypatch.setenv("LLADA_ATTENTION_SM90", "1")
+    assert uses_sm90((q, k, v)) and not uses_sm90(short)
+    monkeypatch.setenv("LLADA_ATTENTION_SM90", "0")
+    assert not uses_sm90((q, k, v))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bad_sm90_switch_is_named(monkeypatch):
+    q, k, v = make_qkv(1, 5, 9, 2, 1, 64, torch.bfloat16, "cuda")
+    monkeypatch.setenv("LLADA_ATTENTION_SM90", "yes")
+    with pytest.raises(RuntimeError, match="LLADA_ATTENTION_SM90"):
+        llada.attention(q, k, v)

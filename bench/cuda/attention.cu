@@ -2,7 +2,8 @@
 // optional key padding.
 //
 // Every variant (the automatic plan; 16 or 32 query rows per warp, each with
-// no key split and with forced key splits) is first validated against the
+// no key split and with forced key splits; on an H100/H200 built for sm_90a,
+// the Hopper kernel) is first validated against the
 // C++ CPU twin, run in float32 on the same rounded inputs: small ragged
 // shapes in full (lengths that are not multiples of the 64-row tiles, GQA,
 // padding rows with one valid key and with none), the timed shapes on their
@@ -57,12 +58,31 @@ struct Variant {
   const char* name;
   int splits;         // 0: the automatic plan
   int rows_per_warp;  // ignored by the automatic plan
+  llada::Sm90Use sm90 = llada::Sm90Use::kNever;  // for the automatic plan
 };
 const Variant kVariants[] = {
     {"auto", 0, 0},          {"rows16", 1, 16},         {"rows16-split2", 2, 16},
     {"rows16-split3", 3, 16}, {"rows16-split4", 4, 16},  {"rows16-split8", 8, 16},
     {"rows16-split16", 16, 16}, {"rows16-split32", 32, 16}, {"rows32", 1, 32},
-    {"rows32-split3", 3, 32}};
+    {"rows32-split3", 3, 32}, {"sm90", 0, 0, llada::Sm90Use::kAlways}};
+
+// Where the wrong elements of one (batch, head) lie: counts by query row
+// within a 128-row tile (groups of 16) and by dim (groups of 16), which
+// tells a tile-layout mistake from a numerical one.
+void print_error_map(const std::vector<char>& bad_at, int64_t lq, int d) {
+  int64_t by_row[8] = {}, by_dim[16] = {};
+  for (int64_t i = 0; i < lq; ++i)
+    for (int e = 0; e < d; ++e)
+      if (bad_at[size_t(i * d + e)]) {
+        ++by_row[(i % 128) / 16];
+        ++by_dim[e / 16];
+      }
+  std::printf("  bad by row%%128/16:");
+  for (int64_t n : by_row) std::printf(" %lld", (long long)n);
+  std::printf("\n  bad by dim/16:");
+  for (int i = 0; i < d / 16; ++i) std::printf(" %lld", (long long)by_dim[i]);
+  std::printf("\n");
+}
 
 bool run_case(const Case& c, const bench::Options& o, uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -152,7 +172,8 @@ bool run_case(const Case& c, const bench::Options& o, uint64_t seed) {
     if (c.timed && variant.splits > 1 && c.q_len >= 128) continue;
     AttentionCudaPlan plan;
     if (variant.splits == 0) {
-      CUDA_CHECK(llada::attention_cuda_plan(p, &plan));
+      CUDA_CHECK(llada::attention_cuda_plan(p, &plan, variant.sm90));
+      if (variant.sm90 != llada::Sm90Use::kNever && !plan.sm90) continue;  // not this device or shape
     } else {
       plan.num_splits = variant.splits;
       plan.rows_per_warp = variant.rows_per_warp;
@@ -167,6 +188,8 @@ bool run_case(const Case& c, const bench::Options& o, uint64_t seed) {
 
     int64_t bad = 0;
     double max_err = 0.0;
+    std::vector<char> bad_at;  // of the first (batch, head) with a wrong element
+    int64_t mapped_bh = -1;
     for (int64_t bi = 0; bi < b; ++bi)
       for (int64_t i = 0; i < lq; ++i)
         for (int h = 0; h < hq; ++h) {
@@ -185,6 +208,11 @@ bool run_case(const Case& c, const bench::Options& o, uint64_t seed) {
             const float w = want[idx];
             if (std::isfinite(got)) max_err = std::max(max_err, double(std::fabs(got - w)));
             if (!bench::close(got, w, rtol, atol)) {
+              if (mapped_bh < 0) {
+                mapped_bh = bi * hq + h;
+                bad_at.assign(size_t(lq * d), 0);
+              }
+              if (mapped_bh == bi * hq + h) bad_at[size_t(i * d + e)] = 1;
               if (bad < 5)
                 std::printf("  MISMATCH out[b=%lld q=%lld h=%d d=%d]: got %.6g, want %.6g\n",
                             (long long)bi, (long long)i, h, e, got, w);
@@ -196,11 +224,12 @@ bool run_case(const Case& c, const bench::Options& o, uint64_t seed) {
     char label[256];
     std::snprintf(label, sizeof label,
                   "kernel=attention variant=%s dtype=%s B=%lld Lq=%lld Lk=%lld Hq=%d Hkv=%d D=%d mask=%d "
-                  "splits=%d rows_per_warp=%d",
+                  "splits=%d rows_per_warp=%d sm90=%d",
                   variant.name, bench::short_name(c.dtype), (long long)b, (long long)lq, (long long)lk, hq, hkv,
-                  d, int(c.mask), plan.num_splits, plan.rows_per_warp);
+                  d, int(c.mask), plan.num_splits, plan.rows_per_warp, int(plan.sm90));
     if (bad != 0) {
       std::printf("RESULT %s max_err=%.3g mismatches=%lld FAIL\n", label, max_err, (long long)bad);
+      print_error_map(bad_at, lq, d);
       all_ok = false;
       continue;
     }
@@ -231,6 +260,8 @@ int main(int argc, char** argv) {
       {bf16, 2, 130, 130, 32, 8, 128, true, false},
       {fp32, 3, 17, 300, 8, 2, 64, true, false},
       {fp32, 1, 65, 129, 2, 2, 128, false, false},
+      {bf16, 1, 200, 1, 4, 4, 128, false, false},     // one key
+      {bf16, 2, 256, 384, 4, 2, 128, false, false},   // whole 128-row tiles only
       // Timed: full shapes (Lq = Lk) and cached decoding (32 queries).
       {bf16, 1, 512, 512, 32, 32, 128, false, true},
       {bf16, 1, 1024, 1024, 32, 32, 128, false, true},

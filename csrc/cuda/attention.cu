@@ -18,6 +18,9 @@
 //
 // float32: a simple kernel (one warp per query row, one key at a time), kept
 // for testing; it is not meant to be fast.
+//
+// On Hopper the plan may instead pick the warpgroup-MMA kernel of
+// attention_sm90.cu for long query tiles (see attention_cuda_plan).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -656,18 +659,30 @@ cudaError_t launch_mma_shape(const AttentionParams& p, const AttentionCudaPlan& 
   }
 }
 
-}  // namespace
-
-size_t attention_cuda_workspace_bytes(const AttentionParams& p, int num_splits) {
-  if (num_splits <= 1 || p.dtype == DType::kFloat32) return 0;
-  const int64_t total_rows = p.batch * p.q_heads * p.q_len;
-  return size_t(num_splits) * size_t(total_rows) * size_t(p.head_dim + 2) * sizeof(float);
+// Whether the current device runs sm_90a code (exactly compute capability
+// 9.0), asked once per device.
+cudaError_t device_is_sm90(bool* out) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices];  // 0: not asked, 1: no, 2: yes
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < kMaxDevices && cache[device].load() != 0) {
+    *out = cache[device].load() == 2;
+    return cudaSuccess;
+  }
+  int major = 0, minor = 0;
+  err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err != cudaSuccess) return err;
+  *out = major == 9 && minor == 0;
+  if (device < kMaxDevices) cache[device].store(*out ? 2 : 1);
+  return cudaSuccess;
 }
 
-cudaError_t attention_cuda_plan(const AttentionParams& p, AttentionCudaPlan* plan) {
-  plan->num_splits = 1;
-  plan->rows_per_warp = 16;
-  plan->workspace_bytes = 0;
+// The Ampere-style kernel's plan.
+cudaError_t mma_plan(const AttentionParams& p, AttentionCudaPlan* plan) {
+  *plan = AttentionCudaPlan{};
   if (p.dtype == DType::kFloat32 || query_blocks(p, 16) == 0) return cudaSuccess;
   if (!attention_head_dim_supported(p.head_dim)) return cudaErrorInvalidValue;
   int64_t capacity_tall = 0, capacity = 0;
@@ -702,8 +717,37 @@ cudaError_t attention_cuda_plan(const AttentionParams& p, AttentionCudaPlan* pla
   return cudaSuccess;
 }
 
+}  // namespace
+
+size_t attention_cuda_workspace_bytes(const AttentionParams& p, int num_splits) {
+  if (num_splits <= 1 || p.dtype == DType::kFloat32) return 0;
+  const int64_t total_rows = p.batch * p.q_heads * p.q_len;
+  return size_t(num_splits) * size_t(total_rows) * size_t(p.head_dim + 2) * sizeof(float);
+}
+
+#ifndef LLADA_WITH_SM90
+bool attention_sm90_built() { return false; }
+bool attention_sm90_supports(const AttentionParams&) { return false; }
+cudaError_t attention_sm90_cuda(const AttentionParams&, cudaStream_t) { return cudaErrorNotSupported; }
+#endif
+
+cudaError_t attention_cuda_plan(const AttentionParams& p, AttentionCudaPlan* plan, Sm90Use sm90) {
+  cudaError_t err = mma_plan(p, plan);
+  if (err != cudaSuccess || sm90 == Sm90Use::kNever || !attention_sm90_supports(p)) return err;
+  if (sm90 == Sm90Use::kWhereFaster && plan->rows_per_warp != 32) return cudaSuccess;
+  bool on_sm90 = false;
+  err = device_is_sm90(&on_sm90);
+  if (err != cudaSuccess || !on_sm90) return err;
+  plan->sm90 = true;
+  plan->num_splits = 1;
+  plan->rows_per_warp = 16;
+  plan->workspace_bytes = 0;
+  return cudaSuccess;
+}
+
 cudaError_t attention_cuda(const AttentionParams& p, const AttentionCudaPlan& plan, void* workspace,
                            cudaStream_t stream) {
+  if (plan.sm90) return attention_sm90_cuda(p, stream);
   if (p.batch == 0 || p.q_len == 0 || p.q_heads == 0) return cudaSuccess;
   if (p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0) return cudaErrorInvalidValue;
   if (plan.rows_per_warp != 16 && plan.rows_per_warp != 32) return cudaErrorInvalidValue;

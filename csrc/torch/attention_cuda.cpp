@@ -4,6 +4,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "checks.h"
 #include "llada/kernels_cuda.h"
 
@@ -31,6 +34,17 @@ at::Tensor aligned_for_copy(const at::Tensor& t) {
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
+// LLADA_ATTENTION_SM90 chooses when the Hopper kernel may run: unset or "0"
+// never, "1" where the plan expects it to be faster (long query tiles),
+// "always" wherever it can (for testing).
+Sm90Use sm90_use() {
+  const char* value = std::getenv("LLADA_ATTENTION_SM90");
+  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "0") == 0) return Sm90Use::kNever;
+  if (std::strcmp(value, "1") == 0) return Sm90Use::kWhereFaster;
+  if (std::strcmp(value, "always") == 0) return Sm90Use::kAlways;
+  TORCH_CHECK(false, "llada.attention: LLADA_ATTENTION_SM90 must be unset, 0, 1 or always; got '", value, "'");
+}
+
 at::Tensor attention_cuda_op(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                              const c10::optional<at::Tensor>& key_mask,
                              c10::optional<double> scale) {
@@ -50,7 +64,7 @@ at::Tensor attention_cuda_op(const at::Tensor& q_in, const at::Tensor& k_in, con
   const AttentionParams p =
       make_attention_params(q, k, v, key_mask.has_value() ? &mask : nullptr, out, dtype, s);
   AttentionCudaPlan plan;
-  check_cuda(attention_cuda_plan(p, &plan), "planning");
+  check_cuda(attention_cuda_plan(p, &plan, sm90_use()), "planning");
   at::Tensor workspace;
   if (plan.workspace_bytes > 0)
     workspace = at::empty({int64_t(plan.workspace_bytes)}, q.options().dtype(at::kByte));

@@ -31,18 +31,34 @@ cudaError_t rope_cuda(const RopeParams& p, cudaStream_t stream);
 // warp that may split the keys into chunks (partial results in `workspace`,
 // combined by a second kernel) when there are too few query tiles to fill the
 // device; float32 runs a simple kernel (for testing) and needs no workspace.
-// attention_cuda_plan picks rows per warp and the split count for the current
-// device; the caller allocates plan.workspace_bytes of device memory (none
-// when 0) and passes both on.
+// On Hopper (compute capability 9.0, when built for sm_90a) a third kernel
+// on warpgroup MMAs and TMA (attention_sm90.cu) serves bf16/fp16 with head
+// dim 128; `sm90` says when the plan may choose it.
+// attention_cuda_plan picks the kernel, rows per warp and the split count for
+// the current device; the caller allocates plan.workspace_bytes of device
+// memory (none when 0) and passes both on.
 // bf16/fp16 need q, k, v 16-byte aligned with strides multiple of 8 elements.
 struct AttentionCudaPlan {
   int num_splits = 1;
   int rows_per_warp = 16;  // 16 or 32
+  bool sm90 = false;       // the Hopper kernel (no splits, no workspace)
   size_t workspace_bytes = 0;
 };
-cudaError_t attention_cuda_plan(const AttentionParams& p, AttentionCudaPlan* plan);
+enum class Sm90Use {
+  kNever,
+  kWhereFaster,  // where the plan would take 32 rows per warp: many long query tiles
+  kAlways,       // wherever it can run (for testing)
+};
+cudaError_t attention_cuda_plan(const AttentionParams& p, AttentionCudaPlan* plan,
+                                Sm90Use sm90 = Sm90Use::kNever);
 size_t attention_cuda_workspace_bytes(const AttentionParams& p, int num_splits);
 cudaError_t attention_cuda(const AttentionParams& p, const AttentionCudaPlan& plan, void* workspace,
                            cudaStream_t stream);
+
+// The Hopper kernel itself: whether the build has it, whether it takes p
+// (dtype, head dim, alignment, sizes; not the device), and the launch.
+bool attention_sm90_built();
+bool attention_sm90_supports(const AttentionParams& p);
+cudaError_t attention_sm90_cuda(const AttentionParams& p, cudaStream_t stream);
 
 }  // namespace llada

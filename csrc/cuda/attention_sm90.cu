@@ -1,0 +1,559 @@
+// Attention on Hopper (sm_90a): warpgroup MMAs fed by the tensor memory
+// accelerator, for bf16 / fp16 with head dim 128.
+//
+// The Ampere-style kernel (attention.cu) issues mma.sync from every warp and
+// tops out near 300 TFLOP/s on an H100; Hopper's tensor cores reach their
+// rate only through wgmma, which reads its B operand (and here A of Q K^T)
+// straight from shared memory in a swizzled layout, asynchronously. So this
+// kernel is built around three roles in one thread block of 288 threads:
+//
+//   warp 8 (the producer)   one thread issues TMA copies of the Q tile and of
+//                           every K and V tile into a ring of kStages stages
+//                           and waits on "empty" barriers before reusing one;
+//   warpgroups 0 and 1      each owns 64 query rows: S = Q K^T (wgmma, both
+//   (the consumers)         operands in shared memory), online softmax in
+//                           registers, O += P V (wgmma, P from registers).
+//
+// The two consumers take turns on the tensor cores (a "ping-pong" on two
+// named barriers): one issues its P V of the previous tile and its Q K^T of
+// this tile back to back while the other computes its softmax, whose
+// exponentials would otherwise leave the tensor cores idle.
+//
+// Shared tiles are 128 rows of keys (or queries) by 128 dims, stored as two
+// halves of 64 dims; a half row is 128 bytes, written by TMA with the 128-byte
+// swizzle (16-byte chunk c of row r lands at chunk c ^ (r % 8)), which is the
+// layout wgmma's descriptors name. K is the "K-major" B operand of Q K^T (its
+// rows are keys, contiguous along the reduced dim); V is the "MN-major" B
+// operand of P V (rows are keys = the reduced dim, contiguous along D).
+//
+// Out-of-range rows of a tile (past Lq or Lk) arrive as zeros from TMA; the
+// softmax masks keys past Lk and the padding mask as the other kernel does,
+// and a row with no valid key gets zeros.
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "llada/kernels_cuda.h"
+
+namespace llada {
+namespace {
+
+constexpr int kHeadDim = 128;
+constexpr int kBlockQ = 128;   // query rows per thread block (64 per consumer warpgroup)
+constexpr int kBlockK = 128;   // keys per tile
+constexpr int kStages = 2;     // K and V tiles in flight
+constexpr int kConsumerThreads = 256;
+constexpr int kThreads = kConsumerThreads + 32;
+constexpr int kHalfBytes = 128 * 128;                 // 128 rows x 64 dims x 2 bytes
+constexpr int kTileBytes = 2 * kHalfBytes;            // 128 rows x 128 dims
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Shared memory, each tile 1024-byte aligned (the swizzle repeats every
+// 1024 bytes and both TMA and wgmma apply it to address bits):
+// Q, K stages, V stages, then the barriers.
+struct Shared {
+  static constexpr int kQ = 0;
+  static constexpr int kK = kQ + kTileBytes;
+  static constexpr int kV = kK + kStages * kTileBytes;
+  static constexpr int kBarriers = kV + kStages * kTileBytes;
+  // q_full, k_full[S], v_full[S], k_empty[S], v_empty[S]
+  static constexpr int kNumBarriers = 1 + 4 * kStages;
+  static constexpr int kBytes = kBarriers + 8 * kNumBarriers;
+  static constexpr int kAlloc = kBytes + 1024;  // room to align the base
+};
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LLADA_SM90_DEVICE 1
+#endif
+
+// ---------------------------------------------------------------------------
+// PTX wrappers: barriers, TMA, wgmma
+// ---------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return uint32_t(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void barrier_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+// Arrives on `bar` and tells it `bytes` more will land by TMA this phase.
+__device__ __forceinline__ void barrier_expect_bytes(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void barrier_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Waits until the phase of parity `parity` of `bar` has completed.
+__device__ __forceinline__ void barrier_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// One box of a 4-d tensor map (dims: D, position, head, batch) into shared
+// memory; completion is counted in bytes on `bar`.
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int d, int pos, int head, int batch,
+                                         uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(d), "r"(pos), "r"(head), "r"(batch), "r"(bar)
+      : "memory");
+}
+
+// Named barriers 1 and 2 order the consumers' turns on the tensor cores
+// (0 is __syncthreads). Both consumer warpgroups count: one syncs, the other
+// arrives.
+__device__ __forceinline__ void named_sync(int id) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(kConsumerThreads) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kConsumerThreads) : "memory");
+}
+
+// A shared-memory matrix descriptor with the 128-byte swizzle. `lead` and
+// `stride` are the byte offsets between 8x(16-byte) core-matrix groups along
+// the leading and the strided dimension (see the callers).
+__device__ __forceinline__ uint64_t descriptor(uint32_t address, uint32_t lead, uint32_t stride) {
+  return uint64_t((address & 0x3FFFF) >> 4) | (uint64_t((lead >> 4) & 0x3FFF) << 16) |
+         (uint64_t((stride >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+
+// Keeps the compiler from moving reads or writes of a register across the
+// asynchronous MMAs (it does not know they finish only at the wait).
+__device__ __forceinline__ void pin(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+__device__ __forceinline__ void pin(uint32_t& x) { asm volatile("" : "+r"(x)::"memory"); }
+
+#define LLADA_ACC8(d, i)                                                                            \
+  "+f"(d[i + 0]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+      "+f"(d[i + 6]), "+f"(d[i + 7])
+#define LLADA_ACC64(d)                                                                               \
+  LLADA_ACC8(d, 0), LLADA_ACC8(d, 8), LLADA_ACC8(d, 16), LLADA_ACC8(d, 24), LLADA_ACC8(d, 32),       \
+      LLADA_ACC8(d, 40), LLADA_ACC8(d, 48), LLADA_ACC8(d, 56)
+#define LLADA_ACC64_TEXT                                                                            \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "     \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, " \
+  "%39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, "  \
+  "%58, %59, %60, %61, %62, %63}"
+
+// d[64] (+)= A B for a 64x128 tile, k = 16: A and B from shared memory, B
+// K-major. With accumulate == 0, d = A B.
+#define LLADA_WGMMA_SS(TYPE)                                                                 \
+  asm volatile(                                                                              \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                           \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " LLADA_ACC64_TEXT      \
+      ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                                      \
+      : LLADA_ACC64(d)                                                                       \
+      : "l"(a), "l"(b), "r"(accumulate))
+// d[64] += A B for a 64x128 tile, k = 16: A from registers, B MN-major.
+#define LLADA_WGMMA_RS(TYPE)                                                                 \
+  asm volatile(                                                                              \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                             \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " LLADA_ACC64_TEXT      \
+      ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                         \
+      : LLADA_ACC64(d)                                                                       \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b))
+
+struct Bf16 {
+  __device__ __forceinline__ static void mma_ss(float (&d)[64], uint64_t a, uint64_t b, uint32_t accumulate) {
+    LLADA_WGMMA_SS("bf16");
+  }
+  __device__ __forceinline__ static void mma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+    LLADA_WGMMA_RS("bf16");
+  }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+
+struct Fp16 {
+  __device__ __forceinline__ static void mma_ss(float (&d)[64], uint64_t a, uint64_t b, uint32_t accumulate) {
+    LLADA_WGMMA_SS("f16");
+  }
+  __device__ __forceinline__ static void mma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+    LLADA_WGMMA_RS("f16");
+  }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+
+__device__ __forceinline__ float fast_exp2(float x) {  // 2^x; exact 0 for -inf
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// ---------------------------------------------------------------------------
+// The kernel
+//
+// Accumulator layout of a 64xN wgmma tile (PTX ISA): warp w of the
+// warpgroup holds rows 16w .. 16w+15; with g = lane / 4 and t = lane % 4,
+// register 4c + r holds row g + 8 (r / 2), column 8c + 2t + (r % 2). The A
+// fragment of a 64x16 register operand holds, for k-step columns 16kc ..:
+// a0 (row g, cols 2t, 2t+1), a1 (row g+8, same), a2 (row g, cols 2t+8, +9),
+// a3 (row g+8, same): exactly S's registers 8kc .. 8kc+7 in pairs, which is
+// how P goes from the softmax into P V without shared memory.
+// ---------------------------------------------------------------------------
+
+struct Maps {
+  CUtensorMap q, k, v;
+};
+
+// 224 registers: 9 warps fit the register file, and the consumers hold
+// S, P and O (160 registers) at once.
+template <typename Traits>
+__global__ void __maxnreg__(224)
+    attention_sm90_kernel(const __grid_constant__ Maps maps, AttentionParams p) {
+#ifdef LLADA_SM90_DEVICE
+  extern __shared__ unsigned char shared_raw[];
+  const uint32_t raw = shared_address(shared_raw);
+  const uint32_t base = (raw + 1023) & ~1023u;
+  const uint32_t s_q = base + Shared::kQ;
+  const uint32_t s_k = base + Shared::kK;
+  const uint32_t s_v = base + Shared::kV;
+  const uint32_t bars = base + Shared::kBarriers;
+  const uint32_t q_full = bars;
+  auto k_full = [&](int s) { return bars + 8 * (1 + s); };
+  auto v_full = [&](int s) { return bars + 8 * (1 + kStages + s); };
+  auto k_empty = [&](int s) { return bars + 8 * (1 + 2 * kStages + s); };
+  auto v_empty = [&](int s) { return bars + 8 * (1 + 3 * kStages + s); };
+
+  const int64_t q_tiles = (p.q_len + kBlockQ - 1) / kBlockQ;
+  const int q_tile = int(int64_t(blockIdx.x) % q_tiles);
+  const int64_t bh = int64_t(blockIdx.x) / q_tiles;  // b * q_heads + h
+  const int h = int(bh % p.q_heads);
+  const int b = int(bh / p.q_heads);
+  const int h_kv = h / (p.q_heads / p.kv_heads);
+  const int q0 = q_tile * kBlockQ;
+  const int n_tiles = int((p.kv_len + kBlockK - 1) / kBlockK);
+
+  if (threadIdx.x == 0) {
+    barrier_init(q_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      barrier_init(k_full(s), 1);
+      barrier_init(v_full(s), 1);
+      barrier_init(k_empty(s), kConsumerThreads);
+      barrier_init(v_empty(s), kConsumerThreads);
+    }
+    // Make the initialised barriers visible to the TMA unit.
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (threadIdx.x >= kConsumerThreads) {
+    // Producer: one thread issues every copy, in the order the consumers
+    // read them.
+    if (threadIdx.x != kConsumerThreads) return;
+    barrier_expect_bytes(q_full, kTileBytes);
+    tma_load(s_q, &maps.q, 0, q0, h, b, q_full);
+    tma_load(s_q + kHalfBytes, &maps.q, 64, q0, h, b, q_full);
+    for (int j = 0; j < n_tiles; ++j) {
+      const int s = j % kStages;
+      const uint32_t round = uint32_t(j / kStages);
+      if (round > 0) barrier_wait(k_empty(s), (round - 1) & 1);
+      barrier_expect_bytes(k_full(s), kTileBytes);
+      tma_load(s_k + s * kTileBytes, &maps.k, 0, j * kBlockK, h_kv, b, k_full(s));
+      tma_load(s_k + s * kTileBytes + kHalfBytes, &maps.k, 64, j * kBlockK, h_kv, b, k_full(s));
+      if (round > 0) barrier_wait(v_empty(s), (round - 1) & 1);
+      barrier_expect_bytes(v_full(s), kTileBytes);
+      tma_load(s_v + s * kTileBytes, &maps.v, 0, j * kBlockK, h_kv, b, v_full(s));
+      tma_load(s_v + s * kTileBytes + kHalfBytes, &maps.v, 64, j * kBlockK, h_kv, b, v_full(s));
+    }
+    return;
+  }
+
+  // Consumers.
+  const int wg = int(threadIdx.x) / 128;        // 0 or 1: rows 64 wg .. 64 wg + 63 of the tile
+  const int warp = (int(threadIdx.x) / 32) % 4;  // rows 16 warp .. of the warpgroup's 64
+  const int lane = int(threadIdx.x) % 32;
+  const int g = lane / 4, t4 = lane % 4;
+  const bool* mask = p.key_mask != nullptr ? p.key_mask + int64_t(b) * p.kv_len : nullptr;
+  const float scale_log2 = p.scale * kLog2e;
+
+  // Descriptors. Q and K are K-major: 8-row groups 1024 bytes apart, and a
+  // k-step of 16 dims moves 32 bytes along the (swizzled) row, or to the
+  // other half for dims 64 .. 127. V is MN-major: 8-key groups 1024 bytes
+  // apart, the two 64-dim halves kHalfBytes apart, a k-step of 16 keys 2048
+  // bytes.
+  auto q_desc = [&](int kd) {
+    return descriptor(s_q + (kd / 4) * kHalfBytes + wg * 64 * 128 + (kd % 4) * 32, 16, 1024);
+  };
+  auto k_desc = [&](int s, int kd) {
+    return descriptor(s_k + s * kTileBytes + (kd / 4) * kHalfBytes + (kd % 4) * 32, 16, 1024);
+  };
+  auto v_desc = [&](int s, int kc) { return descriptor(s_v + s * kTileBytes + kc * 2048, kHalfBytes, 1024); };
+
+  float o[64];
+  float s_acc[64];
+  uint32_t pa[8][4];  // P of the previous tile, the A operand of its P V
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 64; ++i) s_acc[i] = 0.0f;
+#pragma unroll
+  for (int kc = 0; kc < 8; ++kc) pa[kc][0] = pa[kc][1] = pa[kc][2] = pa[kc][3] = 0u;
+  float m_run[2] = {-INFINITY, -INFINITY};  // running max of the log2-scaled scores, rows g and g + 8
+  float l_run[2] = {0.0f, 0.0f};            // this thread's share of the row sums
+
+  // Masking, scaling and the online softmax of tile j: rescales O and the
+  // row sums, and leaves P in `pa`.
+  auto softmax = [&](int j) {
+    // Scale into the log2 domain; masked keys and keys past the end get -inf.
+    const int64_t k0 = int64_t(j) * kBlockK;
+    if (mask == nullptr && k0 + kBlockK <= p.kv_len) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) s_acc[i] *= scale_log2;
+    } else {
+#pragma unroll
+      for (int c = 0; c < 16; ++c) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t key = k0 + 8 * c + 2 * t4 + e;
+          bool valid = key < p.kv_len;
+          if (mask != nullptr) valid = valid && mask[valid ? key : 0];
+          s_acc[4 * c + e] = valid ? s_acc[4 * c + e] * scale_log2 : -INFINITY;
+          s_acc[4 * c + 2 + e] = valid ? s_acc[4 * c + 2 + e] * scale_log2 : -INFINITY;
+        }
+      }
+    }
+    // Online softmax; a row is spread over the 4 threads of a quad.
+    float m_use[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int c = 0; c < 16; ++c) tile_max = fmaxf(tile_max, fmaxf(s_acc[4 * c + 2 * r], s_acc[4 * c + 2 * r + 1]));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+      const float m_new = fmaxf(m_run[r], tile_max);
+      // No valid key yet: subtract 0, not -inf (-inf - -inf is NaN).
+      m_use[r] = m_new == -INFINITY ? 0.0f : m_new;
+      const float alpha = fast_exp2(m_run[r] - m_use[r]);
+      m_run[r] = m_new;
+      l_run[r] *= alpha;
+#pragma unroll
+      for (int c = 0; c < 16; ++c) {
+        o[4 * c + 2 * r] *= alpha;
+        o[4 * c + 2 * r + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+      s_acc[i] = fast_exp2(s_acc[i] - m_use[(i / 2) % 2]);
+      l_run[(i / 2) % 2] += s_acc[i];
+    }
+#pragma unroll
+    for (int kc = 0; kc < 8; ++kc) {
+      pa[kc][0] = Traits::pack(s_acc[8 * kc + 0], s_acc[8 * kc + 1]);
+      pa[kc][1] = Traits::pack(s_acc[8 * kc + 2], s_acc[8 * kc + 3]);
+      pa[kc][2] = Traits::pack(s_acc[8 * kc + 4], s_acc[8 * kc + 5]);
+      pa[kc][3] = Traits::pack(s_acc[8 * kc + 6], s_acc[8 * kc + 7]);
+    }
+  };
+
+  // Issuing the MMAs of one step; the loops are fully unrolled so that the
+  // instructions are not in a divergent path (which makes the compiler
+  // serialise them).
+  auto issue_pv = [&](int stage) {
+#pragma unroll
+    for (int kc = 0; kc < 8; ++kc) Traits::mma_rs(o, pa[kc], v_desc(stage, kc));
+  };
+  auto issue_qk = [&](int stage) {
+#pragma unroll
+    for (int kd = 0; kd < 8; ++kd) Traits::mma_ss(s_acc, q_desc(kd), k_desc(stage, kd), kd > 0 ? 1u : 0u);
+  };
+  // After the wait: the MMAs' registers are final (and must not have been
+  // reused before it).
+  auto settle = [&] {
+    wgmma_wait_all();
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+      pin(o[i]);
+      pin(s_acc[i]);
+    }
+#pragma unroll
+    for (int kc = 0; kc < 8; ++kc)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pin(pa[kc][e]);
+  };
+  // Turns: a consumer syncs on its own named barrier before issuing and
+  // then arrives on the other's. The second consumer's last tile hands no
+  // turn over (the first has no tile left to take it).
+  auto take_turn = [&] { named_sync(1 + wg); };
+  auto pass_turn = [&](int j) {
+    if (!(wg == 1 && j == n_tiles - 1)) named_arrive(2 - wg);
+  };
+
+  if (wg == 1) named_arrive(1);  // the first consumer goes first
+  barrier_wait(q_full, 0);
+
+  // Tile 0: Q K^T only.
+  barrier_wait(k_full(0), 0);
+  take_turn();
+  wgmma_fence();
+  issue_qk(0);
+  wgmma_commit();
+  pass_turn(0);
+  settle();
+  barrier_arrive(k_empty(0));
+  softmax(0);
+
+  // Tiles 1 .. n-1: P V of the previous tile, then Q K^T of this one.
+  for (int j = 1; j < n_tiles; ++j) {
+    const int s = j % kStages, prev = (j - 1) % kStages;
+    barrier_wait(k_full(s), uint32_t(j / kStages) & 1);
+    barrier_wait(v_full(prev), uint32_t((j - 1) / kStages) & 1);
+    take_turn();
+    wgmma_fence();
+    issue_pv(prev);
+    issue_qk(s);
+    wgmma_commit();
+    pass_turn(j);
+    settle();
+    barrier_arrive(v_empty(prev));
+    barrier_arrive(k_empty(s));
+    softmax(j);
+  }
+
+  // P V of the last tile.
+  const int last = (n_tiles - 1) % kStages;
+  barrier_wait(v_full(last), uint32_t((n_tiles - 1) / kStages) & 1);
+  wgmma_fence();
+  issue_pv(last);
+  wgmma_commit();
+  settle();
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
+    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = int64_t(q0) + wg * 64 + warp * 16 + g + 8 * r;
+    if (row >= p.q_len) continue;
+    const float inv = l_run[r] > 0.0f ? 1.0f / l_run[r] : 0.0f;  // no valid key: zeros
+    uint16_t* dst = static_cast<uint16_t*>(p.out) + ((int64_t(b) * p.q_len + row) * p.q_heads + h) * kHeadDim;
+#pragma unroll
+    for (int c = 0; c < 16; ++c)
+      *reinterpret_cast<uint32_t*>(dst + 8 * c + 2 * t4) =
+          Traits::pack(o[4 * c + 2 * r] * inv, o[4 * c + 2 * r + 1] * inv);
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// Host side: tensor maps and the launch
+// ---------------------------------------------------------------------------
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// The driver's tensor-map encoder, looked up once (the runtime library
+// does not export it, and linking the driver library directly would tie the
+// build to one driver).
+cudaError_t encoder(EncodeTiled* out) {
+  static EncodeTiled fn = nullptr;
+  static cudaError_t status = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                                       &found);
+    if (err == cudaSuccess && found != cudaDriverEntryPointSuccess) err = cudaErrorNotSupported;
+    fn = reinterpret_cast<EncodeTiled>(ptr);
+    return err;
+  }();
+  *out = fn;
+  return status;
+}
+
+// A map of [B, L, H, 128] with element strides `strides` (batch, position,
+// head) and boxes of 64 dims x 128 positions, swizzled for wgmma. Strides of
+// dimensions of size 1 are never followed; they are replaced by a valid one.
+cudaError_t make_map(CUtensorMap* map, const void* data, CUtensorMapDataType type, int64_t batch, int64_t len,
+                     int64_t heads, const int64_t (&strides)[3]) {
+  EncodeTiled encode = nullptr;
+  cudaError_t err = encoder(&encode);
+  if (err != cudaSuccess) return err;
+  const int64_t fallback = len * heads * kHeadDim * 2;
+  auto stride_bytes = [&](int64_t size, int64_t stride) -> cuuint64_t {
+    return cuuint64_t(size == 1 ? fallback : stride * 2);
+  };
+  const cuuint64_t dims[4] = {cuuint64_t(kHeadDim), cuuint64_t(len), cuuint64_t(heads), cuuint64_t(batch)};
+  const cuuint64_t byte_strides[3] = {stride_bytes(len, strides[1]), stride_bytes(heads, strides[2]),
+                                      stride_bytes(batch, strides[0])};
+  const cuuint32_t box[4] = {64, 128, 1, 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const CUresult r = encode(map, type, 4, const_cast<void*>(data), dims, byte_strides, box, element_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+template <typename Traits>
+cudaError_t launch(const AttentionParams& p, CUtensorMapDataType type, cudaStream_t stream) {
+  Maps maps;
+  cudaError_t err = make_map(&maps.q, p.q, type, p.batch, p.q_len, p.q_heads, p.q_strides);
+  if (err == cudaSuccess) err = make_map(&maps.k, p.k, type, p.batch, p.kv_len, p.kv_heads, p.k_strides);
+  if (err == cudaSuccess) err = make_map(&maps.v, p.v, type, p.batch, p.kv_len, p.kv_heads, p.v_strides);
+  if (err != cudaSuccess) return err;
+  err = cudaFuncSetAttribute(attention_sm90_kernel<Traits>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             Shared::kAlloc);
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = p.batch * p.q_heads * ((p.q_len + kBlockQ - 1) / kBlockQ);
+  attention_sm90_kernel<Traits><<<unsigned(blocks), kThreads, Shared::kAlloc, stream>>>(maps, p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool attention_sm90_built() { return true; }
+
+bool attention_sm90_supports(const AttentionParams& p) {
+  if (p.dtype == DType::kFloat32 || p.head_dim != kHeadDim || p.kv_len < 1) return false;
+  if (p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0) return false;
+  // TMA coordinates are 32-bit, and so is the grid.
+  const int64_t limit = int64_t(0x7fffffff) - kBlockK;
+  if (p.q_len > limit || p.kv_len > limit || p.batch > limit || p.q_heads > limit) return false;
+  if (p.batch * p.q_heads * ((p.q_len + kBlockQ - 1) / kBlockQ) > int64_t(0x7fffffff)) return false;
+  // TMA wants 16-byte aligned bases and strides.
+  for (const void* ptr : {p.q, p.k, p.v})
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  for (const int64_t* s : {p.q_strides, p.k_strides, p.v_strides})
+    for (int i = 0; i < 3; ++i)
+      if (s[i] % 8 != 0) return false;
+  return true;
+}
+
+cudaError_t attention_sm90_cuda(const AttentionParams& p, cudaStream_t stream) {
+  if (!attention_sm90_supports(p)) return cudaErrorInvalidValue;
+  if (p.batch == 0 || p.q_len == 0 || p.q_heads == 0) return cudaSuccess;
+  if (p.dtype == DType::kBFloat16) return launch<Bf16>(p, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, stream);
+  return launch<Fp16>(p, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, stream);
+}
+
+}  // namespace llada
