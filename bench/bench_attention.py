@@ -11,6 +11,10 @@ decoding). H=32, D=128; full L = 512..4096 at B=1 and L=1024 at B=8; cache
 Lk = 512..4096 at B=1 and 1024 at B=8. The CPU run takes a few minutes on
 2 cores.
 
+On an sm_90 GPU (H100, H200) with a build for it, "llada sm90" is llada
+with its Hopper kernel forced on (LLADA_ATTENTION_SM90=always), checked and
+timed beside the default.
+
 Every backend's output is checked against llada's before timing; the
 contenders are timed in turn over three rounds, each keeping its best. The table
 reports TFLOP/s (4 B H Lq Lk D flops per call) and llada's speed as a
@@ -20,6 +24,7 @@ multiple of the best SDPA backend.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +45,23 @@ def _with_backend(backend, q, k, v):
     def run():
         with sdpa_kernel([backend]):
             return F.scaled_dot_product_attention(q, k, v)
+
+    return run
+
+
+def _sm90_available(device) -> bool:
+    if device != "cuda" or torch.cuda.get_device_capability() != (9, 0):
+        return False
+    return "90" in llada._C.cuda_architectures().replace("90a", "90").split(",")
+
+
+def _llada_sm90(q, k, v):
+    def run():
+        os.environ["LLADA_ATTENTION_SM90"] = "always"
+        try:
+            return llada.attention(q, k, v)
+        finally:
+            del os.environ["LLADA_ATTENTION_SM90"]
 
     return run
 
@@ -65,6 +87,8 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {dtype}", flush=True)
 
+    os.environ.pop("LLADA_ATTENTION_SM90", None)  # "llada" is the default plan
+    sm90 = _sm90_available(device)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for kind, b, h, lq, lk, d in cases():
@@ -76,6 +100,12 @@ def main() -> None:
         # SDPA wants [B, H, L, D]; the transposes are views, as in a model.
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         contenders = {"llada": lambda: llada.attention(q, k, v)}
+        if sm90:
+            diff = (_llada_sm90(q, k, v)().float() - ours.float()).abs().max().item()
+            if diff <= 3e-2:
+                contenders["llada sm90"] = _llada_sm90(q, k, v)
+            else:
+                print(f"  {kind} llada sm90: output differs from llada by {diff:.3g}; not timed", flush=True)
         for name, backend in BACKENDS.items():
             if device == "cpu" and name != "math" and name != "flash":
                 continue  # CPU has only these two
@@ -93,22 +123,33 @@ def main() -> None:
             contenders[name] = _with_backend(backend, qt, kt, vt)
         us = time_interleaved(contenders, device, min_time)
         tflops = {name: flops / t / 1e6 for name, t in us.items()}
-        best_name, best = max(((n, t) for n, t in tflops.items() if n != "llada" and t), key=lambda x: x[1])
+        best_name, best = max(((n, t) for n, t in tflops.items() if n in BACKENDS and t), key=lambda x: x[1])
         shape = f"B={b} H={h} Lq={lq} Lk={lk} D={d}"
         rows.append((kind, shape, tflops, best_name, best))
         print(f"{kind:<5} {shape:<34} llada {tflops['llada']:8.3f} TFLOP/s  best SDPA {best_name} "
               f"{best:8.3f}  x{tflops['llada'] / best:5.2f}", flush=True)
+        if "llada sm90" in tflops:
+            print(f"{'':<40} llada sm90 {tflops['llada sm90']:8.3f} TFLOP/s  x{tflops['llada sm90'] / best:5.2f}",
+                  flush=True)
         del q, k, v, qt, kt, vt, ours
 
     names = [n for n in BACKENDS if any(r[2].get(n) for r in rows)]
+    ours = ["llada"] + (["llada sm90"] if any("llada sm90" in r[2] for r in rows) else [])
     print()
     print(f"attention, {dtype}, {device}: TFLOP/s (higher is better)")
     print()
-    print("| kind | shape | llada | " + " | ".join(f"SDPA {n}" for n in names) + " | llada / best SDPA |")
-    print("|---|---|---|" + "---|" * len(names) + "---|")
+    print("| kind | shape | " + " | ".join(ours) + " | " + " | ".join(f"SDPA {n}" for n in names) + " | "
+          + " | ".join(f"{n} / best SDPA" for n in ours) + " |")
+    print("|---|---|" + "---|" * (2 * len(ours) + len(names)))
+
+    def cell(t, n):
+        return f"{t[n]:.3f}" if t.get(n) else "n/a"
+
     for kind, shape, t, best_name, best in rows:
-        cells = " | ".join(f"{t[n]:.3f}" if t.get(n) else "n/a" for n in names)
-        print(f"| {kind} | {shape} | {t['llada']:.3f} | {cells} | {t['llada'] / best:.2f}x ({best_name}) |")
+        mine = " | ".join(cell(t, n) for n in ours)
+        cells = " | ".join(cell(t, n) for n in names)
+        ratios = " | ".join(f"{t[n] / best:.2f}x ({best_name})" if t.get(n) else "n/a" for n in ours)
+        print(f"| {kind} | {shape} | {mine} | {cells} | {ratios} |")
 
 
 if __name__ == "__main__":
