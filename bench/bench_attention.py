@@ -13,7 +13,7 @@ Lk = 512..4096 at B=1 and 1024 at B=8. The CPU run takes a few minutes on
 
 On an sm_90 GPU (H100, H200) with a build for it, "llada sm90" is llada
 with its Hopper kernel forced on (LLADA_ATTENTION_SM90=always), checked and
-timed beside the default.
+timed beside the default; LLADA_ATTENTION_SM90=0 leaves it out.
 
 Every backend's output is checked against llada's before timing; the
 contenders are timed in turn over three rounds, each keeping its best. The table
@@ -50,6 +50,8 @@ def _with_backend(backend, q, k, v):
 
 
 def _sm90_available(device) -> bool:
+    if os.environ.get("LLADA_ATTENTION_SM90") == "0":
+        return False
     if device != "cuda" or torch.cuda.get_device_capability() != (9, 0):
         return False
     return "90" in llada._C.cuda_architectures().replace("90a", "90").split(",")
