@@ -1,6 +1,11 @@
 """The cached step as a CUDA graph: the positions-tensor forward it captures
 equals the eager one, a replay equals an eager step at any block, and
-decoding with graphs gives the tokens of decoding without."""
+decoding with graphs gives the tokens of decoding without, also when a later
+call replays the graph an earlier call captured."""
+
+import gc
+import weakref
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +14,7 @@ import llada
 from llada.cuda_graph import CachedStepGraph
 from llada.model import KVCache
 from llada.policies import DecodePolicy
+from llada.sampler import StepEvent
 
 from checkpoints import TINY, make_checkpoint
 
@@ -125,3 +131,122 @@ def test_whole_block_steps_on_cuda_decide_as_queried_row_steps(folder, monkeypat
         got, got_stats = llada.generate(model, prompt, mask, **kw, policy=policy)
         assert torch.equal(got, want), policy
         assert got_stats == want_stats
+
+
+@pytest.fixture
+def graphs(monkeypatch):
+    """The graphs decoding captures, and the graph each replay runs."""
+    from llada import sampler
+
+    log = dict(captured=[], replayed=[])
+
+    class Logged(CachedStepGraph):
+        def __init__(self, *args):
+            super().__init__(*args)
+            log["captured"].append(self)
+
+        def __call__(self, *args):
+            log["replayed"].append(self)
+            return super().__call__(*args)
+
+    monkeypatch.setattr(sampler, "CachedStepGraph", Logged)
+    return log
+
+
+@needs_cuda
+def test_a_second_call_replays_the_first_calls_graph(folder, graphs):
+    model = llada.load_model(folder, device="cuda", dtype=torch.float32)
+    kw = dict(steps=16, gen_length=32, block_length=8)
+    first_prompt, first_mask = padded_prompts(4, row=0, pad=2)
+    prompt, mask = padded_prompts(5, row=2, pad=4)  # the same shape, other tokens and padding
+    for policy in (DecodePolicy(cache="dual"), DecodePolicy.fast()):
+        llada.release_decode_workspace(model)
+        want = llada.generate(model, prompt, mask, **kw, policy=replace(policy, cuda_graph=False))
+        graphs["captured"].clear()
+        graphs["replayed"].clear()
+        first = llada.generate(model, first_prompt, first_mask, **kw, policy=policy)
+        (graph,) = graphs["captured"]
+        replays = len(graphs["replayed"])
+        got = llada.generate(model, prompt, mask, **kw, policy=policy)
+        assert graphs["captured"] == [graph]  # nothing captured again
+        assert len(graphs["replayed"]) > replays and set(graphs["replayed"]) == {graph}
+        assert torch.equal(got, want), policy
+        assert not torch.equal(first, got)
+
+
+@needs_cuda
+def test_replaced_weights_are_captured_again(folder, graphs):
+    model = llada.load_model(folder, device="cuda", dtype=torch.float32)
+    prompt, mask = padded_prompts(6, row=1, pad=3)
+    kw = dict(steps=16, gen_length=32, block_length=8)
+    graphed, eager = DecodePolicy(cache="dual"), DecodePolicy(cache="dual", cuda_graph=False)
+    before = llada.generate(model, prompt, mask, **kw, policy=graphed)
+    (old,) = graphs["captured"]
+    head = model.model.transformer["ff_out"]
+    # Updated in place: the kept graph reads the new values.
+    with torch.no_grad():
+        head.weight.mul_(-1.0)
+    want = llada.generate(model, prompt, mask, **kw, policy=eager)
+    assert not torch.equal(want, before)  # the change shows in the tokens
+    assert torch.equal(llada.generate(model, prompt, mask, **kw, policy=graphed), want)
+    assert graphs["captured"] == [old]
+    # Replaced: a graph replaying the old addresses would read freed memory.
+    head.weight = torch.nn.Parameter(head.weight.detach() * -1.0)
+    want = llada.generate(model, prompt, mask, **kw, policy=eager)
+    assert torch.equal(llada.generate(model, prompt, mask, **kw, policy=graphed), want)
+    assert len(graphs["captured"]) == 2 and graphs["captured"][1] is not old
+    assert torch.equal(want, before)  # negated twice: the first weights again
+
+
+@needs_cuda
+def test_interleaved_streams_with_graphs(folder, graphs):
+    model = llada.load_model(folder, device="cuda", dtype=torch.float32)
+    kw = dict(steps=16, gen_length=32, block_length=8, policy=DecodePolicy.fast())
+    eager = dict(kw, policy=DecodePolicy.fast(cuda_graph=False))
+    inputs = [padded_prompts(seed, row=seed % 3, pad=2) for seed in (7, 8)]
+    want = [llada.generate(model, prompt, mask, **eager) for prompt, mask in inputs]
+    llada.generate(model, *inputs[0], **kw)  # leaves a graph that either stream could take
+    (kept,) = graphs["captured"]
+    streams = [llada.stream(model, prompt, mask, **kw) for prompt, mask in inputs]
+    canvases = [None, None]
+    while streams[0] is not None or streams[1] is not None:  # one event of each in turn
+        for i, it in enumerate(streams):
+            event = None if it is None else next(it, None)
+            if event is None:
+                streams[i] = None
+            elif isinstance(event, StepEvent):
+                canvases[i] = event.canvas
+    assert all(torch.equal(got, w) for got, w in zip(canvases, want))
+    # The first stream took the kept graph; the second captured its own.
+    assert len(graphs["captured"]) == 2 and set(graphs["replayed"]) == set(graphs["captured"])
+    # A stream left mid-block gives its graph back in a state the next decode can use.
+    it = llada.stream(model, *inputs[1], **kw)
+    for _ in range(3):
+        next(it)
+    it.close()
+    assert torch.equal(llada.generate(model, *inputs[1], **kw), want[1])
+    assert len(graphs["captured"]) == 2
+
+
+@needs_cuda
+def test_kept_graphs_do_not_keep_the_model_alive(folder):
+    model = llada.load_model(folder, device="cuda", dtype=torch.float32)
+    prompt, mask = padded_prompts(9, row=0, pad=1)
+    llada.generate(model, prompt, mask, steps=16, gen_length=32, block_length=8, policy=DecodePolicy.fast())
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
+@needs_cuda
+def test_infill_keeps_a_graph_per_block_width(folder, graphs):
+    model = llada.load_model(folder, device="cuda", dtype=torch.float32)
+    canvas = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(10)).cuda()
+    canvas[:, 3:17] = model.config.mask_token_id  # 14 holes in blocks of 4: the last one 2 wide
+    kw = dict(block_length=4, steps=8)
+    want = llada.infill(model, canvas, **kw, policy=DecodePolicy.fast(cuda_graph=False))
+    assert torch.equal(llada.infill(model, canvas, **kw, policy=DecodePolicy.fast()), want)
+    assert sorted(g.ids.shape[1] for g in graphs["captured"]) == [2, 4]
+    assert torch.equal(llada.infill(model, canvas, **kw, policy=DecodePolicy.fast()), want)
+    assert len(graphs["captured"]) == 2

@@ -8,7 +8,7 @@ from .model import LLaDAConfig, LLaDAModel
 from .checkpoint import load_config, load_model, load_tokenizer, write_random_checkpoint
 from .likelihood import log_likelihood
 from .policies import DecodePolicy
-from .sampler import DecodeStats, generate, infill, stream
+from .sampler import DecodeStats, generate, infill, release_decode_workspace, stream
 
 __version__ = _C.__version__
 
@@ -27,6 +27,7 @@ __all__ = [
     "DecodeStats",
     "infill",
     "log_likelihood",
+    "release_decode_workspace",
     "stream",
     "LLaDAConfig",
     "LLaDAModel",

@@ -9,7 +9,10 @@ whole forward at once.
 A graph fixes the addresses of everything it reads and writes, so its inputs
 live in static tensors that each step copies into: the ids, the positions
 (a tensor, so one graph serves every block) and the key mask. The cache must
-stay the same object for as long as the graph is used.
+stay the same object for as long as the graph is used, and so must every
+weight: the graph reads them by address (in-place updates are seen, replaced
+tensors are not). It keeps no reference to the model, so a graph kept for
+later calls (see ``llada.sampler``) does not keep the model alive.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class CachedStepGraph:
     def __init__(self, model: LLaDAModel, cache: KVCache, key_mask: Optional[torch.Tensor],
                  ids: torch.Tensor, start: int):
         device = ids.device
-        self.model, self.cache = model, cache
+        self.cache = cache
         self.ids = ids.clone()
         self.base = torch.arange(ids.shape[1], device=device)
         self.positions = self.base + start
@@ -44,14 +47,14 @@ class CachedStepGraph:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            self._forward()
+            self._forward(model)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._forward()
+            self.logits = self._forward(model)
 
-    def _forward(self) -> torch.Tensor:
-        return self.model(self.ids, self.key_mask, cache=self.cache, positions=self.positions).logits
+    def _forward(self, model: LLaDAModel) -> torch.Tensor:
+        return model(self.ids, self.key_mask, cache=self.cache, positions=self.positions).logits
 
     def fits(self, cache: KVCache, key_mask: Optional[torch.Tensor], ids: torch.Tensor) -> bool:
         """Whether this graph can run a step with these inputs."""

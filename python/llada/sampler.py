@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 
+from . import model as model_module
 from . import ops
 from .cuda_graph import CachedStepGraph
 from .model import KVCache, LLaDAModel
@@ -357,101 +359,106 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
     remasked_once = torch.zeros(b, total, dtype=torch.bool, device=device)
     step = 0
     num_blocks = -(-(last - first) // block_length)
-    for blk in range(num_blocks):
-        start, end = first + blk * block_length, min(first + (blk + 1) * block_length, last)
-        in_block = torch.zeros(b, total, dtype=torch.bool, device=device)
-        in_block[:, start:end] = True
-        finished_now = finished.cpu()
-        alive = torch.nonzero(~finished).flatten() if bool(finished_now.any()) else None
-        schedule = planned = None
-        if policy.commit == "schedule":
-            schedule = transfer_schedule((canvas[:, start:end] == mask_id).sum(1), steps_per_block)
-            # Read once per block: each step then knows without a sync whether
-            # it has work (a row commits exactly its k while it has masks) and
-            # whether one k serves every live row.
-            planned = schedule.cpu()[~finished_now]
-        forward.new_block(start, end, alive)
-        i = 0
-        while True:
-            masked = (canvas == mask_id) & in_block & ~finished[:, None]
-            if schedule is not None:
-                if i == steps_per_block:
-                    break
-                k = schedule[:, i]
-                active = masked & (k > 0)[:, None]
-                has_work = bool((planned[:, i] > 0).any())
-                if has_work and bool((planned[:, i] == planned[0, i]).all()):
-                    k = int(planned[0, i])
-            else:
-                k = None
-                active = masked
-            # Drawn every step, so the stream matches one draw per official step.
-            noise = torch.rand(b, total, generator=noise_gen) if noise_gen is not None else None
-            if not (has_work if schedule is not None else bool(active.any())):
-                if schedule is None:
-                    break
+    # The workspace goes back to the model's pool however the decode ends:
+    # finished, failed, or a stream closed or dropped mid-way.
+    try:
+        for blk in range(num_blocks):
+            start, end = first + blk * block_length, min(first + (blk + 1) * block_length, last)
+            in_block = torch.zeros(b, total, dtype=torch.bool, device=device)
+            in_block[:, start:end] = True
+            finished_now = finished.cpu()
+            alive = torch.nonzero(~finished).flatten() if bool(finished_now.any()) else None
+            schedule = planned = None
+            if policy.commit == "schedule":
+                schedule = transfer_schedule((canvas[:, start:end] == mask_id).sum(1), steps_per_block)
+                # Read once per block: each step then knows without a sync whether
+                # it has work (a row commits exactly its k while it has masks) and
+                # whether one k serves every live row.
+                planned = schedule.cpu()[~finished_now]
+            forward.new_block(start, end, alive)
+            i = 0
+            while True:
+                masked = (canvas == mask_id) & in_block & ~finished[:, None]
+                if schedule is not None:
+                    if i == steps_per_block:
+                        break
+                    k = schedule[:, i]
+                    active = masked & (k > 0)[:, None]
+                    has_work = bool((planned[:, i] > 0).any())
+                    if has_work and bool((planned[:, i] == planned[0, i]).all()):
+                        k = int(planned[0, i])
+                else:
+                    k = None
+                    active = masked
+                # Drawn every step, so the stream matches one draw per official step.
+                noise = torch.rand(b, total, generator=noise_gen) if noise_gen is not None else None
+                if not (has_work if schedule is not None else bool(active.any())):
+                    if schedule is None:
+                        break
+                    i, step = i + 1, step + 1
+                    continue
+                # With re-masking, earlier decoded tokens of the block are scored too.
+                decoded = None
+                if policy.remask_below is not None:
+                    decoded = ~fixed & ~masked & in_block & ~finished[:, None]
+                query = active if decoded is None else active | decoded
+                if whole_block_ok and forward.next_is_whole_block():
+                    block = forward(query, whole_block=True)  # [B', W, V]
+                    live, width, vocab = block.shape
+                    choice = ops.sample_tokens(block.view(live * width, vocab), temperature,
+                                               step_seed(seed, step), suppress)
+                    spread = _BlockSpread(b, total, start, end, alive, live, width)
+                    score_grid = spread(ranking_scores(choice, policy.ranking, None), -math.inf, active)
+                    if confidence_eos_eot_inf:
+                        stop = spread(torch.isin(choice.tokens, stop_ids), False, active)
+                        score_grid = demote(score_grid, stop, active)
+                    entropy_grid = None
+                    if policy.commit == "entropy_bound":
+                        entropy_grid = spread(choice.entropy, 0.0, active)
+                    x0 = spread(choice.tokens, canvas, active)
+                else:
+                    logits = forward(query)
+                    rows = logits if decoded is None else logits[active[query]]
+                    choice = ops.sample_tokens(rows, temperature, step_seed(seed, step), suppress)
+                    scores = ranking_scores(choice, policy.ranking,
+                                            None if noise is None else noise.to(device)[active])
+                    if confidence_eos_eot_inf:
+                        scores = demote(scores, torch.isin(choice.tokens, stop_ids))
+                    score_grid = torch.full((b, total), -math.inf, dtype=torch.float32, device=device)
+                    score_grid[active] = scores.float()
+                    entropy_grid = None
+                    if policy.commit == "entropy_bound":
+                        entropy_grid = torch.zeros(b, total, dtype=torch.float32, device=device)
+                        entropy_grid[active] = choice.entropy
+                    x0 = canvas.masked_scatter(active, choice.tokens)
+                if isinstance(suppress, list):
+                    # Then a tensor: a list would be copied to the device every step.
+                    suppress = torch.tensor(suppress, device=device)
+                accepted = select(policy, score_grid, entropy_grid, k)
+                remask = None
+                if decoded is not None:
+                    # Each position at most once, and only in rows still decoding
+                    # this block: a row's steps stay bounded by twice its masks.
+                    remask = _weak_tokens(logits[decoded[query]], canvas[decoded], decoded,
+                                          policy.remask_below)
+                    remask &= ~remasked_once & active.any(1)[:, None]
+                    remasked_once |= remask
+                ops.commit_tokens(canvas, x0, accepted, mask_id, remask)
+                stats.count_committed(accepted)
+                yield StepEvent(step, blk, stats.nfe, canvas, accepted, score_grid, remask)
                 i, step = i + 1, step + 1
-                continue
-            # With re-masking, earlier decoded tokens of the block are scored too.
-            decoded = None
-            if policy.remask_below is not None:
-                decoded = ~fixed & ~masked & in_block & ~finished[:, None]
-            query = active if decoded is None else active | decoded
-            if whole_block_ok and forward.next_is_whole_block():
-                block = forward(query, whole_block=True)  # [B', W, V]
-                live, width, vocab = block.shape
-                choice = ops.sample_tokens(block.view(live * width, vocab), temperature,
-                                           step_seed(seed, step), suppress)
-                spread = _BlockSpread(b, total, start, end, alive, live, width)
-                score_grid = spread(ranking_scores(choice, policy.ranking, None), -math.inf, active)
-                if confidence_eos_eot_inf:
-                    stop = spread(torch.isin(choice.tokens, stop_ids), False, active)
-                    score_grid = demote(score_grid, stop, active)
-                entropy_grid = None
-                if policy.commit == "entropy_bound":
-                    entropy_grid = spread(choice.entropy, 0.0, active)
-                x0 = spread(choice.tokens, canvas, active)
-            else:
-                logits = forward(query)
-                rows = logits if decoded is None else logits[active[query]]
-                choice = ops.sample_tokens(rows, temperature, step_seed(seed, step), suppress)
-                scores = ranking_scores(choice, policy.ranking,
-                                        None if noise is None else noise.to(device)[active])
-                if confidence_eos_eot_inf:
-                    scores = demote(scores, torch.isin(choice.tokens, stop_ids))
-                score_grid = torch.full((b, total), -math.inf, dtype=torch.float32, device=device)
-                score_grid[active] = scores.float()
-                entropy_grid = None
-                if policy.commit == "entropy_bound":
-                    entropy_grid = torch.zeros(b, total, dtype=torch.float32, device=device)
-                    entropy_grid[active] = choice.entropy
-                x0 = canvas.masked_scatter(active, choice.tokens)
-            if isinstance(suppress, list):
-                # Then a tensor: a list would be copied to the device every step.
-                suppress = torch.tensor(suppress, device=device)
-            accepted = select(policy, score_grid, entropy_grid, k)
-            remask = None
-            if decoded is not None:
-                # Each position at most once, and only in rows still decoding
-                # this block: a row's steps stay bounded by twice its masks.
-                remask = _weak_tokens(logits[decoded[query]], canvas[decoded], decoded,
-                                      policy.remask_below)
-                remask &= ~remasked_once & active.any(1)[:, None]
-                remasked_once |= remask
-            ops.commit_tokens(canvas, x0, accepted, mask_id, remask)
-            stats.count_committed(accepted)
-            yield StepEvent(step, blk, stats.nfe, canvas, accepted, score_grid, remask)
-            i, step = i + 1, step + 1
-        if policy.early_stop:
-            # A row whose block holds EOS is done: the rest of it is EOS.
-            ended = (canvas[:, start:end] == eos_id).any(1) & ~finished
-            rest = torch.zeros(b, total, dtype=torch.bool, device=device)
-            rest[:, end:last] = True
-            canvas[rest & ended[:, None] & (canvas == mask_id)] = eos_id
-            finished |= ended
-        yield BlockEvent(blk, start, end, stats.nfe, canvas[:, start:end].clone(), finished.clone())
-        if bool(finished.all()):
-            break
+            if policy.early_stop:
+                # A row whose block holds EOS is done: the rest of it is EOS.
+                ended = (canvas[:, start:end] == eos_id).any(1) & ~finished
+                rest = torch.zeros(b, total, dtype=torch.bool, device=device)
+                rest[:, end:last] = True
+                canvas[rest & ended[:, None] & (canvas == mask_id)] = eos_id
+                finished |= ended
+            yield BlockEvent(blk, start, end, stats.nfe, canvas[:, start:end].clone(), finished.clone())
+            if bool(finished.all()):
+                break
+    finally:
+        forward.give_back()
 
 
 class _BlockSpread:
@@ -495,13 +502,16 @@ class _Forward:
     block: taking only the queried rows would wait for their count, while
     the few extra rows cost the LM head little (and a replayed graph
     computes them anyway).
+
+    The cache, and the graphs captured against it, come from the model's
+    pool of workspaces (see :class:`_Workspace`); the decode holds one until
+    :meth:`give_back`.
     """
 
     def __init__(self, model, canvas, key_mask, fixed, cfg_scale, mask_id, policy, stats):
         self.model, self.canvas, self.fixed, self.all_key_mask = model, canvas, fixed, key_mask
         self.cfg_scale, self.mask_id, self.policy, self.stats = cfg_scale, mask_id, policy, stats
-        self.cache = None
-        self.graph = None
+        self.workspace: Optional[_Workspace] = None
 
     def new_block(self, start, end, rows):
         """Starts a block; only ``rows`` (an index tensor, or None for all)
@@ -552,30 +562,151 @@ class _Forward:
         refresh = self._refresh_due()
         self.calls += 1
         if policy.cache == "none" or refresh:
-            if policy.cache != "none" and not self._cache_fits(ids):
-                self.cache = KVCache(model.config, ids.shape[0], ids.shape[1], ids.device, model.dtype)
+            cache = None if policy.cache == "none" else self._hold_workspace(ids).cache
             self.stats.positions += ids.numel()
-            return model(ids, self.key_mask, logits_at=query, cache=self.cache).logits
+            return model(ids, self.key_mask, logits_at=query, cache=cache).logits
         lo, hi = self.start, (self.end if policy.cache == "dual" else ids.shape[1])
         self.stats.positions += ids.shape[0] * (hi - lo)
+        cache = self.workspace.cache
         if policy.cuda_graph and policy.cache == "dual" and ids.is_cuda:
             # The graph computes every position of the block (into its own
             # buffer, which the next replay overwrites).
             block = ids[:, lo:hi]
-            if self.graph is None or not self.graph.fits(self.cache, self.key_mask, block):
-                self.graph = CachedStepGraph(model, self.cache, self.key_mask, block, lo)
-            logits = self.graph(self.key_mask, block, lo)
+            graph = self.workspace.graph(model, self.key_mask, block, lo)
+            logits = graph(self.key_mask, block, lo)
             return logits if whole_block else logits[query[:, lo:hi]]
         if whole_block:
-            return model(ids[:, lo:hi], self.key_mask, cache=self.cache, start=lo).logits
-        return model(ids[:, lo:hi], self.key_mask, logits_at=query[:, lo:hi],
-                     cache=self.cache, start=lo).logits
+            return model(ids[:, lo:hi], self.key_mask, cache=cache, start=lo).logits
+        return model(ids[:, lo:hi], self.key_mask, logits_at=query[:, lo:hi], cache=cache, start=lo).logits
 
-    def _cache_fits(self, ids):
-        """Reuse the cache when the batch keeps its shape: a full forward
-        rewrites every position, and a captured graph holds its address."""
-        c = self.cache
-        return c is not None and (c.batch, c.total) == tuple(ids.shape) and c.layers[0][0].device == ids.device
+    def _hold_workspace(self, ids) -> _Workspace:
+        """The workspace for a full forward over ``ids``: the one held if it
+        has their shape, else one checked out for them (giving back the one
+        held: finished rows left the batch). A full forward rewrites every
+        position of the cache, so what a pooled cache held never shows."""
+        key = (ids.device, self.model.dtype, ids.shape[0], ids.shape[1], self.key_mask is not None)
+        if self.workspace is None or self.workspace.key != key:
+            self.give_back()
+            self.workspace = _checkout(self.model, key)
+        return self.workspace
+
+    def give_back(self) -> None:
+        """Returns the workspace held (if any) to the model's pool."""
+        if self.workspace is not None:
+            workspace, self.workspace = self.workspace, None
+            _checkin(self.model, workspace)
+
+
+# Decoding workspaces: a cached decode's key/value cache and the CUDA graphs
+# captured against it, kept per model for the next call of the same shape.
+# A graph costs a warm-up forward and a capture, a few percent of a whole
+# decode at LLaDA-8B shape, and a server or benchmark repeats its shapes.
+_WORKSPACES_PER_MODEL = 2  # the most recently returned
+_GRAPHS_PER_WORKSPACE = 2  # a decode's block width, and a narrower last block (infill)
+
+# Keyed weakly by the model rather than stored on it: nothing is added to the
+# module (no buffer, nothing in state_dict, deepcopy or pickle), and a pool
+# goes away with its model. Nothing in a pool refers to the model (a
+# CachedStepGraph keeps no reference to it), which would keep it alive.
+# No lock: list append and remove are atomic, and a lock could deadlock, as
+# the garbage collector may close a dropped stream (which then gives its
+# workspace back) in the very thread that holds the lock.
+_pools: "weakref.WeakKeyDictionary[torch.nn.Module, list[_Workspace]]" = weakref.WeakKeyDictionary()
+
+
+class _Workspace:
+    """A key/value cache and the graphs captured against it (newest first).
+    One decode at a time holds it: out of the pool while in use."""
+
+    def __init__(self, key, weights, cache: KVCache):
+        self.key = key  # (device, dtype, batch rows, total length, has a key mask)
+        self.weights = weights  # _weights_fingerprint of the model when checked out
+        self.cache = cache
+        self.graphs: list[CachedStepGraph] = []
+        self.done: Optional[torch.cuda.Event] = None  # recorded when last given back, on CUDA
+
+    def graph(self, model, key_mask, ids, start) -> CachedStepGraph:
+        """A graph of the cached step over ``ids`` [B, W]: a kept one that
+        fits, else a new capture (which runs the step's warm-up forward)."""
+        for graph in self.graphs:
+            if graph.fits(self.cache, key_mask, ids):
+                return graph
+        graph = CachedStepGraph(model, self.cache, key_mask, ids, start)
+        self.graphs = [graph] + self.graphs[: _GRAPHS_PER_WORKSPACE - 1]
+        return graph
+
+
+def _weights_fingerprint(model) -> tuple:
+    """What a kept graph assumes beyond its inputs: every weight still where
+    (and what dtype) it was at capture, since a graph reads them by address
+    (in-place updates keep both), and the same attention backend."""
+    return model_module._attention_backend, tuple((p.data_ptr(), p.dtype) for p in model.parameters())
+
+
+def _checkout(model, key) -> _Workspace:
+    """Takes a workspace for ``key`` out of the model's pool (the most
+    recently returned that fits), or makes a new one."""
+    weights = _weights_fingerprint(model)
+    pool = _pools.setdefault(model, [])
+    for workspace in list(pool):
+        if workspace.weights != weights:
+            _take(pool, workspace)  # weights replaced: its graphs would read stale memory
+    for workspace in reversed(list(pool)):
+        if workspace.key == key and _take(pool, workspace):
+            if workspace.done is not None:
+                # Its last decode may have run on another stream: the cache
+                # is overwritten only after that decode's work.
+                torch.cuda.current_stream(key[0]).wait_event(workspace.done)
+            return workspace
+    device, dtype, rows, total, _ = key
+    try:
+        cache = KVCache(model.config, rows, total, device, dtype)
+    except torch.OutOfMemoryError:
+        # Workspaces kept for other shapes must not cost this decode its memory.
+        pool.clear()
+        cache = KVCache(model.config, rows, total, device, dtype)
+    return _Workspace(key, weights, cache)
+
+
+def _take(pool: list, workspace: _Workspace) -> bool:
+    """Removes ``workspace`` from ``pool``; False if another thread took it first."""
+    try:
+        pool.remove(workspace)
+    except ValueError:
+        return False
+    return True
+
+
+def _checkin(model, workspace: _Workspace) -> None:
+    """Returns ``workspace`` to the model's pool, as its most recent entry."""
+    if workspace.key[0].type == "cuda":
+        workspace.done = torch.cuda.Event()
+        workspace.done.record(torch.cuda.current_stream(workspace.key[0]))
+    pool = _pools.setdefault(model, [])
+    pool.append(workspace)
+    del pool[:-_WORKSPACES_PER_MODEL]  # the least recently returned go
+
+
+def release_decode_workspace(model) -> None:
+    """Frees (to torch's allocator) the key/value caches and CUDA graphs
+    that cached decoding keeps for ``model`` between calls.
+
+    A cached decode (``DecodePolicy(cache=...)``) leaves its cache, and on
+    CUDA the graphs captured against it, to the next call of the same shape
+    (device, dtype, batch rows, total length, padding mask or none,
+    guidance or none; and for a graph, the block width), which then skips
+    the allocation, the warm-up and the capture. At most two are kept per
+    model, and a decode holds one alone until it ends, so decodes running
+    at once (interleaved streams) never share one. Graphs are not reused
+    after the model's weights are replaced (updating them in place is fine)
+    or the attention backend changes; call this after changing torch's
+    global matmul settings (TF32, reduced-precision reductions), which a
+    captured graph keeps. Decodes running now keep theirs and return them
+    when they end.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    _pools.pop(model, None)
 
 
 def _device_of(model) -> torch.device:

@@ -1,0 +1,285 @@
+"""Decoding workspaces kept across calls: a cached decode reuses the key/value
+cache that an earlier decode of the same shape left for the model, gives the
+tokens a fresh cache gives, and never shares one with another decode running
+at the same time. (On CUDA the captured graphs come with the cache: see
+test_cuda_graph.py.)"""
+
+import gc
+import math
+import weakref
+
+import pytest
+import torch
+
+import llada
+from llada import sampler
+from llada.policies import DecodePolicy
+from llada.sampler import StepEvent
+
+from checkpoints import SHAPES, make_checkpoint
+
+KW = dict(steps=8, gen_length=16, block_length=8)
+POLICIES = [DecodePolicy(cache="dual"), DecodePolicy.fast(threshold=0.5), DecodePolicy(cache="prefix")]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("workspace"), seed=7, boost_stop_tokens=4.0, **SHAPES["gqa"])
+
+
+@pytest.fixture
+def model(folder):
+    return llada.load_model(folder, dtype=torch.float32, device="cpu")
+
+
+def prompts(model, seed, batch=3, padded=True):
+    ids = torch.randint(0, 256, (batch, 7), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[batch - 1, :3] = 0
+        ids[mask == 0] = model.config.pad_token_id
+    return ids, mask
+
+
+def pooled(model):
+    return list(sampler._pools.get(model, []))
+
+
+def fresh(model, *args, **kw):
+    """The reference: a decode with nothing kept from earlier calls."""
+    llada.release_decode_workspace(model)
+    out = llada.generate(model, *args, **kw)
+    llada.release_decode_workspace(model)
+    return out
+
+
+@pytest.fixture
+def held(monkeypatch):
+    """The caches each decode (its _Forward) computes with, in call order;
+    checks at every checkout that no other decode holds the same workspace."""
+    held = {}
+    hold = sampler._Forward._hold_workspace
+
+    def spy(self, ids):
+        workspace = hold(self, ids)
+        for other in held:
+            assert other is self or other.workspace is not workspace, "two decodes share a workspace"
+        held.setdefault(self, []).append(workspace.cache)
+        return workspace
+
+    monkeypatch.setattr(sampler._Forward, "_hold_workspace", spy)
+    return held
+
+
+def caches_of(held):
+    """The distinct caches of each decode, in order."""
+    return [list({id(c): c for c in caches}.values()) for caches in held.values()]
+
+
+def poison(cache):
+    for k, v in cache.layers:
+        k.fill_(math.nan)
+        v.fill_(math.nan)
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=["dual", "fast", "prefix"])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0], ids=["plain", "guided"])
+def test_a_second_call_reuses_the_cache_and_gives_the_same_tokens(model, held, policy, cfg_scale):
+    prompt, mask = prompts(model, seed=1)
+    want = fresh(model, prompt, mask, **KW, cfg_scale=cfg_scale, policy=policy)
+    held.clear()
+    other, _ = prompts(model, seed=2)
+    llada.generate(model, other, mask, **KW, cfg_scale=cfg_scale, policy=policy)
+    (first,) = pooled(model)
+    # What a pooled cache holds never shows: the next decode rewrites it all.
+    poison(first.cache)
+    got = llada.generate(model, prompt, mask, **KW, cfg_scale=cfg_scale, policy=policy)
+    assert torch.equal(got, want)
+    [[a], [b]] = caches_of(held)
+    assert a is b is first.cache
+    assert a.batch == 3 * (2 if cfg_scale else 1)
+    assert pooled(model) == [first]
+
+
+def test_infill_reuses_the_cache(model, held):
+    mask_id = model.config.mask_token_id
+    canvas = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(3))
+    canvas[:, 4:15] = mask_id  # 11 holes in blocks of 4: a narrower last block
+    kw = dict(block_length=4, policy=DecodePolicy.fast(threshold=0.5))
+    llada.release_decode_workspace(model)
+    want = llada.infill(model, canvas, **kw)
+    poison(pooled(model)[0].cache)
+    assert torch.equal(llada.infill(model, canvas, **kw), want)
+    [[a], [b]] = caches_of(held)
+    assert a is b
+
+
+def test_another_shape_gets_another_workspace(model, held):
+    policy = DecodePolicy(cache="dual")
+    prompt, mask = prompts(model, seed=4)
+    llada.release_decode_workspace(model)
+    llada.generate(model, prompt, mask, **KW, policy=policy)
+    llada.generate(model, prompt[:2], mask[:2], **KW, policy=policy)  # fewer rows, no padding
+    llada.generate(model, prompt[:2], None, **KW, policy=policy)  # the same shape
+    llada.generate(model, prompt[:2], None, steps=12, gen_length=24, block_length=8, policy=policy)
+    [[a], [b], [c], [d]] = caches_of(held)
+    assert (a.batch, a.total) == (3, 23) and (b.batch, b.total) == (2, 23)
+    assert b is c and d is not c and (d.batch, d.total) == (2, 31)
+    # Padding or none is part of the key too: graphs differ with a key mask.
+    padded = mask[:2].clone()
+    padded[1, :2] = 0
+    llada.generate(model, prompt[:2], padded, **KW, policy=policy)
+    assert caches_of(held)[-1][0] is not b
+
+
+def test_the_pool_stays_bounded(model, held):
+    prompt, _ = prompts(model, seed=5, padded=False)
+    policy = DecodePolicy(cache="dual")
+    llada.release_decode_workspace(model)
+    for gen_length in (8, 16, 24, 32):
+        llada.generate(model, prompt, steps=gen_length // 2, gen_length=gen_length, block_length=8,
+                       policy=policy)
+        assert len(pooled(model)) <= 2
+    assert [w.cache.total for w in pooled(model)] == [7 + 24, 7 + 32]  # the most recent
+    kept = {id(w.cache) for w in pooled(model)}
+    llada.generate(model, prompt, steps=16, gen_length=32, block_length=8, policy=policy)
+    llada.generate(model, prompt, steps=4, gen_length=8, block_length=8, policy=policy)
+    assert id(caches_of(held)[-2][0]) in kept and id(caches_of(held)[-1][0]) not in kept
+
+
+def test_interleaved_streams_never_share_a_workspace(model, held):
+    policy = DecodePolicy.fast(threshold=0.5)
+    (p1, m1), (p2, m2), (p3, m3) = (prompts(model, seed=s) for s in (6, 7, 8))
+    want = [fresh(model, p, m, **KW, policy=policy) for p, m in ((p1, m1), (p2, m2), (p3, m3))]
+    held.clear()
+    # Warm the pool, so that both streams could take the kept workspace.
+    llada.generate(model, p1, m1, **KW, policy=policy)
+    live = {0: llada.stream(model, p1, m1, **KW, policy=policy),
+            1: llada.stream(model, p2, m2, **KW, policy=policy)}
+    last, inner, turn = {}, None, 0
+    while live:  # one event of each in turn
+        for name, it in list(live.items()):
+            event = next(it, None)
+            if event is None:
+                del live[name]
+            elif isinstance(event, StepEvent):
+                last[name] = event.canvas  # live: the result once the stream ends
+        turn += 1
+        if turn == 3:  # and a decode started inside the streaming loop
+            inner = llada.generate(model, p3, m3, **KW, policy=policy)
+    assert torch.equal(last[0], want[0]) and torch.equal(last[1], want[1])
+    assert torch.equal(inner, want[2])
+    warm, in_a, in_b, in_inner = caches_of(held)
+    assert in_a == warm  # the first stream took the kept one
+    assert len({id(c) for c in in_a + in_b + in_inner}) == 3
+    assert len(pooled(model)) == 2
+
+
+@pytest.mark.parametrize("how", ["close", "drop"])
+def test_a_stream_left_mid_way_gives_its_workspace_back(model, held, how):
+    policy = DecodePolicy(cache="dual")
+    prompt, mask = prompts(model, seed=9)
+    want = fresh(model, prompt, mask, **KW, policy=policy)
+    it = llada.stream(model, prompt, mask, **KW, policy=policy)
+    assert isinstance(next(it), StepEvent)
+    assert pooled(model) == []  # held by the stream
+    if how == "close":
+        it.close()
+    else:
+        del it
+        gc.collect()
+    (kept,) = pooled(model)
+    assert torch.equal(llada.generate(model, prompt, mask, **KW, policy=policy), want)
+    assert caches_of(held)[-1] == [kept.cache]
+
+
+def test_a_failed_decode_gives_its_workspace_back(model):
+    policy = DecodePolicy(cache="dual")
+    prompt, mask = prompts(model, seed=10)
+    llada.release_decode_workspace(model)
+
+    def fail(step, steps, canvas):
+        raise KeyError("stop")
+
+    with pytest.raises(KeyError):
+        llada.generate(model, prompt, mask, **KW, policy=policy, on_step=fail)
+    assert len(pooled(model)) == 1
+
+
+def test_rows_leaving_the_batch_reuse_what_they_can(tmp_path, held):
+    # Early stop: rows that end leave the batch, so a decode moves to smaller
+    # workspaces; a repeat gives the same tokens and forwards.
+    folder = make_checkpoint(tmp_path, seed=5, boost_stop_tokens=8.0, **SHAPES["gqa"])
+    model = llada.load_model(folder, dtype=torch.float32, device="cpu")
+    prompt = torch.randint(0, 256, (4, 7), generator=torch.Generator().manual_seed(0))
+    kw = dict(steps=24, gen_length=24, block_length=8, return_stats=True,
+              policy=DecodePolicy(commit="threshold", threshold=0.3, early_stop=True, cache="dual"))
+    want, want_stats = llada.generate(model, prompt, **kw)
+    sizes = [c.batch for c in caches_of(held)[0]]
+    assert sizes[0] == 4 and len(sizes) > 1  # rows did leave
+    got, got_stats = llada.generate(model, prompt, **kw)
+    assert torch.equal(got, want) and got_stats == want_stats
+    assert len(pooled(model)) == 2
+
+
+def test_replaced_weights_are_not_reused(model, held):
+    # On CUDA a kept graph would read the old weights; here, the cache shows
+    # whether a workspace was reused.
+    policy = DecodePolicy(cache="dual")
+    prompt, mask = prompts(model, seed=11)
+    llada.generate(model, prompt, mask, **KW, policy=policy)
+    (first,) = pooled(model)
+    head = model.model.transformer["ff_out"]
+    with torch.no_grad():
+        head.weight.mul_(1.5)  # in place: the same storage, still reusable
+    llada.generate(model, prompt, mask, **KW, policy=policy)
+    head.weight = torch.nn.Parameter(-head.weight.detach())  # replaced
+    got = llada.generate(model, prompt, mask, **KW, policy=policy)
+    (second,) = pooled(model)  # the stale one was dropped
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    llada.generate(model, prompt, mask, **KW, policy=policy)
+    (third,) = pooled(model)
+    assert [caches[0] for caches in caches_of(held)] == [first.cache, first.cache, second.cache, third.cache]
+    assert len({id(first), id(second), id(third)}) == 3
+    assert torch.equal(got, fresh(model, prompt, mask, **KW, policy=policy))
+
+
+def test_another_attention_backend_is_not_reused(model, held, monkeypatch):
+    # A kept graph would still run the attention it was captured with.
+    policy = DecodePolicy(cache="dual")
+    prompt, mask = prompts(model, seed=12)
+    monkeypatch.setattr(llada.model, "_attention_backend", "llada")
+    llada.generate(model, prompt, mask, **KW, policy=policy)
+    monkeypatch.setattr(llada.model, "_attention_backend", "sdpa")
+    llada.generate(model, prompt, mask, **KW, policy=policy)
+    llada.generate(model, prompt, mask, **KW, policy=policy)
+    fused, sdpa, sdpa_again = caches_of(held)
+    assert fused != sdpa and sdpa == sdpa_again
+
+
+def test_release_empties_the_pool(model, held):
+    policy = DecodePolicy(cache="dual")
+    prompt, mask = prompts(model, seed=13)
+    want = llada.generate(model, prompt, mask, **KW, policy=policy)
+    assert len(pooled(model)) == 1
+    llada.release_decode_workspace(model)
+    assert pooled(model) == []
+    assert torch.equal(llada.generate(model, prompt, mask, **KW, policy=policy), want)
+    first, second = caches_of(held)
+    assert first != second
+    llada.release_decode_workspace(torch.nn.Linear(2, 2))  # nothing kept: nothing to do
+    with pytest.raises(TypeError, match="model"):
+        llada.release_decode_workspace("model")
+
+
+def test_the_pool_is_not_part_of_the_model_and_dies_with_it(folder):
+    model = llada.load_model(folder, dtype=torch.float32, device="cpu")
+    weights, attributes = list(model.state_dict()), set(vars(model))
+    prompt, mask = prompts(model, seed=14)
+    llada.generate(model, prompt, mask, **KW, policy=DecodePolicy(cache="dual"))
+    assert len(pooled(model)) == 1
+    assert list(model.state_dict()) == weights and set(vars(model)) == attributes
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
