@@ -290,18 +290,24 @@ def test_sm90_strided_inputs_and_scale(sm90):
 
 def test_sm90_switch_picks_the_kernel(sm90, monkeypatch):
     """The switch really selects the Hopper kernel (so the tests above test
-    it), "1" takes it only for long query tiles, and "0" never."""
-    q, k, v = make_qkv(1, 2048, 2048, 32, 32, 128, torch.bfloat16, "cuda", seed=5)
-    short = make_qkv(1, 32, 2048, 32, 32, 128, torch.bfloat16, "cuda", seed=6)
+    it, with split keys where there are few query tiles); "1" takes it for
+    many long query tiles and for few query tiles over many keys, not for
+    shapes in between; "0" never."""
+    full = make_qkv(1, 2048, 2048, 32, 32, 128, torch.bfloat16, "cuda", seed=5)
+    cached = make_qkv(1, 32, 2048, 32, 32, 128, torch.bfloat16, "cuda", seed=6)
+    between = make_qkv(1, 200, 200, 32, 32, 128, torch.bfloat16, "cuda", seed=7)
 
-    def uses_sm90(args):
-        return any("attention_sm90" in name for name in _kernels_run(lambda: llada.attention(*args)))
+    def kernels(args):
+        return " ".join(_kernels_run(lambda: llada.attention(*args)))
 
-    assert uses_sm90((q, k, v)) and uses_sm90(short)
+    assert "attention_sm90" in kernels(full)
+    assert "attention_sm90" in kernels(cached) and "attention_combine" in kernels(cached)
+    assert "attention_sm90" in kernels(between)
     monkeypatch.setenv("LLADA_ATTENTION_SM90", "1")
-    assert uses_sm90((q, k, v)) and not uses_sm90(short)
+    assert "attention_sm90" in kernels(full) and "attention_sm90" in kernels(cached)
+    assert "attention_sm90" not in kernels(between)
     monkeypatch.setenv("LLADA_ATTENTION_SM90", "0")
-    assert not uses_sm90((q, k, v))
+    assert "attention_sm90" not in kernels(full) and "attention_sm90" not in kernels(cached)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -24,6 +24,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -617,6 +618,23 @@ void split_tiles(int64_t n_tiles, int want, int* splits, int* tiles_per_split) {
   *splits = int((n_tiles + per - 1) / per);
 }
 
+// The combine kernel over `splits` chunks of partial results in `workspace`.
+template <typename Traits>
+cudaError_t launch_combine(const AttentionParams& p, int splits, void* workspace, cudaStream_t stream) {
+  const int64_t total_rows = p.batch * p.q_heads * p.q_len;
+  if (total_rows > int64_t(0x7fffffff)) return cudaErrorInvalidConfiguration;
+  const float* part_o = static_cast<const float*>(workspace);
+  const float* part_ml = part_o + int64_t(splits) * total_rows * p.head_dim;
+  if (p.head_dim == 64) {
+    attention_combine_kernel<Traits, 64><<<unsigned(total_rows), 64, 0, stream>>>(p, splits, part_o, part_ml);
+  } else if (p.head_dim == 128) {
+    attention_combine_kernel<Traits, 128><<<unsigned(total_rows), 128, 0, stream>>>(p, splits, part_o, part_ml);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
 template <typename Traits, int D, int kMTiles>
 cudaError_t launch_mma(const AttentionParams& p, int want_splits, void* workspace, cudaStream_t stream) {
   const int64_t blocks = query_blocks(p, 16 * kMTiles);
@@ -639,9 +657,7 @@ cudaError_t launch_mma(const AttentionParams& p, int want_splits, void* workspac
           p, per, part_o, part_ml);
   err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
-  if (total_rows > int64_t(0x7fffffff)) return cudaErrorInvalidConfiguration;
-  attention_combine_kernel<Traits, D><<<unsigned(total_rows), D, 0, stream>>>(p, splits, part_o, part_ml);
-  return cudaGetLastError();
+  return launch_combine<Traits>(p, splits, workspace, stream);
 }
 
 template <typename Traits>
@@ -728,26 +744,46 @@ size_t attention_cuda_workspace_bytes(const AttentionParams& p, int num_splits) 
 #ifndef LLADA_WITH_SM90
 bool attention_sm90_built() { return false; }
 bool attention_sm90_supports(const AttentionParams&) { return false; }
-cudaError_t attention_sm90_cuda(const AttentionParams&, cudaStream_t) { return cudaErrorNotSupported; }
+int attention_sm90_key_tile() { return 128; }
+cudaError_t attention_sm90_cuda(const AttentionParams&, int, void*, cudaStream_t) { return cudaErrorNotSupported; }
 #endif
 
 cudaError_t attention_cuda_plan(const AttentionParams& p, AttentionCudaPlan* plan, Sm90Use sm90) {
   cudaError_t err = mma_plan(p, plan);
   if (err != cudaSuccess || sm90 == Sm90Use::kNever || !attention_sm90_supports(p)) return err;
-  if (sm90 == Sm90Use::kWhereFaster && plan->rows_per_warp != 32) return cudaSuccess;
+  // Where it should be faster: the shapes the other kernel serves with tall
+  // tiles (many long query tiles) or with split keys (few query tiles).
+  if (sm90 == Sm90Use::kWhereFaster && plan->rows_per_warp != 32 && plan->num_splits == 1) return cudaSuccess;
   bool on_sm90 = false;
   err = device_is_sm90(&on_sm90);
   if (err != cudaSuccess || !on_sm90) return err;
+  // Its blocks take 64 query rows (up to 64 queries) or 128, and one runs per
+  // multiprocessor: with fewer blocks than multiprocessors, the keys are
+  // split so that about one block runs on each.
+  int device = 0, sms = 0;
+  err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const int64_t rows = p.q_len <= 64 ? 64 : 128;
+  const int64_t blocks = p.batch * p.q_heads * ((p.q_len + rows - 1) / rows);
+  const int64_t n_tiles = (p.kv_len + attention_sm90_key_tile() - 1) / attention_sm90_key_tile();
+  int splits = 1, per = 1;
+  if (blocks > 0 && blocks < sms) split_tiles(n_tiles, int(std::min<int64_t>(sms / blocks, kMaxSplits)), &splits, &per);
+  *plan = AttentionCudaPlan{};
   plan->sm90 = true;
-  plan->num_splits = 1;
-  plan->rows_per_warp = 16;
-  plan->workspace_bytes = 0;
+  plan->num_splits = splits;
+  plan->workspace_bytes = attention_cuda_workspace_bytes(p, splits);
   return cudaSuccess;
 }
 
 cudaError_t attention_cuda(const AttentionParams& p, const AttentionCudaPlan& plan, void* workspace,
                            cudaStream_t stream) {
-  if (plan.sm90) return attention_sm90_cuda(p, stream);
+  if (plan.sm90) {
+    cudaError_t err = attention_sm90_cuda(p, plan.num_splits, workspace, stream);
+    if (err != cudaSuccess || plan.num_splits == 1 || p.batch * p.q_len * p.q_heads == 0) return err;
+    return p.dtype == DType::kBFloat16 ? launch_combine<Bf16>(p, plan.num_splits, workspace, stream)
+                                       : launch_combine<Fp16>(p, plan.num_splits, workspace, stream);
+  }
   if (p.batch == 0 || p.q_len == 0 || p.q_heads == 0) return cudaSuccess;
   if (p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0) return cudaErrorInvalidValue;
   if (plan.rows_per_warp != 16 && plan.rows_per_warp != 32) return cudaErrorInvalidValue;

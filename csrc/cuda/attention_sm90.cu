@@ -5,19 +5,27 @@
 // tops out near 300 TFLOP/s on an H100; Hopper's tensor cores reach their
 // rate only through wgmma, which reads its B operand (and here A of Q K^T)
 // straight from shared memory in a swizzled layout, asynchronously. So this
-// kernel is built around three roles in one thread block of 288 threads:
+// kernel is built around two roles in one thread block:
 //
-//   warp 8 (the producer)   one thread issues TMA copies of the Q tile and of
-//                           every K and V tile into a ring of kStages stages
-//                           and waits on "empty" barriers before reusing one;
-//   warpgroups 0 and 1      each owns 64 query rows: S = Q K^T (wgmma, both
+//   the last warp           one thread issues TMA copies of the Q tile and of
+//   (the producer)          every K and V tile into a ring of stages, and
+//                           waits on "empty" barriers before reusing one;
+//   warpgroups 0 (and 1)    each owns 64 query rows: S = Q K^T (wgmma, both
 //   (the consumers)         operands in shared memory), online softmax in
 //                           registers, O += P V (wgmma, P from registers).
 //
-// The two consumers take turns on the tensor cores (a "ping-pong" on two
-// named barriers): one issues its P V of the previous tile and its Q K^T of
-// this tile back to back while the other computes its softmax, whose
+// With many query rows (full forwards), blocks of 128 rows have two
+// consumers that take turns on the tensor cores (a "ping-pong" on two named
+// barriers): one issues its P V of the previous tile and its Q K^T of this
+// tile back to back while the other computes its softmax, whose
 // exponentials would otherwise leave the tensor cores idle.
+//
+// Few queries against many keys (cached decoding: 32 queries, thousands of
+// keys) take a second shape: one consumer warpgroup (64 query rows), a ring
+// of three stages, and the keys split across thread blocks so that about one
+// runs per multiprocessor; each block then writes its unnormalised O, row max
+// and row sum, and attention.cu's combine kernel merges them. That shape is
+// bound by reading K and V, and the deeper ring keeps more of them in flight.
 //
 // Shared tiles are 128 rows of keys (or queries) by 128 dims, stored as two
 // halves of 64 dims; a half row is 128 bytes, written by TMA with the 128-byte
@@ -42,21 +50,25 @@ namespace llada {
 namespace {
 
 constexpr int kHeadDim = 128;
-constexpr int kBlockQ = 128;   // query rows per thread block (64 per consumer warpgroup)
-constexpr int kBlockK = 128;   // keys per tile
-constexpr int kStages = 2;     // K and V tiles in flight
-constexpr int kConsumerThreads = 256;
-constexpr int kThreads = kConsumerThreads + 32;
-constexpr int kHalfBytes = 128 * 128;                 // 128 rows x 64 dims x 2 bytes
-constexpr int kTileBytes = 2 * kHalfBytes;            // 128 rows x 128 dims
+constexpr int kBlockK = 128;                // keys per tile
+constexpr int kTileBytes = 128 * 128 * 2;   // 128 keys x 128 dims, two halves of 64 dims
+constexpr int kHalfBytes = kTileBytes / 2;
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Shared memory, each tile 1024-byte aligned (the swizzle repeats every
-// 1024 bytes and both TMA and wgmma apply it to address bits):
-// Q, K stages, V stages, then the barriers.
-struct Shared {
+// A thread block of kConsumers warpgroups of 64 query rows each, a producer
+// warp, and kStages stages of K and V. Shared memory: Q (two halves of
+// kRows x 64 dims), the K stages, the V stages, then the barriers; every
+// tile 1024-byte aligned (the swizzle repeats every 1024 bytes, and both TMA
+// and wgmma apply it to address bits).
+template <int kConsumers, int kStages>
+struct Config {
+  static constexpr int kStages_ = kStages;
+  static constexpr int kRows = 64 * kConsumers;  // query rows per block
+  static constexpr int kConsumerThreads = 128 * kConsumers;
+  static constexpr int kThreads = kConsumerThreads + 32;
+  static constexpr int kQHalfBytes = kRows * 128;
   static constexpr int kQ = 0;
-  static constexpr int kK = kQ + kTileBytes;
+  static constexpr int kK = kQ + 2 * kQHalfBytes;
   static constexpr int kV = kK + kStages * kTileBytes;
   static constexpr int kBarriers = kV + kStages * kTileBytes;
   // q_full, k_full[S], v_full[S], k_empty[S], v_empty[S]
@@ -64,6 +76,8 @@ struct Shared {
   static constexpr int kBytes = kBarriers + 8 * kNumBarriers;
   static constexpr int kAlloc = kBytes + 1024;  // room to align the base
 };
+using ManyQueries = Config<2, 2>;  // 128 query rows, ping-pong consumers
+using FewQueries = Config<1, 3>;   // 64 query rows, a deeper ring, split keys
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define LLADA_SM90_DEVICE 1
@@ -120,11 +134,13 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, i
 // Named barriers 1 and 2 order the consumers' turns on the tensor cores
 // (0 is __syncthreads). Both consumer warpgroups count: one syncs, the other
 // arrives.
+template <int kCount>
 __device__ __forceinline__ void named_sync(int id) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(kConsumerThreads) : "memory");
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(kCount) : "memory");
 }
+template <int kCount>
 __device__ __forceinline__ void named_arrive(int id) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kConsumerThreads) : "memory");
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kCount) : "memory");
 }
 
 // A shared-memory matrix descriptor with the 128-byte swizzle. `lead` and
@@ -222,71 +238,81 @@ struct Maps {
   CUtensorMap q, k, v;
 };
 
-// 224 registers: 9 warps fit the register file, and the consumers hold
-// S, P and O (160 registers) at once.
-template <typename Traits>
+// 224 registers: 9 warps fit the register file, and a consumer holds S, P
+// and O (160 registers) at once. Keys are split across blockIdx.y in chunks
+// of `tiles_per_split` tiles; with part_o set, the block writes its chunk's
+// unnormalised O [rows, D] and (row max, row sum) per row there (the layout
+// of attention.cu's combine kernel) instead of the output.
+template <typename Traits, typename C>
 __global__ void __maxnreg__(224)
-    attention_sm90_kernel(const __grid_constant__ Maps maps, AttentionParams p) {
+    attention_sm90_kernel(const __grid_constant__ Maps maps, AttentionParams p, int tiles_per_split,
+                          float* part_o, float* part_ml) {
 #ifdef LLADA_SM90_DEVICE
+  constexpr int kStages = C::kStages_;
   extern __shared__ unsigned char shared_raw[];
   const uint32_t raw = shared_address(shared_raw);
   const uint32_t base = (raw + 1023) & ~1023u;
-  const uint32_t s_q = base + Shared::kQ;
-  const uint32_t s_k = base + Shared::kK;
-  const uint32_t s_v = base + Shared::kV;
-  const uint32_t bars = base + Shared::kBarriers;
+  const uint32_t s_q = base + C::kQ;
+  const uint32_t s_k = base + C::kK;
+  const uint32_t s_v = base + C::kV;
+  const uint32_t bars = base + C::kBarriers;
   const uint32_t q_full = bars;
   auto k_full = [&](int s) { return bars + 8 * (1 + s); };
   auto v_full = [&](int s) { return bars + 8 * (1 + kStages + s); };
   auto k_empty = [&](int s) { return bars + 8 * (1 + 2 * kStages + s); };
   auto v_empty = [&](int s) { return bars + 8 * (1 + 3 * kStages + s); };
 
-  const int64_t q_tiles = (p.q_len + kBlockQ - 1) / kBlockQ;
+  const int64_t q_tiles = (p.q_len + C::kRows - 1) / C::kRows;
   const int q_tile = int(int64_t(blockIdx.x) % q_tiles);
   const int64_t bh = int64_t(blockIdx.x) / q_tiles;  // b * q_heads + h
   const int h = int(bh % p.q_heads);
   const int b = int(bh / p.q_heads);
   const int h_kv = h / (p.q_heads / p.kv_heads);
-  const int q0 = q_tile * kBlockQ;
-  const int n_tiles = int((p.kv_len + kBlockK - 1) / kBlockK);
+  const int q0 = q_tile * C::kRows;
+  // This block's key tiles: first_tile .. first_tile + n_tiles - 1 (never
+  // none: the launch makes no empty chunk).
+  const int all_tiles = int((p.kv_len + kBlockK - 1) / kBlockK);
+  const int first_tile = int(blockIdx.y) * tiles_per_split;
+  const int n_tiles = min(tiles_per_split, all_tiles - first_tile);
 
   if (threadIdx.x == 0) {
     barrier_init(q_full, 1);
     for (int s = 0; s < kStages; ++s) {
       barrier_init(k_full(s), 1);
       barrier_init(v_full(s), 1);
-      barrier_init(k_empty(s), kConsumerThreads);
-      barrier_init(v_empty(s), kConsumerThreads);
+      barrier_init(k_empty(s), C::kConsumerThreads);
+      barrier_init(v_empty(s), C::kConsumerThreads);
     }
     // Make the initialised barriers visible to the TMA unit.
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
 
-  if (threadIdx.x >= kConsumerThreads) {
+  if (threadIdx.x >= C::kConsumerThreads) {
     // Producer: one thread issues every copy, in the order the consumers
     // read them.
-    if (threadIdx.x != kConsumerThreads) return;
-    barrier_expect_bytes(q_full, kTileBytes);
+    if (threadIdx.x != C::kConsumerThreads) return;
+    barrier_expect_bytes(q_full, 2 * C::kQHalfBytes);
     tma_load(s_q, &maps.q, 0, q0, h, b, q_full);
-    tma_load(s_q + kHalfBytes, &maps.q, 64, q0, h, b, q_full);
+    tma_load(s_q + C::kQHalfBytes, &maps.q, 64, q0, h, b, q_full);
     for (int j = 0; j < n_tiles; ++j) {
       const int s = j % kStages;
       const uint32_t round = uint32_t(j / kStages);
+      const int key0 = (first_tile + j) * kBlockK;
       if (round > 0) barrier_wait(k_empty(s), (round - 1) & 1);
       barrier_expect_bytes(k_full(s), kTileBytes);
-      tma_load(s_k + s * kTileBytes, &maps.k, 0, j * kBlockK, h_kv, b, k_full(s));
-      tma_load(s_k + s * kTileBytes + kHalfBytes, &maps.k, 64, j * kBlockK, h_kv, b, k_full(s));
+      tma_load(s_k + s * kTileBytes, &maps.k, 0, key0, h_kv, b, k_full(s));
+      tma_load(s_k + s * kTileBytes + kHalfBytes, &maps.k, 64, key0, h_kv, b, k_full(s));
       if (round > 0) barrier_wait(v_empty(s), (round - 1) & 1);
       barrier_expect_bytes(v_full(s), kTileBytes);
-      tma_load(s_v + s * kTileBytes, &maps.v, 0, j * kBlockK, h_kv, b, v_full(s));
-      tma_load(s_v + s * kTileBytes + kHalfBytes, &maps.v, 64, j * kBlockK, h_kv, b, v_full(s));
+      tma_load(s_v + s * kTileBytes, &maps.v, 0, key0, h_kv, b, v_full(s));
+      tma_load(s_v + s * kTileBytes + kHalfBytes, &maps.v, 64, key0, h_kv, b, v_full(s));
     }
     return;
   }
 
   // Consumers.
-  const int wg = int(threadIdx.x) / 128;        // 0 or 1: rows 64 wg .. 64 wg + 63 of the tile
+  const int wg = int(threadIdx.x) / 128;        // rows 64 wg .. 64 wg + 63 of the block's
   const int warp = (int(threadIdx.x) / 32) % 4;  // rows 16 warp .. of the warpgroup's 64
   const int lane = int(threadIdx.x) % 32;
   const int g = lane / 4, t4 = lane % 4;
@@ -299,7 +325,7 @@ __global__ void __maxnreg__(224)
   // apart, the two 64-dim halves kHalfBytes apart, a k-step of 16 keys 2048
   // bytes.
   auto q_desc = [&](int kd) {
-    return descriptor(s_q + (kd / 4) * kHalfBytes + wg * 64 * 128 + (kd % 4) * 32, 16, 1024);
+    return descriptor(s_q + (kd / 4) * C::kQHalfBytes + wg * 64 * 128 + (kd % 4) * 32, 16, 1024);
   };
   auto k_desc = [&](int s, int kd) {
     return descriptor(s_k + s * kTileBytes + (kd / 4) * kHalfBytes + (kd % 4) * 32, 16, 1024);
@@ -318,11 +344,11 @@ __global__ void __maxnreg__(224)
   float m_run[2] = {-INFINITY, -INFINITY};  // running max of the log2-scaled scores, rows g and g + 8
   float l_run[2] = {0.0f, 0.0f};            // this thread's share of the row sums
 
-  // Masking, scaling and the online softmax of tile j: rescales O and the
-  // row sums, and leaves P in `pa`.
+  // Masking, scaling and the online softmax of local tile j: rescales O and
+  // the row sums, and leaves P in `pa`.
   auto softmax = [&](int j) {
     // Scale into the log2 domain; masked keys and keys past the end get -inf.
-    const int64_t k0 = int64_t(j) * kBlockK;
+    const int64_t k0 = int64_t(first_tile + j) * kBlockK;
     if (mask == nullptr && k0 + kBlockK <= p.kv_len) {
 #pragma unroll
       for (int i = 0; i < 64; ++i) s_acc[i] *= scale_log2;
@@ -399,15 +425,20 @@ __global__ void __maxnreg__(224)
 #pragma unroll
       for (int e = 0; e < 4; ++e) pin(pa[kc][e]);
   };
-  // Turns: a consumer syncs on its own named barrier before issuing and
-  // then arrives on the other's. The second consumer's last tile hands no
-  // turn over (the first has no tile left to take it).
-  auto take_turn = [&] { named_sync(1 + wg); };
+  // Turns, with two consumers: one syncs on its own named barrier before
+  // issuing and then arrives on the other's. The second consumer's last
+  // tile hands no turn over (the first has no tile left to take it).
+  constexpr bool kPingPong = C::kConsumerThreads == 256;
+  auto take_turn = [&] {
+    if constexpr (kPingPong) named_sync<256>(1 + wg);
+  };
   auto pass_turn = [&](int j) {
-    if (!(wg == 1 && j == n_tiles - 1)) named_arrive(2 - wg);
+    if constexpr (kPingPong) {
+      if (!(wg == 1 && j == n_tiles - 1)) named_arrive<256>(2 - wg);
+    }
   };
 
-  if (wg == 1) named_arrive(1);  // the first consumer goes first
+  if (kPingPong && wg == 1) named_arrive<256>(1);  // the first consumer goes first
   barrier_wait(q_full, 0);
 
   // Tile 0: Q K^T only.
@@ -451,16 +482,29 @@ __global__ void __maxnreg__(224)
     l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
     l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
   }
+  const int64_t total_rows = p.batch * p.q_heads * p.q_len;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t row = int64_t(q0) + wg * 64 + warp * 16 + g + 8 * r;
     if (row >= p.q_len) continue;
-    const float inv = l_run[r] > 0.0f ? 1.0f / l_run[r] : 0.0f;  // no valid key: zeros
-    uint16_t* dst = static_cast<uint16_t*>(p.out) + ((int64_t(b) * p.q_len + row) * p.q_heads + h) * kHeadDim;
+    if (part_o == nullptr) {
+      const float inv = l_run[r] > 0.0f ? 1.0f / l_run[r] : 0.0f;  // no valid key: zeros
+      uint16_t* dst = static_cast<uint16_t*>(p.out) + ((int64_t(b) * p.q_len + row) * p.q_heads + h) * kHeadDim;
 #pragma unroll
-    for (int c = 0; c < 16; ++c)
-      *reinterpret_cast<uint32_t*>(dst + 8 * c + 2 * t4) =
-          Traits::pack(o[4 * c + 2 * r] * inv, o[4 * c + 2 * r + 1] * inv);
+      for (int c = 0; c < 16; ++c)
+        *reinterpret_cast<uint32_t*>(dst + 8 * c + 2 * t4) =
+            Traits::pack(o[4 * c + 2 * r] * inv, o[4 * c + 2 * r + 1] * inv);
+    } else {
+      const int64_t idx = int64_t(blockIdx.y) * total_rows + bh * p.q_len + row;
+      float* dst = part_o + idx * kHeadDim;
+#pragma unroll
+      for (int c = 0; c < 16; ++c)
+        *reinterpret_cast<float2*>(dst + 8 * c + 2 * t4) = make_float2(o[4 * c + 2 * r], o[4 * c + 2 * r + 1]);
+      if (t4 == 0) {
+        part_ml[2 * idx] = m_run[r];
+        part_ml[2 * idx + 1] = l_run[r];
+      }
+    }
   }
 #endif
 }
@@ -492,10 +536,10 @@ cudaError_t encoder(EncodeTiled* out) {
 }
 
 // A map of [B, L, H, 128] with element strides `strides` (batch, position,
-// head) and boxes of 64 dims x 128 positions, swizzled for wgmma. Strides of
-// dimensions of size 1 are never followed; they are replaced by a valid one.
+// head) and boxes of 64 dims x `rows` positions, swizzled for wgmma. Strides
+// of dimensions of size 1 are never followed; they are replaced by a valid one.
 cudaError_t make_map(CUtensorMap* map, const void* data, CUtensorMapDataType type, int64_t batch, int64_t len,
-                     int64_t heads, const int64_t (&strides)[3]) {
+                     int64_t heads, const int64_t (&strides)[3], int rows) {
   EncodeTiled encode = nullptr;
   cudaError_t err = encoder(&encode);
   if (err != cudaSuccess) return err;
@@ -506,7 +550,7 @@ cudaError_t make_map(CUtensorMap* map, const void* data, CUtensorMapDataType typ
   const cuuint64_t dims[4] = {cuuint64_t(kHeadDim), cuuint64_t(len), cuuint64_t(heads), cuuint64_t(batch)};
   const cuuint64_t byte_strides[3] = {stride_bytes(len, strides[1]), stride_bytes(heads, strides[2]),
                                       stride_bytes(batch, strides[0])};
-  const cuuint32_t box[4] = {64, 128, 1, 1};
+  const cuuint32_t box[4] = {64, cuuint32_t(rows), 1, 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
   const CUresult r = encode(map, type, 4, const_cast<void*>(data), dims, byte_strides, box, element_strides,
                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -514,19 +558,42 @@ cudaError_t make_map(CUtensorMap* map, const void* data, CUtensorMapDataType typ
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <typename Traits>
-cudaError_t launch(const AttentionParams& p, CUtensorMapDataType type, cudaStream_t stream) {
+int64_t key_tiles(const AttentionParams& p) { return (p.kv_len + kBlockK - 1) / kBlockK; }
+
+template <typename Traits, typename C>
+cudaError_t launch(const AttentionParams& p, CUtensorMapDataType type, int num_splits, void* workspace,
+                   cudaStream_t stream) {
   Maps maps;
-  cudaError_t err = make_map(&maps.q, p.q, type, p.batch, p.q_len, p.q_heads, p.q_strides);
-  if (err == cudaSuccess) err = make_map(&maps.k, p.k, type, p.batch, p.kv_len, p.kv_heads, p.k_strides);
-  if (err == cudaSuccess) err = make_map(&maps.v, p.v, type, p.batch, p.kv_len, p.kv_heads, p.v_strides);
+  cudaError_t err = make_map(&maps.q, p.q, type, p.batch, p.q_len, p.q_heads, p.q_strides, C::kRows);
+  if (err == cudaSuccess)
+    err = make_map(&maps.k, p.k, type, p.batch, p.kv_len, p.kv_heads, p.k_strides, kBlockK);
+  if (err == cudaSuccess)
+    err = make_map(&maps.v, p.v, type, p.batch, p.kv_len, p.kv_heads, p.v_strides, kBlockK);
   if (err != cudaSuccess) return err;
-  err = cudaFuncSetAttribute(attention_sm90_kernel<Traits>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             Shared::kAlloc);
+  err = cudaFuncSetAttribute(attention_sm90_kernel<Traits, C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             C::kAlloc);
   if (err != cudaSuccess) return err;
-  const int64_t blocks = p.batch * p.q_heads * ((p.q_len + kBlockQ - 1) / kBlockQ);
-  attention_sm90_kernel<Traits><<<unsigned(blocks), kThreads, Shared::kAlloc, stream>>>(maps, p);
+  // Chunks of equal tile counts; the plan chose num_splits so that none is empty.
+  const int64_t tiles = key_tiles(p);
+  const int64_t per = (tiles + num_splits - 1) / num_splits;
+  const int64_t splits = (tiles + per - 1) / per;
+  float* part_o = nullptr;
+  float* part_ml = nullptr;
+  if (splits > 1) {
+    part_o = static_cast<float*>(workspace);
+    part_ml = part_o + splits * p.batch * p.q_heads * p.q_len * kHeadDim;
+  }
+  const int64_t blocks = p.batch * p.q_heads * ((p.q_len + C::kRows - 1) / C::kRows);
+  attention_sm90_kernel<Traits, C><<<dim3(unsigned(blocks), unsigned(splits)), C::kThreads, C::kAlloc, stream>>>(
+      maps, p, int(per), part_o, part_ml);
   return cudaGetLastError();
+}
+
+template <typename Traits>
+cudaError_t launch_shape(const AttentionParams& p, CUtensorMapDataType type, int num_splits, void* workspace,
+                         cudaStream_t stream) {
+  if (p.q_len <= FewQueries::kRows) return launch<Traits, FewQueries>(p, type, num_splits, workspace, stream);
+  return launch<Traits, ManyQueries>(p, type, num_splits, workspace, stream);
 }
 
 }  // namespace
@@ -539,7 +606,8 @@ bool attention_sm90_supports(const AttentionParams& p) {
   // TMA coordinates are 32-bit, and so is the grid.
   const int64_t limit = int64_t(0x7fffffff) - kBlockK;
   if (p.q_len > limit || p.kv_len > limit || p.batch > limit || p.q_heads > limit) return false;
-  if (p.batch * p.q_heads * ((p.q_len + kBlockQ - 1) / kBlockQ) > int64_t(0x7fffffff)) return false;
+  if (p.batch * p.q_heads * ((p.q_len + FewQueries::kRows - 1) / FewQueries::kRows) > int64_t(0x7fffffff))
+    return false;
   // TMA wants 16-byte aligned bases and strides.
   for (const void* ptr : {p.q, p.k, p.v})
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
@@ -549,11 +617,15 @@ bool attention_sm90_supports(const AttentionParams& p) {
   return true;
 }
 
-cudaError_t attention_sm90_cuda(const AttentionParams& p, cudaStream_t stream) {
-  if (!attention_sm90_supports(p)) return cudaErrorInvalidValue;
+int attention_sm90_key_tile() { return kBlockK; }
+
+cudaError_t attention_sm90_cuda(const AttentionParams& p, int num_splits, void* workspace, cudaStream_t stream) {
+  if (!attention_sm90_supports(p) || num_splits < 1 || num_splits > key_tiles(p)) return cudaErrorInvalidValue;
+  if (num_splits > 1 && workspace == nullptr) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.q_len == 0 || p.q_heads == 0) return cudaSuccess;
-  if (p.dtype == DType::kBFloat16) return launch<Bf16>(p, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, stream);
-  return launch<Fp16>(p, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, stream);
+  if (p.dtype == DType::kBFloat16)
+    return launch_shape<Bf16>(p, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, num_splits, workspace, stream);
+  return launch_shape<Fp16>(p, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, num_splits, workspace, stream);
 }
 
 }  // namespace llada

@@ -41,12 +41,12 @@ cudaError_t rope_cuda(const RopeParams& p, cudaStream_t stream);
 struct AttentionCudaPlan {
   int num_splits = 1;
   int rows_per_warp = 16;  // 16 or 32
-  bool sm90 = false;       // the Hopper kernel (no splits, no workspace)
+  bool sm90 = false;       // the Hopper kernel (its own key tiles for the splits)
   size_t workspace_bytes = 0;
 };
 enum class Sm90Use {
   kNever,
-  kWhereFaster,  // where the plan would take 32 rows per warp: many long query tiles
+  kWhereFaster,  // where it should be faster: long query tiles, or keys split over few of them
   kAlways,       // wherever it can run (for testing)
 };
 cudaError_t attention_cuda_plan(const AttentionParams& p, AttentionCudaPlan* plan,
@@ -56,9 +56,13 @@ cudaError_t attention_cuda(const AttentionParams& p, const AttentionCudaPlan& pl
                            cudaStream_t stream);
 
 // The Hopper kernel itself: whether the build has it, whether it takes p
-// (dtype, head dim, alignment, sizes; not the device), and the launch.
+// (dtype, head dim, alignment, sizes; not the device), its key tile, and the
+// launch, with the keys split into num_splits chunks of whole tiles (the
+// plan's count; partial results in `workspace`, which attention_cuda then
+// combines).
 bool attention_sm90_built();
 bool attention_sm90_supports(const AttentionParams& p);
-cudaError_t attention_sm90_cuda(const AttentionParams& p, cudaStream_t stream);
+int attention_sm90_key_tile();
+cudaError_t attention_sm90_cuda(const AttentionParams& p, int num_splits, void* workspace, cudaStream_t stream);
 
 }  // namespace llada
