@@ -5,6 +5,9 @@
 # kernel microbenchmark and the Python benchmarks, and print a summary table.
 #
 #   bash bench/gpu_check.sh            # everything (under 8 minutes on 16 cores)
+#   bash bench/gpu_check.sh attention  # only the attention binary: every kernel
+#                                      # variant against the CPU twin, then timed
+#                                      # (about a minute; for work on the kernels)
 #   LLADA_CUDA_ARCHITECTURES=90 ...    # the architectures to build (default: 90)
 #
 # Logs go to build/gpu_check/; when $OUT is set, the summary and a tarball of
@@ -34,6 +37,15 @@ step() {  # step NAME COMMAND...: run, log, remember failures
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$LOGS/device.txt"
+
+if [ "${1:-}" = attention ]; then
+  step bench_build bash -c "cmake -S bench/cuda -B build/bench-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DLLADA_CUDA_ARCHITECTURES='$ARCHS' && cmake --build build/bench-gpu --target bench_attention"
+  step bin_bench_attention timeout 120 build/bench-gpu/bench_attention
+  grep -E '^RESULT|^  (bad|MISMATCH)' "$LOGS/bin_bench_attention.log" | tee "$LOGS/summary.txt"
+  [ -n "${OUT:-}" ] && cp "$LOGS/summary.txt" "$OUT/"
+  exit $status
+fi
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$LOGS/device.txt"
 
 step build "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v . \

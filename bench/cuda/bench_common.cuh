@@ -35,6 +35,9 @@ struct Options {
 };
 
 inline Options parse_options(int argc, char** argv) {
+  // Line-buffered even into a file: a binary killed by a timeout (a hung
+  // kernel) still leaves every line it printed before.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   Options o;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
