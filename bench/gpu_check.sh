@@ -54,7 +54,7 @@ step build "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v
 parallel=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 # The Hopper attention kernel's tests go first, alone and under a timeout: if
 # they fail (or hang), the benchmarks below leave that kernel out.
-step tests_sm90 timeout 240 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider $parallel tests/test_attention.py -k sm90
+step tests_sm90 timeout --kill-after=10 240 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider $parallel tests/test_attention.py -k sm90
 if [ "$(tail -n 1 "$LOGS/tests_sm90.log" | grep -c ' passed')" = 0 ] || grep -q FAILED "$LOGS/tests_sm90.log"; then
   echo "   the Hopper attention kernel is left out of the benchmarks"
   export LLADA_ATTENTION_SM90=0
