@@ -104,20 +104,29 @@ __device__ __forceinline__ void barrier_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 
-// Waits until the phase of parity `parity` of `bar` has completed.
-__device__ __forceinline__ void barrier_wait(uint32_t bar, uint32_t parity) {
+__device__ __forceinline__ bool barrier_try_wait(uint32_t bar, uint32_t parity) {
   uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+// Waits until the phase of parity `parity` of `bar` has completed. A wait
+// of seconds can only be a bug (a phase that never completes); it traps, so
+// that the launch fails with an error instead of hanging the device.
+__device__ __forceinline__ void barrier_wait(uint32_t bar, uint32_t parity) {
+  if (barrier_try_wait(bar, parity)) return;
+  constexpr long long kHangCycles = 1LL << 35;  // about 20 s
+  const long long start = clock64();
+  while (!barrier_try_wait(bar, parity))
+    if (clock64() - start > kHangCycles) asm volatile("trap;");
 }
 
 // One box of a 4-d tensor map (dims: D, position, head, batch) into shared
