@@ -59,12 +59,14 @@ struct Variant {
   int splits;         // 0: the automatic plan
   int rows_per_warp;  // ignored by the automatic plan
   llada::Sm90Use sm90 = llada::Sm90Use::kNever;  // for the automatic plan
+  bool persistent = true;                         // of the Hopper kernel
 };
 const Variant kVariants[] = {
     {"auto", 0, 0},          {"rows16", 1, 16},         {"rows16-split2", 2, 16},
     {"rows16-split3", 3, 16}, {"rows16-split4", 4, 16},  {"rows16-split8", 8, 16},
     {"rows16-split16", 16, 16}, {"rows16-split32", 32, 16}, {"rows32", 1, 32},
-    {"rows32-split3", 3, 32}, {"sm90", 0, 0, llada::Sm90Use::kAlways}};
+    {"rows32-split3", 3, 32}, {"sm90", 0, 0, llada::Sm90Use::kAlways},
+    {"sm90-block-per-tile", 0, 0, llada::Sm90Use::kAlways, false}};
 
 // LLADA_ATTENTION_SM90=0 leaves the Hopper kernel out, as it does the op's.
 bool sm90_left_out() {
@@ -181,6 +183,7 @@ bool run_case(const Case& c, const bench::Options& o, uint64_t seed) {
       CUDA_CHECK(llada::attention_cuda_plan(p, &plan, variant.sm90));
       if (variant.sm90 != llada::Sm90Use::kNever && !plan.sm90) continue;  // not this device or shape
       if (plan.sm90 && sm90_left_out()) continue;
+      plan.sm90_persistent = variant.persistent;
     } else {
       plan.num_splits = variant.splits;
       plan.rows_per_warp = variant.rows_per_warp;

@@ -41,6 +41,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -71,8 +72,8 @@ struct Config {
   static constexpr int kK = kQ + 2 * kQHalfBytes;
   static constexpr int kV = kK + kStages * kTileBytes;
   static constexpr int kBarriers = kV + kStages * kTileBytes;
-  // q_full, k_full[S], v_full[S], k_empty[S], v_empty[S]
-  static constexpr int kNumBarriers = 1 + 4 * kStages;
+  // q_full, q_empty, k_full[S], v_full[S], k_empty[S], v_empty[S]
+  static constexpr int kNumBarriers = 2 + 4 * kStages;
   static constexpr int kBytes = kBarriers + 8 * kNumBarriers;
   static constexpr int kAlloc = kBytes + 1024;  // room to align the base
 };
@@ -248,14 +249,21 @@ struct Maps {
 };
 
 // 224 registers: 9 warps fit the register file, and a consumer holds S, P
-// and O (160 registers) at once. Keys are split across blockIdx.y in chunks
-// of `tiles_per_split` tiles; with part_o set, the block writes its chunk's
-// unnormalised O [rows, D] and (row max, row sum) per row there (the layout
-// of attention.cu's combine kernel) instead of the output.
+// and O (160 registers) at once.
+//
+// A work item is one tile of query rows of one (batch, head) against one
+// chunk of its key tiles: item x + n_x * y takes query tile x (of n_x) and
+// key chunk y, tiles y * tiles_per_split onwards. A block takes items
+// blockIdx.x, + gridDim.x, ... (one each, or a persistent loop when the grid
+// is smaller): the producer then loads the next item's Q and first K/V
+// tiles while the consumers finish the last one and write it out. With
+// part_o set, an item writes its chunk's unnormalised O [rows, D] and (row
+// max, row sum) per row there (the layout of attention.cu's combine kernel)
+// instead of the output.
 template <typename Traits, typename C>
 __global__ void __maxnreg__(224)
-    attention_sm90_kernel(const __grid_constant__ Maps maps, AttentionParams p, int tiles_per_split,
-                          float* part_o, float* part_ml) {
+    attention_sm90_kernel(const __grid_constant__ Maps maps, AttentionParams p, int64_t n_x, int64_t n_items,
+                          int tiles_per_split, float* part_o, float* part_ml) {
 #ifdef LLADA_SM90_DEVICE
   constexpr int kStages = C::kStages_;
   extern __shared__ unsigned char shared_raw[];
@@ -265,27 +273,36 @@ __global__ void __maxnreg__(224)
   const uint32_t s_k = base + C::kK;
   const uint32_t s_v = base + C::kV;
   const uint32_t bars = base + C::kBarriers;
-  const uint32_t q_full = bars;
-  auto k_full = [&](int s) { return bars + 8 * (1 + s); };
-  auto v_full = [&](int s) { return bars + 8 * (1 + kStages + s); };
-  auto k_empty = [&](int s) { return bars + 8 * (1 + 2 * kStages + s); };
-  auto v_empty = [&](int s) { return bars + 8 * (1 + 3 * kStages + s); };
+  const uint32_t q_full = bars, q_empty = bars + 8;
+  auto k_full = [&](int s) { return bars + 8 * (2 + s); };
+  auto v_full = [&](int s) { return bars + 8 * (2 + kStages + s); };
+  auto k_empty = [&](int s) { return bars + 8 * (2 + 2 * kStages + s); };
+  auto v_empty = [&](int s) { return bars + 8 * (2 + 3 * kStages + s); };
 
   const int64_t q_tiles = (p.q_len + C::kRows - 1) / C::kRows;
-  const int q_tile = int(int64_t(blockIdx.x) % q_tiles);
-  const int64_t bh = int64_t(blockIdx.x) / q_tiles;  // b * q_heads + h
-  const int h = int(bh % p.q_heads);
-  const int b = int(bh / p.q_heads);
-  const int h_kv = h / (p.q_heads / p.kv_heads);
-  const int q0 = q_tile * C::kRows;
-  // This block's key tiles: first_tile .. first_tile + n_tiles - 1 (never
-  // none: the launch makes no empty chunk).
   const int all_tiles = int((p.kv_len + kBlockK - 1) / kBlockK);
-  const int first_tile = int(blockIdx.y) * tiles_per_split;
-  const int n_tiles = min(tiles_per_split, all_tiles - first_tile);
+  struct Item {
+    int b, h, h_kv, q0, split, first_tile, n_tiles;
+    int64_t bh;
+  };
+  auto item_at = [&](int64_t item) {
+    Item it;
+    const int64_t x = item % n_x;
+    it.split = int(item / n_x);
+    it.bh = x / q_tiles;  // b * q_heads + h
+    it.q0 = int(x % q_tiles) * C::kRows;
+    it.h = int(it.bh % p.q_heads);
+    it.b = int(it.bh / p.q_heads);
+    it.h_kv = it.h / (p.q_heads / p.kv_heads);
+    // Never no tiles: the launch makes no empty chunk.
+    it.first_tile = it.split * tiles_per_split;
+    it.n_tiles = min(tiles_per_split, all_tiles - it.first_tile);
+    return it;
+  };
 
   if (threadIdx.x == 0) {
     barrier_init(q_full, 1);
+    barrier_init(q_empty, C::kConsumerThreads);
     for (int s = 0; s < kStages; ++s) {
       barrier_init(k_full(s), 1);
       barrier_init(v_full(s), 1);
@@ -301,21 +318,27 @@ __global__ void __maxnreg__(224)
     // Producer: one thread issues every copy, in the order the consumers
     // read them.
     if (threadIdx.x != C::kConsumerThreads) return;
-    barrier_expect_bytes(q_full, 2 * C::kQHalfBytes);
-    tma_load(s_q, &maps.q, 0, q0, h, b, q_full);
-    tma_load(s_q + C::kQHalfBytes, &maps.q, 64, q0, h, b, q_full);
-    for (int j = 0; j < n_tiles; ++j) {
-      const int s = j % kStages;
-      const uint32_t round = uint32_t(j / kStages);
-      const int key0 = (first_tile + j) * kBlockK;
-      if (round > 0) barrier_wait(k_empty(s), (round - 1) & 1);
-      barrier_expect_bytes(k_full(s), kTileBytes);
-      tma_load(s_k + s * kTileBytes, &maps.k, 0, key0, h_kv, b, k_full(s));
-      tma_load(s_k + s * kTileBytes + kHalfBytes, &maps.k, 64, key0, h_kv, b, k_full(s));
-      if (round > 0) barrier_wait(v_empty(s), (round - 1) & 1);
-      barrier_expect_bytes(v_full(s), kTileBytes);
-      tma_load(s_v + s * kTileBytes, &maps.v, 0, key0, h_kv, b, v_full(s));
-      tma_load(s_v + s * kTileBytes + kHalfBytes, &maps.v, 64, key0, h_kv, b, v_full(s));
+    uint32_t tile_count = 0;  // K/V tiles issued so far: the ring position
+    uint32_t item_count = 0;
+    for (int64_t item = blockIdx.x; item < n_items; item += gridDim.x, ++item_count) {
+      const Item w = item_at(item);
+      if (item_count > 0) barrier_wait(q_empty, (item_count - 1) & 1);
+      barrier_expect_bytes(q_full, 2 * C::kQHalfBytes);
+      tma_load(s_q, &maps.q, 0, w.q0, w.h, w.b, q_full);
+      tma_load(s_q + C::kQHalfBytes, &maps.q, 64, w.q0, w.h, w.b, q_full);
+      for (int j = 0; j < w.n_tiles; ++j, ++tile_count) {
+        const int s = int(tile_count % kStages);
+        const uint32_t round = tile_count / kStages;
+        const int key0 = (w.first_tile + j) * kBlockK;
+        if (round > 0) barrier_wait(k_empty(s), (round - 1) & 1);
+        barrier_expect_bytes(k_full(s), kTileBytes);
+        tma_load(s_k + s * kTileBytes, &maps.k, 0, key0, w.h_kv, w.b, k_full(s));
+        tma_load(s_k + s * kTileBytes + kHalfBytes, &maps.k, 64, key0, w.h_kv, w.b, k_full(s));
+        if (round > 0) barrier_wait(v_empty(s), (round - 1) & 1);
+        barrier_expect_bytes(v_full(s), kTileBytes);
+        tma_load(s_v + s * kTileBytes, &maps.v, 0, key0, w.h_kv, w.b, v_full(s));
+        tma_load(s_v + s * kTileBytes + kHalfBytes, &maps.v, 64, key0, w.h_kv, w.b, v_full(s));
+      }
     }
     return;
   }
@@ -325,8 +348,9 @@ __global__ void __maxnreg__(224)
   const int warp = (int(threadIdx.x) / 32) % 4;  // rows 16 warp .. of the warpgroup's 64
   const int lane = int(threadIdx.x) % 32;
   const int g = lane / 4, t4 = lane % 4;
-  const bool* mask = p.key_mask != nullptr ? p.key_mask + int64_t(b) * p.kv_len : nullptr;
   const float scale_log2 = p.scale * kLog2e;
+  Item w = item_at(blockIdx.x);  // the item being computed
+  const bool* mask = nullptr;
 
   // Descriptors. Q and K are K-major: 8-row groups 1024 bytes apart, and a
   // k-step of 16 dims moves 32 bytes along the (swizzled) row, or to the
@@ -357,7 +381,7 @@ __global__ void __maxnreg__(224)
   // the row sums, and leaves P in `pa`.
   auto softmax = [&](int j) {
     // Scale into the log2 domain; masked keys and keys past the end get -inf.
-    const int64_t k0 = int64_t(first_tile + j) * kBlockK;
+    const int64_t k0 = int64_t(w.first_tile + j) * kBlockK;
     if (mask == nullptr && k0 + kBlockK <= p.kv_len) {
 #pragma unroll
       for (int i = 0; i < 64; ++i) s_acc[i] *= scale_log2;
@@ -435,83 +459,102 @@ __global__ void __maxnreg__(224)
       for (int e = 0; e < 4; ++e) pin(pa[kc][e]);
   };
   // Turns, with two consumers: one syncs on its own named barrier before
-  // issuing and then arrives on the other's. The second consumer's last
+  // issuing and then arrives on the other's. The second consumer's very last
   // tile hands no turn over (the first has no tile left to take it).
   constexpr bool kPingPong = C::kConsumerThreads == 256;
+  bool last_item = false;
   auto take_turn = [&] {
     if constexpr (kPingPong) named_sync<256>(1 + wg);
   };
   auto pass_turn = [&](int j) {
     if constexpr (kPingPong) {
-      if (!(wg == 1 && j == n_tiles - 1)) named_arrive<256>(2 - wg);
+      if (!(wg == 1 && last_item && j == w.n_tiles - 1)) named_arrive<256>(2 - wg);
     }
   };
-
   if (kPingPong && wg == 1) named_arrive<256>(1);  // the first consumer goes first
-  barrier_wait(q_full, 0);
 
-  // Tile 0: Q K^T only.
-  barrier_wait(k_full(0), 0);
-  take_turn();
-  wgmma_fence();
-  issue_qk(0);
-  wgmma_commit();
-  pass_turn(0);
-  settle();
-  barrier_arrive(k_empty(0));
-  softmax(0);
+  uint32_t tile_count = 0;  // K/V tiles consumed so far: the ring position
+  uint32_t item_count = 0;
+  for (int64_t item = blockIdx.x; item < n_items; item += gridDim.x, ++item_count) {
+    w = item_at(item);
+    last_item = item + gridDim.x >= n_items;
+    mask = p.key_mask != nullptr ? p.key_mask + int64_t(w.b) * p.kv_len : nullptr;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+    m_run[0] = m_run[1] = -INFINITY;
+    l_run[0] = l_run[1] = 0.0f;
+    barrier_wait(q_full, item_count & 1);
 
-  // Tiles 1 .. n-1: P V of the previous tile, then Q K^T of this one.
-  for (int j = 1; j < n_tiles; ++j) {
-    const int s = j % kStages, prev = (j - 1) % kStages;
-    barrier_wait(k_full(s), uint32_t(j / kStages) & 1);
-    barrier_wait(v_full(prev), uint32_t((j - 1) / kStages) & 1);
+    // Tile 0: Q K^T only.
+    int s = int(tile_count % kStages);
+    barrier_wait(k_full(s), (tile_count / kStages) & 1);
     take_turn();
     wgmma_fence();
-    issue_pv(prev);
     issue_qk(s);
     wgmma_commit();
-    pass_turn(j);
+    pass_turn(0);
     settle();
-    barrier_arrive(v_empty(prev));
     barrier_arrive(k_empty(s));
-    softmax(j);
-  }
+    if (w.n_tiles == 1) barrier_arrive(q_empty);  // Q is read: the next item's may land
+    softmax(0);
 
-  // P V of the last tile.
-  const int last = (n_tiles - 1) % kStages;
-  barrier_wait(v_full(last), uint32_t((n_tiles - 1) / kStages) & 1);
-  wgmma_fence();
-  issue_pv(last);
-  wgmma_commit();
-  settle();
+    // Tiles 1 .. n-1: P V of the previous tile, then Q K^T of this one.
+    for (int j = 1; j < w.n_tiles; ++j) {
+      const int prev = s;
+      ++tile_count;
+      s = int(tile_count % kStages);
+      barrier_wait(k_full(s), (tile_count / kStages) & 1);
+      barrier_wait(v_full(prev), ((tile_count - 1) / kStages) & 1);
+      take_turn();
+      wgmma_fence();
+      issue_pv(prev);
+      issue_qk(s);
+      wgmma_commit();
+      pass_turn(j);
+      settle();
+      barrier_arrive(v_empty(prev));
+      barrier_arrive(k_empty(s));
+      if (j == w.n_tiles - 1) barrier_arrive(q_empty);
+      softmax(j);
+    }
+
+    // P V of the last tile.
+    barrier_wait(v_full(s), (tile_count / kStages) & 1);
+    wgmma_fence();
+    issue_pv(s);
+    wgmma_commit();
+    settle();
+    barrier_arrive(v_empty(s));
+    ++tile_count;
 
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
-    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
-  }
-  const int64_t total_rows = p.batch * p.q_heads * p.q_len;
+    for (int r = 0; r < 2; ++r) {
+      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
+      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
+    }
+    const int64_t total_rows = p.batch * p.q_heads * p.q_len;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = int64_t(q0) + wg * 64 + warp * 16 + g + 8 * r;
-    if (row >= p.q_len) continue;
-    if (part_o == nullptr) {
-      const float inv = l_run[r] > 0.0f ? 1.0f / l_run[r] : 0.0f;  // no valid key: zeros
-      uint16_t* dst = static_cast<uint16_t*>(p.out) + ((int64_t(b) * p.q_len + row) * p.q_heads + h) * kHeadDim;
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = int64_t(w.q0) + wg * 64 + warp * 16 + g + 8 * r;
+      if (row >= p.q_len) continue;
+      if (part_o == nullptr) {
+        const float inv = l_run[r] > 0.0f ? 1.0f / l_run[r] : 0.0f;  // no valid key: zeros
+        uint16_t* dst =
+            static_cast<uint16_t*>(p.out) + ((int64_t(w.b) * p.q_len + row) * p.q_heads + w.h) * kHeadDim;
 #pragma unroll
-      for (int c = 0; c < 16; ++c)
-        *reinterpret_cast<uint32_t*>(dst + 8 * c + 2 * t4) =
-            Traits::pack(o[4 * c + 2 * r] * inv, o[4 * c + 2 * r + 1] * inv);
-    } else {
-      const int64_t idx = int64_t(blockIdx.y) * total_rows + bh * p.q_len + row;
-      float* dst = part_o + idx * kHeadDim;
+        for (int c = 0; c < 16; ++c)
+          *reinterpret_cast<uint32_t*>(dst + 8 * c + 2 * t4) =
+              Traits::pack(o[4 * c + 2 * r] * inv, o[4 * c + 2 * r + 1] * inv);
+      } else {
+        const int64_t idx = int64_t(w.split) * total_rows + w.bh * p.q_len + row;
+        float* dst = part_o + idx * kHeadDim;
 #pragma unroll
-      for (int c = 0; c < 16; ++c)
-        *reinterpret_cast<float2*>(dst + 8 * c + 2 * t4) = make_float2(o[4 * c + 2 * r], o[4 * c + 2 * r + 1]);
-      if (t4 == 0) {
-        part_ml[2 * idx] = m_run[r];
-        part_ml[2 * idx + 1] = l_run[r];
+        for (int c = 0; c < 16; ++c)
+          *reinterpret_cast<float2*>(dst + 8 * c + 2 * t4) = make_float2(o[4 * c + 2 * r], o[4 * c + 2 * r + 1]);
+        if (t4 == 0) {
+          part_ml[2 * idx] = m_run[r];
+          part_ml[2 * idx + 1] = l_run[r];
+        }
       }
     }
   }
@@ -570,8 +613,8 @@ cudaError_t make_map(CUtensorMap* map, const void* data, CUtensorMapDataType typ
 int64_t key_tiles(const AttentionParams& p) { return (p.kv_len + kBlockK - 1) / kBlockK; }
 
 template <typename Traits, typename C>
-cudaError_t launch(const AttentionParams& p, CUtensorMapDataType type, int num_splits, void* workspace,
-                   cudaStream_t stream) {
+cudaError_t launch(const AttentionParams& p, CUtensorMapDataType type, int num_splits, bool persistent,
+                   void* workspace, cudaStream_t stream) {
   Maps maps;
   cudaError_t err = make_map(&maps.q, p.q, type, p.batch, p.q_len, p.q_heads, p.q_strides, C::kRows);
   if (err == cudaSuccess)
@@ -592,17 +635,30 @@ cudaError_t launch(const AttentionParams& p, CUtensorMapDataType type, int num_s
     part_o = static_cast<float*>(workspace);
     part_ml = part_o + splits * p.batch * p.q_heads * p.q_len * kHeadDim;
   }
-  const int64_t blocks = p.batch * p.q_heads * ((p.q_len + C::kRows - 1) / C::kRows);
-  attention_sm90_kernel<Traits, C><<<dim3(unsigned(blocks), unsigned(splits)), C::kThreads, C::kAlloc, stream>>>(
-      maps, p, int(per), part_o, part_ml);
+  const int64_t n_x = p.batch * p.q_heads * ((p.q_len + C::kRows - 1) / C::kRows);
+  const int64_t n_items = n_x * splits;
+  // One block per multiprocessor fits (shared memory); a persistent grid has
+  // no more blocks than that, and each loops over its items.
+  int64_t grid = n_items;
+  if (persistent) {
+    int device = 0, sms = 0;
+    err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+    grid = std::min<int64_t>(n_items, sms);
+  }
+  if (grid > int64_t(0x7fffffff)) return cudaErrorInvalidConfiguration;
+  attention_sm90_kernel<Traits, C><<<unsigned(grid), C::kThreads, C::kAlloc, stream>>>(maps, p, n_x, n_items,
+                                                                                       int(per), part_o, part_ml);
   return cudaGetLastError();
 }
 
 template <typename Traits>
-cudaError_t launch_shape(const AttentionParams& p, CUtensorMapDataType type, int num_splits, void* workspace,
-                         cudaStream_t stream) {
-  if (p.q_len <= FewQueries::kRows) return launch<Traits, FewQueries>(p, type, num_splits, workspace, stream);
-  return launch<Traits, ManyQueries>(p, type, num_splits, workspace, stream);
+cudaError_t launch_shape(const AttentionParams& p, CUtensorMapDataType type, int num_splits, bool persistent,
+                         void* workspace, cudaStream_t stream) {
+  if (p.q_len <= FewQueries::kRows)
+    return launch<Traits, FewQueries>(p, type, num_splits, persistent, workspace, stream);
+  return launch<Traits, ManyQueries>(p, type, num_splits, persistent, workspace, stream);
 }
 
 }  // namespace
@@ -628,13 +684,14 @@ bool attention_sm90_supports(const AttentionParams& p) {
 
 int attention_sm90_key_tile() { return kBlockK; }
 
-cudaError_t attention_sm90_cuda(const AttentionParams& p, int num_splits, void* workspace, cudaStream_t stream) {
+cudaError_t attention_sm90_cuda(const AttentionParams& p, int num_splits, bool persistent, void* workspace,
+                                cudaStream_t stream) {
   if (!attention_sm90_supports(p) || num_splits < 1 || num_splits > key_tiles(p)) return cudaErrorInvalidValue;
   if (num_splits > 1 && workspace == nullptr) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.q_len == 0 || p.q_heads == 0) return cudaSuccess;
   if (p.dtype == DType::kBFloat16)
-    return launch_shape<Bf16>(p, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, num_splits, workspace, stream);
-  return launch_shape<Fp16>(p, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, num_splits, workspace, stream);
+    return launch_shape<Bf16>(p, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, num_splits, persistent, workspace, stream);
+  return launch_shape<Fp16>(p, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, num_splits, persistent, workspace, stream);
 }
 
 }  // namespace llada

@@ -42,6 +42,7 @@ struct AttentionCudaPlan {
   int num_splits = 1;
   int rows_per_warp = 16;  // 16 or 32
   bool sm90 = false;       // the Hopper kernel (its own key tiles for the splits)
+  bool sm90_persistent = true;
   size_t workspace_bytes = 0;
 };
 enum class Sm90Use {
@@ -59,10 +60,13 @@ cudaError_t attention_cuda(const AttentionParams& p, const AttentionCudaPlan& pl
 // (dtype, head dim, alignment, sizes; not the device), its key tile, and the
 // launch, with the keys split into num_splits chunks of whole tiles (the
 // plan's count; partial results in `workspace`, which attention_cuda then
-// combines).
+// combines), persistent (a block per multiprocessor, each looping over its
+// tiles, so that one tile's loads overlap another's output) or a block per
+// tile.
 bool attention_sm90_built();
 bool attention_sm90_supports(const AttentionParams& p);
 int attention_sm90_key_tile();
-cudaError_t attention_sm90_cuda(const AttentionParams& p, int num_splits, void* workspace, cudaStream_t stream);
+cudaError_t attention_sm90_cuda(const AttentionParams& p, int num_splits, bool persistent, void* workspace,
+                                cudaStream_t stream);
 
 }  // namespace llada
