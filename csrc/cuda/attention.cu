@@ -20,7 +20,8 @@
 // for testing; it is not meant to be fast.
 //
 // On Hopper the plan may instead pick the warpgroup-MMA kernel of
-// attention_sm90.cu for long query tiles (see attention_cuda_plan).
+// attention_sm90.cu (see attention_cuda_plan), which reuses the combine
+// kernel for its split keys.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -742,7 +743,6 @@ size_t attention_cuda_workspace_bytes(const AttentionParams& p, int num_splits) 
 }
 
 #ifndef LLADA_WITH_SM90
-bool attention_sm90_built() { return false; }
 bool attention_sm90_supports(const AttentionParams&) { return false; }
 int attention_sm90_key_tile() { return 128; }
 cudaError_t attention_sm90_cuda(const AttentionParams&, int, bool, void*, cudaStream_t) {
@@ -770,7 +770,9 @@ cudaError_t attention_cuda_plan(const AttentionParams& p, AttentionCudaPlan* pla
   const int64_t blocks = p.batch * p.q_heads * ((p.q_len + rows - 1) / rows);
   const int64_t n_tiles = (p.kv_len + attention_sm90_key_tile() - 1) / attention_sm90_key_tile();
   int splits = 1, per = 1;
-  if (blocks > 0 && blocks < sms) split_tiles(n_tiles, int(std::min<int64_t>(sms / blocks, kMaxSplits)), &splits, &per);
+  if (blocks > 0 && blocks < sms) {
+    split_tiles(n_tiles, int(std::min<int64_t>(sms / blocks, kMaxSplits)), &splits, &per);
+  }
   *plan = AttentionCudaPlan{};
   plan->sm90 = true;
   plan->num_splits = splits;

@@ -663,8 +663,6 @@ cudaError_t launch_shape(const AttentionParams& p, CUtensorMapDataType type, int
 
 }  // namespace
 
-bool attention_sm90_built() { return true; }
-
 bool attention_sm90_supports(const AttentionParams& p) {
   if (p.dtype == DType::kFloat32 || p.head_dim != kHeadDim || p.kv_len < 1) return false;
   if (p.kv_heads <= 0 || p.q_heads % p.kv_heads != 0) return false;

@@ -35,8 +35,8 @@ at::Tensor aligned_for_copy(const at::Tensor& t) {
 }
 
 // LLADA_ATTENTION_SM90 chooses when the Hopper kernel may run: unset or "0"
-// never, "1" where the plan expects it to be faster (long query tiles),
-// "always" wherever it can (for testing).
+// never, "1" where the plan expects it to be faster (many long query tiles,
+// or few queries over many keys), "always" wherever it can (for testing).
 Sm90Use sm90_use() {
   const char* value = std::getenv("LLADA_ATTENTION_SM90");
   if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "0") == 0) return Sm90Use::kNever;

@@ -42,7 +42,7 @@ struct AttentionCudaPlan {
   int num_splits = 1;
   int rows_per_warp = 16;  // 16 or 32
   bool sm90 = false;       // the Hopper kernel (its own key tiles for the splits)
-  bool sm90_persistent = true;
+  bool sm90_persistent = true;  // its blocks loop over tiles (else one block per tile)
   size_t workspace_bytes = 0;
 };
 enum class Sm90Use {
@@ -56,14 +56,14 @@ size_t attention_cuda_workspace_bytes(const AttentionParams& p, int num_splits);
 cudaError_t attention_cuda(const AttentionParams& p, const AttentionCudaPlan& plan, void* workspace,
                            cudaStream_t stream);
 
-// The Hopper kernel itself: whether the build has it, whether it takes p
-// (dtype, head dim, alignment, sizes; not the device), its key tile, and the
+// The Hopper kernel itself (stubs that decline everything when the build
+// has no sm_90a): whether it takes p (dtype, head dim, alignment, sizes; not
+// the device), its key tile, and the
 // launch, with the keys split into num_splits chunks of whole tiles (the
 // plan's count; partial results in `workspace`, which attention_cuda then
 // combines), persistent (a block per multiprocessor, each looping over its
 // tiles, so that one tile's loads overlap another's output) or a block per
 // tile.
-bool attention_sm90_built();
 bool attention_sm90_supports(const AttentionParams& p);
 int attention_sm90_key_tile();
 cudaError_t attention_sm90_cuda(const AttentionParams& p, int num_splits, bool persistent, void* workspace,
