@@ -61,9 +61,10 @@ constexpr float kLog2e = 1.4426950408889634f;
 // kRows x 64 dims), the K stages, the V stages, then the barriers; every
 // tile 1024-byte aligned (the swizzle repeats every 1024 bytes, and both TMA
 // and wgmma apply it to address bits).
-template <int kConsumers, int kStages>
+template <int kConsumers_, int kStages_>
 struct Config {
-  static constexpr int kStages_ = kStages;
+  static constexpr int kConsumers = kConsumers_;
+  static constexpr int kStages = kStages_;
   static constexpr int kRows = 64 * kConsumers;  // query rows per block
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kThreads = kConsumerThreads + 32;
@@ -265,7 +266,7 @@ __global__ void __maxnreg__(224)
     attention_sm90_kernel(const __grid_constant__ Maps maps, AttentionParams p, int64_t n_x, int64_t n_items,
                           int tiles_per_split, float* part_o, float* part_ml) {
 #ifdef LLADA_SM90_DEVICE
-  constexpr int kStages = C::kStages_;
+  constexpr int kStages = C::kStages;
   extern __shared__ unsigned char shared_raw[];
   const uint32_t raw = shared_address(shared_raw);
   const uint32_t base = (raw + 1023) & ~1023u;
@@ -461,7 +462,7 @@ __global__ void __maxnreg__(224)
   // Turns, with two consumers: one syncs on its own named barrier before
   // issuing and then arrives on the other's. The second consumer's very last
   // tile hands no turn over (the first has no tile left to take it).
-  constexpr bool kPingPong = C::kConsumerThreads == 256;
+  constexpr bool kPingPong = C::kConsumers == 2;
   bool last_item = false;
   auto take_turn = [&] {
     if constexpr (kPingPong) named_sync<256>(1 + wg);
