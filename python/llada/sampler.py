@@ -700,9 +700,9 @@ def release_decode_workspace(model) -> None:
     at once (interleaved streams) never share one. Graphs are not reused
     after the model's weights are replaced (updating them in place is fine)
     or the attention backend changes; call this after changing torch's
-    global matmul settings (TF32, reduced-precision reductions), which a
-    captured graph keeps. Decodes running now keep theirs and return them
-    when they end.
+    global matmul settings (TF32, reduced-precision reductions) or
+    ``LLADA_ATTENTION_SM90``, which a captured graph keeps. Decodes running
+    now keep theirs and return them when they end.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
