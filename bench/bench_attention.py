@@ -49,14 +49,6 @@ def _with_backend(backend, q, k, v):
     return run
 
 
-def _sm90_available(device) -> bool:
-    if os.environ.get("LLADA_ATTENTION_SM90") == "0":
-        return False
-    if device != "cuda" or torch.cuda.get_device_capability() != (9, 0):
-        return False
-    return "90" in llada._C.cuda_architectures().replace("90a", "90").split(",")
-
-
 def _llada_sm90(q, k, v):
     def run():
         os.environ["LLADA_ATTENTION_SM90"] = "always"
@@ -90,7 +82,7 @@ def main() -> None:
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {dtype}", flush=True)
 
     os.environ.pop("LLADA_ATTENTION_SM90", None)  # "llada" is the default plan
-    sm90 = _sm90_available(device)
+    sm90 = device == "cuda" and llada.hopper_attention_available() and os.environ.get("LLADA_ATTENTION_SM90") != "0"
     gen = torch.Generator().manual_seed(0)
     rows = []
     for kind, b, h, lq, lk, d in cases():

@@ -43,7 +43,7 @@ def policies(gen: int, block: int, device: str):
             ("dual cache + threshold 0.9, eager", gen, P.fast(cuda_graph=False), False),
         ]
     hopper = []
-    if device == "cuda" and _sm90_available():
+    if device == "cuda" and llada.hopper_attention_available() and os.environ.get("LLADA_ATTENTION_SM90") != "0":
         hopper = [("dual cache, 4 tokens/step, Hopper attention", gen // 4, P(cache="dual"), False)]
     return [
         ("exact, 1 token/step", gen, P(), False),
@@ -55,13 +55,6 @@ def policies(gen: int, block: int, device: str):
         ("dual cache + factor 1.0", gen, P(commit="factor", cache="dual"), False),
     ] + eager + hopper
 
-
-def _sm90_available() -> bool:
-    """Whether llada's Hopper attention kernel can run here (an sm_90 GPU and
-    a build for it), and LLADA_ATTENTION_SM90 does not leave it out."""
-    if os.environ.get("LLADA_ATTENTION_SM90") == "0" or torch.cuda.get_device_capability() != (9, 0):
-        return False
-    return "90" in llada._C.cuda_architectures().replace("90a", "90").split(",")
 
 
 def run(model, prompt, steps, gen, block, policy, device):

@@ -230,15 +230,9 @@ def test_empty(device):
 # ---------------------------------------------------------------------------
 
 
-def _sm90_runs_here():
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        return False
-    return "90" in llada._C.cuda_architectures().replace("90a", "90").split(",")
-
-
 @pytest.fixture
 def sm90(monkeypatch):
-    if not _sm90_runs_here():
+    if not llada.hopper_attention_available():
         pytest.skip("needs an sm_90 GPU and a build for it")
     monkeypatch.setenv("LLADA_ATTENTION_SM90", "always")
 
@@ -308,6 +302,16 @@ def test_sm90_switch_picks_the_kernel(sm90, monkeypatch):
     assert "attention_sm90" not in kernels(between)
     monkeypatch.setenv("LLADA_ATTENTION_SM90", "0")
     assert "attention_sm90" not in kernels(full) and "attention_sm90" not in kernels(cached)
+
+
+def test_hopper_kernel_is_available_only_on_sm90():
+    if not torch.cuda.is_available():
+        assert not llada.hopper_attention_available()
+    elif torch.cuda.get_device_capability() != (9, 0):
+        assert not llada.hopper_attention_available()
+    else:
+        built = "90" in llada._C.cuda_architectures().replace("90a", "90").split(",")
+        assert llada.hopper_attention_available() == built
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

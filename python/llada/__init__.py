@@ -22,6 +22,16 @@ def cuda_kernels_available() -> bool:
     return bool(_C.cuda_compiled())
 
 
+def hopper_attention_available() -> bool:
+    """Whether ``LLADA_ATTENTION_SM90`` can take effect here: the current GPU
+    is compute capability 9.0 (H100, H200) and this build includes its
+    Hopper attention kernel (architecture 90)."""
+    if not (cuda_kernels_available() and torch.cuda.is_available()):
+        return False
+    built = "90" in _C.cuda_architectures().replace("90a", "90").split(",")
+    return built and torch.cuda.get_device_capability() == (9, 0)
+
+
 __all__ = [
     "DecodePolicy",
     "DecodeStats",
@@ -36,6 +46,7 @@ __all__ = [
     "commit_tokens",
     "cuda_kernels_available",
     "generate",
+    "hopper_attention_available",
     "load_config",
     "load_model",
     "load_tokenizer",
