@@ -201,31 +201,36 @@ __device__ __forceinline__ void pin(uint32_t& x) { asm volatile("" : "+r"(x)::"m
       : LLADA_ACC64(d)                                                                       \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b))
 
-struct Bf16 {
+// The 16-bit input types: the MMAs and the packing of P (`lo` in the low
+// half, the lower column).
+template <bool kBf16>
+struct Half16 {
   __device__ __forceinline__ static void mma_ss(float (&d)[64], uint64_t a, uint64_t b, uint32_t accumulate) {
-    LLADA_WGMMA_SS("bf16");
+    if constexpr (kBf16) {
+      LLADA_WGMMA_SS("bf16");
+    } else {
+      LLADA_WGMMA_SS("f16");
+    }
   }
   __device__ __forceinline__ static void mma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
-    LLADA_WGMMA_RS("bf16");
+    if constexpr (kBf16) {
+      LLADA_WGMMA_RS("bf16");
+    } else {
+      LLADA_WGMMA_RS("f16");
+    }
   }
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
+    if constexpr (kBf16) {
+      const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+      return *reinterpret_cast<const uint32_t*>(&v);
+    } else {
+      const __half2 v = __floats2half2_rn(lo, hi);
+      return *reinterpret_cast<const uint32_t*>(&v);
+    }
   }
 };
-
-struct Fp16 {
-  __device__ __forceinline__ static void mma_ss(float (&d)[64], uint64_t a, uint64_t b, uint32_t accumulate) {
-    LLADA_WGMMA_SS("f16");
-  }
-  __device__ __forceinline__ static void mma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
-    LLADA_WGMMA_RS("f16");
-  }
-  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-};
+using Bf16 = Half16<true>;
+using Fp16 = Half16<false>;
 
 __device__ __forceinline__ float fast_exp2(float x) {  // 2^x; exact 0 for -inf
   float y;
