@@ -256,6 +256,8 @@ SM90_SHAPES = [
     (2, 32, 300, 8, 2),
     (2, 256, 384, 4, 2),   # whole tiles only
     (4, 380, 700, 32, 8),  # many query tiles, partial last tiles
+    (8, 32, 1000, 32, 8),  # few queries, more tiles than multiprocessors: the
+                           # 64-row blocks loop, their key ring running on
 ]
 
 

@@ -116,14 +116,15 @@ def test_decoding_with_graphs_gives_the_same_tokens(folder):
 
 @needs_cuda
 def test_whole_block_steps_on_cuda_decide_as_queried_row_steps(folder, monkeypatch):
-    # On CUDA, cached dual-cache steps take the whole block's logits (with or
-    # without graphs); steps over the queried rows only must agree.
+    # On CUDA, every step at temperature 0 takes the whole block's logits
+    # (with any cache or none; with or without graphs); steps over the
+    # queried rows only must agree.
     from llada import sampler
 
     model = llada.load_model(folder, device="cuda", dtype=torch.float32)
     prompt, mask = padded_prompts(3, row=2, pad=2)
     kw = dict(steps=16, gen_length=32, block_length=8, return_stats=True)
-    policies = (DecodePolicy(cache="dual"), DecodePolicy.fast(),
+    policies = (DecodePolicy(), DecodePolicy(cache="prefix"), DecodePolicy(cache="dual"), DecodePolicy.fast(),
                 DecodePolicy(commit="factor", cache="dual", cuda_graph=False))
     whole = [llada.generate(model, prompt, mask, **kw, policy=p) for p in policies]
     monkeypatch.setattr(sampler._Forward, "_whole_block_wanted", staticmethod(lambda canvas: False))
@@ -131,6 +132,42 @@ def test_whole_block_steps_on_cuda_decide_as_queried_row_steps(folder, monkeypat
         got, got_stats = llada.generate(model, prompt, mask, **kw, policy=policy)
         assert torch.equal(got, want), policy
         assert got_stats == want_stats
+
+
+SYNC_FREE_POLICIES = {
+    "exact": DecodePolicy(),
+    "prefix": DecodePolicy(cache="prefix"),
+    "dual": DecodePolicy(cache="dual"),
+    "dual-eager": DecodePolicy(cache="dual", cuda_graph=False),
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", list(SYNC_FREE_POLICIES))
+def test_steps_inside_a_block_never_wait_for_the_device(folder, name):
+    # At temperature 0 under the fixed schedule the host reads results only
+    # between blocks; inside one it queues step after step, so the device
+    # never runs dry waiting for Python. Any synchronising call (a read-back,
+    # a count, a blocking copy) in such a step raises here.
+    policy = SYNC_FREE_POLICIES[name]
+    model = llada.load_model(folder, device="cuda", dtype=torch.float32)
+    prompt, mask = padded_prompts(4, row=1, pad=2)
+    kw = dict(steps=16, gen_length=32, block_length=8, policy=policy)
+    want = llada.generate(model, prompt, mask, **kw)  # also leaves its graphs for the next call
+    events = llada.stream(model, prompt, mask, **kw)
+    previous, checked = None, 0
+    while True:
+        inside_block = isinstance(previous, StepEvent)
+        torch.cuda.set_sync_debug_mode("error" if inside_block else "default")
+        try:
+            previous = next(events)
+        except StopIteration:
+            break
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        checked += inside_block
+    assert checked >= 12  # 4 blocks of 4 steps: all but each block's first
+    assert torch.equal(previous.tokens, want[:, -8:])
 
 
 @pytest.fixture

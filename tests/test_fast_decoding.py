@@ -256,6 +256,11 @@ def test_finished_rows_leave_a_cached_guided_batch(tmp_path):
 
 
 WHOLE_BLOCK_CASES = {
+    "exact": (DecodePolicy(), {}),
+    "exact-guided": (DecodePolicy(), dict(cfg_scale=1.5)),
+    "prefix": (DecodePolicy(cache="prefix"), {}),
+    "prefix-threshold": (DecodePolicy(commit="threshold", threshold=0.5, cache="prefix"), {}),
+    "prefix-refresh": (DecodePolicy(cache="prefix", refresh_every=2), {}),
     "schedule": (DecodePolicy(cache="dual"), {}),
     "threshold": (DecodePolicy.fast(threshold=0.5), {}),
     "factor": (DecodePolicy(commit="factor", cache="dual"), {}),
@@ -279,9 +284,10 @@ def stop_model(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(WHOLE_BLOCK_CASES))
 def test_whole_block_steps_decide_as_queried_row_steps(model, stop_model, monkeypatch, name):
-    # Whole-block steps (what a dual-cache step does on CUDA, to stay free of
-    # host syncs) against steps over the queried rows only: the same tokens,
-    # forwards and commits, for every rule, ranking and option they serve.
+    # Whole-block steps (what a step does on CUDA, to stay free of host
+    # syncs) against steps over the queried rows only: the same tokens,
+    # forwards and commits, for every cache, rule, ranking and option they
+    # serve.
     from llada import sampler
 
     policy, options = WHOLE_BLOCK_CASES[name]
@@ -290,16 +296,15 @@ def test_whole_block_steps_decide_as_queried_row_steps(model, stop_model, monkey
     prompt, mask = prompt_batch(model)
     kw = dict(steps=16, gen_length=16, block_length=8, policy=policy, return_stats=True, **options)
     want, want_stats = llada.generate(model, prompt, mask, **kw)
-    calls = []  # (whole block, full forward) per forward
+    calls = []  # whether whole-block, per forward
     run = sampler._Forward._run
     monkeypatch.setattr(sampler._Forward, "_whole_block_wanted", staticmethod(lambda canvas: True))
-    monkeypatch.setattr(sampler._Forward, "_run", lambda self, ids, query, whole: calls.append(
-        (whole, self._refresh_due())) or run(self, ids, query, whole))
+    monkeypatch.setattr(sampler._Forward, "_run", lambda self, ids, query, whole: calls.append(whole)
+                        or run(self, ids, query, whole))
     got, got_stats = llada.generate(model, prompt, mask, **kw)
     assert torch.equal(got, want)
     assert got_stats == want_stats
-    cached = [whole for whole, full in calls if not full]
-    assert cached and all(cached) and not any(whole for whole, full in calls if full)
+    assert len(calls) == want_stats.nfe and all(calls)
 
 
 def test_whole_block_steps_with_finished_rows(tmp_path, monkeypatch):
@@ -331,12 +336,13 @@ def test_whole_block_steps_with_finished_rows(tmp_path, monkeypatch):
     steps_per_block=st.integers(1, 6),
     commit=st.sampled_from(["schedule", "threshold", "factor", "entropy_bound"]),
     ranking=st.sampled_from(["probability", "margin", "entropy"]),
+    cache=st.sampled_from(["none", "prefix", "dual"]),
     guided=st.booleans(),
     stops_last=st.booleans(),
     early_stop=st.booleans(),
 )
 def test_whole_block_steps_property(model, monkeypatch, seed, batch, blocks, block_length,
-                                    steps_per_block, commit, ranking, guided, stops_last, early_stop):
+                                    steps_per_block, commit, ranking, cache, guided, stops_last, early_stop):
     from llada import sampler
 
     g = torch.Generator().manual_seed(seed)
@@ -344,7 +350,7 @@ def test_whole_block_steps_property(model, monkeypatch, seed, batch, blocks, blo
     mask = torch.ones_like(prompt)
     mask[0, : seed % 3] = 0  # some left padding in the first row
     prompt[mask == 0] = model.config.pad_token_id
-    policy = DecodePolicy(commit=commit, ranking=ranking, cache="dual", early_stop=early_stop,
+    policy = DecodePolicy(commit=commit, ranking=ranking, cache=cache, early_stop=early_stop,
                           threshold=0.4, factor=1.5, gamma=0.5)
     steps_per_block = min(steps_per_block, block_length)  # at most one step per position
     kw = dict(steps=blocks * steps_per_block, gen_length=blocks * block_length, block_length=block_length,

@@ -66,6 +66,11 @@ def test_logits_at_selects_rows(checkpoint, device):
     positions = torch.tensor([[8, 0, 3], [2, 2, 7]], device=device)
     picked = model(ids, mask, logits_at=positions).logits
     assert rel_err(picked, full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))) < 1e-5
+    for cut in (slice(2, 6), slice(None), slice(-3, None), slice(4, 4), slice(7, 100)):
+        sliced = model(ids, mask, logits_at=cut).logits
+        assert sliced.shape == full[:, cut].shape
+        if sliced.numel():
+            assert rel_err(sliced, full[:, cut]) < 1e-5
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
@@ -106,6 +111,10 @@ def test_logits_at_rejects_bad_shapes(tmp_path):
         model(ids, logits_at=torch.tensor([[0, 5], [1, 1]]))
     with pytest.raises(ValueError, match="logits_at"):
         model(ids, logits_at=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="logits_at.*step 1"):
+        model(ids, logits_at=slice(0, 5, 2))
+    with pytest.raises(TypeError, match="logits_at"):
+        model(ids, logits_at=[0, 1])
 
 
 @pytest.mark.parametrize("backend", ["llada", "sdpa"])

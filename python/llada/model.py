@@ -186,9 +186,10 @@ class Block(nn.Module):
         self.ff_out = nn.Linear(m, d, bias=False)
 
     def forward(self, x, cos, sin, key_mask, rows=None, cache=None, positions=None):
-        """x [B, L, d] -> [B, L, d]; or, given int64 positions rows [B, K],
-        only the outputs at those positions, [B, K, d]. Keys and values always
-        come from every position; only the query side is cut down.
+        """x [B, L, d] -> [B, L, d]; or, given rows (int64 positions [B, K],
+        or a slice of positions for every row), only the outputs at those
+        positions, [B, K, d]. Keys and values always come from every
+        position; only the query side is cut down.
 
         With a cache (this layer's ``(k, v)``, each [B, total, Hkv, D]), x
         holds the sequence positions ``positions`` (int64 [L]): their keys and
@@ -205,7 +206,9 @@ class Block(nn.Module):
             cache_v.index_copy_(1, positions, v)
             k, v = cache_k, cache_v
         cos_q, sin_q = cos, sin
-        if rows is not None:
+        if isinstance(rows, slice):
+            x, a, cos_q, sin_q = x[:, rows], a[:, rows], cos[:, rows], sin[:, rows]
+        elif rows is not None:
             x, a = _gather_rows(x, rows), _gather_rows(a, rows)
             cos_q, sin_q = cos[0][rows], sin[0][rows]
         q = apply_rope(self.q_proj(a).view(b, -1, self.n_heads, self.head_dim), cos_q, sin_q)
@@ -272,7 +275,7 @@ class LLaDAModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
-        logits_at: Optional[torch.Tensor] = None,
+        logits_at: Optional[torch.Tensor | slice] = None,
         cache: Optional[KVCache] = None,
         start: int = 0,
         positions: Optional[torch.Tensor] = None,
@@ -285,15 +288,19 @@ class LLaDAModel(nn.Module):
                 Padding positions still get logits; only keys are masked.
             logits_at: None for logits [B, L, V]; a bool mask [B, L] for logits
                 [N, V] of its True positions in row-major order (like
-                ``x[mask]``); or int64 positions [B, K] for logits [B, K, V].
-                The last block's queries and MLP, the final norm and the head
-                then run on those rows only; keys and values still see every position.
+                ``x[mask]``); int64 positions [B, K] for logits [B, K, V]; or
+                a slice (step 1) of positions, the same for every row, for
+                logits [B, K, V]. The last block's queries and MLP, the final
+                norm and the head then run on those rows only; keys and
+                values still see every position. A slice is the one form
+                that reads nothing back from the device (a mask's count and
+                the positions' range are checked on the host).
             cache: a :class:`KVCache` of the whole sequence. ``input_ids`` are
                 then the positions ``start .. start + L`` of it: their keys and
                 values are written into the cache, every position's cached
                 keys and values are attended to, RoPE uses the true positions,
                 and ``attention_mask`` (if any) covers the whole sequence.
-                ``logits_at`` refers to the given slice.
+                ``logits_at`` counts positions of ``input_ids``.
             start: where ``input_ids`` begin in the cached sequence.
             positions: instead of ``start``, the cached positions as an int64
                 tensor [L] on the model's device. Nothing is read back to the
@@ -348,9 +355,19 @@ def _gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return x.gather(1, rows[:, :, None].expand(-1, -1, x.shape[-1]))
 
 
-def _query_rows(logits_at: torch.Tensor, b: int, l: int, device):
-    """Positions [B, K] to compute, and for a bool mask the [B, K] mask of
-    those that are real (rows with fewer True entries are padded)."""
+def _query_rows(logits_at, b: int, l: int, device):
+    """Positions [B, K] (or a slice) to compute, and for a bool mask the
+    [B, K] mask of those that are real (rows with fewer True entries are
+    padded)."""
+    if isinstance(logits_at, slice):
+        first, stop, step = logits_at.indices(l)
+        if step != 1:
+            raise ValueError(f"logits_at: a slice must have step 1, got {logits_at}")
+        return slice(first, max(first, stop)), None
+    if not isinstance(logits_at, torch.Tensor):
+        raise TypeError(
+            f"logits_at: expected a tensor or a slice, got {type(logits_at).__name__}"
+        )
     if logits_at.dtype == torch.bool:
         if logits_at.shape != (b, l):
             raise ValueError(
@@ -365,7 +382,7 @@ def _query_rows(logits_at: torch.Tensor, b: int, l: int, device):
         return rows, keep
     if logits_at.dtype not in (torch.int64, torch.int32) or logits_at.dim() != 2 or logits_at.shape[0] != b:
         raise ValueError(
-            f"logits_at: expected a bool mask [B, L] or int positions [B, K] with B={b}, "
+            f"logits_at: expected a bool mask [B, L], int positions [B, K] with B={b} or a slice, "
             f"got dtype {logits_at.dtype} shape {tuple(logits_at.shape)}"
         )
     rows = logits_at.to(device=device, dtype=torch.int64)

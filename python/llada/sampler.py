@@ -339,7 +339,7 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
     ``canvas`` [B, T] in columns first..last in place, yielding events.
 
     On a GPU the host runs ahead of the device as long as it never waits for
-    a result. A cached dual-cache step waits at most once (under the fixed
+    a result. A step at temperature 0 waits at most once (under the fixed
     schedule, not at all): as a whole-block step (see :class:`_Forward`) it
     takes tokens and scores for every block position and keeps the active
     ones with ``where``, where indexing by a mask would wait for the count."""
@@ -498,10 +498,11 @@ class _Forward:
     the cache; the others feed only the block (dual) or the block and all
     after it (prefix), attending to the cached keys and values.
 
-    A dual-cache step on CUDA can instead return the logits of the whole
-    block: taking only the queried rows would wait for their count, while
-    the few extra rows cost the LM head little (and a replayed graph
-    computes them anyway).
+    A step on CUDA, with any cache or none, can instead return the logits of
+    the whole block: taking only the queried rows would wait for their
+    count, while the few extra rows cost the last layer's queries and MLP and
+    the LM head little (and a replayed graph computes them anyway). On the
+    CPU, where those rows cost their full share, only the queried rows run.
 
     The cache, and the graphs captured against it, come from the model's
     pool of workspaces (see :class:`_Workspace`); the decode holds one until
@@ -529,8 +530,7 @@ class _Forward:
 
     def next_is_whole_block(self) -> bool:
         """Whether the next call can return the whole block's logits."""
-        return (isinstance(self.model, LLaDAModel) and self.policy.cache == "dual"
-                and not self._refresh_due() and self._whole_block_wanted(self.canvas))
+        return isinstance(self.model, LLaDAModel) and self._whole_block_wanted(self.canvas)
 
     def __call__(self, query, whole_block=False):
         """Logits [N, V] of the True positions of ``query`` [B, T], row-major;
@@ -564,7 +564,8 @@ class _Forward:
         if policy.cache == "none" or refresh:
             cache = None if policy.cache == "none" else self._hold_workspace(ids).cache
             self.stats.positions += ids.numel()
-            return model(ids, self.key_mask, logits_at=query, cache=cache).logits
+            at = slice(self.start, self.end) if whole_block else query
+            return model(ids, self.key_mask, logits_at=at, cache=cache).logits
         lo, hi = self.start, (self.end if policy.cache == "dual" else ids.shape[1])
         self.stats.positions += ids.shape[0] * (hi - lo)
         cache = self.workspace.cache
@@ -576,7 +577,8 @@ class _Forward:
             logits = graph(self.key_mask, block, lo)
             return logits if whole_block else logits[query[:, lo:hi]]
         if whole_block:
-            return model(ids[:, lo:hi], self.key_mask, cache=cache, start=lo).logits
+            return model(ids[:, lo:hi], self.key_mask, logits_at=slice(0, self.end - lo), cache=cache,
+                         start=lo).logits
         return model(ids[:, lo:hi], self.key_mask, logits_at=query[:, lo:hi], cache=cache, start=lo).logits
 
     def _hold_workspace(self, ids) -> _Workspace:
