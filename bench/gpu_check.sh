@@ -11,7 +11,9 @@
 #   LLADA_CUDA_ARCHITECTURES=90 ...    # the architectures to build (default: 90)
 #
 # Logs go to build/gpu_check/; when $OUT is set, the summary and a tarball of
-# the logs are copied there.
+# the logs are copied there after every step, so a run cut short still leaves
+# what it measured. The steps run in order of what matters most: the Hopper
+# kernel's tests, the attention and decoding benchmarks, then everything else.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +25,7 @@ mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 status=0
 
-step() {  # step NAME COMMAND...: run, log, remember failures
+step() {  # step NAME COMMAND...: run, log, remember failures, save what there is
   local name=$1; shift
   local start=$SECONDS
   echo "== $name"
@@ -34,6 +36,30 @@ step() {  # step NAME COMMAND...: run, log, remember failures
     tail -n 25 "$LOGS/$name.log" | sed 's/^/   | /'
     status=1
   fi
+  save
+}
+
+save() {  # the summary and the logs so far, to $OUT when set
+  [ -n "${OUT:-}" ] || return 0
+  summary >"$OUT/summary.txt" 2>/dev/null
+  tar czf "$OUT/gpu_check_logs.tar.gz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")"
+}
+
+summary() {
+  echo "================ summary ================"
+  cat "$LOGS/device.txt"
+  for t in tests_sm90 tests; do
+    [ -f "$LOGS/$t.log" ] || continue
+    echo "$t: $(grep -E '(passed|failed|error)' "$LOGS/$t.log" | tail -n 1)"
+    grep -E '^(FAILED|ERROR) ' "$LOGS/$t.log" | sed 's/^/  /'
+  done
+  # Timed and failed kernel cases; the cases only validated are counted.
+  grep -h -A2 '^RESULT' "$LOGS"/bin_bench_*.log 2>/dev/null | grep -E ' us=| FAIL$|^  bad by' | sed 's/^RESULT /  /'
+  echo "  validated only (not timed): $(grep -h '^RESULT.*validated ok$' "$LOGS"/bin_bench_*.log 2>/dev/null | wc -l) ok"
+  for f in "$LOGS"/bench_attention.log "$LOGS"/bench_decoding.log "$LOGS"/bench_ops.log \
+           "$LOGS"/bench_generate.log; do
+    [ -f "$f" ] && { echo "-- $(basename "$f" .log)"; sed -n '/^|/p' "$f"; }
+  done
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$LOGS/device.txt"
@@ -59,6 +85,8 @@ if [ "$(tail -n 1 "$LOGS/tests_sm90.log" | grep -c ' passed')" = 0 ] || grep -q 
   echo "   the Hopper attention kernel is left out of the benchmarks"
   export LLADA_ATTENTION_SM90=0
 fi
+step bench_attention timeout 150 "$PYTHON" bench/bench_attention.py --device cuda
+step bench_decoding timeout 200 "$PYTHON" bench/bench_decoding.py --device cuda --shape 8b --repeats 1
 step tests "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider $parallel tests -k "not sm90"
 step bench_build bash -c "cmake -S bench/cuda -B build/bench-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DLLADA_CUDA_ARCHITECTURES='$ARCHS' && cmake --build build/bench-gpu"
@@ -66,29 +94,9 @@ for bin in build/bench-gpu/bench_*; do
   [ -x "$bin" ] && step "bin_$(basename "$bin")" timeout 120 "$bin"
 done
 step bench_ops timeout 120 "$PYTHON" bench/bench_ops.py --device cuda
-step bench_attention timeout 150 "$PYTHON" bench/bench_attention.py --device cuda
 step bench_generate timeout 150 "$PYTHON" bench/bench_generate.py --device cuda --shape 8b
-step bench_decoding timeout 200 "$PYTHON" bench/bench_decoding.py --device cuda --shape 8b --repeats 1
 
-summary() {
-  echo "================ summary ================"
-  cat "$LOGS/device.txt"
-  echo "tests (Hopper attention): $(grep -E '(passed|failed|error)' "$LOGS/tests_sm90.log" | tail -n 1)"
-  grep -E '^(FAILED|ERROR) ' "$LOGS/tests_sm90.log" | sed 's/^/  /'
-  echo "tests: $(grep -E '(passed|failed|error)' "$LOGS/tests.log" | tail -n 1)"
-  grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" | sed 's/^/  /'
-  # Timed and failed kernel cases; the cases only validated are counted.
-  grep -h -A2 '^RESULT' "$LOGS"/bin_bench_*.log 2>/dev/null | grep -E ' us=| FAIL$|^  bad by' | sed 's/^RESULT /  /'
-  echo "  validated only (not timed): $(grep -h '^RESULT.*validated ok$' "$LOGS"/bin_bench_*.log 2>/dev/null | wc -l) ok"
-  for f in "$LOGS"/bench_ops.log "$LOGS"/bench_attention.log "$LOGS"/bench_generate.log \
-           "$LOGS"/bench_decoding.log; do
-    [ -f "$f" ] && { echo "-- $(basename "$f" .log)"; sed -n '/^|/p' "$f"; }
-  done
-}
 echo
 summary | tee "$LOGS/summary.txt"
-if [ -n "${OUT:-}" ]; then
-  cp "$LOGS/summary.txt" "$OUT/"
-  tar czf "$OUT/gpu_check_logs.tar.gz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")"
-fi
+save
 exit $status
