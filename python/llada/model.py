@@ -292,9 +292,9 @@ class LLaDAModel(nn.Module):
                 a slice (step 1) of positions, the same for every row, for
                 logits [B, K, V]. The last block's queries and MLP, the final
                 norm and the head then run on those rows only; keys and
-                values still see every position. A slice is the one form
-                that reads nothing back from the device (a mask's count and
-                the positions' range are checked on the host).
+                values still see every position. A slice is the only form
+                that reads nothing back from the device (a mask needs its
+                count, positions their range check).
             cache: a :class:`KVCache` of the whole sequence. ``input_ids`` are
                 then the positions ``start .. start + L`` of it: their keys and
                 values are written into the cache, every position's cached

@@ -339,10 +339,11 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
     ``canvas`` [B, T] in columns first..last in place, yielding events.
 
     On a GPU the host runs ahead of the device as long as it never waits for
-    a result. A step at temperature 0 waits at most once (under the fixed
-    schedule, not at all): as a whole-block step (see :class:`_Forward`) it
-    takes tokens and scores for every block position and keeps the active
-    ones with ``where``, where indexing by a mask would wait for the count."""
+    a result. A step at temperature 0 (without random ranking or re-masking)
+    waits at most once (under the fixed schedule, not at all): as a
+    whole-block step (see :class:`_Forward`) it takes tokens and scores for
+    every block position and keeps the active ones with ``where``, where
+    indexing by a mask would wait for the count."""
     if policy.cache != "none" and not isinstance(model, LLaDAModel):
         raise ValueError(f"policy: cache={policy.cache!r} needs a llada LLaDAModel")
     device = canvas.device
