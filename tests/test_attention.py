@@ -7,16 +7,20 @@ twice that of torch's own attention in the same dtype (SDPA), and on CPU
 (float32 inside, one rounding of the output) within one bfloat16 rounding.
 """
 
+import contextlib
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import llada
 from llada.ops import attention_reference
 
-from conftest import assert_new_tensor_like, poison_allocator
+from conftest import DEVICES, assert_new_tensor_like, poison_allocator
 
 DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
 
@@ -225,6 +229,81 @@ def test_empty(device):
 
 
 # ---------------------------------------------------------------------------
+# Random cases (hypothesis): lengths, heads, padding, layouts and scales in
+# combinations the hand-picked cases above do not reach.
+# ---------------------------------------------------------------------------
+
+
+@st.composite
+def attention_cases(draw, head_dims=(64, 128), max_kv_heads=3):
+    """(b, lq, lk, hq, hkv, d, layout, row kinds, scale, seed)."""
+    b = draw(st.integers(1, 3))
+    hkv = draw(st.integers(1, max_kv_heads))
+    return dict(
+        b=b, lq=draw(st.integers(1, 200)), lk=draw(st.integers(1, 600)), hkv=hkv,
+        hq=hkv * draw(st.sampled_from([1, 2, 4])), d=draw(st.sampled_from(head_dims)),
+        # q sliced out of a fused projection, or k and v a window of a longer cache
+        layout=draw(st.sampled_from(["contiguous", "fused", "cache"])),
+        rows=draw(st.none() | st.lists(st.sampled_from(["all", "random", "left", "one", "none"]),
+                                       min_size=b, max_size=b)),
+        scale=draw(st.none() | st.floats(0.02, 1.0)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def case_inputs(case, dtype, device):
+    """q, k, v and the key mask (or None) of a drawn case."""
+    b, lq, lk, hq, hkv, d = (case[n] for n in ("b", "lq", "lk", "hq", "hkv", "d"))
+    gen = torch.Generator().manual_seed(case["seed"])
+    if case["layout"] == "fused":
+        wide = 2 * torch.randn(b, lq, (hq + 2 * hkv) * d, generator=gen)
+        q = wide[..., : hq * d].view(b, lq, hq, d)
+    else:
+        q = 2 * torch.randn(b, lq, hq, d, generator=gen)
+    if case["layout"] == "cache":
+        extra = int(torch.randint(1, 50, (), generator=gen))
+        offset = int(torch.randint(0, extra + 1, (), generator=gen))
+        k = torch.randn(b, lk + extra, hkv, d, generator=gen)[:, offset:offset + lk]
+        v = torch.randn(b, lk + extra, hkv, d, generator=gen)[:, offset:offset + lk]
+    else:
+        k, v = torch.randn(b, lk, hkv, d, generator=gen), torch.randn(b, lk, hkv, d, generator=gen)
+    mask = None
+    if case["rows"] is not None:
+        mask = torch.ones(b, lk, dtype=torch.bool)
+        for row, kind in enumerate(case["rows"]):
+            if kind == "random":
+                mask[row] = torch.rand(lk, generator=gen) < float(torch.rand((), generator=gen))
+            elif kind == "left":
+                mask[row, : int(torch.randint(0, lk, (), generator=gen))] = False
+            elif kind == "one":
+                mask[row] = False
+                mask[row, int(torch.randint(0, lk, (), generator=gen))] = True
+            elif kind == "none":
+                mask[row] = False
+        mask = mask.to(device)
+    # Cast the views in place of copying them, so the layouts reach the op.
+    q, k, v = (t.to(device=device, dtype=dtype) if t.is_contiguous() else _cast_view(t, dtype, device)
+               for t in (q, k, v))
+    return q, k, v, mask
+
+
+def _cast_view(t, dtype, device):
+    """t's values in dtype on device, with t's strides."""
+    base = t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
+    base = base.to(device=device, dtype=dtype)
+    return base.as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(case=attention_cases())
+def test_random_cases_match_reference(device, case):
+    for dtype in DTYPES[device]:
+        q, k, v, mask = case_inputs(case, dtype, device)
+        check_against_reference(q, k, v, mask, case["scale"])
+
+
+# ---------------------------------------------------------------------------
 # The Hopper kernel (csrc/cuda/attention_sm90.cu), forced on for every shape
 # it takes: only on a compute capability 9.0 device with a build for it.
 # ---------------------------------------------------------------------------
@@ -282,6 +361,31 @@ def test_sm90_strided_inputs_and_scale(sm90):
     q, k, v = qkv[:, :, 0], cache_k[:, 100:100 + lk], cache_v[:, :lk]
     check_against_reference(q, k, v, padding_mask(b, lk, "cuda"))
     check_against_reference(q, k, v, scale=0.3)
+
+
+@contextlib.contextmanager
+def _env(name, value):
+    """The environment variable `name` set to `value` inside the block."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = before
+
+
+@pytest.mark.skipif(not llada.hopper_attention_available(), reason="needs an sm_90 GPU and a build for it")
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(case=attention_cases(head_dims=(128,), max_kv_heads=8))
+def test_sm90_random_cases_match_reference(case):
+    """Up to 3 x 32 heads x 4 query tiles: more blocks than multiprocessors,
+    so the persistent loops and the split-key rings wrap."""
+    with _env("LLADA_ATTENTION_SM90", "always"):
+        for dtype in (torch.bfloat16, torch.float16):
+            check_against_reference(*case_inputs(case, dtype, "cuda"), case["scale"])
 
 
 def test_sm90_switch_picks_the_kernel(sm90, monkeypatch):
