@@ -37,6 +37,10 @@
 // Out-of-range rows of a tile (past Lq or Lk) arrive as zeros from TMA; the
 // softmax masks keys past Lk and the padding mask as the other kernel does,
 // and a row with no valid key gets zeros.
+//
+// The barrier protocol (the ring, Q's turns across persistent items, the
+// consumers' turns) is model-checked by scripts/sm90_protocol_check.py, a
+// transcription of its control flow: change the two together.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
