@@ -78,12 +78,19 @@ step build "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v
   -C cmake.define.LLADA_CUDA_ARCHITECTURES="$ARCHS" -C build-dir=build/gpu
 # With pytest-xdist the tests run in parallel and a crashing test cannot end the run.
 parallel=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-# The Hopper attention kernel's tests go first, alone and under a timeout: if
-# they fail (or hang), the benchmarks below leave that kernel out.
+# The Hopper attention kernel's tests go first, alone and under a timeout. If
+# they hang or fault the device, the benchmarks below leave that kernel out
+# (a fault would take them down too). If its results are only wrong, they
+# keep it: the attention benchmarks time it only where it agrees with the
+# default kernel (and map where it does not), and its speed still tells.
 step tests_sm90 timeout --kill-after=10 240 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider $parallel tests/test_attention.py -k sm90
-if [ "$(tail -n 1 "$LOGS/tests_sm90.log" | grep -c ' passed')" = 0 ] || grep -q FAILED "$LOGS/tests_sm90.log"; then
-  echo "   the Hopper attention kernel is left out of the benchmarks"
+sm90_log="$LOGS/tests_sm90.log"
+if ! tail -n 1 "$sm90_log" | grep -qE '[0-9]+ (passed|failed)' ||
+   grep -qiE 'illegal (memory|instruction)|launch failure|misaligned address|device-side|CUDA error' "$sm90_log"; then
+  echo "   the Hopper attention kernel hung or faulted: the benchmarks leave it out"
   export LLADA_ATTENTION_SM90=0
+elif grep -q FAILED "$sm90_log"; then
+  echo "   the Hopper attention kernel gave wrong results: benchmarks time it only where it agrees"
 fi
 step bench_attention timeout 150 "$PYTHON" bench/bench_attention.py --device cuda
 step bench_decoding timeout 200 "$PYTHON" bench/bench_decoding.py --device cuda --shape 8b --repeats 1
