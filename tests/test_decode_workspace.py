@@ -257,6 +257,20 @@ def test_another_attention_backend_is_not_reused(model, held, monkeypatch):
     assert fused != sdpa and sdpa == sdpa_again
 
 
+def test_another_hopper_switch_is_not_reused(model, held, monkeypatch):
+    # The attention op reads LLADA_ATTENTION_SM90 at each launch; a kept
+    # graph replays whichever kernel it captured.
+    policy = DecodePolicy(cache="dual")
+    prompt, mask = prompts(model, seed=14)
+    monkeypatch.delenv("LLADA_ATTENTION_SM90", raising=False)
+    llada.generate(model, prompt, mask, **KW, policy=policy)
+    monkeypatch.setenv("LLADA_ATTENTION_SM90", "1")
+    llada.generate(model, prompt, mask, **KW, policy=policy)
+    llada.generate(model, prompt, mask, **KW, policy=policy)
+    unset, on, on_again = caches_of(held)
+    assert unset != on and on == on_again
+
+
 def test_release_empties_the_pool(model, held):
     policy = DecodePolicy(cache="dual")
     prompt, mask = prompts(model, seed=13)

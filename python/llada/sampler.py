@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import weakref
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
@@ -642,8 +643,11 @@ class _Workspace:
 def _weights_fingerprint(model) -> tuple:
     """What a kept graph assumes beyond its inputs: every weight still where
     (and what dtype) it was at capture, since a graph reads them by address
-    (in-place updates keep both), and the same attention backend."""
-    return model_module._attention_backend, tuple((p.data_ptr(), p.dtype) for p in model.parameters())
+    (in-place updates keep both), and the same attention kernels (backend,
+    and whether the Hopper kernel may run: the op reads that switch at each
+    launch, a replay never does)."""
+    kernels = (model_module._attention_backend, os.environ.get("LLADA_ATTENTION_SM90", ""))
+    return kernels, tuple((p.data_ptr(), p.dtype) for p in model.parameters())
 
 
 def _checkout(model, key) -> _Workspace:
@@ -702,9 +706,9 @@ def release_decode_workspace(model) -> None:
     model, and a decode holds one alone until it ends, so decodes running
     at once (interleaved streams) never share one. Graphs are not reused
     after the model's weights are replaced (updating them in place is fine)
-    or the attention backend changes; call this after changing torch's
-    global matmul settings (TF32, reduced-precision reductions) or
-    ``LLADA_ATTENTION_SM90``, which a captured graph keeps. Decodes running
+    or the attention backend or ``LLADA_ATTENTION_SM90`` changes; call this
+    after changing torch's global matmul settings (TF32, reduced-precision
+    reductions), which a captured graph keeps. Decodes running
     now keep theirs and return them when they end.
     """
     if not isinstance(model, torch.nn.Module):
