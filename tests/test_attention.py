@@ -236,7 +236,8 @@ def test_empty(device):
 
 @st.composite
 def attention_cases(draw, head_dims=(64, 128), max_kv_heads=3):
-    """(b, lq, lk, hq, hkv, d, layout, row kinds, scale, seed)."""
+    """A dict: sizes b, lq, lk, hq, hkv, d; the layout; a kind of padding
+    per batch row (or no mask); the scale (None: the default); a seed."""
     b = draw(st.integers(1, 3))
     hkv = draw(st.integers(1, max_kv_heads))
     return dict(
@@ -381,8 +382,9 @@ def _env(name, value):
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(case=attention_cases(head_dims=(128,), max_kv_heads=8))
 def test_sm90_random_cases_match_reference(case):
-    """Up to 3 x 32 heads x 4 query tiles: more blocks than multiprocessors,
-    so the persistent loops and the split-key rings wrap."""
+    """Up to 3 rows x 32 heads x 2 query tiles of 128, or split keys: more
+    work items than multiprocessors, so the persistent loops and the key
+    rings wrap."""
     with _env("LLADA_ATTENTION_SM90", "always"):
         for dtype in (torch.bfloat16, torch.float16):
             check_against_reference(*case_inputs(case, dtype, "cuda"), case["scale"])
