@@ -7,7 +7,7 @@
 // straight from shared memory in a swizzled layout, asynchronously. So this
 // kernel is built around two roles in one thread block:
 //
-//   the last warp           one thread issues TMA copies of the Q tile and of
+//   the last warpgroup      one thread issues TMA copies of the Q tile and of
 //   (the producer)          every K and V tile into a ring of stages, and
 //                           waits on "empty" barriers before reusing one;
 //   warpgroups 0 (and 1)    each owns 64 query rows: S = Q K^T (wgmma, both
@@ -26,6 +26,14 @@
 // runs per multiprocessor; each block then writes its unnormalised O, row max
 // and row sum, and attention.cu's combine kernel merges them. That shape is
 // bound by reading K and V, and the deeper ring keeps more of them in flight.
+//
+// The producer is a whole warpgroup, not one warp, because registers are
+// handed out per quarter of the multiprocessor (one per warp scheduler,
+// warps dealt round-robin, 16K registers each). Two consumers and one
+// producer warp make 9 warps, 3 of them on one quarter: at the ~200
+// registers a consumer needs that quarter overflows and the launch fails.
+// With 12 warps every quarter holds 1 producer and 2 consumer warps, and
+// `setmaxnreg` moves registers from the producer (24) to the consumers (240).
 //
 // Shared tiles are 128 rows of keys (or queries) by 128 dims, stored as two
 // halves of 64 dims; a half row is 128 bytes, written by TMA with the 128-byte
@@ -71,7 +79,16 @@ struct Config {
   static constexpr int kStages = kStages_;
   static constexpr int kRows = 64 * kConsumers;  // query rows per block
   static constexpr int kConsumerThreads = 128 * kConsumers;
-  static constexpr int kThreads = kConsumerThreads + 32;
+  static constexpr int kThreads = kConsumerThreads + 128;  // + the producer warpgroup
+  // Per-thread registers after the hand-over (0: none; the launch's own
+  // budget of 65536 / kThreads, at most 255, is enough). The hand-over only
+  // moves registers: a producer warp and kConsumers consumer warps share a
+  // quarter, so their new budgets may not exceed their launch budgets.
+  static constexpr int kLaunchRegs = (65536 / kThreads) / 8 * 8;
+  static constexpr int kProducerRegs = kConsumers == 2 ? 40 : 0;
+  static constexpr int kConsumerRegs = kConsumers == 2 ? 232 : 0;
+  static_assert(kProducerRegs + kConsumers * kConsumerRegs <= (1 + kConsumers) * kLaunchRegs,
+                "the register hand-over must fit the registers the launch holds");
   static constexpr int kQHalfBytes = kRows * 128;
   static constexpr int kQ = 0;
   static constexpr int kK = kQ + 2 * kQHalfBytes;
@@ -104,6 +121,18 @@ __device__ __forceinline__ void barrier_init(uint32_t bar, uint32_t count) {
 // Arrives on `bar` and tells it `bytes` more will land by TMA this phase.
 __device__ __forceinline__ void barrier_expect_bytes(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+// Register hand-over between warpgroups: every warp of a warpgroup runs the
+// same one. Raising blocks until the lowered registers are back in the pool.
+template <int kRegs>
+__device__ __forceinline__ void registers_down() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
+template <int kRegs>
+__device__ __forceinline__ void registers_up() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 }
 
 __device__ __forceinline__ void barrier_arrive(uint32_t bar) {
@@ -271,7 +300,7 @@ struct Maps {
 // max, row sum) per row there (the layout of attention.cu's combine kernel)
 // instead of the output.
 template <typename Traits, typename C>
-__global__ void __maxnreg__(224)
+__global__ void __launch_bounds__(C::kThreads, 1)
     attention_sm90_kernel(const __grid_constant__ Maps maps, AttentionParams p, int64_t n_x, int64_t n_items,
                           int tiles_per_split, float* part_o, float* part_ml) {
 #ifdef LLADA_SM90_DEVICE
@@ -326,7 +355,8 @@ __global__ void __maxnreg__(224)
 
   if (threadIdx.x >= C::kConsumerThreads) {
     // Producer: one thread issues every copy, in the order the consumers
-    // read them.
+    // read them. Its whole warpgroup first gives registers back.
+    if constexpr (C::kProducerRegs > 0) registers_down<C::kProducerRegs>();
     if (threadIdx.x != C::kConsumerThreads) return;
     uint32_t tile_count = 0;  // K/V tiles issued so far: the ring position
     uint32_t item_count = 0;
@@ -354,6 +384,7 @@ __global__ void __maxnreg__(224)
   }
 
   // Consumers.
+  if constexpr (C::kConsumerRegs > 0) registers_up<C::kConsumerRegs>();
   const int wg = int(threadIdx.x) / 128;        // rows 64 wg .. 64 wg + 63 of the block's
   const int warp = (int(threadIdx.x) / 32) % 4;  // rows 16 warp .. of the warpgroup's 64
   const int lane = int(threadIdx.x) % 32;
