@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import llada
@@ -82,7 +82,13 @@ def check_against_reference(q, k, v, key_mask=None, scale=None):
         return
 
     if dtype == torch.float32:
-        torch.testing.assert_close(got64, want, rtol=1e-4, atol=2e-5)
+        # Close to the float64 result; or, where large scores make float32's
+        # rounding of them dominate, no further off than torch's own float32
+        # attention (as the 16-bit case below).
+        if not torch.allclose(got64, want, rtol=1e-4, atol=2e-5):
+            err = (got64 - want).abs().max().item()
+            torch_err = (sdpa(*qs, scale).double() - want).abs().max().item()
+            assert err <= 2 * torch_err + 1e-6, f"error {err:.3g} vs torch SDPA {torch_err:.3g}"
     elif device == "cpu":
         # float32 inside, then one rounding to bfloat16 (relative 2^-9).
         torch.testing.assert_close(got64, want, rtol=2.0**-8, atol=1e-5)
@@ -298,6 +304,9 @@ def _cast_view(t, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(case=attention_cases())
+# Large scores (scale 0.75 at D = 128): float32 rounding of them puts even
+# torch's float32 attention 1.9e-5 off the float64 result.
+@example(case=dict(b=1, lq=8, lk=504, hq=4, hkv=1, d=128, layout="cache", rows=None, scale=0.75, seed=0))
 def test_random_cases_match_reference(device, case):
     for dtype in DTYPES[device]:
         q, k, v, mask = case_inputs(case, dtype, device)
