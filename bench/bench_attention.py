@@ -11,9 +11,12 @@ decoding). H=32, D=128; full L = 512..4096 at B=1 and L=1024 at B=8; cache
 Lk = 512..4096 at B=1 and 1024 at B=8. The CPU run takes a few minutes on
 2 cores.
 
-On an sm_90 GPU (H100, H200) with a build for it, "llada sm90" is llada
-with its Hopper kernel forced on (LLADA_ATTENTION_SM90=always), checked and
-timed beside the default; LLADA_ATTENTION_SM90=0 leaves it out.
+On an sm_90 GPU (H100, H200) with a build for it, "llada" runs the Hopper
+kernel where the op's plan takes it, and two more columns time each kernel
+alone: "llada mma" (LLADA_ATTENTION_SM90=0: the tensor-core kernel of
+attention.cu) and "llada sm90" (=always: the Hopper kernel), both checked
+against "llada" first. LLADA_ATTENTION_SM90=0 in the environment leaves
+the Hopper kernel out altogether.
 
 Every backend's output is checked against llada's before timing; the
 contenders are timed in turn over three rounds, each keeping its best. The table
@@ -49,15 +52,19 @@ def _with_backend(backend, q, k, v):
     return run
 
 
-def _llada_sm90(q, k, v):
+def _llada_with(setting, q, k, v):
+    """llada.attention under LLADA_ATTENTION_SM90=setting."""
     def run():
-        os.environ["LLADA_ATTENTION_SM90"] = "always"
+        os.environ["LLADA_ATTENTION_SM90"] = setting
         try:
             return llada.attention(q, k, v)
         finally:
             del os.environ["LLADA_ATTENTION_SM90"]
 
     return run
+
+
+ONE_KERNEL = {"llada mma": "0", "llada sm90": "always"}
 
 
 def cases() -> list[tuple[str, int, int, int, int, int]]:
@@ -81,10 +88,11 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {dtype}", flush=True)
 
-    # LLADA_ATTENTION_SM90=0 leaves the Hopper column out; either way "llada"
-    # is the default plan, so the variable goes.
+    # With the Hopper kernel available and not turned off, "llada" is the
+    # op's default plan (so the variable goes) beside each kernel alone.
     sm90 = device == "cuda" and llada.hopper_attention_available() and os.environ.get("LLADA_ATTENTION_SM90") != "0"
-    os.environ.pop("LLADA_ATTENTION_SM90", None)
+    if sm90:
+        os.environ.pop("LLADA_ATTENTION_SM90", None)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for kind, b, h, lq, lk, d in cases():
@@ -96,16 +104,16 @@ def main() -> None:
         # SDPA wants [B, H, L, D]; the transposes are views, as in a model.
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         contenders = {"llada": lambda: llada.attention(q, k, v)}
-        if sm90:
+        for name, setting in ONE_KERNEL.items() if sm90 else ():
             try:
-                diff = (_llada_sm90(q, k, v)().float() - ours.float()).abs().max().item()
+                diff = (_llada_with(setting, q, k, v)().float() - ours.float()).abs().max().item()
             except RuntimeError as e:  # a launch error leaves the context usable; the row goes on without it
-                print(f"  {kind} llada sm90: failed ({str(e).splitlines()[0][:100]}); not timed", flush=True)
-                diff = None
-            if diff is not None and diff <= 3e-2:
-                contenders["llada sm90"] = _llada_sm90(q, k, v)
-            elif diff is not None:
-                print(f"  {kind} llada sm90: output differs from llada by {diff:.3g}; not timed", flush=True)
+                print(f"  {kind} {name}: failed ({str(e).splitlines()[0][:100]}); not timed", flush=True)
+                continue
+            if diff <= 3e-2:
+                contenders[name] = _llada_with(setting, q, k, v)
+            else:
+                print(f"  {kind} {name}: output differs from llada by {diff:.3g}; not timed", flush=True)
         for name, backend in BACKENDS.items():
             if device == "cpu" and name != "math" and name != "flash":
                 continue  # CPU has only these two
@@ -128,13 +136,13 @@ def main() -> None:
         rows.append((kind, shape, tflops, best_name, best))
         print(f"{kind:<5} {shape:<34} llada {tflops['llada']:8.3f} TFLOP/s  best SDPA {best_name} "
               f"{best:8.3f}  x{tflops['llada'] / best:5.2f}", flush=True)
-        if "llada sm90" in tflops:
-            print(f"{'':<40} llada sm90 {tflops['llada sm90']:8.3f} TFLOP/s  x{tflops['llada sm90'] / best:5.2f}",
-                  flush=True)
+        for name in ONE_KERNEL:
+            if name in tflops:
+                print(f"{'':<40} {name} {tflops[name]:8.3f} TFLOP/s  x{tflops[name] / best:5.2f}", flush=True)
         del q, k, v, qt, kt, vt, ours
 
     names = [n for n in BACKENDS if any(r[2].get(n) for r in rows)]
-    ours = ["llada"] + (["llada sm90"] if any("llada sm90" in r[2] for r in rows) else [])
+    ours = ["llada"] + [n for n in ONE_KERNEL if any(n in r[2] for r in rows)]
     print()
     print(f"attention, {dtype}, {device}: TFLOP/s (higher is better)")
     print()

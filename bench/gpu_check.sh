@@ -79,15 +79,15 @@ step build "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v
 # With pytest-xdist the tests run in parallel and a crashing test cannot end the run.
 parallel=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 # The Hopper attention kernel's tests go first, alone and under a timeout. If
-# they hang or fault the device, the benchmarks below leave that kernel out
-# (a fault would take them down too). If its results are only wrong, they
-# keep it: the attention benchmarks time it only where it agrees with the
-# default kernel (and map where it does not), and its speed still tells.
+# they hang or fault the device, every step below runs with that kernel
+# turned off (a fault would take them down too). If its results are only
+# wrong, the steps keep it: the tests then fail where the op's plan takes it,
+# and bench_attention times it alone only where it agrees with the default.
 step tests_sm90 timeout --kill-after=10 240 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider $parallel tests/test_attention.py -k sm90
 sm90_log="$LOGS/tests_sm90.log"
 if ! tail -n 1 "$sm90_log" | grep -qE '[0-9]+ (passed|failed)' ||
    grep -qiE 'illegal (memory|instruction)|launch failure|misaligned address|device-side|CUDA error' "$sm90_log"; then
-  echo "   the Hopper attention kernel hung or faulted: the benchmarks leave it out"
+  echo "   the Hopper attention kernel hung or faulted: the steps below run without it"
   export LLADA_ATTENTION_SM90=0
 elif grep -q FAILED "$sm90_log"; then
   echo "   the Hopper attention kernel gave wrong results: benchmarks time it only where it agrees"

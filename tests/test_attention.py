@@ -401,22 +401,28 @@ def test_sm90_random_cases_match_reference(case):
 
 def test_sm90_switch_picks_the_kernel(sm90, monkeypatch):
     """The switch really selects the Hopper kernel (so the tests above test
-    it, with split keys where there are few query tiles); "1" takes it for
-    many long query tiles and for few query tiles over many keys, not for
-    shapes in between; "0" never."""
-    full = make_qkv(1, 2048, 2048, 32, 32, 128, torch.bfloat16, "cuda", seed=5)
-    cached = make_qkv(1, 32, 2048, 32, 32, 128, torch.bfloat16, "cuda", seed=6)
+    it, with split keys where there are few query tiles); unset or "1" take
+    it where it measured faster (many queries; few queries over many keys),
+    not for the shapes in between; "0" never."""
+    full = make_qkv(1, 512, 512, 32, 32, 128, torch.bfloat16, "cuda", seed=5)
+    cached = make_qkv(1, 32, 4096, 32, 32, 128, torch.bfloat16, "cuda", seed=6)
     between = make_qkv(1, 200, 200, 32, 32, 128, torch.bfloat16, "cuda", seed=7)
+    short_cache = make_qkv(1, 32, 1024, 32, 32, 128, torch.bfloat16, "cuda", seed=8)
 
     def kernels(args):
         return " ".join(_kernels_run(lambda: llada.attention(*args)))
 
     assert "attention_sm90" in kernels(full)
     assert "attention_sm90" in kernels(cached) and "attention_combine" in kernels(cached)
-    assert "attention_sm90" in kernels(between)
-    monkeypatch.setenv("LLADA_ATTENTION_SM90", "1")
-    assert "attention_sm90" in kernels(full) and "attention_sm90" in kernels(cached)
-    assert "attention_sm90" not in kernels(between)
+    assert "attention_sm90" in kernels(between) and "attention_sm90" in kernels(short_cache)
+    for setting in (None, "1"):
+        if setting is None:
+            monkeypatch.delenv("LLADA_ATTENTION_SM90")
+        else:
+            monkeypatch.setenv("LLADA_ATTENTION_SM90", setting)
+        assert "attention_sm90" in kernels(full) and "attention_sm90" in kernels(cached), setting
+        assert "attention_sm90" not in kernels(between), setting
+        assert "attention_sm90" not in kernels(short_cache), setting
     monkeypatch.setenv("LLADA_ATTENTION_SM90", "0")
     assert "attention_sm90" not in kernels(full) and "attention_sm90" not in kernels(cached)
 

@@ -264,11 +264,11 @@ def test_another_hopper_switch_is_not_reused(model, held, monkeypatch):
     prompt, mask = prompts(model, seed=14)
     monkeypatch.delenv("LLADA_ATTENTION_SM90", raising=False)
     llada.generate(model, prompt, mask, **KW, policy=policy)
-    monkeypatch.setenv("LLADA_ATTENTION_SM90", "1")
+    monkeypatch.setenv("LLADA_ATTENTION_SM90", "0")
     llada.generate(model, prompt, mask, **KW, policy=policy)
     llada.generate(model, prompt, mask, **KW, policy=policy)
-    unset, on, on_again = caches_of(held)
-    assert unset != on and on == on_again
+    unset, off, off_again = caches_of(held)
+    assert unset != off and off == off_again
 
 
 def test_release_empties_the_pool(model, held):

@@ -34,13 +34,13 @@ at::Tensor aligned_for_copy(const at::Tensor& t) {
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-// LLADA_ATTENTION_SM90 chooses when the Hopper kernel may run: unset or "0"
-// never, "1" where the plan expects it to be faster (many long query tiles,
-// or few queries over many keys), "always" wherever it can (for testing).
+// LLADA_ATTENTION_SM90 chooses when the Hopper kernel may run: unset or "1"
+// where it measured faster (many long query tiles, or few queries over many
+// keys), "0" never, "always" wherever it can (for testing).
 Sm90Use sm90_use() {
   const char* value = std::getenv("LLADA_ATTENTION_SM90");
-  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "0") == 0) return Sm90Use::kNever;
-  if (std::strcmp(value, "1") == 0) return Sm90Use::kWhereFaster;
+  if (value == nullptr || std::strcmp(value, "") == 0 || std::strcmp(value, "1") == 0) return Sm90Use::kWhereFaster;
+  if (std::strcmp(value, "0") == 0) return Sm90Use::kNever;
   if (std::strcmp(value, "always") == 0) return Sm90Use::kAlways;
   TORCH_CHECK(false, "llada.attention: LLADA_ATTENTION_SM90 must be unset, 0, 1 or always; got '", value, "'");
 }

@@ -23,9 +23,9 @@ def cuda_kernels_available() -> bool:
 
 
 def hopper_attention_available() -> bool:
-    """Whether ``LLADA_ATTENTION_SM90`` can take effect here: the current GPU
-    is compute capability 9.0 (H100, H200) and this build includes its
-    Hopper attention kernel (architecture 90)."""
+    """Whether ``llada.attention`` can run its Hopper kernel here (see
+    ``LLADA_ATTENTION_SM90``): the current GPU is compute capability 9.0
+    (H100, H200) and this build includes that kernel (architecture 90)."""
     if not (cuda_kernels_available() and torch.cuda.is_available()):
         return False
     built = "90" in _C.cuda_architectures().replace("90a", "90").split(",")

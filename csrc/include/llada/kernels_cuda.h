@@ -47,7 +47,7 @@ struct AttentionCudaPlan {
 };
 enum class Sm90Use {
   kNever,
-  kWhereFaster,  // where it should be faster: long query tiles, or keys split over few of them
+  kWhereFaster,  // where it measured faster: many queries, or few queries over many keys
   kAlways,       // wherever it can run (for testing)
 };
 cudaError_t attention_cuda_plan(const AttentionParams& p, AttentionCudaPlan* plan,
