@@ -4,7 +4,7 @@
 # place against that torch, run the tests (CUDA ones included), run every
 # kernel microbenchmark and the Python benchmarks, and print a summary table.
 #
-#   bash bench/gpu_check.sh            # everything (under 8 minutes on 16 cores)
+#   bash bench/gpu_check.sh            # everything (about 8 minutes on 16 cores)
 #   bash bench/gpu_check.sh attention  # only the attention binary: every kernel
 #                                      # variant against the CPU twin, then timed
 #                                      # (about a minute; for work on the kernels)
@@ -31,9 +31,11 @@ step() {  # step NAME COMMAND...: run, log, remember failures, save what there i
   echo "== $name"
   if "$@" >"$LOGS/$name.log" 2>&1; then
     echo "   ok ($((SECONDS - start)) s)"
+    echo "$name ok ($((SECONDS - start)) s)" >>"$LOGS/steps.txt"
   else
     echo "   FAILED ($((SECONDS - start)) s); last lines:"
     tail -n 25 "$LOGS/$name.log" | sed 's/^/   | /'
+    echo "$name FAILED ($((SECONDS - start)) s)" >>"$LOGS/steps.txt"
     status=1
   fi
   save
@@ -48,6 +50,7 @@ save() {  # the summary and the logs so far, to $OUT when set
 summary() {
   echo "================ summary ================"
   cat "$LOGS/device.txt"
+  echo "steps: $(paste -sd ',' "$LOGS/steps.txt" 2>/dev/null | sed 's/,/, /g')"
   for t in tests_sm90 tests; do
     [ -f "$LOGS/$t.log" ] || continue
     echo "$t: $(grep -E '(passed|failed|error)' "$LOGS/$t.log" | tail -n 1)"
