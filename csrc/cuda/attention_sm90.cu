@@ -33,7 +33,8 @@
 // producer warp make 9 warps, 3 of them on one quarter: at the ~200
 // registers a consumer needs that quarter overflows and the launch fails.
 // With 12 warps every quarter holds 1 producer and 2 consumer warps, and
-// `setmaxnreg` moves registers from the producer (24) to the consumers (240).
+// `setmaxnreg` moves registers from the producer (to 40) to the consumers (to
+// 232; they use about 200).
 //
 // Shared tiles are 128 rows of keys (or queries) by 128 dims, stored as two
 // halves of 64 dims; a half row is 128 bytes, written by TMA with the 128-byte
