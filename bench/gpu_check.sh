@@ -13,7 +13,9 @@
 # Logs go to build/gpu_check/; when $OUT is set, the summary and a tarball of
 # the logs are copied there after every step, so a run cut short still leaves
 # what it measured. The steps run in order of what matters most: the Hopper
-# kernel's tests, the attention and decoding benchmarks, then everything else.
+# kernel's tests, the attention binary (every kernel and pipeline variant
+# validated against the CPU twin, then timed), the attention and decoding
+# benchmarks, then everything else.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -67,9 +69,13 @@ summary() {
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$LOGS/device.txt"
 
+bench_build() {  # bench_build [TARGET]: configure and build the kernel binaries
+  cmake -S bench/cuda -B build/bench-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DLLADA_CUDA_ARCHITECTURES="$ARCHS" && cmake --build build/bench-gpu ${1:+--target "$1"}
+}
+
 if [ "${1:-}" = attention ]; then
-  step bench_build bash -c "cmake -S bench/cuda -B build/bench-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DLLADA_CUDA_ARCHITECTURES='$ARCHS' && cmake --build build/bench-gpu --target bench_attention"
+  step bench_build bench_build bench_attention
   step bin_bench_attention timeout 120 build/bench-gpu/bench_attention
   grep -E '^RESULT|^  (bad|MISMATCH)' "$LOGS/bin_bench_attention.log" | tee "$LOGS/summary.txt"
   [ -n "${OUT:-}" ] && cp "$LOGS/summary.txt" "$OUT/"
@@ -95,13 +101,14 @@ if ! tail -n 1 "$sm90_log" | grep -qE '[0-9]+ (passed|failed)' ||
 elif grep -q FAILED "$sm90_log"; then
   echo "   the Hopper attention kernel gave wrong results: benchmarks time it only where it agrees"
 fi
+step bench_build_attention bench_build bench_attention
+step bin_bench_attention timeout 150 build/bench-gpu/bench_attention
 step bench_attention timeout 150 "$PYTHON" bench/bench_attention.py --device cuda
 step bench_decoding timeout 200 "$PYTHON" bench/bench_decoding.py --device cuda --shape 8b --repeats 1
 step tests "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider $parallel tests -k "not sm90"
-step bench_build bash -c "cmake -S bench/cuda -B build/bench-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DLLADA_CUDA_ARCHITECTURES='$ARCHS' && cmake --build build/bench-gpu"
+step bench_build bench_build
 for bin in build/bench-gpu/bench_*; do
-  [ -x "$bin" ] && step "bin_$(basename "$bin")" timeout 120 "$bin"
+  [ -x "$bin" ] && [ "$(basename "$bin")" != bench_attention ] && step "bin_$(basename "$bin")" timeout 120 "$bin"
 done
 step bench_ops timeout 120 "$PYTHON" bench/bench_ops.py --device cuda
 step bench_generate timeout 150 "$PYTHON" bench/bench_generate.py --device cuda --shape 8b

@@ -2,12 +2,13 @@
 
 The kernel's producer thread, its consumer warpgroups and the TMA unit are
 run as actors under random interleavings, for random launches (stages,
-consumers, key tiles, splits, query tiles, grid size), with the semantics of
-mbarriers (arrival counts, transaction bytes, phase parity) and of named
-barriers (bar.sync / bar.arrive of 128 threads each). It checks that no
-launch deadlocks, that every MMA reads the Q, K or V tile it means to, that
-no copy lands in a stage while an MMA reads it, and that no named barrier is
-left half-arrived. Its control flow is a transcription of the kernel's: change
+consumers, Q buffers, O stored through the Q buffer or not, key tiles,
+splits, query tiles, grid size), with the semantics of mbarriers (arrival
+counts, transaction bytes, phase parity) and of named barriers (bar.sync /
+bar.arrive of 128 threads each). It checks that no launch deadlocks, that
+every MMA reads the Q, K or V tile it means to, that no copy lands in a
+stage while an MMA or a store reads it, that every store of O reads the O
+its warpgroup wrote, and that no named barrier is left half-arrived. Its control flow is a transcription of the kernel's: change
 both together, and rerun this after any change to the kernel's pipeline.
 
     python scripts/sm90_protocol_check.py [LAUNCHES]
@@ -58,9 +59,13 @@ class Sim:
     """One thread block `block` of a grid of `grid`; items[i] is the number
     of key tiles of work item i."""
 
-    def __init__(self, stages, consumers, items, block, grid, rng):
-        self.S, self.C, self.rng = stages, consumers, rng
-        self.q_full, self.q_empty = MBarrier(1), MBarrier(128 * consumers)
+    def __init__(self, stages, consumers, q_buffers, store_o, items, block, grid, splits, rng):
+        self.S, self.C, self.QB, self.rng = stages, consumers, q_buffers, rng
+        # O goes out through the Q buffer only when there is one output (no split keys).
+        self.store_o_kind, self.store_o = store_o, store_o and splits == 1
+        q_arrivals = consumers if store_o else 128 * consumers
+        self.q_full = [MBarrier(1) for _ in range(q_buffers)]
+        self.q_empty = [MBarrier(q_arrivals) for _ in range(q_buffers)]
         self.k_full = [MBarrier(1) for _ in range(stages)]
         self.v_full = [MBarrier(1) for _ in range(stages)]
         self.k_empty = [MBarrier(128 * consumers) for _ in range(stages)]
@@ -68,6 +73,7 @@ class Sim:
         self.named = {1: Named(), 2: Named()}
         self.smem = {}          # region -> tag
         self.pending = []       # (region, tag, barrier)
+        self.stores = []        # (region, tag, reader): TMA stores not yet done reading
         self.reading = {}       # region -> set of readers
         self.all_items = items
         self.grid = grid
@@ -77,11 +83,23 @@ class Sim:
         self.pending.append((region, tag, bar))
 
     def tma_step(self):
-        i = self.rng.randrange(len(self.pending))
+        i = self.rng.randrange(len(self.pending) + len(self.stores))
+        if i >= len(self.pending):
+            region, tag, reader = self.stores.pop(i - len(self.pending))
+            assert self.smem.get(region) == tag, f"{reader} stores {region}: has {self.smem.get(region)}, wants {tag}"
+            self.end_read(reader, region)
+            return
         region, tag, bar = self.pending.pop(i)
         assert not self.reading.get(region), f"copy into {region} while read by {self.reading[region]}"
         self.smem[region] = tag
         bar.complete_tx(1)
+
+    def write(self, who, region, old_tag, new_tag):
+        """A warpgroup's own writes into shared memory (O into its rows of the Q buffer)."""
+        assert self.smem.get(region) == old_tag, f"{who} overwrites {region}: has {self.smem.get(region)}"
+        assert not any(r == region for r, _, _ in self.pending), f"{who} writes {region} with a copy pending"
+        assert not self.reading.get(region), f"{who} writes {region} while read by {self.reading[region]}"
+        self.smem[region] = new_tag
 
     def begin_read(self, who, region, tag):
         assert self.smem.get(region) == tag, f"{who} reads {region}: has {self.smem.get(region)}, wants {tag}"
@@ -93,16 +111,18 @@ class Sim:
 
     # Generators yield a predicate: the actor runs on when it is true.
     def producer(self):
-        S = self.S
+        S, QB = self.S, self.QB
         tile_count = item_count = 0
         for item in self.my_items:
             n_tiles = self.all_items[item]
-            if item_count > 0:
-                par = (item_count - 1) & 1
-                yield lambda: self.q_empty.done(par)
-            self.q_full.arrive(1, tx=2)
-            self.tma("q", (item, "q"), self.q_full)
-            self.tma("q", (item, "q"), self.q_full)
+            qb, q_round = item_count % QB, item_count // QB
+            if q_round > 0:
+                par = (q_round - 1) & 1
+                yield lambda qb=qb, par=par: self.q_empty[qb].done(par)
+            self.q_full[qb].arrive(1, tx=2 * self.C)
+            for _half in range(2):
+                for wg in range(self.C):  # each consumer's rows of the box
+                    self.tma(("q", qb, wg), (item, "q"), self.q_full[qb])
             for j in range(n_tiles):
                 s, rnd = tile_count % S, tile_count // S
                 if rnd > 0:
@@ -136,29 +156,32 @@ class Sim:
             if pp and not (wg == 1 and last_item and j == n_tiles - 1):
                 self.named[2 - wg].add(me)
 
+        store_o = self.store_o_kind
         if pp and wg == 1:
             self.named[1].add(me)
         tile_count = item_count = 0
         for item in self.my_items:
             n_tiles = self.all_items[item]
             last_item = item + self.grid >= len(self.all_items)
-            par = item_count & 1
-            yield lambda: self.q_full.done(par)
+            qb = item_count % self.QB
+            q = ("q", qb, wg)
+            par = (item_count // self.QB) & 1
+            yield lambda qb=qb, par=par: self.q_full[qb].done(par)
             s = tile_count % S
             par = (tile_count // S) & 1
             yield lambda s=s, par=par: self.k_full[s].done(par)
             t = take_turn()
             if t:
                 yield t
-            self.begin_read(me, "q", (item, "q"))
+            self.begin_read(me, q, (item, "q"))
             self.begin_read(me, ("k", s), (item, 0))
             pass_turn(0, n_tiles, last_item)
             yield lambda: True  # the MMAs run a while
-            self.end_read(me, "q")
+            self.end_read(me, q)
             self.end_read(me, ("k", s))
             self.k_empty[s].arrive(128)
-            if n_tiles == 1:
-                self.q_empty.arrive(128)
+            if not store_o and n_tiles == 1:
+                self.q_empty[qb].arrive(128)
             for j in range(1, n_tiles):
                 prev = s
                 tile_count += 1
@@ -171,17 +194,17 @@ class Sim:
                 if t:
                     yield t
                 self.begin_read(me, ("v", prev), (item, j - 1))
-                self.begin_read(me, "q", (item, "q"))
+                self.begin_read(me, q, (item, "q"))
                 self.begin_read(me, ("k", s), (item, j))
                 pass_turn(j, n_tiles, last_item)
                 yield lambda: True
                 self.end_read(me, ("v", prev))
-                self.end_read(me, "q")
+                self.end_read(me, q)
                 self.end_read(me, ("k", s))
                 self.v_empty[prev].arrive(128)
                 self.k_empty[s].arrive(128)
-                if j == n_tiles - 1:
-                    self.q_empty.arrive(128)
+                if not store_o and j == n_tiles - 1:
+                    self.q_empty[qb].arrive(128)
             par = (tile_count // S) & 1
             yield lambda s=s, par=par: self.v_full[s].done(par)
             self.begin_read(me, ("v", s), (item, n_tiles - 1))
@@ -189,6 +212,16 @@ class Sim:
             self.end_read(me, ("v", s))
             self.v_empty[s].arrive(128)
             tile_count += 1
+            if store_o:
+                # O into the warpgroup's rows of the Q buffer (or partial
+                # results to global memory), then one thread's TMA store and
+                # the buffer freed once the store has read it.
+                if self.store_o:
+                    self.write(me, q, (item, "q"), (item, "o"))
+                    self.begin_read(f"{me}-store", q, (item, "o"))
+                    self.stores.append((q, (item, "o"), f"{me}-store"))
+                    yield lambda q=q: not any(r == q for r, _, _ in self.stores)
+                self.q_empty[qb].arrive(1)
             item_count += 1
         self.finished.add(me)
 
@@ -198,9 +231,9 @@ class Sim:
         for wg in range(self.C):
             actors[f"wg{wg}"] = self.consumer(wg)
         waits = {name: (lambda: True) for name in actors}
-        while actors or self.pending:
+        while actors or self.pending or self.stores:
             runnable = [n for n in actors if waits[n]()]
-            choices = runnable + (["tma"] if self.pending else [])
+            choices = runnable + (["tma"] if self.pending or self.stores else [])
             if not choices:
                 raise AssertionError(f"deadlock: blocked {sorted(actors)}")
             pick = self.rng.choice(choices)
@@ -226,7 +259,11 @@ def main(trials):
     rng = random.Random(0)
     runs = 0
     for _ in range(trials):
-        stages, consumers = rng.choice([(2, 2), (3, 1), (2, 1), (3, 2)])
+        # (stages, consumers, Q buffers, O through the Q buffer): the kernel's
+        # shapes and pipelines, and a few it does not use.
+        stages, consumers, q_buffers, store_o = rng.choice([
+            (2, 2, 1, False), (3, 1, 1, False), (2, 2, 2, False), (2, 2, 2, True), (3, 2, 1, False),
+            (2, 1, 1, False), (2, 1, 2, True), (3, 1, 2, False)])
         all_tiles = rng.randint(1, 9)
         num_splits = rng.randint(1, all_tiles)
         per = -(-all_tiles // num_splits)
@@ -234,8 +271,9 @@ def main(trials):
         items = items_of(all_tiles, per, n_x)
         assert all(n >= 1 for n in items)
         grid = rng.randint(1, len(items))  # persistent blocks loop when smaller
+        splits = len(items) // n_x
         for block in range(grid):
-            Sim(stages, consumers, items, block, grid, rng).run()
+            Sim(stages, consumers, q_buffers, store_o, items, block, grid, splits, rng).run()
             runs += 1
     print(f"ok: {runs} block runs over {trials} launches")
 

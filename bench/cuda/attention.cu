@@ -3,7 +3,8 @@
 //
 // Every variant (the automatic plan; 16 or 32 query rows per warp, each with
 // no key split and with forced key splits; on an H100/H200 built for sm_90a,
-// the Hopper kernel) is first validated against the
+// the Hopper kernel, with each of its pipelines for more than 64 queries) is
+// first validated against the
 // C++ CPU twin, run in float32 on the same rounded inputs: small ragged
 // shapes in full (lengths that are not multiples of the 64-row tiles, GQA,
 // padding rows with one valid key and with none), the timed shapes on their
@@ -54,19 +55,24 @@ void set_strides(int64_t (&s)[3], int64_t len, int heads, int d) {
   s[2] = d;
 }
 
+using llada::Sm90Pipeline;
 struct Variant {
   const char* name;
   int splits;         // 0: the automatic plan
   int rows_per_warp;  // ignored by the automatic plan
   llada::Sm90Use sm90 = llada::Sm90Use::kNever;  // for the automatic plan
   bool persistent = true;                         // of the Hopper kernel
+  Sm90Pipeline pipeline = Sm90Pipeline::kOneQuery;  // of the Hopper kernel, for more than 64 queries
 };
 const Variant kVariants[] = {
     {"auto", 0, 0},          {"rows16", 1, 16},         {"rows16-split2", 2, 16},
     {"rows16-split3", 3, 16}, {"rows16-split4", 4, 16},  {"rows16-split8", 8, 16},
     {"rows16-split16", 16, 16}, {"rows16-split32", 32, 16}, {"rows32", 1, 32},
     {"rows32-split3", 3, 32}, {"sm90", 0, 0, llada::Sm90Use::kAlways},
-    {"sm90-block-per-tile", 0, 0, llada::Sm90Use::kAlways, false}};
+    {"sm90-block-per-tile", 0, 0, llada::Sm90Use::kAlways, false},
+    {"sm90-two-q", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kTwoQueries},
+    {"sm90-two-q-store-o", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kTwoQueriesStoreO},
+    {"sm90-three-stages", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kThreeStages}};
 
 // LLADA_ATTENTION_SM90=0 leaves the Hopper kernel out, as it does the op's.
 bool sm90_left_out() {
@@ -178,12 +184,15 @@ bool run_case(const Case& c, const bench::Options& o, uint64_t seed) {
     // where the automatic plan's split count matters.
     if (c.timed && variant.rows_per_warp == 32 && (c.q_len < 128 || variant.splits > 1)) continue;
     if (c.timed && variant.splits > 1 && c.q_len >= 128) continue;
+    // Up to 64 queries, the Hopper kernel has one pipeline.
+    if (variant.pipeline != Sm90Pipeline::kOneQuery && c.q_len <= 64) continue;
     AttentionCudaPlan plan;
     if (variant.splits == 0) {
       CUDA_CHECK(llada::attention_cuda_plan(p, &plan, variant.sm90));
       if (variant.sm90 != llada::Sm90Use::kNever && !plan.sm90) continue;  // not this device or shape
       if (plan.sm90 && sm90_left_out()) continue;
       plan.sm90_persistent = variant.persistent;
+      plan.sm90_pipeline = variant.pipeline;
     } else {
       plan.num_splits = variant.splits;
       plan.rows_per_warp = variant.rows_per_warp;
@@ -272,6 +281,9 @@ int main(int argc, char** argv) {
       {fp32, 1, 65, 129, 2, 2, 128, false, false},
       {bf16, 1, 200, 1, 4, 4, 128, false, false},     // one key
       {bf16, 2, 256, 384, 4, 2, 128, false, false},   // whole 128-row tiles only
+      // More 128-row items than an H100 has multiprocessors: persistent
+      // blocks take 2 or 3 items each, so their Q buffers are reused.
+      {bf16, 3, 333, 300, 32, 8, 128, true, false},
       // Timed: full shapes (Lq = Lk) and cached decoding (32 queries).
       {bf16, 1, 512, 512, 32, 32, 128, false, true},
       {bf16, 1, 1024, 1024, 32, 32, 128, false, true},

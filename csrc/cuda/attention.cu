@@ -745,7 +745,7 @@ size_t attention_cuda_workspace_bytes(const AttentionParams& p, int num_splits) 
 #ifndef LLADA_WITH_SM90
 bool attention_sm90_supports(const AttentionParams&) { return false; }
 int attention_sm90_key_tile() { return 128; }
-cudaError_t attention_sm90_cuda(const AttentionParams&, int, bool, void*, cudaStream_t) {
+cudaError_t attention_sm90_cuda(const AttentionParams&, int, bool, Sm90Pipeline, void*, cudaStream_t) {
   return cudaErrorNotSupported;
 }
 #endif
@@ -787,7 +787,8 @@ cudaError_t attention_cuda_plan(const AttentionParams& p, AttentionCudaPlan* pla
 cudaError_t attention_cuda(const AttentionParams& p, const AttentionCudaPlan& plan, void* workspace,
                            cudaStream_t stream) {
   if (plan.sm90) {
-    cudaError_t err = attention_sm90_cuda(p, plan.num_splits, plan.sm90_persistent, workspace, stream);
+    cudaError_t err =
+        attention_sm90_cuda(p, plan.num_splits, plan.sm90_persistent, plan.sm90_pipeline, workspace, stream);
     if (err != cudaSuccess || plan.num_splits == 1 || p.batch * p.q_len * p.q_heads == 0) return err;
     return p.dtype == DType::kBFloat16 ? launch_combine<Bf16>(p, plan.num_splits, workspace, stream)
                                        : launch_combine<Fp16>(p, plan.num_splits, workspace, stream);

@@ -20,6 +20,14 @@
 // tile back to back while the other computes its softmax, whose
 // exponentials would otherwise leave the tensor cores idle.
 //
+// Those blocks of 128 rows have variants of their pipeline (Sm90Pipeline),
+// which bench/cuda/attention.cu validates and times side by side: a second
+// Q buffer, so that the next item's Q loads while this one runs instead of
+// after its last Q K^T; that, and O written out through its item's Q buffer
+// by a TMA store (each thread's 32 four-byte global stores, 8 rows apart,
+// become 32 conflict-free shared stores and one bulk copy per warpgroup);
+// or three K/V stages instead of two.
+//
 // Few queries against many keys (cached decoding: 32 queries, thousands of
 // keys) take a second shape: one consumer warpgroup (64 query rows), a ring
 // of three stages, and the keys split across thread blocks so that about one
@@ -70,14 +78,21 @@ constexpr int kHalfBytes = kTileBytes / 2;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // A thread block of kConsumers warpgroups of 64 query rows each, a producer
-// warp, and kStages stages of K and V. Shared memory: Q (two halves of
-// kRows x 64 dims), the K stages, the V stages, then the barriers; every
-// tile 1024-byte aligned (the swizzle repeats every 1024 bytes, and both TMA
-// and wgmma apply it to address bits).
-template <int kConsumers_, int kStages_>
+// warpgroup, kStages stages of K and V and kQBuffers of Q. Shared memory:
+// the Q buffers (each two halves of kRows x 64 dims), the K stages, the V
+// stages, then the barriers; every tile 1024-byte aligned (the swizzle
+// repeats every 1024 bytes, and both TMA and wgmma apply it to address
+// bits). With kStoreO, O leaves through its item's Q buffer (free once the
+// item's last Q K^T is done) by a TMA store, and the buffer is released
+// only after the store has read it: that needs a second Q buffer, for the
+// next item's Q.
+template <int kConsumers_, int kStages_, int kQBuffers_ = 1, bool kStoreO_ = false>
 struct Config {
   static constexpr int kConsumers = kConsumers_;
   static constexpr int kStages = kStages_;
+  static constexpr int kQBuffers = kQBuffers_;
+  static constexpr bool kStoreO = kStoreO_;
+  static_assert(!kStoreO || kQBuffers == 2, "O goes out through a Q buffer while the next item's Q loads");
   static constexpr int kRows = 64 * kConsumers;  // query rows per block
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kThreads = kConsumerThreads + 128;  // + the producer warpgroup
@@ -91,17 +106,27 @@ struct Config {
   static_assert(kProducerRegs + kConsumers * kConsumerRegs <= (1 + kConsumers) * kLaunchRegs,
                 "the register hand-over must fit the registers the launch holds");
   static constexpr int kQHalfBytes = kRows * 128;
+  static constexpr int kQBytes = 2 * kQHalfBytes;
   static constexpr int kQ = 0;
-  static constexpr int kK = kQ + 2 * kQHalfBytes;
+  static constexpr int kK = kQ + kQBuffers * kQBytes;
   static constexpr int kV = kK + kStages * kTileBytes;
   static constexpr int kBarriers = kV + kStages * kTileBytes;
-  // q_full, q_empty, k_full[S], v_full[S], k_empty[S], v_empty[S]
-  static constexpr int kNumBarriers = 2 + 4 * kStages;
+  // q_full[Q], q_empty[Q], k_full[S], v_full[S], k_empty[S], v_empty[S]
+  static constexpr int kNumBarriers = 2 * kQBuffers + 4 * kStages;
   static constexpr int kBytes = kBarriers + 8 * kNumBarriers;
   static constexpr int kAlloc = kBytes + 1024;  // room to align the base
+  static_assert(kAlloc <= 227 * 1024, "more shared memory than a block may have");
+  // Arrivals that free a Q buffer: every consumer thread once its last
+  // Q K^T is done or, with kStoreO, one thread per consumer warpgroup once
+  // its TMA store has read the buffer.
+  static constexpr int kQEmptyArrivals = kStoreO ? kConsumers : kConsumerThreads;
 };
 using ManyQueries = Config<2, 2>;  // 128 query rows, ping-pong consumers
 using FewQueries = Config<1, 3>;   // 64 query rows, a deeper ring, split keys
+// The variants of ManyQueries (Sm90Pipeline).
+using ManyQueriesTwoQ = Config<2, 2, 2>;
+using ManyQueriesStoreO = Config<2, 2, 2, true>;
+using ManyQueriesThreeStages = Config<2, 3>;
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define LLADA_SM90_DEVICE 1
@@ -176,9 +201,34 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, i
       : "memory");
 }
 
+// A box of shared memory out to a 4-d tensor map (rows past the tensor's
+// end are not written), then the bulk-group bookkeeping of such stores:
+// commit, and wait until the committed stores have read shared memory
+// (`read`) or have completed.
+__device__ __forceinline__ void tma_store(const CUtensorMap* map, uint32_t src, int d, int pos, int head, int batch) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.global.shared::cta.tile.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(src), "r"(d), "r"(pos), "r"(head), "r"(batch)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
+// Makes this thread's writes to shared memory visible to the TMA unit (the
+// "async proxy"), before a barrier after which one thread stores them.
+__device__ __forceinline__ void fence_shared_for_tma() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void store_shared(uint32_t address, uint32_t value) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(address), "r"(value) : "memory");
+}
+
 // Named barriers 1 and 2 order the consumers' turns on the tensor cores
 // (0 is __syncthreads). Both consumer warpgroups count: one syncs, the other
-// arrives.
+// arrives. Barriers 3 and 4 gather one warpgroup each (kStoreO).
 template <int kCount>
 __device__ __forceinline__ void named_sync(int id) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(kCount) : "memory");
@@ -286,20 +336,18 @@ __device__ __forceinline__ float fast_exp2(float x) {  // 2^x; exact 0 for -inf
 
 struct Maps {
   CUtensorMap q, k, v;
+  CUtensorMap out;  // boxes of 64 rows (a consumer's), for kStoreO
 };
 
-// 224 registers: 9 warps fit the register file, and a consumer holds S, P
-// and O (160 registers) at once.
-//
 // A work item is one tile of query rows of one (batch, head) against one
 // chunk of its key tiles: item x + n_x * y takes query tile x (of n_x) and
 // key chunk y, tiles y * tiles_per_split onwards. A block takes items
 // blockIdx.x, + gridDim.x, ... (one each, or a persistent loop when the grid
 // is smaller): the producer then loads the next item's Q and first K/V
-// tiles while the consumers finish the last one and write it out. With
-// part_o set, an item writes its chunk's unnormalised O [rows, D] and (row
-// max, row sum) per row there (the layout of attention.cu's combine kernel)
-// instead of the output.
+// tiles while the consumers finish the last one and write it out (a block's
+// item c reads Q buffer c % kQBuffers). With part_o set, an item writes its
+// chunk's unnormalised O [rows, D] and (row max, row sum) per row there (the
+// layout of attention.cu's combine kernel) instead of the output.
 template <typename Traits, typename C>
 __global__ void __launch_bounds__(C::kThreads, 1)
     attention_sm90_kernel(const __grid_constant__ Maps maps, AttentionParams p, int64_t n_x, int64_t n_items,
@@ -313,11 +361,13 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   const uint32_t s_k = base + C::kK;
   const uint32_t s_v = base + C::kV;
   const uint32_t bars = base + C::kBarriers;
-  const uint32_t q_full = bars, q_empty = bars + 8;
-  auto k_full = [&](int s) { return bars + 8 * (2 + s); };
-  auto v_full = [&](int s) { return bars + 8 * (2 + kStages + s); };
-  auto k_empty = [&](int s) { return bars + 8 * (2 + 2 * kStages + s); };
-  auto v_empty = [&](int s) { return bars + 8 * (2 + 3 * kStages + s); };
+  constexpr int kQB = C::kQBuffers;
+  auto q_full = [&](int i) { return bars + 8 * i; };
+  auto q_empty = [&](int i) { return bars + 8 * (kQB + i); };
+  auto k_full = [&](int s) { return bars + 8 * (2 * kQB + s); };
+  auto v_full = [&](int s) { return bars + 8 * (2 * kQB + kStages + s); };
+  auto k_empty = [&](int s) { return bars + 8 * (2 * kQB + 2 * kStages + s); };
+  auto v_empty = [&](int s) { return bars + 8 * (2 * kQB + 3 * kStages + s); };
 
   const int64_t q_tiles = (p.q_len + C::kRows - 1) / C::kRows;
   const int all_tiles = int((p.kv_len + kBlockK - 1) / kBlockK);
@@ -341,8 +391,10 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   };
 
   if (threadIdx.x == 0) {
-    barrier_init(q_full, 1);
-    barrier_init(q_empty, C::kConsumerThreads);
+    for (int i = 0; i < kQB; ++i) {
+      barrier_init(q_full(i), 1);
+      barrier_init(q_empty(i), C::kQEmptyArrivals);
+    }
     for (int s = 0; s < kStages; ++s) {
       barrier_init(k_full(s), 1);
       barrier_init(v_full(s), 1);
@@ -363,10 +415,13 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     uint32_t item_count = 0;
     for (int64_t item = blockIdx.x; item < n_items; item += gridDim.x, ++item_count) {
       const Item w = item_at(item);
-      if (item_count > 0) barrier_wait(q_empty, (item_count - 1) & 1);
-      barrier_expect_bytes(q_full, 2 * C::kQHalfBytes);
-      tma_load(s_q, &maps.q, 0, w.q0, w.h, w.b, q_full);
-      tma_load(s_q + C::kQHalfBytes, &maps.q, 64, w.q0, w.h, w.b, q_full);
+      const int qb = int(item_count % kQB);
+      const uint32_t q_round = item_count / kQB;
+      const uint32_t q_dst = s_q + qb * C::kQBytes;
+      if (q_round > 0) barrier_wait(q_empty(qb), (q_round - 1) & 1);
+      barrier_expect_bytes(q_full(qb), C::kQBytes);
+      tma_load(q_dst, &maps.q, 0, w.q0, w.h, w.b, q_full(qb));
+      tma_load(q_dst + C::kQHalfBytes, &maps.q, 64, w.q0, w.h, w.b, q_full(qb));
       for (int j = 0; j < w.n_tiles; ++j, ++tile_count) {
         const int s = int(tile_count % kStages);
         const uint32_t round = tile_count / kStages;
@@ -393,6 +448,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   const float scale_log2 = p.scale * kLog2e;
   Item w = item_at(blockIdx.x);  // the item being computed
   const bool* mask = nullptr;
+  uint32_t s_q_item = s_q;  // its Q buffer
+  int qb = 0;
 
   // Descriptors. Q and K are K-major: 8-row groups 1024 bytes apart, and a
   // k-step of 16 dims moves 32 bytes along the (swizzled) row, or to the
@@ -400,7 +457,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   // apart, the two 64-dim halves kHalfBytes apart, a k-step of 16 keys 2048
   // bytes.
   auto q_desc = [&](int kd) {
-    return descriptor(s_q + (kd / 4) * C::kQHalfBytes + wg * 64 * 128 + (kd % 4) * 32, 16, 1024);
+    return descriptor(s_q_item + (kd / 4) * C::kQHalfBytes + wg * 64 * 128 + (kd % 4) * 32, 16, 1024);
   };
   auto k_desc = [&](int s, int kd) {
     return descriptor(s_k + s * kTileBytes + (kd / 4) * kHalfBytes + (kd % 4) * 32, 16, 1024);
@@ -525,7 +582,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     for (int i = 0; i < 64; ++i) o[i] = 0.0f;
     m_run[0] = m_run[1] = -INFINITY;
     l_run[0] = l_run[1] = 0.0f;
-    barrier_wait(q_full, item_count & 1);
+    qb = int(item_count % kQB);
+    s_q_item = s_q + qb * C::kQBytes;
+    barrier_wait(q_full(qb), (item_count / kQB) & 1);
 
     // Tile 0: Q K^T only.
     int s = int(tile_count % kStages);
@@ -537,7 +596,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     pass_turn(0);
     settle();
     barrier_arrive(k_empty(s));
-    if (w.n_tiles == 1) barrier_arrive(q_empty);  // Q is read: the next item's may land
+    if (!C::kStoreO && w.n_tiles == 1) barrier_arrive(q_empty(qb));  // Q is read: another item's may land
     softmax(0);
 
     // Tiles 1 .. n-1: P V of the previous tile, then Q K^T of this one.
@@ -556,7 +615,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       settle();
       barrier_arrive(v_empty(prev));
       barrier_arrive(k_empty(s));
-      if (j == w.n_tiles - 1) barrier_arrive(q_empty);
+      if (!C::kStoreO && j == w.n_tiles - 1) barrier_arrive(q_empty(qb));
       softmax(j);
     }
 
@@ -575,28 +634,68 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
     }
     const int64_t total_rows = p.batch * p.q_heads * p.q_len;
+    const bool store_o = C::kStoreO && part_o == nullptr;
+    if (store_o) {
+      // O into this warpgroup's rows of the item's Q buffer, which its own
+      // Q K^T were the last to read, in the TMA boxes' swizzled layout
+      // (16-byte chunk c of row r at chunk c ^ (r % 8); conflict-free: the
+      // 8 rows of a store instruction have 8 different r % 8).
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t row = int64_t(w.q0) + wg * 64 + warp * 16 + g + 8 * r;
-      if (row >= p.q_len) continue;
-      if (part_o == nullptr) {
+      for (int r = 0; r < 2; ++r) {
         const float inv = l_run[r] > 0.0f ? 1.0f / l_run[r] : 0.0f;  // no valid key: zeros
-        uint16_t* dst =
-            static_cast<uint16_t*>(p.out) + ((int64_t(w.b) * p.q_len + row) * p.q_heads + w.h) * kHeadDim;
+        const int row = wg * 64 + warp * 16 + g + 8 * r;
 #pragma unroll
         for (int c = 0; c < 16; ++c)
-          *reinterpret_cast<uint32_t*>(dst + 8 * c + 2 * t4) =
-              Traits::pack(o[4 * c + 2 * r] * inv, o[4 * c + 2 * r + 1] * inv);
-      } else {
-        const int64_t idx = int64_t(w.split) * total_rows + w.bh * p.q_len + row;
-        float* dst = part_o + idx * kHeadDim;
+          store_shared(s_q_item + (c / 8) * C::kQHalfBytes + row * 128 + (((c % 8) ^ (row % 8)) * 16) + 4 * t4,
+                       Traits::pack(o[4 * c + 2 * r] * inv, o[4 * c + 2 * r + 1] * inv));
+      }
+      fence_shared_for_tma();
+    } else {
 #pragma unroll
-        for (int c = 0; c < 16; ++c)
-          *reinterpret_cast<float2*>(dst + 8 * c + 2 * t4) = make_float2(o[4 * c + 2 * r], o[4 * c + 2 * r + 1]);
-        if (t4 == 0) {
-          part_ml[2 * idx] = m_run[r];
-          part_ml[2 * idx + 1] = l_run[r];
+      for (int r = 0; r < 2; ++r) {
+        const int64_t row = int64_t(w.q0) + wg * 64 + warp * 16 + g + 8 * r;
+        if (row >= p.q_len) continue;
+        if (part_o == nullptr) {
+          const float inv = l_run[r] > 0.0f ? 1.0f / l_run[r] : 0.0f;  // no valid key: zeros
+          uint16_t* dst =
+              static_cast<uint16_t*>(p.out) + ((int64_t(w.b) * p.q_len + row) * p.q_heads + w.h) * kHeadDim;
+#pragma unroll
+          for (int c = 0; c < 16; ++c)
+            *reinterpret_cast<uint32_t*>(dst + 8 * c + 2 * t4) =
+                Traits::pack(o[4 * c + 2 * r] * inv, o[4 * c + 2 * r + 1] * inv);
+        } else {
+          const int64_t idx = int64_t(w.split) * total_rows + w.bh * p.q_len + row;
+          float* dst = part_o + idx * kHeadDim;
+#pragma unroll
+          for (int c = 0; c < 16; ++c)
+            *reinterpret_cast<float2*>(dst + 8 * c + 2 * t4) = make_float2(o[4 * c + 2 * r], o[4 * c + 2 * r + 1]);
+          if (t4 == 0) {
+            part_ml[2 * idx] = m_run[r];
+            part_ml[2 * idx + 1] = l_run[r];
+          }
         }
+      }
+    }
+    if constexpr (C::kStoreO) {
+      // The warpgroup's MMAs and writes are done: one thread stores its 64
+      // rows (the map leaves out rows past the end) and, once the store has
+      // read them, frees the Q buffer.
+      named_sync<128>(3 + wg);
+      if (threadIdx.x % 128 == 0) {
+        const int row0 = w.q0 + wg * 64;
+        if (store_o && row0 < p.q_len) {
+          const uint32_t src = s_q_item + wg * 64 * 128;
+          tma_store(&maps.out, src, 0, row0, w.h, w.b);
+          tma_store(&maps.out, src + C::kQHalfBytes, 64, row0, w.h, w.b);
+          bulk_commit();
+          // The block's last stores are waited for until they are out.
+          if (last_item) {
+            bulk_wait();
+          } else {
+            bulk_wait_read();
+          }
+        }
+        barrier_arrive(q_empty(qb));
       }
     }
   }
@@ -663,6 +762,10 @@ cudaError_t launch(const AttentionParams& p, CUtensorMapDataType type, int num_s
     err = make_map(&maps.k, p.k, type, p.batch, p.kv_len, p.kv_heads, p.k_strides, kBlockK);
   if (err == cudaSuccess)
     err = make_map(&maps.v, p.v, type, p.batch, p.kv_len, p.kv_heads, p.v_strides, kBlockK);
+  if (err == cudaSuccess && C::kStoreO) {
+    const int64_t out_strides[3] = {p.q_len * p.q_heads * kHeadDim, int64_t(p.q_heads) * kHeadDim, kHeadDim};
+    err = make_map(&maps.out, p.out, type, p.batch, p.q_len, p.q_heads, out_strides, 64);
+  }
   if (err != cudaSuccess) return err;
   err = cudaFuncSetAttribute(attention_sm90_kernel<Traits, C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              C::kAlloc);
@@ -697,10 +800,20 @@ cudaError_t launch(const AttentionParams& p, CUtensorMapDataType type, int num_s
 
 template <typename Traits>
 cudaError_t launch_shape(const AttentionParams& p, CUtensorMapDataType type, int num_splits, bool persistent,
-                         void* workspace, cudaStream_t stream) {
+                         Sm90Pipeline pipeline, void* workspace, cudaStream_t stream) {
   if (p.q_len <= FewQueries::kRows)
     return launch<Traits, FewQueries>(p, type, num_splits, persistent, workspace, stream);
-  return launch<Traits, ManyQueries>(p, type, num_splits, persistent, workspace, stream);
+  switch (pipeline) {
+    case Sm90Pipeline::kOneQuery:
+      return launch<Traits, ManyQueries>(p, type, num_splits, persistent, workspace, stream);
+    case Sm90Pipeline::kTwoQueries:
+      return launch<Traits, ManyQueriesTwoQ>(p, type, num_splits, persistent, workspace, stream);
+    case Sm90Pipeline::kTwoQueriesStoreO:
+      return launch<Traits, ManyQueriesStoreO>(p, type, num_splits, persistent, workspace, stream);
+    case Sm90Pipeline::kThreeStages:
+      return launch<Traits, ManyQueriesThreeStages>(p, type, num_splits, persistent, workspace, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
@@ -714,7 +827,7 @@ bool attention_sm90_supports(const AttentionParams& p) {
   if (p.batch * p.q_heads * ((p.q_len + FewQueries::kRows - 1) / FewQueries::kRows) > int64_t(0x7fffffff))
     return false;
   // TMA wants 16-byte aligned bases and strides.
-  for (const void* ptr : {p.q, p.k, p.v})
+  for (const void* ptr : {p.q, p.k, p.v, static_cast<const void*>(p.out)})
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
   for (const int64_t* s : {p.q_strides, p.k_strides, p.v_strides})
     for (int i = 0; i < 3; ++i)
@@ -724,14 +837,16 @@ bool attention_sm90_supports(const AttentionParams& p) {
 
 int attention_sm90_key_tile() { return kBlockK; }
 
-cudaError_t attention_sm90_cuda(const AttentionParams& p, int num_splits, bool persistent, void* workspace,
-                                cudaStream_t stream) {
+cudaError_t attention_sm90_cuda(const AttentionParams& p, int num_splits, bool persistent, Sm90Pipeline pipeline,
+                                void* workspace, cudaStream_t stream) {
   if (!attention_sm90_supports(p) || num_splits < 1 || num_splits > key_tiles(p)) return cudaErrorInvalidValue;
   if (num_splits > 1 && workspace == nullptr) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.q_len == 0 || p.q_heads == 0) return cudaSuccess;
   if (p.dtype == DType::kBFloat16)
-    return launch_shape<Bf16>(p, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, num_splits, persistent, workspace, stream);
-  return launch_shape<Fp16>(p, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, num_splits, persistent, workspace, stream);
+    return launch_shape<Bf16>(p, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, num_splits, persistent, pipeline, workspace,
+                              stream);
+  return launch_shape<Fp16>(p, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, num_splits, persistent, pipeline, workspace,
+                            stream);
 }
 
 }  // namespace llada

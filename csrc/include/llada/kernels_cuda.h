@@ -38,11 +38,21 @@ cudaError_t rope_cuda(const RopeParams& p, cudaStream_t stream);
 // the current device; the caller allocates plan.workspace_bytes of device
 // memory (none when 0) and passes both on.
 // bf16/fp16 need q, k, v 16-byte aligned with strides multiple of 8 elements.
+// How the Hopper kernel's blocks of 128 query rows (more than 64 queries)
+// pipeline their work items. The variants are there for the kernel's
+// benchmark, which times them side by side; the plan takes kOneQuery.
+enum class Sm90Pipeline {
+  kOneQuery,        // one Q buffer: an item's Q loads once the last one's final Q K^T is done
+  kTwoQueries,      // two Q buffers: the next item's Q loads while this one runs
+  kTwoQueriesStoreO,  // two Q buffers, and O leaves through its item's Q buffer by a TMA store
+  kThreeStages,     // one Q buffer and three K/V stages instead of two
+};
 struct AttentionCudaPlan {
   int num_splits = 1;
   int rows_per_warp = 16;  // 16 or 32
   bool sm90 = false;       // the Hopper kernel (its own key tiles for the splits)
   bool sm90_persistent = true;  // its blocks loop over tiles (else one block per tile)
+  Sm90Pipeline sm90_pipeline = Sm90Pipeline::kOneQuery;
   size_t workspace_bytes = 0;
 };
 enum class Sm90Use {
@@ -63,10 +73,10 @@ cudaError_t attention_cuda(const AttentionParams& p, const AttentionCudaPlan& pl
 // plan's count; partial results in `workspace`, which attention_cuda then
 // combines), persistent (a block per multiprocessor, each looping over its
 // tiles, so that one tile's loads overlap another's output) or a block per
-// tile.
+// tile, and `pipeline` for more than 64 queries.
 bool attention_sm90_supports(const AttentionParams& p);
 int attention_sm90_key_tile();
-cudaError_t attention_sm90_cuda(const AttentionParams& p, int num_splits, bool persistent, void* workspace,
-                                cudaStream_t stream);
+cudaError_t attention_sm90_cuda(const AttentionParams& p, int num_splits, bool persistent, Sm90Pipeline pipeline,
+                                void* workspace, cudaStream_t stream);
 
 }  // namespace llada
