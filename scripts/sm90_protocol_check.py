@@ -2,13 +2,16 @@
 
 The kernel's producer thread, its consumer warpgroups and the TMA unit are
 run as actors under random interleavings, for random launches (stages,
-consumers, Q buffers, O stored through the Q buffer or not, key tiles,
-splits, query tiles, grid size), with the semantics of mbarriers (arrival
+consumers, Q buffers, O stored through the Q buffer or not, an item's last
+P V chained to the next item or not, key tiles, splits, query tiles, grid
+size), with the semantics of mbarriers (arrival
 counts, transaction bytes, phase parity) and of named barriers (bar.sync /
 bar.arrive of 128 threads each). It checks that no launch deadlocks, that
 every MMA reads the Q, K or V tile it means to, that no copy lands in a
 stage while an MMA or a store reads it, that every store of O reads the O
-its warpgroup wrote, and that no named barrier is left half-arrived. Its control flow is a transcription of the kernel's: change
+its warpgroup wrote, that an item's output is written after all of its
+P V and before the next item's, and that no named barrier is left
+half-arrived. Its control flow is a transcription of the kernel's: change
 both together, and rerun this after any change to the kernel's pipeline.
 
     python scripts/sm90_protocol_check.py [LAUNCHES]
@@ -59,8 +62,8 @@ class Sim:
     """One thread block `block` of a grid of `grid`; items[i] is the number
     of key tiles of work item i."""
 
-    def __init__(self, stages, consumers, q_buffers, store_o, items, block, grid, splits, rng):
-        self.S, self.C, self.QB, self.rng = stages, consumers, q_buffers, rng
+    def __init__(self, stages, consumers, q_buffers, store_o, chain, items, block, grid, splits, rng):
+        self.S, self.C, self.QB, self.chain, self.rng = stages, consumers, q_buffers, chain, rng
         # O goes out through the Q buffer only when there is one output (no split keys).
         self.store_o_kind, self.store_o = store_o, store_o and splits == 1
         q_arrivals = consumers if store_o else 128 * consumers
@@ -157,31 +160,73 @@ class Sim:
                 self.named[2 - wg].add(me)
 
         store_o = self.store_o_kind
+        acc = {"item": None, "pvs": 0}  # whose P V the O accumulators hold, and how many
+
+        def restart(item):
+            acc["item"], acc["pvs"] = item, 0
+
+        def pv(item, j, stage):
+            assert acc["item"] == item, f"{me}: P V of item {item} into the accumulators of {acc['item']}"
+            assert acc["pvs"] == j, f"{me}: P V of tile {j} of item {item} after {acc['pvs']}"
+            acc["pvs"] += 1
+            self.begin_read(me, ("v", stage), (item, j))
+
+        def write_out(item, q, qb):
+            assert acc["item"] == item and acc["pvs"] == self.all_items[item], f"{me}: item {item} written early"
+            if store_o:
+                # O into the warpgroup's rows of the Q buffer (or partial
+                # results to global memory), then one thread's TMA store and
+                # the buffer freed once the store has read it.
+                if self.store_o:
+                    self.write(me, q, (item, "q"), (item, "o"))
+                    self.begin_read(f"{me}-store", q, (item, "o"))
+                    self.stores.append((q, (item, "o"), f"{me}-store"))
+                    yield lambda q=q: not any(r == q for r, _, _ in self.stores)
+                self.q_empty[qb].arrive(1)
+
         if pp and wg == 1:
             self.named[1].add(me)
         tile_count = item_count = 0
+        s = 0
+        done = None  # (item, its Q region, its Q buffer) whose last P V is pending (chained)
         for item in self.my_items:
             n_tiles = self.all_items[item]
             last_item = item + self.grid >= len(self.all_items)
+            chained = self.chain and item_count > 0
+            if not chained:
+                restart(item)
             qb = item_count % self.QB
             q = ("q", qb, wg)
             par = (item_count // self.QB) & 1
             yield lambda qb=qb, par=par: self.q_full[qb].done(par)
+            done_stage = s
             s = tile_count % S
             par = (tile_count // S) & 1
             yield lambda s=s, par=par: self.k_full[s].done(par)
+            if chained:
+                par = ((tile_count - 1) // S) & 1
+                yield lambda st=done_stage, par=par: self.v_full[st].done(par)
             t = take_turn()
             if t:
                 yield t
+            if chained:
+                pv(done[0], self.all_items[done[0]] - 1, done_stage)
             self.begin_read(me, q, (item, "q"))
             self.begin_read(me, ("k", s), (item, 0))
             pass_turn(0, n_tiles, last_item)
             yield lambda: True  # the MMAs run a while
+            if chained:
+                self.end_read(me, ("v", done_stage))
             self.end_read(me, q)
             self.end_read(me, ("k", s))
+            if chained:
+                self.v_empty[done_stage].arrive(128)
             self.k_empty[s].arrive(128)
             if not store_o and n_tiles == 1:
                 self.q_empty[qb].arrive(128)
+            if chained:
+                yield from write_out(*done)
+                restart(item)
             for j in range(1, n_tiles):
                 prev = s
                 tile_count += 1
@@ -193,7 +238,7 @@ class Sim:
                 t = take_turn()
                 if t:
                     yield t
-                self.begin_read(me, ("v", prev), (item, j - 1))
+                pv(item, j - 1, prev)
                 self.begin_read(me, q, (item, "q"))
                 self.begin_read(me, ("k", s), (item, j))
                 pass_turn(j, n_tiles, last_item)
@@ -205,24 +250,18 @@ class Sim:
                 self.k_empty[s].arrive(128)
                 if not store_o and j == n_tiles - 1:
                     self.q_empty[qb].arrive(128)
-            par = (tile_count // S) & 1
+            tile_count += 1
+            item_count += 1
+            if self.chain and not last_item:
+                done = (item, q, qb)  # the last P V goes with the next item's first Q K^T
+                continue
+            par = ((tile_count - 1) // S) & 1
             yield lambda s=s, par=par: self.v_full[s].done(par)
-            self.begin_read(me, ("v", s), (item, n_tiles - 1))
+            pv(item, n_tiles - 1, s)
             yield lambda: True
             self.end_read(me, ("v", s))
             self.v_empty[s].arrive(128)
-            tile_count += 1
-            if store_o:
-                # O into the warpgroup's rows of the Q buffer (or partial
-                # results to global memory), then one thread's TMA store and
-                # the buffer freed once the store has read it.
-                if self.store_o:
-                    self.write(me, q, (item, "q"), (item, "o"))
-                    self.begin_read(f"{me}-store", q, (item, "o"))
-                    self.stores.append((q, (item, "o"), f"{me}-store"))
-                    yield lambda q=q: not any(r == q for r, _, _ in self.stores)
-                self.q_empty[qb].arrive(1)
-            item_count += 1
+            yield from write_out(item, q, qb)
         self.finished.add(me)
 
     def run(self):
@@ -259,11 +298,12 @@ def main(trials):
     rng = random.Random(0)
     runs = 0
     for _ in range(trials):
-        # (stages, consumers, Q buffers, O through the Q buffer): the kernel's
-        # shapes and pipelines, and a few it does not use.
-        stages, consumers, q_buffers, store_o = rng.choice([
-            (2, 2, 1, False), (3, 1, 1, False), (2, 2, 2, False), (2, 2, 2, True), (3, 2, 1, False),
-            (2, 1, 1, False), (2, 1, 2, True), (3, 1, 2, False)])
+        # (stages, consumers, Q buffers, O through the Q buffer, chained
+        # items): the kernel's shapes and pipelines, and a few it does not use.
+        stages, consumers, q_buffers, store_o, chain = rng.choice([
+            (2, 2, 1, False, False), (3, 1, 1, False, False), (2, 2, 2, False, False), (2, 2, 2, True, False),
+            (3, 2, 1, False, False), (2, 2, 2, False, True), (2, 2, 2, True, True),
+            (2, 1, 1, False, False), (2, 1, 2, True, False), (3, 1, 2, False, True)])
         all_tiles = rng.randint(1, 9)
         num_splits = rng.randint(1, all_tiles)
         per = -(-all_tiles // num_splits)
@@ -273,7 +313,7 @@ def main(trials):
         grid = rng.randint(1, len(items))  # persistent blocks loop when smaller
         splits = len(items) // n_x
         for block in range(grid):
-            Sim(stages, consumers, q_buffers, store_o, items, block, grid, splits, rng).run()
+            Sim(stages, consumers, q_buffers, store_o, chain, items, block, grid, splits, rng).run()
             runs += 1
     print(f"ok: {runs} block runs over {trials} launches")
 

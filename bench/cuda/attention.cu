@@ -72,7 +72,9 @@ const Variant kVariants[] = {
     {"sm90-block-per-tile", 0, 0, llada::Sm90Use::kAlways, false},
     {"sm90-two-q", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kTwoQueries},
     {"sm90-two-q-store-o", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kTwoQueriesStoreO},
-    {"sm90-three-stages", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kThreeStages}};
+    {"sm90-three-stages", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kThreeStages},
+    {"sm90-two-q-chain", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kTwoQueriesChain},
+    {"sm90-two-q-chain-store-o", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kTwoQueriesChainStoreO}};
 
 // LLADA_ATTENTION_SM90=0 leaves the Hopper kernel out, as it does the op's.
 bool sm90_left_out() {

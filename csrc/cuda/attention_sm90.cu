@@ -26,7 +26,9 @@
 // after its last Q K^T; that, and O written out through its item's Q buffer
 // by a TMA store (each thread's 32 four-byte global stores, 8 rows apart,
 // become 32 conflict-free shared stores and one bulk copy per warpgroup);
-// or three K/V stages instead of two.
+// either of those with an item's last P V issued together with the next
+// item's first Q K^T (its output written after them), so that the tensor
+// cores see no gap between items; or three K/V stages instead of two.
 //
 // Few queries against many keys (cached decoding: 32 queries, thousands of
 // keys) take a second shape: one consumer warpgroup (64 query rows), a ring
@@ -85,14 +87,17 @@ constexpr float kLog2e = 1.4426950408889634f;
 // bits). With kStoreO, O leaves through its item's Q buffer (free once the
 // item's last Q K^T is done) by a TMA store, and the buffer is released
 // only after the store has read it: that needs a second Q buffer, for the
-// next item's Q.
-template <int kConsumers_, int kStages_, int kQBuffers_ = 1, bool kStoreO_ = false>
+// next item's Q. With kChain, an item's last P V is issued with the next
+// item's first Q K^T (so the next Q must be loaded by then: two buffers).
+template <int kConsumers_, int kStages_, int kQBuffers_ = 1, bool kStoreO_ = false, bool kChain_ = false>
 struct Config {
   static constexpr int kConsumers = kConsumers_;
   static constexpr int kStages = kStages_;
   static constexpr int kQBuffers = kQBuffers_;
   static constexpr bool kStoreO = kStoreO_;
+  static constexpr bool kChain = kChain_;
   static_assert(!kStoreO || kQBuffers == 2, "O goes out through a Q buffer while the next item's Q loads");
+  static_assert(!kChain || kQBuffers == 2, "the next item's Q is read while this one finishes");
   static constexpr int kRows = 64 * kConsumers;  // query rows per block
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kThreads = kConsumerThreads + 128;  // + the producer warpgroup
@@ -127,6 +132,8 @@ using FewQueries = Config<1, 3>;   // 64 query rows, a deeper ring, split keys
 using ManyQueriesTwoQ = Config<2, 2, 2>;
 using ManyQueriesStoreO = Config<2, 2, 2, true>;
 using ManyQueriesThreeStages = Config<2, 3>;
+using ManyQueriesChain = Config<2, 2, 2, false, true>;
+using ManyQueriesChainStoreO = Config<2, 2, 2, true, true>;
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define LLADA_SM90_DEVICE 1
@@ -572,31 +579,126 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   };
   if (kPingPong && wg == 1) named_arrive<256>(1);  // the first consumer goes first
 
-  uint32_t tile_count = 0;  // K/V tiles consumed so far: the ring position
-  uint32_t item_count = 0;
-  for (int64_t item = blockIdx.x; item < n_items; item += gridDim.x, ++item_count) {
-    w = item_at(item);
-    last_item = item + gridDim.x >= n_items;
-    mask = p.key_mask != nullptr ? p.key_mask + int64_t(w.b) * p.kv_len : nullptr;
+  // Writes item `it`'s output from o, l_run and m_run: its normalised rows
+  // or, with part_o, its chunk's partial results. With kStoreO the rows go
+  // out through the item's Q buffer `it_qb`, which is then freed.
+  auto write_out = [&](const Item& it, int it_qb, bool it_last) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
+      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
+    }
+    const int64_t total_rows = p.batch * p.q_heads * p.q_len;
+    const uint32_t q_buffer = s_q + it_qb * C::kQBytes;
+    const bool store_o = C::kStoreO && part_o == nullptr;
+    if (store_o) {
+      // O into this warpgroup's rows of the item's Q buffer, which its own
+      // Q K^T were the last to read, in the TMA boxes' swizzled layout
+      // (16-byte chunk c of row r at chunk c ^ (r % 8); conflict-free: the
+      // 8 rows of a store instruction have 8 different r % 8).
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float inv = l_run[r] > 0.0f ? 1.0f / l_run[r] : 0.0f;  // no valid key: zeros
+        const int row = wg * 64 + warp * 16 + g + 8 * r;
+#pragma unroll
+        for (int c = 0; c < 16; ++c)
+          store_shared(q_buffer + (c / 8) * C::kQHalfBytes + row * 128 + (((c % 8) ^ (row % 8)) * 16) + 4 * t4,
+                       Traits::pack(o[4 * c + 2 * r] * inv, o[4 * c + 2 * r + 1] * inv));
+      }
+      fence_shared_for_tma();
+    } else {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t row = int64_t(it.q0) + wg * 64 + warp * 16 + g + 8 * r;
+        if (row >= p.q_len) continue;
+        if (part_o == nullptr) {
+          const float inv = l_run[r] > 0.0f ? 1.0f / l_run[r] : 0.0f;  // no valid key: zeros
+          uint16_t* dst =
+              static_cast<uint16_t*>(p.out) + ((int64_t(it.b) * p.q_len + row) * p.q_heads + it.h) * kHeadDim;
+#pragma unroll
+          for (int c = 0; c < 16; ++c)
+            *reinterpret_cast<uint32_t*>(dst + 8 * c + 2 * t4) =
+                Traits::pack(o[4 * c + 2 * r] * inv, o[4 * c + 2 * r + 1] * inv);
+        } else {
+          const int64_t idx = int64_t(it.split) * total_rows + it.bh * p.q_len + row;
+          float* dst = part_o + idx * kHeadDim;
+#pragma unroll
+          for (int c = 0; c < 16; ++c)
+            *reinterpret_cast<float2*>(dst + 8 * c + 2 * t4) = make_float2(o[4 * c + 2 * r], o[4 * c + 2 * r + 1]);
+          if (t4 == 0) {
+            part_ml[2 * idx] = m_run[r];
+            part_ml[2 * idx + 1] = l_run[r];
+          }
+        }
+      }
+    }
+    if constexpr (C::kStoreO) {
+      // The warpgroup's MMAs and writes are done: one thread stores its 64
+      // rows (the map leaves out rows past the end) and, once the store has
+      // read them, frees the Q buffer.
+      named_sync<128>(3 + wg);
+      if (threadIdx.x % 128 == 0) {
+        const int row0 = it.q0 + wg * 64;
+        if (store_o && row0 < p.q_len) {
+          const uint32_t src = q_buffer + wg * 64 * 128;
+          tma_store(&maps.out, src, 0, row0, it.h, it.b);
+          tma_store(&maps.out, src + C::kQHalfBytes, 64, row0, it.h, it.b);
+          bulk_commit();
+          // The block's last stores are waited for until they are out.
+          if (it_last) {
+            bulk_wait();
+          } else {
+            bulk_wait_read();
+          }
+        }
+        barrier_arrive(q_empty(it_qb));
+      }
+    }
+  };
+  auto restart = [&] {  // a new item's accumulators
 #pragma unroll
     for (int i = 0; i < 64; ++i) o[i] = 0.0f;
     m_run[0] = m_run[1] = -INFINITY;
     l_run[0] = l_run[1] = 0.0f;
+  };
+
+  uint32_t tile_count = 0;  // K/V tiles consumed so far: the ring position
+  uint32_t item_count = 0;
+  int s = 0;                // the stage of the tile being consumed
+  for (int64_t item = blockIdx.x; item < n_items; item += gridDim.x, ++item_count) {
+    // With kChain, the previous item's last P V is still to issue: it goes
+    // with this item's first Q K^T, and the previous item's output is
+    // written after them.
+    const bool chained = C::kChain && item_count > 0;
+    const Item done = w;
+    const int done_qb = qb;
+    w = item_at(item);
+    last_item = item + gridDim.x >= n_items;
+    mask = p.key_mask != nullptr ? p.key_mask + int64_t(w.b) * p.kv_len : nullptr;
+    if (!chained) restart();
     qb = int(item_count % kQB);
     s_q_item = s_q + qb * C::kQBytes;
     barrier_wait(q_full(qb), (item_count / kQB) & 1);
 
-    // Tile 0: Q K^T only.
-    int s = int(tile_count % kStages);
+    // Tile 0: Q K^T only (chained: after the previous item's last P V).
+    const int done_stage = s;
+    s = int(tile_count % kStages);
     barrier_wait(k_full(s), (tile_count / kStages) & 1);
+    if (chained) barrier_wait(v_full(done_stage), ((tile_count - 1) / kStages) & 1);
     take_turn();
     wgmma_fence();
+    if (chained) issue_pv(done_stage);
     issue_qk(s);
     wgmma_commit();
     pass_turn(0);
     settle();
+    if (chained) barrier_arrive(v_empty(done_stage));
     barrier_arrive(k_empty(s));
     if (!C::kStoreO && w.n_tiles == 1) barrier_arrive(q_empty(qb));  // Q is read: another item's may land
+    if (chained) {
+      write_out(done, done_qb, false);
+      restart();
+    }
     softmax(0);
 
     // Tiles 1 .. n-1: P V of the previous tile, then Q K^T of this one.
@@ -618,86 +720,17 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       if (!C::kStoreO && j == w.n_tiles - 1) barrier_arrive(q_empty(qb));
       softmax(j);
     }
+    ++tile_count;
+    if (C::kChain && !last_item) continue;  // the last P V goes with the next item's first Q K^T
 
     // P V of the last tile.
-    barrier_wait(v_full(s), (tile_count / kStages) & 1);
+    barrier_wait(v_full(s), ((tile_count - 1) / kStages) & 1);
     wgmma_fence();
     issue_pv(s);
     wgmma_commit();
     settle();
     barrier_arrive(v_empty(s));
-    ++tile_count;
-
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
-      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
-    }
-    const int64_t total_rows = p.batch * p.q_heads * p.q_len;
-    const bool store_o = C::kStoreO && part_o == nullptr;
-    if (store_o) {
-      // O into this warpgroup's rows of the item's Q buffer, which its own
-      // Q K^T were the last to read, in the TMA boxes' swizzled layout
-      // (16-byte chunk c of row r at chunk c ^ (r % 8); conflict-free: the
-      // 8 rows of a store instruction have 8 different r % 8).
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float inv = l_run[r] > 0.0f ? 1.0f / l_run[r] : 0.0f;  // no valid key: zeros
-        const int row = wg * 64 + warp * 16 + g + 8 * r;
-#pragma unroll
-        for (int c = 0; c < 16; ++c)
-          store_shared(s_q_item + (c / 8) * C::kQHalfBytes + row * 128 + (((c % 8) ^ (row % 8)) * 16) + 4 * t4,
-                       Traits::pack(o[4 * c + 2 * r] * inv, o[4 * c + 2 * r + 1] * inv));
-      }
-      fence_shared_for_tma();
-    } else {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t row = int64_t(w.q0) + wg * 64 + warp * 16 + g + 8 * r;
-        if (row >= p.q_len) continue;
-        if (part_o == nullptr) {
-          const float inv = l_run[r] > 0.0f ? 1.0f / l_run[r] : 0.0f;  // no valid key: zeros
-          uint16_t* dst =
-              static_cast<uint16_t*>(p.out) + ((int64_t(w.b) * p.q_len + row) * p.q_heads + w.h) * kHeadDim;
-#pragma unroll
-          for (int c = 0; c < 16; ++c)
-            *reinterpret_cast<uint32_t*>(dst + 8 * c + 2 * t4) =
-                Traits::pack(o[4 * c + 2 * r] * inv, o[4 * c + 2 * r + 1] * inv);
-        } else {
-          const int64_t idx = int64_t(w.split) * total_rows + w.bh * p.q_len + row;
-          float* dst = part_o + idx * kHeadDim;
-#pragma unroll
-          for (int c = 0; c < 16; ++c)
-            *reinterpret_cast<float2*>(dst + 8 * c + 2 * t4) = make_float2(o[4 * c + 2 * r], o[4 * c + 2 * r + 1]);
-          if (t4 == 0) {
-            part_ml[2 * idx] = m_run[r];
-            part_ml[2 * idx + 1] = l_run[r];
-          }
-        }
-      }
-    }
-    if constexpr (C::kStoreO) {
-      // The warpgroup's MMAs and writes are done: one thread stores its 64
-      // rows (the map leaves out rows past the end) and, once the store has
-      // read them, frees the Q buffer.
-      named_sync<128>(3 + wg);
-      if (threadIdx.x % 128 == 0) {
-        const int row0 = w.q0 + wg * 64;
-        if (store_o && row0 < p.q_len) {
-          const uint32_t src = s_q_item + wg * 64 * 128;
-          tma_store(&maps.out, src, 0, row0, w.h, w.b);
-          tma_store(&maps.out, src + C::kQHalfBytes, 64, row0, w.h, w.b);
-          bulk_commit();
-          // The block's last stores are waited for until they are out.
-          if (last_item) {
-            bulk_wait();
-          } else {
-            bulk_wait_read();
-          }
-        }
-        barrier_arrive(q_empty(qb));
-      }
-    }
+    write_out(w, qb, last_item);
   }
 #endif
 }
@@ -812,6 +845,10 @@ cudaError_t launch_shape(const AttentionParams& p, CUtensorMapDataType type, int
       return launch<Traits, ManyQueriesStoreO>(p, type, num_splits, persistent, workspace, stream);
     case Sm90Pipeline::kThreeStages:
       return launch<Traits, ManyQueriesThreeStages>(p, type, num_splits, persistent, workspace, stream);
+    case Sm90Pipeline::kTwoQueriesChain:
+      return launch<Traits, ManyQueriesChain>(p, type, num_splits, persistent, workspace, stream);
+    case Sm90Pipeline::kTwoQueriesChainStoreO:
+      return launch<Traits, ManyQueriesChainStoreO>(p, type, num_splits, persistent, workspace, stream);
   }
   return cudaErrorInvalidValue;
 }

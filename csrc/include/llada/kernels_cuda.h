@@ -46,6 +46,8 @@ enum class Sm90Pipeline {
   kTwoQueries,      // two Q buffers: the next item's Q loads while this one runs
   kTwoQueriesStoreO,  // two Q buffers, and O leaves through its item's Q buffer by a TMA store
   kThreeStages,     // one Q buffer and three K/V stages instead of two
+  kTwoQueriesChain,   // two Q buffers; an item's last P V goes with the next one's first Q K^T
+  kTwoQueriesChainStoreO,  // both of the above, and O out by a TMA store
 };
 struct AttentionCudaPlan {
   int num_splits = 1;
