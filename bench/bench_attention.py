@@ -15,8 +15,11 @@ On an sm_90 GPU (H100, H200) with a build for it, "llada" runs the Hopper
 kernel where the op's plan takes it, and two more columns time each kernel
 alone: "llada mma" (LLADA_ATTENTION_SM90=0: the tensor-core kernel of
 attention.cu) and "llada sm90" (=always: the Hopper kernel), both checked
-against "llada" first. LLADA_ATTENTION_SM90=0 in the environment leaves
-the Hopper kernel out altogether.
+against "llada" first. On the full shapes, one more column per pipeline
+variant of the Hopper kernel's 128-row blocks times it with
+LLADA_ATTENTION_SM90_PIPELINE set ("sm90 two-q", ...).
+LLADA_ATTENTION_SM90=0 in the environment leaves the Hopper kernel out
+altogether.
 
 Every backend's output is checked against llada's before timing; the
 contenders are timed in turn over three rounds, each keeping its best. The table
@@ -52,19 +55,25 @@ def _with_backend(backend, q, k, v):
     return run
 
 
-def _llada_with(setting, q, k, v):
-    """llada.attention under LLADA_ATTENTION_SM90=setting."""
+def _llada_with(settings, q, k, v):
+    """llada.attention with the environment variables `settings` set."""
     def run():
-        os.environ["LLADA_ATTENTION_SM90"] = setting
+        os.environ.update(settings)
         try:
             return llada.attention(q, k, v)
         finally:
-            del os.environ["LLADA_ATTENTION_SM90"]
+            for name in settings:
+                del os.environ[name]
 
     return run
 
 
-ONE_KERNEL = {"llada mma": "0", "llada sm90": "always"}
+ONE_KERNEL = {"llada mma": {"LLADA_ATTENTION_SM90": "0"}, "llada sm90": {"LLADA_ATTENTION_SM90": "always"}}
+# The Hopper kernel's pipelines for 128-row blocks (timed on the full shapes;
+# LLADA_BENCH_SM90_PIPELINES, when set, lists the ones to time).
+PIPELINES = {f"sm90 {name}": {"LLADA_ATTENTION_SM90": "always", "LLADA_ATTENTION_SM90_PIPELINE": name}
+             for name in ("two-q", "two-q-store-o", "three-stages", "two-q-chain", "two-q-chain-store-o")
+             if name in os.environ.get("LLADA_BENCH_SM90_PIPELINES", name).split()}
 
 
 def cases() -> list[tuple[str, int, int, int, int, int]]:
@@ -93,6 +102,7 @@ def main() -> None:
     sm90 = device == "cuda" and llada.hopper_attention_available() and os.environ.get("LLADA_ATTENTION_SM90") != "0"
     if sm90:
         os.environ.pop("LLADA_ATTENTION_SM90", None)
+        os.environ.pop("LLADA_ATTENTION_SM90_PIPELINE", None)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for kind, b, h, lq, lk, d in cases():
@@ -104,7 +114,8 @@ def main() -> None:
         # SDPA wants [B, H, L, D]; the transposes are views, as in a model.
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         contenders = {"llada": lambda: llada.attention(q, k, v)}
-        for name, setting in ONE_KERNEL.items() if sm90 else ():
+        variants = {**ONE_KERNEL, **(PIPELINES if kind == "full" else {})} if sm90 else {}
+        for name, setting in variants.items():
             try:
                 diff = (_llada_with(setting, q, k, v)().float() - ours.float()).abs().max().item()
             except RuntimeError as e:  # a launch error leaves the context usable; the row goes on without it
@@ -136,13 +147,13 @@ def main() -> None:
         rows.append((kind, shape, tflops, best_name, best))
         print(f"{kind:<5} {shape:<34} llada {tflops['llada']:8.3f} TFLOP/s  best SDPA {best_name} "
               f"{best:8.3f}  x{tflops['llada'] / best:5.2f}", flush=True)
-        for name in ONE_KERNEL:
+        for name in variants:
             if name in tflops:
                 print(f"{'':<40} {name} {tflops[name]:8.3f} TFLOP/s  x{tflops[name] / best:5.2f}", flush=True)
         del q, k, v, qt, kt, vt, ours
 
     names = [n for n in BACKENDS if any(r[2].get(n) for r in rows)]
-    ours = ["llada"] + [n for n in ONE_KERNEL if any(n in r[2] for r in rows)]
+    ours = ["llada"] + [n for n in {**ONE_KERNEL, **PIPELINES} if any(n in r[2] for r in rows)]
     print()
     print(f"attention, {dtype}, {device}: TFLOP/s (higher is better)")
     print()

@@ -53,7 +53,7 @@ summary() {
   echo "================ summary ================"
   cat "$LOGS/device.txt"
   echo "steps: $(paste -sd ',' "$LOGS/steps.txt" 2>/dev/null | sed 's/,/, /g')"
-  for t in tests_sm90 tests; do
+  for t in tests_sm90 tests_sm90_pipelines tests; do
     [ -f "$LOGS/$t.log" ] || continue
     echo "$t: $(grep -E '(passed|failed|error)' "$LOGS/$t.log" | tail -n 1)"
     grep -E '^(FAILED|ERROR) ' "$LOGS/$t.log" | sed 's/^/  /'
@@ -92,7 +92,8 @@ parallel=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 # turned off (a fault would take them down too). If its results are only
 # wrong, the steps keep it: the tests then fail where the op's plan takes it,
 # and bench_attention times it alone only where it agrees with the default.
-step tests_sm90 timeout --kill-after=10 240 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider $parallel tests/test_attention.py -k sm90
+step tests_sm90 timeout --kill-after=10 240 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider $parallel \
+  tests/test_attention.py -k "sm90 and not pipelines"
 sm90_log="$LOGS/tests_sm90.log"
 if ! tail -n 1 "$sm90_log" | grep -qE '[0-9]+ (passed|failed)' ||
    grep -qiE 'illegal (memory|instruction)|launch failure|misaligned address|device-side|CUDA error' "$sm90_log"; then
@@ -100,6 +101,18 @@ if ! tail -n 1 "$sm90_log" | grep -qE '[0-9]+ (passed|failed)' ||
   export LLADA_ATTENTION_SM90=0
 elif grep -q FAILED "$sm90_log"; then
   echo "   the Hopper attention kernel gave wrong results: benchmarks time it only where it agrees"
+fi
+# Then the pipeline variants of its 128-query blocks, each tested on its own:
+# the benchmarks time only those that passed (LLADA_BENCH_SM90_PIPELINES), so
+# that one that hangs or faults cannot take a benchmark down.
+if [ "${LLADA_ATTENTION_SM90:-}" != 0 ]; then
+  step tests_sm90_pipelines timeout --kill-after=10 240 "$PYTHON" -m pytest -q -rA -p no:cacheprovider $parallel \
+    tests/test_attention.py -k sm90_pipelines
+  LLADA_BENCH_SM90_PIPELINES=$(grep -oE '^PASSED .*test_sm90_pipelines_match_reference\[[a-z0-9-]+\]' \
+    "$LOGS/tests_sm90_pipelines.log" | sed -E 's/.*\[([a-z0-9-]+)\]/\1/' | sort | paste -sd ' ')
+  export LLADA_BENCH_SM90_PIPELINES
+  echo "   pipelines to benchmark: ${LLADA_BENCH_SM90_PIPELINES:-none}"
+  echo "pipelines that passed: ${LLADA_BENCH_SM90_PIPELINES:-none}" >>"$LOGS/device.txt"
 fi
 step bench_build_attention bench_build bench_attention
 step bin_bench_attention timeout 150 build/bench-gpu/bench_attention

@@ -373,6 +373,29 @@ def test_sm90_strided_inputs_and_scale(sm90):
     check_against_reference(q, k, v, scale=0.3)
 
 
+# The pipelines of the Hopper kernel's 128-row blocks (LLADA_ATTENTION_SM90_PIPELINE),
+# on shapes whose blocks take several items (their Q buffers reused, items
+# chained), partial last tiles, padding and split keys.
+SM90_PIPELINES = ["one-q", "two-q", "two-q-store-o", "three-stages", "two-q-chain", "two-q-chain-store-o"]
+
+
+@pytest.mark.parametrize("pipeline", SM90_PIPELINES)
+def test_sm90_pipelines_match_reference(sm90, monkeypatch, pipeline):
+    monkeypatch.setenv("LLADA_ATTENTION_SM90_PIPELINE", pipeline)
+    check_against_reference(*make_qkv(4, 380, 700, 32, 8, 128, torch.bfloat16, "cuda"))
+    check_against_reference(*make_qkv(3, 333, 1000, 48, 8, 128, torch.float16, "cuda", seed=3))
+    q, k, v = make_qkv(3, 150, 1000, 8, 2, 128, torch.bfloat16, "cuda", seed=4)  # split keys
+    check_against_reference(q, k, v, padding_mask(3, 1000, "cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bad_sm90_pipeline_is_named(monkeypatch):
+    q, k, v = make_qkv(1, 5, 9, 2, 1, 64, torch.bfloat16, "cuda")
+    monkeypatch.setenv("LLADA_ATTENTION_SM90_PIPELINE", "fastest")
+    with pytest.raises(RuntimeError, match="LLADA_ATTENTION_SM90_PIPELINE.*two-q-chain"):
+        llada.attention(q, k, v)
+
+
 @contextlib.contextmanager
 def _env(name, value):
     """The environment variable `name` set to `value` inside the block."""

@@ -257,14 +257,16 @@ def test_another_attention_backend_is_not_reused(model, held, monkeypatch):
     assert fused != sdpa and sdpa == sdpa_again
 
 
-def test_another_hopper_switch_is_not_reused(model, held, monkeypatch):
-    # The attention op reads LLADA_ATTENTION_SM90 at each launch; a kept
+@pytest.mark.parametrize("switch, value", [("LLADA_ATTENTION_SM90", "0"),
+                                           ("LLADA_ATTENTION_SM90_PIPELINE", "two-q")])
+def test_another_hopper_switch_is_not_reused(model, held, monkeypatch, switch, value):
+    # The attention op reads its Hopper switches at each launch; a kept
     # graph replays whichever kernel it captured.
     policy = DecodePolicy(cache="dual")
     prompt, mask = prompts(model, seed=14)
-    monkeypatch.delenv("LLADA_ATTENTION_SM90", raising=False)
+    monkeypatch.delenv(switch, raising=False)
     llada.generate(model, prompt, mask, **KW, policy=policy)
-    monkeypatch.setenv("LLADA_ATTENTION_SM90", "0")
+    monkeypatch.setenv(switch, value)
     llada.generate(model, prompt, mask, **KW, policy=policy)
     llada.generate(model, prompt, mask, **KW, policy=policy)
     unset, off, off_again = caches_of(held)

@@ -82,6 +82,15 @@ bool sm90_left_out() {
   return value != nullptr && std::string(value) == "0";
 }
 
+// LLADA_BENCH_SM90_PIPELINES, when set, lists the pipelines (variant names
+// without "sm90-", space-separated) to run; the others are left out.
+bool pipeline_left_out(const Variant& variant) {
+  const char* value = std::getenv("LLADA_BENCH_SM90_PIPELINES");
+  if (value == nullptr || variant.pipeline == Sm90Pipeline::kOneQuery) return false;
+  const std::string wanted = std::string(" ") + value + " ";
+  return wanted.find(std::string(" ") + (variant.name + 5) + " ") == std::string::npos;
+}
+
 // Where the wrong elements of one (batch, head) lie: counts by query row
 // within a 128-row tile (groups of 16) and by dim (groups of 16), which
 // tells a tile-layout mistake from a numerical one.
@@ -188,6 +197,7 @@ bool run_case(const Case& c, const bench::Options& o, uint64_t seed) {
     if (c.timed && variant.splits > 1 && c.q_len >= 128) continue;
     // Up to 64 queries, the Hopper kernel has one pipeline.
     if (variant.pipeline != Sm90Pipeline::kOneQuery && c.q_len <= 64) continue;
+    if (pipeline_left_out(variant)) continue;
     AttentionCudaPlan plan;
     if (variant.splits == 0) {
       CUDA_CHECK(llada::attention_cuda_plan(p, &plan, variant.sm90));

@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "checks.h"
 #include "llada/kernels_cuda.h"
@@ -45,6 +46,35 @@ Sm90Use sm90_use() {
   TORCH_CHECK(false, "llada.attention: LLADA_ATTENTION_SM90 must be unset, 0, 1 or always; got '", value, "'");
 }
 
+// LLADA_ATTENTION_SM90_PIPELINE picks the Hopper kernel's pipeline for more
+// than 64 queries (Sm90Pipeline), for benchmarks that compare them; unset,
+// the plan's.
+struct NamedPipeline {
+  const char* name;
+  Sm90Pipeline pipeline;
+};
+constexpr NamedPipeline kPipelines[] = {
+    {"one-q", Sm90Pipeline::kOneQuery},
+    {"two-q", Sm90Pipeline::kTwoQueries},
+    {"two-q-store-o", Sm90Pipeline::kTwoQueriesStoreO},
+    {"three-stages", Sm90Pipeline::kThreeStages},
+    {"two-q-chain", Sm90Pipeline::kTwoQueriesChain},
+    {"two-q-chain-store-o", Sm90Pipeline::kTwoQueriesChainStoreO},
+};
+
+// The pipeline the variable asks for, or nullptr when it is unset.
+const Sm90Pipeline* sm90_pipeline() {
+  const char* value = std::getenv("LLADA_ATTENTION_SM90_PIPELINE");
+  if (value == nullptr || std::strcmp(value, "") == 0) return nullptr;
+  std::string names;
+  for (const NamedPipeline& named : kPipelines) {
+    if (std::strcmp(value, named.name) == 0) return &named.pipeline;
+    names += names.empty() ? named.name : std::string(", ") + named.name;
+  }
+  TORCH_CHECK(false, "llada.attention: LLADA_ATTENTION_SM90_PIPELINE must be unset or one of ", names, "; got '",
+              value, "'");
+}
+
 at::Tensor attention_cuda_op(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                              const c10::optional<at::Tensor>& key_mask,
                              c10::optional<double> scale) {
@@ -64,7 +94,9 @@ at::Tensor attention_cuda_op(const at::Tensor& q_in, const at::Tensor& k_in, con
   const AttentionParams p =
       make_attention_params(q, k, v, key_mask.has_value() ? &mask : nullptr, out, dtype, s);
   AttentionCudaPlan plan;
+  const Sm90Pipeline* pipeline = sm90_pipeline();
   check_cuda(attention_cuda_plan(p, &plan, sm90_use()), "planning");
+  if (pipeline != nullptr) plan.sm90_pipeline = *pipeline;
   at::Tensor workspace;
   if (plan.workspace_bytes > 0)
     workspace = at::empty({int64_t(plan.workspace_bytes)}, q.options().dtype(at::kByte));

@@ -644,9 +644,10 @@ def _weights_fingerprint(model) -> tuple:
     """What a kept graph assumes beyond its inputs: every weight still where
     (and what dtype) it was at capture, since a graph reads them by address
     (in-place updates keep both), and the same attention kernels (backend,
-    and whether the Hopper kernel may run: the op reads that switch at each
-    launch, a replay never does)."""
-    kernels = (model_module._attention_backend, os.environ.get("LLADA_ATTENTION_SM90", ""))
+    whether the Hopper kernel may run and its pipeline: the op reads those
+    switches at each launch, a replay never does)."""
+    kernels = (model_module._attention_backend, os.environ.get("LLADA_ATTENTION_SM90", ""),
+               os.environ.get("LLADA_ATTENTION_SM90_PIPELINE", ""))
     return kernels, tuple((p.data_ptr(), p.dtype) for p in model.parameters())
 
 
@@ -706,7 +707,8 @@ def release_decode_workspace(model) -> None:
     model, and a decode holds one alone until it ends, so decodes running
     at once (interleaved streams) never share one. Graphs are not reused
     after the model's weights are replaced (updating them in place is fine)
-    or the attention backend or ``LLADA_ATTENTION_SM90`` changes; call this
+    or the attention backend, ``LLADA_ATTENTION_SM90`` or
+    ``LLADA_ATTENTION_SM90_PIPELINE`` changes; call this
     after changing torch's global matmul settings (TF32, reduced-precision
     reductions), which a captured graph keeps. Decodes running
     now keep theirs and return them when they end.
