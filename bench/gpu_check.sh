@@ -4,7 +4,7 @@
 # place against that torch, run the tests (CUDA ones included), run every
 # kernel microbenchmark and the Python benchmarks, and print a summary table.
 #
-#   bash bench/gpu_check.sh            # everything (about 8 minutes on 16 cores)
+#   bash bench/gpu_check.sh            # everything (about 9 minutes on 16 cores)
 #   bash bench/gpu_check.sh attention  # only the attention binary: every kernel
 #                                      # variant against the CPU twin, then timed
 #                                      # (about a minute; for work on the kernels)

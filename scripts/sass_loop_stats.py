@@ -6,8 +6,10 @@ work per iteration that runs without a GPU.
 
 Compiles the file with nvcc, disassembles it with cuobjdump (from PATH, or the
 copy bundled with triton), and for every kernel prints its registers and
-spills and, for its largest loop that holds tensor-core MMAs or global loads,
-the instruction count and the most frequent opcodes. A loop body holds every
+spills, the highest register its code names (above the count ptxas reports
+when the kernel raises its budget with setmaxnreg) and, for its largest loop
+that holds tensor-core MMAs or global loads, the instruction count and the
+most frequent opcodes. A loop body holds every
 branch of the loop, taken or not: compare variants of one kernel, not kernels.
 """
 
@@ -97,7 +99,9 @@ def main() -> None:
         name = name.strip()
         if args.filter not in name:
             continue
-        print(f"{name}\n  {used.get(name, '?')}")
+        highest = max((int(r) for r in re.findall(r"\bR(\d+)\b", body)), default=-1)
+        local = len(re.findall(r"\b(?:STL|LDL)\b", body))
+        print(f"{name}\n  {used.get(name, '?')}; highest register R{highest}, {local} local loads/stores")
         loop = main_loop(body)
         if loop is None:
             print("  no loop with MMAs or global loads")
