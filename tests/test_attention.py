@@ -129,6 +129,7 @@ def test_custom_scale_and_long_keys(device):
     dtype = torch.bfloat16
     q, k, v = make_qkv(1, 33, 2047, 4, 4, 128, dtype, device)
     check_against_reference(q, k, v, scale=0.3)
+    check_against_reference(q, k, v, scale=-0.3)  # the largest score is the smallest product
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -375,8 +376,10 @@ def test_sm90_strided_inputs_and_scale(sm90):
 
 # The pipelines of the Hopper kernel's 128-row blocks (LLADA_ATTENTION_SM90_PIPELINE),
 # on shapes whose blocks take several items (their Q buffers reused, items
-# chained), partial last tiles, padding and split keys.
-SM90_PIPELINES = ["one-q", "two-q", "two-q-store-o", "three-stages", "two-q-chain", "two-q-chain-store-o"]
+# chained), partial last tiles, padding, split keys, and whole tiles with a
+# positive and a negative scale (the lean softmax folds only the first).
+SM90_PIPELINES = ["one-q", "two-q", "two-q-store-o", "three-stages", "two-q-chain", "two-q-chain-store-o",
+                  "one-q-lean", "two-q-chain-store-o-lean"]
 
 
 @pytest.mark.parametrize("pipeline", SM90_PIPELINES)
@@ -386,6 +389,9 @@ def test_sm90_pipelines_match_reference(sm90, monkeypatch, pipeline):
     check_against_reference(*make_qkv(3, 333, 1000, 48, 8, 128, torch.float16, "cuda", seed=3))
     q, k, v = make_qkv(3, 150, 1000, 8, 2, 128, torch.bfloat16, "cuda", seed=4)  # split keys
     check_against_reference(q, k, v, padding_mask(3, 1000, "cuda"))
+    q, k, v = make_qkv(2, 256, 384, 4, 2, 128, torch.bfloat16, "cuda", seed=5)  # whole tiles only
+    check_against_reference(q, k, v, scale=0.2)
+    check_against_reference(q, k, v, scale=-0.2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -74,7 +74,10 @@ const Variant kVariants[] = {
     {"sm90-two-q-store-o", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kTwoQueriesStoreO},
     {"sm90-three-stages", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kThreeStages},
     {"sm90-two-q-chain", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kTwoQueriesChain},
-    {"sm90-two-q-chain-store-o", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kTwoQueriesChainStoreO}};
+    {"sm90-two-q-chain-store-o", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kTwoQueriesChainStoreO},
+    {"sm90-one-q-lean", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kOneQueryLean},
+    {"sm90-two-q-chain-store-o-lean", 0, 0, llada::Sm90Use::kAlways, true,
+     Sm90Pipeline::kTwoQueriesChainStoreOLean}};
 
 // LLADA_ATTENTION_SM90=0 leaves the Hopper kernel out, as it does the op's.
 bool sm90_left_out() {

@@ -28,7 +28,11 @@
 // become 32 conflict-free shared stores and one bulk copy per warpgroup);
 // either of those with an item's last P V issued together with the next
 // item's first Q K^T (its output written after them), so that the tensor
-// cores see no gap between items; or three K/V stages instead of two.
+// cores see no gap between items; or three K/V stages instead of two. And
+// a leaner softmax, alone or with all of the above: on whole tiles the
+// scale goes into the exponent's FMA (64 multiplies fewer per thread and
+// tile), and a warp whose rows' maxima all stayed skips the rescale of O
+// (64 more).
 //
 // Few queries against many keys (cached decoding: 32 queries, thousands of
 // keys) take a second shape: one consumer warpgroup (64 query rows), a ring
@@ -89,13 +93,16 @@ constexpr float kLog2e = 1.4426950408889634f;
 // only after the store has read it: that needs a second Q buffer, for the
 // next item's Q. With kChain, an item's last P V is issued with the next
 // item's first Q K^T (so the next Q must be loaded by then: two buffers).
-template <int kConsumers_, int kStages_, int kQBuffers_ = 1, bool kStoreO_ = false, bool kChain_ = false>
+// kLean trims the softmax (see there).
+template <int kConsumers_, int kStages_, int kQBuffers_ = 1, bool kStoreO_ = false, bool kChain_ = false,
+          bool kLean_ = false>
 struct Config {
   static constexpr int kConsumers = kConsumers_;
   static constexpr int kStages = kStages_;
   static constexpr int kQBuffers = kQBuffers_;
   static constexpr bool kStoreO = kStoreO_;
   static constexpr bool kChain = kChain_;
+  static constexpr bool kLean = kLean_;
   static_assert(!kStoreO || kQBuffers == 2, "O goes out through a Q buffer while the next item's Q loads");
   static_assert(!kChain || kQBuffers == 2, "the next item's Q is read while this one finishes");
   static constexpr int kRows = 64 * kConsumers;  // query rows per block
@@ -134,6 +141,8 @@ using ManyQueriesStoreO = Config<2, 2, 2, true>;
 using ManyQueriesThreeStages = Config<2, 3>;
 using ManyQueriesChain = Config<2, 2, 2, false, true>;
 using ManyQueriesChainStoreO = Config<2, 2, 2, true, true>;
+using ManyQueriesLean = Config<2, 2, 1, false, false, true>;
+using ManyQueriesChainStoreOLean = Config<2, 2, 2, true, true, true>;
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define LLADA_SM90_DEVICE 1
@@ -487,8 +496,15 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   // the row sums, and leaves P in `pa`.
   auto softmax = [&](int j) {
     // Scale into the log2 domain; masked keys and keys past the end get -inf.
+    // kLean folds the scale of a whole tile into the exponent's FMA instead
+    // (with a scale of at least 0, the largest raw score is the largest
+    // scaled one); k_exp is what the scores are still to be multiplied by.
     const int64_t k0 = int64_t(w.first_tile + j) * kBlockK;
-    if (mask == nullptr && k0 + kBlockK <= p.kv_len) {
+    const bool whole = mask == nullptr && k0 + kBlockK <= p.kv_len;
+    float k_exp = 1.0f;
+    if (C::kLean && whole && !(scale_log2 < 0.0f)) {
+      k_exp = scale_log2;
+    } else if (whole) {
 #pragma unroll
       for (int i = 0; i < 64; ++i) s_acc[i] *= scale_log2;
     } else {
@@ -505,7 +521,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       }
     }
     // Online softmax; a row is spread over the 4 threads of a quad.
-    float m_use[2];
+    float m_use[2], alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float tile_max = -INFINITY;
@@ -513,21 +529,41 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       for (int c = 0; c < 16; ++c) tile_max = fmaxf(tile_max, fmaxf(s_acc[4 * c + 2 * r], s_acc[4 * c + 2 * r + 1]));
       tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
       tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+      if constexpr (C::kLean) tile_max *= k_exp;  // raw scores are finite: no 0 * inf
       const float m_new = fmaxf(m_run[r], tile_max);
       // No valid key yet: subtract 0, not -inf (-inf - -inf is NaN).
       m_use[r] = m_new == -INFINITY ? 0.0f : m_new;
-      const float alpha = fast_exp2(m_run[r] - m_use[r]);
+      alpha[r] = fast_exp2(m_run[r] - m_use[r]);
       m_run[r] = m_new;
-      l_run[r] *= alpha;
+      l_run[r] *= alpha[r];
+      if constexpr (!C::kLean) {
 #pragma unroll
-      for (int c = 0; c < 16; ++c) {
-        o[4 * c + 2 * r] *= alpha;
-        o[4 * c + 2 * r + 1] *= alpha;
+        for (int c = 0; c < 16; ++c) {
+          o[4 * c + 2 * r] *= alpha[r];
+          o[4 * c + 2 * r + 1] *= alpha[r];
+        }
+      }
+    }
+    if constexpr (C::kLean) {
+      // A row whose max stayed has alpha 1: a warp whose rows all kept
+      // theirs (most tiles after the first few) skips the rescale.
+      if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+#pragma unroll
+        for (int c = 0; c < 16; ++c) {
+          o[4 * c + 0] *= alpha[0];
+          o[4 * c + 1] *= alpha[0];
+          o[4 * c + 2] *= alpha[1];
+          o[4 * c + 3] *= alpha[1];
+        }
       }
     }
 #pragma unroll
     for (int i = 0; i < 64; ++i) {
-      s_acc[i] = fast_exp2(s_acc[i] - m_use[(i / 2) % 2]);
+      if constexpr (C::kLean) {
+        s_acc[i] = fast_exp2(fmaf(s_acc[i], k_exp, -m_use[(i / 2) % 2]));
+      } else {
+        s_acc[i] = fast_exp2(s_acc[i] - m_use[(i / 2) % 2]);
+      }
       l_run[(i / 2) % 2] += s_acc[i];
     }
 #pragma unroll
@@ -849,6 +885,10 @@ cudaError_t launch_shape(const AttentionParams& p, CUtensorMapDataType type, int
       return launch<Traits, ManyQueriesChain>(p, type, num_splits, persistent, workspace, stream);
     case Sm90Pipeline::kTwoQueriesChainStoreO:
       return launch<Traits, ManyQueriesChainStoreO>(p, type, num_splits, persistent, workspace, stream);
+    case Sm90Pipeline::kOneQueryLean:
+      return launch<Traits, ManyQueriesLean>(p, type, num_splits, persistent, workspace, stream);
+    case Sm90Pipeline::kTwoQueriesChainStoreOLean:
+      return launch<Traits, ManyQueriesChainStoreOLean>(p, type, num_splits, persistent, workspace, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -60,6 +60,8 @@ constexpr NamedPipeline kPipelines[] = {
     {"three-stages", Sm90Pipeline::kThreeStages},
     {"two-q-chain", Sm90Pipeline::kTwoQueriesChain},
     {"two-q-chain-store-o", Sm90Pipeline::kTwoQueriesChainStoreO},
+    {"one-q-lean", Sm90Pipeline::kOneQueryLean},
+    {"two-q-chain-store-o-lean", Sm90Pipeline::kTwoQueriesChainStoreOLean},
 };
 
 // The pipeline the variable asks for, or nullptr when it is unset.

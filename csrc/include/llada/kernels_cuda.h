@@ -48,6 +48,9 @@ enum class Sm90Pipeline {
   kThreeStages,     // one Q buffer and three K/V stages instead of two
   kTwoQueriesChain,   // two Q buffers; an item's last P V goes with the next one's first Q K^T
   kTwoQueriesChainStoreO,  // both of the above, and O out by a TMA store
+  kOneQueryLean,    // kOneQuery with a leaner softmax (the scale folded into exp2's FMA, O rescaled
+                    // only when a row's max moved)
+  kTwoQueriesChainStoreOLean,  // kTwoQueriesChainStoreO with the leaner softmax
 };
 struct AttentionCudaPlan {
   int num_splits = 1;
