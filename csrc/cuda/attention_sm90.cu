@@ -21,7 +21,8 @@
 // exponentials would otherwise leave the tensor cores idle.
 //
 // Those blocks of 128 rows have variants of their pipeline (Sm90Pipeline),
-// which bench/cuda/attention.cu validates and times side by side: a second
+// which bench/cuda/attention.cu and bench/bench_attention.py time side by
+// side (the plan keeps the first, until another measures faster): a second
 // Q buffer, so that the next item's Q loads while this one runs instead of
 // after its last Q K^T; that, and O written out through its item's Q buffer
 // by a TMA store (each thread's 32 four-byte global stores, 8 rows apart,
@@ -29,10 +30,10 @@
 // either of those with an item's last P V issued together with the next
 // item's first Q K^T (its output written after them), so that the tensor
 // cores see no gap between items; or three K/V stages instead of two. And
-// a leaner softmax, alone or with all of the above: on whole tiles the
-// scale goes into the exponent's FMA (64 multiplies fewer per thread and
-// tile), and a warp whose rows' maxima all stayed skips the rescale of O
-// (64 more).
+// a leaner softmax, alone or with the chained items and the TMA store: on
+// whole tiles the scale goes into the exponent's FMA (64 multiplies fewer
+// per thread and tile), and a warp whose rows' maxima all stayed skips the
+// rescale of O (64 more).
 //
 // Few queries against many keys (cached decoding: 32 queries, thousands of
 // keys) take a second shape: one consumer warpgroup (64 query rows), a ring
