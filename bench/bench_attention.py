@@ -69,11 +69,10 @@ def _llada_with(settings, q, k, v):
 
 
 ONE_KERNEL = {"llada mma": {"LLADA_ATTENTION_SM90": "0"}, "llada sm90": {"LLADA_ATTENTION_SM90": "always"}}
-# The Hopper kernel's pipelines for 128-row blocks (timed on the full shapes;
-# LLADA_BENCH_SM90_PIPELINES, when set, lists the ones to time).
+# The Hopper kernel's other pipelines for 128-row blocks (timed on the full
+# shapes; LLADA_BENCH_SM90_PIPELINES, when set, lists the ones to time).
 PIPELINES = {f"sm90 {name}": {"LLADA_ATTENTION_SM90": "always", "LLADA_ATTENTION_SM90_PIPELINE": name}
-             for name in ("two-q", "two-q-store-o", "three-stages", "two-q-chain", "two-q-chain-store-o",
-                          "one-q-lean", "two-q-chain-store-o-lean")
+             for name in llada._C.sm90_pipelines()[1:]
              if name in os.environ.get("LLADA_BENCH_SM90_PIPELINES", name).split()}
 
 

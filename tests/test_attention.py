@@ -378,11 +378,7 @@ def test_sm90_strided_inputs_and_scale(sm90):
 # on shapes whose blocks take several items (their Q buffers reused, items
 # chained), partial last tiles, padding, split keys, and whole tiles with a
 # positive and a negative scale (the lean softmax folds only the first).
-SM90_PIPELINES = ["one-q", "two-q", "two-q-store-o", "three-stages", "two-q-chain", "two-q-chain-store-o",
-                  "one-q-lean", "two-q-chain-store-o-lean"]
-
-
-@pytest.mark.parametrize("pipeline", SM90_PIPELINES)
+@pytest.mark.parametrize("pipeline", llada._C.sm90_pipelines())
 def test_sm90_pipelines_match_reference(sm90, monkeypatch, pipeline):
     monkeypatch.setenv("LLADA_ATTENTION_SM90_PIPELINE", pipeline)
     check_against_reference(*make_qkv(4, 380, 700, 32, 8, 128, torch.bfloat16, "cuda"))

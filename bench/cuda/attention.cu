@@ -57,27 +57,28 @@ void set_strides(int64_t (&s)[3], int64_t len, int heads, int d) {
 
 using llada::Sm90Pipeline;
 struct Variant {
-  const char* name;
+  std::string name;
   int splits;         // 0: the automatic plan
   int rows_per_warp;  // ignored by the automatic plan
   llada::Sm90Use sm90 = llada::Sm90Use::kNever;  // for the automatic plan
   bool persistent = true;                         // of the Hopper kernel
   Sm90Pipeline pipeline = Sm90Pipeline::kOneQuery;  // of the Hopper kernel, for more than 64 queries
+  std::string pipeline_name = "";                   // its name, for the other pipelines
 };
-const Variant kVariants[] = {
-    {"auto", 0, 0},          {"rows16", 1, 16},         {"rows16-split2", 2, 16},
-    {"rows16-split3", 3, 16}, {"rows16-split4", 4, 16},  {"rows16-split8", 8, 16},
-    {"rows16-split16", 16, 16}, {"rows16-split32", 32, 16}, {"rows32", 1, 32},
-    {"rows32-split3", 3, 32}, {"sm90", 0, 0, llada::Sm90Use::kAlways},
-    {"sm90-block-per-tile", 0, 0, llada::Sm90Use::kAlways, false},
-    {"sm90-two-q", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kTwoQueries},
-    {"sm90-two-q-store-o", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kTwoQueriesStoreO},
-    {"sm90-three-stages", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kThreeStages},
-    {"sm90-two-q-chain", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kTwoQueriesChain},
-    {"sm90-two-q-chain-store-o", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kTwoQueriesChainStoreO},
-    {"sm90-one-q-lean", 0, 0, llada::Sm90Use::kAlways, true, Sm90Pipeline::kOneQueryLean},
-    {"sm90-two-q-chain-store-o-lean", 0, 0, llada::Sm90Use::kAlways, true,
-     Sm90Pipeline::kTwoQueriesChainStoreOLean}};
+// The Hopper kernel's pipelines besides the plan's are "sm90-<name>".
+std::vector<Variant> variants() {
+  std::vector<Variant> all = {
+      {"auto", 0, 0},          {"rows16", 1, 16},         {"rows16-split2", 2, 16},
+      {"rows16-split3", 3, 16}, {"rows16-split4", 4, 16},  {"rows16-split8", 8, 16},
+      {"rows16-split16", 16, 16}, {"rows16-split32", 32, 16}, {"rows32", 1, 32},
+      {"rows32-split3", 3, 32}, {"sm90", 0, 0, llada::Sm90Use::kAlways},
+      {"sm90-block-per-tile", 0, 0, llada::Sm90Use::kAlways, false}};
+  for (const llada::Sm90PipelineName& named : llada::kSm90Pipelines)
+    if (named.pipeline != Sm90Pipeline::kOneQuery)
+      all.push_back({std::string("sm90-") + named.name, 0, 0, llada::Sm90Use::kAlways, true, named.pipeline,
+                     named.name});
+  return all;
+}
 
 // LLADA_ATTENTION_SM90=0 leaves the Hopper kernel out, as it does the op's.
 bool sm90_left_out() {
@@ -85,13 +86,13 @@ bool sm90_left_out() {
   return value != nullptr && std::string(value) == "0";
 }
 
-// LLADA_BENCH_SM90_PIPELINES, when set, lists the pipelines (variant names
-// without "sm90-", space-separated) to run; the others are left out.
+// LLADA_BENCH_SM90_PIPELINES, when set, lists the pipelines (by name,
+// space-separated) to run; the others are left out.
 bool pipeline_left_out(const Variant& variant) {
   const char* value = std::getenv("LLADA_BENCH_SM90_PIPELINES");
-  if (value == nullptr || variant.pipeline == Sm90Pipeline::kOneQuery) return false;
+  if (value == nullptr || variant.pipeline_name.empty()) return false;
   const std::string wanted = std::string(" ") + value + " ";
-  return wanted.find(std::string(" ") + (variant.name + 5) + " ") == std::string::npos;
+  return wanted.find(" " + variant.pipeline_name + " ") == std::string::npos;
 }
 
 // Where the wrong elements of one (batch, head) lie: counts by query row
@@ -191,7 +192,7 @@ bool run_case(const Case& c, const bench::Options& o, uint64_t seed) {
   const float rtol = c.dtype == DType::kBFloat16 ? 1e-2f : c.dtype == DType::kFloat16 ? 2e-3f : 1e-4f;
   const double flops = 4.0 * double(b) * hq * double(lq) * double(lk) * d;
   bool all_ok = true;
-  for (const Variant& variant : kVariants) {
+  for (const Variant& variant : variants()) {
     if (c.dtype == DType::kFloat32 && variant.splits != 0) continue;  // fp32 never splits
     // Timed: rows32 on the full shapes (with 32 queries, most of its tiles
     // would be padding) and the forced splits on the cached-decoding shapes,
@@ -259,7 +260,7 @@ bool run_case(const Case& c, const bench::Options& o, uint64_t seed) {
     std::snprintf(label, sizeof label,
                   "kernel=attention variant=%s dtype=%s B=%lld Lq=%lld Lk=%lld Hq=%d Hkv=%d D=%d mask=%d "
                   "splits=%d rows_per_warp=%d sm90=%d",
-                  variant.name, bench::short_name(c.dtype), (long long)b, (long long)lq, (long long)lk, hq, hkv,
+                  variant.name.c_str(), bench::short_name(c.dtype), (long long)b, (long long)lq, (long long)lk, hq, hkv,
                   d, int(c.mask), plan.num_splits, plan.rows_per_warp, int(plan.sm90));
     if (bad != 0) {
       std::printf("RESULT %s max_err=%.3g mismatches=%lld FAIL\n", label, max_err, (long long)bad);

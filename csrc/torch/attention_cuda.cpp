@@ -47,29 +47,13 @@ Sm90Use sm90_use() {
 }
 
 // LLADA_ATTENTION_SM90_PIPELINE picks the Hopper kernel's pipeline for more
-// than 64 queries (Sm90Pipeline), for benchmarks that compare them; unset,
-// the plan's.
-struct NamedPipeline {
-  const char* name;
-  Sm90Pipeline pipeline;
-};
-constexpr NamedPipeline kPipelines[] = {
-    {"one-q", Sm90Pipeline::kOneQuery},
-    {"two-q", Sm90Pipeline::kTwoQueries},
-    {"two-q-store-o", Sm90Pipeline::kTwoQueriesStoreO},
-    {"three-stages", Sm90Pipeline::kThreeStages},
-    {"two-q-chain", Sm90Pipeline::kTwoQueriesChain},
-    {"two-q-chain-store-o", Sm90Pipeline::kTwoQueriesChainStoreO},
-    {"one-q-lean", Sm90Pipeline::kOneQueryLean},
-    {"two-q-chain-store-o-lean", Sm90Pipeline::kTwoQueriesChainStoreOLean},
-};
-
-// The pipeline the variable asks for, or nullptr when it is unset.
+// than 64 queries by name (kSm90Pipelines), for benchmarks that compare
+// them; unset, the plan's. Returns nullptr when it is unset.
 const Sm90Pipeline* sm90_pipeline() {
   const char* value = std::getenv("LLADA_ATTENTION_SM90_PIPELINE");
   if (value == nullptr || std::strcmp(value, "") == 0) return nullptr;
   std::string names;
-  for (const NamedPipeline& named : kPipelines) {
+  for (const Sm90PipelineName& named : kSm90Pipelines) {
     if (std::strcmp(value, named.name) == 0) return &named.pipeline;
     names += names.empty() ? named.name : std::string(", ") + named.name;
   }

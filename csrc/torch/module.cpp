@@ -2,8 +2,13 @@
 // the torch ops (TORCH_LIBRARY in ops.cpp), so it must be imported after torch.
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <atomic>
+#include <string>
+#include <vector>
+
+#include "llada/attention.h"
 
 #ifndef LLADA_VERSION
 #define LLADA_VERSION "0.0.0"
@@ -24,6 +29,11 @@ PYBIND11_MODULE(_C, m) {
   }, "Whether the CUDA kernels were compiled into this build.");
   m.def("cuda_architectures", [] { return std::string(LLADA_CUDA_ARCHITECTURES); },
         "The CUDA architectures the kernels were compiled for (empty without CUDA).");
+  m.def("sm90_pipelines", [] {
+    std::vector<std::string> names;
+    for (const llada::Sm90PipelineName& named : llada::kSm90Pipelines) names.emplace_back(named.name);
+    return names;
+  }, "The names LLADA_ATTENTION_SM90_PIPELINE takes: the Hopper attention kernel's pipelines, the plan's first.");
   // The CPU ops split their work with at::parallel_for; this reports how many
   // threads it really uses here, which is 1 if the build lost its OpenMP.
   m.def("cpu_threads_used", [](int64_t tasks) {

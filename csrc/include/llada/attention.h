@@ -34,6 +34,36 @@ struct AttentionParams {
   DType dtype;
 };
 
+// How the Hopper CUDA kernel's blocks of 128 query rows (more than 64
+// queries) pipeline their work items. The variants are there to be timed
+// side by side (LLADA_ATTENTION_SM90_PIPELINE selects one by name); the
+// plan takes kOneQuery.
+enum class Sm90Pipeline {
+  kOneQuery,        // one Q buffer: an item's Q loads once the last one's final Q K^T is done
+  kTwoQueries,      // two Q buffers: the next item's Q loads while this one runs
+  kTwoQueriesStoreO,  // two Q buffers, and O leaves through its item's Q buffer by a TMA store
+  kThreeStages,     // one Q buffer and three K/V stages instead of two
+  kTwoQueriesChain,   // two Q buffers; an item's last P V goes with the next one's first Q K^T
+  kTwoQueriesChainStoreO,  // both of the above, and O out by a TMA store
+  kOneQueryLean,    // kOneQuery with a leaner softmax (the scale folded into exp2's FMA, O rescaled
+                    // only when a row's max moved)
+  kTwoQueriesChainStoreOLean,  // kTwoQueriesChainStoreO with the leaner softmax
+};
+struct Sm90PipelineName {
+  const char* name;
+  Sm90Pipeline pipeline;
+};
+inline constexpr Sm90PipelineName kSm90Pipelines[] = {
+    {"one-q", Sm90Pipeline::kOneQuery},
+    {"two-q", Sm90Pipeline::kTwoQueries},
+    {"two-q-store-o", Sm90Pipeline::kTwoQueriesStoreO},
+    {"three-stages", Sm90Pipeline::kThreeStages},
+    {"two-q-chain", Sm90Pipeline::kTwoQueriesChain},
+    {"two-q-chain-store-o", Sm90Pipeline::kTwoQueriesChainStoreO},
+    {"one-q-lean", Sm90Pipeline::kOneQueryLean},
+    {"two-q-chain-store-o-lean", Sm90Pipeline::kTwoQueriesChainStoreOLean},
+};
+
 // Head dimensions every implementation supports.
 inline bool attention_head_dim_supported(int64_t d) { return d == 64 || d == 128; }
 

@@ -38,20 +38,7 @@ cudaError_t rope_cuda(const RopeParams& p, cudaStream_t stream);
 // the current device; the caller allocates plan.workspace_bytes of device
 // memory (none when 0) and passes both on.
 // bf16/fp16 need q, k, v 16-byte aligned with strides multiple of 8 elements.
-// How the Hopper kernel's blocks of 128 query rows (more than 64 queries)
-// pipeline their work items. The variants are there for the kernel's
-// benchmark, which times them side by side; the plan takes kOneQuery.
-enum class Sm90Pipeline {
-  kOneQuery,        // one Q buffer: an item's Q loads once the last one's final Q K^T is done
-  kTwoQueries,      // two Q buffers: the next item's Q loads while this one runs
-  kTwoQueriesStoreO,  // two Q buffers, and O leaves through its item's Q buffer by a TMA store
-  kThreeStages,     // one Q buffer and three K/V stages instead of two
-  kTwoQueriesChain,   // two Q buffers; an item's last P V goes with the next one's first Q K^T
-  kTwoQueriesChainStoreO,  // both of the above, and O out by a TMA store
-  kOneQueryLean,    // kOneQuery with a leaner softmax (the scale folded into exp2's FMA, O rescaled
-                    // only when a row's max moved)
-  kTwoQueriesChainStoreOLean,  // kTwoQueriesChainStoreO with the leaner softmax
-};
+// (Sm90Pipeline: see attention.h.)
 struct AttentionCudaPlan {
   int num_splits = 1;
   int rows_per_warp = 16;  // 16 or 32
