@@ -64,8 +64,9 @@ class Sim:
 
     def __init__(self, stages, consumers, q_buffers, store_o, chain, items, block, grid, splits, rng):
         self.S, self.C, self.QB, self.chain, self.rng = stages, consumers, q_buffers, chain, rng
-        # O goes out through the Q buffer only when there is one output (no split keys).
-        self.store_o_kind, self.store_o = store_o, store_o and splits == 1
+        # kStoreO; its O goes through the Q buffer only for the output itself
+        # (no split keys: partial results are written directly).
+        self.store_o, self.o_through_q = store_o, store_o and splits == 1
         q_arrivals = consumers if store_o else 128 * consumers
         self.q_full = [MBarrier(1) for _ in range(q_buffers)]
         self.q_empty = [MBarrier(q_arrivals) for _ in range(q_buffers)]
@@ -159,7 +160,7 @@ class Sim:
             if pp and not (wg == 1 and last_item and j == n_tiles - 1):
                 self.named[2 - wg].add(me)
 
-        store_o = self.store_o_kind
+        store_o = self.store_o
         acc = {"item": None, "pvs": 0}  # whose P V the O accumulators hold, and how many
 
         def restart(item):
@@ -177,7 +178,7 @@ class Sim:
                 # O into the warpgroup's rows of the Q buffer (or partial
                 # results to global memory), then one thread's TMA store and
                 # the buffer freed once the store has read it.
-                if self.store_o:
+                if self.o_through_q:
                     self.write(me, q, (item, "q"), (item, "o"))
                     self.begin_read(f"{me}-store", q, (item, "o"))
                     self.stores.append((q, (item, "o"), f"{me}-store"))
