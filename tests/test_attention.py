@@ -390,14 +390,6 @@ def test_sm90_pipelines_match_reference(sm90, monkeypatch, pipeline):
     check_against_reference(q, k, v, scale=-0.2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_bad_sm90_pipeline_is_named(monkeypatch):
-    q, k, v = make_qkv(1, 5, 9, 2, 1, 64, torch.bfloat16, "cuda")
-    monkeypatch.setenv("LLADA_ATTENTION_SM90_PIPELINE", "fastest")
-    with pytest.raises(RuntimeError, match="LLADA_ATTENTION_SM90_PIPELINE.*two-q-chain"):
-        llada.attention(q, k, v)
-
-
 @contextlib.contextmanager
 def _env(name, value):
     """The environment variable `name` set to `value` inside the block."""
@@ -463,8 +455,12 @@ def test_hopper_kernel_is_available_only_on_sm90():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_bad_sm90_switch_is_named(monkeypatch):
+@pytest.mark.parametrize("switch, value, message", [
+    ("LLADA_ATTENTION_SM90", "yes", "LLADA_ATTENTION_SM90"),
+    ("LLADA_ATTENTION_SM90_PIPELINE", "fastest", "LLADA_ATTENTION_SM90_PIPELINE.*two-q-chain"),
+])
+def test_bad_sm90_switch_is_named(monkeypatch, switch, value, message):
     q, k, v = make_qkv(1, 5, 9, 2, 1, 64, torch.bfloat16, "cuda")
-    monkeypatch.setenv("LLADA_ATTENTION_SM90", "yes")
-    with pytest.raises(RuntimeError, match="LLADA_ATTENTION_SM90"):
+    monkeypatch.setenv(switch, value)
+    with pytest.raises(RuntimeError, match=message):
         llada.attention(q, k, v)
