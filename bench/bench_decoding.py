@@ -16,48 +16,75 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 import llada
 from llada.checkpoint import random_config, random_model
+from llada.model import pack_projections
 
 SHAPES = {
     "mid": dict(size="mid", prompt=64, gen=128, block=32),
     "8b": dict(size="8b-shape", prompt=256, gen=256, block=32),
 }
 
-# On an H100/H200 the default rows run the Hopper attention kernel where the
-# op's plan takes it; this row turns it off (LLADA_ATTENTION_SM90=0).
-WITHOUT_HOPPER = "dual cache, 4 tokens/step, without the Hopper kernel"
+
+@contextmanager
+def without_hopper(model):
+    """On an H100/H200 the default rows run the Hopper attention kernel where
+    the op's plan takes it; this turns it off (LLADA_ATTENTION_SM90=0)."""
+    saved = os.environ.get("LLADA_ATTENTION_SM90")
+    os.environ["LLADA_ATTENTION_SM90"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["LLADA_ATTENTION_SM90"]
+        else:
+            os.environ["LLADA_ATTENTION_SM90"] = saved
+
+
+@contextmanager
+def separate_projections(model):
+    """On CUDA the model's q/k/v and ff_proj/up_proj weights are packed (one
+    GEMM per group); this gives each weight its own buffer and GEMM."""
+    pack_projections(model, False)
+    try:
+        yield
+    finally:
+        pack_projections(model, True)
 
 
 def policies(gen: int, block: int, device: str):
-    """(name, steps, policy, fresh): the exact baseline first. On CUDA the
-    dual cache replays its steps as CUDA graphs (the default); the eager
-    rows without graphs show what the graphs save. A cached decode reuses
-    the cache (and graphs) an earlier call of its shape left; a `fresh` row
-    first releases them, so it pays for the allocation and the captures as
-    a model's first call does."""
+    """(name, steps, policy, fresh, setting): the exact baseline first. On
+    CUDA the dual cache replays its steps as CUDA graphs (the default); the
+    eager rows without graphs show what the graphs save. A cached decode
+    reuses the cache (and graphs) an earlier call of its shape left; a
+    `fresh` row first releases them, so it pays for the allocation and the
+    captures as a model's first call does. A `setting` row runs under a
+    context that changes one thing from the default."""
     P = llada.DecodePolicy
-    eager = []
+    rows = [
+        ("exact, 1 token/step", gen, P(), False, None),
+        ("exact, 4 tokens/step", gen // 4, P(), False, None),
+        ("prefix cache, 4 tokens/step", gen // 4, P(cache="prefix"), False, None),
+        ("dual cache, 4 tokens/step", gen // 4, P(cache="dual"), False, None),
+        ("dual cache, 4 tokens/step, first call", gen // 4, P(cache="dual"), True, None),
+        ("dual cache + threshold 0.9", gen, P.fast(), False, None),
+        ("dual cache + factor 1.0", gen, P(commit="factor", cache="dual"), False, None),
+    ]
     if device == "cuda":
-        eager = [
-            ("dual cache, 4 tokens/step, eager", gen // 4, P(cache="dual", cuda_graph=False), False),
-            ("dual cache + threshold 0.9, eager", gen, P.fast(cuda_graph=False), False),
+        rows += [
+            ("dual cache, 4 tokens/step, eager", gen // 4, P(cache="dual", cuda_graph=False), False, None),
+            ("dual cache + threshold 0.9, eager", gen, P.fast(cuda_graph=False), False, None),
+            ("dual cache, 4 tokens/step, projections not packed", gen // 4, P(cache="dual"), False,
+             separate_projections),
         ]
-    hopper = []
     if device == "cuda" and llada.hopper_attention_available() and os.environ.get("LLADA_ATTENTION_SM90") != "0":
-        hopper = [(WITHOUT_HOPPER, gen // 4, P(cache="dual"), False)]
-    return [
-        ("exact, 1 token/step", gen, P(), False),
-        ("exact, 4 tokens/step", gen // 4, P(), False),
-        ("prefix cache, 4 tokens/step", gen // 4, P(cache="prefix"), False),
-        ("dual cache, 4 tokens/step", gen // 4, P(cache="dual"), False),
-        ("dual cache, 4 tokens/step, first call", gen // 4, P(cache="dual"), True),
-        ("dual cache + threshold 0.9", gen, P.fast(), False),
-        ("dual cache + factor 1.0", gen, P(commit="factor", cache="dual"), False),
-    ] + eager + hopper
+        rows.append(("dual cache, 4 tokens/step, without the Hopper kernel", gen // 4, P(cache="dual"), False,
+                     without_hopper))
+    return rows
 
 
 
@@ -174,26 +201,19 @@ def main() -> None:
 
     run(model, prompt, gen // 4, gen, block, llada.DecodePolicy(cache="dual"), args.device)  # warm-up
     rows, base = [], None
-    for name, steps, policy, fresh in policies(gen, block, args.device):
+    for name, steps, policy, fresh, setting in policies(gen, block, args.device):
         best = None
-        switched = name == WITHOUT_HOPPER
-        if switched:
-            # Graphs kept from the rows above hold the Hopper kernel where
-            # it ran: this switch makes new ones, captured here, outside the
-            # timing.
-            saved = os.environ.get("LLADA_ATTENTION_SM90")
-            os.environ["LLADA_ATTENTION_SM90"] = "0"
-            run(model, prompt, steps, gen, block, policy, args.device)
-        for _ in range(args.repeats):
-            if fresh:
-                llada.release_decode_workspace(model)
-            seconds, stats = run(model, prompt, steps, gen, block, policy, args.device)
-            best = seconds if best is None else min(best, seconds)
-        if switched:
-            if saved is None:
-                del os.environ["LLADA_ATTENTION_SM90"]
-            else:
-                os.environ["LLADA_ATTENTION_SM90"] = saved
+        with setting(model) if setting else nullcontext():
+            if setting:
+                # Graphs kept from the rows above were captured under the
+                # default: the setting makes new ones, captured here,
+                # outside the timing.
+                run(model, prompt, steps, gen, block, policy, args.device)
+            for _ in range(args.repeats):
+                if fresh:
+                    llada.release_decode_workspace(model)
+                seconds, stats = run(model, prompt, steps, gen, block, policy, args.device)
+                best = seconds if best is None else min(best, seconds)
         tps = gen / best
         base = base or tps
         rows.append((name, stats.nfe, stats.tokens_per_forward, stats.positions_per_forward, tps, tps / base))

@@ -30,12 +30,14 @@ POLICIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["separate", "packed"])
+def model(tmp_path_factory, request):
     folder = make_checkpoint(tmp_path_factory.mktemp("gqa"), seed=5, boost_stop_tokens=2.0, **SHAPES["gqa"])
     # CPU on every machine: the tests build their inputs on the CPU, and they
     # compare cached with uncached decodes exactly, which the CPU kernels give.
-    return llada.load_model(folder, dtype=torch.float32, device="cpu")
+    # Both weight layouts: load_model packs the projections on CUDA only.
+    model = llada.load_model(folder, dtype=torch.float32, device="cpu")
+    return llada.model.pack_projections(model, request.param)
 
 
 def prompt_batch(model, padded=True):

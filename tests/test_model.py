@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import llada
-from llada.model import count_parameters
+from llada.model import count_parameters, pack_projections
 
 from checkpoints import SHAPES, TINY, make_checkpoint
 from naive_llada import NaiveLLaDA
@@ -36,9 +36,13 @@ def checkpoint(request, tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=7, **request.param)
 
 
+PACKED = pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
+
+
+@PACKED
 @pytest.mark.parametrize("padded", [False, True])
-def test_logits_match_oracle(checkpoint, device, padded):
-    model = llada.load_model(checkpoint, device=device, dtype=torch.float32)
+def test_logits_match_oracle(checkpoint, device, padded, packed):
+    model = pack_projections(llada.load_model(checkpoint, device=device, dtype=torch.float32), packed)
     oracle = NaiveLLaDA(checkpoint)
     ids, mask = left_padded_batch(model.config, [11, 6, 1] if padded else [11, 11, 11])
     am = mask if padded else None
@@ -48,8 +52,9 @@ def test_logits_match_oracle(checkpoint, device, padded):
     assert rel_err(got, want) < 1e-5
 
 
-def test_logits_at_selects_rows(checkpoint, device):
-    model = llada.load_model(checkpoint, device=device, dtype=torch.float32)
+@PACKED
+def test_logits_at_selects_rows(checkpoint, device, packed):
+    model = pack_projections(llada.load_model(checkpoint, device=device, dtype=torch.float32), packed)
     ids, mask = left_padded_batch(model.config, [9, 5], seed=1)
     ids, mask = ids.to(device), mask.to(device)
     full = model(ids, mask).logits
@@ -73,9 +78,10 @@ def test_logits_at_selects_rows(checkpoint, device):
             assert rel_err(sliced, full[:, cut]) < 1e-5
 
 
+@PACKED
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
-def test_low_precision_close_to_fp32_oracle(checkpoint, device, dtype, tol):
-    model = llada.load_model(checkpoint, device=device, dtype=dtype)
+def test_low_precision_close_to_fp32_oracle(checkpoint, device, dtype, tol, packed):
+    model = pack_projections(llada.load_model(checkpoint, device=device, dtype=dtype), packed)
     assert model.dtype == dtype
     ids, mask = left_padded_batch(model.config, [10, 4], seed=3)
     got = model(ids.to(device), mask.to(device)).logits
@@ -141,3 +147,64 @@ def test_fused_attention_backend_matches_oracle(tmp_path, backend):
     want = oracle.forward(ids, mask)
     rel = (got.double() - want).abs().max() / want.abs().max()
     assert rel < 1e-5
+
+
+def projection_storages(model):
+    """Per block, the distinct storages of (q, k, v) and of (ff_proj, up_proj)."""
+    def storages(*linears):
+        return len({linear.weight.untyped_storage().data_ptr() for linear in linears})
+    return [(storages(b.q_proj, b.k_proj, b.v_proj), storages(b.ff_proj, b.up_proj))
+            for b in model.model.transformer["blocks"]]
+
+
+def test_packing_keeps_the_parameters(tmp_path, device, monkeypatch):
+    folder = make_checkpoint(tmp_path, seed=5, **SHAPES["gqa"])
+    model = llada.load_model(folder, device=device, dtype=torch.float32)
+    n_layers = model.config.n_layers
+    # load_model packs on CUDA only (one wide GEMM pays there, not on CPU).
+    assert projection_storages(model) == [(1, 1) if device == "cuda" else (3, 2)] * n_layers
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(0)).to(device)
+    linear, gemms = torch.nn.functional.linear, []
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: gemms.append(1) or linear(*a))
+    logits = {}
+    for packed in (True, True, False, False, True):  # each way twice: a no-op the second time
+        pack_projections(model, packed)
+        assert projection_storages(model) == [(1, 1) if packed else (3, 2)] * n_layers
+        after = model.state_dict()
+        assert list(after) == list(before)
+        assert all(torch.equal(after[name], t) for name, t in before.items())
+        assert not any(p.requires_grad for p in model.parameters())
+        gemms.clear()
+        logits[packed] = model(ids).logits
+        # Per block: q, k, v | attn_out | ff_proj, up_proj | ff_out; then the head.
+        assert len(gemms) == n_layers * (4 if packed else 7) + 1
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+    # Converted, the weights no longer share a buffer: the forward notices
+    # and runs one GEMM each, with the same result.
+    half = model.to(torch.bfloat16)
+    assert projection_storages(half) == [(3, 2)] * n_layers
+    want = pack_projections(llada.load_model(folder, device=device, dtype=torch.bfloat16), False)(ids).logits
+    torch.testing.assert_close(half(ids).logits, want, rtol=0, atol=0)
+
+
+def test_packed_model_trains_like_a_separate_one(tmp_path):
+    """With gradients the projections run one GEMM each (a GEMM over the
+    packed buffer would not give each parameter its gradient); an optimizer
+    step through the views updates the packed buffer in place."""
+    folder = make_checkpoint(tmp_path, seed=6)
+    models = [llada.load_model(folder, device="cpu", dtype=torch.float32).train() for _ in range(2)]
+    pack_projections(models[1])
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for model in models:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model(ids).logits.logsumexp(-1).mean().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6)
+    assert projection_storages(models[1])[0] == (1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(models[1](ids).logits, models[0](ids).logits, rtol=1e-5, atol=1e-5)

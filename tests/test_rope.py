@@ -62,6 +62,10 @@ def test_strided_input(device):
     wide = torch.randn(2, 9, 4, 192, device=device)
     wide[..., 64:128] = x
     check(wide[..., 64:128], cos, sin)
+    # Every stride its own: heads outermost, then positions.
+    check(x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3), cos, sin)
+    # A non-contiguous head dimension is copied first, not misread.
+    check(torch.randn(2, 9, 4, 64, 2, device=device)[..., 0], cos, sin)
 
 
 def test_empty(device):

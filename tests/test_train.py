@@ -61,12 +61,14 @@ def test_pretraining_on_a_small_corpus(tmp_path):
     assert tok.mask_token_id == llada.load_config(out).mask_token_id
 
 
-def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path, packed):
     tok = llada.tasks.tokenizer_for("sort")
     args = train.build_parser().parse_args(TINY)
     cfg = train.build_config(args, tok.get_vocab_size(), special_ids(tok), 64)
     model = llada.LLaDAModel(cfg)
     train.init_weights(model, seed=3)
+    llada.model.pack_projections(model, packed)  # shared buffers are saved as separate weights
     train.save_checkpoint(tmp_path, model, tok, {"step": 0}, args, {})
     loaded = llada.load_model(tmp_path, device="cpu", dtype=torch.float32)
     ids = torch.randint(0, cfg.vocab_size, (2, 23), generator=torch.Generator().manual_seed(0))

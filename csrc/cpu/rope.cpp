@@ -38,11 +38,12 @@ void rope_cpu(const RopeParams& p, int64_t pos_begin, int64_t pos_end) {
     const float* c = p.cos + table;
     const float* s = p.sin + table;
     for (int64_t h = 0; h < p.heads; ++h) {
+      const int64_t from = b * p.x_stride_batch + l * p.x_stride_position + h * p.x_stride_head;
       const int64_t at = (bl * p.heads + h) * d;
       if (p.dtype == DType::kFloat32) {
-        rotate_float32(static_cast<const float*>(p.x) + at, c, s, static_cast<float*>(p.out) + at, half);
+        rotate_float32(static_cast<const float*>(p.x) + from, c, s, static_cast<float*>(p.out) + at, half);
       } else {
-        rotate_bfloat16(static_cast<const uint16_t*>(p.x) + at, c, s, static_cast<uint16_t*>(p.out) + at,
+        rotate_bfloat16(static_cast<const uint16_t*>(p.x) + from, c, s, static_cast<uint16_t*>(p.out) + at,
                         half);
       }
     }

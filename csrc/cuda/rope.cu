@@ -48,10 +48,11 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(RopeParams p) {
     const int64_t i = n % half;
     const int64_t row = n / half;  // (b * L + l) * H + h
     const int64_t bl = row / p.heads;
-    const int64_t b = bl / p.length, l = bl % p.length;
+    const int64_t b = bl / p.length, l = bl % p.length, h = row % p.heads;
     const int64_t table = ((p.tables_per_row ? b : 0) * p.length + l) * p.head_dim;
+    const int64_t from = b * p.x_stride_batch + l * p.x_stride_position + h * p.x_stride_head + i;
     const int64_t at = row * p.head_dim + i;
-    const float lo = E::load(x[at]), hi = E::load(x[at + half]);
+    const float lo = E::load(x[from]), hi = E::load(x[from + half]);
     const float c_lo = __ldg(p.cos + table + i), c_hi = __ldg(p.cos + table + i + half);
     const float s_lo = __ldg(p.sin + table + i), s_hi = __ldg(p.sin + table + i + half);
     out[at] = E::store(__fadd_rn(__fmul_rn(lo, c_lo), __fmul_rn(-hi, s_lo)));

@@ -62,6 +62,12 @@ inline void check_contiguous(const at::Tensor& t, const char* name) {
                     format_sizes(t.strides()));
 }
 
+// t itself when its last dimension is contiguous (kernels that take strides
+// for the others read it where it lies), else a contiguous copy.
+inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return t.dim() > 0 && t.stride(-1) == 1 ? t : t.contiguous();
+}
+
 // The element type of a floating-point input: float32, bfloat16, and float16
 // where the implementation takes it (CUDA).
 inline DType float_dtype(const at::Tensor& t, const char* name, bool allow_half) {

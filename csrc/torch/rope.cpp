@@ -29,7 +29,8 @@ DType check_rope_args(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   return dtype;
 }
 
-// The kernel parameters; x, cos, sin and out must be contiguous.
+// The kernel parameters; cos, sin and out must be contiguous, x only in its
+// last dimension.
 RopeParams make_rope_params(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                             at::Tensor& out, DType dtype) {
   RopeParams p{};
@@ -42,6 +43,9 @@ RopeParams make_rope_params(const at::Tensor& x, const at::Tensor& cos, const at
   p.heads = x.size(2);
   p.head_dim = x.size(3);
   p.tables_per_row = cos.size(0) == x.size(0) && x.size(0) > 1;
+  p.x_stride_batch = x.stride(0);
+  p.x_stride_position = x.stride(1);
+  p.x_stride_head = x.stride(2);
   p.dtype = dtype;
   return p;
 }
@@ -50,7 +54,7 @@ namespace {
 
 at::Tensor rope_cpu_op(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in) {
   const DType dtype = check_rope_args(x_in, cos_in, sin_in, /*allow_half=*/false);
-  const at::Tensor x = x_in.contiguous(), cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  const at::Tensor x = last_dim_contiguous(x_in), cos = cos_in.contiguous(), sin = sin_in.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (out.numel() == 0) return out;
   const RopeParams p = make_rope_params(x, cos, sin, out, dtype);

@@ -18,7 +18,7 @@ namespace {
 at::Tensor rope_cuda_op(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in) {
   const DType dtype = check_rope_args(x_in, cos_in, sin_in, /*allow_half=*/true);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(), cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  const at::Tensor x = last_dim_contiguous(x_in), cos = cos_in.contiguous(), sin = sin_in.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (out.numel() == 0) return out;
   const RopeParams p = make_rope_params(x, cos, sin, out, dtype);

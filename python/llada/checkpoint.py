@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 
-from .model import LLaDAConfig, LLaDAModel
+from .model import LLaDAConfig, LLaDAModel, pack_projections
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -262,6 +262,9 @@ def load_model(
         device: default CUDA when available, else CPU.
         dtype: float32, bfloat16 or float16; default bfloat16 on CUDA and
             float32 on CPU.
+
+    On CUDA the projections that share an input are packed (see
+    :func:`llada.model.pack_projections`).
     """
     from safetensors import safe_open
 
@@ -291,6 +294,8 @@ def load_model(
             f"weight {missing[0]}: missing from the checkpoint (expected shape "
             f"{list(shapes[missing[0]])}; {len(missing)} weight(s) missing in all)"
         )
+    if device.type == "cuda":
+        pack_projections(model)
     return model.eval()
 
 
@@ -382,11 +387,14 @@ def random_weights(
 
 
 def random_model(cfg: LLaDAConfig, seed: int = 0, device="cpu", dtype=torch.float32) -> LLaDAModel:
-    """A randomly initialised model built directly on ``device`` (no files)."""
+    """A randomly initialised model built directly on ``device`` (no files),
+    with its projections packed on CUDA as ``load_model`` does."""
     with torch.device("meta"):
         model = LLaDAModel(cfg)
     for name, tensor in random_weights(cfg, seed, dtype, device):
         _assign(model, name, tensor)
+    if torch.device(device).type == "cuda":
+        pack_projections(model)
     return model.eval()
 
 

@@ -197,9 +197,12 @@ class Block(nn.Module):
         cached position."""
         b, l, _ = x.shape
         a = self.attn_norm(x)
-        k = self.k_proj(a).view(b, l, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(a).view(b, l, self.n_kv_heads, self.head_dim)
-        k = apply_rope(k, cos, sin)
+        if rows is None:
+            q, k, v = _project(a, self.q_proj, self.k_proj, self.v_proj)
+        else:  # queries only for the rows kept, below
+            k, v = _project(a, self.k_proj, self.v_proj)
+        k = apply_rope(k.view(b, l, self.n_kv_heads, self.head_dim), cos, sin)
+        v = v.view(b, l, self.n_kv_heads, self.head_dim)
         if cache is not None:
             cache_k, cache_v = cache
             cache_k.index_copy_(1, positions, k)
@@ -211,10 +214,77 @@ class Block(nn.Module):
         elif rows is not None:
             x, a = _gather_rows(x, rows), _gather_rows(a, rows)
             cos_q, sin_q = cos[0][rows], sin[0][rows]
-        q = apply_rope(self.q_proj(a).view(b, -1, self.n_heads, self.head_dim), cos_q, sin_q)
+        if rows is not None:
+            q = self.q_proj(a)
+        q = apply_rope(q.view(b, -1, self.n_heads, self.head_dim), cos_q, sin_q)
         h = x + self.attn_out(attention(q, k, v, key_mask).flatten(2))
         m = self.ff_norm(h)
-        return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
+        gate, up = _project(m, self.ff_proj, self.up_proj)
+        return h + self.ff_out(F.silu(gate) * up)
+
+
+def _project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """x through each of the linears: one GEMM when their weights lie back to
+    back in one buffer (see pack_projections) and no gradient is needed,
+    else one per linear. The packed outputs are views of one
+    [..., sum of widths] tensor."""
+    weights = [linear.weight for linear in linears]
+    packed = None
+    if not (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
+        packed = _back_to_back(weights)
+    if packed is None:
+        return tuple(linear(x) for linear in linears)
+    return F.linear(x, packed).split([w.shape[0] for w in weights], dim=-1)
+
+
+def _back_to_back(weights: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The weights [N_i, K] as one [sum N_i, K] matrix when they are
+    contiguous and lie back to back, in this order, in one storage; else
+    None. Checked at every forward, so weights moved or replaced since they
+    were packed (``model.to``, assignment) just run one GEMM each."""
+    first = weights[0]
+    storage, end = first.untyped_storage().data_ptr(), first.data_ptr()
+    for w in weights:
+        if (w.data_ptr() != end or not w.is_contiguous() or w.dtype != first.dtype
+                or w.untyped_storage().data_ptr() != storage):
+            return None
+        end += w.numel() * w.element_size()
+    rows = sum(w.shape[0] for w in weights)
+    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
+
+
+# The projections that read the same input, packed together.
+def _projection_groups(block: Block) -> list[tuple[nn.Linear, ...]]:
+    return [(block.q_proj, block.k_proj, block.v_proj), (block.ff_proj, block.up_proj)]
+
+
+def pack_projections(model: "LLaDAModel", pack: bool = True) -> "LLaDAModel":
+    """Lays each block's q, k and v weights back to back in one buffer, and
+    its ff_proj and up_proj weights in another, so that a forward runs one
+    GEMM per group (on a GPU, one wide GEMM keeps the memory bus busier
+    than three narrow ones). The parameters stay what they were, as views
+    of the buffers: names, values, dtypes and ``state_dict()`` keys do not
+    change. ``pack=False`` gives every weight its own buffer again.
+
+    ``load_model`` and ``random_model`` pack on CUDA. Moving or converting
+    the model afterwards (``model.to``) unpacks it; call this again then.
+    Returns the model.
+    """
+    for block in model.model.transformer["blocks"]:
+        for group in _projection_groups(block):
+            weights = [linear.weight for linear in group]
+            if len({(w.dtype, w.device) for w in weights}) > 1 or weights[0].device.type == "meta":
+                continue  # no buffer they could share
+            if (_back_to_back(weights) is not None) == pack:
+                continue
+            if pack:
+                buffer = torch.cat([w.detach() for w in weights])
+                parts = buffer.split([w.shape[0] for w in weights])
+            else:
+                parts = [w.detach().clone() for w in weights]
+            for linear, w, part in zip(group, weights, parts):
+                linear.weight = nn.Parameter(part, requires_grad=w.requires_grad)
+    return model
 
 
 class _Backbone(nn.Module):

@@ -189,7 +189,10 @@ def save_checkpoint(folder: Path, model: LLaDAModel, tok, state: dict, args, dat
     from .tokenizer import write_tokenizer_files
 
     folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    # Copies: packed weights share buffers (pack_projections), which
+    # some safetensors releases refuse to save.
+    weights = {k: v.detach().to("cpu", torch.float32, copy=True).contiguous()
+               for k, v in model.state_dict().items()}
     save_file(weights, str(folder / "model.safetensors.tmp"), metadata={"format": "pt"})
     torch.save(state, folder / (STATE_FILE + ".tmp"))
     os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")

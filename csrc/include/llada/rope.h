@@ -15,7 +15,7 @@
 namespace llada {
 
 struct RopeParams {
-  const void* x;        // [B, L, H, D] contiguous, element type `dtype`
+  const void* x;        // [B, L, H, D], element type `dtype`, strides below
   const float* cos;     // [B or 1, L, D] contiguous
   const float* sin;     // [B or 1, L, D] contiguous
   void* out;            // [B, L, H, D] contiguous, `dtype`
@@ -24,6 +24,11 @@ struct RopeParams {
   int64_t heads;
   int64_t head_dim;     // even
   bool tables_per_row;  // cos/sin have B rows (else one, shared)
+  // x's strides in elements (D's is 1), so a slice of a fused projection
+  // is read where it lies.
+  int64_t x_stride_batch;
+  int64_t x_stride_position;
+  int64_t x_stride_head;
   DType dtype;
 };
 
