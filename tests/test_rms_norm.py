@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import llada
 from llada.model import RMSNorm
-from llada.ops import rms_norm_reference
+from llada.ops import add_rms_norm_reference, rms_norm_reference
 
 from conftest import assert_new_tensor_like, poison_allocator
 
@@ -39,16 +39,19 @@ def make_inputs(shape, dtype, device, seed=0):
 def check(x, w, eps):
     poison_allocator(x.device.type, [x.numel() * x.element_size() * 2])
     got = llada.rms_norm(x, w, eps)
-    want = rms_norm_reference(x, w, eps)
     assert_new_tensor_like(got, x)
-    if x.dtype == torch.float32:
+    assert_close_to_reference(got, rms_norm_reference(x, w, eps))
+
+
+def assert_close_to_reference(got, want):
+    if got.dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-30, equal_nan=True)
         return
     g, r = got.float(), want.float()
     assert torch.equal(g.isnan(), r.isnan()), "NaN where the reference has none, or the reverse"
     g, r = g[~g.isnan()], r[~r.isnan()]
-    size = torch.maximum(g.abs(), r.abs()).clamp_min(torch.finfo(x.dtype).tiny)
-    ulp = torch.exp2(torch.floor(torch.log2(size)) - MANTISSA_BITS[x.dtype])
+    size = torch.maximum(g.abs(), r.abs()).clamp_min(torch.finfo(got.dtype).tiny)
+    ulp = torch.exp2(torch.floor(torch.log2(size)) - MANTISSA_BITS[got.dtype])
     diff = (g - r).abs()
     assert (diff <= 2 * ulp).all(), f"max error {(diff / ulp).max().item():.1f} ulp"
     if diff.numel() >= 1000:
@@ -158,3 +161,102 @@ def test_model_norm_uses_it_and_keeps_gradients(device, monkeypatch):
     assert calls == [x.shape], "the training path must keep the differentiable composition"
     assert xg.grad is not None and norm.weight.grad is not None
     assert torch.isfinite(xg.grad).all()
+
+
+# add_rms_norm: the residual add and the norm of its result in one pass.
+
+
+def check_add(x, residual, w, eps):
+    poison_allocator(x.device.type, [x.numel() * x.element_size() * 2])
+    total, normed = llada.add_rms_norm(x, residual, w, eps)
+    want_total, want_normed = add_rms_norm_reference(x, residual, w, eps)
+    assert_new_tensor_like(total, x)
+    assert_new_tensor_like(normed, x)
+    assert torch.equal(total, want_total), "the sum must be the torch sum exactly"
+    assert_close_to_reference(normed, want_normed)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_add_matches_reference(device, dtype, shape):
+    if dtype not in DTYPES[device]:
+        pytest.skip(f"{dtype} is not supported on {device}")
+    x, w = make_inputs(shape, dtype, device)
+    # A residual of the same size as x: the sum rounds in every element.
+    residual, _ = make_inputs(shape, dtype, device, seed=9)
+    check_add(x, residual, w, 1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 12), dim=st.integers(1, 600), eps=st.sampled_from([1e-5, 0.1]),
+       seed=st.integers(0, 2**31 - 1))
+def test_add_random_shapes_cpu(rows, dim, eps, seed):
+    x, w = make_inputs((rows, dim), torch.float32, "cpu", seed)
+    residual, _ = make_inputs((rows, dim), torch.float32, "cpu", seed + 1)
+    check_add(x, residual, w, eps)
+    check_add(x.bfloat16(), residual.bfloat16(), w.bfloat16(), eps)
+
+
+def test_add_strided_and_unmodified(device):
+    x, w = make_inputs((64, 6), torch.bfloat16, device, seed=2)
+    residual, _ = make_inputs((6, 64), torch.bfloat16, device, seed=3)
+    xt = x.t()  # [6, 64], not contiguous
+    w64 = torch.randn(64, device=device, dtype=torch.bfloat16)
+    before = (xt.clone(), residual.clone())
+    check_add(xt, residual, w64, 1e-5)
+    assert torch.equal(before[0], xt) and torch.equal(before[1], residual)
+
+
+def test_add_opcheck(device):
+    x, w = make_inputs((3, 4, 64), torch.float32, device, seed=4)
+    residual, _ = make_inputs((3, 4, 64), torch.float32, device, seed=5)
+    torch.library.opcheck(torch.ops.llada.add_rms_norm.default, (x, residual, w, 1e-5))
+    torch.library.opcheck(torch.ops.llada.add_rms_norm.default,
+                          (x.bfloat16(), residual.bfloat16(), w.bfloat16(), 0.0))
+
+
+def test_add_bad_input(device):
+    x, w = make_inputs((3, 64), torch.float32, device, seed=5)
+    with pytest.raises(ValueError, match=r"residual: expected the shape of x \[3, 64\]"):
+        llada.add_rms_norm(x, x[:2], w, 1e-5)
+    with pytest.raises(TypeError, match="residual: expected dtype"):
+        llada.add_rms_norm(x, x.bfloat16(), w, 1e-5)
+    with pytest.raises(TypeError, match="residual"):
+        llada.add_rms_norm(x, x.tolist(), w, 1e-5)
+    with pytest.raises(ValueError, match="weight: expected 64 elements"):
+        llada.add_rms_norm(x, x, w[:63], 1e-5)
+    with pytest.raises(ValueError, match="eps"):
+        llada.add_rms_norm(x, x, w, -1.0)
+    if device == "cuda":
+        with pytest.raises(ValueError, match="residual: expected to be on the device of x"):
+            llada.add_rms_norm(x, x.cpu(), w, 1e-5)
+
+
+def test_model_add_then_norm_uses_it_and_keeps_gradients(device, monkeypatch):
+    """The model's residual adds go through add_rms_norm in inference, with
+    the reference's values, and still train (the composition)."""
+    calls, fused = [], llada.ops.add_rms_norm
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return fused(*args)
+
+    monkeypatch.setattr(llada.model.ops, "add_rms_norm", counting)
+    norm = RMSNorm(96, 1e-5).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(96))
+    x, residual = torch.randn(2, 7, 96, device=device), torch.randn(2, 7, 96, device=device)
+    with torch.no_grad():
+        total, normed = norm.add_then_norm(x, residual)
+    want_total, want_normed = add_rms_norm_reference(x, residual, norm.weight, 1e-5)
+    assert torch.equal(total, want_total)
+    torch.testing.assert_close(normed, want_normed, rtol=1e-5, atol=1e-30)
+    assert calls == [x.shape]
+    xg = x.clone().requires_grad_(True)
+    sum(t.square().sum() for t in norm.add_then_norm(xg, residual)).backward()
+    assert calls == [x.shape], "the training path must keep the differentiable composition"
+    assert xg.grad is not None and norm.weight.grad is not None
+    # A residual that broadcasts is added by torch, then normalised.
+    with torch.no_grad():
+        total, _ = norm.add_then_norm(x, residual[:1])
+    assert torch.equal(total, x + residual[:1]) and calls == [x.shape]

@@ -1,6 +1,7 @@
 // CPU twin of rms_norm: per row, the sum of squares in float32 over 16
 // interleaved partial sums (so the loop vectorises), then one pass that
-// scales, rounds and multiplies by the weight.
+// scales, rounds and multiplies by the weight. With a residual, the row's
+// rounded sum x + residual is written out first and normalised from there.
 #include "llada/rms_norm.h"
 
 #include <cmath>
@@ -29,11 +30,33 @@ float inverse_rms(float sum_sq, int64_t dim, float eps) {
   return 1.0f / std::sqrt(sum_sq / float(dim) + eps);
 }
 
+// The row to normalise: x's, or with a residual the sum, written out here.
+LLADA_MULTIVERSION
+const float* row_float32(const RmsNormParams& p, int64_t r) {
+  const float* x = static_cast<const float*>(p.x) + r * p.dim;
+  if (p.residual == nullptr) return x;
+  const float* res = static_cast<const float*>(p.residual) + r * p.dim;
+  float* sum = static_cast<float*>(p.sum) + r * p.dim;
+#pragma omp simd
+  for (int64_t i = 0; i < p.dim; ++i) sum[i] = x[i] + res[i];
+  return sum;
+}
+
+LLADA_MULTIVERSION
+const uint16_t* row_bfloat16(const RmsNormParams& p, int64_t r) {
+  const uint16_t* x = static_cast<const uint16_t*>(p.x) + r * p.dim;
+  if (p.residual == nullptr) return x;
+  const uint16_t* res = static_cast<const uint16_t*>(p.residual) + r * p.dim;
+  uint16_t* sum = static_cast<uint16_t*>(p.sum) + r * p.dim;
+  for (int64_t i = 0; i < p.dim; ++i) sum[i] = float_to_bf16(bf16_to_float(x[i]) + bf16_to_float(res[i]));
+  return sum;
+}
+
 LLADA_MULTIVERSION
 void rows_float32(const RmsNormParams& p, int64_t begin, int64_t end) {
   const float* w = static_cast<const float*>(p.weight);
   for (int64_t r = begin; r < end; ++r) {
-    const float* x = static_cast<const float*>(p.x) + r * p.dim;
+    const float* x = row_float32(p, r);
     float* out = static_cast<float*>(p.out) + r * p.dim;
     const float inv = inverse_rms(sum_of_squares(x, p.dim), p.dim, p.eps);
 #pragma omp simd
@@ -47,7 +70,7 @@ void rows_bfloat16(const RmsNormParams& p, int64_t begin, int64_t end) {
   const uint16_t* w = static_cast<const uint16_t*>(p.weight);
   float buf[kChunk];
   for (int64_t r = begin; r < end; ++r) {
-    const uint16_t* x = static_cast<const uint16_t*>(p.x) + r * p.dim;
+    const uint16_t* x = row_bfloat16(p, r);
     uint16_t* out = static_cast<uint16_t*>(p.out) + r * p.dim;
     float acc = 0.0f;
     for (int64_t c = 0; c < p.dim; c += kChunk) {

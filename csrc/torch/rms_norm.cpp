@@ -1,5 +1,6 @@
-// The rms_norm op: schema, argument checks (shared with the CUDA glue) and the
-// CPU implementation.
+// The rms_norm and add_rms_norm ops: schemas, argument checks and output
+// allocation (shared with the CUDA glue: rms_norm_call.h) and the CPU
+// implementations.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -7,11 +8,12 @@
 #include <cmath>
 
 #include "checks.h"
-#include "llada/rms_norm.h"
+#include "rms_norm_call.h"
 
 namespace llada {
+namespace {
 
-// Checks shared by both devices; returns the element type.
+// Checks of x, weight and eps; returns the element type.
 DType check_rms_norm_args(const at::Tensor& x, const at::Tensor& weight, double eps, bool allow_half) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected at least one dimension [..., dim], got a 0-D tensor");
   const DType dtype = float_dtype(x, "x", allow_half);
@@ -25,37 +27,69 @@ DType check_rms_norm_args(const at::Tensor& x, const at::Tensor& weight, double 
   return dtype;
 }
 
-// The kernel parameters; x, weight and out must be contiguous.
-RmsNormParams make_rms_norm_params(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out,
-                                   DType dtype, double eps) {
-  RmsNormParams p{};
-  p.x = x.data_ptr();
-  p.weight = weight.data_ptr();
-  p.out = out.data_ptr();
-  p.dim = x.size(-1);
-  p.rows = p.dim > 0 ? x.numel() / p.dim : 0;
-  p.eps = float(eps);
-  p.dtype = dtype;
-  return p;
+}  // namespace
+
+// One call of either op: the contiguous inputs (kept alive here), the new
+// outputs and the kernel parameters pointing at them. Without a residual,
+// `sum` is undefined.
+RmsNormCall prepare_rms_norm(const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in,
+                             const at::Tensor& weight_in, double eps, bool allow_half) {
+  const DType dtype = check_rms_norm_args(x_in, weight_in, eps, allow_half);
+  RmsNormCall c;
+  c.x = x_in.contiguous();
+  c.weight = weight_in.contiguous();
+  c.out = at::empty(c.x.sizes(), c.x.options());
+  c.params.x = c.x.data_ptr();
+  c.params.weight = c.weight.data_ptr();
+  c.params.out = c.out.data_ptr();
+  c.params.dim = c.x.size(-1);
+  c.params.rows = c.params.dim > 0 ? c.x.numel() / c.params.dim : 0;
+  c.params.eps = float(eps);
+  c.params.dtype = dtype;
+  if (residual_in.has_value()) {
+    check_dtype(*residual_in, x_in.scalar_type(), "residual");
+    check_same_device(*residual_in, x_in, "residual", "x");
+    check_same_shape(*residual_in, x_in, "residual", "x");
+    c.residual = residual_in->contiguous();
+    c.sum = at::empty(c.x.sizes(), c.x.options());
+    c.params.residual = c.residual.data_ptr();
+    c.params.sum = c.sum.data_ptr();
+  }
+  return c;
 }
 
 namespace {
 
-at::Tensor rms_norm_cpu_op(const at::Tensor& x_in, const at::Tensor& weight_in, double eps) {
-  const DType dtype = check_rms_norm_args(x_in, weight_in, eps, /*allow_half=*/false);
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  if (out.numel() == 0) return out;
-  const RmsNormParams p = make_rms_norm_params(x, weight, out, dtype, eps);
+void run_cpu(const RmsNormCall& c) {
+  if (c.out.numel() == 0) return;
+  const RmsNormParams& p = c.params;
   // About 32k elements per task: rows of a few thousand come a few at a time.
   const int64_t grain = std::max<int64_t>(1, 32768 / p.dim);
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) { rms_norm_cpu(p, begin, end); });
-  return out;
+}
+
+at::Tensor rms_norm_cpu_op(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const RmsNormCall c = prepare_rms_norm(x, std::nullopt, weight, eps, /*allow_half=*/false);
+  run_cpu(c);
+  return c.out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu_op(const at::Tensor& x, const at::Tensor& residual,
+                                                       const at::Tensor& weight, double eps) {
+  const RmsNormCall c = prepare_rms_norm(x, residual, weight, eps, /*allow_half=*/false);
+  run_cpu(c);
+  return {c.sum, c.out};
 }
 
 }  // namespace
 }  // namespace llada
 
-TORCH_LIBRARY_FRAGMENT(llada, m) { m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(llada, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+}
 
-TORCH_LIBRARY_IMPL(llada, CPU, m) { m.impl("rms_norm", &llada::rms_norm_cpu_op); }
+TORCH_LIBRARY_IMPL(llada, CPU, m) {
+  m.impl("rms_norm", &llada::rms_norm_cpu_op);
+  m.impl("add_rms_norm", &llada::add_rms_norm_cpu_op);
+}

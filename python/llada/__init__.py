@@ -3,7 +3,8 @@
 import torch  # noqa: F401  (loads libtorch before the extension needs it)
 
 from . import _C, ops
-from .ops import TokenChoice, attention, commit_tokens, rms_norm, rope, sample_tokens, select_positions
+from .ops import (TokenChoice, add_rms_norm, attention, commit_tokens, rms_norm, rope, sample_tokens,
+                  select_positions)
 from .model import LLaDAConfig, LLaDAModel
 from .checkpoint import load_config, load_model, load_tokenizer, write_random_checkpoint
 from .likelihood import log_likelihood
@@ -52,6 +53,7 @@ __all__ = [
     "load_tokenizer",
     "ops",
     "rms_norm",
+    "add_rms_norm",
     "rope",
     "sample_tokens",
     "select_positions",

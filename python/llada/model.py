@@ -4,6 +4,10 @@
     y = h + ff_out(silu(ff_proj(m)) * up_proj(m))          m = ff_norm(h)
     logits = head(ln_f(y))
 
+Each residual add is done by the norm that reads its result
+(``ops.add_rms_norm``, one kernel): a block returns ``h`` and the
+``ff_out(...)`` term apart, and the next block's attn_norm (or ln_f) adds them.
+
 Module names mirror the Hugging Face checkpoint (``model.transformer.wte``,
 ``model.transformer.blocks.{i}.q_proj``, ...), so ``state_dict()`` keys are the
 checkpoint's weight names and loading needs no renaming table.
@@ -86,6 +90,15 @@ class RMSNorm(nn.Module):
         if _fused_norm_fits(x, self.weight):
             return ops.rms_norm(x, self.weight, self.eps)
         return ops.rms_norm_reference(x, self.weight, self.eps)
+
+    def add_then_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, norm(s))`` with ``s = x + residual``: a residual add and the
+        norm of its result, in one kernel when no gradient is needed."""
+        if _fused_norm_fits(x, self.weight) and _kernels_take(residual) and residual.shape == x.shape \
+                and residual.dtype == x.dtype and residual.device == x.device:
+            return ops.add_rms_norm(x, residual, self.weight, self.eps)
+        s = x + residual
+        return s, self(s)
 
 
 def _kernels_take(x: torch.Tensor) -> bool:
@@ -185,18 +198,27 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, m, bias=False)
         self.ff_out = nn.Linear(m, d, bias=False)
 
-    def forward(self, x, cos, sin, key_mask, rows=None, cache=None, positions=None):
-        """x [B, L, d] -> [B, L, d]; or, given rows (int64 positions [B, K],
-        or a slice of positions for every row), only the outputs at those
-        positions, [B, K, d]. Keys and values always come from every
-        position; only the query side is cut down.
+    def forward(self, x, pending, cos, sin, key_mask, rows=None, cache=None, positions=None):
+        """x [B, L, d] -> (h, f), each [B, L, d], whose sum is the block's
+        output; or, given rows (int64 positions [B, K], or a slice of
+        positions for every row), only the outputs at those positions,
+        [B, K, d] each. Keys and values always come from every position;
+        only the query side is cut down.
+
+        The last residual add is left to whoever normalises the sum next
+        (the next block's attn_norm, or ln_f), which does both in one
+        kernel: ``pending`` is the previous block's f, added to x here
+        (None for the first block).
 
         With a cache (this layer's ``(k, v)``, each [B, total, Hkv, D]), x
         holds the sequence positions ``positions`` (int64 [L]): their keys and
         values are written into the cache, and the queries attend to every
         cached position."""
         b, l, _ = x.shape
-        a = self.attn_norm(x)
+        if pending is None:
+            a = self.attn_norm(x)
+        else:
+            x, a = self.attn_norm.add_then_norm(x, pending)
         if rows is None:
             q, k, v = _project(a, self.q_proj, self.k_proj, self.v_proj)
         else:  # queries only for the rows kept, below
@@ -217,10 +239,9 @@ class Block(nn.Module):
         if rows is not None:
             q = self.q_proj(a)
         q = apply_rope(q.view(b, -1, self.n_heads, self.head_dim), cos_q, sin_q)
-        h = x + self.attn_out(attention(q, k, v, key_mask).flatten(2))
-        m = self.ff_norm(h)
+        h, m = self.ff_norm.add_then_norm(x, self.attn_out(attention(q, k, v, key_mask).flatten(2)))
         gate, up = _project(m, self.ff_proj, self.up_proj)
-        return h + self.ff_out(F.silu(gate) * up)
+        return h, self.ff_out(F.silu(gate) * up)
 
 
 def _project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
@@ -408,16 +429,17 @@ class LLaDAModel(nn.Module):
         if logits_at is not None:
             rows, keep = _query_rows(logits_at, b, l, device)
         layers = cache.layers if cache is not None else [None] * len(t["blocks"])
-        x = t["wte"](input_ids)
+        x, pending = t["wte"](input_ids), None
         blocks = t["blocks"]
         for block, layer in zip(blocks[:-1], layers[:-1]):
-            x = block(x, cos, sin, key_mask, cache=layer, positions=positions)
+            x, pending = block(x, pending, cos, sin, key_mask, cache=layer, positions=positions)
         # Nothing after the last block mixes positions, so it only needs to
         # produce the rows whose logits are wanted.
-        x = blocks[-1](x, cos, sin, key_mask, rows, cache=layers[-1], positions=positions)
+        x, pending = blocks[-1](x, pending, cos, sin, key_mask, rows, cache=layers[-1], positions=positions)
         if keep is not None:
-            x = x[keep]
-        return LLaDAOutput(F.linear(t["ln_f"](x), self.head_weight()))
+            x, pending = x[keep], pending[keep]
+        _, y = t["ln_f"].add_then_norm(x, pending)
+        return LLaDAOutput(F.linear(y, self.head_weight()))
 
 
 def _gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

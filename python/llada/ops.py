@@ -20,6 +20,8 @@ Ops
 ``rms_norm(x, weight, eps)``
     The model's RMSNorm in one pass: float32 inside, rounded as the
     checkpoint's code rounds.
+``add_rms_norm(x, residual, weight, eps)``
+    A residual add and the RMSNorm of its result in one pass.
 ``rope(x, cos, sin)``
     The model's rotary embedding of queries or keys in one pass, with the
     composition's bits.
@@ -448,6 +450,42 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual`` and ``rms_norm(s, weight, eps)`` in one pass: a
+    block's residual add and the norm that follows it (see
+    :func:`add_rms_norm_reference`).
+
+    Args:
+        x, residual: ``[..., dim]``, one shape, dtype and device (as for
+            :func:`rms_norm`).
+        weight: ``[dim]``, x's dtype and device.
+        eps: added to the mean square; finite and >= 0.
+
+    Returns:
+        ``(s, normed)``: two new contiguous tensors of x's shape and dtype.
+    """
+    _require_tensors(("x", x), ("residual", residual), ("weight", weight))
+    return torch.ops.llada.add_rms_norm(x, residual, weight, float(eps))
+
+
+@torch.library.register_fake("llada::add_rms_norm")
+def _add_rms_norm_fake(x, residual, weight, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def add_rms_norm_reference(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The specification of :func:`add_rms_norm`: the sum in x's dtype (as
+    torch adds: in float32, rounded once), then :func:`rms_norm_reference`
+    of it."""
+    s = x + residual
+    return s, rms_norm_reference(s, weight, eps)
 
 
 # --------------------------------------------------------------------------

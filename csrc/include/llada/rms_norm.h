@@ -5,6 +5,10 @@
 //
 // The two roundings are those of the checkpoint's own code, which casts back
 // to the storage type before multiplying by the weight.
+//
+// With a residual, x is first replaced by sum = to_dtype(x + residual) (the
+// sum in float32), which is also written out: a block's residual add and the
+// next norm in one pass.
 #pragma once
 
 #include <cstdint>
@@ -14,13 +18,15 @@
 namespace llada {
 
 struct RmsNormParams {
-  const void* x;       // [rows, dim] contiguous, element type `dtype`
-  const void* weight;  // [dim], `dtype`
-  void* out;           // [rows, dim] contiguous, `dtype`
+  const void* x;         // [rows, dim] contiguous, element type `dtype`
+  const void* weight;    // [dim], `dtype`
+  void* out;             // [rows, dim] contiguous, `dtype`
   int64_t rows;
   int64_t dim;
   float eps;
   DType dtype;
+  const void* residual;  // [rows, dim] contiguous, `dtype`; or null: no add
+  void* sum;             // [rows, dim] contiguous, `dtype`: x + residual (with a residual)
 };
 
 // The CPU twin normalises rows [row_begin, row_end), so callers may split the
