@@ -164,6 +164,22 @@ inline uint16_t bits_from_float(float x, llada::DType t) {
   return t == llada::DType::kBFloat16 ? float_to_bf16(x) : to_half_bits(x);
 }
 
+// `values` as the bytes of dtype `t`, rounding `values` in place to what
+// those bytes hold (so a reference computed from them sees the same inputs).
+inline std::vector<uint8_t> to_dtype(std::vector<float>& values, llada::DType t) {
+  std::vector<uint8_t> bytes(values.size() * (t == llada::DType::kFloat32 ? 4 : 2));
+  if (t == llada::DType::kFloat32) {
+    std::memcpy(bytes.data(), values.data(), bytes.size());
+    return bytes;
+  }
+  for (size_t i = 0; i < values.size(); ++i) {
+    const uint16_t u = bits_from_float(values[i], t);
+    std::memcpy(bytes.data() + 2 * i, &u, 2);
+    values[i] = bits_to_float(u, t);
+  }
+  return bytes;
+}
+
 // The elements of `bytes` (float32, or 16-bit encodings of `t`) as floats.
 inline std::vector<float> as_floats(const std::vector<uint8_t>& bytes, llada::DType t) {
   const size_t size = t == llada::DType::kFloat32 ? 4 : 2;

@@ -19,21 +19,6 @@ namespace {
 using llada::DType;
 using llada::RmsNormParams;
 
-// Values in the dtype: the bytes to upload, and `values` rounded in place.
-std::vector<uint8_t> to_dtype(std::vector<float>& values, DType dtype) {
-  std::vector<uint8_t> bytes(values.size() * (dtype == DType::kFloat32 ? 4 : 2));
-  if (dtype == DType::kFloat32) {
-    std::memcpy(bytes.data(), values.data(), bytes.size());
-    return bytes;
-  }
-  for (size_t i = 0; i < values.size(); ++i) {
-    const uint16_t u = bench::bits_from_float(values[i], dtype);
-    std::memcpy(bytes.data() + 2 * i, &u, 2);
-    values[i] = bench::bits_to_float(u, dtype);
-  }
-  return bytes;
-}
-
 bool run_case(DType dtype, int64_t rows, int64_t dim, bool residual, const bench::Options& o, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -49,7 +34,8 @@ bool run_case(DType dtype, int64_t rows, int64_t dim, bool residual, const bench
   const size_t el = dtype == DType::kFloat32 ? 4 : 2;
 
   // Inputs in the dtype; the float32 copies hold the rounded values.
-  const std::vector<uint8_t> xb = to_dtype(x, dtype), rb = to_dtype(res, dtype), wb = to_dtype(w, dtype);
+  const std::vector<uint8_t> xb = bench::to_dtype(x, dtype), rb = bench::to_dtype(res, dtype),
+                             wb = bench::to_dtype(w, dtype);
   auto round = [&](float v) {
     return dtype == DType::kFloat32 ? v : bench::bits_to_float(bench::bits_from_float(v, dtype), dtype);
   };

@@ -1,5 +1,6 @@
 // CUDA kernel of rope: one thread per pair of elements (i, i + D/2) of one
-// head, which read each other. Products and sums use the round-to-nearest
+// head, which read each other; storing into a cache, the thread also copies
+// the values' pair. Products and sums use the round-to-nearest
 // intrinsics so that nothing is contracted into a fused multiply-add: the
 // result has the torch composition's bits, like the CPU twin's.
 #include <cuda_bf16.h>
@@ -51,12 +52,24 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(RopeParams p) {
     const int64_t b = bl / p.length, l = bl % p.length, h = row % p.heads;
     const int64_t table = ((p.tables_per_row ? b : 0) * p.length + l) * p.head_dim;
     const int64_t from = b * p.x_stride_batch + l * p.x_stride_position + h * p.x_stride_head + i;
-    const int64_t at = row * p.head_dim + i;
+    int64_t at = row * p.head_dim + i;
+    if (p.out_positions != nullptr) {
+      const int64_t to = p.out_positions[l];
+      if (to < 0 || to >= p.out_length) __trap();  // out of the cache: a device-side error, as index_copy_
+      at = ((b * p.out_length + to) * p.heads + h) * p.head_dim + i;
+    }
     const float lo = E::load(x[from]), hi = E::load(x[from + half]);
     const float c_lo = __ldg(p.cos + table + i), c_hi = __ldg(p.cos + table + i + half);
     const float s_lo = __ldg(p.sin + table + i), s_hi = __ldg(p.sin + table + i + half);
     out[at] = E::store(__fadd_rn(__fmul_rn(lo, c_lo), __fmul_rn(-hi, s_lo)));
     out[at + half] = E::store(__fadd_rn(__fmul_rn(hi, c_hi), __fmul_rn(lo, s_hi)));
+    if (p.copy_x != nullptr) {
+      const V* v = static_cast<const V*>(p.copy_x) + b * p.copy_stride_batch + l * p.copy_stride_position +
+                   h * p.copy_stride_head + i;
+      V* v_out = static_cast<V*>(p.copy_out) + at;
+      v_out[0] = v[0];
+      v_out[half] = v[half];
+    }
   }
 }
 

@@ -4,7 +4,7 @@ import torch  # noqa: F401  (loads libtorch before the extension needs it)
 
 from . import _C, ops
 from .ops import (TokenChoice, add_rms_norm, attention, commit_tokens, rms_norm, rope, sample_tokens,
-                  select_positions)
+                  select_positions, store_kv)
 from .model import LLaDAConfig, LLaDAModel
 from .checkpoint import load_config, load_model, load_tokenizer, write_random_checkpoint
 from .likelihood import log_likelihood
@@ -57,5 +57,6 @@ __all__ = [
     "rope",
     "sample_tokens",
     "select_positions",
+    "store_kv",
     "write_random_checkpoint",
 ]

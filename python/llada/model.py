@@ -138,6 +138,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return ops.rope_reference(x, cos, sin)
 
 
+def store_kv(k, v, cos, sin, cache_k, cache_v, positions) -> None:
+    """Rotates k and writes it and v into the caches at positions (int64
+    [L]): one kernel (llada.ops.store_kv, the same bits) when no gradient is
+    needed; the composition otherwise."""
+    if (_kernels_take(k) and cos.dtype == torch.float32 and v.dtype == cache_k.dtype == cache_v.dtype == k.dtype
+            and cache_k.is_contiguous() and cache_v.is_contiguous()):
+        ops.store_kv(k, v, cos, sin, cache_k, cache_v, positions)
+    else:
+        ops.store_kv_reference(k, v, cos, sin, cache_k, cache_v, positions)
+
+
 ATTENTION_BACKENDS = ("llada", "sdpa")
 # "llada": the fused kernels of llada.ops.attention wherever they support the
 # shape and dtype (head dim 64 or 128; CPU float32/bfloat16, CUDA also
@@ -223,13 +234,13 @@ class Block(nn.Module):
             q, k, v = _project(a, self.q_proj, self.k_proj, self.v_proj)
         else:  # queries only for the rows kept, below
             k, v = _project(a, self.k_proj, self.v_proj)
-        k = apply_rope(k.view(b, l, self.n_kv_heads, self.head_dim), cos, sin)
+        k = k.view(b, l, self.n_kv_heads, self.head_dim)
         v = v.view(b, l, self.n_kv_heads, self.head_dim)
         if cache is not None:
-            cache_k, cache_v = cache
-            cache_k.index_copy_(1, positions, k)
-            cache_v.index_copy_(1, positions, v)
-            k, v = cache_k, cache_v
+            store_kv(k, v, cos, sin, *cache, positions)
+            k, v = cache
+        else:
+            k = apply_rope(k, cos, sin)
         cos_q, sin_q = cos, sin
         if isinstance(rows, slice):
             x, a, cos_q, sin_q = x[:, rows], a[:, rows], cos[:, rows], sin[:, rows]

@@ -25,6 +25,8 @@ Ops
 ``rope(x, cos, sin)``
     The model's rotary embedding of queries or keys in one pass, with the
     composition's bits.
+``store_kv(k, v, cos, sin, cache_k, cache_v, positions)``
+    Keys rotated and stored, values stored, into a KV cache in one pass.
 """
 
 from __future__ import annotations
@@ -524,3 +526,50 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     rotated = torch.cat((-x2, x1), dim=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+# --------------------------------------------------------------------------
+# store_kv
+# --------------------------------------------------------------------------
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    """Writes ``rope(k)`` and ``v`` into a KV cache at ``positions``, in
+    place and in one pass (see :func:`store_kv_reference`): the rotation has
+    :func:`rope`'s bits.
+
+    Args:
+        k, v: ``[B, L, H, D]``, one shape and dtype (as for :func:`rope`); the
+            last dimension contiguous, other strides free (slices of a
+            packed projection are read where they lie).
+        cos, sin: float32 ``[B or 1, L, D]``, the tables of the L positions.
+        cache_k, cache_v: ``[B, T, H, D]`` contiguous, k's dtype and device;
+            two different tensors.
+        positions: int64 ``[L]``, distinct, in ``[0, T)``: where position l
+            goes. Checked on the CPU; on CUDA one outside the caches stops
+            the kernel with a device-side error (as ``index_copy_`` does),
+            since checking would wait for the device.
+    """
+    _require_tensors(("k", k), ("v", v), ("cos", cos), ("sin", sin), ("cache_k", cache_k),
+                     ("cache_v", cache_v), ("positions", positions))
+    torch.ops.llada.store_kv(k, v, cos, sin, cache_k, cache_v, positions)
+
+
+@torch.library.register_fake("llada::store_kv")
+def _store_kv_fake(k, v, cos, sin, cache_k, cache_v, positions):
+    return None
+
+
+def store_kv_reference(k, v, cos, sin, cache_k, cache_v, positions) -> None:
+    """The specification of :func:`store_kv`: :func:`rope_reference` of k,
+    then two ``index_copy_`` along the caches' positions."""
+    cache_k.index_copy_(1, positions, rope_reference(k, cos, sin))
+    cache_v.index_copy_(1, positions, v)
