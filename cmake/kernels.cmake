@@ -8,7 +8,8 @@ add_library(llada_kernels STATIC
   ${LLADA_ROOT}/csrc/cpu/commit_tokens.cpp
   ${LLADA_ROOT}/csrc/cpu/attention.cpp
   ${LLADA_ROOT}/csrc/cpu/rms_norm.cpp
-  ${LLADA_ROOT}/csrc/cpu/rope.cpp)
+  ${LLADA_ROOT}/csrc/cpu/rope.cpp
+  ${LLADA_ROOT}/csrc/cpu/silu_mul.cpp)
 target_include_directories(llada_kernels PUBLIC ${LLADA_ROOT}/csrc/include)
 set_target_properties(llada_kernels PROPERTIES POSITION_INDEPENDENT_CODE ON)
 # -ffp-contract=off: the Gumbel noise must round exactly as on the GPU.
@@ -28,7 +29,8 @@ if(LLADA_WITH_CUDA)
     ${LLADA_ROOT}/csrc/cuda/commit_tokens.cu
     ${LLADA_ROOT}/csrc/cuda/attention.cu
     ${LLADA_ROOT}/csrc/cuda/rms_norm.cu
-    ${LLADA_ROOT}/csrc/cuda/rope.cu)
+    ${LLADA_ROOT}/csrc/cuda/rope.cu
+    ${LLADA_ROOT}/csrc/cuda/silu_mul.cu)
   target_compile_options(llada_kernels PRIVATE
     $<$<COMPILE_LANGUAGE:CUDA>:-O3 --expt-relaxed-constexpr>)
   target_link_libraries(llada_kernels PUBLIC CUDA::cudart)

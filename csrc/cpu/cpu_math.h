@@ -28,12 +28,9 @@ inline uint16_t float_to_bf16(float f) {
   return uint16_t(u >> 16);
 }
 
-// exp(t) for t <= 0 (or -inf), about 1 ulp: Cephes-style range reduction and
-// polynomial in plain arithmetic so the loops calling it vectorise. Exactly 0
-// below -87.
-inline float exp_nonpositive(float t) {
-  const float x = t < -87.0f ? -87.0f : t;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+// e^x as 2^n e^r, r = x - n ln2 (ln2 in two parts), n = round(x / ln2):
+// Cephes' polynomial for e^r. Returns e^r; the callers apply 2^n.
+inline float exp_reduced(float x, float n) {
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -41,9 +38,28 @@ inline float exp_nonpositive(float t) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  return p * r * r + r + 1.0f;
+}
+
+// exp(t) for t <= 0 (or -inf), about 1 ulp, in plain arithmetic so the loops
+// calling it vectorise. Exactly 0 below -87.
+inline float exp_nonpositive(float t) {
+  const float x = t < -87.0f ? -87.0f : t;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   const float scale = bits_float(uint32_t(int32_t(n) + 127) << 23);
-  return t < -87.0f ? 0.0f : p * scale;
+  return t < -87.0f ? 0.0f : exp_reduced(x, n) * scale;
+}
+
+// exp(t) for any t, about 1 ulp, vectorisable too: 2^n is applied in two
+// halves, so that the result reaches FLT_MAX (and overflows to inf beyond).
+// 0 below -87; NaN stays NaN.
+inline float exp_float(float t) {
+  const float x = t < -87.0f ? -87.0f : (t > 89.0f ? 89.0f : t);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const int32_t k = int32_t(n), half = k / 2;
+  const float scale_a = bits_float(uint32_t(half + 127) << 23);
+  const float scale_b = bits_float(uint32_t(k - half + 127) << 23);
+  return t < -87.0f ? 0.0f : exp_reduced(x, n) * scale_a * scale_b;
 }
 
 }  // namespace llada

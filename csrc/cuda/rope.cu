@@ -3,38 +3,15 @@
 // the values' pair. Products and sums use the round-to-nearest
 // intrinsics so that nothing is contracted into a fused multiply-add: the
 // result has the torch composition's bits, like the CPU twin's.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cstdint>
 
+#include "element.cuh"
 #include "llada/kernels_cuda.h"
 
 namespace llada {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <DType T>
-struct Element;
-template <>
-struct Element<DType::kFloat32> {
-  using type = float;
-  __device__ __forceinline__ static float load(float v) { return v; }
-  __device__ __forceinline__ static float store(float v) { return v; }
-};
-template <>
-struct Element<DType::kBFloat16> {
-  using type = __nv_bfloat16;
-  __device__ __forceinline__ static float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ __forceinline__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
-template <>
-struct Element<DType::kFloat16> {
-  using type = __half;
-  __device__ __forceinline__ static float load(__half v) { return __half2float(v); }
-  __device__ __forceinline__ static __half store(float v) { return __float2half_rn(v); }
-};
 
 template <DType T>
 __global__ void __launch_bounds__(kThreads) rope_kernel(RopeParams p) {

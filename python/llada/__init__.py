@@ -4,7 +4,7 @@ import torch  # noqa: F401  (loads libtorch before the extension needs it)
 
 from . import _C, ops
 from .ops import (TokenChoice, add_rms_norm, attention, commit_tokens, rms_norm, rope, sample_tokens,
-                  select_positions, store_kv)
+                  select_positions, silu_mul, store_kv)
 from .model import LLaDAConfig, LLaDAModel
 from .checkpoint import load_config, load_model, load_tokenizer, write_random_checkpoint
 from .likelihood import log_likelihood
@@ -57,6 +57,7 @@ __all__ = [
     "rope",
     "sample_tokens",
     "select_positions",
+    "silu_mul",
     "store_kv",
     "write_random_checkpoint",
 ]

@@ -138,6 +138,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return ops.rope_reference(x, cos, sin)
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: one kernel (llada.ops.silu_mul) when no gradient is
+    needed; the composition otherwise."""
+    if _kernels_take(gate) and _kernels_take(up) and up.dtype == gate.dtype and up.shape == gate.shape:
+        return ops.silu_mul(gate, up)
+    return ops.silu_mul_reference(gate, up)
+
+
 def store_kv(k, v, cos, sin, cache_k, cache_v, positions) -> None:
     """Rotates k and writes it and v into the caches at positions (int64
     [L]): one kernel (llada.ops.store_kv, the same bits) when no gradient is
@@ -252,7 +260,7 @@ class Block(nn.Module):
         q = apply_rope(q.view(b, -1, self.n_heads, self.head_dim), cos_q, sin_q)
         h, m = self.ff_norm.add_then_norm(x, self.attn_out(attention(q, k, v, key_mask).flatten(2)))
         gate, up = _project(m, self.ff_proj, self.up_proj)
-        return h, self.ff_out(F.silu(gate) * up)
+        return h, self.ff_out(silu_mul(gate, up))
 
 
 def _project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:

@@ -25,6 +25,8 @@ Ops
 ``rope(x, cos, sin)``
     The model's rotary embedding of queries or keys in one pass, with the
     composition's bits.
+``silu_mul(gate, up)``
+    The MLP's gated activation ``silu(gate) * up`` in one pass.
 ``store_kv(k, v, cos, sin, cache_k, cache_v, positions)``
     Keys rotated and stored, values stored, into a KV cache in one pass.
 """
@@ -526,6 +528,40 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     rotated = torch.cat((-x2, x1), dim=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+# --------------------------------------------------------------------------
+# silu_mul
+# --------------------------------------------------------------------------
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` in one pass, rounded as the two torch ops round
+    (see :func:`silu_mul_reference`); the kernels' own exp may move an
+    element by an ulp.
+
+    Args:
+        gate, up: ``[..., dim]``, one shape, dtype and device; float32 or
+            bfloat16 on CPU, also float16 on CUDA. Strided inputs whose
+            leading dimensions merge into one row stride (e.g. the halves of
+            a packed ``[..., 2 * dim]`` projection) are read where they lie.
+
+    Returns:
+        A new contiguous tensor of gate's shape and dtype.
+    """
+    _require_tensors(("gate", gate), ("up", up))
+    return torch.ops.llada.silu_mul(gate, up)
+
+
+@torch.library.register_fake("llada::silu_mul")
+def _silu_mul_fake(gate, up):
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The specification of :func:`silu_mul`: ``F.silu(gate) * up`` in
+    gate's dtype (each op computing in float32 and rounding once)."""
+    return torch.nn.functional.silu(gate) * up
 
 
 # --------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 #include "llada/rope.h"
 #include "llada/sample_tokens.h"
 #include "llada/select_positions.h"
+#include "llada/silu_mul.h"
 
 namespace llada {
 
@@ -26,6 +27,8 @@ cudaError_t commit_tokens_cuda(const CommitTokensParams& p, cudaStream_t stream)
 cudaError_t rms_norm_cuda(const RmsNormParams& p, cudaStream_t stream);
 
 cudaError_t rope_cuda(const RopeParams& p, cudaStream_t stream);
+
+cudaError_t silu_mul_cuda(const SiluMulParams& p, cudaStream_t stream);
 
 // Attention. bf16/fp16 run a tensor-core kernel with 16 or 32 query rows per
 // warp that may split the keys into chunks (partial results in `workspace`,
