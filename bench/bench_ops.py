@@ -1,6 +1,7 @@
 """Benchmark of the llada decoding ops and the fused norm and rotary ops
 through torch, against the plain-torch compositions the official LLaDA code
-uses for the same work.
+uses for the same work; and of the fused block ops (add_rms_norm, silu_mul,
+store_kv) against the ops the model ran before them.
 
     python bench/bench_ops.py                 # CPU
     python bench/bench_ops.py --device cuda   # GPU (CUDA-event timing)
@@ -225,6 +226,62 @@ def bench_rope(device: str, min_time: float, gen: torch.Generator) -> list[Row]:
 
 
 # --------------------------------------------------------------------------
+# The fused ops of a block vs the ops the model ran before
+# --------------------------------------------------------------------------
+
+
+def bench_fused_block_ops(device: str, min_time: float, gen: torch.Generator) -> list[Row]:
+    """At LLaDA-8B shape for a cached block and a full forward: add_rms_norm
+    vs an add and rms_norm; silu_mul vs silu and a product, on the halves of
+    the packed MLP output; store_kv vs rope and two index copies, from the
+    packed q/k/v output into a 512-position cache."""
+    from llada.model import rope_tables
+
+    rows = []
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    name = str(dtype).removeprefix("torch.")
+    for n in (32, 512):
+        x, r = (torch.randn(n, 4096, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+        w = (1 + 0.1 * torch.randn(4096, generator=gen)).to(device=device, dtype=dtype)
+        s, normed = llada.add_rms_norm(x, r, w, 1e-5)
+        same = bool(torch.equal(s, x + r)) and bool(
+            torch.allclose(normed.float(), llada.rms_norm(x + r, w, 1e-5).float(), rtol=2.0**-6, atol=0))
+        rows.append(report(Row(
+            "add_rms_norm", f"[{n}, 4096] {name}", "add, llada.rms_norm",
+            time_us(lambda: llada.add_rms_norm(x, r, w, 1e-5), device, min_time),
+            time_us(lambda: llada.rms_norm(x + r, w, 1e-5), device, min_time),
+            same)))
+
+        gate, up = torch.randn(1, n, 2 * 12288, generator=gen).to(device=device, dtype=dtype).split(12288, -1)
+        ours, ref = llada.silu_mul(gate, up), torch.nn.functional.silu(gate) * up
+        rows.append(report(Row(
+            "silu_mul", f"[1, {n}, 12288] {name}, packed", "silu, mul",
+            time_us(lambda: llada.silu_mul(gate, up), device, min_time),
+            time_us(lambda: torch.nn.functional.silu(gate) * up, device, min_time),
+            bool(torch.allclose(ours.float(), ref.float(), rtol=2.0**-6, atol=1e-30)))))
+
+        qkv = torch.randn(1, n, 3 * 4096, generator=gen).to(device=device, dtype=dtype)
+        k, v = (t.view(1, n, 32, 128) for t in qkv[..., 4096:].split(4096, -1))
+        positions = torch.arange(512 - n, 512, device=device)
+        cos, sin = (t[None].to(device) for t in rope_tables(positions, 128, 500000.0))
+        caches = [torch.zeros(1, 512, 32, 128, device=device, dtype=dtype) for _ in range(4)]
+
+        def fused():
+            llada.store_kv(k, v, cos, sin, caches[0], caches[1], positions)
+
+        def separate():
+            caches[2].index_copy_(1, positions, llada.rope(k, cos, sin))
+            caches[3].index_copy_(1, positions, v)
+
+        fused(), separate()
+        rows.append(report(Row(
+            "store_kv", f"[1, {n}, 32, 128] {name}, packed, cache 512", "llada.rope, 2 index_copy_",
+            time_us(fused, device, min_time), time_us(separate, device, min_time),
+            bool(torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])))))
+    return rows
+
+
+# --------------------------------------------------------------------------
 
 
 def main() -> int:
@@ -246,6 +303,7 @@ def main() -> int:
     rows += bench_commit_tokens(args.device, min_time, gen)
     rows += bench_rms_norm(args.device, min_time, gen)
     rows += bench_rope(args.device, min_time, gen)
+    rows += bench_fused_block_ops(args.device, min_time, gen)
 
     print(f"\n| op | shape | baseline | llada us | baseline us | speed-up | same result |")
     print("|---|---|---|---:|---:|---:|---|")

@@ -293,16 +293,18 @@ def _back_to_back(weights: list[torch.Tensor]) -> Optional[torch.Tensor]:
     return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
 
 
-# The projections that read the same input, packed together.
 def _projection_groups(block: Block) -> list[tuple[nn.Linear, ...]]:
+    """The projections that read the same input, packed together."""
     return [(block.q_proj, block.k_proj, block.v_proj), (block.ff_proj, block.up_proj)]
 
 
 def pack_projections(model: "LLaDAModel", pack: bool = True) -> "LLaDAModel":
     """Lays each block's q, k and v weights back to back in one buffer, and
     its ff_proj and up_proj weights in another, so that a forward runs one
-    GEMM per group (on a GPU, one wide GEMM keeps the memory bus busier
-    than three narrow ones). The parameters stay what they were, as views
+    GEMM per group. A cached step reads every weight for a few rows, and
+    wide GEMMs read faster: in an H200 profile of one at LLaDA-8B shape the
+    4096-wide projections ran at 61% of the memory bandwidth and the
+    12288-wide ones at 74-76%. The parameters stay what they were, as views
     of the buffers: names, values, dtypes and ``state_dict()`` keys do not
     change. ``pack=False`` gives every weight its own buffer again.
 
