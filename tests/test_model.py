@@ -180,12 +180,17 @@ def test_packing_keeps_the_parameters(tmp_path, device, monkeypatch):
         # Per block: q, k, v | attn_out | ff_proj, up_proj | ff_out; then the head.
         assert len(gemms) == n_layers * (4 if packed else 7) + 1
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
-    # Converted, the weights no longer share a buffer: the forward notices
-    # and runs one GEMM each, with the same result.
+    # Converted on CUDA, a model is packed again; elsewhere every weight gets
+    # its own buffer, and the forward notices and runs one GEMM each.
     half = model.to(torch.bfloat16)
-    assert projection_storages(half) == [(3, 2)] * n_layers
-    want = pack_projections(llada.load_model(folder, device=device, dtype=torch.bfloat16), False)(ids).logits
+    assert projection_storages(half) == [(1, 1) if device == "cuda" else (3, 2)] * n_layers
+    assert list(half.state_dict()) == list(before)
+    want = llada.load_model(folder, device=device, dtype=torch.bfloat16)(ids).logits
     torch.testing.assert_close(half(ids).logits, want, rtol=0, atol=0)
+    if device == "cuda":
+        moved = llada.load_model(folder, device="cpu", dtype=torch.float32).cuda()
+        assert projection_storages(moved) == [(1, 1)] * n_layers
+        assert projection_storages(moved.cpu()) == [(3, 2)] * n_layers
 
 
 def test_packed_model_trains_like_a_separate_one(tmp_path):

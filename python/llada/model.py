@@ -308,9 +308,10 @@ def pack_projections(model: "LLaDAModel", pack: bool = True) -> "LLaDAModel":
     of the buffers: names, values, dtypes and ``state_dict()`` keys do not
     change. ``pack=False`` gives every weight its own buffer again.
 
-    ``load_model`` and ``random_model`` pack on CUDA. Moving or converting
-    the model afterwards (``model.to``) unpacks it; call this again then.
-    Returns the model.
+    ``load_model`` and ``random_model`` pack on CUDA, and so does moving
+    or converting a model on CUDA (``model.to``, ``.cuda()``, ``.half()``);
+    converting one elsewhere leaves every weight its own buffer. A forward
+    checks the layout each time, so either layout runs. Returns the model.
     """
     for block in model.model.transformer["blocks"]:
         for group in _projection_groups(block):
@@ -378,6 +379,14 @@ class LLaDAModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.model.transformer["wte"].weight.dtype
+
+    def _apply(self, fn, recurse=True):
+        # Conversions (.to, .cuda, .half, ...) make every parameter anew, one
+        # buffer each: on CUDA, pack the projections again.
+        super()._apply(fn, recurse)
+        if self.device.type == "cuda":
+            pack_projections(self)
+        return self
 
     def head_weight(self) -> torch.Tensor:
         t = self.model.transformer
