@@ -94,14 +94,18 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(RmsNormParams p) {
     const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x) + i);
     uint4 raw_res{};
     if constexpr (kResidual) raw_res = __ldg(reinterpret_cast<const uint4*>(res) + i);
-    uint4 raw_sum;
+    E sums[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       const float v = value<T, kResidual>(reinterpret_cast<const E*>(&raw), reinterpret_cast<const E*>(&raw_res), j);
-      if constexpr (kResidual) reinterpret_cast<E*>(&raw_sum)[j] = S::store(v);
+      if constexpr (kResidual) sums[j] = S::store(v);
       sum += v * v;
     }
-    if constexpr (kResidual) reinterpret_cast<uint4*>(sum_out)[i] = raw_sum;
+    if constexpr (kResidual) {
+      uint4 packed;
+      memcpy(&packed, sums, sizeof packed);
+      reinterpret_cast<uint4*>(sum_out)[i] = packed;
+    }
   }
   for (int64_t i = n_vec * kVec + threadIdx.x; i < p.dim; i += kThreads) {
     const float v = value<T, kResidual>(x, res, int(i));
