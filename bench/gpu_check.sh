@@ -106,10 +106,15 @@ fi
 # the benchmarks time only those that passed (LLADA_BENCH_SM90_PIPELINES), so
 # that one that hangs or faults cannot take a benchmark down.
 if [ "${LLADA_ATTENTION_SM90:-}" != 0 ]; then
-  step tests_sm90_pipelines timeout --kill-after=10 240 "$PYTHON" -m pytest -q -rA -p no:cacheprovider $parallel \
+  # -v prints each test's outcome as it ends, so a run cut short by the
+  # timeout (one pipeline hanging) still names those that passed.
+  step tests_sm90_pipelines timeout --kill-after=10 150 "$PYTHON" -m pytest -v -rA -p no:cacheprovider $parallel \
     tests/test_attention.py -k sm90_pipelines
-  LLADA_BENCH_SM90_PIPELINES=$(grep -oE '^PASSED .*test_sm90_pipelines_match_reference\[[a-z0-9-]+\]' \
-    "$LOGS/tests_sm90_pipelines.log" | sed -E 's/.*\[([a-z0-9-]+)\]/\1/' | sort | paste -sd ' ')
+  # "PASSED <test id>" (xdist, summary) or "<test id> PASSED" (no xdist).
+  passed_id='PASSED [^ ]*test_sm90_pipelines_match_reference\[[a-z0-9-]+\]'
+  passed_id="$passed_id|test_sm90_pipelines_match_reference\[[a-z0-9-]+\] PASSED"
+  LLADA_BENCH_SM90_PIPELINES=$(grep -oE "$passed_id" "$LOGS/tests_sm90_pipelines.log" |
+    sed -E 's/.*\[([a-z0-9-]+)\].*/\1/' | sort -u | paste -sd ' ')
   export LLADA_BENCH_SM90_PIPELINES
   echo "   pipelines to benchmark: ${LLADA_BENCH_SM90_PIPELINES:-none}"
   echo "pipelines that passed: ${LLADA_BENCH_SM90_PIPELINES:-none}" >>"$LOGS/device.txt"
