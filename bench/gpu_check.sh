@@ -61,8 +61,8 @@ summary() {
   # Timed and failed kernel cases; the cases only validated are counted.
   grep -h -A2 '^RESULT' "$LOGS"/bin_bench_*.log 2>/dev/null | grep -E ' us=| FAIL$|^  bad by' | sed 's/^RESULT /  /'
   echo "  validated only (not timed): $(grep -h '^RESULT.*validated ok$' "$LOGS"/bin_bench_*.log 2>/dev/null | wc -l) ok"
-  for f in "$LOGS"/bench_attention.log "$LOGS"/bench_decoding.log "$LOGS"/bench_ops.log \
-           "$LOGS"/bench_generate.log; do
+  for f in "$LOGS"/bench_attention.log "$LOGS"/bench_decoding.log "$LOGS"/bench_gemm.log \
+           "$LOGS"/bench_ops.log "$LOGS"/bench_generate.log; do
     [ -f "$f" ] && { echo "-- $(basename "$f" .log)"; sed -n '/^|/p' "$f"; }
   done
 }
@@ -123,6 +123,7 @@ step bench_build_attention bench_build bench_attention
 step bin_bench_attention timeout 150 build/bench-gpu/bench_attention
 step bench_attention timeout 150 "$PYTHON" bench/bench_attention.py --device cuda
 step bench_decoding timeout 200 "$PYTHON" bench/bench_decoding.py --device cuda --shape 8b --repeats 1
+step bench_gemm timeout 90 "$PYTHON" bench/bench_gemm.py
 step tests "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider $parallel tests -k "not sm90"
 step bench_build bench_build
 for bin in build/bench-gpu/bench_*; do
