@@ -7,7 +7,8 @@ work per iteration that runs without a GPU.
 Compiles the file with nvcc, disassembles it with cuobjdump (from PATH, or the
 copy bundled with triton), and for every kernel prints its registers and
 spills, the highest register its code names (above the count ptxas reports
-when the kernel raises its budget with setmaxnreg) and, for its largest loop
+when the kernel raises its budget with setmaxnreg), the performance remarks
+ptxas makes about it (e.g. warpgroup MMAs serialised: C7520) and, for its largest loop
 that holds tensor-core MMAs or global loads, the instruction count and the
 most frequent opcodes. A loop body holds every
 branch of the loop, taken or not: compare variants of one kernel, not kernels.
@@ -73,6 +74,18 @@ def resources(ptxas_log: str) -> dict[str, str]:
     return out
 
 
+def remarks(ptxas_log: str) -> dict[str, collections.Counter]:
+    """Mangled kernel name -> its ptxas performance remarks ("C7520 ...",
+    without the line number), counted."""
+    out: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for line in ptxas_log.splitlines():
+        m = re.search(r"\((C\d+)\) (.*) in (?:the )?function '(\w+)'", line)
+        if m:
+            text = re.sub(r" in around line \d+", "", m.group(2))
+            out[m.group(3)][f"{m.group(1)} {text}"] += 1
+    return out
+
+
 def main_loop(body: str) -> collections.Counter | None:
     """Opcodes of the largest backward-branch range holding an MMA or a load."""
     code = [(int(a, 16), op) for a, op in INSTRUCTION.findall(body)]
@@ -93,7 +106,7 @@ def main() -> None:
     parser.add_argument("--filter", default="", help="only kernels whose mangled name contains this")
     args = parser.parse_args()
     log, sass = compile_and_disassemble(args.source, args.arch)
-    used = resources(log)
+    used, notes = resources(log), remarks(log)
     for chunk in re.split(r"\n\s+Function : ", sass)[1:]:
         name, body = chunk.split("\n", 1)
         name = name.strip()
@@ -102,6 +115,8 @@ def main() -> None:
         highest = max((int(r) for r in re.findall(r"\bR(\d+)\b", body)), default=-1)
         local = len(re.findall(r"\b(?:STL|LDL)\b", body))
         print(f"{name}\n  {used.get(name, '?')}; highest register R{highest}, {local} local loads/stores")
+        for note, n in notes.get(name, {}).items():
+            print(f"  ptxas remark x{n}: {note}")
         loop = main_loop(body)
         if loop is None:
             print("  no loop with MMAs or global loads")

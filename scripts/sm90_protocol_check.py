@@ -204,20 +204,26 @@ class Sim:
             s = tile_count % S
             par = (tile_count // S) & 1
             yield lambda s=s, par=par: self.k_full[s].done(par)
-            if chained:
-                par = ((tile_count - 1) // S) & 1
-                yield lambda st=done_stage, par=par: self.v_full[st].done(par)
+            # Chained, every item's first step has a P V: the previous item's
+            # last, or for the block's first item one of zeros over its own
+            # first V tile (read, but adding nothing).
+            pv_stage = done_stage if chained else s
+            if self.chain:
+                par = (((tile_count - 1) if chained else tile_count) // S) & 1
+                yield lambda st=pv_stage, par=par: self.v_full[st].done(par)
             t = take_turn()
             if t:
                 yield t
             if chained:
                 pv(done[0], self.all_items[done[0]] - 1, done_stage)
+            elif self.chain:
+                self.begin_read(me, ("v", s), (item, 0))
             self.begin_read(me, q, (item, "q"))
             self.begin_read(me, ("k", s), (item, 0))
             pass_turn(0, n_tiles, last_item)
             yield lambda: True  # the MMAs run a while
-            if chained:
-                self.end_read(me, ("v", done_stage))
+            if self.chain:
+                self.end_read(me, ("v", pv_stage))
             self.end_read(me, q)
             self.end_read(me, ("k", s))
             if chained:

@@ -718,13 +718,18 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     barrier_wait(q_full(qb), (item_count / kQB) & 1);
 
     // Tile 0: Q K^T only (chained: after the previous item's last P V).
+    // With kChain every item's first step issues a P V, so that no MMA sits
+    // under a run-time condition (the compiler would serialise them all): a
+    // block's first item multiplies the zeros in P and O by its own first V
+    // tile, which adds nothing.
     const int done_stage = s;
     s = int(tile_count % kStages);
     barrier_wait(k_full(s), (tile_count / kStages) & 1);
-    if (chained) barrier_wait(v_full(done_stage), ((tile_count - 1) / kStages) & 1);
+    const int pv_stage = chained ? done_stage : s;
+    if (C::kChain) barrier_wait(v_full(pv_stage), ((chained ? tile_count - 1 : tile_count) / kStages) & 1);
     take_turn();
     wgmma_fence();
-    if (chained) issue_pv(done_stage);
+    if constexpr (C::kChain) issue_pv(pv_stage);
     issue_qk(s);
     wgmma_commit();
     pass_turn(0);
