@@ -15,7 +15,8 @@
 # what it measured. The steps run in order of what matters most: the Hopper
 # kernel's tests, the attention binary (every kernel and pipeline variant
 # validated against the CPU twin, then timed), the attention and decoding
-# benchmarks, then everything else.
+# benchmarks, then everything else. The kernel binaries build in the
+# background meanwhile.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,7 +47,7 @@ step() {  # step NAME COMMAND...: run, log, remember failures, save what there i
 save() {  # the summary and the logs so far, to $OUT when set
   [ -n "${OUT:-}" ] || return 0
   summary >"$OUT/summary.txt" 2>/dev/null
-  tar czf "$OUT/gpu_check_logs.tar.gz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")"
+  tar czf "$OUT/gpu_check_logs.tar.gz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")" 2>/dev/null  # a log may still grow
 }
 
 summary() {
@@ -82,6 +83,18 @@ if [ "${1:-}" = attention ]; then
   exit $status
 fi
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$LOGS/device.txt"
+
+# The kernel binaries build in the background from here on, beside the
+# extension and the first tests: both builds wait mostly on one long nvcc
+# job (the Hopper attention kernels), and the device time is short.
+bench_build >"$LOGS/bench_build.background.log" 2>&1 &
+bench_build_pid=$!
+collect_bench_build() {  # the background build's log and status, once it is done
+  wait "$bench_build_pid"
+  local rc=$?
+  cat "$LOGS/bench_build.background.log"
+  return $rc
+}
 
 step build "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v . \
   -C cmake.define.LLADA_CUDA_ARCHITECTURES="$ARCHS" -C build-dir=build/gpu
@@ -119,13 +132,12 @@ if [ "${LLADA_ATTENTION_SM90:-}" != 0 ]; then
   echo "   pipelines to benchmark: ${LLADA_BENCH_SM90_PIPELINES:-none}"
   echo "pipelines that passed: ${LLADA_BENCH_SM90_PIPELINES:-none}" >>"$LOGS/device.txt"
 fi
-step bench_build_attention bench_build bench_attention
+step bench_build collect_bench_build
 step bin_bench_attention timeout 150 build/bench-gpu/bench_attention
 step bench_attention timeout 150 "$PYTHON" bench/bench_attention.py --device cuda
 step bench_decoding timeout 200 "$PYTHON" bench/bench_decoding.py --device cuda --shape 8b --repeats 1
 step bench_gemm timeout 90 "$PYTHON" bench/bench_gemm.py
 step tests "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider $parallel tests -k "not sm90"
-step bench_build bench_build
 for bin in build/bench-gpu/bench_*; do
   [ -x "$bin" ] && [ "$(basename "$bin")" != bench_attention ] && step "bin_$(basename "$bin")" timeout 120 "$bin"
 done
