@@ -122,20 +122,27 @@ def test_bad_input(device):
             llada.rms_norm(x, w.cpu(), 1e-5)
 
 
+def norm_counting_calls(device, monkeypatch, op: str):
+    """A model RMSNorm of width 96 with a weight around 1, and the list of
+    input shapes the fused op `op` is called with from now on."""
+    calls, fused = [], getattr(llada.ops, op)
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return fused(*args)
+
+    monkeypatch.setattr(llada.model.ops, op, counting)
+    norm = RMSNorm(96, 1e-5).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(96))
+    return norm, calls
+
+
 def test_model_norm_uses_it_and_keeps_gradients(device, monkeypatch):
     """The model's RMSNorm goes through the fused op in inference, with the
     reference's values, and still trains (the composition, which has a
     gradient)."""
-    calls, fused = [], llada.ops.rms_norm
-
-    def counting_rms_norm(*args):
-        calls.append(args[0].shape)
-        return fused(*args)
-
-    monkeypatch.setattr(llada.model.ops, "rms_norm", counting_rms_norm)
-    norm = RMSNorm(96, 1e-5).to(device)
-    with torch.no_grad():
-        norm.weight.copy_(1 + 0.1 * torch.randn(96))
+    norm, calls = norm_counting_calls(device, monkeypatch, "rms_norm")
     x = torch.randn(2, 7, 96, device=device)
     with torch.no_grad():
         torch.testing.assert_close(norm(x), rms_norm_reference(x, norm.weight, 1e-5), rtol=1e-5, atol=1e-30)
@@ -219,16 +226,7 @@ def test_add_bad_input(device):
 def test_model_add_then_norm_uses_it_and_keeps_gradients(device, monkeypatch):
     """The model's residual adds go through add_rms_norm in inference, with
     the reference's values, and still train (the composition)."""
-    calls, fused = [], llada.ops.add_rms_norm
-
-    def counting(*args):
-        calls.append(args[0].shape)
-        return fused(*args)
-
-    monkeypatch.setattr(llada.model.ops, "add_rms_norm", counting)
-    norm = RMSNorm(96, 1e-5).to(device)
-    with torch.no_grad():
-        norm.weight.copy_(1 + 0.1 * torch.randn(96))
+    norm, calls = norm_counting_calls(device, monkeypatch, "add_rms_norm")
     x, residual = torch.randn(2, 7, 96, device=device), torch.randn(2, 7, 96, device=device)
     with torch.no_grad():
         total, normed = norm.add_then_norm(x, residual)
