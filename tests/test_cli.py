@@ -1,6 +1,7 @@
-"""The `llada` command: generate (plain, chat, --show-steps) and
-make-random-checkpoint."""
+"""The `llada` command: generate (plain, chat, --show-steps, a prompts
+file), infill, stream and make-random-checkpoint."""
 
+import json
 import os
 import subprocess
 import sys
@@ -25,13 +26,24 @@ def checkpoint(tmp_path_factory):
 
 def oracle_answer(folder, text):
     """What the CLI must print: the oracle's greedy answer, decoded."""
+    return oracle_batch_answers(folder, [text])[0]
+
+
+def oracle_batch_answers(folder, texts):
+    """The oracle's greedy answers to prompts decoded as one batch, left-padded
+    (with EOS) and the padding masked out."""
     tok = llada.load_tokenizer(folder)
     oracle = NaiveLLaDA(folder)
     cfg = llada.load_config(folder)
-    prompt = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-    out = naive_generate(oracle.forward, prompt, steps=8, gen_length=16, block_length=8,
+    rows = [tok(text, add_special_tokens=False)["input_ids"] for text in texts]
+    width = max(map(len, rows))
+    prompt = torch.tensor([[cfg.eos_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    out = naive_generate(oracle.forward, prompt, mask if len(set(map(len, rows))) > 1 else None,
+                         steps=8, gen_length=16, block_length=8,
                          mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id, eot_id=oracle.eot_id)
-    return decode_answer(tok, out[0, prompt.shape[1]:].tolist(), {cfg.eos_token_id, cfg.eot_token_id})
+    stops = {cfg.eos_token_id, cfg.eot_token_id}
+    return [decode_answer(tok, row[width:].tolist(), stops) for row in out]
 
 
 def test_generate_prints_the_answer(checkpoint, capsys):
@@ -52,6 +64,43 @@ def test_show_steps_without_a_terminal(checkpoint, capsys):
     assert [line.split(":")[0] for line in steps] == [f"step {i}/8" for i in range(1, 9)]
     assert steps[0].count("_") >= 14  # 2 of 16 positions unmasked by step 1
     assert answer == oracle_answer(checkpoint, "Hey") + "\n"
+
+
+def test_prompts_file_answers_each_prompt_in_order(checkpoint, capsys, tmp_path):
+    texts = ["Hello there, how are you today", "Hi", "A prompt\nof two lines", "ok"]
+    lines = [json.dumps(texts[0]), json.dumps({"prompt": texts[1], "id": 7}), "",
+             json.dumps(texts[2]), json.dumps(texts[3]), ""]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    assert main(["generate", "--model", str(checkpoint), *ARGS, "--prompts-file",
+                 str(tmp_path / "prompts.jsonl"), "--batch-size", "3", "--stats"]) == 0
+    captured = capsys.readouterr()
+    printed = [json.loads(line) for line in captured.out.splitlines()]
+    assert [p["prompt"] for p in printed] == texts
+    # Batches of three and one, each decoded together with left padding.
+    expected = oracle_batch_answers(checkpoint, texts[:3]) + oracle_batch_answers(checkpoint, texts[3:])
+    assert [p["answer"] for p in printed] == expected
+    assert "prompts 1-3: forwards 8" in captured.err and "prompts 4-4: forwards 8" in captured.err
+
+
+@pytest.mark.parametrize("content, flags, message", [
+    ('"a"\n{"text": "b"}\n', [], "line 2: expected a JSON string"),
+    ('"a"\nnot json\n', [], "line 2: not JSON"),
+    ("\n\n", [], "holds no prompts"),
+    (b"\xff\xfe", [], "not UTF-8"),
+    ('"a"\n', ["--batch-size", "0"], "--batch-size"),
+    ('"a"\n', ["--stream"], "--stream"),
+    ('"a"\n', ["also a prompt"], "not both"),
+])
+def test_prompts_file_bad_input(checkpoint, capsys, tmp_path, content, flags, message):
+    path = tmp_path / "prompts.jsonl"
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    try:
+        code = main(["generate", "--model", str(checkpoint), *ARGS, "--prompts-file", str(path), *flags])
+    except SystemExit as e:  # argparse's errors
+        code = e.code
+    assert code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
 
 
 def test_default_model_is_the_bundled_one(capsys):
@@ -76,6 +125,22 @@ def test_bad_arguments(checkpoint, capsys, tmp_path):
     assert "block_length" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "missing"), "x"]) == 2
     assert "not a directory" in capsys.readouterr().err
+    for flags, named in ((["--remask-below", "2", "--commit", "threshold"], "--remask-below"),
+                         (["--remask-below", "0.5"], "--remask-below"),  # needs an adaptive rule
+                         (["--refresh-every", "-1"], "--refresh-every"),
+                         (["--gamma", "-0.5"], "--gamma"),
+                         (["--factor", "0"], "--factor")):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "--model", str(checkpoint), *flags, "x"])
+        assert e.value.code == 2 and named in capsys.readouterr().err
+    for flags in ([], ["--prompts-file", str(tmp_path / "missing.jsonl")]):
+        code = 0
+        try:
+            code = main(["generate", "--model", str(checkpoint), *flags])
+        except SystemExit as e:
+            code = e.code
+        assert code == 2
+        assert ("prompt" if not flags else "--prompts-file") in capsys.readouterr().err
 
 
 def test_make_random_checkpoint(tmp_path, capsys):
@@ -107,4 +172,8 @@ def test_policy_flags_build_the_policy():
     fast = policy("--policy", "fast", "--threshold", "0.7", "--early-stop")
     assert fast == llada.DecodePolicy.fast(threshold=0.7, early_stop=True)
     assert policy("--cache", "dual").cuda_graph  # on unless turned off
+    every = policy("--commit", "entropy_bound", "--gamma", "0.25", "--ranking", "margin",
+                   "--cache", "prefix", "--refresh-every", "3", "--remask-below", "0.2")
+    assert every == llada.DecodePolicy(commit="entropy_bound", gamma=0.25, ranking="margin",
+                                       cache="prefix", refresh_every=3, remask_below=0.2)
     assert not policy("--cache", "dual", "--no-cuda-graph").cuda_graph

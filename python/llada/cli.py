@@ -1,6 +1,7 @@
 """The ``llada`` command.
 
     llada generate --model PATH [--chat] [--steps N ...] [--policy fast] "prompt"
+    llada generate --model PATH --prompts-file prompts.jsonl [--batch-size N ...]
     llada infill --model PATH --prefix "..." --suffix "..." --length N
     llada train (--corpus stdlib | --task NAME) --out DIR ...
     llada make-random-checkpoint DIR [--size tiny|mid|8b-shape]
@@ -9,10 +10,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Optional
 
 import torch
+
+from .policies import CACHES, COMMIT_RULES, RANKINGS, DecodePolicy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MASK_GLYPH = {True: "░", False: "_"}  # terminal, plain text
@@ -30,16 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="answer a prompt")
-    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("prompt", nargs="?", help="the prompt text (or --prompts-file)")
+    gen.add_argument("--prompts-file", metavar="FILE",
+                     help="many prompts, decoded in batches: JSON Lines, each line a string or an "
+                          'object with a "prompt" string; prints one JSON object per prompt, '
+                          '{"prompt": ..., "answer": ...}, in the file\'s order')
+    gen.add_argument("--batch-size", type=int, default=8,
+                     help="with --prompts-file: prompts decoded together, left-padded (default: 8)")
     gen.add_argument("--model", help="checkpoint folder (Hugging Face LLaDA format)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.add_argument("--steps", type=int, default=128)
-    gen.add_argument("--gen-length", type=int, default=128)
-    gen.add_argument("--block-length", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--cfg-scale", type=float, default=0.0)
-    gen.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence")
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--steps", type=int, default=128,
+                     help="forwards in all under the fixed schedule (default: 128)")
+    gen.add_argument("--gen-length", type=int, default=128, help="tokens to generate (default: 128)")
+    gen.add_argument("--block-length", type=int, default=32,
+                     help="tokens decoded as one semi-autoregressive block (default: 32)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    gen.add_argument("--cfg-scale", type=float, default=0.0,
+                     help="classifier-free guidance scale (default: 0, off)")
+    gen.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence",
+                     help="the official ranking option (--ranking offers more)")
+    gen.add_argument("--seed", type=int, default=None, help="for sampling and random ranking")
     gen.add_argument("--device", help="default: cuda when available, else cpu")
     gen.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     gen.add_argument("--show-steps", action="store_true", help="show the canvas filling in")
@@ -54,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--length", type=int, required=True, help="tokens to fill")
     fill.add_argument("--steps", type=int, default=None, help="default: one token per step")
     fill.add_argument("--block-length", type=int, default=None, help="default: the whole gap")
-    fill.add_argument("--temperature", type=float, default=0.0)
-    fill.add_argument("--seed", type=int, default=None)
+    fill.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    fill.add_argument("--seed", type=int, default=None, help="for sampling and random ranking")
     fill.add_argument("--device", help="default: cuda when available, else cpu")
     fill.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     add_policy_arguments(fill)
@@ -78,27 +92,42 @@ def add_policy_arguments(parser) -> None:
     group = parser.add_argument_group("decoding policy (see llada.DecodePolicy)")
     group.add_argument("--policy", choices=("exact", "fast"), default="exact",
                        help="exact: the official algorithm; fast: dual cache + threshold 0.9")
-    group.add_argument("--commit", choices=("schedule", "threshold", "factor", "entropy_bound"))
-    group.add_argument("--threshold", type=float)
-    group.add_argument("--factor", type=float)
-    group.add_argument("--cache", choices=("none", "prefix", "dual"))
+    group.add_argument("--commit", choices=COMMIT_RULES,
+                       help="how many positions per step (default: schedule, the official one)")
+    group.add_argument("--threshold", type=float, help="for --commit threshold (default: 0.9)")
+    group.add_argument("--factor", type=float, help="for --commit factor (default: 1.0)")
+    group.add_argument("--gamma", type=float, help="for --commit entropy_bound (default: 0.1)")
+    group.add_argument("--ranking", choices=RANKINGS,
+                       help="which positions count as confident (default: probability)")
+    group.add_argument("--cache", choices=CACHES, help="what later steps of a block recompute (default: none)")
+    group.add_argument("--refresh-every", type=int, metavar="N",
+                       help="with a cache: also refresh it every N steps (default: 0, once per block)")
+    group.add_argument("--remask-below", type=float, metavar="P",
+                       help="re-mask earlier tokens of the block whose probability fell below P "
+                            "(adaptive --commit rules only; default: off)")
     group.add_argument("--early-stop", action="store_true", help="stop a row once a block holds EOS")
     group.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                        help="on CUDA, replay dual-cache steps as a captured CUDA graph (default: on)")
     group.add_argument("--stats", action="store_true", help="print forwards and tokens per forward to stderr")
 
 
-def policy_from_arguments(args):
-    from .policies import DecodePolicy
+POLICY_FIELDS = ("commit", "threshold", "factor", "gamma", "ranking", "cache", "refresh_every",
+                 "remask_below", "cuda_graph")
 
+
+def policy_from_arguments(args, parser=None):
+    """The DecodePolicy the flags ask for; a bad value is reported as its flag."""
     base = DecodePolicy.fast() if args.policy == "fast" else DecodePolicy()
-    changes = {name: getattr(args, name) for name in ("commit", "threshold", "factor", "cache")
-               if getattr(args, name) is not None}
+    changes = {name: getattr(args, name) for name in POLICY_FIELDS if getattr(args, name) is not None}
     if args.early_stop:
         changes["early_stop"] = True
-    if args.cuda_graph is not None:
-        changes["cuda_graph"] = args.cuda_graph
-    return DecodePolicy(**{**base.__dict__, **changes})
+    try:
+        return DecodePolicy(**{**base.__dict__, **changes})
+    except ValueError as e:
+        field, _, reason = str(e).partition(": ")
+        if parser is None or field not in POLICY_FIELDS:
+            raise
+        parser.error(f"--{field.replace('_', '-')}: {reason}")
 
 
 def load_for_cli(args, parser):
@@ -113,8 +142,8 @@ def load_for_cli(args, parser):
     return model, load_tokenizer(path)
 
 
-def print_stats(stats) -> None:
-    print(f"forwards {stats.nfe}, tokens per forward {stats.tokens_per_forward:.2f}, "
+def print_stats(stats, label: str = "") -> None:
+    print(f"{label}forwards {stats.nfe}, tokens per forward {stats.tokens_per_forward:.2f}, "
           f"positions per forward {stats.positions_per_forward:.1f}", file=sys.stderr)
 
 
@@ -151,22 +180,28 @@ def run_make_random(args, parser) -> int:
 def run_generate(args, parser) -> int:
     from .sampler import generate
 
+    if args.prompts_file is None and args.prompt is None:
+        parser.error("prompt: give the prompt text, or --prompts-file")
+    if args.prompts_file is not None:
+        if args.prompt is not None:
+            parser.error("prompt: give either the prompt text or --prompts-file, not both")
+        if args.show_steps or args.stream:
+            parser.error("--show-steps and --stream follow one prompt, not --prompts-file")
+        if args.batch_size < 1:
+            parser.error(f"--batch-size: expected a positive number of prompts, got {args.batch_size}")
+        prompts = read_prompts(args.prompts_file)
+    policy = policy_from_arguments(args, parser)
     model, tokenizer = load_for_cli(args, parser)
     cfg = model.config
-    policy = policy_from_arguments(args)
-
-    text = args.prompt
-    if args.chat:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-        )
-    ids = tokenizer(text, add_special_tokens=not args.chat)["input_ids"]
-    prompt = torch.tensor([ids], dtype=torch.long)
     stops = {cfg.eos_token_id, cfg.eot_token_id} - {None}
-
     options = dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
                    temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
                    seed=args.seed, policy=policy)
+    if args.prompts_file is not None:
+        return answer_in_batches(model, tokenizer, prompts, args, stops, options)
+
+    ids = encode_prompt(tokenizer, args.prompt, args.chat)
+    prompt = torch.tensor([ids], dtype=torch.long)
     if args.stream:
         return stream_answer(model, prompt, tokenizer, stops, options, args.stats)
     with _StepDisplay(args.show_steps, args.steps, tokenizer, cfg.mask_token_id, len(ids), stops) as show:
@@ -174,6 +209,64 @@ def run_generate(args, parser) -> int:
     print(decode_answer(tokenizer, out[0, len(ids):].tolist(), stops))
     if args.stats:
         print_stats(stats)
+    return 0
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    if chat:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+    return tokenizer(text, add_special_tokens=not chat)["input_ids"]
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a JSON Lines file: per line a string or an object with a
+    "prompt" string; blank lines are skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise FileNotFoundError(f"--prompts-file: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts-file: {path} is not UTF-8 text ({e.reason})") from None
+    prompts = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--prompts-file: {path}, line {number}: not JSON ({e.msg})") from None
+        if isinstance(item, dict):
+            item = item.get("prompt")
+        if not isinstance(item, str):
+            raise ValueError(f'--prompts-file: {path}, line {number}: expected a JSON string or an '
+                             f'object with a "prompt" string')
+        prompts.append(item)
+    if not prompts:
+        raise ValueError(f"--prompts-file: {path} holds no prompts")
+    return prompts
+
+
+def answer_in_batches(model, tokenizer, prompts, args, stops, options) -> int:
+    """Decodes the prompts batch by batch (rows left-padded, padding masked
+    out) and prints each answer as a JSON line once its batch is done."""
+    from .sampler import generate
+
+    pad_id = model.config.eos_token_id
+    for first in range(0, len(prompts), args.batch_size):
+        texts = prompts[first: first + args.batch_size]
+        rows = [encode_prompt(tokenizer, text, args.chat) for text in texts]
+        width = max(len(row) for row in rows)
+        prompt = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows], dtype=torch.long)
+        attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+        out, stats = generate(model, prompt, attention_mask=attention_mask, return_stats=True, **options)
+        for text, answer in zip(texts, out[:, width:].tolist()):
+            print(json.dumps({"prompt": text, "answer": decode_answer(tokenizer, answer, stops)},
+                             ensure_ascii=False), flush=True)
+        if args.stats:
+            print_stats(stats, f"prompts {first + 1}-{first + len(texts)}: ")
     return 0
 
 
@@ -211,7 +304,7 @@ def run_infill(args, parser) -> int:
     canvas = torch.tensor(prefix + [cfg.mask_token_id] * args.length + suffix, dtype=torch.long)
     out, stats = infill(model, canvas, steps=args.steps, block_length=args.block_length,
                         temperature=args.temperature, seed=args.seed,
-                        policy=policy_from_arguments(args), return_stats=True)
+                        policy=policy_from_arguments(args, parser), return_stats=True)
     gap = out[len(prefix): len(prefix) + args.length].tolist()
     stops = {cfg.eos_token_id, cfg.eot_token_id} - {None}
     print(args.prefix + tokenizer.decode([t for t in gap if t not in stops], skip_special_tokens=True)
