@@ -156,3 +156,24 @@ def naive_generate(
                 for i in ranked[: counts[r][step]]:
                     x[r, i] = x0[r, i]
     return x
+
+
+def naive_answers(folder, tokenizer, texts, steps, gen_length, block_length):
+    """The oracle's greedy answers, as text, to prompts decoded as one batch:
+    encoded by ``tokenizer`` (no special tokens added), left-padded with EOS,
+    the padding masked out, each answer cut at its first EOS/EoT and decoded
+    without special tokens."""
+    oracle = NaiveLLaDA(folder)
+    eos_id, mask_id = oracle.cfg["eos_token_id"], oracle.cfg["mask_token_id"]
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    width = max(map(len, rows))
+    prompt = torch.tensor([[eos_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    out = naive_generate(oracle.forward, prompt, mask if len(set(map(len, rows))) > 1 else None,
+                         steps=steps, gen_length=gen_length, block_length=block_length,
+                         mask_id=mask_id, eos_id=eos_id, eot_id=oracle.eot_id)
+    answers = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in (eos_id, oracle.eot_id)), len(row))
+        answers.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return answers

@@ -10,6 +10,7 @@ from .checkpoint import load_config, load_model, load_tokenizer, write_random_ch
 from .likelihood import log_likelihood
 from .policies import DecodePolicy
 from .sampler import DecodeStats, generate, infill, release_decode_workspace, stream
+from .engine import Engine, load
 
 __version__ = _C.__version__
 
@@ -36,6 +37,7 @@ def hopper_attention_available() -> bool:
 __all__ = [
     "DecodePolicy",
     "DecodeStats",
+    "Engine",
     "infill",
     "log_likelihood",
     "release_decode_workspace",
@@ -48,6 +50,7 @@ __all__ = [
     "cuda_kernels_available",
     "generate",
     "hopper_attention_available",
+    "load",
     "load_config",
     "load_model",
     "load_tokenizer",

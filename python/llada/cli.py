@@ -22,13 +22,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 MASK_GLYPH = {True: "░", False: "_"}  # terminal, plain text
 
 
-def default_model_path() -> Optional[str]:
-    """Where ``--model`` points when not given: the bundled code model."""
-    from .train import default_model_path as bundled
-
-    return bundled()
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llada", description="Masked diffusion language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                           '{"prompt": ..., "answer": ...}, in the file\'s order')
     gen.add_argument("--batch-size", type=int, default=8,
                      help="with --prompts-file: prompts decoded together, left-padded (default: 8)")
-    gen.add_argument("--model", help="checkpoint folder (Hugging Face LLaDA format)")
+    gen.add_argument("--model", help="checkpoint folder (Hugging Face LLaDA format); default: the bundled model")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--steps", type=int, default=128,
                      help="forwards in all under the fixed schedule (default: 128)")
@@ -62,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=run_generate)
 
     fill = sub.add_parser("infill", help="fill a gap between a prefix and a suffix")
-    fill.add_argument("--model", help="checkpoint folder (Hugging Face LLaDA format)")
+    fill.add_argument("--model", help="checkpoint folder (Hugging Face LLaDA format); default: the bundled model")
     fill.add_argument("--prefix", default="", help="text before the gap")
     fill.add_argument("--suffix", default="", help="text after the gap")
     fill.add_argument("--length", type=int, required=True, help="tokens to fill")
@@ -130,20 +123,16 @@ def policy_from_arguments(args, parser=None):
         parser.error(f"--{field.replace('_', '-')}: {reason}")
 
 
-def load_for_cli(args, parser):
-    """Model and tokenizer of --model (or the default), on --device/--dtype."""
-    from .checkpoint import load_model, load_tokenizer
+def load_for_cli(args):
+    """An Engine for --model (or the bundled model), on --device/--dtype."""
+    from .engine import load
 
-    path = args.model or default_model_path()
-    if path is None:
-        parser.error("--model is required (no default model is bundled yet)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(path, device=device, dtype=DTYPES[args.dtype] if args.dtype else None)
-    return model, load_tokenizer(path)
+    return load(args.model, device=device, dtype=DTYPES[args.dtype] if args.dtype else None)
 
 
-def print_stats(stats, label: str = "") -> None:
-    print(f"{label}forwards {stats.nfe}, tokens per forward {stats.tokens_per_forward:.2f}, "
+def print_stats(stats) -> None:
+    print(f"forwards {stats.nfe}, tokens per forward {stats.tokens_per_forward:.2f}, "
           f"positions per forward {stats.positions_per_forward:.1f}", file=sys.stderr)
 
 
@@ -178,7 +167,7 @@ def run_make_random(args, parser) -> int:
 
 
 def run_generate(args, parser) -> int:
-    from .sampler import generate
+    from .sampler import DecodeStats, generate
 
     if args.prompts_file is None and args.prompt is None:
         parser.error("prompt: give the prompt text, or --prompts-file")
@@ -191,33 +180,31 @@ def run_generate(args, parser) -> int:
             parser.error(f"--batch-size: expected a positive number of prompts, got {args.batch_size}")
         prompts = read_prompts(args.prompts_file)
     policy = policy_from_arguments(args, parser)
-    model, tokenizer = load_for_cli(args, parser)
-    cfg = model.config
-    stops = {cfg.eos_token_id, cfg.eot_token_id} - {None}
+    engine = load_for_cli(args)
     options = dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
                    temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
                    seed=args.seed, policy=policy)
+    stats = DecodeStats()
     if args.prompts_file is not None:
-        return answer_in_batches(model, tokenizer, prompts, args, stops, options)
-
-    ids = encode_prompt(tokenizer, args.prompt, args.chat)
-    prompt = torch.tensor([ids], dtype=torch.long)
-    if args.stream:
-        return stream_answer(model, prompt, tokenizer, stops, options, args.stats)
-    with _StepDisplay(args.show_steps, args.steps, tokenizer, cfg.mask_token_id, len(ids), stops) as show:
-        out, stats = generate(model, prompt, on_step=show.update, return_stats=True, **options)
-    print(decode_answer(tokenizer, out[0, len(ids):].tolist(), stops))
+        # Batch by batch, so that answers appear as their batch is done.
+        for first in range(0, len(prompts), args.batch_size):
+            batch = prompts[first: first + args.batch_size]
+            answers = engine.generate(batch, chat=args.chat, batch_size=len(batch), stats=stats, **options)
+            for text, answer in zip(batch, answers):
+                print(json.dumps({"prompt": text, "answer": answer}, ensure_ascii=False), flush=True)
+    elif args.stream:
+        for piece in engine.stream(args.prompt, chat=args.chat, stats=stats, **options):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        ids = engine.encode(args.prompt, args.chat)
+        prompt = torch.tensor([ids], dtype=torch.long)
+        with _StepDisplay(args.show_steps, args.steps, engine, len(ids)) as show:
+            out, stats = generate(engine.model, prompt, on_step=show.update, return_stats=True, **options)
+        print(engine.decode(out[0, len(ids):].tolist()))
     if args.stats:
         print_stats(stats)
     return 0
-
-
-def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
-    if chat:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-        )
-    return tokenizer(text, add_special_tokens=not chat)["input_ids"]
 
 
 def read_prompts(path: str) -> list[str]:
@@ -249,78 +236,21 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def answer_in_batches(model, tokenizer, prompts, args, stops, options) -> int:
-    """Decodes the prompts batch by batch (rows left-padded, padding masked
-    out) and prints each answer as a JSON line once its batch is done."""
-    from .sampler import generate
-
-    pad_id = model.config.eos_token_id
-    for first in range(0, len(prompts), args.batch_size):
-        texts = prompts[first: first + args.batch_size]
-        rows = [encode_prompt(tokenizer, text, args.chat) for text in texts]
-        width = max(len(row) for row in rows)
-        prompt = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows], dtype=torch.long)
-        attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
-        out, stats = generate(model, prompt, attention_mask=attention_mask, return_stats=True, **options)
-        for text, answer in zip(texts, out[:, width:].tolist()):
-            print(json.dumps({"prompt": text, "answer": decode_answer(tokenizer, answer, stops)},
-                             ensure_ascii=False), flush=True)
-        if args.stats:
-            print_stats(stats, f"prompts {first + 1}-{first + len(texts)}: ")
-    return 0
-
-
-def stream_answer(model, prompt, tokenizer, stops, options, show_stats) -> int:
-    """Prints the answer as each block becomes final, up to the first stop token."""
-    from .sampler import BlockEvent, DecodeStats, stream
-
-    answer, shown, stats = [], "", DecodeStats()
-    for event in stream(model, prompt, **options, stats=stats):
-        if not isinstance(event, BlockEvent):
-            continue
-        answer += event.tokens[0].tolist()
-        text = decode_answer(tokenizer, answer, stops)
-        # Print only what is new; hold back a trailing partial character.
-        if not text.endswith("\ufffd"):
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-        if any(t in stops for t in answer):
-            break
-    print(decode_answer(tokenizer, answer, stops)[len(shown):])
-    if show_stats:
-        print_stats(stats)
-    return 0
-
-
 def run_infill(args, parser) -> int:
-    from .sampler import infill
+    from .sampler import DecodeStats
 
     if args.length < 1:
         parser.error(f"--length: expected a positive number of tokens, got {args.length}")
-    model, tokenizer = load_for_cli(args, parser)
-    cfg = model.config
-    prefix = tokenizer(args.prefix, add_special_tokens=False)["input_ids"]
-    suffix = tokenizer(args.suffix, add_special_tokens=False)["input_ids"]
-    canvas = torch.tensor(prefix + [cfg.mask_token_id] * args.length + suffix, dtype=torch.long)
-    out, stats = infill(model, canvas, steps=args.steps, block_length=args.block_length,
-                        temperature=args.temperature, seed=args.seed,
-                        policy=policy_from_arguments(args, parser), return_stats=True)
-    gap = out[len(prefix): len(prefix) + args.length].tolist()
-    stops = {cfg.eos_token_id, cfg.eot_token_id} - {None}
-    print(args.prefix + tokenizer.decode([t for t in gap if t not in stops], skip_special_tokens=True)
-          + args.suffix)
+    policy = policy_from_arguments(args, parser)
+    engine = load_for_cli(args)
+    stats = DecodeStats()
+    gap = engine.infill(args.prefix, args.suffix, args.length, steps=args.steps,
+                        block_length=args.block_length, temperature=args.temperature, seed=args.seed,
+                        policy=policy, stats=stats)
+    print(args.prefix + gap + args.suffix)
     if args.stats:
         print_stats(stats)
     return 0
-
-
-def decode_answer(tokenizer, ids: list[int], stops: set[int]) -> str:
-    """The answer text: tokens up to the first EOS/EoT, specials dropped."""
-    for i, t in enumerate(ids):
-        if t in stops:
-            ids = ids[:i]
-            break
-    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def render_canvas(tokenizer, ids: list[int], mask_id: int, glyph: str, stops: set[int]) -> str:
@@ -344,9 +274,10 @@ class _StepDisplay:
     """Progress on stderr, and with --show-steps the canvas: redrawn in place
     on a terminal (rich Live), one line per step when stdout is not one."""
 
-    def __init__(self, show_steps, total, tokenizer, mask_id, prompt_len, stops):
+    def __init__(self, show_steps, total, engine, prompt_len):
         self.show_steps, self.total = show_steps, total
-        self.tokenizer, self.mask_id, self.prompt_len, self.stops = tokenizer, mask_id, prompt_len, stops
+        self.tokenizer, self.prompt_len, self.stops = engine.tokenizer, prompt_len, engine.stop_ids
+        self.mask_id = engine.model.config.mask_token_id
         self.tty = sys.stdout.isatty()
         self.live = self.bar = None
 

@@ -66,6 +66,14 @@ class DecodeStats:
             self._pending = None
         return self._committed
 
+    def add(self, other: "DecodeStats") -> None:
+        """Counts ``other``'s work too (e.g. the batches of one request)."""
+        if not isinstance(other, DecodeStats):
+            raise TypeError(f"other: expected a DecodeStats, got {type(other).__name__}")
+        self.nfe += other.nfe
+        self.positions += other.positions
+        self._committed += other.committed
+
     def count_committed(self, accepted: torch.Tensor) -> None:
         """Adds accepted.sum() without reading it back: a step stays free of
         host syncs, and the count is read when ``committed`` is."""

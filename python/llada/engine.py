@@ -1,0 +1,167 @@
+"""Text in, text out: a model and its tokenizer together.
+
+``llada.generate``, ``llada.stream`` and ``llada.infill`` work on token ids.
+An :class:`Engine` takes and returns strings: it applies the chat template,
+tokenizes, left-pads batches of prompts (masking the padding out), and
+decodes each answer up to its first EOS/EoT. The decoding itself is theirs,
+with their arguments and their errors.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from .checkpoint import load_model, load_tokenizer
+from .model import LLaDAModel
+from .sampler import BlockEvent, DecodeStats, generate, infill, stream
+
+
+def load(path: Union[str, os.PathLike, None] = None, *, device=None, dtype: Optional[torch.dtype] = None
+         ) -> "Engine":
+    """An :class:`Engine` for the checkpoint folder at ``path`` (default: the
+    small code model bundled with llada), loaded as :func:`llada.load_model`
+    does (device: CUDA when available; dtype: bfloat16 on CUDA, float32 on
+    CPU)."""
+    if path is None:
+        from .train import default_model_path
+
+        path = default_model_path()
+    return Engine(load_model(path, device=device, dtype=dtype), load_tokenizer(path))
+
+
+class Engine:
+    """A :class:`LLaDAModel` and its tokenizer (see :func:`load`)."""
+
+    def __init__(self, model: LLaDAModel, tokenizer):
+        if not isinstance(model, LLaDAModel):
+            raise TypeError(f"model: expected a LLaDAModel, got {type(model).__name__}")
+        if not callable(getattr(tokenizer, "apply_chat_template", None)):
+            raise TypeError(f"tokenizer: expected a transformers tokenizer, got {type(tokenizer).__name__}")
+        self.model, self.tokenizer = model, tokenizer
+        config = model.config
+        self.stop_ids = {config.eos_token_id, config.eot_token_id} - {None}
+        self.pad_id = config.eos_token_id  # masked out: any id but the mask would do
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        """The prompt's token ids; with ``chat``, wrapped in the chat template
+        as one user turn, ready for the assistant's answer."""
+        if not isinstance(text, str):
+            raise TypeError(f"prompt: expected a str, got {type(text).__name__}")
+        if chat:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
+        return self.tokenizer(text, add_special_tokens=not chat)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of generated ids up to the first EOS/EoT, special tokens dropped."""
+        ids = list(ids)
+        for i, token in enumerate(ids):
+            if token in self.stop_ids:
+                ids = ids[:i]
+                break
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate(self, prompts: Union[str, Sequence[str]], *, chat: bool = False, batch_size: int = 8,
+                 stats: Optional[DecodeStats] = None, **options) -> Union[str, list[str]]:
+        """The answer to a prompt, or the answers to a list of prompts in order.
+
+        A list is decoded ``batch_size`` prompts at a time, each batch
+        left-padded to its longest prompt. ``options`` are the decoding
+        arguments of :func:`llada.generate` (``steps``, ``gen_length``,
+        ``block_length``, ``temperature``, ``cfg_scale``, ``remasking``,
+        ``seed``, ``policy``, ...). A :class:`DecodeStats` passed as ``stats``
+        gathers the work of every batch.
+        """
+        single = isinstance(prompts, str)
+        texts = [prompts] if single else _prompt_list(prompts)
+        if not _is_positive_int(batch_size):
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        _check_stats(stats)
+        answers = []
+        for first in range(0, len(texts), batch_size):
+            batch = texts[first: first + batch_size]
+            prompt, attention_mask = self._pad([self.encode(text, chat) for text in batch])
+            out, batch_stats = generate(self.model, prompt, attention_mask, return_stats=True, **options)
+            answers += [self.decode(row) for row in out[:, prompt.shape[1]:].tolist()]
+            if stats is not None:
+                stats.add(batch_stats)
+        return answers[0] if single else answers
+
+    def stream(self, prompt: str, *, chat: bool = False, stats: Optional[DecodeStats] = None,
+               **options) -> Iterator[str]:
+        """The answer to one prompt, piece by piece: each piece is the text a
+        finished block added, so the pieces join to :meth:`generate`'s answer.
+        It ends at the first EOS/EoT, without decoding further blocks.
+        ``options`` are :func:`llada.stream`'s."""
+        ids = torch.tensor([self.encode(prompt, chat)], dtype=torch.long)
+        answer, shown = [], ""
+        events = stream(self.model, ids, stats=stats, **options)
+        try:
+            for event in events:
+                if not isinstance(event, BlockEvent):
+                    continue
+                answer += event.tokens[0].tolist()
+                text = self.decode(answer)
+                # A byte-level token may end mid-character: hold that back.
+                if len(text) > len(shown) and not text.endswith("\ufffd"):
+                    yield text[len(shown):]
+                    shown = text
+                if self.stop_ids.intersection(event.tokens[0].tolist()):
+                    break
+        finally:
+            events.close()
+        rest = self.decode(answer)[len(shown):]
+        if rest:
+            yield rest
+
+    def infill(self, prefix: str, suffix: str, length: int, *, stats: Optional[DecodeStats] = None,
+               **options) -> str:
+        """The text of ``length`` tokens generated between ``prefix`` and
+        ``suffix`` (neither changes; the model attends to both), EOS/EoT
+        tokens dropped. ``options`` are :func:`llada.infill`'s (``steps``:
+        default one token per step; ``block_length``: default the whole gap)."""
+        for name, text in (("prefix", prefix), ("suffix", suffix)):
+            if not isinstance(text, str):
+                raise TypeError(f"{name}: expected a str, got {type(text).__name__}")
+        if not _is_positive_int(length):
+            raise ValueError(f"length: expected a positive number of tokens, got {length!r}")
+        _check_stats(stats)
+        before = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        after = self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+        canvas = torch.tensor(before + [self.model.config.mask_token_id] * length + after, dtype=torch.long)
+        out, work = infill(self.model, canvas, return_stats=True, **options)
+        if stats is not None:
+            stats.add(work)
+        gap = out[len(before): len(before) + length].tolist()
+        return self.tokenizer.decode([t for t in gap if t not in self.stop_ids], skip_special_tokens=True)
+
+    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids [B, Lp] and the attention mask marking the real tokens."""
+        width = max(len(row) for row in rows)
+        ids = torch.tensor([[self.pad_id] * (width - len(row)) + row for row in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], dtype=torch.long)
+        return ids, mask
+
+
+def _prompt_list(prompts) -> list[str]:
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts: expected a str or a list of str, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("prompts: expected at least one prompt, got an empty list")
+    for i, text in enumerate(prompts):
+        if not isinstance(text, str):
+            raise TypeError(f"prompts[{i}]: expected a str, got {type(text).__name__}")
+    return list(prompts)
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_stats(stats) -> None:
+    if stats is not None and not isinstance(stats, DecodeStats):
+        raise TypeError(f"stats: expected a DecodeStats or None, got {type(stats).__name__}")

@@ -1,0 +1,116 @@
+"""llada.load / llada.Engine: strings in, strings out, against the naive
+oracle decoding the same token ids."""
+
+import pytest
+import torch
+
+import llada
+from checkpoints import make_checkpoint
+from naive_llada import naive_answers
+
+SHAPE = dict(steps=8, gen_length=16, block_length=8)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("engine"), seed=5)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    return llada.load(checkpoint, device="cpu")
+
+
+def test_generate_answers_one_prompt_and_a_list_in_order(engine, checkpoint):
+    texts = ["The longest prompt of the three", "Hi", "Two\nlines"]
+    tok = engine.tokenizer
+    assert engine.generate(texts[0], **SHAPE) == naive_answers(checkpoint, tok, texts[:1], **SHAPE)[0]
+    stats = llada.DecodeStats()
+    answers = engine.generate(texts, batch_size=2, stats=stats, **SHAPE)
+    # Two batches, each left-padded to its own longest prompt.
+    assert answers == (naive_answers(checkpoint, tok, texts[:2], **SHAPE)
+                       + naive_answers(checkpoint, tok, texts[2:], **SHAPE))
+    assert stats.nfe == 16 and stats.committed == 3 * 16
+
+
+def test_chat_wraps_the_prompt_in_the_template(engine, checkpoint):
+    chat = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}],
+                                                add_generation_prompt=True, tokenize=False)
+    assert engine.encode("Hi", chat=True) == engine.tokenizer(chat, add_special_tokens=False)["input_ids"]
+    expected = naive_answers(checkpoint, engine.tokenizer, [chat], **SHAPE)[0]
+    assert engine.generate(["Hi"], chat=True, **SHAPE) == [expected]
+
+
+def test_decode_stops_at_the_first_stop_token(engine):
+    cfg = engine.model.config
+    words = engine.tokenizer("ab cd", add_special_tokens=False)["input_ids"]
+    assert engine.decode(words + [cfg.eot_token_id] + words) == engine.tokenizer.decode(words)
+    assert engine.decode(words + [cfg.eos_token_id] * 3) == engine.tokenizer.decode(words)
+
+
+@pytest.fixture(scope="module")
+def talkative(tmp_path_factory):
+    """An engine whose model predicts EOS/EoT often."""
+    folder = make_checkpoint(tmp_path_factory.mktemp("stops"), seed=3, boost_stop_tokens=20.0)
+    return llada.load(folder, device="cpu")
+
+
+@pytest.mark.parametrize("policy", [None, llada.DecodePolicy.fast()])
+def test_stream_pieces_join_to_the_answer_and_stop_early(talkative, policy):
+    shape = dict(steps=32, gen_length=32, block_length=8, policy=policy)
+    prompts = ["once", "upon a time", "x", "tell me"]
+    for prompt in prompts:
+        whole, streamed = llada.DecodeStats(), llada.DecodeStats()
+        answer = talkative.generate(prompt, stats=whole, **shape)
+        pieces = list(talkative.stream(prompt, stats=streamed, **shape))
+        assert "".join(pieces) == answer
+        # Blocks after the one holding the first stop token are not decoded.
+        ids = torch.tensor([talkative.encode(prompt)])
+        out = llada.generate(talkative.model, ids, **shape)[0, ids.shape[1]:].tolist()
+        first_stop = next((i for i, t in enumerate(out) if t in talkative.stop_ids), None)
+        if first_stop is not None and first_stop < 24:
+            assert streamed.nfe < whole.nfe
+            if policy is None:  # 8 steps per block, up to the first stop token's block
+                assert streamed.nfe == 8 * (first_stop // 8 + 1)
+            break
+    else:
+        pytest.fail("no prompt's answer stopped before its last block: the check did not run")
+
+
+def test_infill_keeps_both_sides_and_matches_llada_infill(engine):
+    prefix, suffix = "def f(x):\n    return ", "\n"
+    stats = llada.DecodeStats()
+    gap = engine.infill(prefix, suffix, 6, stats=stats)
+    tok, cfg = engine.tokenizer, engine.model.config
+    before = tok(prefix, add_special_tokens=False)["input_ids"]
+    after = tok(suffix, add_special_tokens=False)["input_ids"]
+    canvas = torch.tensor(before + [cfg.mask_token_id] * 6 + after)
+    out = llada.infill(engine.model, canvas)
+    assert out[:len(before)].tolist() == before and out[len(before) + 6:].tolist() == after
+    filled = [t for t in out[len(before): len(before) + 6].tolist() if t not in engine.stop_ids]
+    assert gap == tok.decode(filled, skip_special_tokens=True)
+    assert stats.nfe == 6  # one token per step by default
+
+
+def test_load_defaults_to_the_bundled_model():
+    engine = llada.load(device="cpu")
+    assert engine.model.config.vocab_size == len(engine.tokenizer)
+    assert isinstance(engine.generate("def f(", steps=4, gen_length=4, block_length=4), str)
+
+
+@pytest.mark.parametrize("call, error, named", [
+    (lambda e: e.generate(7), TypeError, "prompts"),
+    (lambda e: e.generate([]), ValueError, "prompts"),
+    (lambda e: e.generate(["a", None]), TypeError, "prompts[1]"),
+    (lambda e: e.generate("a", batch_size=0), ValueError, "batch_size"),
+    (lambda e: e.generate("a", stats={}), TypeError, "stats"),
+    (lambda e: e.generate("a", gen_length=10, block_length=4), ValueError, "block_length"),
+    (lambda e: e.stream(["a"]).__next__(), TypeError, "prompt"),
+    (lambda e: e.infill("a", 3, 4), TypeError, "suffix"),
+    (lambda e: e.infill("a", "b", 0), ValueError, "length"),
+    (lambda e: llada.Engine(e.tokenizer, e.tokenizer), TypeError, "model"),
+    (lambda e: llada.Engine(e.model, "tokenizer"), TypeError, "tokenizer"),
+])
+def test_bad_arguments_name_themselves(engine, call, error, named):
+    with pytest.raises(error, match=named.replace("[", r"\[").replace("]", r"\]")):
+        call(engine)
