@@ -92,6 +92,15 @@ def test_infill_keeps_both_sides_and_matches_llada_infill(engine):
     assert stats.nfe == 6  # one token per step by default
 
 
+def test_log_likelihood_scores_the_answer_text(engine):
+    tok = engine.tokenizer
+    expected = llada.log_likelihood(engine.model, tok("Q: one", add_special_tokens=False)["input_ids"],
+                                    tok(" two", add_special_tokens=False)["input_ids"], mc_num=32, seed=1)
+    assert engine.log_likelihood("Q: one", " two", mc_num=32, seed=1) == expected
+    with pytest.raises(TypeError, match="answer"):
+        engine.log_likelihood("Q", 3)
+
+
 def test_load_defaults_to_the_bundled_model():
     engine = llada.load(device="cpu")
     assert engine.model.config.vocab_size == len(engine.tokenizer)

@@ -15,6 +15,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from .checkpoint import load_model, load_tokenizer
+from .likelihood import log_likelihood
 from .model import LLaDAModel
 from .sampler import BlockEvent, DecodeStats, generate, infill, stream
 
@@ -138,6 +139,16 @@ class Engine:
             stats.add(work)
         gap = out[len(before): len(before) + length].tolist()
         return self.tokenizer.decode([t for t in gap if t not in self.stop_ids], skip_special_tokens=True)
+
+    def log_likelihood(self, prompt: str, answer: str, *, chat: bool = False, **options) -> float:
+        """An estimate of log p(answer | prompt) (the prompt as :meth:`encode`
+        makes it; the answer's text tokenized as it stands). ``options`` are
+        :func:`llada.log_likelihood`'s (``mc_num``, ``batch_size``,
+        ``cfg_scale``, ``seed``)."""
+        if not isinstance(answer, str):
+            raise TypeError(f"answer: expected a str, got {type(answer).__name__}")
+        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        return log_likelihood(self.model, self.encode(prompt, chat), answer_ids, **options)
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids [B, Lp] and the attention mask marking the real tokens."""
