@@ -5,9 +5,10 @@ forward and positions fed per forward, for each policy, on one random model.
     python bench/bench_decoding.py --device cuda --shape 8b
 
 The baseline is exact mode with one token per step (steps = gen_length),
-measured in the same run; ratios are against it. A last table times the parts
-of a dual-cache block on their own, and where one forward's and one whole
-decode's device time goes. Random weights say nothing
+measured in the same run; ratios are against it. A second table gives the
+throughput of batches (all rows' tokens per second, against batch 1 in the
+same run), and a last one times the parts of a dual-cache block on their own,
+and where one forward's and one whole decode's device time goes. Random weights say nothing
 about quality (see bench/quality.py for that), only about speed.
 """
 
@@ -99,6 +100,48 @@ def run(model, prompt, steps, gen, block, policy, device):
                                 policy=policy, return_stats=True)
     sync()
     return time.perf_counter() - start, stats
+
+
+def batch_throughput(model, cfg, shape, device: str, repeats: int) -> None:
+    """Dual cache at 4 tokens per step for a batch of rows: every row's
+    tokens per second, against batch 1. The padded batch's prompts are
+    left-padded to the longest (lengths down to 3/4 of it), as a batch of
+    real prompts is."""
+    prompt_len, gen, block = shape["prompt"], shape["gen"], shape["block"]
+    policy = llada.DecodePolicy(cache="dual")
+    g = torch.Generator().manual_seed(2)
+    cases = []
+    for batch, padded in ((1, False), (4, False), (8, False), (8, True)):
+        prompt = torch.randint(0, min(cfg.vocab_size, 30000), (batch, prompt_len), generator=g)
+        mask = None
+        if padded:
+            lengths = torch.randint(prompt_len * 3 // 4, prompt_len + 1, (batch,), generator=g)
+            lengths[0] = prompt_len
+            mask = (torch.arange(prompt_len)[None, :] >= prompt_len - lengths[:, None]).long()
+        cases.append((batch, padded, prompt, mask))
+    rows, base = [], None
+    for batch, padded, prompt, mask in cases:
+        def decode():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            llada.generate(model, prompt, mask, steps=gen // 4, gen_length=gen, block_length=block, policy=policy)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+        decode()  # the batch's first call: its cache and graphs
+        tps = batch * gen / min(decode() for _ in range(repeats))
+        base = base or tps
+        name = f"{batch}" + (", left-padded" if padded else "")
+        rows.append((name, tps, tps / base))
+        print(f"RESULT decoding_batch {device} batch='{name}' tok_per_s={tps:.1f} x_batch1={tps / base:.2f}",
+              flush=True)
+    print()
+    print("| batch (dual cache, 4 tokens/step) | tokens/s, all rows | x batch 1 |")
+    print("|---|---:|---:|")
+    for name, tps, ratio in rows:
+        print(f"| {name} | {tps:.1f} | {ratio:.2f} |")
 
 
 def step_anatomy(model, prompt_len: int, gen: int, block: int, device: str, min_time: float) -> None:
@@ -225,6 +268,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name, nfe, tpf, ppf, tps, ratio in rows:
         print(f"| {name} | {nfe} | {tpf:.2f} | {ppf:.1f} | {tps:.1f} | {ratio:.2f} |")
+    batch_throughput(model, cfg, shape, args.device, args.repeats)
     with torch.no_grad():
         step_anatomy(model, shape["prompt"], gen, block, args.device, 0.5 if args.device == "cuda" else 1.0)
     # A whole decode with the default fast path: what the GPU does between
