@@ -183,3 +183,9 @@ def test_tokenizer(tmp_path):
 def test_cuda_without_a_gpu_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="device"):
         llada.load_model(make_checkpoint(tmp_path), device="cuda")
+
+
+@pytest.mark.parametrize("device", ["cpux", "meta", 3.5, "cuda:99"])
+def test_bad_devices_are_named(tmp_path, device):
+    with pytest.raises(ValueError, match="device"):
+        llada.load_model(make_checkpoint(tmp_path), device=device)
