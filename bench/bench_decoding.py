@@ -59,12 +59,13 @@ def separate_projections(model):
 
 def policies(gen: int, block: int, device: str):
     """(name, steps, policy, fresh, setting): the exact baseline first. On
-    CUDA the dual cache replays its steps as CUDA graphs (the default); the
-    eager rows without graphs show what the graphs save. A cached decode
-    reuses the cache (and graphs) an earlier call of its shape left; a
-    `fresh` row first releases them, so it pays for the allocation and the
-    captures as a model's first call does. A `setting` row runs under a
-    context that changes one thing from the default."""
+    CUDA the caches replay their steps as CUDA graphs (the default: one per
+    block for the prefix cache, one for all for the dual cache); the eager
+    rows without graphs show what the graphs save. A cached decode reuses
+    the cache (and graphs) an earlier call of its shape left; a `fresh` row
+    first releases them, so it pays for the allocation and the captures as a
+    model's first call does. A `setting` row runs under a context that
+    changes one thing from the default."""
     P = llada.DecodePolicy
     rows = [
         ("exact, 1 token/step", gen, P(), False, None),
@@ -77,6 +78,8 @@ def policies(gen: int, block: int, device: str):
     ]
     if device == "cuda":
         rows += [
+            ("prefix cache, 4 tokens/step, first call", gen // 4, P(cache="prefix"), True, None),
+            ("prefix cache, 4 tokens/step, eager", gen // 4, P(cache="prefix", cuda_graph=False), False, None),
             ("dual cache, 4 tokens/step, eager", gen // 4, P(cache="dual", cuda_graph=False), False, None),
             ("dual cache + threshold 0.9, eager", gen, P.fast(cuda_graph=False), False, None),
             ("dual cache, 4 tokens/step, projections not packed", gen // 4, P(cache="dual"), False,

@@ -1,9 +1,12 @@
 """The cached step as a CUDA graph: the positions-tensor forward it captures
-equals the eager one, a replay equals an eager step at any block, and
-decoding with graphs gives the tokens of decoding without, also when a later
-call replays the graph an earlier call captured."""
+equals the eager one, a replay equals an eager step at any block (a prefix
+step's too, with the block's logits only), and decoding with graphs gives
+the tokens of decoding without, also when a later call replays the graphs an
+earlier call captured; on the CPU, an eager stand-in for the graph runs the
+sampler's side of it."""
 
 import gc
+import types
 import weakref
 from dataclasses import replace
 
@@ -91,6 +94,35 @@ def test_replay_equals_the_eager_step_at_every_block(folder, dtype):
         assert torch.equal(replayed, eager), start
 
 
+@needs_cuda
+def test_replay_of_a_prefix_step_equals_the_eager_step(folder):
+    # A prefix-cache step feeds the block and everything after it, and takes
+    # the logits of the block only.
+    model = llada.load_model(folder, device="cuda", dtype=torch.float32)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 256, (2, 40), generator=g).cuda()
+    mask = torch.ones(2, 40, dtype=torch.bool, device="cuda")
+    mask[0, :3] = False
+    cache = filled_cache(model, ids, mask)
+    fed = ids[:, 16:].clone()
+    fed[:, :8] = torch.randint(0, 256, (2, 8), generator=g).cuda()
+    graph = CachedStepGraph(model, cache, mask, fed, 16, 8)
+    replayed = graph(mask, fed, 16).clone()
+    assert replayed.shape == (2, 8, model.config.embedding_size)
+    eager = model(fed, mask, logits_at=slice(0, 8), cache=cache, start=16).logits
+    assert torch.equal(replayed, eager)
+    assert graph.fits(cache, mask, fed, 8) and not graph.fits(cache, mask, fed, 24)
+
+
+def test_a_graph_takes_logits_of_1_to_w_positions(folder):
+    model = llada.load_model(folder, device="cpu", dtype=torch.float32)
+    ids = torch.randint(0, 256, (1, 12))
+    cache = filled_cache(model, ids, None)
+    for width in (0, 9):
+        with pytest.raises(ValueError, match="logits_width"):
+            CachedStepGraph(model, cache, None, ids[:, 4:], 4, width)
+
+
 def padded_prompts(seed, row, pad):
     """Three random prompts of 7 tokens on CUDA; ``row`` has ``pad`` left pads."""
     prompt = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(seed)).cuda()
@@ -104,7 +136,8 @@ def test_decoding_with_graphs_gives_the_same_tokens(folder):
     model = llada.load_model(folder, device="cuda", dtype=torch.float32)
     prompt, mask = padded_prompts(2, row=1, pad=3)
     kw = dict(steps=16, gen_length=32, block_length=8, return_stats=True)
-    for policy in (DecodePolicy(cache="dual"), DecodePolicy.fast(), DecodePolicy.fast(early_stop=True)):
+    for policy in (DecodePolicy(cache="dual"), DecodePolicy.fast(), DecodePolicy.fast(early_stop=True),
+                   DecodePolicy(cache="prefix"), DecodePolicy.fast(cache="prefix", early_stop=True)):
         assert policy.cuda_graph  # the default
         eager, eager_stats = llada.generate(
             model, prompt, mask, **kw, policy=DecodePolicy(**{**policy.__dict__, "cuda_graph": False})
@@ -134,9 +167,53 @@ def test_whole_block_steps_on_cuda_decide_as_queried_row_steps(folder, monkeypat
         assert got_stats == want_stats
 
 
+@pytest.mark.parametrize("whole_block", [False, True])
+@pytest.mark.parametrize("policy", [DecodePolicy(cache="prefix"), DecodePolicy(cache="dual"),
+                                    DecodePolicy.fast(cache="prefix", early_stop=True)],
+                         ids=["prefix", "dual", "prefix-threshold-early-stop"])
+def test_graphed_decoding_on_the_cpu_with_an_eager_stand_in(tmp_path, monkeypatch, policy, whole_block):
+    # Without a GPU, a stand-in for the graph runs its forward eagerly at
+    # each "replay" (into the same output buffer), so the sampler's side of
+    # graphed steps runs here: what each graph is fed, which of its logits
+    # a step takes, which graphs are kept for the next call.
+    from llada import sampler
+
+    made = []
+
+    class EagerStandIn(CachedStepGraph):
+        def _capture(self, model, pool):
+            self.logits = self._forward(model)  # the warm-up: it writes the step's keys and values
+            self.graph = types.SimpleNamespace(replay=lambda: self.logits.copy_(self._forward(model)))
+            made.append(self)
+
+    monkeypatch.setattr(sampler._Forward, "_whole_block_wanted", staticmethod(lambda canvas: whole_block))
+    folder = make_checkpoint(tmp_path, seed=3, boost_stop_tokens=8.0, **SHAPE)
+    model = llada.load_model(folder, device="cpu", dtype=torch.float32)
+    prompt = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(12))
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    kw = dict(steps=16, gen_length=32, block_length=8, return_stats=True)
+    want, want_stats = llada.generate(model, prompt, mask, **kw, policy=replace(policy, cuda_graph=False))
+    monkeypatch.setattr(sampler, "CachedStepGraph", EagerStandIn)
+    monkeypatch.setattr(sampler._Forward, "_graphs_run_on", staticmethod(lambda ids: True))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    for call in range(2):
+        got, got_stats = llada.generate(model, prompt, mask, **kw, policy=policy)
+        assert torch.equal(got, want) and got_stats == want_stats, call
+        if call == 0:
+            captured = len(made)
+    assert len(made) == captured  # the second call replays the first call's graphs
+    widths = sorted({g.ids.shape[1] for g in made})
+    if policy.cache == "dual":
+        assert widths == [8] and all(g.logits_width == 8 for g in made)
+    elif not policy.early_stop:  # blocks at 7, 15, 23, 31 of 39 positions
+        assert widths == [8, 16, 24, 32] and all(g.logits_width == 8 for g in made)
+
+
 SYNC_FREE_POLICIES = {
     "exact": DecodePolicy(),
     "prefix": DecodePolicy(cache="prefix"),
+    "prefix-eager": DecodePolicy(cache="prefix", cuda_graph=False),
     "dual": DecodePolicy(cache="dual"),
     "dual-eager": DecodePolicy(cache="dual", cuda_graph=False),
 }
@@ -178,8 +255,8 @@ def graphs(monkeypatch):
     log = dict(captured=[], replayed=[])
 
     class Logged(CachedStepGraph):
-        def __init__(self, *args):
-            super().__init__(*args)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
             log["captured"].append(self)
 
         def __call__(self, *args):
@@ -287,3 +364,18 @@ def test_infill_keeps_a_graph_per_block_width(folder, graphs):
     assert sorted(g.ids.shape[1] for g in graphs["captured"]) == [2, 4]
     assert torch.equal(llada.infill(model, canvas, **kw, policy=DecodePolicy.fast()), want)
     assert len(graphs["captured"]) == 2
+
+
+@needs_cuda
+def test_prefix_cache_keeps_a_graph_per_block(folder, graphs):
+    model = llada.load_model(folder, device="cuda", dtype=torch.float32)
+    prompt, mask = padded_prompts(11, row=1, pad=2)
+    kw = dict(steps=16, gen_length=32, block_length=8)
+    want = llada.generate(model, prompt, mask, **kw, policy=DecodePolicy(cache="prefix", cuda_graph=False))
+    assert torch.equal(llada.generate(model, prompt, mask, **kw, policy=DecodePolicy(cache="prefix")), want)
+    # Blocks of 8 at 7, 15, 23 and 31 of 39 positions: each feeds itself and what follows.
+    assert sorted(g.ids.shape[1] for g in graphs["captured"]) == [8, 16, 24, 32]
+    assert all(g.logits_width == 8 for g in graphs["captured"])
+    replays = len(graphs["replayed"])
+    assert torch.equal(llada.generate(model, prompt, mask, **kw, policy=DecodePolicy(cache="prefix")), want)
+    assert len(graphs["captured"]) == 4 and len(graphs["replayed"]) > replays

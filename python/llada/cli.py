@@ -100,7 +100,7 @@ def add_policy_arguments(parser) -> None:
                             "(adaptive --commit rules only; default: off)")
     group.add_argument("--early-stop", action="store_true", help="stop a row once a block holds EOS")
     group.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                       help="on CUDA, replay dual-cache steps as a captured CUDA graph (default: on)")
+                       help="on CUDA, replay cached steps as captured CUDA graphs (default: on)")
     group.add_argument("--stats", action="store_true", help="print forwards and tokens per forward to stderr")
 
 

@@ -29,10 +29,12 @@ cache (what is recomputed per step)
                  reuse the cached keys and values on both sides of it.
     ``refresh_every`` > 0 also refreshes the cache every that many steps.
 cuda_graph (on by default)
-    with the dual cache on a CUDA device, each cached step replays a captured
-    CUDA graph of the block's forward instead of launching its kernels one by
-    one from Python (see llada.cuda_graph). It computes logits at every
-    position of the block rather than only the masked ones. Ignored elsewhere.
+    with a cache (prefix or dual) on a CUDA device, each cached step replays
+    a captured CUDA graph of its forward instead of launching its kernels one
+    by one from Python (see llada.cuda_graph). It computes logits at every
+    position of the block rather than only the masked ones. The dual cache
+    needs one graph for all blocks; the prefix cache one per block, as what
+    it feeds shrinks block by block. Ignored elsewhere.
 early_stop
     once a finished block of a row holds EOS, the rest of that row's canvas
     becomes EOS and the row needs no more forwards.

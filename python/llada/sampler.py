@@ -534,6 +534,10 @@ class _Forward:
     def _whole_block_wanted(canvas: torch.Tensor) -> bool:
         return canvas.is_cuda
 
+    @staticmethod
+    def _graphs_run_on(ids: torch.Tensor) -> bool:
+        return ids.is_cuda
+
     def _refresh_due(self) -> bool:
         every = self.policy.refresh_every
         return self.calls == 0 or bool(every and self.calls % every == 0)
@@ -579,13 +583,13 @@ class _Forward:
         lo, hi = self.start, (self.end if policy.cache == "dual" else ids.shape[1])
         self.stats.positions += ids.shape[0] * (hi - lo)
         cache = self.workspace.cache
-        if policy.cuda_graph and policy.cache == "dual" and ids.is_cuda:
+        if policy.cuda_graph and self._graphs_run_on(ids):
             # The graph computes every position of the block (into its own
             # buffer, which the next replay overwrites).
-            block = ids[:, lo:hi]
-            graph = self.workspace.graph(model, self.key_mask, block, lo)
-            logits = graph(self.key_mask, block, lo)
-            return logits if whole_block else logits[query[:, lo:hi]]
+            fed, width = ids[:, lo:hi], self.end - lo
+            graph = self.workspace.graph(model, self.key_mask, fed, lo, width)
+            logits = graph(self.key_mask, fed, lo)
+            return logits if whole_block else logits[query[:, lo:self.end]]
         if whole_block:
             return model(ids[:, lo:hi], self.key_mask, logits_at=slice(0, self.end - lo), cache=cache,
                          start=lo).logits
@@ -614,7 +618,9 @@ class _Forward:
 # A graph costs a warm-up forward and a capture, a few percent of a whole
 # decode at LLaDA-8B shape, and a server or benchmark repeats its shapes.
 _WORKSPACES_PER_MODEL = 2  # the most recently returned
-_GRAPHS_PER_WORKSPACE = 2  # a decode's block width, and a narrower last block (infill)
+# Dual cache: a decode's block width, and a narrower last block (infill).
+# Prefix cache: one per block (its width is the block and all after it).
+_GRAPHS_PER_WORKSPACE = 16
 
 # Keyed weakly by the model rather than stored on it: nothing is added to the
 # module (no buffer, nothing in state_dict, deepcopy or pickle), and a pool
@@ -628,22 +634,28 @@ _pools: "weakref.WeakKeyDictionary[torch.nn.Module, list[_Workspace]]" = weakref
 
 class _Workspace:
     """A key/value cache and the graphs captured against it (newest first).
-    One decode at a time holds it: out of the pool while in use."""
+    One decode at a time holds it: out of the pool while in use. Its graphs
+    share one memory pool: they replay one at a time, and a step uses its
+    logits before the next replay."""
 
     def __init__(self, key, weights, cache: KVCache):
         self.key = key  # (device, dtype, batch rows, total length, has a key mask)
         self.weights = weights  # _weights_fingerprint of the model when checked out
         self.cache = cache
         self.graphs: list[CachedStepGraph] = []
+        self.graph_pool = None  # a CUDA graph memory pool, made with the first graph
         self.done: Optional[torch.cuda.Event] = None  # recorded when last given back, on CUDA
 
-    def graph(self, model, key_mask, ids, start) -> CachedStepGraph:
-        """A graph of the cached step over ``ids`` [B, W]: a kept one that
-        fits, else a new capture (which runs the step's warm-up forward)."""
+    def graph(self, model, key_mask, ids, start, logits_width) -> CachedStepGraph:
+        """A graph of the cached step over ``ids`` [B, W] with the logits of
+        its first ``logits_width`` positions: a kept one that fits, else a
+        new capture (which runs the step's warm-up forward)."""
         for graph in self.graphs:
-            if graph.fits(self.cache, key_mask, ids):
+            if graph.fits(self.cache, key_mask, ids, logits_width):
                 return graph
-        graph = CachedStepGraph(model, self.cache, key_mask, ids, start)
+        if self.graph_pool is None:
+            self.graph_pool = torch.cuda.graph_pool_handle()
+        graph = CachedStepGraph(model, self.cache, key_mask, ids, start, logits_width, self.graph_pool)
         self.graphs = [graph] + self.graphs[: _GRAPHS_PER_WORKSPACE - 1]
         return graph
 
