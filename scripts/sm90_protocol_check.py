@@ -3,8 +3,8 @@
 The kernel's producer thread, its consumer warpgroups and the TMA unit are
 run as actors under random interleavings, for random launches (stages,
 consumers, Q buffers, O stored through the Q buffer or not, an item's last
-P V chained to the next item or not, key tiles, splits, query tiles, grid
-size), with the semantics of mbarriers (arrival
+P V chained to the next item or not, a step's P V overlapped with the
+softmax or not, key tiles, splits, query tiles, grid size), with the semantics of mbarriers (arrival
 counts, transaction bytes, phase parity) and of named barriers (bar.sync /
 bar.arrive of 128 threads each). It checks that no launch deadlocks, that
 every MMA reads the Q, K or V tile it means to, that no copy lands in a
@@ -62,8 +62,9 @@ class Sim:
     """One thread block `block` of a grid of `grid`; items[i] is the number
     of key tiles of work item i."""
 
-    def __init__(self, stages, consumers, q_buffers, store_o, chain, items, block, grid, splits, rng):
+    def __init__(self, stages, consumers, q_buffers, store_o, chain, overlap, items, block, grid, splits, rng):
         self.S, self.C, self.QB, self.chain, self.rng = stages, consumers, q_buffers, chain, rng
+        self.overlap = overlap  # kOverlap: a step's P V is waited for at the next step's start
         # kStoreO; its O goes through the Q buffer only for the output itself
         # (no split keys: partial results are written directly).
         self.store_o, self.o_through_q = store_o, store_o and splits == 1
@@ -234,10 +235,20 @@ class Sim:
             if chained:
                 yield from write_out(*done)
                 restart(item)
+            pv_in_flight = None  # overlap: the stage whose P V still runs
+
+            def finish_pv():
+                yield lambda: True  # the P V runs a while
+                self.end_read(me, ("v", pv_in_flight))
+                self.v_empty[pv_in_flight].arrive(128)
+
             for j in range(1, n_tiles):
                 prev = s
                 tile_count += 1
                 s = tile_count % S
+                if pv_in_flight is not None:
+                    yield from finish_pv()
+                    pv_in_flight = None
                 par = (tile_count // S) & 1
                 yield lambda s=s, par=par: self.k_full[s].done(par)
                 par = ((tile_count - 1) // S) & 1
@@ -250,13 +261,18 @@ class Sim:
                 self.begin_read(me, ("k", s), (item, j))
                 pass_turn(j, n_tiles, last_item)
                 yield lambda: True
-                self.end_read(me, ("v", prev))
+                if self.overlap:  # the Q K^T is done; the P V may still run
+                    pv_in_flight = prev
+                else:
+                    self.end_read(me, ("v", prev))
+                    self.v_empty[prev].arrive(128)
                 self.end_read(me, q)
                 self.end_read(me, ("k", s))
-                self.v_empty[prev].arrive(128)
                 self.k_empty[s].arrive(128)
                 if not store_o and j == n_tiles - 1:
                     self.q_empty[qb].arrive(128)
+            if pv_in_flight is not None:
+                yield from finish_pv()
             tile_count += 1
             item_count += 1
             if self.chain and not last_item:
@@ -306,11 +322,14 @@ def main(trials):
     runs = 0
     for _ in range(trials):
         # (stages, consumers, Q buffers, O through the Q buffer, chained
-        # items): the kernel's shapes and pipelines, and a few it does not use.
-        stages, consumers, q_buffers, store_o, chain = rng.choice([
-            (2, 2, 1, False, False), (3, 1, 1, False, False), (2, 2, 2, False, False), (2, 2, 2, True, False),
-            (3, 2, 1, False, False), (2, 2, 2, False, True), (2, 2, 2, True, True),
-            (2, 1, 1, False, False), (2, 1, 2, True, False), (3, 1, 2, False, True)])
+        # items, overlapped P V): the kernel's shapes and pipelines, and a
+        # few it does not use.
+        stages, consumers, q_buffers, store_o, chain, overlap = rng.choice([
+            (2, 2, 1, False, False, False), (3, 1, 1, False, False, False), (2, 2, 2, False, False, False),
+            (2, 2, 2, True, False, False), (3, 2, 1, False, False, False), (2, 2, 2, False, True, False),
+            (2, 2, 2, True, True, False), (2, 2, 1, False, False, True), (2, 2, 2, True, False, True),
+            (2, 1, 1, False, False, False), (2, 1, 2, True, False, False), (3, 1, 2, False, True, False),
+            (3, 2, 1, False, False, True), (2, 1, 1, False, False, True)])
         all_tiles = rng.randint(1, 9)
         num_splits = rng.randint(1, all_tiles)
         per = -(-all_tiles // num_splits)
@@ -320,7 +339,7 @@ def main(trials):
         grid = rng.randint(1, len(items))  # persistent blocks loop when smaller
         splits = len(items) // n_x
         for block in range(grid):
-            Sim(stages, consumers, q_buffers, store_o, chain, items, block, grid, splits, rng).run()
+            Sim(stages, consumers, q_buffers, store_o, chain, overlap, items, block, grid, splits, rng).run()
             runs += 1
     print(f"ok: {runs} block runs over {trials} launches")
 

@@ -33,7 +33,10 @@
 // a leaner softmax, alone or with the chained items and the TMA store: on
 // whole tiles the scale goes into the exponent's FMA (64 multiplies fewer
 // per thread and tile), and a warp whose rows' maxima all stayed skips the
-// rescale of O (64 more).
+// rescale of O (64 more). Or, within each consumer, the softmax of a tile
+// overlapped with its own P V of the tile before: the Q K^T and the P V of
+// a step become two groups of MMAs, and the softmax waits only for the
+// first (alone, with the leaner softmax, or with the TMA store of O).
 //
 // Few queries against many keys (cached decoding: 32 queries, thousands of
 // keys) take a second shape: one consumer warpgroup (64 query rows), a ring
@@ -94,9 +97,13 @@ constexpr float kLog2e = 1.4426950408889634f;
 // only after the store has read it: that needs a second Q buffer, for the
 // next item's Q. With kChain, an item's last P V is issued with the next
 // item's first Q K^T (so the next Q must be loaded by then: two buffers).
-// kLean trims the softmax (see there).
+// kLean trims the softmax (see there). With kOverlap, a step's Q K^T and
+// P V are two groups of MMAs, Q K^T first: the softmax of the new scores
+// starts once they are in and runs while the tensor cores do the P V; O is
+// rescaled and the new P packed only after it (P V still reads the old P
+// from registers).
 template <int kConsumers_, int kStages_, int kQBuffers_ = 1, bool kStoreO_ = false, bool kChain_ = false,
-          bool kLean_ = false>
+          bool kLean_ = false, bool kOverlap_ = false>
 struct Config {
   static constexpr int kConsumers = kConsumers_;
   static constexpr int kStages = kStages_;
@@ -104,8 +111,10 @@ struct Config {
   static constexpr bool kStoreO = kStoreO_;
   static constexpr bool kChain = kChain_;
   static constexpr bool kLean = kLean_;
+  static constexpr bool kOverlap = kOverlap_;
   static_assert(!kStoreO || kQBuffers == 2, "O goes out through a Q buffer while the next item's Q loads");
   static_assert(!kChain || kQBuffers == 2, "the next item's Q is read while this one finishes");
+  static_assert(!(kChain && kOverlap), "one or the other: an item's first step differs in each");
   static constexpr int kRows = 64 * kConsumers;  // query rows per block
   static constexpr int kConsumerThreads = 128 * kConsumers;
   static constexpr int kThreads = kConsumerThreads + 128;  // + the producer warpgroup
@@ -144,6 +153,9 @@ using ManyQueriesChain = Config<2, 2, 2, false, true>;
 using ManyQueriesChainStoreO = Config<2, 2, 2, true, true>;
 using ManyQueriesLean = Config<2, 2, 1, false, false, true>;
 using ManyQueriesChainStoreOLean = Config<2, 2, 2, true, true, true>;
+using ManyQueriesOverlap = Config<2, 2, 1, false, false, false, true>;
+using ManyQueriesLeanOverlap = Config<2, 2, 1, false, false, true, true>;
+using ManyQueriesStoreOOverlap = Config<2, 2, 2, true, false, false, true>;
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define LLADA_SM90_DEVICE 1
@@ -266,6 +278,10 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t address, uint32_t lead, 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Waits for every committed group of MMAs but the last one.
+__device__ __forceinline__ void wgmma_wait_all_but_last() {
+  asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+}
 
 // Keeps the compiler from moving reads or writes of a register across the
 // asynchronous MMAs (it does not know they finish only at the wait).
@@ -493,8 +509,34 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   float m_run[2] = {-INFINITY, -INFINITY};  // running max of the log2-scaled scores, rows g and g + 8
   float l_run[2] = {0.0f, 0.0f};            // this thread's share of the row sums
 
-  // Masking, scaling and the online softmax of local tile j: rescales O and
-  // the row sums, and leaves P in `pa`.
+  float alpha[2] = {1.0f, 1.0f};  // the last softmax's rescale of O and the row sums, rows g and g + 8
+  // O's rescale by alpha. kLean: a row whose max stayed has alpha 1, and a
+  // warp whose rows all kept theirs (most tiles after the first few) skips it.
+  auto rescale_o = [&] {
+    if (!C::kLean || __any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+#pragma unroll
+      for (int c = 0; c < 16; ++c) {
+        o[4 * c + 0] *= alpha[0];
+        o[4 * c + 1] *= alpha[0];
+        o[4 * c + 2] *= alpha[1];
+        o[4 * c + 3] *= alpha[1];
+      }
+    }
+  };
+  auto pack_p = [&] {
+#pragma unroll
+    for (int kc = 0; kc < 8; ++kc) {
+      pa[kc][0] = Traits::pack(s_acc[8 * kc + 0], s_acc[8 * kc + 1]);
+      pa[kc][1] = Traits::pack(s_acc[8 * kc + 2], s_acc[8 * kc + 3]);
+      pa[kc][2] = Traits::pack(s_acc[8 * kc + 4], s_acc[8 * kc + 5]);
+      pa[kc][3] = Traits::pack(s_acc[8 * kc + 6], s_acc[8 * kc + 7]);
+    }
+  };
+
+  // Masking, scaling and the online softmax of local tile j: rescales the
+  // row sums and O, and leaves P in `pa`. With kOverlap it leaves O and `pa`
+  // alone (the step's P V may still be reading them) and P in s_acc, for
+  // rescale_o and pack_p once the P V is done.
   auto softmax = [&](int j) {
     // Scale into the log2 domain; masked keys and keys past the end get -inf.
     // kLean folds the scale of a whole tile into the exponent's FMA instead
@@ -522,7 +564,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       }
     }
     // Online softmax; a row is spread over the 4 threads of a quad.
-    float m_use[2], alpha[2];
+    float m_use[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float tile_max = -INFINITY;
@@ -537,27 +579,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       alpha[r] = fast_exp2(m_run[r] - m_use[r]);
       m_run[r] = m_new;
       l_run[r] *= alpha[r];
-      if constexpr (!C::kLean) {
-#pragma unroll
-        for (int c = 0; c < 16; ++c) {
-          o[4 * c + 2 * r] *= alpha[r];
-          o[4 * c + 2 * r + 1] *= alpha[r];
-        }
-      }
     }
-    if constexpr (C::kLean) {
-      // A row whose max stayed has alpha 1: a warp whose rows all kept
-      // theirs (most tiles after the first few) skips the rescale.
-      if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
-#pragma unroll
-        for (int c = 0; c < 16; ++c) {
-          o[4 * c + 0] *= alpha[0];
-          o[4 * c + 1] *= alpha[0];
-          o[4 * c + 2] *= alpha[1];
-          o[4 * c + 3] *= alpha[1];
-        }
-      }
-    }
+    if constexpr (!C::kOverlap) rescale_o();
 #pragma unroll
     for (int i = 0; i < 64; ++i) {
       if constexpr (C::kLean) {
@@ -567,13 +590,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       }
       l_run[(i / 2) % 2] += s_acc[i];
     }
-#pragma unroll
-    for (int kc = 0; kc < 8; ++kc) {
-      pa[kc][0] = Traits::pack(s_acc[8 * kc + 0], s_acc[8 * kc + 1]);
-      pa[kc][1] = Traits::pack(s_acc[8 * kc + 2], s_acc[8 * kc + 3]);
-      pa[kc][2] = Traits::pack(s_acc[8 * kc + 4], s_acc[8 * kc + 5]);
-      pa[kc][3] = Traits::pack(s_acc[8 * kc + 6], s_acc[8 * kc + 7]);
-    }
+    if constexpr (!C::kOverlap) pack_p();
   };
 
   // Issuing the MMAs of one step; the loops are fully unrolled so that the
@@ -586,6 +603,13 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   auto issue_qk = [&](int stage) {
 #pragma unroll
     for (int kd = 0; kd < 8; ++kd) Traits::mma_ss(s_acc, q_desc(kd), k_desc(stage, kd), kd > 0 ? 1u : 0u);
+  };
+  // kOverlap, after a step's Q K^T group (its P V may still run): the scores
+  // are final.
+  auto settle_scores = [&] {
+    wgmma_wait_all_but_last();
+#pragma unroll
+    for (int i = 0; i < 64; ++i) pin(s_acc[i]);
   };
   // After the wait: the MMAs' registers are final (and must not have been
   // reused before it).
@@ -742,26 +766,59 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       restart();
     }
     softmax(0);
+    if constexpr (C::kOverlap) {
+      rescale_o();
+      pack_p();
+    }
 
     // Tiles 1 .. n-1: P V of the previous tile, then Q K^T of this one.
+    // kOverlap: a step's P V is waited for at the top of the next step (or
+    // after the loop), then O rescaled and the new P packed. Waiting at the
+    // end of the step would let the compiler schedule the softmax below the
+    // wait, since nothing in the softmax depends on it; the loop's back edge
+    // keeps the two apart.
+    int pv_in_flight = -1;  // kOverlap: the stage whose P V is still running
+    auto finish_pv = [&] {
+      if (pv_in_flight < 0) return;
+      settle();
+      barrier_arrive(v_empty(pv_in_flight));
+      rescale_o();
+      pack_p();
+      pv_in_flight = -1;
+    };
     for (int j = 1; j < w.n_tiles; ++j) {
       const int prev = s;
       ++tile_count;
       s = int(tile_count % kStages);
+      if constexpr (C::kOverlap) finish_pv();
       barrier_wait(k_full(s), (tile_count / kStages) & 1);
       barrier_wait(v_full(prev), ((tile_count - 1) / kStages) & 1);
       take_turn();
       wgmma_fence();
-      issue_pv(prev);
-      issue_qk(s);
-      wgmma_commit();
-      pass_turn(j);
-      settle();
-      barrier_arrive(v_empty(prev));
-      barrier_arrive(k_empty(s));
-      if (!C::kStoreO && j == w.n_tiles - 1) barrier_arrive(q_empty(qb));
-      softmax(j);
+      if constexpr (C::kOverlap) {
+        issue_qk(s);
+        wgmma_commit();
+        issue_pv(prev);
+        wgmma_commit();
+        pv_in_flight = prev;
+        pass_turn(j);
+        settle_scores();
+        barrier_arrive(k_empty(s));
+        if (!C::kStoreO && j == w.n_tiles - 1) barrier_arrive(q_empty(qb));
+        softmax(j);  // while the tensor cores do the P V
+      } else {
+        issue_pv(prev);
+        issue_qk(s);
+        wgmma_commit();
+        pass_turn(j);
+        settle();
+        barrier_arrive(v_empty(prev));
+        barrier_arrive(k_empty(s));
+        if (!C::kStoreO && j == w.n_tiles - 1) barrier_arrive(q_empty(qb));
+        softmax(j);
+      }
     }
+    if constexpr (C::kOverlap) finish_pv();
     ++tile_count;
     if (C::kChain && !last_item) continue;  // the last P V goes with the next item's first Q K^T
 
@@ -895,6 +952,12 @@ cudaError_t launch_shape(const AttentionParams& p, CUtensorMapDataType type, int
       return launch<Traits, ManyQueriesLean>(p, type, num_splits, persistent, workspace, stream);
     case Sm90Pipeline::kTwoQueriesChainStoreOLean:
       return launch<Traits, ManyQueriesChainStoreOLean>(p, type, num_splits, persistent, workspace, stream);
+    case Sm90Pipeline::kOneQueryOverlap:
+      return launch<Traits, ManyQueriesOverlap>(p, type, num_splits, persistent, workspace, stream);
+    case Sm90Pipeline::kOneQueryLeanOverlap:
+      return launch<Traits, ManyQueriesLeanOverlap>(p, type, num_splits, persistent, workspace, stream);
+    case Sm90Pipeline::kTwoQueriesStoreOOverlap:
+      return launch<Traits, ManyQueriesStoreOOverlap>(p, type, num_splits, persistent, workspace, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -48,6 +48,9 @@ enum class Sm90Pipeline {
   kOneQueryLean,    // kOneQuery with a leaner softmax (the scale folded into exp2's FMA, O rescaled
                     // only when a row's max moved)
   kTwoQueriesChainStoreOLean,  // kTwoQueriesChainStoreO with the leaner softmax
+  kOneQueryOverlap,  // kOneQuery with each tile's softmax overlapped with the P V of the tile before
+  kOneQueryLeanOverlap,  // kOneQueryOverlap with the leaner softmax
+  kTwoQueriesStoreOOverlap,  // kTwoQueriesStoreO with the overlapped softmax
 };
 struct Sm90PipelineName {
   const char* name;
@@ -62,6 +65,9 @@ inline constexpr Sm90PipelineName kSm90Pipelines[] = {
     {"two-q-chain-store-o", Sm90Pipeline::kTwoQueriesChainStoreO},
     {"one-q-lean", Sm90Pipeline::kOneQueryLean},
     {"two-q-chain-store-o-lean", Sm90Pipeline::kTwoQueriesChainStoreOLean},
+    {"one-q-overlap", Sm90Pipeline::kOneQueryOverlap},
+    {"one-q-lean-overlap", Sm90Pipeline::kOneQueryLeanOverlap},
+    {"two-q-store-o-overlap", Sm90Pipeline::kTwoQueriesStoreOOverlap},
 };
 
 // Head dimensions every implementation supports.
