@@ -92,6 +92,27 @@ def test_infill_keeps_both_sides_and_matches_llada_infill(engine):
     assert stats.nfe == 6  # one token per step by default
 
 
+def test_fill_fills_every_gap_of_a_template(engine):
+    parts = ["def f(x):\n    return ", 5, "\n\nprint(f(", 3, "))\n"]
+    stats = llada.DecodeStats()
+    gaps = engine.fill(parts, stats=stats)
+    tok, mask_id = engine.tokenizer, engine.model.config.mask_token_id
+    texts = [tok(p, add_special_tokens=False)["input_ids"] for p in parts[::2]]
+    canvas = texts[0] + [mask_id] * 5 + texts[1] + [mask_id] * 3 + texts[2]
+    out = llada.infill(engine.model, torch.tensor(canvas)).tolist()
+    first, second = len(texts[0]), len(texts[0]) + 5 + len(texts[1])
+    # The fixed text stays; each gap decodes what the token-level infill put there.
+    assert out[:first] == texts[0] and out[first + 5: second] == texts[1] and out[second + 3:] == texts[2]
+    expected = [tok.decode([t for t in out[a: a + n] if t not in engine.stop_ids], skip_special_tokens=True)
+                for a, n in ((first, 5), (second, 3))]
+    assert gaps == expected
+    assert stats.nfe == 8  # one token per step over both gaps
+    for bad, error in (([], ValueError), (["text only"], ValueError), (["a", 0], TypeError),
+                       (["a", 2.5], TypeError), ("a 3", TypeError)):
+        with pytest.raises(error, match="parts"):
+            engine.fill(bad)
+
+
 def test_log_likelihood_scores_the_answer_text(engine):
     tok = engine.tokenizer
     expected = llada.log_likelihood(engine.model, tok("Q: one", add_special_tokens=False)["input_ids"],

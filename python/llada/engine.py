@@ -123,22 +123,45 @@ class Engine:
                **options) -> str:
         """The text of ``length`` tokens generated between ``prefix`` and
         ``suffix`` (neither changes; the model attends to both), EOS/EoT
-        tokens dropped. ``options`` are :func:`llada.infill`'s (``steps``:
-        default one token per step; ``block_length``: default the whole gap)."""
+        tokens dropped: ``fill([prefix, length, suffix])[0]``."""
         for name, text in (("prefix", prefix), ("suffix", suffix)):
             if not isinstance(text, str):
                 raise TypeError(f"{name}: expected a str, got {type(text).__name__}")
         if not _is_positive_int(length):
             raise ValueError(f"length: expected a positive number of tokens, got {length!r}")
+        return self.fill([prefix, length, suffix], stats=stats, **options)[0]
+
+    def fill(self, parts: Sequence[Union[str, int]], *, stats: Optional[DecodeStats] = None,
+             **options) -> list[str]:
+        """Fills the gaps of a template, e.g. ``["def f(x):\n    return ", 8,
+        "\n\nprint(f(", 3, "))\n"]``: each str is fixed text (tokenized on
+        its own, never changed), each int a gap of that many tokens. The
+        model fills every gap at once, attending to all of the text. Returns
+        the gaps' texts in order, EOS/EoT tokens dropped. ``options`` are
+        :func:`llada.infill`'s (``steps``: default one token per step;
+        ``block_length``: default all the gaps in one block)."""
+        if not isinstance(parts, (list, tuple)):
+            raise TypeError(f"parts: expected a list of str and int, got {type(parts).__name__}")
         _check_stats(stats)
-        before = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        after = self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
-        canvas = torch.tensor(before + [self.model.config.mask_token_id] * length + after, dtype=torch.long)
-        out, work = infill(self.model, canvas, return_stats=True, **options)
+        canvas, gaps = [], []
+        for i, part in enumerate(parts):
+            if isinstance(part, str):
+                canvas += self.tokenizer(part, add_special_tokens=False)["input_ids"]
+            elif _is_positive_int(part):
+                gaps.append((len(canvas), part))
+                canvas += [self.model.config.mask_token_id] * part
+            else:
+                raise TypeError(f"parts[{i}]: expected a str or a positive int (a gap's length), got {part!r}")
+        if not gaps:
+            raise ValueError("parts: holds no gap (a positive int) to fill")
+        out, work = infill(self.model, torch.tensor(canvas, dtype=torch.long), return_stats=True, **options)
         if stats is not None:
             stats.add(work)
-        gap = out[len(before): len(before) + length].tolist()
-        return self.tokenizer.decode([t for t in gap if t not in self.stop_ids], skip_special_tokens=True)
+        texts = []
+        for start, length in gaps:
+            gap = out[start: start + length].tolist()
+            texts.append(self.tokenizer.decode([t for t in gap if t not in self.stop_ids], skip_special_tokens=True))
+        return texts
 
     def log_likelihood(self, prompt: str, answer: str, *, chat: bool = False, **options) -> float:
         """An estimate of log p(answer | prompt) (the prompt as :meth:`encode`
