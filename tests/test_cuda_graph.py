@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import llada
+from llada import workspace as workspaces
 from llada.cuda_graph import CachedStepGraph
 from llada.model import KVCache
 from llada.policies import DecodePolicy
@@ -194,7 +195,7 @@ def test_graphed_decoding_on_the_cpu_with_an_eager_stand_in(tmp_path, monkeypatc
     mask[1, :3] = 0
     kw = dict(steps=16, gen_length=32, block_length=8, return_stats=True)
     want, want_stats = llada.generate(model, prompt, mask, **kw, policy=replace(policy, cuda_graph=False))
-    monkeypatch.setattr(sampler, "CachedStepGraph", EagerStandIn)
+    monkeypatch.setattr(workspaces, "CachedStepGraph", EagerStandIn)
     monkeypatch.setattr(sampler._Forward, "_graphs_run_on", staticmethod(lambda ids: True))
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     for call in range(2):
@@ -263,7 +264,7 @@ def graphs(monkeypatch):
             log["replayed"].append(self)
             return super().__call__(*args)
 
-    monkeypatch.setattr(sampler, "CachedStepGraph", Logged)
+    monkeypatch.setattr(workspaces, "CachedStepGraph", Logged)
     return log
 
 

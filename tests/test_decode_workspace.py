@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import llada
+from llada import workspace as workspaces
 from llada import sampler
 from llada.policies import DecodePolicy
 from llada.sampler import StepEvent
@@ -42,7 +43,7 @@ def prompts(model, seed, batch=3, padded=True):
 
 
 def pooled(model):
-    return list(sampler._pools.get(model, []))
+    return list(workspaces._pools.get(model, []))
 
 
 def fresh(model, *args, **kw):

@@ -9,7 +9,8 @@ from .model import LLaDAConfig, LLaDAModel
 from .checkpoint import load_config, load_model, load_tokenizer, write_random_checkpoint
 from .likelihood import log_likelihood
 from .policies import DecodePolicy
-from .sampler import DecodeStats, generate, infill, release_decode_workspace, stream
+from .sampler import DecodeStats, generate, infill, stream
+from .workspace import release_decode_workspace
 from .engine import Engine, load
 
 __version__ = _C.__version__

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-import weakref
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 
-from . import model as model_module
 from . import ops
-from .cuda_graph import CachedStepGraph
-from .model import KVCache, LLaDAModel
+from .model import LLaDAModel
 from .policies import DecodePolicy, demote, ranking_scores, select
+from .workspace import Workspace, checkin, checkout
 
 REMASKING = ("low_confidence", "random")
 _INT64_MAX = 2**63 - 1
@@ -515,14 +512,14 @@ class _Forward:
     CPU, where those rows cost their full share, only the queried rows run.
 
     The cache, and the graphs captured against it, come from the model's
-    pool of workspaces (see :class:`_Workspace`); the decode holds one until
+    pool of workspaces (see :mod:`llada.workspace`); the decode holds one until
     :meth:`give_back`.
     """
 
     def __init__(self, model, canvas, key_mask, fixed, cfg_scale, mask_id, policy, stats):
         self.model, self.canvas, self.fixed, self.all_key_mask = model, canvas, fixed, key_mask
         self.cfg_scale, self.mask_id, self.policy, self.stats = cfg_scale, mask_id, policy, stats
-        self.workspace: Optional[_Workspace] = None
+        self.workspace: Optional[Workspace] = None
 
     def new_block(self, start, end, rows):
         """Starts a block; only ``rows`` (an index tensor, or None for all)
@@ -595,7 +592,7 @@ class _Forward:
                          start=lo).logits
         return model(ids[:, lo:hi], self.key_mask, logits_at=query[:, lo:hi], cache=cache, start=lo).logits
 
-    def _hold_workspace(self, ids) -> _Workspace:
+    def _hold_workspace(self, ids) -> Workspace:
         """The workspace for a full forward over ``ids``: the one held if it
         has their shape, else one checked out for them (giving back the one
         held: finished rows left the batch). A full forward rewrites every
@@ -603,139 +600,14 @@ class _Forward:
         key = (ids.device, self.model.dtype, ids.shape[0], ids.shape[1], self.key_mask is not None)
         if self.workspace is None or self.workspace.key != key:
             self.give_back()
-            self.workspace = _checkout(self.model, key)
+            self.workspace = checkout(self.model, key)
         return self.workspace
 
     def give_back(self) -> None:
         """Returns the workspace held (if any) to the model's pool."""
         if self.workspace is not None:
             workspace, self.workspace = self.workspace, None
-            _checkin(self.model, workspace)
-
-
-# Decoding workspaces: a cached decode's key/value cache and the CUDA graphs
-# captured against it, kept per model for the next call of the same shape.
-# A graph costs a warm-up forward and a capture, a few percent of a whole
-# decode at LLaDA-8B shape, and a server or benchmark repeats its shapes.
-_WORKSPACES_PER_MODEL = 2  # the most recently returned
-# Dual cache: a decode's block width, and a narrower last block (infill).
-# Prefix cache: one per block (its width is the block and all after it).
-_GRAPHS_PER_WORKSPACE = 16
-
-# Keyed weakly by the model rather than stored on it: nothing is added to the
-# module (no buffer, nothing in state_dict, deepcopy or pickle), and a pool
-# goes away with its model. Nothing in a pool refers to the model (a
-# CachedStepGraph keeps no reference to it), which would keep it alive.
-# No lock: list append and remove are atomic, and a lock could deadlock, as
-# the garbage collector may close a dropped stream (which then gives its
-# workspace back) in the very thread that holds the lock.
-_pools: "weakref.WeakKeyDictionary[torch.nn.Module, list[_Workspace]]" = weakref.WeakKeyDictionary()
-
-
-class _Workspace:
-    """A key/value cache and the graphs captured against it (newest first).
-    One decode at a time holds it: out of the pool while in use. Its graphs
-    share one memory pool: they replay one at a time, and a step uses its
-    logits before the next replay."""
-
-    def __init__(self, key, weights, cache: KVCache):
-        self.key = key  # (device, dtype, batch rows, total length, has a key mask)
-        self.weights = weights  # _weights_fingerprint of the model when checked out
-        self.cache = cache
-        self.graphs: list[CachedStepGraph] = []
-        self.graph_pool = None  # a CUDA graph memory pool, made with the first graph
-        self.done: Optional[torch.cuda.Event] = None  # recorded when last given back, on CUDA
-
-    def graph(self, model, key_mask, ids, start, logits_width) -> CachedStepGraph:
-        """A graph of the cached step over ``ids`` [B, W] with the logits of
-        its first ``logits_width`` positions: a kept one that fits, else a
-        new capture (which runs the step's warm-up forward)."""
-        for graph in self.graphs:
-            if graph.fits(self.cache, key_mask, ids, logits_width):
-                return graph
-        if self.graph_pool is None:
-            self.graph_pool = torch.cuda.graph_pool_handle()
-        graph = CachedStepGraph(model, self.cache, key_mask, ids, start, logits_width, self.graph_pool)
-        self.graphs = [graph] + self.graphs[: _GRAPHS_PER_WORKSPACE - 1]
-        return graph
-
-
-def _weights_fingerprint(model) -> tuple:
-    """What a kept graph assumes beyond its inputs: every weight still where
-    (and what dtype) it was at capture, since a graph reads them by address
-    (in-place updates keep both), and the same attention kernels (backend,
-    whether the Hopper kernel may run and its pipeline: the op reads those
-    switches at each launch, a replay never does)."""
-    kernels = (model_module._attention_backend, os.environ.get("LLADA_ATTENTION_SM90", ""),
-               os.environ.get("LLADA_ATTENTION_SM90_PIPELINE", ""))
-    return kernels, tuple((p.data_ptr(), p.dtype) for p in model.parameters())
-
-
-def _checkout(model, key) -> _Workspace:
-    """Takes a workspace for ``key`` out of the model's pool (the most
-    recently returned that fits), or makes a new one."""
-    weights = _weights_fingerprint(model)
-    pool = _pools.setdefault(model, [])
-    for workspace in list(pool):
-        if workspace.weights != weights:
-            _take(pool, workspace)  # weights replaced: its graphs would read stale memory
-    for workspace in reversed(list(pool)):
-        if workspace.key == key and _take(pool, workspace):
-            if workspace.done is not None:
-                # Its last decode may have run on another stream: the cache
-                # is overwritten only after that decode's work.
-                torch.cuda.current_stream(key[0]).wait_event(workspace.done)
-            return workspace
-    device, dtype, rows, total, _ = key
-    try:
-        cache = KVCache(model.config, rows, total, device, dtype)
-    except torch.OutOfMemoryError:
-        # Workspaces kept for other shapes must not cost this decode its memory.
-        pool.clear()
-        cache = KVCache(model.config, rows, total, device, dtype)
-    return _Workspace(key, weights, cache)
-
-
-def _take(pool: list, workspace: _Workspace) -> bool:
-    """Removes ``workspace`` from ``pool``; False if another thread took it first."""
-    try:
-        pool.remove(workspace)
-    except ValueError:
-        return False
-    return True
-
-
-def _checkin(model, workspace: _Workspace) -> None:
-    """Returns ``workspace`` to the model's pool, as its most recent entry."""
-    if workspace.key[0].type == "cuda":
-        workspace.done = torch.cuda.Event()
-        workspace.done.record(torch.cuda.current_stream(workspace.key[0]))
-    pool = _pools.setdefault(model, [])
-    pool.append(workspace)
-    del pool[:-_WORKSPACES_PER_MODEL]  # the least recently returned go
-
-
-def release_decode_workspace(model) -> None:
-    """Frees (to torch's allocator) the key/value caches and CUDA graphs
-    that cached decoding keeps for ``model`` between calls.
-
-    A cached decode (``DecodePolicy(cache=...)``) leaves its cache, and on
-    CUDA the graphs captured against it, to the next call of the same shape
-    (device, dtype, batch rows, total length, padding mask or none,
-    guidance or none; and for a graph, the block width), which then skips
-    the allocation, the warm-up and the capture. At most two are kept per
-    model, and a decode holds one alone until it ends, so decodes running
-    at once (interleaved streams) never share one. Graphs are not reused
-    after the model's weights are replaced (updating them in place is fine)
-    or the attention backend, ``LLADA_ATTENTION_SM90`` or
-    ``LLADA_ATTENTION_SM90_PIPELINE`` changes; call this
-    after changing torch's global matmul settings (TF32, reduced-precision
-    reductions), which a captured graph keeps. Decodes running
-    now keep theirs and return them when they end.
-    """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    _pools.pop(model, None)
+            checkin(self.model, workspace)
 
 
 def _device_of(model) -> torch.device:
