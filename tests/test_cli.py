@@ -164,3 +164,13 @@ def test_policy_flags_build_the_policy():
     assert every == llada.DecodePolicy(commit="entropy_bound", gamma=0.25, ranking="margin",
                                        cache="prefix", refresh_every=3, remask_below=0.2)
     assert not policy("--cache", "dual", "--no-cuda-graph").cuda_graph
+
+
+def test_stop_ends_the_printed_answer(checkpoint, capsys):
+    full = oracle_answer(checkpoint, "Hello there")
+    stop = full[3:5]
+    assert stop and full.find(stop) >= 0
+    for flags in ([], ["--stream"], ["--show-steps"]):
+        assert main(["generate", "--model", str(checkpoint), *ARGS, *flags, "--stop", stop, "Hello there"]) == 0
+        out = capsys.readouterr().out
+        assert out.endswith("\n" + full[:full.find(stop)] + "\n") or out == full[:full.find(stop)] + "\n", flags

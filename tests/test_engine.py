@@ -77,6 +77,32 @@ def test_stream_pieces_join_to_the_answer_and_stop_early(talkative, policy):
         pytest.fail("no prompt's answer stopped before its last block: the check did not run")
 
 
+def test_stop_strings_end_the_answer_and_its_forwards(engine):
+    shape = dict(steps=32, gen_length=32, block_length=8)
+    prompt = "Once upon"
+    answer = engine.generate(prompt, **shape)
+    ids = torch.tensor([engine.encode(prompt)])
+    tokens = llada.generate(engine.model, ids, **shape)[0, ids.shape[1]:].tolist()
+    first_block = engine.decode(tokens[:8])
+    assert len(first_block) >= 5 and answer.startswith(first_block)
+    stop = first_block[2:5]  # completed by the first block
+    expected = answer[:answer.find(stop)]
+    stats = llada.DecodeStats()
+    assert engine.generate(prompt, stop=stop, stats=stats, **shape) == expected
+    assert stats.nfe == 8  # the blocks after the first cost nothing
+    assert "".join(engine.stream(prompt, stop=[stop, "\x00never"], **shape)) == expected
+    assert engine.generate([prompt, "x"], stop=(stop,), **shape)[0] == expected  # a batch is cut after
+
+
+def test_a_streamed_piece_never_ends_in_the_start_of_a_stop_string():
+    from llada.engine import _final_part
+
+    assert _final_part("ab\n", ("\n\n",)) == "ab"
+    assert _final_part("a de", ("def", "x")) == "a "
+    assert _final_part("abc", ("\n\n",)) == "abc"
+    assert _final_part("ab\ufffd", ()) == "ab"  # a character still incomplete
+
+
 def test_infill_keeps_both_sides_and_matches_llada_infill(engine):
     prefix, suffix = "def f(x):\n    return ", "\n"
     stats = llada.DecodeStats()
@@ -134,6 +160,8 @@ def test_load_defaults_to_the_bundled_model():
     (lambda e: e.generate(["a", None]), TypeError, "prompts[1]"),
     (lambda e: e.generate("a", batch_size=0), ValueError, "batch_size"),
     (lambda e: e.generate("a", stats={}), TypeError, "stats"),
+    (lambda e: e.generate("a", stop=[""]), TypeError, "stop"),
+    (lambda e: e.generate("a", stop=3), TypeError, "stop"),
     (lambda e: e.generate("a", gen_length=10, block_length=4), ValueError, "block_length"),
     (lambda e: e.stream(["a"]).__next__(), TypeError, "prompt"),
     (lambda e: e.infill("a", 3, 4), TypeError, "suffix"),

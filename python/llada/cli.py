@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence",
                      help="the official ranking option (--ranking offers more)")
     gen.add_argument("--seed", type=int, default=None, help="for sampling and random ranking")
+    gen.add_argument("--stop", action="append", metavar="TEXT",
+                     help="end the answer before this text (repeatable; in bash, $'\\n\\n' is two "
+                          "line breaks); no block after the one that completes it is decoded")
     gen.add_argument("--device", help="default: cuda when available, else cpu")
     gen.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     gen.add_argument("--show-steps", action="store_true", help="show the canvas filling in")
@@ -167,6 +170,7 @@ def run_make_random(args, parser) -> int:
 
 
 def run_generate(args, parser) -> int:
+    from .engine import cut_at_stop
     from .sampler import DecodeStats, generate
 
     if args.prompts_file is None and args.prompt is None:
@@ -184,16 +188,17 @@ def run_generate(args, parser) -> int:
     options = dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
                    temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
                    seed=args.seed, policy=policy)
-    stats = DecodeStats()
+    stats, stop = DecodeStats(), tuple(args.stop or ())
     if args.prompts_file is not None:
         # Batch by batch, so that answers appear as their batch is done.
         for first in range(0, len(prompts), args.batch_size):
             batch = prompts[first: first + args.batch_size]
-            answers = engine.generate(batch, chat=args.chat, batch_size=len(batch), stats=stats, **options)
+            answers = engine.generate(batch, chat=args.chat, batch_size=len(batch), stop=stop, stats=stats,
+                                      **options)
             for text, answer in zip(batch, answers):
                 print(json.dumps({"prompt": text, "answer": answer}, ensure_ascii=False), flush=True)
-    elif args.stream:
-        for piece in engine.stream(args.prompt, chat=args.chat, stats=stats, **options):
+    elif args.stream or (stop and not args.show_steps):
+        for piece in engine.stream(args.prompt, chat=args.chat, stop=stop, stats=stats, **options):
             print(piece, end="", flush=True)
         print()
     else:
@@ -201,7 +206,7 @@ def run_generate(args, parser) -> int:
         prompt = torch.tensor([ids], dtype=torch.long)
         with _StepDisplay(args.show_steps, args.steps, engine, len(ids)) as show:
             out, stats = generate(engine.model, prompt, on_step=show.update, return_stats=True, **options)
-        print(engine.decode(out[0, len(ids):].tolist()))
+        print(cut_at_stop(engine.decode(out[0, len(ids):].tolist()), stop)[0])
     if args.stats:
         print_stats(stats)
     return 0

@@ -67,37 +67,48 @@ class Engine:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def generate(self, prompts: Union[str, Sequence[str]], *, chat: bool = False, batch_size: int = 8,
-                 stats: Optional[DecodeStats] = None, **options) -> Union[str, list[str]]:
+                 stop: Union[str, Sequence[str]] = (), stats: Optional[DecodeStats] = None,
+                 **options) -> Union[str, list[str]]:
         """The answer to a prompt, or the answers to a list of prompts in order.
 
         A list is decoded ``batch_size`` prompts at a time, each batch
-        left-padded to its longest prompt. ``options`` are the decoding
-        arguments of :func:`llada.generate` (``steps``, ``gen_length``,
-        ``block_length``, ``temperature``, ``cfg_scale``, ``remasking``,
-        ``seed``, ``policy``, ...). A :class:`DecodeStats` passed as ``stats``
-        gathers the work of every batch.
+        left-padded to its longest prompt. An answer ends at its first EOS/EoT
+        and before the first of the ``stop`` strings it holds; a single
+        prompt with ``stop`` strings is decoded as :meth:`stream` does, so no
+        block after the one that completes a stop string costs a forward.
+        ``options`` are the decoding arguments of :func:`llada.generate`
+        (``steps``, ``gen_length``, ``block_length``, ``temperature``,
+        ``cfg_scale``, ``remasking``, ``seed``, ``policy``, ...). A
+        :class:`DecodeStats` passed as ``stats`` gathers the work of every
+        batch.
         """
         single = isinstance(prompts, str)
         texts = [prompts] if single else _prompt_list(prompts)
         if not _is_positive_int(batch_size):
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        stop = _stop_strings(stop)
         _check_stats(stats)
+        if single and stop:
+            return "".join(self.stream(prompts, chat=chat, stop=stop, stats=stats, **options))
         answers = []
         for first in range(0, len(texts), batch_size):
             batch = texts[first: first + batch_size]
             prompt, attention_mask = self._pad([self.encode(text, chat) for text in batch])
             out, batch_stats = generate(self.model, prompt, attention_mask, return_stats=True, **options)
-            answers += [self.decode(row) for row in out[:, prompt.shape[1]:].tolist()]
+            answers += [cut_at_stop(self.decode(row), stop)[0] for row in out[:, prompt.shape[1]:].tolist()]
             if stats is not None:
                 stats.add(batch_stats)
         return answers[0] if single else answers
 
-    def stream(self, prompt: str, *, chat: bool = False, stats: Optional[DecodeStats] = None,
-               **options) -> Iterator[str]:
+    def stream(self, prompt: str, *, chat: bool = False, stop: Union[str, Sequence[str]] = (),
+               stats: Optional[DecodeStats] = None, **options) -> Iterator[str]:
         """The answer to one prompt, piece by piece: each piece is the text a
         finished block added, so the pieces join to :meth:`generate`'s answer.
-        It ends at the first EOS/EoT, without decoding further blocks.
-        ``options`` are :func:`llada.stream`'s."""
+        It ends at the first EOS/EoT, or before the first of the ``stop``
+        strings, without decoding further blocks. ``options`` are
+        :func:`llada.stream`'s."""
+        stop = _stop_strings(stop)
+        _check_stats(stats)
         ids = torch.tensor([self.encode(prompt, chat)], dtype=torch.long)
         answer, shown = [], ""
         events = stream(self.model, ids, stats=stats, **options)
@@ -106,16 +117,16 @@ class Engine:
                 if not isinstance(event, BlockEvent):
                     continue
                 answer += event.tokens[0].tolist()
-                text = self.decode(answer)
-                # A byte-level token may end mid-character: hold that back.
-                if len(text) > len(shown) and not text.endswith("\ufffd"):
-                    yield text[len(shown):]
-                    shown = text
-                if self.stop_ids.intersection(event.tokens[0].tolist()):
+                text, stopped = cut_at_stop(self.decode(answer), stop)
+                if stopped or self.stop_ids.intersection(event.tokens[0].tolist()):
                     break
+                ready = _final_part(text, stop)
+                if len(ready) > len(shown):
+                    yield ready[len(shown):]
+                    shown = ready
         finally:
             events.close()
-        rest = self.decode(answer)[len(shown):]
+        rest = cut_at_stop(self.decode(answer), stop)[0][len(shown):]
         if rest:
             yield rest
 
@@ -190,6 +201,34 @@ def _prompt_list(prompts) -> list[str]:
         if not isinstance(text, str):
             raise TypeError(f"prompts[{i}]: expected a str, got {type(text).__name__}")
     return list(prompts)
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) and x for x in stop):
+        raise TypeError(f"stop: expected a non-empty str or a list of them, got {stop!r}")
+    return tuple(stop)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the first of the ``stop`` strings in it, and whether one was."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[:min(found)], True) if found else (text, False)
+
+
+def _final_part(text: str, stop: tuple[str, ...]) -> str:
+    """What of a growing answer's text can be shown: not a trailing partial
+    character (a byte-level token may end mid-character), nor a trailing
+    start of a stop string, which the next block may complete."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    for k in range(min(end, max((len(s) for s in stop), default=1) - 1), 0, -1):
+        if any(s.startswith(text[end - k:end]) for s in stop):
+            end -= k
+            break
+    return text[:end]
 
 
 def _is_positive_int(value) -> bool:
