@@ -15,7 +15,7 @@
 # what it measured. The steps run in order of what matters most: the Hopper
 # kernel's tests, the attention binary (every kernel and pipeline variant
 # validated against the CPU twin, then timed), the attention and decoding
-# benchmarks, then everything else. The kernel binaries build in the
+# benchmarks, the other tests, then everything else. The kernel binaries build in the
 # background meanwhile.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -136,8 +136,8 @@ step bench_build collect_bench_build
 step bin_bench_attention timeout 150 build/bench-gpu/bench_attention
 step bench_attention timeout 150 "$PYTHON" bench/bench_attention.py --device cuda
 step bench_decoding timeout 200 "$PYTHON" bench/bench_decoding.py --device cuda --shape 8b --repeats 1
-step bench_gemm timeout 90 "$PYTHON" bench/bench_gemm.py
 step tests "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider $parallel tests -k "not sm90"
+step bench_gemm timeout 90 "$PYTHON" bench/bench_gemm.py
 for bin in build/bench-gpu/bench_*; do
   [ -x "$bin" ] && [ "$(basename "$bin")" != bench_attention ] && step "bin_$(basename "$bin")" timeout 120 "$bin"
 done
