@@ -21,8 +21,10 @@ from .model import KVCache
 
 _WORKSPACES_PER_MODEL = 2  # the most recently returned
 # Dual cache: a decode's block width, and a narrower last block (infill).
-# Prefix cache: one per block (its width is the block and all after it).
-_GRAPHS_PER_WORKSPACE = 16
+# Prefix cache: one per block (its width is the block and all after it), so
+# enough for 64 blocks (a 2048-token answer in blocks of 32). The graphs of
+# a workspace share their memory pool: each adds little beyond its logits.
+_GRAPHS_PER_WORKSPACE = 64
 
 # Keyed weakly by the model rather than stored on it: nothing is added to the
 # module (no buffer, nothing in state_dict, deepcopy or pickle), and a pool
