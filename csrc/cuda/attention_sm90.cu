@@ -36,7 +36,9 @@
 // rescale of O (64 more). Or, within each consumer, the softmax of a tile
 // overlapped with its own P V of the tile before: the Q K^T and the P V of
 // a step become two groups of MMAs, and the softmax waits only for the
-// first (alone, with the leaner softmax, or with the TMA store of O).
+// first (alone, with the leaner softmax, with the TMA store of O, or with
+// three K/V stages: a stage of V is free only once the softmax after its
+// P V is done, which leaves the producer less time to refill it).
 //
 // Few queries against many keys (cached decoding: 32 queries, thousands of
 // keys) take a second shape: one consumer warpgroup (64 query rows), a ring
@@ -156,6 +158,7 @@ using ManyQueriesChainStoreOLean = Config<2, 2, 2, true, true, true>;
 using ManyQueriesOverlap = Config<2, 2, 1, false, false, false, true>;
 using ManyQueriesLeanOverlap = Config<2, 2, 1, false, false, true, true>;
 using ManyQueriesStoreOOverlap = Config<2, 2, 2, true, false, false, true>;
+using ManyQueriesThreeStagesOverlap = Config<2, 3, 1, false, false, false, true>;
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define LLADA_SM90_DEVICE 1
@@ -958,6 +961,8 @@ cudaError_t launch_shape(const AttentionParams& p, CUtensorMapDataType type, int
       return launch<Traits, ManyQueriesLeanOverlap>(p, type, num_splits, persistent, workspace, stream);
     case Sm90Pipeline::kTwoQueriesStoreOOverlap:
       return launch<Traits, ManyQueriesStoreOOverlap>(p, type, num_splits, persistent, workspace, stream);
+    case Sm90Pipeline::kThreeStagesOverlap:
+      return launch<Traits, ManyQueriesThreeStagesOverlap>(p, type, num_splits, persistent, workspace, stream);
   }
   return cudaErrorInvalidValue;
 }

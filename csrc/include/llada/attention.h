@@ -51,6 +51,7 @@ enum class Sm90Pipeline {
   kOneQueryOverlap,  // kOneQuery with each tile's softmax overlapped with the P V of the tile before
   kOneQueryLeanOverlap,  // kOneQueryOverlap with the leaner softmax
   kTwoQueriesStoreOOverlap,  // kTwoQueriesStoreO with the overlapped softmax
+  kThreeStagesOverlap,  // kThreeStages with the overlapped softmax
 };
 struct Sm90PipelineName {
   const char* name;
@@ -68,6 +69,7 @@ inline constexpr Sm90PipelineName kSm90Pipelines[] = {
     {"one-q-overlap", Sm90Pipeline::kOneQueryOverlap},
     {"one-q-lean-overlap", Sm90Pipeline::kOneQueryLeanOverlap},
     {"two-q-store-o-overlap", Sm90Pipeline::kTwoQueriesStoreOOverlap},
+    {"three-stages-overlap", Sm90Pipeline::kThreeStagesOverlap},
 };
 
 // Head dimensions every implementation supports.
