@@ -15,8 +15,8 @@
 # what it measured. The steps run in order of what matters most: the Hopper
 # kernel's tests, the attention binary (every kernel and pipeline variant
 # validated against the CPU twin, then timed), the attention and decoding
-# benchmarks, the other tests, then everything else. The kernel binaries build in the
-# background meanwhile.
+# benchmarks, the other tests, then everything else. The kernel binaries
+# build in the background meanwhile.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

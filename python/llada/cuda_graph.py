@@ -13,8 +13,8 @@ live in static tensors that each step copies into: the ids, the positions
 The cache must stay the same object for as long as the graph is used, and
 so must every weight: the graph reads them by address (in-place updates are
 seen, replaced tensors are not). It keeps no reference to the model, so a
-graph kept for later calls (see ``llada.sampler``) does not keep the model
-alive.
+graph kept for later calls (see ``llada.workspace``) does not keep the
+model alive.
 """
 
 from __future__ import annotations

@@ -581,8 +581,9 @@ class _Forward:
         self.stats.positions += ids.shape[0] * (hi - lo)
         cache = self.workspace.cache
         if policy.cuda_graph and self._graphs_run_on(ids):
-            # The graph computes every position of the block (into its own
-            # buffer, which the next replay overwrites).
+            # The graph computes the logits of every position of the block
+            # (into a buffer that the next replay overwrites), also when it
+            # feeds what follows the block (prefix cache).
             fed, width = ids[:, lo:hi], self.end - lo
             graph = self.workspace.graph(model, self.key_mask, fed, lo, width)
             logits = graph(self.key_mask, fed, lo)
