@@ -174,3 +174,16 @@ def test_stop_ends_the_printed_answer(checkpoint, capsys):
         assert main(["generate", "--model", str(checkpoint), *ARGS, *flags, "--stop", stop, "Hello there"]) == 0
         out = capsys.readouterr().out
         assert out.endswith("\n" + full[:full.find(stop)] + "\n") or out == full[:full.find(stop)] + "\n", flags
+
+
+def test_likelihood_prints_the_estimate(checkpoint, capsys):
+    tok = llada.load_tokenizer(checkpoint)
+    model = llada.load_model(checkpoint, device="cpu")
+    expected = llada.log_likelihood(model, tok("Q: hi", add_special_tokens=False)["input_ids"],
+                                    tok(" there", add_special_tokens=False)["input_ids"], mc_num=32, seed=4)
+    assert main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--prompt", "Q: hi",
+                 "--answer", " there", "--mc-num", "32", "--seed", "4"]) == 0
+    assert float(capsys.readouterr().out) == pytest.approx(expected, abs=1e-6)
+    assert main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--prompt", "Q",
+                 "--answer", ""]) == 2
+    assert "answer" in capsys.readouterr().err

@@ -3,6 +3,7 @@
     llada generate --model PATH [--chat] [--steps N ...] [--policy fast] "prompt"
     llada generate --model PATH --prompts-file prompts.jsonl [--batch-size N ...]
     llada infill --model PATH --prefix "..." --suffix "..." --length N
+    llada likelihood --model PATH --prompt "..." --answer "..." [--mc-num N]
     llada train (--corpus stdlib | --task NAME) --out DIR ...
     llada make-random-checkpoint DIR [--size tiny|mid|8b-shape]
 """
@@ -70,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     add_policy_arguments(fill)
     fill.set_defaults(run=run_infill)
+
+    score = sub.add_parser("likelihood", help="estimate log p(answer | prompt)")
+    score.add_argument("--model", help="checkpoint folder (Hugging Face LLaDA format); default: the bundled model")
+    score.add_argument("--prompt", required=True, help="the prompt text")
+    score.add_argument("--answer", required=True, help="the answer text to score")
+    score.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    score.add_argument("--mc-num", type=int, default=128, help="Monte Carlo draws (default: 128)")
+    score.add_argument("--batch-size", type=int, default=16, help="draws per forward (default: 16)")
+    score.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance (default: 0, off)")
+    score.add_argument("--seed", type=int, default=None, help="makes the estimate repeatable")
+    score.add_argument("--device", help="default: cuda when available, else cpu")
+    score.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    score.set_defaults(run=run_likelihood)
 
     # `llada train` has its own parser (llada.train); main() hands it the rest.
     sub.add_parser("train", help="train a small LLaDA model (see llada train --help)", add_help=False)
@@ -239,6 +253,14 @@ def read_prompts(path: str) -> list[str]:
     if not prompts:
         raise ValueError(f"--prompts-file: {path} holds no prompts")
     return prompts
+
+
+def run_likelihood(args, parser) -> int:
+    engine = load_for_cli(args)
+    estimate = engine.log_likelihood(args.prompt, args.answer, chat=args.chat, mc_num=args.mc_num,
+                                     batch_size=args.batch_size, cfg_scale=args.cfg_scale, seed=args.seed)
+    print(f"{estimate:.6f}")
+    return 0
 
 
 def run_infill(args, parser) -> int:
