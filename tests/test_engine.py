@@ -166,6 +166,8 @@ def test_load_defaults_to_the_bundled_model():
     (lambda e: e.stream(["a"]).__next__(), TypeError, "prompt"),
     (lambda e: e.infill("a", 3, 4), TypeError, "suffix"),
     (lambda e: e.infill("a", "b", 0), ValueError, "length"),
+    (lambda e: e.infill("a", "b", 10_000), ValueError, "length: text and gaps make"),
+    (lambda e: e.fill(["a", 10_000]), ValueError, "parts: text and gaps make"),
     (lambda e: llada.Engine(e.tokenizer, e.tokenizer), TypeError, "model"),
     (lambda e: llada.Engine(e.model, "tokenizer"), TypeError, "tokenizer"),
 ])

@@ -148,11 +148,15 @@ def test_infill_keeps_fixed_tokens_and_fills_the_gap(model):
     assert (canvas[holes] == mask_id).all()  # the input is untouched
 
 
-def test_infill_matches_generate_when_the_gap_is_at_the_end(model):
-    prompt, _ = prompt_batch(model, padded=False)
-    want = llada.generate(model, prompt, steps=8, gen_length=8, block_length=8)
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_infill_matches_generate_when_the_gap_is_at_the_end(model, padded):
+    prompt, mask = prompt_batch(model, padded=padded)
+    want = llada.generate(model, prompt, mask, steps=8, gen_length=8, block_length=8)
     canvas = torch.cat([prompt, torch.full((3, 8), model.config.mask_token_id)], dim=1)
-    assert torch.equal(llada.infill(model, canvas, steps=8), want)
+    canvas_mask = torch.cat([mask, torch.ones(3, 8, dtype=mask.dtype)], dim=1)
+    assert torch.equal(llada.infill(model, canvas, canvas_mask, steps=8), want)
+    if padded:  # the padding is seen: without the mask the padded row decodes otherwise
+        assert not torch.equal(llada.infill(model, canvas, steps=8)[1], want[1])
 
 
 def test_stream_events_reassemble_to_the_output(model):
@@ -198,6 +202,28 @@ def test_bad_infill_arguments(model):
     canvas = torch.full((1, 6), model.config.mask_token_id)
     with pytest.raises(ValueError, match="steps"):
         llada.infill(model, canvas, steps=5, block_length=2)
+    mask_id, vocab = model.config.mask_token_id, model.config.embedding_size
+    gap = torch.tensor([3, mask_id, mask_id, 4])
+    for bad_id in (-1, vocab):
+        with pytest.raises(ValueError, match="canvas: token ids"):
+            llada.infill(model, torch.tensor([bad_id, mask_id, 4]))
+    too_long = torch.full((model.config.max_sequence_length + 1,), mask_id)
+    with pytest.raises(ValueError, match="canvas: length .* max_sequence_length"):
+        llada.infill(model, too_long)
+    with pytest.raises(TypeError, match="cfg_scale"):
+        llada.infill(model, gap, cfg_scale="1")
+    with pytest.raises(TypeError, match="seed"):
+        llada.infill(model, gap, seed="1")
+    with pytest.raises(ValueError, match="remasking"):
+        llada.infill(model, gap, remasking="highest")
+    with pytest.raises(TypeError, match="attention_mask"):
+        llada.infill(model, gap, attention_mask=[1, 1, 1, 1])
+    with pytest.raises(ValueError, match="attention_mask: expected shape"):
+        llada.infill(model, gap, attention_mask=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="attention_mask: values"):
+        llada.infill(model, gap, attention_mask=torch.tensor([2, 1, 1, 1]))
+    with pytest.raises(ValueError, match="canvas: holds mask tokens at padded positions"):
+        llada.infill(model, gap, attention_mask=torch.tensor([1, 0, 1, 1]))
     with pytest.raises(TypeError, match="policy"):
         llada.generate(model, torch.zeros(1, 3, dtype=torch.long), steps=4, gen_length=4,
                        block_length=4, policy="fast")

@@ -34,7 +34,8 @@ class Unigram(torch.nn.Module):
     def __init__(self, q):
         super().__init__()
         self.log_q = torch.nn.Parameter(q.log())
-        self.config = type("Config", (), {"mask_token_id": MASK})()
+        self.config = type("Config", (), {"mask_token_id": MASK, "embedding_size": VOCAB,
+                                          "max_sequence_length": 16})()
 
     def forward(self, ids):
         b, l = ids.shape
@@ -121,8 +122,8 @@ def test_likelihood_is_unbiased_and_spread_shrinks():
     assert large.std() < small.std() / 2
     assert abs(float(large.mean()) - exact) < 4 * float(large.std()) / math.sqrt(12) + 1e-6
     # A likely answer ranks above a corrupted one.
-    likely = [int(q.argmax())] * 6
-    unlikely = [int(q.argmin())] * 6
+    ranked = [i for i in q.argsort(descending=True).tolist() if i != MASK]
+    likely, unlikely = [ranked[0]] * 6, [ranked[-1]] * 6
     assert log_likelihood(model, prompt, likely, seed=0) > log_likelihood(model, prompt, unlikely, seed=0)
 
 
@@ -143,6 +144,23 @@ def test_bad_arguments():
         log_likelihood(model, "text", [2])
     with pytest.raises(ValueError, match="cfg_scale"):
         log_likelihood(model, [1], [2], cfg_scale=-1)
+    with pytest.raises(ValueError, match="batch_size"):
+        log_likelihood(model, [1], [2], batch_size=0)
+    with pytest.raises(ValueError, match="mc_num"):
+        log_likelihood(model, [1], [2], mc_num=16.0)
+    with pytest.raises(TypeError, match="seed"):
+        log_likelihood(model, [1], [2], seed="0")
+    with pytest.raises(ValueError, match="prompt: token ids"):
+        log_likelihood(model, [VOCAB], [2])
+    with pytest.raises(ValueError, match="answer: token ids"):
+        log_likelihood(model, [1], [-1])
+    with pytest.raises(ValueError, match="answer: contains the mask id"):
+        log_likelihood(model, [1], [2, MASK])
+    with pytest.raises(ValueError, match="prompt: contains the mask id"):
+        log_likelihood(model, [MASK], [2])
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        log_likelihood(model, [1] * 10, [2] * 7)
+    log_likelihood(model, [1] * 10, [2] * 6, mc_num=8, batch_size=8)  # exactly 16 tokens fit
     with pytest.raises(ValueError, match="prompt_lengths"):
         sft_loss(model, torch.zeros(2, 4, dtype=torch.long), torch.tensor([1, 4]), MASK)
     with pytest.raises(TypeError, match="input_ids"):
@@ -171,7 +189,7 @@ def test_trained_model_prefers_the_right_answer():
     task = tasks.get_task("sort")
     for example in tasks.held_out_set(task, 3):
         prompt = tok.encode(example.prompt).ids
-        right = tok.encode(example.answer).ids
+        right = tok.encode(example.answer, add_special_tokens=False).ids  # no BOS inside the answer
         wrong = right[::-1] if right[::-1] != right else right[1:] + right[:1]
         good = log_likelihood(model, prompt, right, mc_num=32, batch_size=16, seed=0)
         bad = log_likelihood(model, prompt, wrong, mc_num=32, batch_size=16, seed=0)

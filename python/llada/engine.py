@@ -140,7 +140,7 @@ class Engine:
                 raise TypeError(f"{name}: expected a str, got {type(text).__name__}")
         if not _is_positive_int(length):
             raise ValueError(f"length: expected a positive number of tokens, got {length!r}")
-        return self.fill([prefix, length, suffix], stats=stats, **options)[0]
+        return self._fill([prefix, length, suffix], "length", stats, options)[0]
 
     def fill(self, parts: Sequence[Union[str, int]], *, stats: Optional[DecodeStats] = None,
              **options) -> list[str]:
@@ -153,6 +153,10 @@ class Engine:
         ``block_length``: default all the gaps in one block)."""
         if not isinstance(parts, (list, tuple)):
             raise TypeError(f"parts: expected a list of str and int, got {type(parts).__name__}")
+        return self._fill(parts, "parts", stats, options)
+
+    def _fill(self, parts, name: str, stats, options) -> list[str]:
+        """:meth:`fill`; a template too long for the model is an error naming ``name``."""
         _check_stats(stats)
         canvas, gaps = [], []
         for i, part in enumerate(parts):
@@ -165,6 +169,10 @@ class Engine:
                 raise TypeError(f"parts[{i}]: expected a str or a positive int (a gap's length), got {part!r}")
         if not gaps:
             raise ValueError("parts: holds no gap (a positive int) to fill")
+        max_len = self.model.config.max_sequence_length
+        if len(canvas) > max_len:
+            raise ValueError(f"{name}: text and gaps make {len(canvas)} tokens, more than the model's "
+                             f"max_sequence_length {max_len}")
         out, work = infill(self.model, torch.tensor(canvas, dtype=torch.long), return_stats=True, **options)
         if stats is not None:
             stats.add(work)
@@ -204,10 +212,11 @@ def _prompt_list(prompts) -> list[str]:
 
 
 def _stop_strings(stop) -> tuple[str, ...]:
+    given = stop
     if isinstance(stop, str):
         stop = (stop,)
     if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) and x for x in stop):
-        raise TypeError(f"stop: expected a non-empty str or a list of them, got {stop!r}")
+        raise TypeError(f"stop: expected a non-empty str or a list of them, got {given!r}")
     return tuple(stop)
 
 

@@ -64,14 +64,30 @@ def log_likelihood(
     answer = _ids(answer, "answer")
     if answer.numel() == 0:
         raise ValueError("answer: expected at least one token")
-    if batch_size < 1 or mc_num < 1 or mc_num % batch_size:
+    for name, value in (("mc_num", mc_num), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if mc_num % batch_size:
         raise ValueError(f"mc_num: expected a positive multiple of batch_size ({batch_size}), got {mc_num}")
-    if cfg_scale < 0:
-        raise ValueError(f"cfg_scale: expected a value >= 0, got {cfg_scale}")
+    if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool) or not cfg_scale >= 0:
+        raise ValueError(f"cfg_scale: expected a value >= 0, got {cfg_scale!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+    config = getattr(model, "config", None)
     if mask_id is None:
-        mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
+        mask_id = getattr(config, "mask_token_id", None)
         if mask_id is None:
             raise ValueError("mask_id: not given and the model's config has no mask_token_id")
+    vocab = getattr(config, "embedding_size", None)
+    for name, ids in (("prompt", prompt), ("answer", answer)):
+        if ids.numel() and (int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab)):
+            raise ValueError(f"{name}: token ids must lie in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}")
+        if bool((ids == mask_id).any()):
+            raise ValueError(f"{name}: contains the mask id {mask_id}, which the estimate puts there itself")
+    max_len = getattr(config, "max_sequence_length", None)
+    if max_len is not None and prompt.numel() + answer.numel() > max_len:
+        raise ValueError(f"answer: prompt ({prompt.numel()}) and answer ({answer.numel()}) tokens exceed the "
+                         f"model's max_sequence_length {max_len}")
     device = next(model.parameters()).device if hasattr(model, "parameters") else prompt.device
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
 

@@ -257,6 +257,16 @@ def infill(
     ids = canvas[None] if squeeze else canvas
     if ids.dim() != 2 or ids.numel() == 0:
         raise ValueError(f"canvas: expected shape [B, L] or [L], got {tuple(canvas.shape)}")
+    _validate_sampling(config, temperature, cfg_scale, remasking, mask_id, seed)
+    _validate_ids("canvas", ids, config)
+    max_len = getattr(config, "max_sequence_length", None)
+    if max_len is not None and ids.shape[1] > max_len:
+        raise ValueError(f"canvas: length {ids.shape[1]} exceeds the model's max_sequence_length {max_len}")
+    _validate_attention_mask(attention_mask, canvas.shape, "the canvas's")
+    if attention_mask is not None:
+        attention_mask = attention_mask.reshape(ids.shape).to(ids.device)
+        if bool(((ids == mask_id) & (attention_mask == 0)).any()):
+            raise ValueError("canvas: holds mask tokens at padded positions (attention_mask 0)")
     masked_cols = torch.nonzero((ids == mask_id).any(0)).flatten()
     if masked_cols.numel() == 0:
         raise ValueError(f"canvas: holds no mask token ({mask_id}) to fill")
@@ -273,11 +283,8 @@ def infill(
     if not _is_int(steps) or steps < 1 or steps % num_blocks:
         raise ValueError(f"steps: expected a positive multiple of the block count ({num_blocks}), got {steps!r}")
     key_mask = None
-    if attention_mask is not None:
-        if attention_mask.shape != ids.shape:
-            raise ValueError(f"attention_mask: expected shape {tuple(ids.shape)}, got {tuple(attention_mask.shape)}")
-        if not bool((attention_mask != 0).all()):
-            key_mask = (attention_mask != 0).to(_device_of(model))
+    if attention_mask is not None and not bool((attention_mask != 0).all()):
+        key_mask = (attention_mask != 0).to(_device_of(model))
     policy = _resolve_policy(policy, remasking)
     work = ids.to(_device_of(model)).clone()
     stats = DecodeStats()
@@ -645,17 +652,7 @@ def _validate(config, prompt, attention_mask, steps, gen_length, block_length, t
         raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks ({num_blocks})")
     if steps > gen_length:
         raise ValueError(f"steps ({steps}) must not exceed gen_length ({gen_length})")
-    for name, value in (("temperature", temperature), ("cfg_scale", cfg_scale)):
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
-            raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name}: must be finite and >= 0, got {value}")
-    if remasking not in REMASKING:
-        raise ValueError(f"remasking: expected one of {REMASKING}, got {remasking!r}")
-    if seed is not None and not _is_int(seed):
-        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
-    if not _is_int(mask_id):
-        raise TypeError(f"mask_id: expected an int, got {type(mask_id).__name__}")
+    _validate_sampling(config, temperature, cfg_scale, remasking, mask_id, seed)
 
     if not isinstance(prompt, torch.Tensor):
         raise TypeError(f"prompt: expected a torch.Tensor, got {type(prompt).__name__}")
@@ -668,31 +665,56 @@ def _validate(config, prompt, attention_mask, steps, gen_length, block_length, t
         )
     if prompt.shape[0] == 0:
         raise ValueError("prompt: the batch is empty")
-    vocab = getattr(config, "embedding_size", None)
-    if vocab is not None and not 0 <= mask_id < vocab:
-        raise ValueError(f"mask_id: {mask_id} is outside the vocabulary [0, {vocab})")
-    if prompt.numel():
-        lo, hi = int(prompt.min()), int(prompt.max())
-        if lo < 0 or (vocab is not None and hi >= vocab):
-            raise ValueError(f"prompt: token ids must lie in [0, {vocab}), got {lo}..{hi}")
-        if bool((prompt == mask_id).any()):
-            raise ValueError(f"prompt: contains the mask id {mask_id}; use llada infilling for that")
+    _validate_ids("prompt", prompt, config)
+    if prompt.numel() and bool((prompt == mask_id).any()):
+        raise ValueError(f"prompt: contains the mask id {mask_id}; use llada infilling for that")
     max_len = getattr(config, "max_sequence_length", None)
     if max_len is not None and prompt.shape[1] + gen_length > max_len:
         raise ValueError(
             f"prompt: length {prompt.shape[1]} + gen_length {gen_length} exceeds the "
             f"model's max_sequence_length {max_len}"
         )
+    _validate_attention_mask(attention_mask, prompt.shape, "the prompt's")
 
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(
-                f"attention_mask: expected a torch.Tensor, got {type(attention_mask).__name__}"
-            )
-        if attention_mask.shape != prompt.shape:
-            raise ValueError(
-                f"attention_mask: expected shape {tuple(prompt.shape)} (the prompt's), "
-                f"got {tuple(attention_mask.shape)}"
-            )
-        if attention_mask.is_complex() or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError("attention_mask: values must be 0 or 1")
+
+def _validate_sampling(config, temperature, cfg_scale, remasking, mask_id, seed):
+    """The arguments that generate and infill share beyond the ids."""
+    for name, value in (("temperature", temperature), ("cfg_scale", cfg_scale)):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name}: must be finite and >= 0, got {value}")
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking: expected one of {REMASKING}, got {remasking!r}")
+    if seed is not None and not _is_int(seed):
+        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+    if not _is_int(mask_id):
+        raise TypeError(f"mask_id: expected an int, got {type(mask_id).__name__}")
+    vocab = getattr(config, "embedding_size", None)
+    if vocab is not None and not 0 <= mask_id < vocab:
+        raise ValueError(f"mask_id: {mask_id} is outside the vocabulary [0, {vocab})")
+
+
+def _validate_ids(name, ids, config):
+    """Every id of ``ids`` indexes the model's embedding."""
+    vocab = getattr(config, "embedding_size", None)
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or (vocab is not None and hi >= vocab):
+            raise ValueError(f"{name}: token ids must lie in [0, {vocab}), got {lo}..{hi}")
+
+
+def _validate_attention_mask(attention_mask, shape, whose):
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(
+            f"attention_mask: expected a torch.Tensor, got {type(attention_mask).__name__}"
+        )
+    if attention_mask.shape != shape:
+        raise ValueError(
+            f"attention_mask: expected shape {tuple(shape)} ({whose}), "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.is_complex() or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask: values must be 0 or 1")
