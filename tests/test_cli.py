@@ -137,6 +137,16 @@ def test_make_random_checkpoint(tmp_path, capsys):
     model = llada.load_model(folder, device="cpu")
     assert model.config.d_model == 64
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    # Never written over a checkpoint: the one there stays as it was.
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    assert main(["make-random-checkpoint", str(folder), "--seed", "4"]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    # A folder of other files is fine.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.txt").write_text("mine")
+    assert main(["make-random-checkpoint", str(tmp_path / "notes")]) == 0
+    assert (tmp_path / "notes" / "README.txt").read_text() == "mine"
 
 
 def test_entry_point_subprocess(checkpoint):

@@ -122,6 +122,15 @@ def test_bad_arguments_are_named(tmp_path, argv, name):
     assert train.main(argv) == 2
 
 
+def test_a_new_run_never_writes_into_a_folder_in_use(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    argv = ["--task", "sort", "--out", str(tmp_path)]
+    with pytest.raises(FileExistsError, match="out: .* is not empty"):
+        train.parse_args(argv)
+    assert train.main(argv) == 2
+    assert (tmp_path / "config.json").read_text() == "{}"
+
+
 def test_default_model_loads_and_generates():
     path = train.default_model_path()
     if not (Path(path) / "model.safetensors").is_file():

@@ -453,6 +453,10 @@ def _write_json(path: Path, obj) -> None:
         f.write("\n")
 
 
+_CHECKPOINT_FILES = {CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json"}
+
+
 def write_random_checkpoint(
     path: str | os.PathLike,
     config_overrides: Optional[dict] = None,
@@ -465,7 +469,7 @@ def write_random_checkpoint(
     """Write a random LLaDA checkpoint folder in the real Hugging Face format.
 
     Args:
-        path: the folder to create (or fill).
+        path: the folder to create (or fill: it must not hold a checkpoint).
         config_overrides: LLaDAConfig fields replacing those of ``size``.
         seed: the weights depend only on (seed, weight name).
         size: "tiny", "mid" or "8b-shape" (see ``SIZES``).
@@ -478,6 +482,14 @@ def write_random_checkpoint(
         raise ValueError(f"num_shards: expected a positive int, got {num_shards!r}")
     cfg = random_config(size, **(config_overrides or {}))
     folder = Path(path)
+    if folder.is_dir():
+        # Never over a checkpoint: a real one would be lost, and random
+        # weights beside its shards would make a folder of neither.
+        held = sorted(f.name for f in folder.iterdir() if f.name in _CHECKPOINT_FILES
+                      or (f.name.startswith("model-") and f.name.endswith(".safetensors")))
+        if held:
+            raise FileExistsError(f"path: {folder} already holds a checkpoint ({', '.join(held)}); "
+                                  "pick a new folder")
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / CONFIG_FILE, config_to_dict(cfg))
     write_tokenizer(folder, cfg)

@@ -477,6 +477,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         raise ValueError("corpus, task: give exactly one of --corpus (pretraining) or --task (SFT)")
     if not args.out:
         raise ValueError("out: an output folder is required (--out DIR)")
+    out = Path(args.out)
+    if not args.resume and out.is_dir() and any(out.iterdir()):
+        # A new run would overwrite what is there (a checkpoint, a run's log).
+        raise FileExistsError(f"out: {out} is not empty; pick a new folder, or --resume {out} "
+                              "to continue the run saved there")
     for name in ("steps", "batch_size", "eval_every", "eval_batches", "save_every", "seq_len",
                  "d_model", "n_layers", "n_heads"):
         value = getattr(args, name)
@@ -491,7 +496,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         args = parse_args(argv)
         out = train(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"llada train: error: {e}", file=sys.stderr)
         return 2
     print(f"llada train: wrote {out}", file=sys.stderr)
