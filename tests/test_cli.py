@@ -116,7 +116,12 @@ def test_bad_arguments(checkpoint, capsys, tmp_path):
                          (["--remask-below", "0.5"], "--remask-below"),  # needs an adaptive rule
                          (["--refresh-every", "-1"], "--refresh-every"),
                          (["--gamma", "-0.5"], "--gamma"),
-                         (["--factor", "0"], "--factor")):
+                         (["--factor", "0"], "--factor"),
+                         # Flags the policy would not use:
+                         (["--threshold", "0.5"], "--threshold: applies with --commit threshold"),
+                         (["--policy", "fast", "--gamma", "0.2"], "--gamma: applies with --commit entropy_bound"),
+                         (["--commit", "threshold", "--factor", "2"], "--factor: applies with --commit factor"),
+                         (["--refresh-every", "2"], "--refresh-every: applies with a cache")):
         with pytest.raises(SystemExit) as e:
             main(["generate", "--model", str(checkpoint), *flags, "x"])
         assert e.value.code == 2 and named in capsys.readouterr().err

@@ -132,12 +132,29 @@ def policy_from_arguments(args, parser=None):
     if args.early_stop:
         changes["early_stop"] = True
     try:
-        return DecodePolicy(**{**base.__dict__, **changes})
+        policy = DecodePolicy(**{**base.__dict__, **changes})
     except ValueError as e:
         field, _, reason = str(e).partition(": ")
         if parser is None or field not in POLICY_FIELDS:
             raise
         parser.error(f"--{field.replace('_', '-')}: {reason}")
+    # A flag the policy would not use is an error, not a silent no-op.
+    unused = [(f"--{name}", f"--commit {rule}", f"commits by {policy.commit!r}")
+              for name, rule in COMMIT_RULE_OF_FLAG.items()
+              if name in changes and policy.commit != rule]
+    if "refresh_every" in changes and policy.cache == "none":
+        unused.append(("--refresh-every", "a cache (--cache prefix or dual)", "has no cache"))
+    if unused:
+        flag, needs, has = unused[0]
+        message = f"{flag}: applies with {needs}; this policy {has}"
+        if parser is None:
+            raise ValueError(message)
+        parser.error(message)
+    return policy
+
+
+# The commit rule each rule-specific flag tunes.
+COMMIT_RULE_OF_FLAG = {"threshold": "threshold", "factor": "factor", "gamma": "entropy_bound"}
 
 
 def load_for_cli(args):
