@@ -121,7 +121,8 @@ def test_bad_arguments(checkpoint, capsys, tmp_path):
                          (["--threshold", "0.5"], "--threshold: applies with --commit threshold"),
                          (["--policy", "fast", "--gamma", "0.2"], "--gamma: applies with --commit entropy_bound"),
                          (["--commit", "threshold", "--factor", "2"], "--factor: applies with --commit factor"),
-                         (["--refresh-every", "2"], "--refresh-every: applies with a cache")):
+                         (["--refresh-every", "2"], "--refresh-every: applies with a cache"),
+                         (["--stream", "--show-steps"], "--show-steps, --stream: pick one")):
         with pytest.raises(SystemExit) as e:
             main(["generate", "--model", str(checkpoint), *flags, "x"])
         assert e.value.code == 2 and named in capsys.readouterr().err

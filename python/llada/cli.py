@@ -206,6 +206,8 @@ def run_generate(args, parser) -> int:
 
     if args.prompts_file is None and args.prompt is None:
         parser.error("prompt: give the prompt text, or --prompts-file")
+    if args.show_steps and args.stream:
+        parser.error("--show-steps, --stream: pick one (the canvas as it fills, or the text by finished block)")
     if args.prompts_file is not None:
         if args.prompt is not None:
             parser.error("prompt: give either the prompt text or --prompts-file, not both")
