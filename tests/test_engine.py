@@ -1,6 +1,8 @@
 """llada.load / llada.Engine: strings in, strings out, against the naive
 oracle decoding the same token ids."""
 
+import copy
+
 import pytest
 import torch
 
@@ -39,6 +41,14 @@ def test_chat_wraps_the_prompt_in_the_template(engine, checkpoint):
     assert engine.encode("Hi", chat=True) == engine.tokenizer(chat, add_special_tokens=False)["input_ids"]
     expected = naive_answers(checkpoint, engine.tokenizer, [chat], **SHAPE)[0]
     assert engine.generate(["Hi"], chat=True, **SHAPE) == [expected]
+
+
+def test_chat_without_a_template_is_named(engine):
+    base = llada.Engine(engine.model, copy.deepcopy(engine.tokenizer))
+    base.tokenizer.chat_template = None  # as a base model's tokenizer
+    with pytest.raises(ValueError, match="chat: the tokenizer has no chat template"):
+        base.generate("Hi", chat=True, **SHAPE)
+    assert base.generate("Hi", **SHAPE) == engine.generate("Hi", **SHAPE)
 
 
 def test_decode_stops_at_the_first_stop_token(engine):

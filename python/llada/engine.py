@@ -52,6 +52,9 @@ class Engine:
         if not isinstance(text, str):
             raise TypeError(f"prompt: expected a str, got {type(text).__name__}")
         if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError("chat: the tokenizer has no chat template (a base model?); "
+                                 "leave chat off to use the text as it stands")
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
             )
