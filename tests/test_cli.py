@@ -203,3 +203,28 @@ def test_likelihood_prints_the_estimate(checkpoint, capsys):
     assert main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--prompt", "Q",
                  "--answer", ""]) == 2
     assert "answer" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(checkpoint):
+    # stdout is a pipe whose reading end is closed before the first answer
+    # is printed (as with `| head -0`): no traceback, the SIGPIPE status.
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    run = subprocess.Popen(
+        [sys.executable, "-m", "llada.cli", "generate", "--model", str(checkpoint), *ARGS, "Hello there"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    run.stdout.close()
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 141, err.decode()
+    assert b"Traceback" not in err
+
+
+def test_an_interrupt_ends_the_command_quietly(checkpoint, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llada.Engine, "generate", interrupted)
+    prompts = checkpoint.parent / "one.jsonl"
+    prompts.write_text('"Hello"\n')
+    assert main(["generate", "--model", str(checkpoint), *ARGS, "--prompts-file", str(prompts)]) == 130
+    assert "interrupted" in capsys.readouterr().err

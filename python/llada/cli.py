@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional
 
@@ -181,6 +182,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"llada: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader left (e.g. `| head`): no traceback, and nothing more to
+        # write, not even when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as for a process ended by SIGPIPE
+    except KeyboardInterrupt:
+        print("\nllada: interrupted", file=sys.stderr)
+        return 130
 
 
 def run_train(argv: list[str]) -> int:
