@@ -1,6 +1,7 @@
 """The `llada` command: generate (plain, chat, --show-steps, a prompts
 file), infill, stream and make-random-checkpoint."""
 
+import io
 import json
 import os
 import subprocess
@@ -67,6 +68,16 @@ def test_prompts_file_answers_each_prompt_in_order(checkpoint, capsys, tmp_path)
     expected = oracle_batch_answers(checkpoint, texts[:3]) + oracle_batch_answers(checkpoint, texts[3:])
     assert [p["answer"] for p in printed] == expected
     assert "forwards 16," in captured.err  # two batches of 8 forwards
+
+
+def test_prompts_file_dash_reads_standard_input(checkpoint, capsys, monkeypatch):
+    texts = ["Hello there", "Hi ☃"]
+    lines = "\n".join(json.dumps(t, ensure_ascii=False) for t in texts).encode("utf-8")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(lines), encoding="ascii"))
+    assert main(["generate", "--model", str(checkpoint), *ARGS, "--prompts-file", "-"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["prompt"] for p in printed] == texts
+    assert [p["answer"] for p in printed] == oracle_batch_answers(checkpoint, texts)
 
 
 @pytest.mark.parametrize("content, flags, message", [

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="answer a prompt")
     gen.add_argument("prompt", nargs="?", help="the prompt text (or --prompts-file)")
     gen.add_argument("--prompts-file", metavar="FILE",
-                     help="many prompts, decoded in batches: JSON Lines, each line a string or an "
+                     help="many prompts, decoded in batches: JSON Lines (- reads standard input), "
+                          "each line a string or an "
                           'object with a "prompt" string; prints one JSON object per prompt, '
                           '{"prompt": ..., "answer": ...}, in the file\'s order')
     gen.add_argument("--batch-size", type=int, default=8,
@@ -255,11 +256,15 @@ def run_generate(args, parser) -> int:
 
 
 def read_prompts(path: str) -> list[str]:
-    """The prompts of a JSON Lines file: per line a string or an object with a
-    "prompt" string; blank lines are skipped."""
+    """The prompts of a JSON Lines file (``-``: standard input): per line a
+    string or an object with a "prompt" string; blank lines are skipped."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        if path == "-":
+            path = "standard input"
+            text = sys.stdin.buffer.read().decode("utf-8")
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
     except OSError as e:
         raise FileNotFoundError(f"--prompts-file: cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
