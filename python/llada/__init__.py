@@ -2,7 +2,7 @@
 
 import torch  # noqa: F401  (loads libtorch before the extension needs it)
 
-from . import _C, ops
+from . import _C, devices, ops
 from .ops import (TokenChoice, add_rms_norm, attention, commit_tokens, rms_norm, rope, sample_tokens,
                   select_positions, silu_mul, store_kv)
 from .model import LLaDAConfig, LLaDAModel
@@ -20,7 +20,8 @@ def cuda_kernels_available() -> bool:
     """Whether the CUDA kernels were compiled into this build of llada.
 
     This says nothing about whether a GPU is present (see
-    ``torch.cuda.is_available()``); both are needed to run them.
+    ``torch.cuda.is_available()``) or whether the kernels run on it (see
+    ``llada.devices.kernels_run_on``).
     """
     return bool(_C.cuda_compiled())
 
@@ -55,6 +56,7 @@ __all__ = [
     "load_config",
     "load_model",
     "load_tokenizer",
+    "devices",
     "ops",
     "rms_norm",
     "add_rms_norm",

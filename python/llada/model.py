@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _C, ops
+from . import devices, ops
 
 
 @dataclass
@@ -103,14 +103,16 @@ class RMSNorm(nn.Module):
 
 def _kernels_take(x: torch.Tensor) -> bool:
     """Whether llada's compiled ops can stand in for a torch composition on
-    x: no gradient needed (they have none), and a device and dtype they
-    take (CPU float32/bfloat16; CUDA, when compiled in, also float16)."""
+    x: no gradient needed (they have none), a device they run on (see
+    :mod:`llada.devices`), and a dtype they take (CPU float32/bfloat16;
+    CUDA also float16)."""
     if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    if x.device.type not in ("cpu", "cuda") or not devices.kernels_run_on(x.device):
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16)
-    return x.device.type == "cuda" and _C.cuda_compiled() and x.dtype in (
-        torch.float32, torch.bfloat16, torch.float16)
+    return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _fused_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:

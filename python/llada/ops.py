@@ -3,7 +3,8 @@ kernels, and the pure-torch reference implementations that define them.
 
 Each op has three implementations that must agree: the CUDA kernel, the C++ CPU
 twin, and the reference here. The references are the specification and the
-test oracle; they favour clarity (and float64) over speed.
+test oracle; they favour clarity (and float64) over speed. On a GPU this
+build has no code for (see :mod:`llada.devices`) each op runs its reference.
 
 Ops
 ---
@@ -39,6 +40,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from . import _C  # noqa: F401  (loading the extension registers torch.ops.llada)
+from . import devices
 
 SELECTION_RULES = ("topk", "threshold", "factor")
 
@@ -165,6 +167,8 @@ def sample_tokens(
             raise ValueError(
                 f"suppress_ids: expected ids in [0, {logits.shape[-1]}), got {bad}"
             )
+    if not devices.kernels_run_on(logits.device):
+        return sample_tokens_reference(logits, temperature, seed, suppress_ids)
     out = torch.ops.llada.sample_tokens(
         logits, _suppress_tensor(suppress_ids, logits.device), float(temperature), int(seed)
     )
@@ -260,6 +264,8 @@ def select_positions(
             k_all = int(k)
             if k_all < 0:
                 raise ValueError(f"k: expected values >= 0, got {k_all}")
+    if not devices.kernels_run_on(confidence.device):
+        return select_positions_reference(confidence, rule, k_all if k_all >= 0 else k, threshold, factor)
     if not isinstance(k, torch.Tensor) or rule != "topk":
         k = torch.empty(0, dtype=torch.int64, device=confidence.device)
     return torch.ops.llada.select_positions(
@@ -332,6 +338,8 @@ def commit_tokens(
         int64 ``[B]``: how many positions of each row still hold ``mask_id``.
     """
     _require_tensors(("canvas", canvas))
+    if not devices.kernels_run_on(canvas.device):
+        return commit_tokens_reference(canvas, x0, accepted, mask_id, remask)
     return torch.ops.llada.commit_tokens(canvas, x0, accepted, remask, int(mask_id))
 
 
@@ -387,6 +395,8 @@ def attention(
     _require_tensors(("q", q), ("k", k), ("v", v))
     if key_mask is not None and not isinstance(key_mask, torch.Tensor):
         raise TypeError(f"key_mask: expected a torch.Tensor or None, got {type(key_mask).__name__}")
+    if not devices.kernels_run_on(q.device):
+        return attention_reference(q, k, v, key_mask, scale, dtype=torch.float32).to(q.dtype)
     return torch.ops.llada.attention(q, k, v, key_mask, None if scale is None else float(scale))
 
 
@@ -439,6 +449,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         A new contiguous tensor of x's shape and dtype.
     """
     _require_tensors(("x", x), ("weight", weight))
+    if not devices.kernels_run_on(x.device):
+        return rms_norm_reference(x, weight, eps).contiguous()
     return torch.ops.llada.rms_norm(x, weight, float(eps))
 
 
@@ -473,6 +485,9 @@ def add_rms_norm(
         ``(s, normed)``: two new contiguous tensors of x's shape and dtype.
     """
     _require_tensors(("x", x), ("residual", residual), ("weight", weight))
+    if not devices.kernels_run_on(x.device):
+        s, normed = add_rms_norm_reference(x, residual, weight, eps)
+        return s.contiguous(), normed.contiguous()
     return torch.ops.llada.add_rms_norm(x, residual, weight, float(eps))
 
 
@@ -511,6 +526,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         A new contiguous tensor of x's shape and dtype.
     """
     _require_tensors(("x", x), ("cos", cos), ("sin", sin))
+    if not devices.kernels_run_on(x.device):
+        return rope_reference(x, cos, sin).contiguous()
     return torch.ops.llada.rope(x, cos, sin)
 
 
@@ -550,6 +567,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         A new contiguous tensor of gate's shape and dtype.
     """
     _require_tensors(("gate", gate), ("up", up))
+    if not devices.kernels_run_on(gate.device):
+        return silu_mul_reference(gate, up).contiguous()
     return torch.ops.llada.silu_mul(gate, up)
 
 
@@ -596,6 +615,9 @@ def store_kv(
     """
     _require_tensors(("k", k), ("v", v), ("cos", cos), ("sin", sin), ("cache_k", cache_k),
                      ("cache_v", cache_v), ("positions", positions))
+    if not devices.kernels_run_on(k.device):
+        store_kv_reference(k, v, cos, sin, cache_k, cache_v, positions)
+        return
     torch.ops.llada.store_kv(k, v, cos, sin, cache_k, cache_v, positions)
 
 

@@ -1,0 +1,68 @@
+"""Which devices llada's compiled kernels run on.
+
+The CPU kernels run on every CPU. A GPU runs the CUDA kernels only if this
+build holds code it can execute: machine code (SASS) of its architecture
+family at or below its minor version, or PTX of an architecture no newer
+than it, which the driver compiles for it when the module loads. The
+default build (architectures 80 and 90, each as SASS and PTX) covers
+compute capability 8.0 and newer. On an older GPU (a T4 or a V100, say)
+the model runs torch compositions and SDPA, and each op of ``llada.ops``
+its reference, in place of the kernels: the same results, only slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import torch
+
+from . import _C
+
+
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether llada's compiled kernels can run on ``device``. Devices other
+    than CUDA GPUs are left to the op dispatcher (CPU: always; meta, for
+    fake tensors: their fake kernels)."""
+    if device.type != "cuda":
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_kernels_run_on(index)
+
+
+@functools.cache
+def _cuda_kernels_run_on(index: int) -> bool:
+    if not _C.cuda_compiled():
+        return False
+    return architectures_cover(_C.cuda_architectures(), torch.cuda.get_device_capability(index))
+
+
+# One entry of a CMake CUDA architecture list: "80", "90a", "86-real", "80-virtual".
+_ARCHITECTURE = re.compile(r"(\d+)([af]?)(?:-(real|virtual))?")
+
+
+def architectures_cover(architectures: str, capability: tuple[int, int]) -> bool:
+    """Whether code built for ``architectures`` (CMake's list: "80;90" or
+    "80,90"; a plain number is SASS and PTX, ``-real`` SASS alone,
+    ``-virtual`` PTX alone; ``a`` marks code for that one architecture,
+    ``f`` for its family) runs on a GPU of compute ``capability``."""
+    major, minor = capability
+    gpu = 10 * major + minor
+    for entry in re.split(r"[;,]", architectures):
+        entry = entry.strip()
+        if entry in ("all", "all-major", "native"):
+            return True  # built for every GPU, or for the one that built it
+        match = _ARCHITECTURE.fullmatch(entry)
+        if match is None:
+            continue
+        number, specific, kind = int(match[1]), match[2], match[3]
+        same_family = number // 10 == major and number % 10 <= minor
+        if specific == "a":
+            if number == gpu:
+                return True
+        elif specific == "f":
+            if same_family:
+                return True
+        elif (kind != "virtual" and same_family) or (kind != "real" and number <= gpu):
+            return True
+    return False
