@@ -111,3 +111,11 @@ def test_every_op_runs_its_reference_without_the_kernels(no_kernels):
     llada.store_kv(q, q, cos, sin, cache_k, cache_v, torch.tensor([0, 2, 4, 6, 8]))
     assert torch.equal(cache_k[:, ::2], llada.ops.rope_reference(q, cos, sin))
     assert torch.equal(cache_v[:, ::2], q) and not cache_v[:, 1::2].any()
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                               ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16),
+                                               ((12, 0), torch.bfloat16)])
+def test_gpus_before_ampere_load_in_float16(capability, dtype):
+    # They have no bfloat16 arithmetic: torch would emulate it, slowly.
+    assert llada.checkpoint.cuda_default_dtype(capability) == dtype

@@ -239,6 +239,12 @@ def _check_and_assign(model, shapes, name, tensor, dtype):
     _assign(model, name, tensor.to(dtype))
 
 
+def cuda_default_dtype(capability: tuple[int, int]) -> torch.dtype:
+    """bfloat16 on GPUs that compute in it (compute capability 8.0 on),
+    float16 on older ones, where bfloat16 would be emulated."""
+    return torch.bfloat16 if capability >= (8, 0) else torch.float16
+
+
 def _default_device_dtype(device, dtype):
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -253,7 +259,10 @@ def _default_device_dtype(device, dtype):
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device: {device} requested but there are {torch.cuda.device_count()} CUDA devices")
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            dtype = cuda_default_dtype(torch.cuda.get_device_capability(device))
+        else:
+            dtype = torch.float32
     if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
     return device, dtype
@@ -269,8 +278,8 @@ def load_model(
     Args:
         path: the folder (config.json, model.safetensors or its shards).
         device: default CUDA when available, else CPU.
-        dtype: float32, bfloat16 or float16; default bfloat16 on CUDA and
-            float32 on CPU.
+        dtype: float32, bfloat16 or float16; default bfloat16 on CUDA
+            (float16 below compute capability 8.0) and float32 on CPU.
 
     On CUDA the projections that share an input are packed (see
     :func:`llada.model.pack_projections`).

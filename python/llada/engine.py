@@ -24,8 +24,8 @@ def load(path: Union[str, os.PathLike, None] = None, *, device=None, dtype: Opti
          ) -> "Engine":
     """An :class:`Engine` for the checkpoint folder at ``path`` (default: the
     small code model bundled with llada), loaded as :func:`llada.load_model`
-    does (device: CUDA when available; dtype: bfloat16 on CUDA, float32 on
-    CPU)."""
+    does (device: CUDA when available; dtype: bfloat16 on CUDA, float16 on
+    GPUs before compute capability 8.0, float32 on CPU)."""
     if path is None:
         from .train import default_model_path
 
