@@ -568,22 +568,36 @@ cudaError_t prepare_mma_kernel() {
 }
 
 template <int D, int kMTiles>
-cudaError_t blocks_per_sm(int* out) {
+cudaError_t blocks_per_sm(int device, int* out) {
+  // A layout larger than one block may have does not run on this device at
+  // all: head dim 128 with 32 rows per warp takes 102 KB, more than the
+  // 99 KB of compute capability 8.6, 8.9 and 12.x (A10, L4, RTX 3090/4090/5090);
+  // 8.0 and 9.0 allow 163 and 227 KB.
+  int most = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  if (SharedLayout<D, kMTiles>::kBytes > size_t(most)) {
+    *out = 0;
+    return cudaSuccess;
+  }
   // Occupancy depends on the head dim and row tiles (shared memory,
   // registers), not on the 16-bit type.
-  cudaError_t err = prepare_mma_kernel<Bf16, D, kMTiles>();
+  err = prepare_mma_kernel<Bf16, D, kMTiles>();
   if (err != cudaSuccess) return err;
   return cudaOccupancyMaxActiveBlocksPerMultiprocessor(out, attention_mma_kernel<Bf16, D, kMTiles>, kThreads,
                                                        SharedLayout<D, kMTiles>::kBytes);
 }
 
-cudaError_t blocks_per_sm(int head_dim, int rows_per_warp, int* out) {
-  if (head_dim == 64) return rows_per_warp == 32 ? blocks_per_sm<64, 2>(out) : blocks_per_sm<64, 1>(out);
-  return rows_per_warp == 32 ? blocks_per_sm<128, 2>(out) : blocks_per_sm<128, 1>(out);
+cudaError_t blocks_per_sm(int device, int head_dim, int rows_per_warp, int* out) {
+  if (head_dim == 64) {
+    return rows_per_warp == 32 ? blocks_per_sm<64, 2>(device, out) : blocks_per_sm<64, 1>(device, out);
+  }
+  return rows_per_warp == 32 ? blocks_per_sm<128, 2>(device, out) : blocks_per_sm<128, 1>(device, out);
 }
 
 // Blocks of the tensor-core kernel the current device runs at once, for a
-// head dim and rows per warp; asked of the driver once per device.
+// head dim and rows per warp (0: that layout does not fit the device); asked
+// of the driver once per device.
 cudaError_t device_capacity(int head_dim, int rows_per_warp, int64_t* out) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int64_t> cache[kMaxDevices][2][2];  // 0: not asked yet
@@ -598,7 +612,7 @@ cudaError_t device_capacity(int head_dim, int rows_per_warp, int64_t* out) {
   }
   int sms = 0, per_sm = 0;
   err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = blocks_per_sm(head_dim, rows_per_warp, &per_sm);
+  if (err == cudaSuccess) err = blocks_per_sm(device, head_dim, rows_per_warp, &per_sm);
   if (err != cudaSuccess) return err;
   *out = int64_t(sms) * per_sm;
   if (slot != nullptr) slot->store(*out + 1);
@@ -706,6 +720,7 @@ cudaError_t mma_plan(const AttentionParams& p, AttentionCudaPlan* plan) {
   cudaError_t err = device_capacity(int(p.head_dim), 32, &capacity_tall);
   if (err == cudaSuccess) err = device_capacity(int(p.head_dim), 16, &capacity);
   if (err != cudaSuccess) return err;
+  if (capacity == 0) return cudaErrorNotSupported;  // not even 16 rows per warp fit (no such GPU of 8.0+)
   // More than half a wave of blocks keeps the device busy enough. 32 rows
   // per warp are preferred when they get there and their taller tiles add
   // few padding rows (not for 32 queries, say: 128-row tiles would be three
