@@ -26,6 +26,21 @@ import torch
 from .model import KVCache, LLaDAModel
 
 
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream every warm-up and capture on ``device`` runs on. One per
+    device: torch's own capture stream lives on whichever device was current
+    when it was first made, which need not be the model's; and one stream
+    for all captures lets graphs that share a memory pool reuse each other's
+    freed blocks (the allocator keeps blocks per stream)."""
+    stream = _side_streams.get(device)
+    if stream is None:
+        stream = _side_streams[device] = torch.cuda.Stream(device)
+    return stream
+
+
 class CachedStepGraph:
     """One captured cached forward of width W for a batch of B rows, with
     the logits of its first ``logits_width`` positions (default: all W).
@@ -61,13 +76,13 @@ class CachedStepGraph:
         device = self.ids.device
         # Warm-up on a side stream, as torch requires before a capture: lazy
         # initialisation (cuBLAS handles, workspaces) must not be captured.
-        side = torch.cuda.Stream(device)
+        side = _side_stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             self._forward(model)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.device(device), torch.cuda.graph(self.graph, pool=pool, stream=side):
             self.logits = self._forward(model)
 
     def _forward(self, model: LLaDAModel) -> torch.Tensor:
