@@ -2,6 +2,8 @@
 GPU the build has no code for, every op runs its reference and the model its
 torch compositions, with the results of the kernels."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -42,6 +44,19 @@ OPS = ("sample_tokens", "select_positions", "commit_tokens", "attention", "rms_n
 ])
 def test_architectures_cover(architectures, capability, runs):
     assert devices.architectures_cover(architectures, capability) is runs
+
+
+def test_a_gpu_without_code_is_reported_once(monkeypatch):
+    monkeypatch.setattr(devices._C, "cuda_compiled", lambda: True)
+    monkeypatch.setattr(devices._C, "cuda_architectures", lambda: "80,90")
+    check = devices._cuda_kernels_run_on.__wrapped__  # not the per-device cache
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))
+    with pytest.warns(RuntimeWarning, match=r"architectures 80,90\) do not run on cuda:1 \(compute capability 7.5"):
+        assert not check(1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (8, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check(1)
 
 
 def test_devices_other_than_cuda_go_to_the_dispatcher():

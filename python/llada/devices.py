@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 
 import torch
 
@@ -34,7 +35,13 @@ def kernels_run_on(device: torch.device) -> bool:
 def _cuda_kernels_run_on(index: int) -> bool:
     if not _C.cuda_compiled():
         return False
-    return architectures_cover(_C.cuda_architectures(), torch.cuda.get_device_capability(index))
+    capability = torch.cuda.get_device_capability(index)
+    runs = architectures_cover(_C.cuda_architectures(), capability)
+    if not runs:  # once per device: the same results, but slower
+        warnings.warn(f"llada: this build's CUDA kernels (architectures {_C.cuda_architectures()}) do not run "
+                      f"on cuda:{index} (compute capability {capability[0]}.{capability[1]}); torch "
+                      "compositions run in their place", RuntimeWarning, stacklevel=2)
+    return runs
 
 
 # One entry of a CMake CUDA architecture list: "80", "90a", "86-real", "80-virtual".
