@@ -25,10 +25,19 @@ def kernels_run_on(device: torch.device) -> bool:
     """Whether llada's compiled kernels can run on ``device``. Devices other
     than CUDA GPUs are left to the op dispatcher (CPU: always; meta, for
     fake tensors: their fake kernels)."""
-    if device.type != "cuda":
-        return True
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cuda_kernels_run_on(index)
+    runs = _answers.get(device)  # every op asks: one lookup
+    if runs is None:
+        if device.type != "cuda":
+            runs = True
+        elif device.index is None:  # the current device, which may change
+            return _cuda_kernels_run_on(torch.cuda.current_device())
+        else:
+            runs = _cuda_kernels_run_on(device.index)
+        _answers[device] = runs
+    return runs
+
+
+_answers: dict[torch.device, bool] = {}
 
 
 @functools.cache

@@ -108,11 +108,11 @@ def _kernels_take(x: torch.Tensor) -> bool:
     CUDA also float16)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return False
-    if x.device.type not in ("cpu", "cuda") or not devices.kernels_run_on(x.device):
-        return False
-    if x.device.type == "cpu":
-        return x.dtype in (torch.float32, torch.bfloat16)
-    return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    device = x.device
+    if device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16) and devices.kernels_run_on(device)
+    return (device.type == "cuda" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and devices.kernels_run_on(device))
 
 
 def _fused_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
