@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .token_ids import check_token_ids
+
 
 def stratified_mask_counts(
     batch: int, length: int, generator: Optional[torch.Generator] = None
@@ -78,10 +80,8 @@ def log_likelihood(
         mask_id = getattr(config, "mask_token_id", None)
         if mask_id is None:
             raise ValueError("mask_id: not given and the model's config has no mask_token_id")
-    vocab = getattr(config, "embedding_size", None)
     for name, ids in (("prompt", prompt), ("answer", answer)):
-        if ids.numel() and (int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab)):
-            raise ValueError(f"{name}: token ids must lie in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}")
+        check_token_ids(name, ids, config)
         if bool((ids == mask_id).any()):
             raise ValueError(f"{name}: contains the mask id {mask_id}, which the estimate puts there itself")
     max_len = getattr(config, "max_sequence_length", None)

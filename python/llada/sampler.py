@@ -19,6 +19,7 @@ import torch
 from . import ops
 from .model import LLaDAModel
 from .policies import DecodePolicy, demote, ranking_scores, select
+from .token_ids import check_token_ids
 from .workspace import Workspace, checkin, checkout
 
 REMASKING = ("low_confidence", "random")
@@ -258,7 +259,7 @@ def infill(
     if ids.dim() != 2 or ids.numel() == 0:
         raise ValueError(f"canvas: expected shape [B, L] or [L], got {tuple(canvas.shape)}")
     _validate_sampling(config, temperature, cfg_scale, remasking, mask_id, seed)
-    _validate_ids("canvas", ids, config)
+    check_token_ids("canvas", ids, config)
     max_len = getattr(config, "max_sequence_length", None)
     if max_len is not None and ids.shape[1] > max_len:
         raise ValueError(f"canvas: length {ids.shape[1]} exceeds the model's max_sequence_length {max_len}")
@@ -665,7 +666,7 @@ def _validate(config, prompt, attention_mask, steps, gen_length, block_length, t
         )
     if prompt.shape[0] == 0:
         raise ValueError("prompt: the batch is empty")
-    _validate_ids("prompt", prompt, config)
+    check_token_ids("prompt", prompt, config)
     if prompt.numel() and bool((prompt == mask_id).any()):
         raise ValueError(f"prompt: contains the mask id {mask_id}; use llada infilling for that")
     max_len = getattr(config, "max_sequence_length", None)
@@ -693,15 +694,6 @@ def _validate_sampling(config, temperature, cfg_scale, remasking, mask_id, seed)
     vocab = getattr(config, "embedding_size", None)
     if vocab is not None and not 0 <= mask_id < vocab:
         raise ValueError(f"mask_id: {mask_id} is outside the vocabulary [0, {vocab})")
-
-
-def _validate_ids(name, ids, config):
-    """Every id of ``ids`` indexes the model's embedding."""
-    vocab = getattr(config, "embedding_size", None)
-    if ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or (vocab is not None and hi >= vocab):
-            raise ValueError(f"{name}: token ids must lie in [0, {vocab}), got {lo}..{hi}")
 
 
 def _validate_attention_mask(attention_mask, shape, whose):
