@@ -24,6 +24,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 MASK_GLYPH = {True: "░", False: "_"}  # terminal, plain text
 
 
+DTYPE_HELP = "default: bfloat16 on cuda (float16 on GPUs before compute capability 8.0), float32 on cpu"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llada", description="Masked diffusion language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="end the answer before this text (repeatable; in bash, $'\\n\\n' is two "
                           "line breaks); no block after the one that completes it is decoded")
     gen.add_argument("--device", help="default: cuda when available, else cpu")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda (float16 on GPUs before compute capability 8.0), float32 on cpu")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), help=DTYPE_HELP)
     gen.add_argument("--show-steps", action="store_true", help="show the canvas filling in")
     gen.add_argument("--stream", action="store_true", help="print the answer block by block as it is final")
     add_policy_arguments(gen)
@@ -70,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     fill.add_argument("--seed", type=int, default=None, help="for sampling and random ranking")
     fill.add_argument("--device", help="default: cuda when available, else cpu")
-    fill.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda (float16 on GPUs before compute capability 8.0), float32 on cpu")
+    fill.add_argument("--dtype", choices=sorted(DTYPES), help=DTYPE_HELP)
     add_policy_arguments(fill)
     fill.set_defaults(run=run_infill)
 
@@ -84,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance (default: 0, off)")
     score.add_argument("--seed", type=int, default=None, help="makes the estimate repeatable")
     score.add_argument("--device", help="default: cuda when available, else cpu")
-    score.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda (float16 on GPUs before compute capability 8.0), float32 on cpu")
+    score.add_argument("--dtype", choices=sorted(DTYPES), help=DTYPE_HELP)
     score.set_defaults(run=run_likelihood)
 
     # `llada train` has its own parser (llada.train); main() hands it the rest.
