@@ -57,6 +57,9 @@ def test_a_gpu_without_code_is_reported_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert check(1)
+    monkeypatch.setattr(devices._C, "cuda_compiled", lambda: False)  # built without nvcc
+    with pytest.warns(RuntimeWarning, match="this build has no CUDA kernels"):
+        assert not check(1)
 
 
 def test_devices_other_than_cuda_go_to_the_dispatcher():

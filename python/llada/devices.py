@@ -5,9 +5,10 @@ build holds code it can execute: machine code (SASS) of its architecture
 family at or below its minor version, or PTX of an architecture no newer
 than it, which the driver compiles for it when the module loads. The
 default build (architectures 80 and 90, each as SASS and PTX) covers
-compute capability 8.0 and newer. On an older GPU (a T4 or a V100, say)
-the model runs torch compositions and SDPA, and each op of ``llada.ops``
-its reference, in place of the kernels: the same results, only slower.
+compute capability 8.0 and newer. On an older GPU (a T4 or a V100, say),
+or with a build made without nvcc, the model runs torch compositions and
+SDPA, and each op of ``llada.ops`` its reference, in place of the kernels:
+the same results, only slower.
 """
 
 from __future__ import annotations
@@ -42,11 +43,14 @@ _answers: dict[torch.device, bool] = {}
 
 @functools.cache
 def _cuda_kernels_run_on(index: int) -> bool:
+    # Said once per device: the results are the same, but slower.
     if not _C.cuda_compiled():
+        warnings.warn(f"llada: this build has no CUDA kernels (nvcc was not found when it was built); torch "
+                      f"compositions run on cuda:{index} in their place", RuntimeWarning, stacklevel=2)
         return False
     capability = torch.cuda.get_device_capability(index)
     runs = architectures_cover(_C.cuda_architectures(), capability)
-    if not runs:  # once per device: the same results, but slower
+    if not runs:
         warnings.warn(f"llada: this build's CUDA kernels (architectures {_C.cuda_architectures()}) do not run "
                       f"on cuda:{index} (compute capability {capability[0]}.{capability[1]}); torch "
                       "compositions run in their place", RuntimeWarning, stacklevel=2)
