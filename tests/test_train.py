@@ -4,6 +4,8 @@ bundled default model loads and generates."""
 
 import csv
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,29 @@ def test_default_model_loads_and_generates():
     assert isinstance(tok.decode(out[0, len(ids):].tolist()), str)
     info = json.loads((Path(path) / train.DATA_FILE).read_text())
     assert info["corpus"]["files"] > 0 and len(info["corpus"]["sha256"]) == 64
+
+
+def test_ctrl_c_stops_after_the_step_saved_and_resume_continues(tmp_path, monkeypatch):
+    common = SORT + TINY + ["--steps", "10", "--eval-every", "5", "--save-every", "100"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run(common + ["--out", str(straight)])
+    calls = []
+    loss = train.compute_loss
+
+    def interrupted_in_step_4(model, *args, **kwargs):
+        calls.append(model.training)  # the held-out evaluations run in eval mode
+        if calls.count(True) == 4:  # as if Ctrl-C came in the middle of step 4
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "compute_loss", interrupted_in_step_4)
+    before = signal.getsignal(signal.SIGINT)
+    run(common + ["--out", str(stopped)])
+    assert torch.load(stopped / train.STATE_FILE, weights_only=False)["step"] == 4
+    assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C means what it meant before
+    monkeypatch.setattr(train, "compute_loss", loss)
+    run(["--resume", str(stopped)])
+    a = llada.load_model(straight, device="cpu")
+    b = llada.load_model(stopped, device="cpu")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, msg=name)

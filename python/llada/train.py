@@ -29,8 +29,10 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import sysconfig
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -368,7 +370,11 @@ def train(args) -> Path:
                                     for k in LOG_FIELDS])
         return row
 
+    saved_at = step  # a resumed run starts from its save
+
     def checkpoint():
+        nonlocal saved_at
+        saved_at = step
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rng_state(generators), "step": step, "tokens": tokens, "elapsed_s": elapsed}
         save_checkpoint(out, model, data.tok, state, args, dict(data.info, parameters=n_params))
@@ -381,32 +387,62 @@ def train(args) -> Path:
         log_eval("")
     running, count = 0.0, 0
     stop = args.steps if not args.stop_at else min(args.stop_at, args.steps)
-    while step < stop:
-        t0 = time.perf_counter()
-        ids, prompt_lengths = data.batch(args.batch_size, generators["data"])
-        loss = compute_loss(model, ids, prompt_lengths, mask_id, generators["mask"], device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        tokens += ids.numel()
-        elapsed += time.perf_counter() - t0
-        running, count = running + loss.item(), count + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{running / count:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}",
-                        refresh=False)
-        if step % args.eval_every == 0 or step == args.steps:
-            row = log_eval(running / count)
-            bar.write(f"step {step}: train {running / count:.4f} eval {row['eval_loss']:.4f}"
-                      + (f" acc {row['eval_accuracy']:.3f}" if row["eval_accuracy"] != "" else "")
-                      + f" ({tokens / max(elapsed, 1e-9):.0f} tok/s)")
-            running, count = 0.0, 0
-        if step % args.save_every == 0 or step == stop:
+    with StopRequest() as stop_request:
+        while step < stop and not stop_request.asked:
+            t0 = time.perf_counter()
+            ids, prompt_lengths = data.batch(args.batch_size, generators["data"])
+            loss = compute_loss(model, ids, prompt_lengths, mask_id, generators["mask"], device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            tokens += ids.numel()
+            elapsed += time.perf_counter() - t0
+            running, count = running + loss.item(), count + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{running / count:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}",
+                            refresh=False)
+            if step % args.eval_every == 0 or step == args.steps:
+                row = log_eval(running / count)
+                bar.write(f"step {step}: train {running / count:.4f} eval {row['eval_loss']:.4f}"
+                          + (f" acc {row['eval_accuracy']:.3f}" if row["eval_accuracy"] != "" else "")
+                          + f" ({tokens / max(elapsed, 1e-9):.0f} tok/s)")
+                running, count = 0.0, 0
+            if step % args.save_every == 0 or step == stop:
+                checkpoint()
+    if step < stop:  # asked to stop (Ctrl-C)
+        if saved_at != step:
             checkpoint()
+        bar.write(f"llada train: stopped at step {step}, saved; llada train --resume {out} continues")
     bar.close()
     return out
+
+
+class StopRequest:
+    """Ctrl-C while training: the first asks the run to stop after the step
+    under way, saved, so that ``--resume`` continues it; a second stops at
+    once, as usual (what the last save holds is kept). Only the main thread
+    can handle signals; elsewhere Ctrl-C keeps its usual effect."""
+
+    def __init__(self):
+        self.asked = False
+        self._previous = None
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._ask)
+        return self
+
+    def _ask(self, signum, frame) -> None:
+        self.asked = True
+        signal.signal(signal.SIGINT, self._previous)
+        print("\nllada train: stopping after this step to save (Ctrl-C again: stop now)", file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 # --------------------------------------------------------------------------
