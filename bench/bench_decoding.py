@@ -3,6 +3,7 @@ forward and positions fed per forward, for each policy, on one random model.
 
     python bench/bench_decoding.py                        # CPU, mid-size model
     python bench/bench_decoding.py --device cuda --shape 8b
+    python bench/bench_decoding.py --compile              # also the model torch.compile made
 
 The baseline is exact mode with one token per step (steps = gen_length),
 measured in the same run; ratios are against it. A second table gives the
@@ -38,7 +39,7 @@ def without_hopper(model):
     saved = os.environ.get("LLADA_ATTENTION_SM90")
     os.environ["LLADA_ATTENTION_SM90"] = "0"
     try:
-        yield
+        yield model
     finally:
         if saved is None:
             del os.environ["LLADA_ATTENTION_SM90"]
@@ -52,12 +53,20 @@ def separate_projections(model):
     GEMM per group); this gives each weight its own buffer and GEMM."""
     pack_projections(model, False)
     try:
-        yield
+        yield model
     finally:
         pack_projections(model, True)
 
 
-def policies(gen: int, block: int, device: str):
+@contextmanager
+def compiled(model):
+    """The model as torch.compile makes it (inductor, default mode). The
+    untimed first call compiles; on CUDA the cached steps' graphs capture
+    the eager forward, so compiling changes the block-start forwards."""
+    yield torch.compile(model)
+
+
+def policies(gen: int, block: int, device: str, compile_row: bool):
     """(name, steps, policy, fresh, setting): the exact baseline first. On
     CUDA the caches replay their steps as CUDA graphs (the default: one per
     block for the prefix cache, one for all for the dual cache); the eager
@@ -65,7 +74,7 @@ def policies(gen: int, block: int, device: str):
     the cache (and graphs) an earlier call of its shape left; a `fresh` row
     first releases them, so it pays for the allocation and the captures as a
     model's first call does. A `setting` row runs under a context that
-    changes one thing from the default."""
+    changes one thing from the default (and gives the model to decode with)."""
     P = llada.DecodePolicy
     rows = [
         ("exact, 1 token/step", gen, P(), False, None),
@@ -85,6 +94,8 @@ def policies(gen: int, block: int, device: str):
             ("dual cache, 4 tokens/step, projections not packed", gen // 4, P(cache="dual"), False,
              separate_projections),
         ]
+    if compile_row:
+        rows.append(("dual cache, 4 tokens/step, torch.compile", gen // 4, P(cache="dual"), False, compiled))
     if device == "cuda" and llada.hopper_attention_available() and os.environ.get("LLADA_ATTENTION_SM90") != "0":
         rows.append(("dual cache, 4 tokens/step, without the Hopper kernel", gen // 4, P(cache="dual"), False,
                      without_hopper))
@@ -239,6 +250,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mid")
     parser.add_argument("--repeats", type=int, default=2, help="runs per policy; the best counts")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a row for the model compiled by torch.compile (its compilation untimed)")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -252,19 +265,19 @@ def main() -> None:
 
     run(model, prompt, gen // 4, gen, block, llada.DecodePolicy(cache="dual"), args.device)  # warm-up
     rows, base = [], None
-    for name, steps, policy, fresh, setting in policies(gen, block, args.device):
+    for name, steps, policy, fresh, setting in policies(gen, block, args.device, args.compile):
         best = None
         try:
-            with setting(model) if setting else nullcontext():
+            with setting(model) if setting else nullcontext(model) as decoder:
                 if policy.cache != "none" and not fresh:
                     # Untimed: the cache and graphs this shape needs (a
                     # setting's own, or the prefix cache's one per block),
                     # which the timed calls then reuse.
-                    run(model, prompt, steps, gen, block, policy, args.device)
+                    run(decoder, prompt, steps, gen, block, policy, args.device)
                 for _ in range(args.repeats):
                     if fresh:
-                        llada.release_decode_workspace(model)
-                    seconds, stats = run(model, prompt, steps, gen, block, policy, args.device)
+                        llada.release_decode_workspace(decoder)
+                    seconds, stats = run(decoder, prompt, steps, gen, block, policy, args.device)
                     best = seconds if best is None else min(best, seconds)
         except RuntimeError as error:  # one failing path must not cost the other rows
             rows.append((name, None))

@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import load_model, load_tokenizer
 from .likelihood import log_likelihood
-from .model import LLaDAModel
+from .model import LLaDAModel, llada_model_of
 from .sampler import BlockEvent, DecodeStats, generate, infill, stream
 
 
@@ -34,10 +34,11 @@ def load(path: Union[str, os.PathLike, None] = None, *, device=None, dtype: Opti
 
 
 class Engine:
-    """A :class:`LLaDAModel` and its tokenizer (see :func:`load`)."""
+    """A :class:`LLaDAModel` (or what ``torch.compile`` made of one) and its
+    tokenizer (see :func:`load`)."""
 
     def __init__(self, model: LLaDAModel, tokenizer):
-        if not isinstance(model, LLaDAModel):
+        if llada_model_of(model) is None:
             raise TypeError(f"model: expected a LLaDAModel, got {type(model).__name__}")
         if not callable(getattr(tokenizer, "apply_chat_template", None)):
             raise TypeError(f"tokenizer: expected a transformers tokenizer, got {type(tokenizer).__name__}")

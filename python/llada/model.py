@@ -272,7 +272,9 @@ def _project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
     [..., sum of widths] tensor."""
     weights = [linear.weight for linear in linears]
     packed = None
-    if not (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
+    # torch.compile cannot trace storage addresses; it gets one GEMM each.
+    gradient = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+    if not (gradient or torch.compiler.is_compiling()):
         packed = _back_to_back(weights)
     if packed is None:
         return tuple(linear(x) for linear in linears)
@@ -472,6 +474,15 @@ class LLaDAModel(nn.Module):
             x, pending = x[keep], pending[keep]
         _, y = t["ln_f"].add_then_norm(x, pending)
         return LLaDAOutput(F.linear(y, self.head_weight()))
+
+
+def llada_model_of(model) -> Optional[LLaDAModel]:
+    """The LLaDAModel that ``model`` is, or that ``torch.compile`` wrapped
+    into it; None for any other module."""
+    if isinstance(model, LLaDAModel):
+        return model
+    inner = getattr(model, "_orig_mod", None)  # what torch.compile returns keeps its module here
+    return inner if isinstance(inner, LLaDAModel) else None
 
 
 def _gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

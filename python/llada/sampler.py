@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from . import ops
-from .model import LLaDAModel
+from .model import LLaDAModel, llada_model_of
 from .policies import DecodePolicy, demote, ranking_scores, select
 from .token_ids import check_token_ids
 from .workspace import Workspace, checkin, checkout
@@ -358,8 +358,8 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
     whole-block step (see :class:`_Forward`) it takes tokens and scores for
     every block position and keeps the active ones with ``where``, where
     indexing by a mask would wait for the count."""
-    if policy.cache != "none" and not isinstance(model, LLaDAModel):
-        raise ValueError(f"policy: cache={policy.cache!r} needs a llada LLaDAModel")
+    if policy.cache != "none" and llada_model_of(model) is None:
+        raise ValueError(f"policy: cache={policy.cache!r} needs a llada LLaDAModel (or one torch.compile made)")
     device = canvas.device
     b, total = canvas.shape
     fixed = canvas != mask_id  # the prompt (and, when infilling, every given token)
@@ -526,6 +526,10 @@ class _Forward:
 
     def __init__(self, model, canvas, key_mask, fixed, cfg_scale, mask_id, policy, stats):
         self.model, self.canvas, self.fixed, self.all_key_mask = model, canvas, fixed, key_mask
+        # The LLaDAModel itself when ``model`` is one or was compiled from
+        # one: it owns the workspaces, and CUDA graphs capture its eager
+        # forward (a replayed graph launches nothing from Python anyway).
+        self.base = llada_model_of(model)
         self.cfg_scale, self.mask_id, self.policy, self.stats = cfg_scale, mask_id, policy, stats
         self.workspace: Optional[Workspace] = None
 
@@ -549,7 +553,7 @@ class _Forward:
 
     def next_is_whole_block(self) -> bool:
         """Whether the next call can return the whole block's logits."""
-        return isinstance(self.model, LLaDAModel) and self._whole_block_wanted(self.canvas)
+        return self.base is not None and self._whole_block_wanted(self.canvas)
 
     def __call__(self, query, whole_block=False):
         """Logits [N, V] of the True positions of ``query`` [B, T], row-major;
@@ -575,7 +579,7 @@ class _Forward:
 
     def _run(self, ids, query, whole_block):
         policy, model = self.policy, self.model
-        if not isinstance(model, LLaDAModel):
+        if self.base is None:
             self.stats.positions += ids.numel()
             return model(ids, attention_mask=self.key_mask).logits[query].contiguous()
         refresh = self._refresh_due()
@@ -593,7 +597,7 @@ class _Forward:
             # (into a buffer that the next replay overwrites), also when it
             # feeds what follows the block (prefix cache).
             fed, width = ids[:, lo:hi], self.end - lo
-            graph = self.workspace.graph(model, self.key_mask, fed, lo, width)
+            graph = self.workspace.graph(self.base, self.key_mask, fed, lo, width)
             logits = graph(self.key_mask, fed, lo)
             return logits if whole_block else logits[query[:, lo:self.end]]
         if whole_block:
@@ -606,17 +610,17 @@ class _Forward:
         has their shape, else one checked out for them (giving back the one
         held: finished rows left the batch). A full forward rewrites every
         position of the cache, so what a pooled cache held never shows."""
-        key = (ids.device, self.model.dtype, ids.shape[0], ids.shape[1], self.key_mask is not None)
+        key = (ids.device, self.base.dtype, ids.shape[0], ids.shape[1], self.key_mask is not None)
         if self.workspace is None or self.workspace.key != key:
             self.give_back()
-            self.workspace = checkout(self.model, key)
+            self.workspace = checkout(self.base, key)
         return self.workspace
 
     def give_back(self) -> None:
         """Returns the workspace held (if any) to the model's pool."""
         if self.workspace is not None:
             workspace, self.workspace = self.workspace, None
-            checkin(self.model, workspace)
+            checkin(self.base, workspace)
 
 
 def _device_of(model) -> torch.device:

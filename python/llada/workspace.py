@@ -129,7 +129,8 @@ def release_decode_workspace(model) -> None:
     guidance or none; and for a graph, the block width), which then skips
     the allocation, the warm-up and the capture. At most two are kept per
     model, and a decode holds one alone until it ends, so decodes running
-    at once (interleaved streams) never share one. Graphs are not reused
+    at once (interleaved streams) never share one. A model that
+    ``torch.compile`` made shares its module's workspaces. Graphs are not reused
     after the model's weights are replaced (updating them in place is fine)
     or the attention backend, ``LLADA_ATTENTION_SM90`` or
     ``LLADA_ATTENTION_SM90_PIPELINE`` changes; call this
@@ -139,4 +140,4 @@ def release_decode_workspace(model) -> None:
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    _pools.pop(model, None)
+    _pools.pop(model_module.llada_model_of(model) or model, None)
