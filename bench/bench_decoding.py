@@ -4,6 +4,7 @@ forward and positions fed per forward, for each policy, on one random model.
     python bench/bench_decoding.py                        # CPU, mid-size model
     python bench/bench_decoding.py --device cuda --shape 8b
     python bench/bench_decoding.py --compile              # also the model torch.compile made
+    python bench/bench_decoding.py --dtype bfloat16       # a 16-bit model on the CPU
 
 The baseline is exact mode with one token per step (steps = gen_length),
 measured in the same run; ratios are against it. A second table gives the
@@ -250,11 +251,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mid")
     parser.add_argument("--repeats", type=int, default=2, help="runs per policy; the best counts")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="the model's dtype (default: bfloat16 on cuda, float32 on cpu)")
     parser.add_argument("--compile", action="store_true",
                         help="add a row for the model compiled by torch.compile (its compilation untimed)")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     cfg = random_config(shape["size"])
     model = random_model(cfg, seed=0, device=args.device, dtype=dtype)
     g = torch.Generator().manual_seed(0)

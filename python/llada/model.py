@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import devices, ops
+from .linear import Linear, linear
 
 
 @dataclass
@@ -210,14 +211,14 @@ class Block(nn.Module):
         d, kv, m = cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg.mlp_hidden_size
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, kv, bias=False)
-        self.v_proj = nn.Linear(d, kv, bias=False)
-        self.attn_out = nn.Linear(d, d, bias=False)
+        self.q_proj = Linear(d, d)
+        self.k_proj = Linear(d, kv)
+        self.v_proj = Linear(d, kv)
+        self.attn_out = Linear(d, d)
         self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.ff_proj = nn.Linear(d, m, bias=False)
-        self.up_proj = nn.Linear(d, m, bias=False)
-        self.ff_out = nn.Linear(m, d, bias=False)
+        self.ff_proj = Linear(d, m)
+        self.up_proj = Linear(d, m)
+        self.ff_out = Linear(m, d)
 
     def forward(self, x, pending, cos, sin, key_mask, rows=None, cache=None, positions=None):
         """x [B, L, d] -> (h, f), each [B, L, d], whose sum is the block's
@@ -265,20 +266,20 @@ class Block(nn.Module):
         return h, self.ff_out(silu_mul(gate, up))
 
 
-def _project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
-    """x through each of the linears: one GEMM when their weights lie back to
+def _project(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """x through each of the layers: one GEMM when their weights lie back to
     back in one buffer (see pack_projections) and no gradient is needed,
-    else one per linear. The packed outputs are views of one
+    else one per layer. The packed outputs are views of one
     [..., sum of widths] tensor."""
-    weights = [linear.weight for linear in linears]
+    weights = [layer.weight for layer in layers]
     packed = None
     # torch.compile cannot trace storage addresses; it gets one GEMM each.
     gradient = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
     if not (gradient or torch.compiler.is_compiling()):
         packed = _back_to_back(weights)
     if packed is None:
-        return tuple(linear(x) for linear in linears)
-    return F.linear(x, packed).split([w.shape[0] for w in weights], dim=-1)
+        return tuple(layer(x) for layer in layers)
+    return linear(x, packed).split([w.shape[0] for w in weights], dim=-1)
 
 
 def _back_to_back(weights: list[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -351,7 +352,7 @@ class _Backbone(nn.Module):
             )
         )
         if not cfg.weight_tying:
-            self.transformer["ff_out"] = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
+            self.transformer["ff_out"] = Linear(cfg.d_model, cfg.embedding_size)
 
 
 class KVCache:
@@ -473,7 +474,7 @@ class LLaDAModel(nn.Module):
         if keep is not None:
             x, pending = x[keep], pending[keep]
         _, y = t["ln_f"].add_then_norm(x, pending)
-        return LLaDAOutput(F.linear(y, self.head_weight()))
+        return LLaDAOutput(linear(y, self.head_weight()))
 
 
 def llada_model_of(model) -> Optional[LLaDAModel]:

@@ -1,0 +1,93 @@
+"""CPU products with 16-bit weights in float32 tiles (llada.linear) against a
+float64 reference, and the switch that picks them."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llada
+from llada import linear as linear_module
+from llada.linear import Linear, linear, set_cpu_matmul
+
+from checkpoints import SHAPES, make_checkpoint
+from conftest import poison_allocator
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 24 rows, so that small weights span several (and a last, partial one)."""
+    monkeypatch.setattr(linear_module, "_TILE_BYTES", 24 * 4 * 40)
+    monkeypatch.setattr(linear_module, "_MIN_TILE_ROWS", 1)
+
+
+@pytest.fixture
+def mode():
+    yield set_cpu_matmul
+    set_cpu_matmul("auto")
+
+
+def _error(got, x, w):
+    want = x.double() @ w.double().T
+    return (got.double() - want).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 40), (7, 40), (2, 5, 40)], ids=["one-row", "rows", "batched"])
+def test_float32_tiles_against_float64(small_tiles, mode, dtype, shape):
+    mode("float32")
+    g = torch.Generator().manual_seed(len(shape) * 10 + shape[0])
+    x = torch.randn(shape, generator=g).to(dtype)
+    w = torch.randn(83, 40, generator=g).to(dtype)  # 3 full tiles and a partial one
+    poison_allocator("cpu", [2 * x.numel() * 83 * 4])
+    got = linear(x, w)
+    assert got.shape == (*shape[:-1], 83) and got.dtype == dtype
+    # Each element is the float32 sum rounded once: within half a 16-bit ulp
+    # of the exact product, plus float32 rounding.
+    want = x.double() @ w.double().T
+    ulp = 2.0 ** -(7 if dtype == torch.bfloat16 else 10)
+    assert ((got.double() - want).abs() <= want.abs() * ulp / 2 * 1.01 + 1e-5).all()
+    # And no worse than torch's own 16-bit product.
+    assert _error(got, x, w) <= 2 * _error(F.linear(x, w), x, w) + 1e-6
+
+
+def test_native_and_float32_weights_are_torch_products(mode):
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(3, 16, generator=g).bfloat16(), torch.randn(8, 16, generator=g).bfloat16()
+    mode("native")
+    assert torch.equal(linear(x, w), F.linear(x, w))
+    mode("float32")
+    x32, w32 = x.float(), w.float()
+    assert torch.equal(linear(x32, w32), F.linear(x32, w32))  # float32 weights: torch's product
+
+
+def test_gradients_take_torch_product(small_tiles, mode):
+    mode("float32")
+    layer = Linear(40, 83).bfloat16()
+    x = torch.randn(4, 40).bfloat16().requires_grad_()
+    y = layer(x)
+    y.float().sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    torch.testing.assert_close(y, F.linear(x, layer.weight))
+
+
+def test_bad_mode_is_named(monkeypatch):
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        set_cpu_matmul("fast")
+    monkeypatch.setattr(linear_module, "_cpu_matmul", "fast")
+    x = torch.randn(2, 8).bfloat16()
+    with pytest.raises(ValueError, match="LLADA_CPU_MATMUL: expected one of"):
+        linear(x, x)
+
+
+@torch.no_grad()
+def test_bfloat16_model_close_either_way(tmp_path, mode, small_tiles):
+    folder = make_checkpoint(tmp_path, seed=2, **SHAPES["gqa"])
+    model = llada.load_model(folder, dtype=torch.bfloat16, device="cpu")
+    reference = llada.load_model(folder, dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, model.config.mask_token_id, (2, 13), generator=torch.Generator().manual_seed(0))
+    want = reference(ids).logits
+    errors = {}
+    for name in ("float32", "native"):
+        mode(name)
+        errors[name] = (model(ids).logits.double() - want).abs().max().item()
+    assert errors["float32"] <= 2 * errors["native"] + 1e-3
