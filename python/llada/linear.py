@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 CPU_MATMUL_MODES = ("auto", "float32", "native")
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 _TILE_BYTES = 8 << 20  # of float32 weight rows: measured best among 1-8 MB
 _MIN_TILE_ROWS = 128  # fewer rows per product and BLAS runs below its speed
 
@@ -54,8 +55,8 @@ def _cpu_multiplies_natively(dtype: torch.dtype) -> bool:
 
 
 def _tiles_in_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if (x.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16)
-            or x.dtype != weight.dtype):
+    # Cheapest tests first: every projection of every forward asks.
+    if not x.is_cpu or weight.dtype not in _HALF_DTYPES or x.dtype != weight.dtype:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
