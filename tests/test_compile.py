@@ -8,6 +8,7 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import llada
+from llada import linear as linear_module
 from llada.model import KVCache
 from llada.policies import DecodePolicy
 from llada.train import default_model_path
@@ -70,6 +71,23 @@ def test_cached_step_is_one_graph(model):
         torch.testing.assert_close(k1, k0, rtol=0, atol=0)
         torch.testing.assert_close(v1, v0, rtol=0, atol=0)
     assert counter.frame_count == 1
+
+
+@torch.no_grad()
+def test_bfloat16_cpu_products_trace(tmp_path, monkeypatch):
+    """A 16-bit model on the CPU multiplies in float32 tiles (llada.linear),
+    several tiles per weight here."""
+    monkeypatch.setattr(linear_module, "_TILE_BYTES", 24 * 4 * 32)
+    monkeypatch.setattr(linear_module, "_MIN_TILE_ROWS", 1)
+    linear_module.set_cpu_matmul("float32")
+    try:
+        model = llada.load_model(make_checkpoint(tmp_path, seed=1, **SHAPES["gqa"]), dtype=torch.bfloat16,
+                                 device="cpu")
+        ids = _prompt(model, rows=2, length=9)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(ids).logits, model(ids).logits)
+    finally:
+        linear_module.set_cpu_matmul("auto")
 
 
 @torch.no_grad()

@@ -17,7 +17,6 @@ default: float32 tiles unless the CPU multiplies the dtype natively),
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -40,7 +39,6 @@ def set_cpu_matmul(mode: str) -> None:
     _cpu_matmul = mode
 
 
-@functools.cache
 def _cpu_multiplies_natively(dtype: torch.dtype) -> bool:
     """Whether this CPU has instructions for products in ``dtype`` (AVX512-BF16
     or AMX for bfloat16, AMX-FP16 for float16), where torch's own product is
@@ -54,6 +52,10 @@ def _cpu_multiplies_natively(dtype: torch.dtype) -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
+# Asked once, here: torch.compile cannot trace the questions.
+_NATIVE = {dtype: _cpu_multiplies_natively(dtype) for dtype in _HALF_DTYPES}
+
+
 def _tiles_in_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # Cheapest tests first: every projection of every forward asks.
     if not x.is_cpu or weight.dtype not in _HALF_DTYPES or x.dtype != weight.dtype:
@@ -63,7 +65,7 @@ def _tiles_in_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     mode = _cpu_matmul
     if mode not in CPU_MATMUL_MODES:
         raise ValueError(f"LLADA_CPU_MATMUL: expected one of {CPU_MATMUL_MODES}, got {mode!r}")
-    return mode == "float32" or (mode == "auto" and not _cpu_multiplies_natively(weight.dtype))
+    return mode == "float32" or (mode == "auto" and not _NATIVE[weight.dtype])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
