@@ -189,3 +189,34 @@ def test_cuda_without_a_gpu_is_rejected(tmp_path):
 def test_bad_devices_are_named(tmp_path, device):
     with pytest.raises(ValueError, match="device"):
         llada.load_model(make_checkpoint(tmp_path), device=device)
+
+
+def test_a_model_too_large_for_memory_is_refused_before_loading(tmp_path, monkeypatch):
+    folder = make_checkpoint(tmp_path, seed=3)
+    cfg = llada.checkpoint.load_config(folder)
+    need = llada.model.count_parameters(cfg) * 4  # float32 bytes
+    assert need == sum(t.numel() * 4 for t in load_file(str(folder / "model.safetensors")).values())
+
+    def reading_is_a_failure(*args, **kwargs):
+        raise AssertionError("a weight file was opened")
+
+    monkeypatch.setattr(llada.checkpoint, "_available_host_memory", lambda: need - 1)
+    with monkeypatch.context() as m:
+        m.setattr("safetensors.safe_open", reading_is_a_failure)
+        with pytest.raises(MemoryError, match=r"dtype: .* as torch.float32, but this machine has .*"
+                                              r"as torch.bfloat16 they take"):
+            llada.load_model(folder, device="cpu", dtype=torch.float32)
+    assert llada.load_model(folder, device="cpu", dtype=torch.bfloat16).dtype == torch.bfloat16  # half fits
+
+    monkeypatch.setattr(llada.checkpoint, "_available_host_memory", lambda: need // 4)
+    with pytest.raises(MemoryError) as error:
+        llada.load_model(folder, device="cpu", dtype=torch.float32)
+    assert "bfloat16" not in str(error.value)  # no hint that would not fit either
+
+    monkeypatch.setattr(llada.checkpoint, "_available_host_memory", lambda: None)  # not Linux: no check
+    llada.load_model(folder, device="cpu", dtype=torch.float32)
+
+
+def test_available_host_memory_reads_this_machine():
+    available = llada.checkpoint._available_host_memory()
+    assert available is None or 0 < available < 1 << 50

@@ -239,3 +239,9 @@ def test_an_interrupt_ends_the_command_quietly(checkpoint, capsys, monkeypatch):
     prompts.write_text('"Hello"\n')
     assert main(["generate", "--model", str(checkpoint), *ARGS, "--prompts-file", str(prompts)]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_a_model_too_large_for_memory_is_a_clear_error(checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(llada.checkpoint, "_available_host_memory", lambda: 1000)
+    assert main(["generate", "--model", str(checkpoint), *ARGS, "Hi"]) == 2
+    assert "llada: error: dtype: the model's" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 
-from .model import LLaDAConfig, LLaDAModel, pack_projections
+from .model import LLaDAConfig, LLaDAModel, count_parameters, pack_projections
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -268,6 +268,42 @@ def _default_device_dtype(device, dtype):
     return device, dtype
 
 
+def _available_host_memory() -> Optional[int]:
+    """Bytes this machine can still give a process (MemAvailable plus free
+    swap, from /proc/meminfo), or None where that file does not exist."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+    except OSError:
+        return None
+    try:
+        return sum(int(fields[key].split()[0]) * 1024 for key in ("MemAvailable", "SwapFree"))
+    except (KeyError, ValueError, IndexError):
+        return None
+
+
+def _check_memory(cfg: LLaDAConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuses, before reading any weight, a model whose weights alone do not
+    fit where they are going: an 8B model in float32 takes 32 GB, and
+    running out half-way through loading it kills the process (or stalls
+    the machine) instead of saying why."""
+    params = count_parameters(cfg)
+    need = params * dtype.itemsize
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        where = f"{device} has {free / 1e9:.1f} GB free"
+    else:
+        free = _available_host_memory()
+        where = f"this machine has {(free or 0) / 1e9:.1f} GB of memory available"
+    if free is None or need <= free:
+        return
+    hint = ""
+    if dtype == torch.float32 and need // 2 <= free:
+        hint = f"; as torch.bfloat16 they take {need / 2e9:.1f} GB (CLI: --dtype bfloat16)"
+    raise MemoryError(f"dtype: the model's {params / 1e9:.2f}B parameters take {need / 1e9:.1f} GB as "
+                      f"{dtype}, but {where}{hint}")
+
+
 def load_model(
     path: str | os.PathLike,
     device: Optional[str | torch.device] = None,
@@ -282,7 +318,9 @@ def load_model(
             (float16 below compute capability 8.0) and float32 on CPU.
 
     On CUDA the projections that share an input are packed (see
-    :func:`llada.model.pack_projections`).
+    :func:`llada.model.pack_projections`). A model whose weights do not fit
+    in the device's free memory (the host's available memory and swap, on
+    the CPU) raises MemoryError before any weight is read.
     """
     from safetensors import safe_open
 
@@ -290,16 +328,15 @@ def load_model(
     cfg = load_config(folder)
     device, dtype = _default_device_dtype(device, dtype)
     files = _weight_files(folder)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # safetensors needs an index
+    _check_memory(cfg, device, dtype)
     with torch.device("meta"):
         model = LLaDAModel(cfg)
     shapes = expected_shapes(model)
     loaded = set()
     for file, names in files.items():
-        # safetensors can only place tensors on a concrete device index.
-        target = device
-        if target.type == "cuda" and target.index is None:
-            target = torch.device("cuda", torch.cuda.current_device())
-        with safe_open(folder / file, framework="pt", device=str(target)) as f:
+        with safe_open(folder / file, framework="pt", device=str(device)) as f:
             available = set(f.keys())
             for name in names if names is not None else sorted(available):
                 if name not in available:

@@ -183,8 +183,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args, parser)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
-        print(f"llada: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, MemoryError) as e:
+        print(f"llada: error: {e or type(e).__name__}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader left (e.g. `| head`): no traceback, and nothing more to
