@@ -70,6 +70,35 @@ def test_prompts_file_answers_each_prompt_in_order(checkpoint, capsys, tmp_path)
     assert "forwards 16," in captured.err  # two batches of 8 forwards
 
 
+def test_system_message_and_conversations(checkpoint, capsys, tmp_path):
+    tok = llada.load_tokenizer(checkpoint)
+    system = {"role": "system", "content": "Be brief."}
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo."},
+             {"role": "user", "content": "Again"}]
+    chats = [tok.apply_chat_template([system, {"role": "user", "content": "Hey"}], add_generation_prompt=True,
+                                     tokenize=False),
+             tok.apply_chat_template([system] + turns, add_generation_prompt=True, tokenize=False)]
+    assert main(["generate", "--model", str(checkpoint), "--chat", "--system", "Be brief.", *ARGS, "Hey"]) == 0
+    assert capsys.readouterr().out == oracle_answer(checkpoint, chats[0]) + "\n"
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps("Hey") + "\n" + json.dumps({"messages": turns, "id": 3}) + "\n")
+    assert main(["generate", "--model", str(checkpoint), "--chat", "--system", "Be brief.", *ARGS,
+                 "--prompts-file", str(path)]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == [{"prompt": "Hey", "answer": a} if i == 0 else {"messages": turns, "answer": a}
+                       for i, a in enumerate(oracle_batch_answers(checkpoint, chats))]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--system", "x", "Hi"], "--system: a system message needs --chat"),
+    (["likelihood", "--system", "x", "--prompt", "a", "--answer", "b"], "--system: a system message needs --chat"),
+])
+def test_system_needs_chat(checkpoint, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main([*argv[:1], "--model", str(checkpoint), *argv[1:]])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_prompts_file_dash_reads_standard_input(checkpoint, capsys, monkeypatch):
     texts = ["Hello there", "Hi ☃"]
     lines = "\n".join(json.dumps(t, ensure_ascii=False) for t in texts).encode("utf-8")
@@ -82,6 +111,9 @@ def test_prompts_file_dash_reads_standard_input(checkpoint, capsys, monkeypatch)
 
 @pytest.mark.parametrize("content, flags, message", [
     ('"a"\n{"text": "b"}\n', [], "line 2: expected a JSON string"),
+    ('{"prompt": "a", "messages": []}\n', [], "line 1: expected a JSON string"),
+    ('{"messages": [{"role": "user", "content": "a"}]}\n', [], '"messages" (a conversation) needs --chat'),
+    ('{"messages": [{"role": "user"}]}\n', ["--chat"], "prompt[0]: expected a message"),
     ('"a"\nnot json\n', [], "line 2: not JSON"),
     ("\n\n", [], "holds no prompts"),
     (b"\xff\xfe", [], "not UTF-8"),

@@ -43,6 +43,47 @@ def test_chat_wraps_the_prompt_in_the_template(engine, checkpoint):
     assert engine.generate(["Hi"], chat=True, **SHAPE) == [expected]
 
 
+CONVERSATION = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "And again?"}]
+
+
+def test_a_conversation_goes_through_the_template_as_it_stands(engine, checkpoint):
+    tok = engine.tokenizer
+    with_system = [{"role": "system", "content": "Be brief."}] + CONVERSATION
+    text = tok.apply_chat_template(with_system, add_generation_prompt=True, tokenize=False)
+    assert "Be brief." in text and "And again?" in text
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert engine.encode(with_system, chat=True) == ids
+    assert engine.encode(CONVERSATION, chat=True, system="Be brief.") == ids
+    expected = naive_answers(checkpoint, tok, [text], **SHAPE)[0]
+    assert engine.generate(CONVERSATION, chat=True, system="Be brief.", **SHAPE) == expected
+    assert "".join(engine.stream(with_system, chat=True, **SHAPE)) == expected
+    # In a batch beside a plain prompt: each row as the oracle decodes the batch.
+    hi = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                                 add_generation_prompt=True, tokenize=False)
+    assert (engine.generate([CONVERSATION, "Hi"], chat=True, system="Be brief.", **SHAPE)
+            == naive_answers(checkpoint, tok, [text, hi], **SHAPE))
+    options = dict(mc_num=4, batch_size=4, seed=0)
+    assert (engine.log_likelihood(CONVERSATION, " Yes", chat=True, system="Be brief.", **options)
+            == llada.log_likelihood(engine.model, ids, tok(" Yes", add_special_tokens=False)["input_ids"],
+                                    **options))
+    assert CONVERSATION[0] == {"role": "user", "content": "Hi"} and len(CONVERSATION) == 3  # untouched
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda e: e.generate(CONVERSATION, **SHAPE), ValueError, "prompt: a conversation .* needs chat=True"),
+    (lambda e: e.generate("Hi", system="x", **SHAPE), ValueError, "system: a system message needs chat=True"),
+    (lambda e: e.generate([{"role": "system", "content": "a"}], chat=True, system="b", **SHAPE), ValueError,
+     "system: the conversation already starts with a system message"),
+    (lambda e: e.generate([{"role": "user"}], chat=True, **SHAPE), TypeError, r"prompt\[0\]: expected a message"),
+    (lambda e: e.generate(["Hi", 3], chat=True, **SHAPE), TypeError, r"prompts\[1\]: expected a str or a conv"),
+    (lambda e: e.generate("Hi", chat=True, system=3, **SHAPE), TypeError, "system: expected a str"),
+])
+def test_bad_conversations_are_named(engine, call, error, message):
+    with pytest.raises(error, match=message):
+        call(engine)
+
+
 def test_chat_without_a_template_is_named(engine):
     base = llada.Engine(engine.model, copy.deepcopy(engine.tokenizer))
     base.tokenizer.chat_template = None  # as a base model's tokenizer

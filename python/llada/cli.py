@@ -35,13 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", help="the prompt text (or --prompts-file)")
     gen.add_argument("--prompts-file", metavar="FILE",
                      help="many prompts, decoded in batches: JSON Lines (- reads standard input), "
-                          "each line a string or an "
-                          'object with a "prompt" string; prints one JSON object per prompt, '
-                          '{"prompt": ..., "answer": ...}, in the file\'s order')
+                          'each line a string, an object with a "prompt" string, or (with --chat) '
+                          'an object with "messages", a conversation of {"role", "content"} objects; '
+                          'prints one JSON object per prompt, {"prompt" (or "messages"): ..., '
+                          '"answer": ...}, in the file\'s order')
     gen.add_argument("--batch-size", type=int, default=8,
                      help="with --prompts-file: prompts decoded together, left-padded (default: 8)")
     gen.add_argument("--model", help="checkpoint folder (Hugging Face LLaDA format); default: the bundled model")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--system", metavar="TEXT", help="with --chat: a system message before the prompt")
     gen.add_argument("--steps", type=int, default=128,
                      help="forwards in all under the fixed schedule (default: 128)")
     gen.add_argument("--gen-length", type=int, default=128, help="tokens to generate (default: 128)")
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--prompt", required=True, help="the prompt text")
     score.add_argument("--answer", required=True, help="the answer text to score")
     score.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    score.add_argument("--system", metavar="TEXT", help="with --chat: a system message before the prompt")
     score.add_argument("--mc-num", type=int, default=128, help="Monte Carlo draws (default: 128)")
     score.add_argument("--batch-size", type=int, default=16, help="draws per forward (default: 16)")
     score.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance (default: 0, off)")
@@ -219,6 +222,7 @@ def run_generate(args, parser) -> int:
 
     if args.prompts_file is None and args.prompt is None:
         parser.error("prompt: give the prompt text, or --prompts-file")
+    check_system(args, parser)
     if args.show_steps and args.stream:
         parser.error("--show-steps, --stream: pick one (the canvas as it fills, or the text by finished block)")
     if args.prompts_file is not None:
@@ -228,7 +232,9 @@ def run_generate(args, parser) -> int:
             parser.error("--show-steps and --stream follow one prompt, not --prompts-file")
         if args.batch_size < 1:
             parser.error(f"--batch-size: expected a positive number of prompts, got {args.batch_size}")
-        prompts = read_prompts(args.prompts_file)
+        lines = read_prompts(args.prompts_file)
+        if not args.chat and any("messages" in line for line in lines):
+            parser.error('--prompts-file: a line with "messages" (a conversation) needs --chat')
     policy = policy_from_arguments(args, parser)
     engine = load_for_cli(args)
     options = dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
@@ -237,18 +243,21 @@ def run_generate(args, parser) -> int:
     stats, stop = DecodeStats(), tuple(args.stop or ())
     if args.prompts_file is not None:
         # Batch by batch, so that answers appear as their batch is done.
-        for first in range(0, len(prompts), args.batch_size):
-            batch = prompts[first: first + args.batch_size]
-            answers = engine.generate(batch, chat=args.chat, batch_size=len(batch), stop=stop, stats=stats,
-                                      **options)
-            for text, answer in zip(batch, answers):
-                print(json.dumps({"prompt": text, "answer": answer}, ensure_ascii=False), flush=True)
+        for first in range(0, len(lines), args.batch_size):
+            batch = lines[first: first + args.batch_size]
+            keys = ["prompt" if "prompt" in line else "messages" for line in batch]
+            prompts = [line[key] for line, key in zip(batch, keys)]
+            answers = engine.generate(prompts, chat=args.chat, system=args.system, batch_size=len(batch),
+                                      stop=stop, stats=stats, **options)
+            for key, prompt, answer in zip(keys, prompts, answers):
+                print(json.dumps({key: prompt, "answer": answer}, ensure_ascii=False), flush=True)
     elif args.stream or (stop and not args.show_steps):
-        for piece in engine.stream(args.prompt, chat=args.chat, stop=stop, stats=stats, **options):
+        for piece in engine.stream(args.prompt, chat=args.chat, system=args.system, stop=stop, stats=stats,
+                                   **options):
             print(piece, end="", flush=True)
         print()
     else:
-        ids = engine.encode(args.prompt, args.chat)
+        ids = engine.encode(args.prompt, args.chat, args.system)
         prompt = torch.tensor([ids], dtype=torch.long)
         with _StepDisplay(args.show_steps, args.steps, engine, len(ids)) as show:
             out, stats = generate(engine.model, prompt, on_step=show.update, return_stats=True, **options)
@@ -258,9 +267,17 @@ def run_generate(args, parser) -> int:
     return 0
 
 
-def read_prompts(path: str) -> list[str]:
-    """The prompts of a JSON Lines file (``-``: standard input): per line a
-    string or an object with a "prompt" string; blank lines are skipped."""
+def check_system(args, parser) -> None:
+    if args.system is not None and not args.chat:
+        parser.error("--system: a system message needs --chat")
+
+
+def read_prompts(path: str) -> list[dict]:
+    """The lines of a JSON Lines file of prompts (``-``: standard input), each
+    as an object: {"prompt": text} for a line that is a string; an object
+    with a "prompt" string or a "messages" list (a conversation, checked
+    when it is encoded) as it stands (other keys are ignored). Blank lines
+    are skipped."""
     try:
         if path == "-":
             path = "standard input"
@@ -272,7 +289,7 @@ def read_prompts(path: str) -> list[str]:
         raise FileNotFoundError(f"--prompts-file: cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompts-file: {path} is not UTF-8 text ({e.reason})") from None
-    prompts = []
+    lines = []
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
@@ -280,20 +297,23 @@ def read_prompts(path: str) -> list[str]:
             item = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"--prompts-file: {path}, line {number}: not JSON ({e.msg})") from None
-        if isinstance(item, dict):
-            item = item.get("prompt")
-        if not isinstance(item, str):
-            raise ValueError(f'--prompts-file: {path}, line {number}: expected a JSON string or an '
-                             f'object with a "prompt" string')
-        prompts.append(item)
-    if not prompts:
+        if isinstance(item, str):
+            item = {"prompt": item}
+        if not (isinstance(item, dict) and (isinstance(item.get("prompt"), str)
+                                            ^ isinstance(item.get("messages"), list))):
+            raise ValueError(f'--prompts-file: {path}, line {number}: expected a JSON string, or an object '
+                             f'with either a "prompt" string or a "messages" list')
+        lines.append(item)
+    if not lines:
         raise ValueError(f"--prompts-file: {path} holds no prompts")
-    return prompts
+    return lines
 
 
 def run_likelihood(args, parser) -> int:
+    check_system(args, parser)
     engine = load_for_cli(args)
-    estimate = engine.log_likelihood(args.prompt, args.answer, chat=args.chat, mc_num=args.mc_num,
+    estimate = engine.log_likelihood(args.prompt, args.answer, chat=args.chat, system=args.system,
+                                     mc_num=args.mc_num,
                                      batch_size=args.batch_size, cfg_scale=args.cfg_scale, seed=args.seed)
     print(f"{estimate:.6f}")
     return 0

@@ -19,6 +19,9 @@ from .likelihood import log_likelihood
 from .model import LLaDAModel, llada_model_of
 from .sampler import BlockEvent, DecodeStats, generate, infill, stream
 
+# A prompt: text, or (for chat) a conversation of {"role": ..., "content": ...} messages.
+Prompt = Union[str, Sequence[dict]]
+
 
 def load(path: Union[str, os.PathLike, None] = None, *, device=None, dtype: Optional[torch.dtype] = None
          ) -> "Engine":
@@ -47,19 +50,32 @@ class Engine:
         self.stop_ids = {config.eos_token_id, config.eot_token_id} - {None}
         self.pad_id = config.eos_token_id  # masked out: any id but the mask would do
 
-    def encode(self, text: str, chat: bool = False) -> list[int]:
-        """The prompt's token ids; with ``chat``, wrapped in the chat template
-        as one user turn, ready for the assistant's answer."""
-        if not isinstance(text, str):
-            raise TypeError(f"prompt: expected a str, got {type(text).__name__}")
-        if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError("chat: the tokenizer has no chat template (a base model?); "
-                                 "leave chat off to use the text as it stands")
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-            )
-        return self.tokenizer(text, add_special_tokens=not chat)["input_ids"]
+    def encode(self, prompt: Prompt, chat: bool = False, system: Optional[str] = None) -> list[int]:
+        """The prompt's token ids. With ``chat``, the prompt goes through the
+        chat template, ready for the assistant's answer: a str as one user
+        turn, or a conversation (a list of ``{"role": ..., "content": ...}``
+        messages, e.g. earlier turns) as it stands; ``system`` adds a system
+        message first."""
+        if not chat:
+            if system is not None:
+                raise ValueError("system: a system message needs chat=True")
+            if _is_conversation(prompt):
+                raise ValueError("prompt: a conversation (a list of messages) needs chat=True")
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt: expected a str, got {type(prompt).__name__}")
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("chat: the tokenizer has no chat template (a base model?); "
+                             "leave chat off to use the text as it stands")
+        messages = _messages(prompt)
+        if system is not None:
+            if not isinstance(system, str):
+                raise TypeError(f"system: expected a str, got {type(system).__name__}")
+            if messages[0]["role"] == "system":
+                raise ValueError("system: the conversation already starts with a system message")
+            messages = [{"role": "system", "content": system}] + messages
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of generated ids up to the first EOS/EoT, special tokens dropped."""
@@ -70,10 +86,12 @@ class Engine:
                 break
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def generate(self, prompts: Union[str, Sequence[str]], *, chat: bool = False, batch_size: int = 8,
-                 stop: Union[str, Sequence[str]] = (), stats: Optional[DecodeStats] = None,
-                 **options) -> Union[str, list[str]]:
+    def generate(self, prompts: Union[Prompt, Sequence[Prompt]], *, chat: bool = False,
+                 system: Optional[str] = None, batch_size: int = 8, stop: Union[str, Sequence[str]] = (),
+                 stats: Optional[DecodeStats] = None, **options) -> Union[str, list[str]]:
         """The answer to a prompt, or the answers to a list of prompts in order.
+        A prompt is a str or, with ``chat``, a conversation (see :meth:`encode`,
+        which ``system`` goes to).
 
         A list is decoded ``batch_size`` prompts at a time, each batch
         left-padded to its longest prompt. An answer ends at its first EOS/EoT
@@ -86,34 +104,36 @@ class Engine:
         :class:`DecodeStats` passed as ``stats`` gathers the work of every
         batch.
         """
-        single = isinstance(prompts, str)
+        single = isinstance(prompts, str) or _is_conversation(prompts)
         texts = [prompts] if single else _prompt_list(prompts)
         if not _is_positive_int(batch_size):
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
         stop = _stop_strings(stop)
         _check_stats(stats)
         if single and stop:
-            return "".join(self.stream(prompts, chat=chat, stop=stop, stats=stats, **options))
+            return "".join(self.stream(prompts, chat=chat, system=system, stop=stop, stats=stats, **options))
         answers = []
         for first in range(0, len(texts), batch_size):
             batch = texts[first: first + batch_size]
-            prompt, attention_mask = self._pad([self.encode(text, chat) for text in batch])
+            prompt, attention_mask = self._pad([self.encode(text, chat, system) for text in batch])
             out, batch_stats = generate(self.model, prompt, attention_mask, return_stats=True, **options)
             answers += [cut_at_stop(self.decode(row), stop)[0] for row in out[:, prompt.shape[1]:].tolist()]
             if stats is not None:
                 stats.add(batch_stats)
         return answers[0] if single else answers
 
-    def stream(self, prompt: str, *, chat: bool = False, stop: Union[str, Sequence[str]] = (),
-               stats: Optional[DecodeStats] = None, **options) -> Iterator[str]:
-        """The answer to one prompt, piece by piece: each piece is the text a
+    def stream(self, prompt: Prompt, *, chat: bool = False, system: Optional[str] = None,
+               stop: Union[str, Sequence[str]] = (), stats: Optional[DecodeStats] = None,
+               **options) -> Iterator[str]:
+        """The answer to one prompt (see :meth:`encode` for ``chat`` and
+        ``system``), piece by piece: each piece is the text a
         finished block added, so the pieces join to :meth:`generate`'s answer.
         It ends at the first EOS/EoT, or before the first of the ``stop``
         strings, without decoding further blocks. ``options`` are
         :func:`llada.stream`'s."""
         stop = _stop_strings(stop)
         _check_stats(stats)
-        ids = torch.tensor([self.encode(prompt, chat)], dtype=torch.long)
+        ids = torch.tensor([self.encode(prompt, chat, system)], dtype=torch.long)
         answer, shown = [], ""
         events = stream(self.model, ids, stats=stats, **options)
         try:
@@ -186,7 +206,8 @@ class Engine:
             texts.append(self.tokenizer.decode([t for t in gap if t not in self.stop_ids], skip_special_tokens=True))
         return texts
 
-    def log_likelihood(self, prompt: str, answer: str, *, chat: bool = False, **options) -> float:
+    def log_likelihood(self, prompt: Prompt, answer: str, *, chat: bool = False, system: Optional[str] = None,
+                       **options) -> float:
         """An estimate of log p(answer | prompt) (the prompt as :meth:`encode`
         makes it; the answer's text tokenized as it stands). ``options`` are
         :func:`llada.log_likelihood`'s (``mc_num``, ``batch_size``,
@@ -194,7 +215,7 @@ class Engine:
         if not isinstance(answer, str):
             raise TypeError(f"answer: expected a str, got {type(answer).__name__}")
         answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-        return log_likelihood(self.model, self.encode(prompt, chat), answer_ids, **options)
+        return log_likelihood(self.model, self.encode(prompt, chat, system), answer_ids, **options)
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids [B, Lp] and the attention mask marking the real tokens."""
@@ -204,15 +225,35 @@ class Engine:
         return ids, mask
 
 
-def _prompt_list(prompts) -> list[str]:
+def _prompt_list(prompts) -> list[Prompt]:
     if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"prompts: expected a str or a list of str, got {type(prompts).__name__}")
+        raise TypeError(f"prompts: expected a str, a conversation or a list of them, got {type(prompts).__name__}")
     if not prompts:
         raise ValueError("prompts: expected at least one prompt, got an empty list")
-    for i, text in enumerate(prompts):
-        if not isinstance(text, str):
-            raise TypeError(f"prompts[{i}]: expected a str, got {type(text).__name__}")
+    for i, prompt in enumerate(prompts):
+        if not (isinstance(prompt, str) or _is_conversation(prompt)):
+            raise TypeError(f"prompts[{i}]: expected a str or a conversation (a list of messages), "
+                            f"got {type(prompt).__name__}")
     return list(prompts)
+
+
+def _is_conversation(prompt) -> bool:
+    """A list of messages (dicts), rather than a list of prompts."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], dict)
+
+
+def _messages(prompt) -> list[dict]:
+    """The chat messages of a prompt: a str is one user turn; a conversation
+    is checked (each message a dict with str "role" and "content")."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if not _is_conversation(prompt):
+        raise TypeError(f"prompt: expected a str or a conversation (a non-empty list of messages), got {prompt!r}")
+    for i, message in enumerate(prompt):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise TypeError(f'prompt[{i}]: expected a message {{"role": str, "content": str}}, got {message!r}')
+    return [dict(message) for message in prompt]
 
 
 def _stop_strings(stop) -> tuple[str, ...]:
