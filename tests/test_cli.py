@@ -277,3 +277,46 @@ def test_a_model_too_large_for_memory_is_a_clear_error(checkpoint, monkeypatch, 
     monkeypatch.setattr(llada.checkpoint, "_available_host_memory", lambda: 1000)
     assert main(["generate", "--model", str(checkpoint), *ARGS, "Hi"]) == 2
     assert "llada: error: dtype: the model's" in capsys.readouterr().err
+
+
+def _chat(checkpoint, monkeypatch, capsys, lines, *flags):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    assert main(["chat", "--model", str(checkpoint), *ARGS, *flags]) == 0
+    return capsys.readouterr()
+
+
+def _templated(folder, messages):
+    return llada.load_tokenizer(folder).apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def test_chat_answers_each_turn_with_the_conversation_so_far(checkpoint, monkeypatch, capsys):
+    out = _chat(checkpoint, monkeypatch, capsys, ["Hi", "", "And then?", "/reset", "Bye"],
+                "--system", "Be kind.").out.split("\n")
+    system = [{"role": "system", "content": "Be kind."}]
+    first = oracle_answer(checkpoint, _templated(checkpoint, system + [{"role": "user", "content": "Hi"}]))
+    second = oracle_answer(checkpoint, _templated(checkpoint, system + [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
+        {"role": "user", "content": "And then?"}]))
+    third = oracle_answer(checkpoint, _templated(checkpoint, system + [{"role": "user", "content": "Bye"}]))
+    assert "\n".join(out) == f"{first}\n{second}\n{third}\n"
+
+
+def test_chat_drops_the_oldest_turns_that_no_longer_fit(tmp_path, monkeypatch, capsys):
+    folder = make_checkpoint(tmp_path, seed=4, max_sequence_length=80)  # 64 tokens of prompt at most
+    turns = ["Hi there", "More please", "And the last", "Done now"]
+    captured = _chat(folder, monkeypatch, capsys, turns + ["x " * 40])
+    assert "dropped its oldest turn" in captured.err
+    assert "the message alone is too long" in captured.err
+    # Each answer saw what fitted: the latest turns, as many as 64 tokens take.
+    tok = llada.load_tokenizer(folder)
+    kept: list[dict] = []
+    expected = ""
+    for text in turns:
+        kept.append({"role": "user", "content": text})
+        while len(tok(_templated(folder, kept), add_special_tokens=False)["input_ids"]) > 64:
+            kept = kept[2:]
+        answer = oracle_answer(folder, _templated(folder, kept))
+        expected += answer + "\n"
+        kept.append({"role": "assistant", "content": answer})
+    assert captured.out == expected
+    assert len(kept) < 2 * len(turns)  # something was dropped

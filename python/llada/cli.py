@@ -2,6 +2,7 @@
 
     llada generate --model PATH [--chat] [--steps N ...] [--policy fast] "prompt"
     llada generate --model PATH --prompts-file prompts.jsonl [--batch-size N ...]
+    llada chat --model PATH [--system "..."] [--policy fast ...]
     llada infill --model PATH --prefix "..." --suffix "..." --length N
     llada likelihood --model PATH --prompt "..." --answer "..." [--mc-num N]
     llada train (--corpus stdlib | --task NAME) --out DIR ...
@@ -41,29 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
                           '"answer": ...}, in the file\'s order')
     gen.add_argument("--batch-size", type=int, default=8,
                      help="with --prompts-file: prompts decoded together, left-padded (default: 8)")
-    gen.add_argument("--model", help="checkpoint folder (Hugging Face LLaDA format); default: the bundled model")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.add_argument("--system", metavar="TEXT", help="with --chat: a system message before the prompt")
-    gen.add_argument("--steps", type=int, default=128,
-                     help="forwards in all under the fixed schedule (default: 128)")
-    gen.add_argument("--gen-length", type=int, default=128, help="tokens to generate (default: 128)")
-    gen.add_argument("--block-length", type=int, default=32,
-                     help="tokens decoded as one semi-autoregressive block (default: 32)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    gen.add_argument("--cfg-scale", type=float, default=0.0,
-                     help="classifier-free guidance scale (default: 0, off)")
-    gen.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence",
-                     help="the official ranking option (--ranking offers more)")
-    gen.add_argument("--seed", type=int, default=None, help="for sampling and random ranking")
-    gen.add_argument("--stop", action="append", metavar="TEXT",
-                     help="end the answer before this text (repeatable; in bash, $'\\n\\n' is two "
-                          "line breaks); no block after the one that completes it is decoded")
-    gen.add_argument("--device", help="default: cuda when available, else cpu")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), help=DTYPE_HELP)
+    add_decoding_arguments(gen, chat_flag=True)
     gen.add_argument("--show-steps", action="store_true", help="show the canvas filling in")
     gen.add_argument("--stream", action="store_true", help="print the answer block by block as it is final")
     add_policy_arguments(gen)
     gen.set_defaults(run=run_generate)
+
+    talk = sub.add_parser("chat", help="talk with a chat model, turn by turn (reads standard input)")
+    add_decoding_arguments(talk, chat_flag=False)
+    add_policy_arguments(talk)
+    talk.set_defaults(run=run_chat)
 
     fill = sub.add_parser("infill", help="fill a gap between a prefix and a suffix")
     fill.add_argument("--model", help="checkpoint folder (Hugging Face LLaDA format); default: the bundled model")
@@ -104,6 +92,37 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("--shards", type=int, default=None, help="default: 1, 8 for 8b-shape")
     rnd.set_defaults(run=run_make_random)
     return parser
+
+
+def add_decoding_arguments(parser, chat_flag: bool) -> None:
+    """The model, the prompt's template and the decoding, shared by generate and chat."""
+    parser.add_argument("--model", help="checkpoint folder (Hugging Face LLaDA format); default: the bundled model")
+    if chat_flag:
+        parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    parser.add_argument("--system", metavar="TEXT",
+                        help="a system message before the prompt" + (" (with --chat)" if chat_flag else ""))
+    parser.add_argument("--steps", type=int, default=128,
+                        help="forwards in all under the fixed schedule (default: 128)")
+    parser.add_argument("--gen-length", type=int, default=128, help="tokens to generate (default: 128)")
+    parser.add_argument("--block-length", type=int, default=32,
+                        help="tokens decoded as one semi-autoregressive block (default: 32)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    parser.add_argument("--cfg-scale", type=float, default=0.0,
+                        help="classifier-free guidance scale (default: 0, off)")
+    parser.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence",
+                        help="the official ranking option (--ranking offers more)")
+    parser.add_argument("--seed", type=int, default=None, help="for sampling and random ranking")
+    parser.add_argument("--stop", action="append", metavar="TEXT",
+                        help="end the answer before this text (repeatable; in bash, $'\\n\\n' is two "
+                             "line breaks); no block after the one that completes it is decoded")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help=DTYPE_HELP)
+
+
+def decoding_options(args, policy) -> dict:
+    return dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
+                temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
+                seed=args.seed, policy=policy)
 
 
 def add_policy_arguments(parser) -> None:
@@ -237,9 +256,7 @@ def run_generate(args, parser) -> int:
             parser.error('--prompts-file: a line with "messages" (a conversation) needs --chat')
     policy = policy_from_arguments(args, parser)
     engine = load_for_cli(args)
-    options = dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
-                   temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
-                   seed=args.seed, policy=policy)
+    options = decoding_options(args, policy)
     stats, stop = DecodeStats(), tuple(args.stop or ())
     if args.prompts_file is not None:
         # Batch by batch, so that answers appear as their batch is done.
@@ -262,6 +279,59 @@ def run_generate(args, parser) -> int:
         with _StepDisplay(args.show_steps, args.steps, engine, len(ids)) as show:
             out, stats = generate(engine.model, prompt, on_step=show.update, return_stats=True, **options)
         print(cut_at_stop(engine.decode(out[0, len(ids):].tolist()), stop)[0])
+    if args.stats:
+        print_stats(stats)
+    return 0
+
+
+def run_chat(args, parser) -> int:
+    """One user turn per line of standard input, each answered (printed as its
+    blocks are final) with the whole conversation so far in the prompt.
+    "/reset" starts a new conversation; end of input ends the chat. Turns
+    that no longer fit the model's context are dropped from the oldest on,
+    with a note on standard error."""
+    from .sampler import DecodeStats
+
+    policy = policy_from_arguments(args, parser)
+    engine = load_for_cli(args)
+    options = decoding_options(args, policy)
+    stats, stop = DecodeStats(), tuple(args.stop or ())
+    room = engine.model.config.max_sequence_length - args.gen_length
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print('llada chat: one message per line; "/reset" starts over, Ctrl-D ends.', file=sys.stderr)
+    conversation: list[dict] = []
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.strip() == "/reset":
+            conversation = []
+            print("llada: a new conversation", file=sys.stderr)
+            continue
+        conversation.append({"role": "user", "content": text})
+        while len(engine.encode(conversation, True, args.system)) > room and len(conversation) > 1:
+            conversation = conversation[2:]  # the oldest question and its answer
+            print("llada: the conversation outgrew the model's context: dropped its oldest turn",
+                  file=sys.stderr)
+        if len(engine.encode(conversation, True, args.system)) > room:
+            print(f"llada: error: the message alone is too long for the model's context "
+                  f"({engine.model.config.max_sequence_length} tokens with --gen-length {args.gen_length})",
+                  file=sys.stderr)
+            conversation = []
+            continue
+        answer = []
+        for piece in engine.stream(conversation, chat=True, system=args.system, stop=stop, stats=stats,
+                                   **options):
+            print(piece, end="", flush=True)
+            answer.append(piece)
+        print(flush=True)
+        conversation.append({"role": "assistant", "content": "".join(answer)})
     if args.stats:
         print_stats(stats)
     return 0
