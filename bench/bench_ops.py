@@ -305,7 +305,7 @@ def main() -> int:
     rows += bench_rope(args.device, min_time, gen)
     rows += bench_fused_block_ops(args.device, min_time, gen)
 
-    print(f"\n| op | shape | baseline | llada us | baseline us | speed-up | same result |")
+    print("\n| op | shape | baseline | llada us | baseline us | speed-up | same result |")
     print("|---|---|---|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r.op} | {r.shape} | {r.baseline} | {r.llada_us:.1f} | {r.baseline_us:.1f} "

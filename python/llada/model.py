@@ -320,7 +320,7 @@ def pack_projections(model: "LLaDAModel", pack: bool = True) -> "LLaDAModel":
     """
     for block in model.model.transformer["blocks"]:
         for group in _projection_groups(block):
-            weights = [linear.weight for linear in group]
+            weights = [layer.weight for layer in group]
             if len({(w.dtype, w.device) for w in weights}) > 1 or weights[0].device.type == "meta":
                 continue  # no buffer they could share
             if (_back_to_back(weights) is not None) == pack:
@@ -330,8 +330,8 @@ def pack_projections(model: "LLaDAModel", pack: bool = True) -> "LLaDAModel":
                 parts = buffer.split([w.shape[0] for w in weights])
             else:
                 parts = [w.detach().clone() for w in weights]
-            for linear, w, part in zip(group, weights, parts):
-                linear.weight = nn.Parameter(part, requires_grad=w.requires_grad)
+            for layer, w, part in zip(group, weights, parts):
+                layer.weight = nn.Parameter(part, requires_grad=w.requires_grad)
     return model
 
 

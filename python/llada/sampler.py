@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from . import ops
-from .model import LLaDAModel, llada_model_of
+from .model import llada_model_of
 from .policies import DecodePolicy, demote, ranking_scores, select
 from .token_ids import check_token_ids
 from .workspace import Workspace, checkin, checkout
@@ -144,8 +144,9 @@ def generate(
     tokens at temperature 0.
 
     Args:
-        model: a :class:`LLaDAModel` (or any model whose ``model(ids,
-            attention_mask=...).logits`` is [B, L, V]; caches need LLaDAModel).
+        model: a :class:`LLaDAModel`, or what ``torch.compile`` made of one
+            (or any model whose ``model(ids, attention_mask=...).logits`` is
+            [B, L, V]; caches need one of the first two).
         prompt: int64 [B, Lp], left-padded with the pad id when rows differ.
         attention_mask: [B, Lp] of 1/0 (0 = padding), or None.
         steps: forwards in all under the fixed schedule; each of the
