@@ -243,6 +243,14 @@ def test_likelihood_prints_the_estimate(checkpoint, capsys):
     assert main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--prompt", "Q: hi",
                  "--answer", " there", "--mc-num", "32", "--seed", "4"]) == 0
     assert float(capsys.readouterr().out) == pytest.approx(expected, abs=1e-6)
+    # Several answers: one line each, in order, each with the same draws.
+    answers = [" there", " you", " x"]
+    expected = [llada.log_likelihood(model, tok("Q: hi", add_special_tokens=False)["input_ids"],
+                                     tok(a, add_special_tokens=False)["input_ids"], mc_num=16, seed=9)
+                for a in answers]
+    assert main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--prompt", "Q: hi", "--mc-num", "16",
+                 "--seed", "9", *[arg for a in answers for arg in ("--answer", a)]]) == 0
+    assert [float(x) for x in capsys.readouterr().out.split()] == pytest.approx(expected, abs=1e-6)
     assert main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--prompt", "Q",
                  "--answer", ""]) == 2
     assert "answer" in capsys.readouterr().err

@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("likelihood", help="estimate log p(answer | prompt)")
     score.add_argument("--model", help="checkpoint folder (Hugging Face LLaDA format); default: the bundled model")
     score.add_argument("--prompt", required=True, help="the prompt text")
-    score.add_argument("--answer", required=True, help="the answer text to score")
+    score.add_argument("--answer", required=True, action="append",
+                       help="the answer text to score (repeatable: one estimate per line, in order, "
+                            "every answer with the same Monte Carlo draws)")
     score.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     score.add_argument("--system", metavar="TEXT", help="with --chat: a system message before the prompt")
     score.add_argument("--mc-num", type=int, default=128, help="Monte Carlo draws (default: 128)")
@@ -382,10 +384,14 @@ def read_prompts(path: str) -> list[dict]:
 def run_likelihood(args, parser) -> int:
     check_system(args, parser)
     engine = load_for_cli(args)
-    estimate = engine.log_likelihood(args.prompt, args.answer, chat=args.chat, system=args.system,
-                                     mc_num=args.mc_num,
-                                     batch_size=args.batch_size, cfg_scale=args.cfg_scale, seed=args.seed)
-    print(f"{estimate:.6f}")
+    # One seed for every answer: the same draws make their estimates'
+    # differences less noisy than their values.
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**62, (1,)))
+    for answer in args.answer:
+        estimate = engine.log_likelihood(args.prompt, answer, chat=args.chat, system=args.system,
+                                         mc_num=args.mc_num, batch_size=args.batch_size,
+                                         cfg_scale=args.cfg_scale, seed=seed)
+        print(f"{estimate:.6f}", flush=True)
     return 0
 
 
