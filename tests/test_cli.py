@@ -328,3 +328,10 @@ def test_chat_drops_the_oldest_turns_that_no_longer_fit(tmp_path, monkeypatch, c
         kept.append({"role": "assistant", "content": answer})
     assert captured.out == expected
     assert len(kept) < 2 * len(turns)  # something was dropped
+
+
+def test_python_dash_m_runs_the_command(checkpoint):
+    run = subprocess.run([sys.executable, "-m", "llada", "generate", "--model", str(checkpoint), *ARGS, "Hello there"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == oracle_answer(checkpoint, "Hello there") + "\n"
