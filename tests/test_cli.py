@@ -335,3 +335,33 @@ def test_python_dash_m_runs_the_command(checkpoint):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout == oracle_answer(checkpoint, "Hello there") + "\n"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_ctrl_c_at_a_terminal_stops_the_answer_not_the_chat(checkpoint, monkeypatch, capsys):
+    real_stream = llada.Engine.stream
+    calls = []
+
+    def stream(self, prompt, **options):
+        calls.append(list(prompt))  # as it was at the call
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_stream(self, prompt, **options)
+
+    monkeypatch.setattr(llada.Engine, "stream", stream)
+    monkeypatch.setattr(sys, "stdin", _Terminal("First\nSecond\n"))
+    assert main(["chat", "--model", str(checkpoint), *ARGS]) == 0
+    captured = capsys.readouterr()
+    assert "answer interrupted" in captured.err
+    # The interrupted turn is not part of the conversation the second answer sees.
+    assert calls[1] == [{"role": "user", "content": "Second"}]
+    second = oracle_answer(checkpoint, _templated(checkpoint, [{"role": "user", "content": "Second"}]))
+    assert captured.out == "\n" + second + "\n"
+    # Not at a terminal, Ctrl-C ends the command.
+    calls.clear()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("First\n"))
+    assert main(["chat", "--model", str(checkpoint), *ARGS]) == 130

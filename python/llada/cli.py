@@ -289,9 +289,10 @@ def run_generate(args, parser) -> int:
 def run_chat(args, parser) -> int:
     """One user turn per line of standard input, each answered (printed as its
     blocks are final) with the whole conversation so far in the prompt.
-    "/reset" starts a new conversation; end of input ends the chat. Turns
-    that no longer fit the model's context are dropped from the oldest on,
-    with a note on standard error."""
+    "/reset" starts a new conversation; end of input ends the chat, and at a
+    terminal Ctrl-C stops the answer under way. Turns that no longer fit the
+    model's context are dropped from the oldest on, with a note on standard
+    error."""
     from .sampler import DecodeStats
 
     policy = policy_from_arguments(args, parser)
@@ -301,7 +302,8 @@ def run_chat(args, parser) -> int:
     room = engine.model.config.max_sequence_length - args.gen_length
     interactive = sys.stdin.isatty()
     if interactive:
-        print('llada chat: one message per line; "/reset" starts over, Ctrl-D ends.', file=sys.stderr)
+        print('llada chat: one message per line; "/reset" starts over, Ctrl-C stops an answer, Ctrl-D ends.',
+              file=sys.stderr)
     conversation: list[dict] = []
     while True:
         if interactive:
@@ -328,10 +330,19 @@ def run_chat(args, parser) -> int:
             conversation = []
             continue
         answer = []
-        for piece in engine.stream(conversation, chat=True, system=args.system, stop=stop, stats=stats,
-                                   **options):
-            print(piece, end="", flush=True)
-            answer.append(piece)
+        try:
+            for piece in engine.stream(conversation, chat=True, system=args.system, stop=stop, stats=stats,
+                                       **options):
+                print(piece, end="", flush=True)
+                answer.append(piece)
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            # At a terminal Ctrl-C stops this answer, not the chat (and its loaded model).
+            print(flush=True)
+            print("llada: answer interrupted; the message is left out of the conversation", file=sys.stderr)
+            conversation.pop()
+            continue
         print(flush=True)
         conversation.append({"role": "assistant", "content": "".join(answer)})
     if args.stats:
