@@ -319,11 +319,11 @@ def run_chat(args, parser) -> int:
             print("llada: a new conversation", file=sys.stderr)
             continue
         conversation.append({"role": "user", "content": text})
-        while len(engine.encode(conversation, True, args.system)) > room and len(conversation) > 1:
+        while (length := len(engine.encode(conversation, True, args.system))) > room and len(conversation) > 1:
             conversation = conversation[2:]  # the oldest question and its answer
             print("llada: the conversation outgrew the model's context: dropped its oldest turn",
                   file=sys.stderr)
-        if len(engine.encode(conversation, True, args.system)) > room:
+        if length > room:
             print(f"llada: error: the message alone is too long for the model's context "
                   f"({engine.model.config.max_sequence_length} tokens with --gen-length {args.gen_length})",
                   file=sys.stderr)
