@@ -224,9 +224,21 @@ def test_bad_infill_arguments(model):
         llada.infill(model, gap, attention_mask=torch.tensor([2, 1, 1, 1]))
     with pytest.raises(ValueError, match="canvas: holds mask tokens at padded positions"):
         llada.infill(model, gap, attention_mask=torch.tensor([1, 0, 1, 1]))
-    with pytest.raises(TypeError, match="policy"):
+    with pytest.raises(ValueError, match=r"policy: expected a DecodePolicy or one of \('exact', 'fast'\)"):
         llada.generate(model, torch.zeros(1, 3, dtype=torch.long), steps=4, gen_length=4,
-                       block_length=4, policy="fast")
+                       block_length=4, policy="fastest")
+    with pytest.raises(TypeError, match="policy: expected a DecodePolicy or a name"):
+        llada.generate(model, torch.zeros(1, 3, dtype=torch.long), steps=4, gen_length=4,
+                       block_length=4, policy=3)
+
+
+@pytest.mark.parametrize("name, policy", [("exact", DecodePolicy()), ("fast", DecodePolicy.fast())])
+def test_a_policy_by_name(model, name, policy):
+    assert DecodePolicy.named(name) == policy
+    prompt = torch.randint(0, model.config.mask_token_id, (1, 5), generator=torch.Generator().manual_seed(3))
+    args = dict(steps=8, gen_length=16, block_length=8)
+    assert torch.equal(llada.generate(model, prompt, policy=name, **args),
+                       llada.generate(model, prompt, policy=policy, **args))
 
 
 class EndsWhenAskedTo(torch.nn.Module):

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .policies import CACHES, COMMIT_RULES, RANKINGS, DecodePolicy
+from .policies import CACHES, COMMIT_RULES, POLICY_NAMES, RANKINGS, DecodePolicy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MASK_GLYPH = {True: "░", False: "_"}  # terminal, plain text
@@ -129,7 +129,7 @@ def decoding_options(args, policy) -> dict:
 
 def add_policy_arguments(parser) -> None:
     group = parser.add_argument_group("decoding policy (see llada.DecodePolicy)")
-    group.add_argument("--policy", choices=("exact", "fast"), default="exact",
+    group.add_argument("--policy", choices=POLICY_NAMES, default="exact",
                        help="exact: the official algorithm; fast: dual cache + threshold 0.9")
     group.add_argument("--commit", choices=COMMIT_RULES,
                        help="how many positions per step (default: schedule, the official one)")
@@ -156,7 +156,7 @@ POLICY_FIELDS = ("commit", "threshold", "factor", "gamma", "ranking", "cache", "
 
 def policy_from_arguments(args, parser=None):
     """The DecodePolicy the flags ask for; a bad value is reported as its flag."""
-    base = DecodePolicy.fast() if args.policy == "fast" else DecodePolicy()
+    base = DecodePolicy.named(args.policy)
     changes = {name: getattr(args, name) for name in POLICY_FIELDS if getattr(args, name) is not None}
     if args.early_stop:
         changes["early_stop"] = True

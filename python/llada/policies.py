@@ -58,6 +58,7 @@ from . import ops
 COMMIT_RULES = ("schedule", "threshold", "factor", "entropy_bound")
 RANKINGS = ("probability", "margin", "entropy", "random")
 CACHES = ("none", "prefix", "dual")
+POLICY_NAMES = ("exact", "fast")  # DecodePolicy.named
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,14 @@ class DecodePolicy:
     def fast(cls, **overrides) -> "DecodePolicy":
         """Dual cache + threshold 0.9: the published fast setting."""
         return cls(**{"commit": "threshold", "cache": "dual", **overrides})
+
+    @classmethod
+    def named(cls, name: str) -> "DecodePolicy":
+        """A policy by its name, as the CLI's ``--policy`` takes it: ``"exact"``
+        (the official algorithm) or ``"fast"``."""
+        if name not in POLICY_NAMES:
+            raise ValueError(f"policy: expected a DecodePolicy or one of {POLICY_NAMES}, got {name!r}")
+        return cls.fast() if name == "fast" else cls()
 
 
 def ranking_scores(choice: ops.TokenChoice, ranking: str, noise: Optional[torch.Tensor]) -> torch.Tensor:

@@ -168,7 +168,8 @@ def generate(
         seed: makes temperature > 0 and 'random' reproducible; None draws one
             from torch's global generator.
         policy: a :class:`DecodePolicy` (commit rule, ranking, cache, early
-            stop, re-masking); the default is the official algorithm.
+            stop, re-masking), or the name ``"exact"`` (the default: the
+            official algorithm) or ``"fast"`` (:meth:`DecodePolicy.fast`).
         on_step: called as ``on_step(step, total_steps, canvas)`` after every
             step; ``canvas`` is the live [B, Lp + gen_length] tensor (read only).
         return_stats: also return a :class:`DecodeStats`.
@@ -303,8 +304,10 @@ def _resolve_policy(policy, remasking) -> DecodePolicy:
         raise ValueError(f"remasking: expected one of {REMASKING}, got {remasking!r}")
     if policy is None:
         policy = DecodePolicy()
+    elif isinstance(policy, str):
+        policy = DecodePolicy.named(policy)
     if not isinstance(policy, DecodePolicy):
-        raise TypeError(f"policy: expected a DecodePolicy, got {type(policy).__name__}")
+        raise TypeError(f"policy: expected a DecodePolicy or a name, got {type(policy).__name__}")
     if remasking == "random" and policy.ranking == "probability":
         policy = replace(policy, ranking="random")
     return policy
