@@ -29,6 +29,8 @@ _TILE_BYTES = 8 << 20  # of float32 weight rows: measured best among 1-8 MB
 _MIN_TILE_ROWS = 128  # fewer rows per product and BLAS runs below its speed
 
 _cpu_matmul = os.environ.get("LLADA_CPU_MATMUL", "auto")
+if _cpu_matmul not in CPU_MATMUL_MODES:
+    raise ValueError(f"LLADA_CPU_MATMUL: expected one of {CPU_MATMUL_MODES}, got {_cpu_matmul!r}")
 
 
 def set_cpu_matmul(mode: str) -> None:
@@ -62,10 +64,7 @@ def _tiles_in_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
-    mode = _cpu_matmul
-    if mode not in CPU_MATMUL_MODES:
-        raise ValueError(f"LLADA_CPU_MATMUL: expected one of {CPU_MATMUL_MODES}, got {mode!r}")
-    return mode == "float32" or (mode == "auto" and not _NATIVE[weight.dtype])
+    return _cpu_matmul == "float32" or (_cpu_matmul == "auto" and not _NATIVE[weight.dtype])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
