@@ -194,6 +194,26 @@ def test_bad_policies_are_named():
         DecodePolicy(commit="threshold", threshold=2.0)
 
 
+def test_settings_the_policy_would_not_use_are_refused():
+    import dataclasses
+
+    for name, value, rule in (("threshold", 0.5, "threshold"), ("factor", 2.0, "factor"),
+                              ("gamma", 0.3, "entropy_bound")):
+        for other in ("schedule", "threshold", "factor", "entropy_bound"):
+            if other == rule:
+                assert getattr(DecodePolicy(commit=other, **{name: value}), name) == value
+            else:
+                with pytest.raises(ValueError, match=f"^{name}: used by commit='{rule}' only"):
+                    DecodePolicy(commit=other, **{name: value})
+    with pytest.raises(ValueError, match="^refresh_every: used with a cache"):
+        DecodePolicy(refresh_every=2)
+    assert DecodePolicy(cache="prefix", refresh_every=2).refresh_every == 2
+    # Switching the rule of a tuned policy would drop its setting: refused too.
+    with pytest.raises(ValueError, match="^threshold:"):
+        dataclasses.replace(DecodePolicy.fast(threshold=0.7), commit="factor")
+    assert dataclasses.replace(DecodePolicy.fast(), commit="factor").commit == "factor"
+
+
 def test_bad_infill_arguments(model):
     with pytest.raises(ValueError, match="canvas"):
         llada.infill(model, torch.zeros(1, 5, dtype=torch.long))
@@ -390,8 +410,9 @@ def test_whole_block_steps_property(model, monkeypatch, seed, batch, blocks, blo
     mask = torch.ones_like(prompt)
     mask[0, : seed % 3] = 0  # some left padding in the first row
     prompt[mask == 0] = model.config.pad_token_id
-    policy = DecodePolicy(commit=commit, ranking=ranking, cache=cache, early_stop=early_stop,
-                          threshold=0.4, factor=1.5, gamma=0.5)
+    setting = {"threshold": dict(threshold=0.4), "factor": dict(factor=1.5),
+               "entropy_bound": dict(gamma=0.5)}.get(commit, {})
+    policy = DecodePolicy(commit=commit, ranking=ranking, cache=cache, early_stop=early_stop, **setting)
     steps_per_block = min(steps_per_block, block_length)  # at most one step per position
     kw = dict(steps=blocks * steps_per_block, gen_length=blocks * block_length, block_length=block_length,
               cfg_scale=1.0 if guided else 0.0, confidence_eos_eot_inf=stops_last, policy=policy,

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .policies import CACHES, COMMIT_RULES, POLICY_NAMES, RANKINGS, DecodePolicy
+from .policies import CACHES, COMMIT_RULES, POLICY_NAMES, RANKINGS, RULE_OF_SETTING, DecodePolicy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MASK_GLYPH = {True: "░", False: "_"}  # terminal, plain text
@@ -156,34 +156,30 @@ POLICY_FIELDS = ("commit", "threshold", "factor", "gamma", "ranking", "cache", "
 
 def policy_from_arguments(args, parser=None):
     """The DecodePolicy the flags ask for; a bad value is reported as its flag."""
+
+    def fail(message):
+        if parser is None:
+            raise ValueError(message)
+        parser.error(message)
+
     base = DecodePolicy.named(args.policy)
     changes = {name: getattr(args, name) for name in POLICY_FIELDS if getattr(args, name) is not None}
     if args.early_stop:
         changes["early_stop"] = True
+    # A flag the policy would not use is an error, even when it gives the default.
+    commit, cache = changes.get("commit", base.commit), changes.get("cache", base.cache)
+    for name, rule in RULE_OF_SETTING.items():
+        if name in changes and commit != rule:
+            fail(f"--{name}: applies with --commit {rule}; this policy commits by {commit!r}")
+    if "refresh_every" in changes and cache == "none":
+        fail("--refresh-every: applies with a cache (--cache prefix or dual); this policy has no cache")
     try:
-        policy = DecodePolicy(**{**base.__dict__, **changes})
+        return DecodePolicy(**{**base.__dict__, **changes})
     except ValueError as e:
         field, _, reason = str(e).partition(": ")
         if parser is None or field not in POLICY_FIELDS:
             raise
-        parser.error(f"--{field.replace('_', '-')}: {reason}")
-    # A flag the policy would not use is an error, not a silent no-op.
-    unused = [(f"--{name}", f"--commit {rule}", f"commits by {policy.commit!r}")
-              for name, rule in COMMIT_RULE_OF_FLAG.items()
-              if name in changes and policy.commit != rule]
-    if "refresh_every" in changes and policy.cache == "none":
-        unused.append(("--refresh-every", "a cache (--cache prefix or dual)", "has no cache"))
-    if unused:
-        flag, needs, has = unused[0]
-        message = f"{flag}: applies with {needs}; this policy {has}"
-        if parser is None:
-            raise ValueError(message)
-        parser.error(message)
-    return policy
-
-
-# The commit rule each rule-specific flag tunes.
-COMMIT_RULE_OF_FLAG = {"threshold": "threshold", "factor": "factor", "gamma": "entropy_bound"}
+        fail(f"--{field.replace('_', '-')}: {reason}")
 
 
 def load_for_cli(args):

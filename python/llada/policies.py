@@ -48,7 +48,7 @@ remask_below
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -90,6 +90,13 @@ class DecodePolicy:
             raise TypeError(f"cuda_graph: expected a bool, got {type(self.cuda_graph).__name__}")
         if not isinstance(self.refresh_every, int) or self.refresh_every < 0:
             raise ValueError(f"refresh_every: expected an int >= 0, got {self.refresh_every!r}")
+        # A setting the chosen rule would not use is an error, not a silent no-op
+        # (as the CLI's flags are). It is told from the default by its value.
+        for name, rule in RULE_OF_SETTING.items():
+            if self.commit != rule and getattr(self, name) != DEFAULTS[name]:
+                raise ValueError(f"{name}: used by commit={rule!r} only; this policy has commit={self.commit!r}")
+        if self.refresh_every and self.cache == "none":
+            raise ValueError("refresh_every: used with a cache ('prefix' or 'dual') only; this policy has cache='none'")
         if self.remask_below is not None:
             if not 0.0 < self.remask_below < 1.0:
                 raise ValueError(f"remask_below: expected a value in (0, 1), got {self.remask_below}")
@@ -111,6 +118,11 @@ class DecodePolicy:
         if name not in POLICY_NAMES:
             raise ValueError(f"policy: expected a DecodePolicy or one of {POLICY_NAMES}, got {name!r}")
         return cls.fast() if name == "fast" else cls()
+
+
+# The commit rule each rule-specific setting tunes, and the settings' defaults.
+RULE_OF_SETTING = {"threshold": "threshold", "factor": "factor", "gamma": "entropy_bound"}
+DEFAULTS = {f.name: f.default for f in fields(DecodePolicy)}
 
 
 def ranking_scores(choice: ops.TokenChoice, ranking: str, noise: Optional[torch.Tensor]) -> torch.Tensor:
