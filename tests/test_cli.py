@@ -64,10 +64,23 @@ def test_prompts_file_answers_each_prompt_in_order(checkpoint, capsys, tmp_path)
     captured = capsys.readouterr()
     printed = [json.loads(line) for line in captured.out.splitlines()]
     assert [p["prompt"] for p in printed] == texts
-    # Batches of three and one, each decoded together with left padding.
-    expected = oracle_batch_answers(checkpoint, texts[:3]) + oracle_batch_answers(checkpoint, texts[3:])
+    # Batches of three and one, each decoded together with left padding: the
+    # three longest prompts (30, 21 and 2 tokens; "Hi" before "ok") first.
+    longest = oracle_batch_answers(checkpoint, [texts[0], texts[2], texts[1]])
+    expected = [longest[0], longest[2], longest[1], oracle_batch_answers(checkpoint, texts[3:])[0]]
     assert [p["answer"] for p in printed] == expected
     assert "forwards 16," in captured.err  # two batches of 8 forwards
+
+
+def test_prompts_file_longer_than_a_window_keeps_every_prompt_in_order(checkpoint, capsys, tmp_path):
+    from llada.cli import PROMPTS_FILE_WINDOW
+
+    texts = [f"prompt {'x' * (i % 3)} {i}" for i in range(PROMPTS_FILE_WINDOW + 2)]  # two windows of batch 1
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(t) for t in texts), encoding="utf-8")
+    assert main(["generate", "--model", str(checkpoint), *ARGS, "--prompts-file",
+                 str(tmp_path / "prompts.jsonl"), "--batch-size", "1"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == [{"prompt": t, "answer": oracle_answer(checkpoint, t)} for t in texts]
 
 
 def test_system_message_and_conversations(checkpoint, capsys, tmp_path):
@@ -85,8 +98,9 @@ def test_system_message_and_conversations(checkpoint, capsys, tmp_path):
     assert main(["generate", "--model", str(checkpoint), "--chat", "--system", "Be brief.", *ARGS,
                  "--prompts-file", str(path)]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert printed == [{"prompt": "Hey", "answer": a} if i == 0 else {"messages": turns, "answer": a}
-                       for i, a in enumerate(oracle_batch_answers(checkpoint, chats))]
+    longest_first = oracle_batch_answers(checkpoint, chats[::-1])
+    assert printed == [{"prompt": "Hey", "answer": longest_first[1]},
+                       {"messages": turns, "answer": longest_first[0]}]
 
 
 @pytest.mark.parametrize("argv, message", [

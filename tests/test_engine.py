@@ -29,10 +29,14 @@ def test_generate_answers_one_prompt_and_a_list_in_order(engine, checkpoint):
     assert engine.generate(texts[0], **SHAPE) == naive_answers(checkpoint, tok, texts[:1], **SHAPE)[0]
     stats = llada.DecodeStats()
     answers = engine.generate(texts, batch_size=2, stats=stats, **SHAPE)
-    # Two batches, each left-padded to its own longest prompt.
-    assert answers == (naive_answers(checkpoint, tok, texts[:2], **SHAPE)
-                       + naive_answers(checkpoint, tok, texts[2:], **SHAPE))
+    # Two batches, each left-padded to its own longest prompt: by default the
+    # two longest prompts (31 and 9 tokens) together, then the 2-token one.
+    longest = naive_answers(checkpoint, tok, [texts[0], texts[2]], **SHAPE)
+    assert answers == [longest[0], naive_answers(checkpoint, tok, texts[1:2], **SHAPE)[0], longest[1]]
     assert stats.nfe == 16 and stats.committed == 3 * 16
+    # by_length=False: batches in the list's order.
+    assert engine.generate(texts, batch_size=2, by_length=False, **SHAPE) == (
+        naive_answers(checkpoint, tok, texts[:2], **SHAPE) + naive_answers(checkpoint, tok, texts[2:], **SHAPE))
 
 
 def test_chat_wraps_the_prompt_in_the_template(engine, checkpoint):
@@ -210,6 +214,7 @@ def test_load_defaults_to_the_bundled_model():
     (lambda e: e.generate([]), ValueError, "prompts"),
     (lambda e: e.generate(["a", None]), TypeError, "prompts[1]"),
     (lambda e: e.generate("a", batch_size=0), ValueError, "batch_size"),
+    (lambda e: e.generate(["a"], by_length=1), TypeError, "by_length"),
     (lambda e: e.generate("a", stats={}), TypeError, "stats"),
     (lambda e: e.generate("a", stop=[""]), TypeError, "stop"),
     (lambda e: e.generate("a", stop=3), TypeError, "stop"),

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                           'prints one JSON object per prompt, {"prompt" (or "messages"): ..., '
                           '"answer": ...}, in the file\'s order')
     gen.add_argument("--batch-size", type=int, default=8,
-                     help="with --prompts-file: prompts decoded together, left-padded (default: 8)")
+                     help="with --prompts-file: prompts decoded together, left-padded; of every "
+                          "8 batches' prompts, the longest share the first batch (default: 8)")
     add_decoding_arguments(gen, chat_flag=True)
     gen.add_argument("--show-steps", action="store_true", help="show the canvas filling in")
     gen.add_argument("--stream", action="store_true", help="print the answer block by block as it is final")
@@ -257,12 +258,14 @@ def run_generate(args, parser) -> int:
     options = decoding_options(args, policy)
     stats, stop = DecodeStats(), tuple(args.stop or ())
     if args.prompts_file is not None:
-        # Batch by batch, so that answers appear as their batch is done.
-        for first in range(0, len(lines), args.batch_size):
-            batch = lines[first: first + args.batch_size]
+        # A window of batches at a time, so that answers appear as the decoding
+        # goes; within a window, batches are formed by prompt length.
+        window = PROMPTS_FILE_WINDOW * args.batch_size
+        for first in range(0, len(lines), window):
+            batch = lines[first: first + window]
             keys = ["prompt" if "prompt" in line else "messages" for line in batch]
             prompts = [line[key] for line, key in zip(batch, keys)]
-            answers = engine.generate(prompts, chat=args.chat, system=args.system, batch_size=len(batch),
+            answers = engine.generate(prompts, chat=args.chat, system=args.system, batch_size=args.batch_size,
                                       stop=stop, stats=stats, **options)
             for key, prompt, answer in zip(keys, prompts, answers):
                 print(json.dumps({key: prompt, "answer": answer}, ensure_ascii=False), flush=True)
@@ -280,6 +283,10 @@ def run_generate(args, parser) -> int:
     if args.stats:
         print_stats(stats)
     return 0
+
+
+# --prompts-file: batches decoded (and grouped by prompt length) between outputs.
+PROMPTS_FILE_WINDOW = 8
 
 
 def run_chat(args, parser) -> int:

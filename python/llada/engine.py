@@ -87,14 +87,19 @@ class Engine:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]], *, chat: bool = False,
-                 system: Optional[str] = None, batch_size: int = 8, stop: Union[str, Sequence[str]] = (),
-                 stats: Optional[DecodeStats] = None, **options) -> Union[str, list[str]]:
+                 system: Optional[str] = None, batch_size: int = 8, by_length: bool = True,
+                 stop: Union[str, Sequence[str]] = (), stats: Optional[DecodeStats] = None,
+                 **options) -> Union[str, list[str]]:
         """The answer to a prompt, or the answers to a list of prompts in order.
         A prompt is a str or, with ``chat``, a conversation (see :meth:`encode`,
         which ``system`` goes to).
 
         A list is decoded ``batch_size`` prompts at a time, each batch
-        left-padded to its longest prompt. An answer ends at its first EOS/EoT
+        left-padded to its longest prompt. With ``by_length`` (the default)
+        the batches are formed longest prompt first, so that prompts of
+        similar lengths share a batch and little of it is padding; otherwise
+        in the list's order. (A row's sampling noise, with a temperature, is
+        keyed by its place in its batch.) An answer ends at its first EOS/EoT
         and before the first of the ``stop`` strings it holds; a single
         prompt with ``stop`` strings is decoded as :meth:`stream` does, so no
         block after the one that completes a stop string costs a forward.
@@ -112,12 +117,20 @@ class Engine:
         _check_stats(stats)
         if single and stop:
             return "".join(self.stream(prompts, chat=chat, system=system, stop=stop, stats=stats, **options))
-        answers = []
-        for first in range(0, len(texts), batch_size):
-            batch = texts[first: first + batch_size]
-            prompt, attention_mask = self._pad([self.encode(text, chat, system) for text in batch])
+        if not isinstance(by_length, bool):
+            raise TypeError(f"by_length: expected a bool, got {type(by_length).__name__}")
+        # Every prompt is encoded first: a bad one fails before any decoding.
+        encoded = [self.encode(text, chat, system) for text in texts]
+        order = list(range(len(texts)))
+        if by_length:
+            order.sort(key=lambda i: -len(encoded[i]))  # stable: equal lengths keep their order
+        answers = [""] * len(texts)
+        for first in range(0, len(order), batch_size):
+            batch = order[first: first + batch_size]
+            prompt, attention_mask = self._pad([encoded[i] for i in batch])
             out, batch_stats = generate(self.model, prompt, attention_mask, return_stats=True, **options)
-            answers += [cut_at_stop(self.decode(row), stop)[0] for row in out[:, prompt.shape[1]:].tolist()]
+            for i, row in zip(batch, out[:, prompt.shape[1]:].tolist()):
+                answers[i] = cut_at_stop(self.decode(row), stop)[0]
             if stats is not None:
                 stats.add(batch_stats)
         return answers[0] if single else answers
