@@ -83,6 +83,19 @@ def test_prompts_file_longer_than_a_window_keeps_every_prompt_in_order(checkpoin
     assert printed == [{"prompt": t, "answer": oracle_answer(checkpoint, t)} for t in texts]
 
 
+def test_prompts_file_shows_progress_on_a_terminal_when_the_answers_go_elsewhere(checkpoint, capsys, tmp_path,
+                                                                                   monkeypatch):
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(t) for t in ["a", "bb", "ccc"]), encoding="utf-8")
+    argv = ["generate", "--model", str(checkpoint), *ARGS, "--prompts-file", str(tmp_path / "prompts.jsonl")]
+    assert main(argv) == 0
+    quiet = capsys.readouterr()
+    assert "3/3" not in quiet.err and len(quiet.out.splitlines()) == 3
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(argv) == 0
+    shown = capsys.readouterr()
+    assert "3/3" in shown.err and shown.out == quiet.out
+
+
 def test_system_message_and_conversations(checkpoint, capsys, tmp_path):
     tok = llada.load_tokenizer(checkpoint)
     system = {"role": "system", "content": "Be brief."}

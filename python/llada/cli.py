@@ -260,15 +260,21 @@ def run_generate(args, parser) -> int:
     if args.prompts_file is not None:
         # A window of batches at a time, so that answers appear as the decoding
         # goes; within a window, batches are formed by prompt length.
+        # With the answers going to a file, a progress bar on the terminal.
+        from tqdm import tqdm
+
         window = PROMPTS_FILE_WINDOW * args.batch_size
-        for first in range(0, len(lines), window):
-            batch = lines[first: first + window]
-            keys = ["prompt" if "prompt" in line else "messages" for line in batch]
-            prompts = [line[key] for line, key in zip(batch, keys)]
-            answers = engine.generate(prompts, chat=args.chat, system=args.system, batch_size=args.batch_size,
-                                      stop=stop, stats=stats, **options)
-            for key, prompt, answer in zip(keys, prompts, answers):
-                print(json.dumps({key: prompt, "answer": answer}, ensure_ascii=False), flush=True)
+        shown = sys.stderr.isatty() and not sys.stdout.isatty()
+        with tqdm(total=len(lines), unit="prompt", file=sys.stderr, disable=not shown, dynamic_ncols=True) as bar:
+            for first in range(0, len(lines), window):
+                batch = lines[first: first + window]
+                keys = ["prompt" if "prompt" in line else "messages" for line in batch]
+                prompts = [line[key] for line, key in zip(batch, keys)]
+                answers = engine.generate(prompts, chat=args.chat, system=args.system,
+                                          batch_size=args.batch_size, stop=stop, stats=stats, **options)
+                for key, prompt, answer in zip(keys, prompts, answers):
+                    print(json.dumps({key: prompt, "answer": answer}, ensure_ascii=False), flush=True)
+                bar.update(len(batch))
     elif args.stream or (stop and not args.show_steps):
         for piece in engine.stream(args.prompt, chat=args.chat, system=args.system, stop=stop, stats=stats,
                                    **options):
