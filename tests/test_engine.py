@@ -8,6 +8,7 @@ import torch
 
 import llada
 from checkpoints import make_checkpoint
+from llada.engine import cut_at_stop
 from naive_llada import naive_answers
 
 SHAPE = dict(steps=8, gen_length=16, block_length=8)
@@ -111,7 +112,7 @@ def talkative(tmp_path_factory):
 
 
 @pytest.mark.parametrize("policy", [None, llada.DecodePolicy.fast()])
-def test_stream_pieces_join_to_the_answer_and_stop_early(talkative, policy):
+def test_stream_pieces_join_to_the_answer_and_both_stop_early(talkative, policy):
     shape = dict(steps=32, gen_length=32, block_length=8, policy=policy)
     prompts = ["once", "upon a time", "x", "tell me"]
     for prompt in prompts:
@@ -121,12 +122,14 @@ def test_stream_pieces_join_to_the_answer_and_stop_early(talkative, policy):
         assert "".join(pieces) == answer
         # Blocks after the one holding the first stop token are not decoded.
         ids = torch.tensor([talkative.encode(prompt)])
-        out = llada.generate(talkative.model, ids, **shape)[0, ids.shape[1]:].tolist()
+        out, full = llada.generate(talkative.model, ids, return_stats=True, **shape)
+        out = out[0, ids.shape[1]:].tolist()
+        assert answer == talkative.decode(out)
         first_stop = next((i for i, t in enumerate(out) if t in talkative.stop_ids), None)
         if first_stop is not None and first_stop < 24:
-            assert streamed.nfe < whole.nfe
+            assert streamed.nfe == whole.nfe < full.nfe
             if policy is None:  # 8 steps per block, up to the first stop token's block
-                assert streamed.nfe == 8 * (first_stop // 8 + 1)
+                assert whole.nfe == 8 * (first_stop // 8 + 1)
             break
     else:
         pytest.fail("no prompt's answer stopped before its last block: the check did not run")
@@ -147,6 +150,30 @@ def test_stop_strings_end_the_answer_and_its_forwards(engine):
     assert stats.nfe == 8  # the blocks after the first cost nothing
     assert "".join(engine.stream(prompt, stop=[stop, "\x00never"], **shape)) == expected
     assert engine.generate([prompt, "x"], stop=(stop,), **shape)[0] == expected  # a batch is cut after
+
+
+@pytest.mark.parametrize("policy", [None, llada.DecodePolicy.fast()])
+def test_each_row_of_a_batch_stops_at_its_own_end(talkative, policy):
+    """Rows whose answer ended (EOS/EoT, or a stop string) leave the batch;
+    every answer is still the text of the whole decode of the batch."""
+    shape = dict(steps=32, gen_length=32, block_length=8, policy=policy)
+    prompts = ["once", "upon a time", "x", "tell me", "and then", "the end"]
+    ids, mask = talkative._pad([talkative.encode(p) for p in prompts])
+    out, full = llada.generate(talkative.model, ids, mask, return_stats=True, **shape)
+    texts = [talkative.decode(row) for row in out[:, ids.shape[1]:].tolist()]
+    ends = [next((i for i, t in enumerate(row) if t in talkative.stop_ids), 32)
+            for row in out[:, ids.shape[1]:].tolist()]
+    assert min(ends) < 24 and max(ends) >= 8  # rows end in different blocks: the check means something
+    stats = llada.DecodeStats()
+    assert talkative.generate(prompts, batch_size=len(prompts), by_length=False, stats=stats, **shape) == texts
+    assert stats.positions < full.positions and stats.nfe <= full.nfe
+    # A stop string each answer holds ends it (and its row) there too.
+    stop = next(text[1:3] for text in texts if len(text) >= 3)
+    want = [cut_at_stop(text, (stop,))[0] for text in texts]
+    cut = llada.DecodeStats()
+    assert talkative.generate(prompts, batch_size=len(prompts), by_length=False, stop=stop, stats=cut,
+                              **shape) == want
+    assert cut.positions < stats.positions
 
 
 def test_a_streamed_piece_never_ends_in_the_start_of_a_stop_string():

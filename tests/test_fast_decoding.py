@@ -179,6 +179,30 @@ def test_stream_events_reassemble_to_the_output(model):
         assert stats == want_stats  # forwards, tokens and positions, counted live
 
 
+@pytest.mark.parametrize("policy", [None, DecodePolicy.fast()], ids=["exact", "fast"])
+def test_a_stream_can_stop_rows_at_a_block_end(model, policy):
+    prompt, mask = prompt_batch(model)  # 3 rows of 7 tokens
+    kw = dict(steps=24, gen_length=24, block_length=8, policy=policy)
+    eos = model.config.eos_token_id
+    want, full = llada.generate(model, prompt, mask, **kw, return_stats=True)
+    stats, stopped_at, canvas = llada.DecodeStats(), [], None
+    for event in llada.stream(model, prompt, mask, **kw, stats=stats):
+        if isinstance(event, StepEvent):
+            canvas = event.canvas  # live: the final canvas once the stream ends
+        elif event.block == 0:
+            with pytest.raises(ValueError, match="rows"):
+                event.stop_rows(torch.tensor([True]))
+            event.stop_rows(torch.tensor([False, True, False]))
+            assert event.finished.tolist() == [False, True, False]
+        else:
+            stopped_at.append(event.finished.tolist())
+    assert stopped_at == [[False, True, False]] * 2
+    # Row 1 ends after its first block, the rest of it EOS; the others decode on, unchanged.
+    assert torch.equal(canvas[1, :15], want[1, :15]) and (canvas[1, 15:] == eos).all()
+    assert torch.equal(canvas[[0, 2]], want[[0, 2]])
+    assert stats.positions < full.positions
+
+
 def test_bad_policies_are_named():
     with pytest.raises(ValueError, match="commit"):
         DecodePolicy(commit="greedy")

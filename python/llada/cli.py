@@ -275,12 +275,15 @@ def run_generate(args, parser) -> int:
                 for key, prompt, answer in zip(keys, prompts, answers):
                     print(json.dumps({key: prompt, "answer": answer}, ensure_ascii=False), flush=True)
                 bar.update(len(batch))
-    elif args.stream or (stop and not args.show_steps):
+    elif args.stream:
         for piece in engine.stream(args.prompt, chat=args.chat, system=args.system, stop=stop, stats=stats,
                                    **options):
             print(piece, end="", flush=True)
         print()
+    elif not args.show_steps:
+        print(engine.generate(args.prompt, chat=args.chat, system=args.system, stop=stop, stats=stats, **options))
     else:
+        # The whole canvas fills in on the screen, past the answer's end too.
         ids = engine.encode(args.prompt, args.chat, args.system)
         prompt = torch.tensor([ids], dtype=torch.long)
         with _StepDisplay(args.show_steps, args.steps, engine, len(ids)) as show:

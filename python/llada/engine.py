@@ -17,7 +17,7 @@ import torch
 from .checkpoint import load_model, load_tokenizer
 from .likelihood import log_likelihood
 from .model import LLaDAModel, llada_model_of
-from .sampler import BlockEvent, DecodeStats, generate, infill, stream
+from .sampler import BlockEvent, DecodeStats, infill, stream
 
 # A prompt: text, or (for chat) a conversation of {"role": ..., "content": ...} messages.
 Prompt = Union[str, Sequence[dict]]
@@ -100,9 +100,8 @@ class Engine:
         similar lengths share a batch and little of it is padding; otherwise
         in the list's order. (A row's sampling noise, with a temperature, is
         keyed by its place in its batch.) An answer ends at its first EOS/EoT
-        and before the first of the ``stop`` strings it holds; a single
-        prompt with ``stop`` strings is decoded as :meth:`stream` does, so no
-        block after the one that completes a stop string costs a forward.
+        and before the first of the ``stop`` strings it holds, and its row
+        costs no forward after the block that completes that end.
         ``options`` are the decoding arguments of :func:`llada.generate`
         (``steps``, ``gen_length``, ``block_length``, ``temperature``,
         ``cfg_scale``, ``remasking``, ``seed``, ``policy``, ...). A
@@ -113,12 +112,10 @@ class Engine:
         texts = [prompts] if single else _prompt_list(prompts)
         if not _is_positive_int(batch_size):
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-        stop = _stop_strings(stop)
-        _check_stats(stats)
-        if single and stop:
-            return "".join(self.stream(prompts, chat=chat, system=system, stop=stop, stats=stats, **options))
         if not isinstance(by_length, bool):
             raise TypeError(f"by_length: expected a bool, got {type(by_length).__name__}")
+        stop = _stop_strings(stop)
+        _check_stats(stats)
         # Every prompt is encoded first: a bad one fails before any decoding.
         encoded = [self.encode(text, chat, system) for text in texts]
         order = list(range(len(texts)))
@@ -127,13 +124,39 @@ class Engine:
         answers = [""] * len(texts)
         for first in range(0, len(order), batch_size):
             batch = order[first: first + batch_size]
-            prompt, attention_mask = self._pad([encoded[i] for i in batch])
-            out, batch_stats = generate(self.model, prompt, attention_mask, return_stats=True, **options)
-            for i, row in zip(batch, out[:, prompt.shape[1]:].tolist()):
-                answers[i] = cut_at_stop(self.decode(row), stop)[0]
-            if stats is not None:
-                stats.add(batch_stats)
+            for i, answer in zip(batch, self._answer_batch([encoded[i] for i in batch], stop, stats, options)):
+                answers[i] = answer
         return answers[0] if single else answers
+
+    def _answer_batch(self, rows: list[list[int]], stop: tuple[str, ...], stats: Optional[DecodeStats],
+                      options: dict) -> list[str]:
+        """The answers to a batch of encoded prompts. A row stops costing
+        forwards once a finished block holds its end (EOS/EoT or a stop
+        string): blocks are final once finished, so what later blocks would
+        decode can no longer change its answer."""
+        prompt, attention_mask = self._pad(rows)
+        answers: list[list[int]] = [[] for _ in rows]
+        done = [False] * len(rows)
+        events = stream(self.model, prompt, attention_mask, stats=stats, **options)
+        try:
+            for event in events:
+                if not isinstance(event, BlockEvent):
+                    continue
+                ending = [False] * len(rows)
+                for r, tokens in enumerate(event.tokens.tolist()):
+                    if done[r]:
+                        continue
+                    answers[r] += tokens
+                    ending[r] = (bool(self.stop_ids.intersection(tokens))
+                                 or (bool(stop) and cut_at_stop(self.decode(answers[r]), stop)[1]))
+                    done[r] = ending[r] or bool(event.finished[r])
+                if all(done):
+                    break
+                if any(ending):
+                    event.stop_rows(torch.tensor(ending))
+        finally:
+            events.close()
+        return [cut_at_stop(self.decode(ids), stop)[0] for ids in answers]
 
     def stream(self, prompt: Prompt, *, chat: bool = False, system: Optional[str] = None,
                stop: Union[str, Sequence[str]] = (), stats: Optional[DecodeStats] = None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -116,6 +116,21 @@ class BlockEvent:
     nfe: int
     tokens: torch.Tensor  # [B, end - start]
     finished: torch.Tensor  # [B] bool: rows needing no more forwards
+    _stop_rows: Optional[Callable[[torch.Tensor], None]] = field(default=None, repr=False, compare=False)
+
+    def stop_rows(self, rows: torch.Tensor) -> None:
+        """Ends these rows ([B] bool) here, as early stop does: the rest of
+        each row becomes EOS and costs no more forwards. Call it before
+        asking for the next event (e.g. once a row's text holds a stop
+        string: what later blocks decode cannot change this block's)."""
+        if not (isinstance(rows, torch.Tensor) and rows.dtype == torch.bool and rows.shape == self.finished.shape):
+            raise ValueError(f"rows: expected a bool tensor of shape {list(self.finished.shape)}, got "
+                             f"{rows.dtype if isinstance(rows, torch.Tensor) else type(rows).__name__} "
+                             f"{list(rows.shape) if isinstance(rows, torch.Tensor) else ''}".rstrip())
+        if self._stop_rows is None:
+            raise RuntimeError("stop_rows: this event is not from a running decode")
+        self._stop_rows(rows)
+        self.finished |= rows.to(self.finished.device)
 
 
 @torch.no_grad()
@@ -466,14 +481,18 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                 stats.count_committed(accepted)
                 yield StepEvent(step, blk, stats.nfe, canvas, accepted, score_grid, remask)
                 i, step = i + 1, step + 1
-            if policy.early_stop:
-                # A row whose block holds EOS is done: the rest of it is EOS.
-                ended = (canvas[:, start:end] == eos_id).any(1) & ~finished
+            def stop_rows(rows, end=end):
+                """Rows ``rows`` [B] are done after this block: the rest of each is EOS."""
+                rows = rows.to(device) & ~finished
                 rest = torch.zeros(b, total, dtype=torch.bool, device=device)
                 rest[:, end:last] = True
-                canvas[rest & ended[:, None] & (canvas == mask_id)] = eos_id
-                finished |= ended
-            yield BlockEvent(blk, start, end, stats.nfe, canvas[:, start:end].clone(), finished.clone())
+                canvas[rest & rows[:, None] & (canvas == mask_id)] = eos_id
+                finished.logical_or_(rows)
+
+            if policy.early_stop:
+                # A row whose block holds EOS is done.
+                stop_rows((canvas[:, start:end] == eos_id).any(1))
+            yield BlockEvent(blk, start, end, stats.nfe, canvas[:, start:end].clone(), finished.clone(), stop_rows)
             if bool(finished.all()):
                 break
     finally:
