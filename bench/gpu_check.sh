@@ -136,7 +136,7 @@ step bench_build collect_bench_build
 step bin_bench_attention timeout 150 build/bench-gpu/bench_attention
 step bench_attention timeout 150 "$PYTHON" bench/bench_attention.py --device cuda
 step bench_decoding timeout 200 "$PYTHON" bench/bench_decoding.py --device cuda --shape 8b --repeats 1
-step tests "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider $parallel tests -k "not sm90"
+step tests timeout --kill-after=10 300 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider $parallel tests -k "not sm90"
 step bench_gemm timeout 90 "$PYTHON" bench/bench_gemm.py
 for bin in build/bench-gpu/bench_*; do
   [ -x "$bin" ] && [ "$(basename "$bin")" != bench_attention ] && step "bin_$(basename "$bin")" timeout 120 "$bin"
