@@ -152,11 +152,17 @@ def test_stop_strings_end_the_answer_and_its_forwards(engine):
     assert engine.generate([prompt, "x"], stop=(stop,), **shape)[0] == expected  # a batch is cut after
 
 
-@pytest.mark.parametrize("policy", [None, llada.DecodePolicy.fast()])
-def test_each_row_of_a_batch_stops_at_its_own_end(talkative, policy):
+@pytest.mark.parametrize("policy, extra", [
+    (None, {}),
+    (llada.DecodePolicy.fast(), {}),
+    (llada.DecodePolicy(cache="prefix"), {}),
+    (llada.DecodePolicy(commit="factor", cache="dual"), dict(cfg_scale=1.0)),
+    (llada.DecodePolicy(commit="threshold", threshold=0.3, remask_below=0.2), {}),
+], ids=["exact", "fast", "prefix", "factor-guided", "remask"])
+def test_each_row_of_a_batch_stops_at_its_own_end(talkative, policy, extra):
     """Rows whose answer ended (EOS/EoT, or a stop string) leave the batch;
     every answer is still the text of the whole decode of the batch."""
-    shape = dict(steps=32, gen_length=32, block_length=8, policy=policy)
+    shape = dict(steps=32, gen_length=32, block_length=8, policy=policy, **extra)
     prompts = ["once", "upon a time", "x", "tell me", "and then", "the end"]
     ids, mask = talkative._pad([talkative.encode(p) for p in prompts])
     out, full = llada.generate(talkative.model, ids, mask, return_stats=True, **shape)
