@@ -64,6 +64,7 @@ def test_prompts_file_answers_each_prompt_in_order(checkpoint, capsys, tmp_path)
     captured = capsys.readouterr()
     printed = [json.loads(line) for line in captured.out.splitlines()]
     assert [p["prompt"] for p in printed] == texts
+    assert printed[1]["id"] == 7 and list(printed[1]) == ["prompt", "id", "answer"]  # other keys kept
     # Batches of three and one, each decoded together with left padding: the
     # three longest prompts (30, 21 and 2 tokens; "Hi" before "ok") first.
     longest = oracle_batch_answers(checkpoint, [texts[0], texts[2], texts[1]])
@@ -113,7 +114,7 @@ def test_system_message_and_conversations(checkpoint, capsys, tmp_path):
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     longest_first = oracle_batch_answers(checkpoint, chats[::-1])
     assert printed == [{"prompt": "Hey", "answer": longest_first[1]},
-                       {"messages": turns, "answer": longest_first[0]}]
+                       {"messages": turns, "id": 3, "answer": longest_first[0]}]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -142,6 +143,7 @@ def test_prompts_file_dash_reads_standard_input(checkpoint, capsys, monkeypatch)
     ('{"messages": [{"role": "user", "content": "a"}]}\n', [], '"messages" (a conversation) needs --chat'),
     ('{"messages": [{"role": "user"}]}\n', ["--chat"], "prompt[0]: expected a message"),
     ('"a"\nnot json\n', [], "line 2: not JSON"),
+    ('"a"\n{"prompt": "b", "answer": "c"}\n', [], 'line 2: has an "answer" key'),
     ("\n\n", [], "holds no prompts"),
     (b"\xff\xfe", [], "not UTF-8"),
     ('"a"\n', ["--batch-size", "0"], "--batch-size"),

@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="many prompts, decoded in batches: JSON Lines (- reads standard input), "
                           'each line a string, an object with a "prompt" string, or (with --chat) '
                           'an object with "messages", a conversation of {"role", "content"} objects; '
-                          'prints one JSON object per prompt, {"prompt" (or "messages"): ..., '
-                          '"answer": ...}, in the file\'s order')
+                          'prints one JSON object per prompt, in the file\'s order: the line\'s '
+                          'object (its other keys, such as an id, kept) with the "answer" added')
     gen.add_argument("--batch-size", type=int, default=8,
                      help="with --prompts-file: prompts decoded together, left-padded; of every "
                           "8 batches' prompts, the longest share the first batch (default: 8)")
@@ -268,12 +268,11 @@ def run_generate(args, parser) -> int:
         with tqdm(total=len(lines), unit="prompt", file=sys.stderr, disable=not shown, dynamic_ncols=True) as bar:
             for first in range(0, len(lines), window):
                 batch = lines[first: first + window]
-                keys = ["prompt" if "prompt" in line else "messages" for line in batch]
-                prompts = [line[key] for line, key in zip(batch, keys)]
+                prompts = [line["prompt"] if "prompt" in line else line["messages"] for line in batch]
                 answers = engine.generate(prompts, chat=args.chat, system=args.system,
                                           batch_size=args.batch_size, stop=stop, stats=stats, **options)
-                for key, prompt, answer in zip(keys, prompts, answers):
-                    print(json.dumps({key: prompt, "answer": answer}, ensure_ascii=False), flush=True)
+                for line, answer in zip(batch, answers):
+                    print(json.dumps({**line, "answer": answer}, ensure_ascii=False), flush=True)
                 bar.update(len(batch))
     elif args.stream:
         for piece in engine.stream(args.prompt, chat=args.chat, system=args.system, stop=stop, stats=stats,
@@ -371,8 +370,9 @@ def read_prompts(path: str) -> list[dict]:
     """The lines of a JSON Lines file of prompts (``-``: standard input), each
     as an object: {"prompt": text} for a line that is a string; an object
     with a "prompt" string or a "messages" list (a conversation, checked
-    when it is encoded) as it stands (other keys are ignored). Blank lines
-    are skipped."""
+    when it is encoded) as it stands: its other keys (an id, a reference)
+    go to its output line, so it may not have the output's "answer". Blank
+    lines are skipped."""
     try:
         if path == "-":
             path = "standard input"
@@ -398,6 +398,9 @@ def read_prompts(path: str) -> list[dict]:
                                             ^ isinstance(item.get("messages"), list))):
             raise ValueError(f'--prompts-file: {path}, line {number}: expected a JSON string, or an object '
                              f'with either a "prompt" string or a "messages" list')
+        if "answer" in item:
+            raise ValueError(f'--prompts-file: {path}, line {number}: has an "answer" key, which its output '
+                             f'line would overwrite (rename it, e.g. to "reference")')
         lines.append(item)
     if not lines:
         raise ValueError(f"--prompts-file: {path} holds no prompts")
