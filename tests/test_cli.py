@@ -1,6 +1,7 @@
 """The `llada` command: generate (plain, chat, --show-steps, a prompts
 file), infill, stream and make-random-checkpoint."""
 
+import contextlib
 import io
 import json
 import os
@@ -143,7 +144,7 @@ def test_prompts_file_dash_reads_standard_input(checkpoint, capsys, monkeypatch)
     ('{"messages": [{"role": "user", "content": "a"}]}\n', [], '"messages" (a conversation) needs --chat'),
     ('{"messages": [{"role": "user"}]}\n', ["--chat"], "prompt[0]: expected a message"),
     ('"a"\nnot json\n', [], "line 2: not JSON"),
-    ('"a"\n{"prompt": "b", "answer": "c"}\n', [], 'line 2: has an "answer" key'),
+    ('"a"\n{"prompt": "b", "answer": "c"}\n', [], 'line 2: has the key "answer"'),
     ("\n\n", [], "holds no prompts"),
     (b"\xff\xfe", [], "not UTF-8"),
     ('"a"\n', ["--batch-size", "0"], "--batch-size"),
@@ -283,6 +284,42 @@ def test_likelihood_prints_the_estimate(checkpoint, capsys):
     assert main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--prompt", "Q",
                  "--answer", ""]) == 2
     assert "answer" in capsys.readouterr().err
+
+
+def test_likelihood_prompts_file_scores_every_answer_of_every_line(checkpoint, capsys, tmp_path):
+    tok = llada.load_tokenizer(checkpoint)
+    model = llada.load_model(checkpoint, device="cpu")
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    lines = [{"prompt": "Q: hi", "answers": [" there", " you"], "id": "a"},
+             {"prompt": "2 + 2 =", "answers": [" 4"], "gold": 0}]
+    path = tmp_path / "scoring.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
+    base = ["likelihood", "--model", str(checkpoint), "--device", "cpu", "--mc-num", "16", "--seed", "3"]
+    assert main([*base, "--prompts-file", str(path)]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [{k: v for k, v in p.items() if k != "log_likelihoods"} for p in printed] == lines
+    for line, out in zip(lines, printed):
+        want = [llada.log_likelihood(model, ids(line["prompt"]), ids(a), mc_num=16, seed=3) for a in line["answers"]]
+        assert out["log_likelihoods"] == pytest.approx(want, abs=1e-6)
+    # What a line must hold, and what may not be given with the file.
+    for content, message in (('{"prompt": "a"}', '"answers", a non-empty list of strings'),
+                             ('{"prompt": "a", "answers": []}', '"answers", a non-empty list'),
+                             ('"a"', "expected an object"),
+                             ('{"prompt": "a", "answers": ["b"], "log_likelihoods": 1}', 'has the key "log_likelihoods"'),
+                             ('{"messages": [], "answers": ["b"]}', "needs --chat")):
+        path.write_text(content + "\n", encoding="utf-8")
+        with pytest.raises(SystemExit) if "--chat" in message else contextlib.nullcontext():
+            assert main([*base, "--prompts-file", str(path)]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--prompts-file", str(path), "--prompt", "x", "--answer", "y"])
+    assert "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--prompt", "x"])
+    assert "--prompt and --answer" in capsys.readouterr().err
 
 
 def test_a_reader_that_leaves_ends_the_command_quietly(checkpoint):

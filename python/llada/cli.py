@@ -70,10 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = sub.add_parser("likelihood", help="estimate log p(answer | prompt)")
     score.add_argument("--model", help="checkpoint folder (Hugging Face LLaDA format); default: the bundled model")
-    score.add_argument("--prompt", required=True, help="the prompt text")
-    score.add_argument("--answer", required=True, action="append",
+    score.add_argument("--prompt", help="the prompt text (or --prompts-file)")
+    score.add_argument("--answer", action="append",
                        help="the answer text to score (repeatable: one estimate per line, in order, "
                             "every answer with the same Monte Carlo draws)")
+    score.add_argument("--prompts-file", metavar="FILE",
+                       help='many prompts: JSON Lines (- reads standard input), each line an object with a '
+                            '"prompt" string (or, with --chat, "messages", a conversation) and "answers", a '
+                            'list of answer texts; prints each line\'s object, in order, with '
+                            '"log_likelihoods" added (one per answer, all with the same draws)')
     score.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     score.add_argument("--system", metavar="TEXT", help="with --chat: a system message before the prompt")
     score.add_argument("--mc-num", type=int, default=128, help="Monte Carlo draws (default: 128)")
@@ -366,13 +371,9 @@ def check_system(args, parser) -> None:
         parser.error("--system: a system message needs --chat")
 
 
-def read_prompts(path: str) -> list[dict]:
-    """The lines of a JSON Lines file of prompts (``-``: standard input), each
-    as an object: {"prompt": text} for a line that is a string; an object
-    with a "prompt" string or a "messages" list (a conversation, checked
-    when it is encoded) as it stands: its other keys (an id, a reference)
-    go to its output line, so it may not have the output's "answer". Blank
-    lines are skipped."""
+def read_json_lines(path: str) -> list[tuple[int, object]]:
+    """The values of a JSON Lines file (``-``: standard input) with their
+    line numbers; blank lines are skipped."""
     try:
         if path == "-":
             path = "standard input"
@@ -384,40 +385,99 @@ def read_prompts(path: str) -> list[dict]:
         raise FileNotFoundError(f"--prompts-file: cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompts-file: {path} is not UTF-8 text ({e.reason})") from None
-    lines = []
+    values = []
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
+            values.append((number, json.loads(line)))
         except json.JSONDecodeError as e:
             raise ValueError(f"--prompts-file: {path}, line {number}: not JSON ({e.msg})") from None
+    if not values:
+        raise ValueError(f"--prompts-file: {path} holds no prompts")
+    return values
+
+
+def _has_one_prompt(item) -> bool:
+    """An object with either a "prompt" string or a "messages" list (a
+    conversation, checked when it is encoded)."""
+    return isinstance(item, dict) and (isinstance(item.get("prompt"), str) ^ isinstance(item.get("messages"), list))
+
+
+def _check_output_key(item: dict, key: str, where: str) -> None:
+    if key in item:
+        raise ValueError(f'--prompts-file: {where}: has the key "{key}", which its output line would '
+                         f'overwrite (rename it)')
+
+
+def read_prompts(path: str) -> list[dict]:
+    """The prompts of ``llada generate --prompts-file``, each as an object:
+    {"prompt": text} for a line that is a string; an object with a "prompt"
+    string or a "messages" list as it stands: its other keys (an id, a
+    reference) go to its output line, so it may not have the output's
+    "answer"."""
+    lines = []
+    for number, item in read_json_lines(path):
+        where = f"{'standard input' if path == '-' else path}, line {number}"
         if isinstance(item, str):
             item = {"prompt": item}
-        if not (isinstance(item, dict) and (isinstance(item.get("prompt"), str)
-                                            ^ isinstance(item.get("messages"), list))):
-            raise ValueError(f'--prompts-file: {path}, line {number}: expected a JSON string, or an object '
+        if not _has_one_prompt(item):
+            raise ValueError(f'--prompts-file: {where}: expected a JSON string, or an object '
                              f'with either a "prompt" string or a "messages" list')
-        if "answer" in item:
-            raise ValueError(f'--prompts-file: {path}, line {number}: has an "answer" key, which its output '
-                             f'line would overwrite (rename it, e.g. to "reference")')
+        _check_output_key(item, "answer", where)
         lines.append(item)
-    if not lines:
-        raise ValueError(f"--prompts-file: {path} holds no prompts")
+    return lines
+
+
+def read_scoring_lines(path: str) -> list[dict]:
+    """The lines of ``llada likelihood --prompts-file``: objects with a
+    "prompt" string or a "messages" list, and "answers", a non-empty list
+    of strings; other keys go to the output line, which adds
+    "log_likelihoods"."""
+    lines = []
+    for number, item in read_json_lines(path):
+        where = f"{'standard input' if path == '-' else path}, line {number}"
+        answers = item.get("answers") if isinstance(item, dict) else None
+        if not (_has_one_prompt(item) and isinstance(answers, list) and answers
+                and all(isinstance(a, str) for a in answers)):
+            raise ValueError(f'--prompts-file: {where}: expected an object with either a "prompt" string '
+                             f'or a "messages" list, and "answers", a non-empty list of strings')
+        _check_output_key(item, "log_likelihoods", where)
+        lines.append(item)
     return lines
 
 
 def run_likelihood(args, parser) -> int:
     check_system(args, parser)
+    if args.prompts_file is None:
+        if args.prompt is None or not args.answer:
+            parser.error("--prompt and --answer: give both (or --prompts-file)")
+        items = [{"prompt": args.prompt, "answers": args.answer}]
+    else:
+        if args.prompt is not None or args.answer:
+            parser.error("--prompts-file: give either it or --prompt and --answer, not both")
+        items = read_scoring_lines(args.prompts_file)
+        if not args.chat and any("messages" in item for item in items):
+            parser.error('--prompts-file: a line with "messages" (a conversation) needs --chat')
     engine = load_for_cli(args)
     # One seed for every answer: the same draws make their estimates'
     # differences less noisy than their values.
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**62, (1,)))
-    for answer in args.answer:
-        estimate = engine.log_likelihood(args.prompt, answer, chat=args.chat, system=args.system,
-                                         mc_num=args.mc_num, batch_size=args.batch_size,
-                                         cfg_scale=args.cfg_scale, seed=seed)
-        print(f"{estimate:.6f}", flush=True)
+    shown = args.prompts_file is not None and sys.stderr.isatty() and not sys.stdout.isatty()
+    from tqdm import tqdm
+
+    with tqdm(total=len(items), unit="prompt", file=sys.stderr, disable=not shown, dynamic_ncols=True) as bar:
+        for item in items:
+            prompt = item["prompt"] if "prompt" in item else item["messages"]
+            estimates = [engine.log_likelihood(prompt, answer, chat=args.chat, system=args.system,
+                                               mc_num=args.mc_num, batch_size=args.batch_size,
+                                               cfg_scale=args.cfg_scale, seed=seed)
+                         for answer in item["answers"]]
+            if args.prompts_file is None:
+                print("\n".join(f"{estimate:.6f}" for estimate in estimates), flush=True)
+            else:
+                print(json.dumps({**item, "log_likelihoods": estimates}, ensure_ascii=False), flush=True)
+            bar.update()
     return 0
 
 
