@@ -143,13 +143,14 @@ class Engine:
                 if not isinstance(event, BlockEvent):
                     continue
                 ending = [False] * len(rows)
+                finished = event.finished.tolist()
                 for r, tokens in enumerate(event.tokens.tolist()):
                     if done[r]:
                         continue
                     answers[r] += tokens
                     ending[r] = (bool(self.stop_ids.intersection(tokens))
                                  or (bool(stop) and cut_at_stop(self.decode(answers[r]), stop)[1]))
-                    done[r] = ending[r] or bool(event.finished[r])
+                    done[r] = ending[r] or finished[r]
                 if all(done):
                     break
                 if any(ending):

@@ -124,9 +124,8 @@ class BlockEvent:
         asking for the next event (e.g. once a row's text holds a stop
         string: what later blocks decode cannot change this block's)."""
         if not (isinstance(rows, torch.Tensor) and rows.dtype == torch.bool and rows.shape == self.finished.shape):
-            raise ValueError(f"rows: expected a bool tensor of shape {list(self.finished.shape)}, got "
-                             f"{rows.dtype if isinstance(rows, torch.Tensor) else type(rows).__name__} "
-                             f"{list(rows.shape) if isinstance(rows, torch.Tensor) else ''}".rstrip())
+            got = f"{rows.dtype} of shape {list(rows.shape)}" if isinstance(rows, torch.Tensor) else type(rows).__name__
+            raise ValueError(f"rows: expected a bool tensor of shape {list(self.finished.shape)}, got {got}")
         if self._stop_rows is None:
             raise RuntimeError("stop_rows: this event is not from a running decode")
         self._stop_rows(rows)
