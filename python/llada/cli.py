@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .policies import CACHES, COMMIT_RULES, POLICY_NAMES, RANKINGS, RULE_OF_SETTING, DecodePolicy
-from .prompts_file import read_prompts, read_scoring_lines
+from .prompts_file import progress_bar, prompt_of, read_prompts, read_scoring_lines
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MASK_GLYPH = {True: "░", False: "_"}  # terminal, plain text
@@ -266,15 +266,11 @@ def run_generate(args, parser) -> int:
     if args.prompts_file is not None:
         # A window of batches at a time, so that answers appear as the decoding
         # goes; within a window, batches are formed by prompt length.
-        # With the answers going to a file, a progress bar on the terminal.
-        from tqdm import tqdm
-
         window = PROMPTS_FILE_WINDOW * args.batch_size
-        shown = sys.stderr.isatty() and not sys.stdout.isatty()
-        with tqdm(total=len(lines), unit="prompt", file=sys.stderr, disable=not shown, dynamic_ncols=True) as bar:
+        with progress_bar(len(lines)) as bar:
             for first in range(0, len(lines), window):
                 batch = lines[first: first + window]
-                prompts = [line["prompt"] if "prompt" in line else line["messages"] for line in batch]
+                prompts = [prompt_of(line) for line in batch]
                 answers = engine.generate(prompts, chat=args.chat, system=args.system,
                                           batch_size=args.batch_size, stop=stop, stats=stats, **options)
                 for line, answer in zip(batch, answers):
@@ -388,13 +384,9 @@ def run_likelihood(args, parser) -> int:
     # One seed for every answer: the same draws make their estimates'
     # differences less noisy than their values.
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**62, (1,)))
-    shown = args.prompts_file is not None and sys.stderr.isatty() and not sys.stdout.isatty()
-    from tqdm import tqdm
-
-    with tqdm(total=len(items), unit="prompt", file=sys.stderr, disable=not shown, dynamic_ncols=True) as bar:
+    with progress_bar(len(items), wanted=args.prompts_file is not None) as bar:
         for item in items:
-            prompt = item["prompt"] if "prompt" in item else item["messages"]
-            estimates = [engine.log_likelihood(prompt, answer, chat=args.chat, system=args.system,
+            estimates = [engine.log_likelihood(prompt_of(item), answer, chat=args.chat, system=args.system,
                                                mc_num=args.mc_num, batch_size=args.batch_size,
                                                cfg_scale=args.cfg_scale, seed=seed)
                          for answer in item["answers"]]

@@ -1,6 +1,7 @@
 """The JSON Lines files of ``--prompts-file``: one prompt per line, read
 whole and checked before any decoding, each line's object kept so that its
-output line carries every key it had (an id, a reference answer)."""
+output line carries every key it had (an id, a reference answer); and the
+progress bar of a run over one."""
 
 from __future__ import annotations
 
@@ -82,3 +83,18 @@ def read_scoring_lines(path: str) -> list[dict]:
         _check_output_key(item, "log_likelihoods", where)
         lines.append(item)
     return lines
+
+
+def prompt_of(line: dict):
+    """A line's prompt: its "prompt" text or its "messages" conversation."""
+    return line["prompt"] if "prompt" in line else line["messages"]
+
+
+def progress_bar(total: int, wanted: bool = True):
+    """A bar of the prompts done, on standard error, shown only when it is a
+    terminal and the output goes elsewhere (a file): on the same terminal
+    it would garble the printed lines."""
+    from tqdm import tqdm
+
+    shown = wanted and sys.stderr.isatty() and not sys.stdout.isatty()
+    return tqdm(total=total, unit="prompt", file=sys.stderr, disable=not shown, dynamic_ncols=True)
