@@ -102,8 +102,9 @@ class Engine:
         keyed by its place in its batch.) An answer ends at its first EOS/EoT
         and before the first of the ``stop`` strings it holds, and its row
         costs no forward after the block that completes that end.
-        ``options`` are the decoding arguments of :func:`llada.generate`
-        (``steps``, ``gen_length``, ``block_length``, ``temperature``,
+        ``options`` are the decoding arguments of :func:`llada.stream` (those
+        of :func:`llada.generate` but ``on_step`` and ``return_stats``:
+        ``steps``, ``gen_length``, ``block_length``, ``temperature``,
         ``cfg_scale``, ``remasking``, ``seed``, ``policy``, ...). A
         :class:`DecodeStats` passed as ``stats`` gathers the work of every
         batch.
