@@ -24,6 +24,8 @@ from .prompts_file import progress_bar, prompt_of, read_prompts, read_scoring_li
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MASK_GLYPH = {True: "░", False: "_"}  # terminal, plain text
+# --prompts-file: batches decoded (and grouped by prompt length) between outputs.
+PROMPTS_FILE_WINDOW = 8
 
 
 DTYPE_HELP = "default: bfloat16 on cuda (float16 on GPUs before compute capability 8.0), float32 on cpu"
@@ -293,10 +295,6 @@ def run_generate(args, parser) -> int:
     if args.stats:
         print_stats(stats)
     return 0
-
-
-# --prompts-file: batches decoded (and grouped by prompt length) between outputs.
-PROMPTS_FILE_WINDOW = 8
 
 
 def run_chat(args, parser) -> int:
