@@ -93,6 +93,16 @@ def test_negative_confidences_rank_too(device):
         check(c, rule, k=3, threshold=-1.0, factor=2.0)
 
 
+def test_signed_zeros_are_a_tie(device):
+    # A one-hot row's negative entropy is -0.0: it ties with +0.0, so the
+    # lower position wins whichever zero it holds.
+    for row in ([-0.0, 0.0], [0.0, -0.0]):
+        c = torch.tensor([row, [-1.0, -0.0]], device=device)
+        for rule in RULES:
+            got = check(c, rule, k=1, threshold=0.5, factor=0.5)
+            assert got[0].tolist() == [True, False], (rule, row)
+
+
 def test_cuda_matches_cpu():
     if not (torch.cuda.is_available() and llada.cuda_kernels_available()):
         pytest.skip("needs a CUDA GPU and the CUDA kernels")
