@@ -125,6 +125,18 @@ def test_key_padding(device, dtype, lk):
     check_against_reference(q, k, v, padding_mask(3, lk, device))
 
 
+def test_nan_inputs_stay_nan(device):
+    # Only a row without a valid key outputs zeros; a NaN in q is not hidden.
+    q, k, v = make_qkv(2, 3, 17, 2, 2, 64, torch.float32, device)
+    q[0, 1, 0, 0] = math.nan
+    mask = torch.ones(2, 17, dtype=torch.bool, device=device)
+    mask[1] = False
+    for out in (llada.attention(q, k, v, mask), attention_reference(q, k, v, mask)):
+        assert out[0, 1, 0].isnan().all()
+        assert out[0, [0, 2]].isfinite().all() and out[0, 1, 1].isfinite().all()
+        assert torch.equal(out[1].cpu(), torch.zeros_like(out[1]).cpu())
+
+
 def test_custom_scale_and_long_keys(device):
     dtype = torch.bfloat16
     q, k, v = make_qkv(1, 33, 2047, 4, 4, 128, dtype, device)

@@ -426,7 +426,10 @@ def attention_reference(
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask[:, None, None, :], -math.inf)
     p = torch.softmax(scores, dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)  # rows with no valid key: all -inf -> NaN -> 0
+    if key_mask is not None:
+        # A row with no valid key is all -inf, so its softmax is NaN: it
+        # outputs zeros. A NaN from the inputs themselves stays NaN.
+        p = torch.where(key_mask.any(dim=-1)[:, None, None, None], p, 0.0)
     return (p @ vd).transpose(1, 2).contiguous()
 
 
