@@ -1,5 +1,6 @@
 """Fast decoding: policies, caches, early stop, re-masking, infilling, streaming."""
 
+import copy
 import math
 
 import pytest
@@ -133,6 +134,19 @@ def test_equal_confidences_terminate():
     assert got.sum(1).tolist() == [3, 3]
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_logits_without_a_valid_token_are_an_error(model, bad):
+    # A NaN or +inf logit leaves no valid probability: the adaptive rules
+    # would find no candidate and never end, the schedule would commit junk.
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.get_parameter("model.transformer.ff_out.weight")[5] = bad
+    prompt, mask = prompt_batch(model)
+    for name, policy in POLICIES.items():
+        with pytest.raises(FloatingPointError, match="NaN or [+]inf"):
+            llada.generate(broken, prompt, mask, steps=16, gen_length=16, block_length=8, policy=policy)
+
+
 def test_infill_keeps_fixed_tokens_and_fills_the_gap(model):
     mask_id = model.config.mask_token_id
     g = torch.Generator().manual_seed(1)
@@ -216,6 +230,18 @@ def test_bad_policies_are_named():
         DecodePolicy(refresh_every=-1)
     with pytest.raises(ValueError, match="threshold"):
         DecodePolicy(commit="threshold", threshold=2.0)
+    with pytest.raises(ValueError, match="threshold"):
+        DecodePolicy(commit="threshold", ranking="entropy", threshold=math.nan)
+    for name, value in (("threshold", "0.5"), ("factor", "1"), ("gamma", True), ("remask_below", "0.5")):
+        with pytest.raises(TypeError, match=f"^{name}: expected a float"):
+            DecodePolicy(commit="threshold", **{name: value})
+    for name in ("early_stop", "cuda_graph"):
+        with pytest.raises(TypeError, match=f"^{name}: expected a bool"):
+            DecodePolicy(**{name: "no"})
+    with pytest.raises(ValueError, match="refresh_every"):
+        DecodePolicy(cache="dual", refresh_every=True)
+    with pytest.raises(ValueError, match="^ranking: the entropy_bound rule"):
+        DecodePolicy(commit="entropy_bound", ranking="margin")
 
 
 def test_settings_the_policy_would_not_use_are_refused():
@@ -300,6 +326,53 @@ class EndsWhenAskedTo(torch.nn.Module):
         logits[..., 5] = 5.0
         logits[ids[:, 0] == 1, :, 8] = 6.0
         return type("Out", (), {"logits": logits})()
+
+
+class PredictsTheMask(torch.nn.Module):
+    """A stand-in model whose top prediction everywhere is the mask token
+    (given ``mask_logit`` 9), then token 5, but EOS at the last position."""
+
+    def __init__(self, mask_logit=9.0):
+        super().__init__()
+        self.config = EndsWhenAskedTo().config
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.mask_logit = mask_logit
+
+    def forward(self, ids, attention_mask=None):
+        logits = torch.zeros(*ids.shape, 10)
+        logits[..., 9] = self.mask_logit
+        logits[..., 5] = 4.0 + torch.arange(ids.shape[1]) / 100  # later positions surer
+        logits[:, -1, 8] = 8.5  # EOS, sure, at the end
+        return type("Out", (), {"logits": logits})()
+
+
+@pytest.mark.parametrize("commit", ["threshold", "factor", "entropy_bound"])
+def test_adaptive_rules_never_commit_the_mask_token(commit):
+    # Committing the mask token would leave the canvas as it was, and a rule
+    # that commits until the block is full would repeat that step forever.
+    prompt = torch.tensor([[1, 2, 3]])
+    steps = 0
+    for event in llada.stream(PredictsTheMask(), prompt, steps=8, gen_length=8, block_length=8,
+                              policy=DecodePolicy(commit=commit)):
+        steps += isinstance(event, StepEvent)
+        assert steps <= 8, "no progress"
+    assert not (event.tokens == 9).any() and (event.tokens[0, :-1] == 5).all() and event.tokens[0, -1] == 8
+
+
+@pytest.mark.parametrize("commit", ["schedule", "threshold", "factor", "entropy_bound"])
+def test_eos_goes_last_under_every_rule(commit):
+    # The surest prediction is EOS at the block's end: committed first, but
+    # with confidence_eos_eot_inf only in the step that fills the block.
+    model, prompt = PredictsTheMask(mask_logit=0.0), torch.tensor([[1, 2, 3]])
+    settings = {"threshold": dict(threshold=0.95), "factor": dict(factor=0.5), "entropy_bound": dict(gamma=1.0)}
+    policy = DecodePolicy(commit=commit, **settings.get(commit, {}))
+    for stop_last in (False, True):
+        events = [e for e in llada.stream(model, prompt, steps=4, gen_length=4, block_length=4,
+                                          confidence_eos_eot_inf=stop_last, policy=policy)
+                  if isinstance(e, StepEvent)]
+        eos_step = next(i for i, e in enumerate(events) if 6 in e.positions())
+        assert eos_step == (len(events) - 1 if stop_last else 0)
+        assert len(events) > 1
 
 
 def test_finished_rows_leave_the_batch():
@@ -436,6 +509,8 @@ def test_whole_block_steps_property(model, monkeypatch, seed, batch, blocks, blo
     prompt[mask == 0] = model.config.pad_token_id
     setting = {"threshold": dict(threshold=0.4), "factor": dict(factor=1.5),
                "entropy_bound": dict(gamma=0.5)}.get(commit, {})
+    if commit == "entropy_bound":
+        ranking = "probability"  # the rule orders by entropy itself
     policy = DecodePolicy(commit=commit, ranking=ranking, cache=cache, early_stop=early_stop, **setting)
     steps_per_block = min(steps_per_block, block_length)  # at most one step per position
     kw = dict(steps=blocks * steps_per_block, gen_length=blocks * block_length, block_length=block_length,

@@ -212,7 +212,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args, parser)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, MemoryError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, MemoryError, FloatingPointError) as e:
         print(f"llada: error: {e or type(e).__name__}", file=sys.stderr)
         return 2
     except BrokenPipeError:

@@ -48,6 +48,7 @@ remask_below
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -80,21 +81,31 @@ class DecodePolicy:
         for name, allowed in (("commit", COMMIT_RULES), ("ranking", RANKINGS), ("cache", CACHES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("threshold", "factor", "gamma", "remask_below"):
+            value = getattr(self, name)
+            if not (value is None and name == "remask_below") and not _is_real(value):
+                raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+        for name in ("early_stop", "cuda_graph"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {type(getattr(self, name)).__name__}")
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"threshold: expected a finite value, got {self.threshold}")
         if not 0.0 <= self.threshold <= 1.0 and self.ranking in ("probability", "margin"):
             raise ValueError(f"threshold: expected a value in [0, 1], got {self.threshold}")
         if not (math.isfinite(self.factor) and self.factor > 0):
             raise ValueError(f"factor: expected a finite value > 0, got {self.factor}")
         if not (math.isfinite(self.gamma) and self.gamma >= 0):
             raise ValueError(f"gamma: expected a finite value >= 0, got {self.gamma}")
-        if not isinstance(self.cuda_graph, bool):
-            raise TypeError(f"cuda_graph: expected a bool, got {type(self.cuda_graph).__name__}")
-        if not isinstance(self.refresh_every, int) or self.refresh_every < 0:
+        if not isinstance(self.refresh_every, int) or isinstance(self.refresh_every, bool) or self.refresh_every < 0:
             raise ValueError(f"refresh_every: expected an int >= 0, got {self.refresh_every!r}")
         # A setting the chosen rule would not use is an error, not a silent no-op
         # (as the CLI's flags are). It is told from the default by its value.
         for name, rule in RULE_OF_SETTING.items():
             if self.commit != rule and getattr(self, name) != DEFAULTS[name]:
                 raise ValueError(f"{name}: used by commit={rule!r} only; this policy has commit={self.commit!r}")
+        if self.commit == "entropy_bound" and self.ranking != DEFAULTS["ranking"]:
+            raise ValueError(f"ranking: the entropy_bound rule orders positions by entropy itself; "
+                             f"this policy has ranking={self.ranking!r}")
         if self.refresh_every and self.cache == "none":
             raise ValueError("refresh_every: used with a cache ('prefix' or 'dual') only; this policy has cache='none'")
         if self.remask_below is not None:
@@ -118,6 +129,10 @@ class DecodePolicy:
         if name not in POLICY_NAMES:
             raise ValueError(f"policy: expected a DecodePolicy or one of {POLICY_NAMES}, got {name!r}")
         return cls.fast() if name == "fast" else cls()
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 # The commit rule each rule-specific setting tunes, and the settings' defaults.

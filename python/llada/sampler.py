@@ -191,7 +191,13 @@ def generate(
     Returns:
         int64 [B, Lp + gen_length] on the model's device: prompt, then answer
         (and the stats when ``return_stats``).
+
+    Raises:
+        FloatingPointError: the model's logits held NaN or +inf (or nothing
+            finite) at a position, by the end of the block it happened in.
     """
+    if on_step is not None and not callable(on_step):
+        raise TypeError(f"on_step: expected a callable or None, got {type(on_step).__name__}")
     canvas, key_mask, args = _prepare_generate(
         model, prompt, attention_mask, steps, gen_length, block_length, temperature, cfg_scale,
         remasking, mask_id, logits_eos_inf, confidence_eos_eot_inf, seed, policy,
@@ -322,7 +328,14 @@ def _resolve_policy(policy, remasking) -> DecodePolicy:
         policy = DecodePolicy.named(policy)
     if not isinstance(policy, DecodePolicy):
         raise TypeError(f"policy: expected a DecodePolicy or a name, got {type(policy).__name__}")
-    if remasking == "random" and policy.ranking == "probability":
+    if remasking == "random":
+        # The official name for ranking="random": it may not overrule a policy.
+        if policy.commit == "entropy_bound":
+            raise ValueError("remasking: 'random' ranks positions at random, which the policy's "
+                             "entropy_bound rule does not use (it orders them by entropy)")
+        if policy.ranking not in ("probability", "random"):
+            raise ValueError(f"remasking: 'random' ranks positions at random, but the policy ranks "
+                             f"them by {policy.ranking!r}")
         policy = replace(policy, ranking="random")
     return policy
 
@@ -333,7 +346,7 @@ def _prepare_generate(model, prompt, attention_mask, steps, gen_length, block_le
     config = getattr(model, "config", None)
     mask_id = _config_id(config, "mask_token_id", mask_id, 126336)
     _validate(config, prompt, attention_mask, steps, gen_length, block_length, temperature,
-              cfg_scale, remasking, mask_id, seed)
+              cfg_scale, remasking, mask_id, seed, logits_eos_inf, confidence_eos_eot_inf)
     policy = _resolve_policy(policy, remasking)
     device = _device_of(model)
     b, lp = prompt.shape
@@ -382,7 +395,13 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
     b, total = canvas.shape
     fixed = canvas != mask_id  # the prompt (and, when infilling, every given token)
     forward = _Forward(model, canvas, key_mask, fixed, cfg_scale, mask_id, policy, stats)
-    suppress = [eos_id] if logits_eos_inf else None  # a list is checked at the first step
+    suppress = [eos_id] if logits_eos_inf else []
+    if policy.commit != "schedule":
+        # A rule that commits until the block is full must never choose the
+        # mask token: committing it changes nothing, and the step would repeat
+        # forever. (The fixed schedule keeps the official behaviour.)
+        suppress.append(mask_id)
+    suppress = suppress or None  # a list is checked at the first step
     stop_ids = torch.tensor([eos_id, eot_id if eot_id is not None else eos_id], device=device)
     noise_gen = torch.Generator().manual_seed(seed) if policy.ranking == "random" else None
     # Whole-block steps sample every block position: only at temperature 0 is
@@ -390,6 +409,10 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
     whole_block_ok = temperature == 0 and noise_gen is None and policy.remask_below is None
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     remasked_once = torch.zeros(b, total, dtype=torch.bool, device=device)
+    # The lowest probability of any step's chosen tokens, read where the loop
+    # syncs anyway: NaN (or -inf, a row of logits with no finite value) means
+    # the model predicted nothing, and an adaptive rule would wait forever.
+    lowest = torch.ones((), device=device)
     step = 0
     num_blocks = -(-(last - first) // block_length)
     # The workspace goes back to the model's pool however the decode ends:
@@ -425,9 +448,12 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                     active = masked
                 # Drawn every step, so the stream matches one draw per official step.
                 noise = torch.rand(b, total, generator=noise_gen) if noise_gen is not None else None
-                if not (has_work if schedule is not None else bool(active.any())):
-                    if schedule is None:
+                if schedule is None:
+                    more, lowest_yet = torch.stack((active.any().float(), lowest)).tolist()
+                    _refuse_invalid_predictions(lowest_yet, blk)
+                    if not more:
                         break
+                elif not has_work:
                     i, step = i + 1, step + 1
                     continue
                 # With re-masking, earlier decoded tokens of the block are scored too.
@@ -448,6 +474,8 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                     entropy_grid = None
                     if policy.commit == "entropy_bound":
                         entropy_grid = spread(choice.entropy, 0.0, active)
+                        if confidence_eos_eot_inf:
+                            entropy_grid = -demote(-entropy_grid, stop, active)
                     x0 = spread(choice.tokens, canvas, active)
                 else:
                     logits = forward(query)
@@ -455,15 +483,19 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                     choice = ops.sample_tokens(rows, temperature, step_seed(seed, step), suppress)
                     scores = ranking_scores(choice, policy.ranking,
                                             None if noise is None else noise.to(device)[active])
-                    if confidence_eos_eot_inf:
-                        scores = demote(scores, torch.isin(choice.tokens, stop_ids))
+                    stop = torch.isin(choice.tokens, stop_ids) if confidence_eos_eot_inf else None
+                    if stop is not None:
+                        scores = demote(scores, stop)
                     score_grid = torch.full((b, total), -math.inf, dtype=torch.float32, device=device)
                     score_grid[active] = scores.float()
                     entropy_grid = None
                     if policy.commit == "entropy_bound":
                         entropy_grid = torch.zeros(b, total, dtype=torch.float32, device=device)
-                        entropy_grid[active] = choice.entropy
+                        # EOS/EoT predictions go last: the highest entropies.
+                        entropy_grid[active] = choice.entropy if stop is None else -demote(-choice.entropy, stop)
                     x0 = canvas.masked_scatter(active, choice.tokens)
+                if choice.confidence.numel():
+                    torch.minimum(lowest, choice.confidence.amin(), out=lowest)
                 if isinstance(suppress, list):
                     # Then a tensor: a list would be copied to the device every step.
                     suppress = torch.tensor(suppress, device=device)
@@ -491,11 +523,21 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
             if policy.early_stop:
                 # A row whose block holds EOS is done.
                 stop_rows((canvas[:, start:end] == eos_id).any(1))
+            _refuse_invalid_predictions(lowest.item(), blk)
             yield BlockEvent(blk, start, end, stats.nfe, canvas[:, start:end].clone(), finished.clone(), stop_rows)
             if bool(finished.all()):
                 break
     finally:
         forward.give_back()
+
+
+def _refuse_invalid_predictions(lowest: float, block: int) -> None:
+    """Raises when a step's chosen tokens had no valid probability."""
+    if not lowest >= 0.0:
+        raise FloatingPointError(
+            f"the model's logits in block {block} hold NaN or +inf, or no finite value at some "
+            f"position, so no token can be chosen there: check the weights (a 16-bit dtype may "
+            f"overflow where float32 does not)")
 
 
 class _BlockSpread:
@@ -664,7 +706,7 @@ def _is_int(value) -> bool:
 
 
 def _validate(config, prompt, attention_mask, steps, gen_length, block_length, temperature,
-              cfg_scale, remasking, mask_id, seed):
+              cfg_scale, remasking, mask_id, seed, logits_eos_inf, confidence_eos_eot_inf):
     for name, value in (("steps", steps), ("gen_length", gen_length), ("block_length", block_length)):
         if not _is_int(value):
             raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -679,7 +721,8 @@ def _validate(config, prompt, attention_mask, steps, gen_length, block_length, t
         raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks ({num_blocks})")
     if steps > gen_length:
         raise ValueError(f"steps ({steps}) must not exceed gen_length ({gen_length})")
-    _validate_sampling(config, temperature, cfg_scale, remasking, mask_id, seed)
+    _validate_sampling(config, temperature, cfg_scale, remasking, mask_id, seed, logits_eos_inf,
+                       confidence_eos_eot_inf)
 
     if not isinstance(prompt, torch.Tensor):
         raise TypeError(f"prompt: expected a torch.Tensor, got {type(prompt).__name__}")
@@ -704,7 +747,17 @@ def _validate(config, prompt, attention_mask, steps, gen_length, block_length, t
     _validate_attention_mask(attention_mask, prompt.shape, "the prompt's")
 
 
-def _validate_sampling(config, temperature, cfg_scale, remasking, mask_id, seed):
+def check_seed(seed) -> None:
+    """A seed is None or an int in [0, 2**63): the noise keys are 63-bit, so a
+    larger or negative seed would alias another."""
+    if seed is not None and not _is_int(seed):
+        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+    if seed is not None and not 0 <= seed <= _INT64_MAX:
+        raise ValueError(f"seed: expected an int in [0, 2**63), got {seed}")
+
+
+def _validate_sampling(config, temperature, cfg_scale, remasking, mask_id, seed,
+                       logits_eos_inf=False, confidence_eos_eot_inf=False):
     """The arguments that generate and infill share beyond the ids."""
     for name, value in (("temperature", temperature), ("cfg_scale", cfg_scale)):
         if not isinstance(value, numbers.Real) or isinstance(value, bool):
@@ -713,8 +766,10 @@ def _validate_sampling(config, temperature, cfg_scale, remasking, mask_id, seed)
             raise ValueError(f"{name}: must be finite and >= 0, got {value}")
     if remasking not in REMASKING:
         raise ValueError(f"remasking: expected one of {REMASKING}, got {remasking!r}")
-    if seed is not None and not _is_int(seed):
-        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+    check_seed(seed)
+    for name, value in (("logits_eos_inf", logits_eos_inf), ("confidence_eos_eot_inf", confidence_eos_eot_inf)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
     if not _is_int(mask_id):
         raise TypeError(f"mask_id: expected an int, got {type(mask_id).__name__}")
     vocab = getattr(config, "embedding_size", None)
