@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import llada
-from llada.model import count_parameters, pack_projections
+from llada.model import KVCache, count_parameters, pack_projections
 
 from checkpoints import SHAPES, TINY, make_checkpoint
 from naive_llada import NaiveLLaDA
@@ -121,6 +121,21 @@ def test_logits_at_rejects_bad_shapes(tmp_path):
         model(ids, logits_at=slice(0, 5, 2))
     with pytest.raises(TypeError, match="logits_at"):
         model(ids, logits_at=[0, 1])
+
+
+def test_bad_ids_and_masks_are_named(tmp_path):
+    model = llada.load_model(make_checkpoint(tmp_path), device="cpu")
+    for ids in (torch.zeros(5, dtype=torch.long), torch.zeros(1, 2, 5, dtype=torch.long),
+                torch.zeros(2, 5), torch.zeros(0, 5, dtype=torch.long), [[1, 2]]):
+        with pytest.raises(ValueError, match="^input_ids"):
+            model(ids)
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"^attention_mask: expected a tensor of shape \(2, 5\)"):
+        model(ids, torch.ones(2, 4))
+    cache = KVCache(model.config, 2, 9, torch.device("cpu"), torch.float32)
+    model(ids, torch.ones(2, 9), cache=cache, start=4)  # with a cache the mask covers every position
+    with pytest.raises(ValueError, match=r"^attention_mask: expected a tensor of shape \(2, 9\)"):
+        model(ids, torch.ones(2, 5), cache=cache, start=4)
 
 
 @pytest.mark.parametrize("backend", ["llada", "sdpa"])

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,6 +151,17 @@ def test_bad_arguments():
         log_likelihood(model, [1], [2], mc_num=16.0)
     with pytest.raises(TypeError, match="seed"):
         log_likelihood(model, [1], [2], seed="0")
+    with pytest.raises(ValueError, match="seed"):
+        log_likelihood(model, [1], [2], seed=2**63)
+    with pytest.raises(ValueError, match="cfg_scale"):
+        log_likelihood(model, [1], [2], cfg_scale=math.inf)
+    with pytest.raises(ValueError, match="mask_id"):
+        log_likelihood(model, [1], [2], mask_id=VOCAB)
+    with pytest.raises(TypeError, match="mask_id"):
+        log_likelihood(model, [1], [2], mask_id=3.0)
+    with pytest.raises(TypeError, match="answer: expected token ids"):
+        log_likelihood(model, [1], [2, 3.0])
+    assert log_likelihood(model, [np.int64(1)], [2], seed=0) == log_likelihood(model, [1], [2], seed=0)
     with pytest.raises(ValueError, match="prompt: token ids"):
         log_likelihood(model, [VOCAB], [2])
     with pytest.raises(ValueError, match="answer: token ids"):

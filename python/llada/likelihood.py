@@ -10,11 +10,14 @@ which lowers the variance at no cost. The prompt is never masked.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from .sampler import check_seed
 from .token_ids import check_token_ids
 
 
@@ -35,8 +38,11 @@ def _ids(x, name: str) -> torch.Tensor:
             raise ValueError(f"{name}: expected a 1-D int64 tensor of token ids, got shape "
                              f"{tuple(x.shape)} and dtype {x.dtype}")
         return x
-    if isinstance(x, (list, tuple)) and all(isinstance(i, int) for i in x):
-        return torch.tensor(x, dtype=torch.long)
+    if isinstance(x, (list, tuple)):
+        bad = next((i for i in x if not isinstance(i, numbers.Integral) or isinstance(i, bool)), None)
+        if bad is None:
+            return torch.tensor([int(i) for i in x], dtype=torch.long)
+        raise TypeError(f"{name}: expected token ids (ints), got an element of type {type(bad).__name__}")
     raise TypeError(f"{name}: expected a tensor or a list of token ids, got {type(x).__name__}")
 
 
@@ -71,15 +77,20 @@ def log_likelihood(
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
     if mc_num % batch_size:
         raise ValueError(f"mc_num: expected a positive multiple of batch_size ({batch_size}), got {mc_num}")
-    if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool) or not cfg_scale >= 0:
-        raise ValueError(f"cfg_scale: expected a value >= 0, got {cfg_scale!r}")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+    if not isinstance(cfg_scale, numbers.Real) or isinstance(cfg_scale, bool) or not (
+            math.isfinite(cfg_scale) and cfg_scale >= 0):
+        raise ValueError(f"cfg_scale: expected a finite value >= 0, got {cfg_scale!r}")
+    check_seed(seed)
     config = getattr(model, "config", None)
     if mask_id is None:
         mask_id = getattr(config, "mask_token_id", None)
         if mask_id is None:
             raise ValueError("mask_id: not given and the model's config has no mask_token_id")
+    elif not isinstance(mask_id, numbers.Integral) or isinstance(mask_id, bool):
+        raise TypeError(f"mask_id: expected an int, got {type(mask_id).__name__}")
+    vocab = getattr(config, "embedding_size", None)
+    if not 0 <= mask_id < (vocab if vocab is not None else 2**63):
+        raise ValueError(f"mask_id: {mask_id} is outside the vocabulary [0, {vocab})")
     for name, ids in (("prompt", prompt), ("answer", answer)):
         check_token_ids(name, ids, config)
         if bool((ids == mask_id).any()):

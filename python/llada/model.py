@@ -160,6 +160,8 @@ def store_kv(k, v, cos, sin, cache_k, cache_v, positions) -> None:
         ops.store_kv_reference(k, v, cos, sin, cache_k, cache_v, positions)
 
 
+_ID_DTYPES = (torch.int64, torch.int32)  # what the embedding looks up
+
 ATTENTION_BACKENDS = ("llada", "sdpa")
 # "llada": the fused kernels of llada.ops.attention wherever they support the
 # shape and dtype (head dim 64 or 128; CPU float32/bfloat16, CUDA also
@@ -409,9 +411,12 @@ class LLaDAModel(nn.Module):
         """Logits of every position, or only of the positions in ``logits_at``.
 
         Args:
-            input_ids: int64 [B, L].
-            attention_mask: [B, L] of 1 (attend) / 0 (padding key), or None.
-                Padding positions still get logits; only keys are masked.
+            input_ids: int64 [B, L] (ids in [0, embedding_size): not checked
+                here, as that would wait for the device every forward;
+                ``generate``, ``infill`` and ``log_likelihood`` check theirs).
+            attention_mask: [B, L] (with a cache: [B, cache.total]) of 1
+                (attend) / 0 (padding key), or None. Padding positions still
+                get logits; only keys are masked.
             logits_at: None for logits [B, L, V]; a bool mask [B, L] for logits
                 [N, V] of its True positions in row-major order (like
                 ``x[mask]``); int64 positions [B, K] for logits [B, K, V]; or
@@ -434,8 +439,19 @@ class LLaDAModel(nn.Module):
                 graph and replayed at any position; they are not range-checked.
         """
         t = self.model.transformer
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in _ID_DTYPES:
+            raise ValueError(f"input_ids: expected an int64 tensor [batch, length], got "
+                             f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+                             f"{tuple(getattr(input_ids, 'shape', ()))}")
         b, l = input_ids.shape
+        if b == 0 or l == 0:
+            raise ValueError(f"input_ids: expected at least one row and one position, got {tuple(input_ids.shape)}")
         device = input_ids.device
+        if attention_mask is not None:
+            keys = (b, l if cache is None else cache.total)
+            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != keys:
+                raise ValueError(f"attention_mask: expected a tensor of shape {keys}, got "
+                                 f"{tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}")
         if cache is not None:
             if cache.batch != b or not 0 <= start <= cache.total - l:
                 raise ValueError(
