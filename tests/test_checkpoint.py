@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import llada
 from llada.checkpoint import config_from_dict, random_model, write_random_checkpoint
+from llada.cli import main
 
 from checkpoints import TINY, make_checkpoint
 from naive_llada import NaiveLLaDA
@@ -220,3 +221,150 @@ def test_a_model_too_large_for_memory_is_refused_before_loading(tmp_path, monkey
 def test_available_host_memory_reads_this_machine():
     available = llada.checkpoint._available_host_memory()
     assert available is None or 0 < available < 1 << 50
+
+
+@pytest.mark.parametrize("theta", [0, -1.0, float("nan"), float("inf")])
+def test_rope_theta_must_be_finite_and_positive(tmp_path, theta):
+    folder = make_checkpoint(tmp_path)
+    edit_config(folder, rope_theta=theta)  # json writes NaN and Infinity, and reads them back
+    with pytest.raises(ValueError, match=r"config\.json: rope_theta: expected a finite number > 0"):
+        llada.load_model(folder, device="cpu")
+
+
+SHARD = "model-00002-of-00003.safetensors"
+
+
+@pytest.mark.parametrize("file,text,says", [
+    ("config.json", "{oops", "not valid JSON"),
+    ("config.json", "\ufeff{}", "not valid JSON"),  # a UTF-8 BOM
+    ("config.json", "[1, 2]", "expected a JSON object, got a list"),
+    ("tokenizer.json", "{oops", "not valid JSON"),
+    ("model.safetensors.index.json", "{oops", "not valid JSON"),
+    ("model.safetensors.index.json", "[]", "expected a JSON object, got a list"),
+    ("model.safetensors.index.json", '{"weight_map": []}', "weight_map"),
+    ("model.safetensors.index.json", '{"weight_map": {"model.transformer.wte.weight": 3}}',
+     r"weight_map\['model.transformer.wte.weight'\]: expected a file name in the folder, got 3"),
+    ("model.safetensors.index.json", '{"weight_map": {"model.transformer.wte.weight": "."}}',
+     "expected a file name in the folder, got '.'"),
+    ("model.safetensors.index.json", '{"weight_map": {"model.transformer.wte.weight": "../x"}}',
+     "expected a file name in the folder"),
+    (SHARD, "", "not a readable safetensors file"),
+    (SHARD, "garbage" * 10, "not a readable safetensors file"),
+])
+def test_unreadable_files_are_named(tmp_path, capsys, file, text, says):
+    folder = write_random_checkpoint(tmp_path, TINY, num_shards=3)
+    (folder / file).write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{file}: .*{says}"):
+        llada.load_model(folder, device="cpu")
+    # The CLI prints such errors as one line, not a traceback.
+    assert main(["likelihood", "--model", str(folder), "--prompt", "a", "--answer", "b",
+                           "--mc-num", "1", "--batch-size", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llada: error: ") and file in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("file", ["tokenizer_config.json", "special_tokens_map.json"])
+def test_unreadable_tokenizer_files_are_named(tmp_path, file):
+    folder = make_checkpoint(tmp_path)
+    (folder / file).write_text("{oops")
+    with pytest.raises(ValueError, match=f"{file}: not valid JSON"):
+        llada.load_tokenizer(folder)
+
+
+def test_broken_tokenizer_json_is_named(tmp_path):
+    from llada.tokenizer import read_tokenizer
+
+    folder = make_checkpoint(tmp_path)
+    path = folder / "tokenizer.json"
+    good = json.loads(path.read_text())
+    eot = next(t for t in good["added_tokens"] if t["content"] == "<|eot_id|>")
+
+    path.write_text("{oops")
+    for load in (llada.load_config, read_tokenizer):
+        with pytest.raises(ValueError, match="tokenizer.json: not"):
+            load(folder)
+    for tokens, says in [([dict(eot, id=None)], "added token '<|eot_id|>': expected a non-negative integer id"),
+                         ("x", "added_tokens: expected a list")]:
+        path.write_text(json.dumps(dict(good, added_tokens=tokens)))
+        with pytest.raises(ValueError, match=f"tokenizer.json: {says}"):
+            llada.load_config(folder)
+
+    # An id is blamed on where it came from, not on config.json that does not hold it.
+    path.write_text(json.dumps(dict(good, added_tokens=[dict(eot, id=5000)])))
+    with pytest.raises(ValueError, match=r"^tokenizer\.json: <\|eot_id\|> has id 5000, which is outside"):
+        llada.load_config(folder)
+    path.write_text(json.dumps(good))
+    for key, default in [("mask_token_id", 126336), ("eos_token_id", 126081)]:
+        raw = json.loads((folder / "config.json").read_text())
+        raw[key] = None  # null is as good as missing: the default applies
+        with pytest.raises(ValueError, match=rf"^{key} = {default} \(the LLaDA-8B default; "
+                                             rf"config\.json gives no {key}\) is outside"):
+            config_from_dict(raw)
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("n_kv_heads", 0, "a positive integer"),
+    ("embedding_size", 0, "a positive integer"),
+    ("mlp_hidden_size", 0, "a positive integer"),
+    ("mlp_hidden_size", 80.0, "a positive integer"),
+    ("n_layers", True, "a positive integer"),
+    ("n_kv_heads", "4", "a positive integer"),
+    ("max_sequence_length", -1, "a positive integer"),
+    ("bos_token_id", -1, "a non-negative integer"),
+    ("weight_tying", "false", "true or false"),
+    ("weight_tying", 0, "true or false"),
+    ("rms_norm_eps", -1.0, "a finite number >= 0"),
+    ("rms_norm_eps", float("nan"), "a finite number >= 0"),
+    ("rms_norm_eps", "x", "a finite number >= 0"),
+    ("rope_theta", "abc", "a finite number > 0"),
+    ("rope_theta", True, "a finite number > 0"),
+    ("mlp_ratio", "4", "a finite number > 0"),
+    ("mlp_ratio", -1, "a finite number > 0"),
+    ("mlp_ratio", 0.001, "a value that gives at least 1 hidden unit with d_model 32"),
+])
+def test_config_types_and_ranges_are_checked(tmp_path, key, value, expected):
+    folder = make_checkpoint(tmp_path)
+    raw = json.loads((folder / "config.json").read_text())
+    if key == "mlp_ratio":
+        del raw["mlp_hidden_size"]  # mlp_ratio counts only without it
+    raw[key] = value
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=f"config.json: {key}: expected {expected}, got {value!r}"):
+        llada.load_config(folder)
+
+
+@pytest.mark.parametrize("key,value", [("rope", 1), ("alibi", 0)])
+def test_feature_flags_must_be_json_booleans(tmp_path, key, value):
+    folder = make_checkpoint(tmp_path)
+    edit_config(folder, **{key: value})
+    with pytest.raises(ValueError, match=f"config.json: {key} = {value} is not supported"):
+        llada.load_config(folder)
+
+
+def test_non_float_and_unlisted_weights_are_rejected(tmp_path):
+    name = "model.transformer.blocks.0.up_proj.weight"
+    for dtype in (torch.int32, torch.int64, torch.bool):
+        folder = make_checkpoint(tmp_path / str(dtype))
+        edit_weights(folder, lambda w: w.update({name: w[name].to(dtype)}))
+        with pytest.raises(ValueError, match=rf"{name} \(in model\.safetensors\): expected a floating-point "
+                                             rf"dtype, got {dtype}"):
+            llada.load_model(folder, device="cpu")
+
+    # A tensor in a shard that the index does not list there is an error, as
+    # an unknown tensor in model.safetensors is.
+    sharded = write_random_checkpoint(tmp_path / "sharded", TINY, num_shards=3)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shard = str(sharded / SHARD)
+    weights = load_file(shard)
+    listed = next(n for n, f in index["weight_map"].items() if f != SHARD)
+    for extra, says in [("model.transformer.extra.weight", "not part of a LLaDA model"),
+                        (listed, f"not listed for {SHARD} in model.safetensors.index.json")]:
+        save_file(dict(weights, **{extra: torch.zeros(3)}), shard)
+        with pytest.raises(ValueError, match=rf"weight {extra} \(in {SHARD}\): {says}"):
+            llada.load_model(sharded, device="cpu")
+
+
+@pytest.mark.parametrize("device", ["cpu:0", torch.device("cpu", 0)])
+def test_cpu_with_an_index_loads(tmp_path, device):
+    model = llada.load_model(make_checkpoint(tmp_path), device=device)
+    assert all(p.device == torch.device("cpu") for p in model.parameters())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import zlib
 from pathlib import Path
 from typing import Iterator, Optional
@@ -45,6 +46,8 @@ SUPPORTED_VALUES = {
     "multi_query_attention": (None, False),
 }
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
 SPECIAL_TOKENS = {
     "bos": "<|startoftext|>",
     "eos": "<|endoftext|>",
@@ -59,61 +62,108 @@ SPECIAL_TOKENS = {
 
 
 def config_from_dict(raw: dict, eot_token_id: Optional[int] = None) -> LLaDAConfig:
-    """Validate a config.json dict and turn it into an :class:`LLaDAConfig`."""
+    """Validate a config.json dict and turn it into an :class:`LLaDAConfig`.
+
+    An optional key that is missing or null takes its default.
+    ``eot_token_id`` is the id of ``<|eot_id|>`` in tokenizer.json, used when
+    config.json has no ``eot_token_id`` (LLaDA's has none).
+    """
     model_type = raw.get("model_type", "llada")
     if model_type != "llada":
         raise ValueError(f"config.json: model_type {model_type!r} is not supported (expected 'llada')")
     for key, allowed in SUPPORTED_VALUES.items():
-        if key in raw and raw[key] not in allowed:
+        # Types compared too: 1 == True in Python, but `1` is no JSON boolean.
+        if key in raw and not any(raw[key] == a and type(raw[key]) is type(a) for a in allowed):
             raise ValueError(
                 f"config.json: {key} = {raw[key]!r} is not supported (supported: "
                 f"{', '.join(repr(a) for a in allowed)})"
             )
 
-    def integer(key, default=None, required=False):
-        value = raw.get(key, default)
+    def given(key, required=False):
+        value = raw.get(key)
         if value is None and required:
-            raise ValueError(f"config.json: required key {key!r} is missing")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"config.json: {key} must be a non-negative integer, got {value!r}")
+            raise ValueError(f"config.json: required key {key!r} is missing or null")
+        return value
+
+    def bad(key, expected):
+        return ValueError(f"config.json: {key}: expected {expected}, got {raw[key]!r}")
+
+    def integer(key, default=None, minimum=1, required=False):
+        value = given(key, required)
+        if value is None:
+            return default
+        # bool is an int in Python, but `true` is no size in JSON.
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise bad(key, "a positive integer" if minimum else "a non-negative integer")
+        return value
+
+    def number(key, default, minimum, inclusive):
+        value = given(key)
+        if value is None:
+            return default
+        expected = f"a finite number {'>=' if inclusive else '>'} {minimum}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad(key, expected)
+        # No comparison holds for NaN; the upper bound rejects inf and ints beyond float range.
+        if not ((minimum <= value if inclusive else minimum < value) and value <= sys.float_info.max):
+            raise bad(key, expected)
+        return float(value)
+
+    def boolean(key, default):
+        value = given(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise bad(key, "true or false")
         return value
 
     d_model = integer("d_model", required=True)
     n_heads = integer("n_heads", required=True)
+    n_layers = integer("n_layers", required=True)
     vocab_size = integer("vocab_size", required=True)
     mlp_hidden_size = integer("mlp_hidden_size")
-    if mlp_hidden_size is None:
-        ratio = raw.get("mlp_ratio", 4)
-        mlp_hidden_size = int(ratio * d_model)
-    for key in ("d_model", "n_heads", "n_layers", "vocab_size"):
-        if integer(key, required=True) == 0:
-            raise ValueError(f"config.json: {key} must be positive")
-    eos = integer("eos_token_id", 126081)
+    if mlp_hidden_size is None:  # mlp_ratio counts only without mlp_hidden_size
+        mlp_hidden_size = int(number("mlp_ratio", 4, 0, inclusive=False) * d_model)
+        if mlp_hidden_size < 1:
+            raise bad("mlp_ratio", f"a value that gives at least 1 hidden unit with d_model {d_model}")
+
+    # Each special id with where it came from, so that an error blames the right source.
+    def special_id(key, fallback=(None, None)):
+        value = integer(key, minimum=0)
+        return fallback if value is None else (value, f"config.json: {key} = {value}")
+
+    def llada_8b(key, value):
+        return value, f"{key} = {value} (the LLaDA-8B default; config.json gives no {key})"
+
+    eos = special_id("eos_token_id", llada_8b("eos_token_id", 126081))
+    ids = {
+        "mask_token_id": special_id("mask_token_id", llada_8b("mask_token_id", 126336)),
+        "eos_token_id": eos,
+        "pad_token_id": special_id("pad_token_id", eos),  # LLaDA pads with EOS
+        "bos_token_id": special_id("bos_token_id"),
+        "eot_token_id": special_id(
+            "eot_token_id", (eot_token_id, f"tokenizer.json: <|eot_id|> has id {eot_token_id}, which")),
+    }
+
     cfg = LLaDAConfig(
         d_model=d_model,
         n_heads=n_heads,
-        n_kv_heads=integer("n_kv_heads") or n_heads,
-        n_layers=integer("n_layers", required=True),
+        n_kv_heads=integer("n_kv_heads", n_heads),
+        n_layers=n_layers,
         mlp_hidden_size=mlp_hidden_size,
         vocab_size=vocab_size,
-        embedding_size=integer("embedding_size") or vocab_size,
+        embedding_size=integer("embedding_size", vocab_size),
         max_sequence_length=integer("max_sequence_length", 4096),
-        rope_theta=float(raw.get("rope_theta", 10000.0)),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-        weight_tying=bool(raw.get("weight_tying", False)),
-        mask_token_id=integer("mask_token_id", 126336),
-        eos_token_id=eos,
-        pad_token_id=integer("pad_token_id", eos),
-        bos_token_id=integer("bos_token_id"),
-        eot_token_id=integer("eot_token_id", eot_token_id),
+        rope_theta=number("rope_theta", 10000.0, 0, inclusive=False),
+        # The norm kernels accept 0; a negative eps can make the rsqrt NaN.
+        rms_norm_eps=number("rms_norm_eps", 1e-5, 0, inclusive=True),
+        weight_tying=boolean("weight_tying", False),
         extra=dict(raw),
+        **{key: value for key, (value, _) in ids.items()},
     )
-    for key in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id"):
-        value = getattr(cfg, key)
+    for key, (value, origin) in ids.items():
         if value is not None and value >= cfg.embedding_size:
-            raise ValueError(
-                f"config.json: {key} = {value} is outside the embedding ({cfg.embedding_size} rows)"
-            )
+            raise ValueError(f"{origin} is outside the embedding ({cfg.embedding_size} rows)")
     return cfg
 
 
@@ -157,15 +207,33 @@ def config_to_dict(cfg: LLaDAConfig) -> dict:
     return raw
 
 
+def _read_json(path: Path) -> dict:
+    """The JSON object in ``path``; a file that does not parse, or holds
+    something else, is a ValueError naming it (json's own error does not)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value
+
+
 def _special_id_from_tokenizer(folder: Path, content: str) -> Optional[int]:
     """The id of an added token in tokenizer.json, read without a tokenizer."""
     path = folder / "tokenizer.json"
     if not path.is_file():
         return None
-    with open(path, encoding="utf-8") as f:
-        for token in json.load(f).get("added_tokens", []):
-            if token.get("content") == content:
-                return int(token["id"])
+    added = _read_json(path).get("added_tokens", [])
+    if not isinstance(added, list) or not all(isinstance(token, dict) for token in added):
+        raise ValueError(f"{path}: added_tokens: expected a list of objects")
+    for token in added:
+        if token.get("content") == content:
+            i = token.get("id")
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                raise ValueError(f"{path}: added token {content!r}: expected a non-negative integer id, got {i!r}")
+            return i
     return None
 
 
@@ -178,11 +246,7 @@ def load_config(path: str | os.PathLike) -> LLaDAConfig:
     file = folder / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing; a LLaDA checkpoint folder needs {CONFIG_FILE}")
-    with open(file, encoding="utf-8") as f:
-        raw = json.load(f)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{file}: expected a JSON object")
-    return config_from_dict(raw, _special_id_from_tokenizer(folder, SPECIAL_TOKENS["eot"]))
+    return config_from_dict(_read_json(file), _special_id_from_tokenizer(folder, SPECIAL_TOKENS["eot"]))
 
 
 def _folder(path) -> Path:
@@ -203,18 +267,20 @@ def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def _weight_files(folder: Path) -> dict[str, list[str]]:
-    """Map each safetensors file of the folder to the weight names it holds
-    (None = read the names from the file itself)."""
+def _weight_files(folder: Path) -> dict[str, Optional[set[str]]]:
+    """Map each safetensors file of the folder to the weight names the index
+    lists in it (None = no index: the file holds what it holds)."""
     index = folder / INDEX_FILE
     if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: has no 'weight_map' object")
-        files: dict[str, list[str]] = {}
+        files: dict[str, set[str]] = {}
         for name, file in weight_map.items():
-            files.setdefault(file, []).append(name)
+            # Shards sit beside the index: anything else ("", ".", "../x", "/x") is no shard.
+            if not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file:
+                raise ValueError(f"{index}: weight_map[{name!r}]: expected a file name in the folder, got {file!r}")
+            files.setdefault(file, set()).add(name)
         for file in files:
             if not (folder / file).is_file():
                 raise FileNotFoundError(f"{folder / file}: missing (listed in {INDEX_FILE})")
@@ -229,13 +295,21 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
 
 
-def _check_and_assign(model, shapes, name, tensor, dtype):
-    if name not in shapes:
-        raise ValueError(f"weight {name}: not part of a LLaDA model with this config")
+def _open_weights(path: Path, device: torch.device):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt", device=str(device))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _check_and_assign(model, shapes, name, file, tensor, dtype):
+    where = f"weight {name} (in {file})"
     if tuple(tensor.shape) != shapes[name]:
-        raise ValueError(
-            f"weight {name}: expected shape {list(shapes[name])}, got {list(tensor.shape)}"
-        )
+        raise ValueError(f"{where}: expected shape {list(shapes[name])}, got {list(tensor.shape)}")
+    if not tensor.is_floating_point():  # an int or bool tensor is no weight, whatever the cast gives
+        raise ValueError(f"{where}: expected a floating-point dtype, got {tensor.dtype}")
     _assign(model, name, tensor.to(dtype))
 
 
@@ -254,6 +328,8 @@ def _default_device_dtype(device, dtype):
         raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {str(device)!r}")
+    if device.type == "cpu":
+        device = torch.device("cpu")  # "cpu:0" is the same device, but safetensors accepts only "cpu"
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device} requested but CUDA is not available")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -322,8 +398,6 @@ def load_model(
     in the device's free memory (the host's available memory and swap, on
     the CPU) raises MemoryError before any weight is read.
     """
-    from safetensors import safe_open
-
     folder = _folder(path)
     cfg = load_config(folder)
     device, dtype = _default_device_dtype(device, dtype)
@@ -335,13 +409,18 @@ def load_model(
         model = LLaDAModel(cfg)
     shapes = expected_shapes(model)
     loaded = set()
-    for file, names in files.items():
-        with safe_open(folder / file, framework="pt", device=str(device)) as f:
-            available = set(f.keys())
-            for name in names if names is not None else sorted(available):
-                if name not in available:
+    for file, listed in files.items():
+        with _open_weights(folder / file, device) as f:
+            stored = set(f.keys())
+            for name in sorted(stored | (listed or set())):
+                if name not in stored:
                     raise ValueError(f"weight {name}: listed in {INDEX_FILE} but absent from {file}")
-                _check_and_assign(model, shapes, name, f.get_tensor(name), dtype)
+                if name not in shapes:
+                    raise ValueError(f"weight {name} (in {file}): not part of a LLaDA model with this config")
+                # A tensor the index does not list is as unexpected as one the model lacks.
+                if listed is not None and name not in listed:
+                    raise ValueError(f"weight {name} (in {file}): not listed for {file} in {INDEX_FILE}")
+                _check_and_assign(model, shapes, name, file, f.get_tensor(name), dtype)
                 loaded.add(name)
     missing = sorted(set(shapes) - loaded)
     if missing:
@@ -375,6 +454,11 @@ def load_tokenizer(path: str | os.PathLike):
     hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (ValueError, KeyError) as e:  # neither says which file (a JSONDecodeError, a missing key)
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                _read_json(folder / name)  # raises, naming the file, where one does not parse
+        raise ValueError(f"{folder}: the tokenizer files cannot be read ({type(e).__name__}: {e})") from e
     finally:
         hf_logging.set_verbosity(verbosity)
     tokenizer.padding_side = "left"

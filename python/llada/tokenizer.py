@@ -127,7 +127,10 @@ def read_tokenizer(folder: str | os.PathLike):
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception that does not name the file
+        raise ValueError(f"{path}: not a readable tokenizer ({e})") from None
 
 
 __all__ = [
