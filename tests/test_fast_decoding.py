@@ -112,6 +112,16 @@ def test_a_row_that_finishes_first_stops_costing(model):
             assert (row[block_end:] == eos).all()
 
 
+def test_only_the_fixed_schedule_checks_steps(model):
+    prompt, mask = prompt_batch(model)
+    kw = dict(gen_length=8, block_length=4, policy=DecodePolicy.fast())
+    want = llada.generate(model, prompt, mask, steps=8, **kw)
+    for steps in (5, 128):  # not a multiple of the blocks; more than gen_length
+        assert torch.equal(llada.generate(model, prompt, mask, steps=steps, **kw), want)
+        with pytest.raises(ValueError, match="steps"):
+            llada.generate(model, prompt, mask, steps=steps, gen_length=8, block_length=4)
+
+
 def test_gen_length_one(model):
     prompt, mask = prompt_batch(model)
     for policy in POLICIES.values():
@@ -257,6 +267,8 @@ def test_settings_the_policy_would_not_use_are_refused():
                     DecodePolicy(commit=other, **{name: value})
     with pytest.raises(ValueError, match="^refresh_every: used with a cache"):
         DecodePolicy(refresh_every=2)
+    with pytest.raises(ValueError, match="^cuda_graph: used with a cache"):
+        DecodePolicy(cuda_graph=False)
     assert DecodePolicy(cache="prefix", refresh_every=2).refresh_every == 2
     # Switching the rule of a tuned policy would drop its setting: refused too.
     with pytest.raises(ValueError, match="^threshold:"):

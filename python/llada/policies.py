@@ -106,6 +106,8 @@ class DecodePolicy:
         if self.commit == "entropy_bound" and self.ranking != DEFAULTS["ranking"]:
             raise ValueError(f"ranking: the entropy_bound rule orders positions by entropy itself; "
                              f"this policy has ranking={self.ranking!r}")
+        if self.cuda_graph != DEFAULTS["cuda_graph"] and self.cache == "none":
+            raise ValueError("cuda_graph: used with a cache ('prefix' or 'dual') only; this policy has cache='none'")
         if self.refresh_every and self.cache == "none":
             raise ValueError("refresh_every: used with a cache ('prefix' or 'dual') only; this policy has cache='none'")
         if self.remask_below is not None:

@@ -165,7 +165,8 @@ def generate(
         attention_mask: [B, Lp] of 1/0 (0 = padding), or None.
         steps: forwards in all under the fixed schedule; each of the
             ``gen_length // block_length`` blocks gets ``steps / num_blocks``.
-            Adaptive commit rules ignore it (they stop when a block is full).
+            Adaptive commit rules ignore it (they stop when a block is full),
+            and only the fixed schedule checks it against the blocks.
         gen_length, block_length: canvas length, and the semi-autoregressive
             block size (gen_length for a single block).
         temperature: 0 = greedy; > 0 samples softmax(logits / temperature)
@@ -303,12 +304,12 @@ def infill(
         holes = (ids[:, first:last] == mask_id).long()
         per_block = torch.nn.functional.pad(holes, (0, num_blocks * block_length - span))
         steps = num_blocks * int(per_block.view(-1, num_blocks, block_length).sum(2).max())
-    if not _is_int(steps) or steps < 1 or steps % num_blocks:
+    policy = _resolve_policy(policy, remasking)
+    if not _is_int(steps) or steps < 1 or (policy.commit == "schedule" and steps % num_blocks):
         raise ValueError(f"steps: expected a positive multiple of the block count ({num_blocks}), got {steps!r}")
     key_mask = None
     if attention_mask is not None and not bool((attention_mask != 0).all()):
         key_mask = (attention_mask != 0).to(_device_of(model))
-    policy = _resolve_policy(policy, remasking)
     work = ids.to(_device_of(model)).clone()
     stats = DecodeStats()
     for _ in _decode(model, work, key_mask, stats=stats, **_decode_args(
@@ -345,9 +346,10 @@ def _prepare_generate(model, prompt, attention_mask, steps, gen_length, block_le
                       policy):
     config = getattr(model, "config", None)
     mask_id = _config_id(config, "mask_token_id", mask_id, 126336)
-    _validate(config, prompt, attention_mask, steps, gen_length, block_length, temperature,
-              cfg_scale, remasking, mask_id, seed, logits_eos_inf, confidence_eos_eot_inf)
     policy = _resolve_policy(policy, remasking)
+    _validate(config, prompt, attention_mask, steps, gen_length, block_length, temperature,
+              cfg_scale, remasking, mask_id, seed, logits_eos_inf, confidence_eos_eot_inf,
+              policy.commit == "schedule")
     device = _device_of(model)
     b, lp = prompt.shape
     total = lp + gen_length
@@ -706,7 +708,7 @@ def _is_int(value) -> bool:
 
 
 def _validate(config, prompt, attention_mask, steps, gen_length, block_length, temperature,
-              cfg_scale, remasking, mask_id, seed, logits_eos_inf, confidence_eos_eot_inf):
+              cfg_scale, remasking, mask_id, seed, logits_eos_inf, confidence_eos_eot_inf, fixed_schedule):
     for name, value in (("steps", steps), ("gen_length", gen_length), ("block_length", block_length)):
         if not _is_int(value):
             raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -717,9 +719,10 @@ def _validate(config, prompt, attention_mask, steps, gen_length, block_length, t
             f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})"
         )
     num_blocks = gen_length // block_length
-    if steps % num_blocks:
+    # Only the fixed schedule counts steps; the other rules decide their own.
+    if fixed_schedule and steps % num_blocks:
         raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks ({num_blocks})")
-    if steps > gen_length:
+    if fixed_schedule and steps > gen_length:
         raise ValueError(f"steps ({steps}) must not exceed gen_length ({gen_length})")
     _validate_sampling(config, temperature, cfg_scale, remasking, mask_id, seed, logits_eos_inf,
                        confidence_eos_eot_inf)
