@@ -86,6 +86,8 @@ def test_bad_input(device):
         llada.commit_tokens(canvas.t(), x0.t(), accepted.t(), MASK)
     with pytest.raises(ValueError, match="x0"):
         llada.commit_tokens(canvas, x0[:, :4], accepted, MASK)
+    with pytest.raises(TypeError, match="mask_id"):
+        llada.commit_tokens(canvas, x0, accepted, 0.5)
     with pytest.raises(TypeError, match="x0"):
         llada.commit_tokens(canvas, x0.float(), accepted, MASK)
     with pytest.raises(TypeError, match="accepted"):

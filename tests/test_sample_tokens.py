@@ -201,6 +201,16 @@ def test_bad_input(device):
         llada.sample_tokens(good, temperature=float("nan"))
     with pytest.raises(ValueError, match="suppress_ids"):
         llada.sample_tokens(good, suppress_ids=[3, 10])
+    with pytest.raises(TypeError, match="suppress_ids"):
+        llada.sample_tokens(good, suppress_ids=torch.tensor([1.7], device=device))
+    with pytest.raises(TypeError, match="suppress_ids"):
+        llada.sample_tokens(good, suppress_ids=[1.7])
+    with pytest.raises(TypeError, match="suppress_ids"):
+        llada.sample_tokens(good, suppress_ids=[[1]])
+    with pytest.raises(ValueError, match="seed"):
+        llada.sample_tokens(good, 1.0, seed=2**63)
+    with pytest.raises(TypeError, match="seed"):
+        llada.sample_tokens(good, 1.0, seed=1.5)
     with pytest.raises(ValueError, match="suppress_ids"):
         llada.sample_tokens(good, suppress_ids=torch.arange(65))
     with pytest.raises(TypeError, match="suppress_ids"):

@@ -144,6 +144,12 @@ def test_bad_input(device):
         llada.select_positions(c.t(), "topk", k=1)
     with pytest.raises(ValueError, match="rule"):
         llada.select_positions(c, "best")
+    with pytest.raises(TypeError, match="k"):
+        llada.select_positions(c, "topk", k=2.9)
+    with pytest.raises(TypeError, match="k"):
+        llada.select_positions(c, "topk", k=[1, 2])
+    with pytest.raises(ValueError, match="k"):
+        llada.select_positions(c, "topk", k=2**63)
     with pytest.raises(ValueError, match="k"):
         llada.select_positions(c, "topk")
     with pytest.raises(ValueError, match="k"):

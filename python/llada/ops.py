@@ -35,6 +35,7 @@ Ops
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -125,12 +126,22 @@ def gumbel_noise_reference(seed: int, rows: int, cols: int) -> torch.Tensor:
 # --------------------------------------------------------------------------
 
 
+def _int_arg(name: str, value, low: int = -2**63, high: int = 2**63 - 1) -> int:
+    """An integer argument the kernels take as int64: neither truncated from
+    a float nor wrapped around."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name}: expected an int in [{low}, {high}], got {value}")
+    return int(value)
+
+
 def _suppress_tensor(suppress_ids, device) -> torch.Tensor:
     if suppress_ids is None:
         return torch.empty(0, dtype=torch.int64, device=device)
     if isinstance(suppress_ids, torch.Tensor):
         return suppress_ids.to(device=device, dtype=torch.int64).reshape(-1).contiguous()
-    return torch.tensor(list(suppress_ids), dtype=torch.int64, device=device)
+    return torch.tensor(suppress_ids, dtype=torch.int64, device=device)
 
 
 def sample_tokens(
@@ -159,18 +170,18 @@ def sample_tokens(
         probability, the top-1 minus top-2 margin and the entropy.
     """
     _require_tensors(("logits", logits))
-    if suppress_ids is not None and not isinstance(suppress_ids, torch.Tensor):
+    seed = _int_arg("seed", seed)
+    if isinstance(suppress_ids, torch.Tensor):
+        if suppress_ids.is_floating_point() or suppress_ids.is_complex() or suppress_ids.dtype == torch.bool:
+            raise TypeError(f"suppress_ids: expected an integer tensor, got {suppress_ids.dtype}")
+    elif suppress_ids is not None:
         # A Python list can be checked for free; a tensor on the GPU would cost
         # a sync, so there out-of-range ids simply match no column.
-        bad = [i for i in suppress_ids if not 0 <= int(i) < logits.shape[-1]]
-        if bad:
-            raise ValueError(
-                f"suppress_ids: expected ids in [0, {logits.shape[-1]}), got {bad}"
-            )
+        suppress_ids = [_int_arg("suppress_ids", i, 0, logits.shape[-1] - 1) for i in suppress_ids]
     if not devices.kernels_run_on(logits.device):
         return sample_tokens_reference(logits, temperature, seed, suppress_ids)
     out = torch.ops.llada.sample_tokens(
-        logits, _suppress_tensor(suppress_ids, logits.device), float(temperature), int(seed)
+        logits, _suppress_tensor(suppress_ids, logits.device), float(temperature), seed
     )
     return TokenChoice(*out)
 
@@ -261,9 +272,7 @@ def select_positions(
         if k is None:
             raise ValueError("k: required for rule='topk'")
         if not isinstance(k, torch.Tensor):
-            k_all = int(k)
-            if k_all < 0:
-                raise ValueError(f"k: expected values >= 0, got {k_all}")
+            k_all = _int_arg("k", k, 0)
     if not devices.kernels_run_on(confidence.device):
         return select_positions_reference(confidence, rule, k_all if k_all >= 0 else k, threshold, factor)
     if not isinstance(k, torch.Tensor) or rule != "topk":
@@ -338,9 +347,10 @@ def commit_tokens(
         int64 ``[B]``: how many positions of each row still hold ``mask_id``.
     """
     _require_tensors(("canvas", canvas))
+    mask_id = _int_arg("mask_id", mask_id)
     if not devices.kernels_run_on(canvas.device):
         return commit_tokens_reference(canvas, x0, accepted, mask_id, remask)
-    return torch.ops.llada.commit_tokens(canvas, x0, accepted, remask, int(mask_id))
+    return torch.ops.llada.commit_tokens(canvas, x0, accepted, remask, mask_id)
 
 
 @torch.library.register_fake("llada::commit_tokens")
