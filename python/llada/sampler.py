@@ -537,9 +537,9 @@ def _refuse_invalid_predictions(lowest: float, block: int) -> None:
     """Raises when a step's chosen tokens had no valid probability."""
     if not lowest >= 0.0:
         raise FloatingPointError(
-            f"the model's logits in block {block} hold NaN or +inf, or no finite value at some "
-            f"position, so no token can be chosen there: check the weights (a 16-bit dtype may "
-            f"overflow where float32 does not)")
+            f"the logits in block {block} hold NaN or +inf, or no finite value at some position, "
+            f"so no token can be chosen there: check the weights, the dtype (16 bits may overflow "
+            f"where float32 does not) and cfg_scale")
 
 
 class _BlockSpread:
