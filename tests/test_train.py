@@ -5,6 +5,7 @@ bundled default model loads and generates."""
 import csv
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -31,6 +32,15 @@ def log_rows(folder):
 
 def run(argv):
     assert train.main(argv) == 0
+
+
+def usage_error(argv, capsys) -> str:
+    """What ``llada train`` prints for options it refuses; it exits as argparse does."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
 
 
 def test_sft_loss_decreases_on_fixed_batches(tmp_path):
@@ -99,6 +109,57 @@ def test_resume_continues_the_same_run(tmp_path):
     assert [r["step"] for r in log_rows(split)] == [r["step"] for r in log_rows(straight)]
 
 
+def test_resume_refuses_what_cannot_change_and_applies_the_rest(tmp_path, capsys):
+    every = set(vars(train.build_parser().parse_args([])))
+    assert set(train.CHANGEABLE_ON_RESUME) <= every
+    folder = tmp_path / "run"
+    run(SORT + TINY + ["--steps", "6", "--eval-every", "2", "--stop-at", "2", "--out", str(folder)])
+    recorded = (folder / train.ARGS_FILE).read_text()
+    # Part of the run: refused, also when the new value is the parser's default
+    # (--lr 3e-3, --d-model 256, --warmup 100); the run's own value is accepted
+    # (--seed 0 here, --lr 1e-2 below).
+    for option, name in ((["--lr", "3e-3"], "--lr"), (["--d-model", "256"], "--d-model"),
+                         (["--n-layers", "3"], "--n-layers"), (["--task", "add"], "--task"),
+                         (["--weight-decay", "0.5"], "--weight-decay"),
+                         (["--seed", "0", "--warmup", "100"], "--warmup"), (["--no-weight-tying"], "--weight-tying")):
+        err = usage_error(["--resume", str(folder)] + option, capsys)
+        assert f"argument {name}: cannot change on --resume" in err
+    assert (folder / train.ARGS_FILE).read_text() == recorded
+    # --steps 1000 is the default, and still extends the run; the cosine follows the new total.
+    run(["--resume", str(folder), "--steps", "1000", "--stop-at", "4", "--lr", "1e-2", "--weight-decay", "0.1"])
+    args = json.loads((folder / train.ARGS_FILE).read_text())
+    assert (args["steps"], args["stop_at"], args["lr"]) == (1000, 4, 1e-2)
+    assert torch.load(folder / train.STATE_FILE, weights_only=False)["step"] == 4
+    row = log_rows(folder)[-1]
+    assert row["step"] == "4"
+    assert float(row["lr"]) == pytest.approx(1e-2 * train.lr_factor(4, 2, 1000, 0.1), rel=1e-4)
+    assert float(row["lr"]) != pytest.approx(1e-2 * train.lr_factor(4, 2, 6, 0.1), rel=1e-4)
+
+
+def test_stop_at_is_checked_and_always_leaves_a_checkpoint(tmp_path, capsys):
+    folder = tmp_path / "run"
+    common = SORT + TINY + ["--steps", "3", "--out", str(folder)]
+    assert "argument --stop-at: expected an int >= 0, got -1" in usage_error(common + ["--stop-at", "-1"], capsys)
+    assert "argument --stop-at: 4 is past --steps (3)" in usage_error(common + ["--stop-at", "4"], capsys)
+    assert not folder.exists()
+    run(common + ["--stop-at", "2", "--eval-every", "100", "--save-every", "100"])
+    assert torch.load(folder / train.STATE_FILE, weights_only=False)["step"] == 2
+    assert train.main(["--resume", str(folder), "--stop-at", "2"]) == 2
+    assert "--stop-at: 2 is not after the run's step 2" in capsys.readouterr().err
+    run(["--resume", str(folder)])
+    assert torch.load(folder / train.STATE_FILE, weights_only=False)["step"] == 3
+
+
+def test_resumed_run_logs_the_same_train_loss(tmp_path):
+    common = SORT + TINY + ["--steps", "6", "--eval-every", "2", "--save-every", "100"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(common + ["--out", str(straight)])
+    run(common + ["--out", str(split), "--stop-at", "3"])  # mid-way between two evaluations
+    run(["--resume", str(split)])
+    fields = ["step", "lr", "train_loss", "eval_loss", "tokens"]
+    assert [[r[k] for k in fields] for r in log_rows(split)] == [[r[k] for k in fields] for r in log_rows(straight)]
+
+
 def test_lr_schedule_warms_up_then_decays():
     f = [train.lr_factor(s, warmup=10, total=110, min_ratio=0.1) for s in range(120)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
@@ -106,30 +167,59 @@ def test_lr_schedule_warms_up_then_decays():
     assert f[110] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)
 
 
+NEW_SORT = ["--task", "sort", "--out", "{out}"]
+
+
 @pytest.mark.parametrize(
-    "argv, name",
+    "argv, message",
     [
-        (["--out", "x"], "corpus, task"),
-        (["--task", "sort", "--corpus", "stdlib", "--out", "x"], "corpus, task"),
-        (["--task", "sort"], "out"),
-        (["--task", "sort", "--out", "x", "--steps", "0"], "steps"),
-        (["--task", "nope", "--out", "{tmp}"], "task"),
-        (["--resume", "{tmp}"], "resume"),
+        (["--out", "{out}"], "give exactly one of --corpus .* or --task"),
+        (NEW_SORT + ["--corpus", "stdlib"], "give exactly one of --corpus .* or --task"),
+        (["--task", "sort"], "argument --out: an output folder is required"),
+        (NEW_SORT + ["--steps", "0"], "argument --steps: expected a positive int, got 0"),
+        (["--task", "nope", "--out", "{out}"], "argument --task: invalid choice"),
+        (["--resume", "{tmp}"], "argument --resume: .* has no train_args.json"),
+        (NEW_SORT + ["--device", "foo"], "argument --device: expected cpu or cuda"),
+        (NEW_SORT + ["--device", "cuda"], "argument --device: cuda: no CUDA GPU"),
+        (NEW_SORT + ["--mlp-hidden", "-5"], "argument --mlp-hidden: expected an int >= 0, got -5"),
+        (NEW_SORT + ["--d-model", "30"], "argument --d-model: 30 is not --n-heads"),
+        (NEW_SORT + ["--train-examples", "0"], "argument --train-examples: expected a positive int"),
+        (NEW_SORT + ["--eval-examples", "0"], "argument --eval-examples: expected a positive int"),
+        (NEW_SORT + ["--accuracy-examples", "-1"], "argument --accuracy-examples: expected an int >= 0"),
+        (NEW_SORT + ["--min-lr-ratio", "5"], r"argument --min-lr-ratio: expected a value in \[0, 1\], got 5"),
+        (NEW_SORT + ["--weight-decay", "-1"], "argument --weight-decay: expected a finite value >= 0"),
+        (NEW_SORT + ["--lr", "nan"], "argument --lr: expected a finite value > 0, got nan"),
+        (NEW_SORT + ["--seed", "-1"], "argument --seed"),
+        (["--corpus", "{tmp}", "--out", "{out}", "--held-out-fraction", "1"], "argument --held-out-fraction"),
+        (["--corpus", "{tmp}", "--out", "{out}", "--vocab-size", "10"], "argument --vocab-size: expected at least"),
     ],
 )
-def test_bad_arguments_are_named(tmp_path, argv, name):
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    with pytest.raises(ValueError, match=name):
-        train.train(train.parse_args(argv))
+def test_bad_arguments_are_named(tmp_path, argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = [a.replace("{out}", str(tmp_path / "out")).replace("{tmp}", str(tmp_path)) for a in argv]
+    assert re.search("llada train: error: " + message, usage_error(argv, capsys))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_run_arguments_are_named(tmp_path, capsys):
+    # A corpus of one file: that file is held out, nothing is left to train on.
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "only.py").write_text("x = 1\n" * 50)
+    argv = ["--corpus", str(tmp_path / "corpus"), "--vocab-size", "300", "--seq-len", "8", "--out",
+            str(tmp_path / "run")] + TINY
     assert train.main(argv) == 2
+    assert re.search(r"--corpus: the training split is empty.*\(only\.py\)", capsys.readouterr().err)
+    # --resume writes where the run is; another --out is refused, not dropped.
+    run(SORT + TINY + ["--steps", "4", "--stop-at", "2", "--out", str(tmp_path / "run")])
+    err = usage_error(["--resume", str(tmp_path / "run"), "--out", str(tmp_path / "other")], capsys)
+    assert "argument --out: --resume" in err
+    assert not (tmp_path / "other").exists()
 
 
-def test_a_new_run_never_writes_into_a_folder_in_use(tmp_path):
+def test_a_new_run_never_writes_into_a_folder_in_use(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     argv = ["--task", "sort", "--out", str(tmp_path)]
-    with pytest.raises(FileExistsError, match="out: .* is not empty"):
-        train.parse_args(argv)
-    assert train.main(argv) == 2
+    assert re.search("argument --out: .* is not empty", usage_error(argv, capsys))
     assert (tmp_path / "config.json").read_text() == "{}"
 
 

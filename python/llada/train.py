@@ -18,6 +18,15 @@ Hugging Face LLaDA checkpoint (config.json, model.safetensors, tokenizer
 files) that :func:`llada.load_model` reads, plus ``training_state.pt``
 (optimizer, schedule, step, RNG states) and ``train_args.json``, so
 ``--resume DIR`` continues the run where it stopped.
+
+On ``--resume`` the run's recorded options are reused. Only how far it goes
+and how it is run may change (``CHANGEABLE_ON_RESUME``: --steps to extend it,
+the cosine then following the new total, --stop-at, --eval-every,
+--save-every, --device, --progress). Everything else -- data, tokenizer,
+model shape, seed, the optimizer and its schedule, the evaluation that makes
+``train_log.csv`` comparable -- is fixed: giving it with another value than
+the run's is an error, whether or not that value is the default. So
+``train_args.json`` always holds the values the run uses.
 """
 
 from __future__ import annotations
@@ -68,13 +77,13 @@ def corpus_files(corpus: str) -> tuple[Path, list[Path]]:
     site-packages; anything else is a directory searched the same way."""
     root = Path(sysconfig.get_paths()["stdlib"] if corpus == "stdlib" else corpus).resolve()
     if not root.is_dir():
-        raise ValueError(f"corpus: {root} is not a directory")
+        raise ValueError(f"--corpus: {root} is not a directory")
     files = sorted(
         p for p in root.rglob("*.py")
         if p.is_file() and not EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])
     )
     if not files:
-        raise ValueError(f"corpus: no *.py files under {root}")
+        raise ValueError(f"--corpus: no *.py files under {root}")
     return root, files
 
 
@@ -260,12 +269,21 @@ class Data:
 
             root, files = corpus_files(args.corpus)
             train_files, held_files = split_files(files, args.held_out_fraction, args.seed)
+            if not train_files:
+                held = ", ".join(p.relative_to(root).as_posix() for p in held_files)
+                raise ValueError(f"--corpus: the training split is empty: all {len(files)} *.py file(s) under "
+                                 f"{root} are held out for evaluation ({held}); give a corpus with more files "
+                                 "or a smaller --held-out-fraction")
             # The tokenizer sees the training files only.
             self.tok = tok or train_bpe((read_text(p) for p in train_files), args.vocab_size)
             bos, eos = special_ids(self.tok)["bos"], special_ids(self.tok)["eos"]
             self.train_stream = token_stream(self.tok, train_files, bos, eos)
             self.eval_stream = token_stream(self.tok, held_files, bos, eos)
             self.seq_len = args.seq_len
+            for name, stream in (("training", self.train_stream), ("held-out", self.eval_stream)):
+                if stream.numel() <= self.seq_len:
+                    raise ValueError(f"--seq-len: {self.seq_len} is not shorter than the {name} token stream "
+                                     f"of --corpus {args.corpus} ({stream.numel()} tokens)")
             self.info = {
                 "corpus": describe_files(root, files),
                 "train_files": describe_files(root, train_files),
@@ -311,6 +329,17 @@ def train(args) -> Path:
     out = Path(args.out)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     resuming = (out / STATE_FILE).is_file() and args.resume
+    if resuming:
+        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)
+        if args.steps <= state["step"]:
+            raise ValueError(f"--steps: the run in {out} is already at step {state['step']}; "
+                             f"give more --steps to continue it")
+        if args.stop_at and args.stop_at <= state["step"]:
+            raise ValueError(f"--stop-at: {args.stop_at} is not after the run's step {state['step']}")
+        # The mask generator's state is per device type.
+        if state.get("device_type", device.type) != device.type:
+            raise ValueError(f"--device: the run in {out} drew its masks on {state['device_type']}; "
+                             f"resume it on {state['device_type']}, not {device}")
     torch.manual_seed(args.seed)
 
     data = Data(args, tok=read_tokenizer(out) if resuming else None)
@@ -335,12 +364,18 @@ def train(args) -> Path:
     generators = {"data": torch.Generator().manual_seed(args.seed + 1),
                   "mask": torch.Generator(device=device).manual_seed(args.seed + 2)}
     step, tokens, elapsed = 0, 0, 0.0
+    # The mean train loss since the last evaluation: saved, so that a resumed
+    # run logs what the uninterrupted one would.
+    running, count = 0.0, 0
     if resuming:
-        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], generators)
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed_s"]
+        running, count = state.get("running_loss", (0.0, 0))
+        # --steps may have changed: the next step's LR follows the schedule as it is now.
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_factor(step, args.warmup, args.steps, args.min_lr_ratio)
 
     eval_gen = torch.Generator().manual_seed(12345)
     eval_batches = [data.batch(args.batch_size, eval_gen, held_out=True) for _ in range(args.eval_batches)]
@@ -370,13 +405,14 @@ def train(args) -> Path:
                                     for k in LOG_FIELDS])
         return row
 
-    saved_at = step  # a resumed run starts from its save
+    saved_at = step if resuming else None  # a resumed run starts from its save
 
     def checkpoint():
         nonlocal saved_at
         saved_at = step
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_state(generators), "step": step, "tokens": tokens, "elapsed_s": elapsed}
+                 "rng": rng_state(generators), "step": step, "tokens": tokens, "elapsed_s": elapsed,
+                 "running_loss": (running, count), "device_type": device.type}
         save_checkpoint(out, model, data.tok, state, args, dict(data.info, parameters=n_params))
 
     from tqdm import tqdm
@@ -385,8 +421,7 @@ def train(args) -> Path:
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
     if step == 0:
         log_eval("")
-    running, count = 0.0, 0
-    stop = args.steps if not args.stop_at else min(args.stop_at, args.steps)
+    stop = args.stop_at or args.steps
     with StopRequest() as stop_request:
         while step < stop and not stop_request.asked:
             t0 = time.perf_counter()
@@ -410,11 +445,11 @@ def train(args) -> Path:
                           + (f" acc {row['eval_accuracy']:.3f}" if row["eval_accuracy"] != "" else "")
                           + f" ({tokens / max(elapsed, 1e-9):.0f} tok/s)")
                 running, count = 0.0, 0
-            if step % args.save_every == 0 or step == stop:
+            if step % args.save_every == 0:
                 checkpoint()
+    if saved_at != step:  # however the loop ended, what it did is saved and resumable
+        checkpoint()
     if step < stop:  # asked to stop (Ctrl-C)
-        if saved_at != step:
-            checkpoint()
         bar.write(f"llada train: stopped at step {step}, saved; llada train --resume {out} continues")
     bar.close()
     return out
@@ -450,18 +485,32 @@ class StopRequest:
 # --------------------------------------------------------------------------
 
 
+# On --resume: these describe how far the run goes and how it is run, and may
+# change; every other option is part of the run (its data, tokenizer, model,
+# seed, optimizer and schedule, and the evaluation that makes train_log.csv
+# comparable), so only its recorded value may be given.
+CHANGEABLE_ON_RESUME = ("steps", "stop_at", "eval_every", "save_every", "device", "progress")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llada train", description="Train a small LLaDA model from scratch.")
+    from .tasks import TASKS
+
+    p = argparse.ArgumentParser(
+        prog="llada train", description="Train a small LLaDA model from scratch.",
+        epilog="--resume DIR continues the run saved in DIR with its recorded options. Of the others only "
+               + ", ".join(flag(k) for k in CHANGEABLE_ON_RESUME)
+               + " may be given with a new value (a larger --steps extends the run; the cosine then follows the"
+               " new total); any other option may only repeat the run's value.")
     src = p.add_argument_group("data (one of --corpus, --task)")
     src.add_argument("--corpus", help="'stdlib' (this Python's standard library) or a directory of *.py files")
-    src.add_argument("--task", help="a synthetic task of llada.tasks (SFT)")
+    src.add_argument("--task", choices=sorted(TASKS), help="a synthetic task of llada.tasks (SFT)")
     src.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (pretraining)")
     src.add_argument("--held-out-fraction", type=float, default=0.03, help="files held out (pretraining)")
     src.add_argument("--seq-len", type=int, default=256, help="window length (pretraining)")
     src.add_argument("--train-examples", type=int, default=200_000, help="SFT training examples")
     src.add_argument("--eval-examples", type=int, default=500, help="held-out SFT examples")
     src.add_argument("--accuracy-examples", type=int, default=100,
-                     help="held-out examples decoded at each evaluation (SFT; 0 = off)")
+                     help="held-out examples decoded at each evaluation, at most --eval-examples (SFT; 0 = off)")
 
     m = p.add_argument_group("model")
     m.add_argument("--d-model", type=int, default=256)
@@ -469,68 +518,134 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n-heads", type=int, default=4)
     m.add_argument("--mlp-hidden", type=int, default=0, help="0 = 8/3 d_model rounded up to 64")
     m.add_argument("--weight-tying", action=argparse.BooleanOptionalAction, default=True)
-    m.add_argument("--max-len", type=int, default=0, help="max_sequence_length in config.json")
+    m.add_argument("--max-len", type=int, default=0, help="max_sequence_length in config.json (0 = the data's)")
 
     o = p.add_argument_group("optimization")
     o.add_argument("--steps", type=int, default=1000)
     o.add_argument("--batch-size", type=int, default=32)
-    o.add_argument("--lr", type=float, default=3e-3)
-    o.add_argument("--min-lr-ratio", type=float, default=0.1)
-    o.add_argument("--warmup", type=int, default=100)
+    o.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    o.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR / peak LR, in [0, 1]")
+    o.add_argument("--warmup", type=int, default=100, help="steps of linear LR warm-up")
     o.add_argument("--weight-decay", type=float, default=0.1)
     o.add_argument("--grad-clip", type=float, default=1.0)
     o.add_argument("--seed", type=int, default=0)
 
     r = p.add_argument_group("run")
     r.add_argument("--out", help="output folder (the checkpoint)")
-    r.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its arguments are reused)")
+    r.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (see below)")
     r.add_argument("--eval-every", type=int, default=100)
     r.add_argument("--eval-batches", type=int, default=4)
     r.add_argument("--save-every", type=int, default=500)
     r.add_argument("--stop-at", type=int, default=0,
-                   help="save and stop at this step, leaving the schedule as for --steps (0 = run to the end)")
-    r.add_argument("--device", help="default: cuda when available, else cpu")
+                   help="save and stop at this step (at most --steps), leaving the schedule as for --steps "
+                        "(0 = run to the end)")
+    r.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available, else cpu)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return p
 
 
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The options of a run. A bad one exits as argparse does (status 2, a
+    message naming the flag)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume:
-        folder = Path(args.resume)
-        if not (folder / ARGS_FILE).is_file() or not (folder / STATE_FILE).is_file():
-            raise ValueError(f"resume: {folder} has no {ARGS_FILE} and {STATE_FILE} to resume from")
-        with open(folder / ARGS_FILE, encoding="utf-8") as f:
-            saved = json.load(f)
-        # Options given now win (e.g. more --steps); the rest come from the run.
-        given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
-        merged = {**saved, **{k: getattr(args, k) for k in given}}
-        merged["out"], merged["resume"] = str(folder), str(folder)
-        merged["stop_at"] = args.stop_at  # a pause point belongs to one invocation, not the run
-        args = argparse.Namespace(**merged)
-    if bool(args.corpus) == bool(args.task):
-        raise ValueError("corpus, task: give exactly one of --corpus (pretraining) or --task (SFT)")
-    if not args.out:
-        raise ValueError("out: an output folder is required (--out DIR)")
-    out = Path(args.out)
-    if not args.resume and out.is_dir() and any(out.iterdir()):
-        # A new run would overwrite what is there (a checkpoint, a run's log).
-        raise FileExistsError(f"out: {out} is not empty; pick a new folder, or --resume {out} "
-                              "to continue the run saved there")
-    for name in ("steps", "batch_size", "eval_every", "eval_batches", "save_every", "seq_len",
-                 "d_model", "n_layers", "n_heads"):
-        value = getattr(args, name)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    if args.warmup < 0 or args.lr <= 0 or args.grad_clip <= 0:
-        raise ValueError("warmup, lr, grad_clip: expected warmup >= 0, lr > 0 and grad_clip > 0")
+        args = resumed_args(parser, argv, args)
+    check_args(parser, args)
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def resumed_args(parser: argparse.ArgumentParser, argv, args: argparse.Namespace) -> argparse.Namespace:
+    """The recorded options of the run in ``--resume DIR``, with those given
+    now that may change."""
+    folder = Path(args.resume)
+    if not (folder / ARGS_FILE).is_file() or not (folder / STATE_FILE).is_file():
+        parser.error(f"argument --resume: {folder} has no {ARGS_FILE} and {STATE_FILE} to resume from")
     try:
-        args = parse_args(argv)
+        with open(folder / ARGS_FILE, encoding="utf-8") as f:
+            saved = json.load(f)
+    except ValueError as e:
+        parser.error(f"argument --resume: {folder / ARGS_FILE}: {e}")
+    # What was typed, even a default: attributes set in advance get no defaults.
+    unset = object()
+    typed = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
+    given = {k: v for k, v in vars(typed).items() if v is not unset and k != "resume"}
+    if "out" in given and Path(given.pop("out")).resolve() != folder.resolve():
+        parser.error(f"argument --out: --resume {folder} writes to {folder}; leave --out out")
+    for name, value in given.items():
+        if name not in CHANGEABLE_ON_RESUME and value != saved.get(name):
+            parser.error(f"argument {flag(name)}: cannot change on --resume: the run in {folder} has "
+                         f"{saved.get(name)!r}, not {value!r}")
+    merged = {**vars(parser.parse_args([])), **saved, **given}
+    merged["out"], merged["resume"] = str(folder), str(folder)
+    merged["stop_at"] = args.stop_at  # a pause point belongs to one invocation, not the run
+    return argparse.Namespace(**merged)
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    def fail(name: str, message: str):
+        parser.error(f"argument {flag(name)}: {message}")
+
+    if bool(args.corpus) == bool(args.task):
+        parser.error("give exactly one of --corpus (pretraining) or --task (SFT)")
+    if not args.out:
+        fail("out", "an output folder is required (--out DIR)")
+    out = Path(args.out)
+    if not args.resume and out.is_dir() and any(out.iterdir()):
+        # A new run would overwrite what is there (a checkpoint, a run's log).
+        fail("out", f"{out} is not empty; pick a new folder, or --resume {out} to continue the run saved there")
+    positive = ["steps", "batch_size", "eval_every", "eval_batches", "save_every", "d_model", "n_layers", "n_heads"]
+    positive += ["train_examples", "eval_examples"] if args.task else ["seq_len", "vocab_size"]
+    for name in positive:
+        value = getattr(args, name)
+        if not isinstance(value, int) or value < 1:
+            fail(name, f"expected a positive int, got {value!r}")
+    for name in ("mlp_hidden", "max_len", "warmup", "accuracy_examples", "stop_at"):
+        value = getattr(args, name)
+        if not isinstance(value, int) or value < 0:
+            fail(name, f"expected an int >= 0, got {value!r}")
+    if args.stop_at > args.steps:
+        fail("stop_at", f"{args.stop_at} is past --steps ({args.steps})")
+    if not 0 <= args.seed < 2**32:
+        fail("seed", f"expected an int in [0, 2**32), got {args.seed}")
+    if args.d_model % args.n_heads or (args.d_model // args.n_heads) % 2:
+        fail("d_model", f"{args.d_model} is not --n-heads ({args.n_heads}) times an even head size")
+    if args.corpus:
+        from .tokenizer import SPECIAL_LIST
+
+        smallest = 256 + len(SPECIAL_LIST)  # the bytes and the special tokens
+        if args.vocab_size < smallest:
+            fail("vocab_size", f"expected at least {smallest}, got {args.vocab_size}")
+        if not 0 < args.held_out_fraction < 1:
+            fail("held_out_fraction", f"expected a value in (0, 1), got {args.held_out_fraction}")
+    for name, ok, expected in (  # NaN fails every comparison
+        ("lr", 0 < args.lr < math.inf, "a finite value > 0"),
+        ("grad_clip", 0 < args.grad_clip < math.inf, "a finite value > 0"),
+        ("weight_decay", 0 <= args.weight_decay < math.inf, "a finite value >= 0"),
+        ("min_lr_ratio", 0 <= args.min_lr_ratio <= 1, "a value in [0, 1]"),
+    ):
+        if not ok:
+            fail(name, f"expected {expected}, got {getattr(args, name)}")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            fail("device", f"expected cpu or cuda[:N], got {args.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            fail("device", f"{args.device}: no CUDA GPU is available here (--device cpu trains on the CPU)")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            fail("device", f"{args.device}: there are only {torch.cuda.device_count()} CUDA device(s)")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)  # bad options exit with status 2, as argparse's own do
+    try:
         out = train(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"llada train: error: {e}", file=sys.stderr)
