@@ -51,6 +51,44 @@ def test_sharded_checkpoint_loads_the_same_model(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_random_checkpoint_arguments_are_checked_before_anything_is_written(tmp_path):
+    folder = tmp_path / "new" / "ck"
+    for kwargs, message in ((dict(num_shards=0), r"num_shards: expected an int in \[1, \d+\]"),
+                            (dict(num_shards=10_000), r"num_shards: expected an int in \[1, \d+\]"),
+                            (dict(seed=-1), r"seed: expected an int in \[0, \d+\]"),
+                            (dict(seed=2**63), r"seed: expected an int in \[0, \d+\]")):
+        with pytest.raises(ValueError, match=message):
+            write_random_checkpoint(folder, TINY, **kwargs)
+    with pytest.raises(ValueError, match="path: expected a folder, got an empty path"):
+        write_random_checkpoint("", TINY)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        write_random_checkpoint(tmp_path / "file", TINY)
+    assert [f.name for f in tmp_path.iterdir()] == ["file"]
+    # Every shard asked for is written, however the weights divide.
+    sharded = write_random_checkpoint(tmp_path / "eight", TINY, num_shards=8)
+    assert len(list(sharded.glob("model-*-of-00008.safetensors"))) == 8
+
+
+def test_a_failed_random_checkpoint_leaves_nothing_behind(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def failing_save(tensors, file, metadata=None):
+        real_save(tensors, file, metadata=metadata)
+        raise OSError("disk full")
+
+    real_save = safetensors.torch.save_file
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        write_random_checkpoint(tmp_path / "new" / "ck", TINY, num_shards=2)
+    assert not (tmp_path / "new").exists()  # the folders it made are gone
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.txt").write_text("mine")
+    with pytest.raises(OSError, match="disk full"):
+        write_random_checkpoint(tmp_path / "notes", TINY)
+    assert [f.name for f in (tmp_path / "notes").iterdir()] == ["README.txt"]  # only what was there
+
+
 def test_dtype_and_device_are_applied(tmp_path, device):
     folder = make_checkpoint(tmp_path)
     model = llada.load_model(folder, device=device, dtype=torch.bfloat16)

@@ -1,7 +1,6 @@
 """The `llada` command: generate (plain, chat, --show-steps, a prompts
 file), infill, stream and make-random-checkpoint."""
 
-import contextlib
 import io
 import json
 import os
@@ -140,13 +139,13 @@ def test_prompts_file_dash_reads_standard_input(checkpoint, capsys, monkeypatch)
 
 @pytest.mark.parametrize("content, flags, message", [
     ('"a"\n{"text": "b"}\n', [], "line 2: expected a JSON string"),
-    ('{"prompt": "a", "messages": []}\n', [], "line 1: expected a JSON string"),
+    ('{"prompt": "a", "messages": []}\n', [], 'line 1: has both "prompt" and "messages"'),
     ('{"messages": [{"role": "user", "content": "a"}]}\n', [], '"messages" (a conversation) needs --chat'),
-    ('{"messages": [{"role": "user"}]}\n', ["--chat"], "prompt[0]: expected a message"),
+    ('{"messages": [{"role": "user"}]}\n', ["--chat"], "line 1: messages[0]: expected a message"),
     ('"a"\nnot json\n', [], "line 2: not JSON"),
     ('"a"\n{"prompt": "b", "answer": "c"}\n', [], 'line 2: has the key "answer"'),
     ("\n\n", [], "holds no prompts"),
-    (b"\xff\xfe", [], "not UTF-8"),
+    (b"\xff\xfe", [], "not valid UTF-8 text"),
     ('"a"\n', ["--batch-size", "0"], "--batch-size"),
     ('"a"\n', ["--stream"], "--stream"),
     ('"a"\n', ["also a prompt"], "not both"),
@@ -174,18 +173,16 @@ def test_infill_and_stream_commands(checkpoint, capsys):
     captured = capsys.readouterr()
     assert captured.out.startswith("ab") and captured.out.rstrip("\n").endswith("yz")
     assert "forwards 4" in captured.err
-    assert main(["generate", "--model", str(checkpoint), *ARGS, "--stream", "--policy", "fast", "x"]) == 0
+    assert main(["generate", "--model", str(checkpoint), *ARGS[2:], "--stream", "--policy", "fast", "x"]) == 0
     with pytest.raises(SystemExit) as e:
         main(["infill", "--model", str(checkpoint), "--length", "0"])
     assert e.value.code == 2 and "--length" in capsys.readouterr().err
 
 
 def test_bad_arguments(checkpoint, capsys, tmp_path):
-    assert main(["generate", "--model", str(checkpoint), "--gen-length", "20", "--block-length", "8", "x"]) == 2
-    assert "block_length" in capsys.readouterr().err
-    assert main(["generate", "--model", str(tmp_path / "missing"), "x"]) == 2
-    assert "not a directory" in capsys.readouterr().err
-    for flags, named in ((["--remask-below", "2", "--commit", "threshold"], "--remask-below"),
+    for flags, named in ((["--gen-length", "20", "--block-length", "8"], "--gen-length: expected a multiple of"),
+                         (["--model", str(tmp_path / "missing")], "--model: "),
+(["--remask-below", "2", "--commit", "threshold"], "--remask-below"),
                          (["--remask-below", "0.5"], "--remask-below"),  # needs an adaptive rule
                          (["--refresh-every", "-1"], "--refresh-every"),
                          (["--gamma", "-0.5"], "--gamma"),
@@ -218,8 +215,9 @@ def test_make_random_checkpoint(tmp_path, capsys):
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
     # Never written over a checkpoint: the one there stays as it was.
     before = {f.name: f.read_bytes() for f in folder.iterdir()}
-    assert main(["make-random-checkpoint", str(folder), "--seed", "4"]) == 2
-    assert "already holds a checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["make-random-checkpoint", str(folder), "--seed", "4"])
+    assert e.value.code == 2 and "DIR: " in capsys.readouterr().err
     assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
     # A folder of other files is fine.
     (tmp_path / "notes").mkdir()
@@ -248,10 +246,11 @@ def test_policy_flags_build_the_policy():
     fast = policy("--policy", "fast", "--threshold", "0.7", "--early-stop")
     assert fast == llada.DecodePolicy.fast(threshold=0.7, early_stop=True)
     assert policy("--cache", "dual").cuda_graph  # on unless turned off
-    every = policy("--commit", "entropy_bound", "--gamma", "0.25", "--ranking", "margin",
+    every = policy("--commit", "entropy_bound", "--gamma", "0.25",
                    "--cache", "prefix", "--refresh-every", "3", "--remask-below", "0.2")
-    assert every == llada.DecodePolicy(commit="entropy_bound", gamma=0.25, ranking="margin",
+    assert every == llada.DecodePolicy(commit="entropy_bound", gamma=0.25,
                                        cache="prefix", refresh_every=3, remask_below=0.2)
+    assert policy("--ranking", "margin") == llada.DecodePolicy(ranking="margin")
     assert not policy("--cache", "dual", "--no-cuda-graph").cuda_graph
 
 
@@ -309,10 +308,10 @@ def test_likelihood_prompts_file_scores_every_answer_of_every_line(checkpoint, c
                              ('{"prompt": "a", "answers": []}', '"answers", a non-empty list'),
                              ('"a"', "expected an object"),
                              ('{"prompt": "a", "answers": ["b"], "log_likelihoods": 1}', 'has the key "log_likelihoods"'),
-                             ('{"messages": [], "answers": ["b"]}', "needs --chat")):
+                             ('{"messages": [], "answers": ["b"]}',
+                              'line 1: "messages" (a conversation) needs --chat')):
         path.write_text(content + "\n", encoding="utf-8")
-        with pytest.raises(SystemExit) if "--chat" in message else contextlib.nullcontext():
-            assert main([*base, "--prompts-file", str(path)]) == 2
+        assert main([*base, "--prompts-file", str(path)]) == 2
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*base, "--prompts-file", str(path), "--prompt", "x", "--answer", "y"])
@@ -353,9 +352,9 @@ def test_a_model_too_large_for_memory_is_a_clear_error(checkpoint, monkeypatch, 
     assert "llada: error: dtype: the model's" in capsys.readouterr().err
 
 
-def _chat(checkpoint, monkeypatch, capsys, lines, *flags):
+def _chat(checkpoint, monkeypatch, capsys, lines, *flags, code=0):
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
-    assert main(["chat", "--model", str(checkpoint), *ARGS, *flags]) == 0
+    assert main(["chat", "--model", str(checkpoint), *ARGS, *flags]) == code
     return capsys.readouterr()
 
 
@@ -378,7 +377,7 @@ def test_chat_answers_each_turn_with_the_conversation_so_far(checkpoint, monkeyp
 def test_chat_drops_the_oldest_turns_that_no_longer_fit(tmp_path, monkeypatch, capsys):
     folder = make_checkpoint(tmp_path, seed=4, max_sequence_length=80)  # 64 tokens of prompt at most
     turns = ["Hi there", "More please", "And the last", "Done now"]
-    captured = _chat(folder, monkeypatch, capsys, turns + ["x " * 40])
+    captured = _chat(folder, monkeypatch, capsys, turns + ["x " * 40], code=2)  # a turn failed
     assert "dropped its oldest turn" in captured.err
     assert "the message alone is too long" in captured.err
     # Each answer saw what fitted: the latest turns, as many as 64 tokens take.
@@ -431,3 +430,174 @@ def test_ctrl_c_at_a_terminal_stops_the_answer_not_the_chat(checkpoint, monkeypa
     calls.clear()
     monkeypatch.setattr(sys, "stdin", io.StringIO("First\n"))
     assert main(["chat", "--model", str(checkpoint), *ARGS]) == 130
+
+
+def _exit_code(argv):
+    """main's status, whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def test_steps_counts_the_fixed_schedule_alone(checkpoint, capsys):
+    # Without --steps the fixed schedule commits one token per step.
+    assert main(["generate", "--model", str(checkpoint), "--device", "cpu", "--gen-length", "16",
+                 "--block-length", "8", "--stats", "x"]) == 0
+    assert "forwards 16," in capsys.readouterr().err
+    # An adaptive rule decides its own steps: the default gen length needs none, and an explicit count is an error.
+    fast = ["generate", "--model", str(checkpoint), "--device", "cpu", "--policy", "fast", "--gen-length", "16",
+            "--block-length", "16"]
+    assert main([*fast, "x"]) == 0
+    assert _exit_code([*fast, "--steps", "16", "x"]) == 2
+    assert "--steps: the fixed schedule's step count; --commit threshold decides its own" in capsys.readouterr().err
+    # --show-steps has no total to show for it.
+    assert main([*fast, "--show-steps", "x"]) == 0
+    *steps, _ = capsys.readouterr().out.splitlines()
+    assert steps and all(line.split(":")[0] == f"step {i}" for i, line in enumerate(steps, 1))
+
+
+@pytest.mark.parametrize("content, flags, message", [
+    # A bad line late in the file: nothing is decoded before the error.
+    ("\n".join(['"a"'] * 10 + ['{"messages": [{"role": "user"}]}']), ["--chat"],
+     "line 11: messages[0]: expected a message"),
+    ("\n".join(['"a"'] * 2 + [json.dumps("x" * 600)]), [], "line 3: 600 tokens and --gen-length 16 exceed"),
+    ('"a"\n{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "b"}]}',
+     ["--chat", "--system", "S"], "line 2: --system: the conversation already starts with a system message"),
+    ('"a"\n{"messages": []}', ["--chat"], 'line 2: "messages": expected a non-empty list'),
+])
+def test_prompts_file_lines_are_all_checked_before_decoding(checkpoint, capsys, tmp_path, content, flags, message):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(content, encoding="utf-8")
+    assert main(["generate", "--model", str(checkpoint), *ARGS, "--batch-size", "1", "--prompts-file", str(path),
+                 *flags]) == 2
+    captured = capsys.readouterr()
+    assert f"--prompts-file {path} {message}" in captured.err and captured.out == ""
+
+
+def test_likelihood_prompts_file_lines_are_all_checked_before_scoring(checkpoint, capsys, tmp_path):
+    path = tmp_path / "scoring.jsonl"
+    path.write_text('{"prompt": "a", "answers": ["b"]}\n{"prompt": "c", "answers": ["d", ""]}\n', encoding="utf-8")
+    assert main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--mc-num", "1", "--batch-size", "1",
+                 "--prompts-file", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert f"--prompts-file {path} line 2: answer 2 is empty" in captured.err and captured.out == ""
+
+
+@pytest.mark.parametrize("flags", [[], ["--stream"], ["--show-steps"], ["--prompts-file", "-"]])
+def test_an_empty_stop_string_is_refused_in_every_mode(checkpoint, capsys, monkeypatch, flags):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b'"x"\n')))
+    prompt = [] if "--prompts-file" in flags else ["x"]
+    assert _exit_code(["generate", "--model", str(checkpoint), *ARGS, "--stop", "", *flags, *prompt]) == 2
+    captured = capsys.readouterr()
+    assert "--stop: expected a non-empty text" in captured.err and captured.out == ""
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "18446744073709551"], "--seed: expected an int in [0, "),  # beyond what the writer can seed
+    (["--shards", "0"], "--shards: expected an int in [1, 21]"),
+    (["--shards", "1000"], "--shards: expected an int in [1, 21]"),
+])
+def test_make_random_checkpoint_checks_its_arguments_before_writing(tmp_path, capsys, flags, message):
+    assert _exit_code(["make-random-checkpoint", str(tmp_path / "new" / "ck"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_make_random_checkpoint_needs_a_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _exit_code(["make-random-checkpoint", ""]) == 2
+    assert "DIR: expected a folder, got an empty path" in capsys.readouterr().err
+    (tmp_path / "file").write_text("mine")
+    assert _exit_code(["make-random-checkpoint", "file"]) == 2
+    assert "DIR: file is a file, not a folder" in capsys.readouterr().err
+    assert [f.name for f in tmp_path.iterdir()] == ["file"]
+
+
+def test_chat_refuses_a_gen_length_the_model_cannot_fit(checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    # 512 tokens fill the tiny model's context: no room for the template.
+    assert _exit_code(["chat", "--model", str(checkpoint), "--device", "cpu", "--gen-length", "512"]) == 2
+    captured = capsys.readouterr()
+    assert "--gen-length: 512 tokens and the chat template's" in captured.err and captured.out == ""
+
+
+@pytest.mark.parametrize("command", [["generate", "x"], ["chat"], ["infill", "--length", "4"],
+                                     ["likelihood", "--prompt", "a", "--answer", "b"],
+                                     ["make-random-checkpoint", "unwritten"]])
+@pytest.mark.parametrize("seed", ["-1", str(2**63), "1.5"])
+def test_seed_is_checked_when_parsed(capsys, command, seed):
+    assert _exit_code([*command, "--seed", seed]) == 2
+    assert "argument --seed: expected an int" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["generate", "\udcff"], "argument prompt"),
+    (["generate", "--stop", "\udcff", "x"], "argument --stop"),
+    (["generate", "--chat", "--system", "\udcff", "x"], "argument --system"),
+    (["infill", "--prefix", "\udcff", "--length", "4"], "argument --prefix"),
+    (["infill", "--suffix", "\udcff", "--length", "4"], "argument --suffix"),
+    (["likelihood", "--prompt", "a", "--answer", "\udcff"], "argument --answer"),
+])
+def test_text_that_is_not_utf8_is_named(capsys, argv, named):
+    # Bytes that are not UTF-8 in sys.argv arrive as lone surrogates.
+    assert _exit_code(argv) == 2
+    assert f"{named}: not valid UTF-8 text" in capsys.readouterr().err
+
+
+def test_chat_reports_a_line_that_is_not_utf8_and_goes_on(checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe hi\nHi\n"), encoding="utf-8"))
+    assert main(["chat", "--model", str(checkpoint), *ARGS]) == 2  # a turn failed
+    captured = capsys.readouterr()
+    assert "standard input line 1: not valid UTF-8 text" in captured.err
+    assert captured.out == oracle_answer(checkpoint, _templated(checkpoint, [{"role": "user", "content": "Hi"}])) + "\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--steps", "0", "x"], "--steps: expected a multiple of the number of blocks (4)"),
+    (["generate", "--steps", "256", "x"], "at most --gen-length (128)"),
+    (["generate", "--gen-length", "0", "x"], "--gen-length: expected a positive int"),
+    (["generate", "--gen-length", "16", "--block-length", "32", "x"], "--gen-length: expected a multiple of "
+                                                                      "--block-length (32)"),
+    (["generate", "--temperature", "-1", "x"], "--temperature: expected a finite number >= 0"),
+    (["chat", "--cfg-scale", "inf"], "--cfg-scale: expected a finite number >= 0"),
+    (["likelihood", "--prompt", "a", "--answer", "b", "--mc-num", "8"], "--mc-num: expected a multiple of "
+                                                                         "--batch-size (16)"),
+    (["likelihood", "--prompt", "a", "--answer", "b", "--batch-size", "0"], "--batch-size: expected a positive"),
+    (["infill", "--length", "8", "--block-length", "4", "--steps", "3"], "--steps: expected a multiple"),
+    (["infill", "--length", "0"], "--length: expected a positive int"),
+    (["make-random-checkpoint", "unwritten", "--shards", "0"], "--shards: expected an int in [1, 21]"),
+    (["generate", "--model", "/nonexistent", "x"], "--model: /nonexistent does not exist"),
+    (["generate", "--model", __file__, "x"], "is not a folder"),
+])
+def test_decoding_flags_are_checked_before_the_model_loads(capsys, monkeypatch, argv, message):
+    monkeypatch.setattr("llada.cli.load_for_cli", lambda args: pytest.fail("the model was loaded"))
+    assert _exit_code(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_errors_show_the_usage_of_their_subcommand(capsys):
+    assert _exit_code(["generate", "--system", "x", "Hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: llada generate ") and "llada generate: error: --system" in err
+
+
+@pytest.mark.parametrize("content", ['{"prompt": "x", "messages": "notlist"}',
+                                     '{"prompt": "x", "messages": [{"role": "user", "content": "y"}]}'])
+@pytest.mark.parametrize("flags", [[], ["--chat"]])
+def test_a_line_with_both_prompt_and_messages_is_ambiguous(checkpoint, capsys, tmp_path, content, flags):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('"a"\n' + content + "\n", encoding="utf-8")
+    assert main(["generate", "--model", str(checkpoint), *ARGS, "--prompts-file", str(path), *flags]) == 2
+    assert f'--prompts-file {path} line 2: has both "prompt" and "messages"' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--cuda-graph", "--no-cuda-graph"])
+def test_cuda_graph_flags_need_a_cache(capsys, flag):
+    assert _exit_code(["generate", flag, "x"]) == 2
+    assert f"{flag}: applies with a cache" in capsys.readouterr().err
+
+
+def test_batch_size_needs_a_prompts_file(capsys):
+    assert _exit_code(["generate", "--batch-size", "4", "x"]) == 2
+    assert "--batch-size: applies with --prompts-file" in capsys.readouterr().err

@@ -601,17 +601,36 @@ def write_random_checkpoint(
     Args:
         path: the folder to create (or fill: it must not hold a checkpoint).
         config_overrides: LLaDAConfig fields replacing those of ``size``.
-        seed: the weights depend only on (seed, weight name).
+        seed: the weights depend only on (seed, weight name); an int in
+            [0, ``(2**64 - 2**32) // 1_000_003``].
         size: "tiny", "mid" or "8b-shape" (see ``SIZES``).
         dtype: storage dtype of the weights.
-        num_shards: > 1 writes model-0000i-of-0000n.safetensors and the index.
+        num_shards: > 1 writes model-0000i-of-0000n.safetensors and the index;
+            at most one shard per weight.
+
+    Every argument is checked before anything is written, and a failure while
+    writing removes what this call wrote.
     """
+    import shutil
+
     from safetensors.torch import save_file
 
-    if not isinstance(num_shards, int) or num_shards < 1:
-        raise ValueError(f"num_shards: expected a positive int, got {num_shards!r}")
+    # random_weights seeds each weight's generator with seed * 1_000_003 plus a
+    # CRC-32, which torch takes below 2**64.
+    max_seed = (2**64 - 2**32) // 1_000_003
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= max_seed:
+        raise ValueError(f"seed: expected an int in [0, {max_seed}], got {seed!r}")
+    if os.fspath(path) == "":
+        raise ValueError("path: expected a folder, got an empty path")
     cfg = random_config(size, **(config_overrides or {}))
+    with torch.device("meta"):
+        names = list(expected_shapes(LLaDAModel(cfg)))
+    if not isinstance(num_shards, int) or isinstance(num_shards, bool) or not 1 <= num_shards <= len(names):
+        raise ValueError(f"num_shards: expected an int in [1, {len(names)}] (one weight per shard at most), "
+                         f"got {num_shards!r}")
     folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"path: {folder} is a file, not a folder")
     if folder.is_dir():
         # Never over a checkpoint: a real one would be lost, and random
         # weights beside its shards would make a folder of neither.
@@ -620,25 +639,34 @@ def write_random_checkpoint(
         if held:
             raise FileExistsError(f"path: {folder} already holds a checkpoint ({', '.join(held)}); "
                                   "pick a new folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / CONFIG_FILE, config_to_dict(cfg))
-    write_tokenizer(folder, cfg)
-
-    with torch.device("meta"):
-        names = list(expected_shapes(LLaDAModel(cfg)))
-    per_shard = -(-len(names) // num_shards)
-    groups = [names[i : i + per_shard] for i in range(0, len(names), per_shard)]
-    weights = random_weights(cfg, seed, dtype)
-    weight_map, total = {}, 0
-    for i, group in enumerate(groups):
-        # Only one shard's tensors are held at a time (8B shapes are 16 GB).
-        shard = dict(next(weights) for _ in group)
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-        file = WEIGHTS_FILE if num_shards == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file(shard, str(folder / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in group})
-    if num_shards > 1:
-        _write_json(folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    new_folders = [p for p in (folder, *folder.parents) if not p.exists()]
+    kept = set(folder.iterdir()) if folder.is_dir() else set()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(folder / CONFIG_FILE, config_to_dict(cfg))
+        write_tokenizer(folder, cfg)
+        # Exactly num_shards shards, of as even sizes as the weights allow.
+        groups = [names[i * len(names) // num_shards: (i + 1) * len(names) // num_shards]
+                  for i in range(num_shards)]
+        weights = random_weights(cfg, seed, dtype)
+        weight_map, total = {}, 0
+        for i, group in enumerate(groups):
+            # Only one shard's tensors are held at a time (8B shapes are 16 GB).
+            shard = dict(next(weights) for _ in group)
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+            file = WEIGHTS_FILE if num_shards == 1 else f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+            save_file(shard, str(folder / file), metadata={"format": "pt"})
+            weight_map.update({name: file for name in group})
+        if num_shards > 1:
+            _write_json(folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    except BaseException:
+        # A half-written folder would pass for a checkpoint (and block a retry).
+        if new_folders:
+            shutil.rmtree(new_folders[-1], ignore_errors=True)
+        else:
+            for f in set(folder.iterdir()) - kept:
+                f.unlink()
+        raise
     return folder
 
 

@@ -12,7 +12,10 @@
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import json
+import math
 import os
 import sys
 from typing import Optional
@@ -31,50 +34,79 @@ PROMPTS_FILE_WINDOW = 8
 DTYPE_HELP = "default: bfloat16 on cuda (float16 on GPUs before compute capability 8.0), float32 on cpu"
 
 
+def seed_argument(text: str) -> int:
+    """--seed: an int in [0, 2**63); the noise keys are 63-bit, so another
+    value would alias one of these."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**63), got {seed}")
+    return seed
+
+
+def is_utf8(text: str) -> bool:
+    """Bytes that are not UTF-8 reach Python as lone surrogates, which no
+    tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def text_argument(text: str) -> str:
+    if not is_utf8(text):
+        raise argparse.ArgumentTypeError("not valid UTF-8 text")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llada", description="Masked diffusion language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="answer a prompt")
-    gen.add_argument("prompt", nargs="?", help="the prompt text (or --prompts-file)")
+    gen.add_argument("prompt", nargs="?", type=text_argument, help="the prompt text (or --prompts-file)")
     gen.add_argument("--prompts-file", metavar="FILE",
                      help="many prompts, decoded in batches: JSON Lines (- reads standard input), "
                           'each line a string, an object with a "prompt" string, or (with --chat) '
                           'an object with "messages", a conversation of {"role", "content"} objects; '
                           'prints one JSON object per prompt, in the file\'s order: the line\'s '
                           'object (its other keys, such as an id, kept) with the "answer" added')
-    gen.add_argument("--batch-size", type=int, default=8,
+    gen.add_argument("--batch-size", type=int,
                      help="with --prompts-file: prompts decoded together, left-padded; of every "
                           "8 batches' prompts, the longest share the first batch (default: 8)")
     add_decoding_arguments(gen, chat_flag=True)
     gen.add_argument("--show-steps", action="store_true", help="show the canvas filling in")
     gen.add_argument("--stream", action="store_true", help="print the answer block by block as it is final")
     add_policy_arguments(gen)
-    gen.set_defaults(run=run_generate)
+    gen.set_defaults(run=run_generate, parser=gen)
 
     talk = sub.add_parser("chat", help="talk with a chat model, turn by turn (reads standard input)")
     add_decoding_arguments(talk, chat_flag=False)
     add_policy_arguments(talk)
-    talk.set_defaults(run=run_chat)
+    talk.set_defaults(run=run_chat, parser=talk)
 
     fill = sub.add_parser("infill", help="fill a gap between a prefix and a suffix")
     fill.add_argument("--model", help="checkpoint folder (Hugging Face LLaDA format); default: the bundled model")
-    fill.add_argument("--prefix", default="", help="text before the gap")
-    fill.add_argument("--suffix", default="", help="text after the gap")
+    fill.add_argument("--prefix", default="", type=text_argument, help="text before the gap")
+    fill.add_argument("--suffix", default="", type=text_argument, help="text after the gap")
     fill.add_argument("--length", type=int, required=True, help="tokens to fill")
-    fill.add_argument("--steps", type=int, default=None, help="default: one token per step")
+    fill.add_argument("--steps", type=int, help="forwards under the fixed schedule (default: one token per "
+                                                "step); an adaptive --commit decides its own")
     fill.add_argument("--block-length", type=int, default=None, help="default: the whole gap")
     fill.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    fill.add_argument("--seed", type=int, default=None, help="for sampling and random ranking")
+    fill.add_argument("--seed", type=seed_argument, help="for sampling and random ranking")
     fill.add_argument("--device", help="default: cuda when available, else cpu")
     fill.add_argument("--dtype", choices=sorted(DTYPES), help=DTYPE_HELP)
     add_policy_arguments(fill)
-    fill.set_defaults(run=run_infill)
+    fill.set_defaults(run=run_infill, parser=fill)
 
     score = sub.add_parser("likelihood", help="estimate log p(answer | prompt)")
     score.add_argument("--model", help="checkpoint folder (Hugging Face LLaDA format); default: the bundled model")
-    score.add_argument("--prompt", help="the prompt text (or --prompts-file)")
-    score.add_argument("--answer", action="append",
+    score.add_argument("--prompt", type=text_argument, help="the prompt text (or --prompts-file)")
+    score.add_argument("--answer", action="append", type=text_argument,
                        help="the answer text to score (repeatable: one estimate per line, in order, "
                             "every answer with the same Monte Carlo draws)")
     score.add_argument("--prompts-file", metavar="FILE",
@@ -83,25 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
                             'list of answer texts; prints each line\'s object, in order, with '
                             '"log_likelihoods" added (one per answer, all with the same draws)')
     score.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    score.add_argument("--system", metavar="TEXT", help="with --chat: a system message before the prompt")
+    score.add_argument("--system", metavar="TEXT", type=text_argument,
+                       help="with --chat: a system message before the prompt")
     score.add_argument("--mc-num", type=int, default=128, help="Monte Carlo draws (default: 128)")
     score.add_argument("--batch-size", type=int, default=16, help="draws per forward (default: 16)")
     score.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance (default: 0, off)")
-    score.add_argument("--seed", type=int, default=None, help="makes the estimate repeatable")
+    score.add_argument("--seed", type=seed_argument, help="makes the estimate repeatable")
     score.add_argument("--device", help="default: cuda when available, else cpu")
     score.add_argument("--dtype", choices=sorted(DTYPES), help=DTYPE_HELP)
-    score.set_defaults(run=run_likelihood)
+    score.set_defaults(run=run_likelihood, parser=score)
 
     # `llada train` has its own parser (llada.train); main() hands it the rest.
     sub.add_parser("train", help="train a small LLaDA model (see llada train --help)", add_help=False)
 
     rnd = sub.add_parser("make-random-checkpoint", help="write a random LLaDA checkpoint folder")
-    rnd.add_argument("dir")
+    rnd.add_argument("dir", metavar="DIR")
     rnd.add_argument("--size", choices=("tiny", "mid", "8b-shape"), default="tiny")
-    rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("--seed", type=seed_argument, default=0)
     rnd.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32, bfloat16 for 8b-shape")
     rnd.add_argument("--shards", type=int, default=None, help="default: 1, 8 for 8b-shape")
-    rnd.set_defaults(run=run_make_random)
+    rnd.set_defaults(run=run_make_random, parser=rnd)
     return parser
 
 
@@ -110,10 +143,11 @@ def add_decoding_arguments(parser, chat_flag: bool) -> None:
     parser.add_argument("--model", help="checkpoint folder (Hugging Face LLaDA format); default: the bundled model")
     if chat_flag:
         parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    parser.add_argument("--system", metavar="TEXT",
+    parser.add_argument("--system", metavar="TEXT", type=text_argument,
                         help="a system message before the prompt" + (" (with --chat)" if chat_flag else ""))
-    parser.add_argument("--steps", type=int, default=128,
-                        help="forwards in all under the fixed schedule (default: 128)")
+    parser.add_argument("--steps", type=int,
+                        help="forwards in all under the fixed schedule (default: --gen-length, one token "
+                             "per step); an adaptive --commit decides its own")
     parser.add_argument("--gen-length", type=int, default=128, help="tokens to generate (default: 128)")
     parser.add_argument("--block-length", type=int, default=32,
                         help="tokens decoded as one semi-autoregressive block (default: 32)")
@@ -122,8 +156,8 @@ def add_decoding_arguments(parser, chat_flag: bool) -> None:
                         help="classifier-free guidance scale (default: 0, off)")
     parser.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence",
                         help="the official ranking option (--ranking offers more)")
-    parser.add_argument("--seed", type=int, default=None, help="for sampling and random ranking")
-    parser.add_argument("--stop", action="append", metavar="TEXT",
+    parser.add_argument("--seed", type=seed_argument, help="for sampling and random ranking")
+    parser.add_argument("--stop", action="append", metavar="TEXT", type=text_argument,
                         help="end the answer before this text (repeatable; in bash, $'\\n\\n' is two "
                              "line breaks); no block after the one that completes it is decoded")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
@@ -131,7 +165,9 @@ def add_decoding_arguments(parser, chat_flag: bool) -> None:
 
 
 def decoding_options(args, policy) -> dict:
-    return dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
+    # Adaptive rules decide their own steps: the library takes and ignores any count.
+    steps = args.gen_length if args.steps is None else args.steps
+    return dict(steps=steps, gen_length=args.gen_length, block_length=args.block_length,
                 temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
                 seed=args.seed, policy=policy)
 
@@ -182,6 +218,9 @@ def policy_from_arguments(args, parser=None):
             fail(f"--{name}: applies with --commit {rule}; this policy commits by {commit!r}")
     if "refresh_every" in changes and cache == "none":
         fail("--refresh-every: applies with a cache (--cache prefix or dual); this policy has no cache")
+    if "cuda_graph" in changes and cache == "none":
+        fail(f"--{'' if args.cuda_graph else 'no-'}cuda-graph: applies with a cache (--cache prefix or dual); "
+             "this policy has no cache")
     try:
         return DecodePolicy(**{**base.__dict__, **changes})
     except ValueError as e:
@@ -211,7 +250,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args, parser)
+        return args.run(args, args.parser)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, MemoryError, FloatingPointError) as e:
         print(f"llada: error: {e or type(e).__name__}", file=sys.stderr)
         return 2
@@ -231,13 +270,81 @@ def run_train(argv: list[str]) -> int:
     return train_main(argv)
 
 
+def check_model(args, parser) -> None:
+    if args.model is not None and not os.path.isdir(args.model):
+        parser.error(f"--model: {args.model} " + ("is not a folder" if os.path.exists(args.model)
+                                                  else "does not exist"))
+
+
+def check_counts(args, parser, *flags: str) -> None:
+    """Flags that count something: positive when given."""
+    for flag in flags:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value < 1:
+            parser.error(f"{flag}: expected a positive int, got {value}")
+
+
+def check_scales(args, parser, *flags: str) -> None:
+    """Flags such as --temperature: finite and not negative (argparse takes "nan" and "inf")."""
+    for flag in flags:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if not (math.isfinite(value) and value >= 0):
+            parser.error(f"{flag}: expected a finite number >= 0, got {value}")
+
+
+def check_steps(args, parser, policy, blocks: int, most: Optional[int] = None) -> None:
+    """--steps counts the fixed schedule's forwards, each block an equal share."""
+    if args.steps is None:
+        return
+    if policy.commit != "schedule":
+        parser.error(f"--steps: the fixed schedule's step count; --commit {policy.commit} decides its own")
+    if args.steps < 1 or args.steps % blocks or (most is not None and args.steps > most):
+        parser.error(f"--steps: expected a multiple of the number of blocks ({blocks})"
+                     + (f", at most --gen-length ({most})" if most is not None else "") + f", got {args.steps}")
+
+
+def check_decoding(args, parser, policy) -> None:
+    """generate's and chat's flags, before the model loads (the prompts'
+    lengths, which need its context size, are checked after)."""
+    check_model(args, parser)
+    check_counts(args, parser, "--gen-length", "--block-length")
+    if args.gen_length % args.block_length:
+        parser.error(f"--gen-length: expected a multiple of --block-length ({args.block_length}), "
+                     f"got {args.gen_length}")
+    check_steps(args, parser, policy, args.gen_length // args.block_length, most=args.gen_length)
+    check_scales(args, parser, "--temperature", "--cfg-scale")
+    if not all(args.stop or ()):
+        parser.error("--stop: expected a non-empty text")
+
+
+def encode_line(engine, args, where: str, line: dict) -> list[int]:
+    """A line's prompt ids; an error names the line and, as the user wrote
+    them, the flag or the line's key."""
+    try:
+        return engine.encode(prompt_of(line), args.chat, args.system)
+    except (ValueError, TypeError) as e:
+        field, _, reason = str(e).partition(": ")
+        if field in ("chat", "system"):
+            field = f"--{field}"
+        elif "messages" in line:
+            field = field.replace("prompt", "messages", 1)
+        raise ValueError(f"{where}: {field}: {reason}") from None
+
+
 def run_make_random(args, parser) -> int:
     from .checkpoint import write_random_checkpoint
 
     big = args.size == "8b-shape"
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if big else torch.float32)
     shards = args.shards if args.shards is not None else (8 if big else 1)
-    path = write_random_checkpoint(args.dir, seed=args.seed, size=args.size, dtype=dtype, num_shards=shards)
+    try:
+        path = write_random_checkpoint(args.dir, seed=args.seed, size=args.size, dtype=dtype, num_shards=shards)
+    except (ValueError, FileExistsError) as e:
+        field, _, reason = str(e).partition(": ")
+        flag = {"path": "DIR", "seed": "--seed", "num_shards": "--shards"}.get(field)
+        if flag is None:
+            raise
+        parser.error(f"{flag}: {reason}")
     print(path)
     return 0
 
@@ -251,18 +358,28 @@ def run_generate(args, parser) -> int:
     check_system(args, parser)
     if args.show_steps and args.stream:
         parser.error("--show-steps, --stream: pick one (the canvas as it fills, or the text by finished block)")
-    if args.prompts_file is not None:
+    if args.prompts_file is None:
+        if args.batch_size is not None:
+            parser.error("--batch-size: applies with --prompts-file")
+        lines = [("prompt", {"prompt": args.prompt})]
+    else:
         if args.prompt is not None:
             parser.error("prompt: give either the prompt text or --prompts-file, not both")
         if args.show_steps or args.stream:
             parser.error("--show-steps and --stream follow one prompt, not --prompts-file")
-        if args.batch_size < 1:
-            parser.error(f"--batch-size: expected a positive number of prompts, got {args.batch_size}")
-        lines = read_prompts(args.prompts_file)
-        if not args.chat and any("messages" in line for line in lines):
-            parser.error('--prompts-file: a line with "messages" (a conversation) needs --chat')
+        if args.batch_size is None:
+            args.batch_size = 8
+        check_counts(args, parser, "--batch-size")
+        lines = read_prompts(args.prompts_file, args.chat)
     policy = policy_from_arguments(args, parser)
+    check_decoding(args, parser, policy)
     engine = load_for_cli(args)
+    # Every prompt is checked before any is decoded.
+    room = engine.model.config.max_sequence_length - args.gen_length
+    for where, line in lines:
+        if (length := len(encode_line(engine, args, where, line))) > room:
+            raise ValueError(f"{where}: {length} tokens and --gen-length {args.gen_length} exceed the model's "
+                             f"max_sequence_length {engine.model.config.max_sequence_length}")
     options = decoding_options(args, policy)
     stats, stop = DecodeStats(), tuple(args.stop or ())
     if args.prompts_file is not None:
@@ -271,9 +388,8 @@ def run_generate(args, parser) -> int:
         window = PROMPTS_FILE_WINDOW * args.batch_size
         with progress_bar(len(lines)) as bar:
             for first in range(0, len(lines), window):
-                batch = lines[first: first + window]
-                prompts = [prompt_of(line) for line in batch]
-                answers = engine.generate(prompts, chat=args.chat, system=args.system,
+                batch = [line for _, line in lines[first: first + window]]
+                answers = engine.generate([prompt_of(line) for line in batch], chat=args.chat, system=args.system,
                                           batch_size=args.batch_size, stop=stop, stats=stats, **options)
                 for line, answer in zip(batch, answers):
                     print(json.dumps({**line, "answer": answer}, ensure_ascii=False), flush=True)
@@ -289,7 +405,8 @@ def run_generate(args, parser) -> int:
         # The whole canvas fills in on the screen, past the answer's end too.
         ids = engine.encode(args.prompt, args.chat, args.system)
         prompt = torch.tensor([ids], dtype=torch.long)
-        with _StepDisplay(args.show_steps, args.steps, engine, len(ids)) as show:
+        total = options["steps"] if policy.commit == "schedule" else None
+        with _StepDisplay(total, engine, len(ids)) as show:
             out, stats = generate(engine.model, prompt, on_step=show.update, return_stats=True, **options)
         print(cut_at_stop(engine.decode(out[0, len(ids):].tolist()), stop)[0])
     if args.stats:
@@ -303,20 +420,29 @@ def run_chat(args, parser) -> int:
     "/reset" starts a new conversation; end of input ends the chat, and at a
     terminal Ctrl-C stops the answer under way. Turns that no longer fit the
     model's context are dropped from the oldest on, with a note on standard
-    error."""
+    error. A turn that fails (a message too long or not UTF-8) is reported
+    and skipped; without a terminal, the exit status then says so."""
     from .sampler import DecodeStats
 
     policy = policy_from_arguments(args, parser)
+    check_decoding(args, parser, policy)
     engine = load_for_cli(args)
     options = decoding_options(args, policy)
     stats, stop = DecodeStats(), tuple(args.stop or ())
-    room = engine.model.config.max_sequence_length - args.gen_length
+    max_len = engine.model.config.max_sequence_length
+    room = max_len - args.gen_length
+    if (least := len(engine.encode("", True, args.system))) > room:
+        parser.error(f"--gen-length: {args.gen_length} tokens and the chat template's {least} exceed the model's "
+                     f"max_sequence_length {max_len}")
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 fails alone
     interactive = sys.stdin.isatty()
     if interactive:
         print('llada chat: one message per line; "/reset" starts over, Ctrl-C stops an answer, Ctrl-D ends.',
               file=sys.stderr)
     conversation: list[dict] = []
-    while True:
+    failed = False
+    for number in itertools.count(1):
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
@@ -324,6 +450,10 @@ def run_chat(args, parser) -> int:
             break
         text = line.rstrip("\n")
         if not text.strip():
+            continue
+        if not is_utf8(text):
+            print(f"llada: error: standard input line {number}: not valid UTF-8 text", file=sys.stderr)
+            failed = True
             continue
         if text.strip() == "/reset":
             conversation = []
@@ -336,9 +466,9 @@ def run_chat(args, parser) -> int:
                   file=sys.stderr)
         if length > room:
             print(f"llada: error: the message alone is too long for the model's context "
-                  f"({engine.model.config.max_sequence_length} tokens with --gen-length {args.gen_length})",
-                  file=sys.stderr)
+                  f"({max_len} tokens with --gen-length {args.gen_length})", file=sys.stderr)
             conversation = []
+            failed = True
             continue
         answer = []
         try:
@@ -358,7 +488,7 @@ def run_chat(args, parser) -> int:
         conversation.append({"role": "assistant", "content": "".join(answer)})
     if args.stats:
         print_stats(stats)
-    return 0
+    return 2 if failed and not interactive else 0
 
 
 def check_system(args, parser) -> None:
@@ -371,19 +501,33 @@ def run_likelihood(args, parser) -> int:
     if args.prompts_file is None:
         if args.prompt is None or not args.answer:
             parser.error("--prompt and --answer: give both (or --prompts-file)")
-        items = [{"prompt": args.prompt, "answers": args.answer}]
+        items = [("--answer", {"prompt": args.prompt, "answers": args.answer})]
     else:
         if args.prompt is not None or args.answer:
             parser.error("--prompts-file: give either it or --prompt and --answer, not both")
-        items = read_scoring_lines(args.prompts_file)
-        if not args.chat and any("messages" in item for item in items):
-            parser.error('--prompts-file: a line with "messages" (a conversation) needs --chat')
+        items = read_scoring_lines(args.prompts_file, args.chat)
+    check_model(args, parser)
+    check_counts(args, parser, "--mc-num", "--batch-size")
+    if args.mc_num % args.batch_size:
+        parser.error(f"--mc-num: expected a multiple of --batch-size ({args.batch_size}), got {args.mc_num}")
+    check_scales(args, parser, "--cfg-scale")
     engine = load_for_cli(args)
+    # Every line is checked before any is scored.
+    max_len = engine.model.config.max_sequence_length
+    for where, item in items:
+        length = len(encode_line(engine, args, where, item))
+        for i, answer in enumerate(item["answers"], 1):
+            size = len(engine.tokenizer(answer, add_special_tokens=False)["input_ids"])
+            if not size:
+                raise ValueError(f"{where}: answer {i} is empty (no tokens to score)")
+            if length + size > max_len:
+                raise ValueError(f"{where}: answer {i}: the prompt's {length} tokens and its {size} exceed the "
+                                 f"model's max_sequence_length {max_len}")
     # One seed for every answer: the same draws make their estimates'
     # differences less noisy than their values.
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**62, (1,)))
     with progress_bar(len(items), wanted=args.prompts_file is not None) as bar:
-        for item in items:
+        for _, item in items:
             estimates = [engine.log_likelihood(prompt_of(item), answer, chat=args.chat, system=args.system,
                                                mc_num=args.mc_num, batch_size=args.batch_size,
                                                cfg_scale=args.cfg_scale, seed=seed)
@@ -399,9 +543,11 @@ def run_likelihood(args, parser) -> int:
 def run_infill(args, parser) -> int:
     from .sampler import DecodeStats
 
-    if args.length < 1:
-        parser.error(f"--length: expected a positive number of tokens, got {args.length}")
     policy = policy_from_arguments(args, parser)
+    check_model(args, parser)
+    check_counts(args, parser, "--length", "--steps", "--block-length")
+    check_steps(args, parser, policy, -(-args.length // (args.block_length or args.length)))
+    check_scales(args, parser, "--temperature")
     engine = load_for_cli(args)
     stats = DecodeStats()
     gap = engine.infill(args.prefix, args.suffix, args.length, steps=args.steps,
@@ -431,51 +577,43 @@ def render_canvas(tokenizer, ids: list[int], mask_id: int, glyph: str, stops: se
 
 
 class _StepDisplay:
-    """Progress on stderr, and with --show-steps the canvas: redrawn in place
-    on a terminal (rich Live), one line per step when stdout is not one."""
+    """The canvas as it fills (--show-steps): redrawn in place on a terminal
+    (rich Live), one line per step when stdout is not one. ``total`` is the
+    fixed schedule's step count; an adaptive rule has none to show."""
 
-    def __init__(self, show_steps, total, engine, prompt_len):
-        self.show_steps, self.total = show_steps, total
+    def __init__(self, total, engine, prompt_len):
+        self.total = total
         self.tokenizer, self.prompt_len, self.stops = engine.tokenizer, prompt_len, engine.stop_ids
         self.mask_id = engine.model.config.mask_token_id
         self.tty = sys.stdout.isatty()
-        self.live = self.bar = None
+        self.live = None
 
     def __enter__(self):
-        if self.show_steps and self.tty:
+        if self.tty:
             from rich.live import Live
 
             self.live = Live("", refresh_per_second=20, transient=False)
             self.live.__enter__()
-        elif not self.show_steps and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, file=sys.stderr, unit="step", leave=False)
         return self
 
     def update(self, step, total, canvas):
-        if self.bar is not None:
-            self.bar.update(1)
-        if not self.show_steps:
-            return
         text = render_canvas(
             self.tokenizer, canvas[0, self.prompt_len:].tolist(), self.mask_id,
             MASK_GLYPH[self.tty], self.stops,
         )
+        label = f"step {step + 1}" + (f"/{self.total}" if self.total is not None else "")
         if self.live is not None:
             from rich.text import Text
 
-            self.live.update(Text(f"step {step + 1}/{total}\n{text}"))
+            self.live.update(Text(f"{label}\n{text}"))
         else:
             # One line per step: escape line breaks and other control characters.
             text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-            print(f"step {step + 1}/{total}: {text}", flush=True)
+            print(f"{label}: {text}", flush=True)
 
     def __exit__(self, *exc):
         if self.live is not None:
             self.live.__exit__(*exc)
-        if self.bar is not None:
-            self.bar.close()
         return False
 
 

@@ -1,7 +1,8 @@
 """The JSON Lines files of ``--prompts-file``: one prompt per line, read
-whole and checked before any decoding, each line's object kept so that its
-output line carries every key it had (an id, a reference answer); and the
-progress bar of a run over one."""
+whole and checked before any decoding (the command encodes every line
+before it decodes one), each line's object kept so that its output line
+carries every key it had (an id, a reference answer); and the progress bar
+of a run over one."""
 
 from __future__ import annotations
 
@@ -9,79 +10,91 @@ import json
 import sys
 
 
-def read_json_lines(path: str) -> list[tuple[int, object]]:
-    """The values of a JSON Lines file (``-``: standard input) with their
-    line numbers; blank lines are skipped."""
+def read_json_lines(path: str) -> list[tuple[str, object]]:
+    """The values of a JSON Lines file (``-``: standard input), each with
+    where it was, "--prompts-file FILE line N", for errors about it; blank
+    lines are skipped."""
+    name = "standard input" if path == "-" else path
     try:
         if path == "-":
-            path = "standard input"
             text = sys.stdin.buffer.read().decode("utf-8")
         else:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
     except OSError as e:
-        raise FileNotFoundError(f"--prompts-file: cannot read {path}: {e.strerror}") from None
+        raise FileNotFoundError(f"--prompts-file {name}: cannot read it ({e.strerror})") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"--prompts-file: {path} is not UTF-8 text ({e.reason})") from None
+        raise ValueError(f"--prompts-file {name}: not valid UTF-8 text ({e.reason})") from None
     values = []
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
+        where = f"--prompts-file {name} line {number}"
         try:
-            values.append((number, json.loads(line)))
+            values.append((where, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise ValueError(f"--prompts-file: {path}, line {number}: not JSON ({e.msg})") from None
+            raise ValueError(f"{where}: not JSON ({e.msg})") from None
     if not values:
-        raise ValueError(f"--prompts-file: {path} holds no prompts")
+        raise ValueError(f"--prompts-file {name}: holds no prompts")
     return values
 
 
-def _has_one_prompt(item) -> bool:
-    """An object with either a "prompt" string or a "messages" list (a
-    conversation, checked when it is encoded)."""
-    return isinstance(item, dict) and (isinstance(item.get("prompt"), str) ^ isinstance(item.get("messages"), list))
+def _check_prompt(item, where: str, chat: bool, expected: str) -> None:
+    """A line holds either a "prompt" string or, with --chat, a non-empty
+    "messages" list (its messages are checked when it is encoded)."""
+    if not isinstance(item, dict) or not ("prompt" in item or "messages" in item):
+        raise ValueError(f"{where}: expected {expected}")
+    if "prompt" in item and "messages" in item:
+        raise ValueError(f'{where}: has both "prompt" and "messages"; give one')
+    if "messages" in item:
+        if not chat:
+            raise ValueError(f'{where}: "messages" (a conversation) needs --chat')
+        if not (isinstance(item["messages"], list) and item["messages"]):
+            raise ValueError(f'{where}: "messages": expected a non-empty list of {{"role", "content"}} '
+                             f'objects, got {json.dumps(item["messages"], ensure_ascii=False)}')
+    elif not isinstance(item["prompt"], str):
+        raise ValueError(f'{where}: "prompt": expected a string, '
+                         f'got {json.dumps(item["prompt"], ensure_ascii=False)}')
 
 
 def _check_output_key(item: dict, key: str, where: str) -> None:
     if key in item:
-        raise ValueError(f'--prompts-file: {where}: has the key "{key}", which its output line would '
+        raise ValueError(f'{where}: has the key "{key}", which its output line would '
                          f'overwrite (rename it)')
 
 
-def read_prompts(path: str) -> list[dict]:
-    """The prompts of ``llada generate --prompts-file``, each as an object:
-    {"prompt": text} for a line that is a string; an object with a "prompt"
-    string or a "messages" list as it stands: its other keys (an id, a
-    reference) go to its output line, so it may not have the output's
-    "answer"."""
+def read_prompts(path: str, chat: bool) -> list[tuple[str, dict]]:
+    """The prompts of ``llada generate --prompts-file``, each as an object
+    (with where it was, see :func:`read_json_lines`): {"prompt": text} for
+    a line that is a string; an object with a "prompt" string or a
+    "messages" list as it stands: its other keys (an id, a reference) go to
+    its output line, so it may not have the output's "answer"."""
     lines = []
-    for number, item in read_json_lines(path):
-        where = f"{'standard input' if path == '-' else path}, line {number}"
+    for where, item in read_json_lines(path):
         if isinstance(item, str):
             item = {"prompt": item}
-        if not _has_one_prompt(item):
-            raise ValueError(f'--prompts-file: {where}: expected a JSON string, or an object '
-                             f'with either a "prompt" string or a "messages" list')
+        _check_prompt(item, where, chat, 'a JSON string, or an object with a "prompt" string'
+                      + (' or a "messages" list' if chat else ""))
         _check_output_key(item, "answer", where)
-        lines.append(item)
+        lines.append((where, item))
     return lines
 
 
-def read_scoring_lines(path: str) -> list[dict]:
-    """The lines of ``llada likelihood --prompts-file``: objects with a
-    "prompt" string or a "messages" list, and "answers", a non-empty list
-    of strings; other keys go to the output line, which adds
-    "log_likelihoods"."""
+def read_scoring_lines(path: str, chat: bool) -> list[tuple[str, dict]]:
+    """The lines of ``llada likelihood --prompts-file`` (with where each
+    was): objects with a "prompt" string or a "messages" list, and
+    "answers", a non-empty list of strings; other keys go to the output
+    line, which adds "log_likelihoods"."""
     lines = []
-    for number, item in read_json_lines(path):
-        where = f"{'standard input' if path == '-' else path}, line {number}"
-        answers = item.get("answers") if isinstance(item, dict) else None
-        if not (_has_one_prompt(item) and isinstance(answers, list) and answers
-                and all(isinstance(a, str) for a in answers)):
-            raise ValueError(f'--prompts-file: {where}: expected an object with either a "prompt" string '
-                             f'or a "messages" list, and "answers", a non-empty list of strings')
+    for where, item in read_json_lines(path):
+        expected = ('an object with a "prompt" string' + (' or a "messages" list' if chat else "")
+                    + ' and "answers", a non-empty list of strings')
+        _check_prompt(item, where, chat, expected)
+        answers = item.get("answers")
+        if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
+            raise ValueError(f"{where}: expected {expected}")
         _check_output_key(item, "log_likelihoods", where)
-        lines.append(item)
+        lines.append((where, item))
     return lines
 
 
