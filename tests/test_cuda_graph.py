@@ -252,8 +252,6 @@ def test_steps_inside_a_block_never_wait_for_the_device(folder, name):
 @pytest.fixture
 def graphs(monkeypatch):
     """The graphs decoding captures, and the graph each replay runs."""
-    from llada import sampler
-
     log = dict(captured=[], replayed=[])
 
     class Logged(CachedStepGraph):
