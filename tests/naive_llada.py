@@ -1,5 +1,5 @@
 """An independent, naive LLaDA: the official forward and sampler re-written
-from DESIGN.md in plain torch, as the test oracle. Nothing from llada is
+from their published description in plain torch, as the test oracle. Nothing from llada is
 imported here; the weights are read from the checkpoint folder directly.
 
 Slow on purpose: explicit loops over heads and rows, repeat_interleave for GQA,

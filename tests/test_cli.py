@@ -569,6 +569,8 @@ def test_chat_reports_a_line_that_is_not_utf8_and_goes_on(checkpoint, capsys, mo
     (["make-random-checkpoint", "unwritten", "--shards", "0"], "--shards: expected an int in [1, 21]"),
     (["generate", "--model", "/nonexistent", "x"], "--model: /nonexistent does not exist"),
     (["generate", "--model", __file__, "x"], "is not a folder"),
+    (["generate", "--ranking", "margin", "--remasking", "random", "x"], "--remasking: 'random' ranks positions"),
+    (["chat", "--commit", "entropy_bound", "--remasking", "random"], "--remasking: 'random' ranks positions"),
 ])
 def test_decoding_flags_are_checked_before_the_model_loads(capsys, monkeypatch, argv, message):
     monkeypatch.setattr("llada.cli.load_for_cli", lambda args: pytest.fail("the model was loaded"))

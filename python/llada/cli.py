@@ -306,6 +306,8 @@ def check_steps(args, parser, policy, blocks: int, most: Optional[int] = None) -
 def check_decoding(args, parser, policy) -> None:
     """generate's and chat's flags, before the model loads (the prompts'
     lengths, which need its context size, are checked after)."""
+    from .sampler import resolve_policy
+
     check_model(args, parser)
     check_counts(args, parser, "--gen-length", "--block-length")
     if args.gen_length % args.block_length:
@@ -315,6 +317,10 @@ def check_decoding(args, parser, policy) -> None:
     check_scales(args, parser, "--temperature", "--cfg-scale")
     if not all(args.stop or ()):
         parser.error("--stop: expected a non-empty text")
+    try:
+        resolve_policy(policy, args.remasking)
+    except ValueError as e:  # "remasking: ..."
+        parser.error(f"--{e}")
 
 
 def encode_line(engine, args, where: str, line: dict) -> list[int]:

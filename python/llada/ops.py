@@ -13,7 +13,7 @@ Ops
     the top-1 minus top-2 probability margin and the entropy of the softmax.
 ``select_positions(confidence, rule, k, threshold, factor)``
     Which positions of ``confidence [B, L]`` to commit this step.
-``commit_tokens(canvas, x0, accepted, remask, mask_id)``
+``commit_tokens(canvas, x0, accepted, mask_id, remask)``
     Write the accepted predictions into the canvas in place, optionally
     re-mask positions, and return the masked count left per row.
 ``attention(q, k, v, key_mask, scale)``

@@ -16,10 +16,13 @@ commit (how many positions per step)
     ``"entropy_bound"``  sort by entropy (ascending) and accept the largest
                     prefix whose entropies, minus the largest, sum to at most
                     ``gamma``: the EB sampler's bound on the joint error.
+    The adaptive rules (all but the schedule) never commit the mask token
+    (the schedule, as the official code, may) and ignore ``steps``.
 ranking (which positions count as confident)
     ``"probability"`` top-1 probability (the official "low_confidence"),
     ``"margin"`` top-1 minus top-2 probability, ``"entropy"`` negative
     entropy, ``"random"`` uniform noise (the official "random").
+    ``entropy_bound`` orders by entropy itself: it takes no other ranking.
 cache (what is recomputed per step)
     ``"none"``   a full forward every step (exact).
     ``"prefix"`` at each block start one full forward fills every position's
@@ -34,12 +37,13 @@ cuda_graph (on by default)
     by one from Python (see llada.cuda_graph). It computes logits at every
     position of the block rather than only the masked ones. The dual cache
     needs one graph for all blocks; the prefix cache one per block, as what
-    it feeds shrinks block by block. Ignored elsewhere.
+    it feeds shrinks block by block. Ignored on the CPU; turning it off
+    without a cache is an error.
 early_stop
     once a finished block of a row holds EOS, the rest of that row's canvas
     becomes EOS and the row needs no more forwards.
 remask_below
-    error correction (threshold-like policies only): after each commit, tokens
+    error correction (adaptive commit rules only): after each commit, tokens
     decoded at earlier steps of the active block whose probability under the
     current prediction is below this value are masked again, each position at
     most once, so decoding still terminates.

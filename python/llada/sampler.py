@@ -1,7 +1,9 @@
-"""The exact LLaDA sampler: the official semi-autoregressive low-confidence
-remasking algorithm (DESIGN.md section 3), built on the decoding ops.
+"""The LLaDA sampler, built on the decoding ops: the official
+semi-autoregressive low-confidence remasking algorithm (the default policy)
+and every other decoding policy of :mod:`llada.policies`.
 
-At temperature 0 it makes the same decisions as the official ``generate``
+With the default policy at temperature 0 it makes the same decisions as the
+official ``generate``
 (ties between equal confidences go to the lower position), while computing
 the LM head only where a token can be committed: the masked positions of the
 active block.
@@ -304,7 +306,7 @@ def infill(
         holes = (ids[:, first:last] == mask_id).long()
         per_block = torch.nn.functional.pad(holes, (0, num_blocks * block_length - span))
         steps = num_blocks * int(per_block.view(-1, num_blocks, block_length).sum(2).max())
-    policy = _resolve_policy(policy, remasking)
+    policy = resolve_policy(policy, remasking)
     if not _is_int(steps) or steps < 1 or (policy.commit == "schedule" and steps % num_blocks):
         raise ValueError(f"steps: expected a positive multiple of the block count ({num_blocks}), got {steps!r}")
     key_mask = None
@@ -320,7 +322,9 @@ def infill(
     return (out, stats) if return_stats else out
 
 
-def _resolve_policy(policy, remasking) -> DecodePolicy:
+def resolve_policy(policy, remasking) -> DecodePolicy:
+    """The DecodePolicy that ``policy`` (None, a name or a DecodePolicy) and
+    the official ``remasking`` option ask for together."""
     if remasking not in REMASKING:
         raise ValueError(f"remasking: expected one of {REMASKING}, got {remasking!r}")
     if policy is None:
@@ -346,7 +350,7 @@ def _prepare_generate(model, prompt, attention_mask, steps, gen_length, block_le
                       policy):
     config = getattr(model, "config", None)
     mask_id = _config_id(config, "mask_token_id", mask_id, 126336)
-    policy = _resolve_policy(policy, remasking)
+    policy = resolve_policy(policy, remasking)
     _validate(config, prompt, attention_mask, steps, gen_length, block_length, temperature,
               cfg_scale, remasking, mask_id, seed, logits_eos_inf, confidence_eos_eot_inf,
               policy.commit == "schedule")

@@ -6,7 +6,7 @@ Two modes, both with the LLaDA objectives of :mod:`llada.objectives`:
   tokenizer is learned from the training files, the files become one token
   stream (``BOS file EOS BOS file EOS ...``) and each step draws random
   windows of ``--seq-len`` tokens (:func:`llada.objectives.pretraining_loss`);
-- SFT (``--task sort|add``): (prompt, answer) pairs of a synthetic task from
+- SFT (``--task sort|add|perm``): (prompt, answer) pairs of a synthetic task from
   :mod:`llada.tasks`, answers padded with EOS to a fixed length
   (:func:`llada.objectives.sft_loss`).
 
