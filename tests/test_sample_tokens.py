@@ -112,6 +112,21 @@ def test_rows_without_a_finite_logit(device):
     assert (out.tokens == -1).all()
 
 
+def test_noise_rows_key_each_rows_noise(device):
+    # Row r sampled with key k draws what the row of index k draws, so a row
+    # keeps its sample whichever rows are sampled with it.
+    logits = random_logits(12, 301, torch.float32, device, scale=0.5)  # flat: the noise decides
+    everything = llada.sample_tokens(logits, 1.0, 7)
+    pick = torch.tensor([9, 2, 5], device=device)
+    some = llada.sample_tokens(logits[pick], 1.0, 7, noise_rows=pick)
+    assert torch.equal(some.tokens, everything.tokens[pick])
+    assert not torch.equal(llada.sample_tokens(logits[pick], 1.0, 7).tokens, some.tokens)
+    keys = torch.tensor([5, 2**40, -3, 0], device=device)
+    got = llada.sample_tokens(logits[:4], 1.0, 7, noise_rows=keys)
+    want = sample_tokens_reference(logits[:4], 1.0, 7, noise_rows=keys)
+    assert torch.equal(got.tokens.cpu(), want.tokens.cpu())
+
+
 def test_strided_rows_are_read_in_place(device):
     wide = random_logits(10, 300, torch.bfloat16, device)
     view = wide[::2, 5:205]  # row stride 600, columns contiguous
@@ -179,7 +194,8 @@ def test_cuda_matches_cpu_bit_for_bit_tokens():
 def test_opcheck(device):
     logits = random_logits(5, 33, torch.bfloat16, device)
     ids = torch.tensor([1, 4], device=device)
-    for args in [(logits, ids, 0.0, 0), (logits, ids, 1.5, 42)]:
+    keys = torch.arange(5, device=device) * 3
+    for args in [(logits, ids, 0.0, 0), (logits, ids, 1.5, 42), (logits, ids, 1.5, 42, keys)]:
         torch.library.opcheck(torch.ops.llada.sample_tokens.default, args)
 
 
@@ -215,6 +231,10 @@ def test_bad_input(device):
         llada.sample_tokens(good, suppress_ids=torch.arange(65))
     with pytest.raises(TypeError, match="suppress_ids"):
         torch.ops.llada.sample_tokens(good, torch.tensor([1.0], device=device), 0.0, 0)
+    with pytest.raises(ValueError, match="noise_rows: expected one key per row"):
+        llada.sample_tokens(good, 1.0, 0, noise_rows=torch.arange(3, device=device))
+    with pytest.raises(TypeError, match="noise_rows"):
+        llada.sample_tokens(good, 1.0, 0, noise_rows=torch.arange(2, device=device).float())
     if device == "cuda":
         with pytest.raises(ValueError, match="suppress_ids"):
             torch.ops.llada.sample_tokens(good, torch.tensor([1]), 0.0, 0)

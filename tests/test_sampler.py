@@ -130,7 +130,9 @@ def test_temperature_is_reproducible_and_valid(checkpoint):
     assert torch.equal(a, llada.generate(model, prompt, mask, seed=1, **kw))
     assert not torch.equal(a, llada.generate(model, prompt, mask, seed=2, **kw))
     assert torch.equal(a[:, :9], prompt)
-    assert ((a >= 0) & (a < cfg.embedding_size) & (a != cfg.mask_token_id)).all()
+    # Valid ids (the fixed schedule, as the official algorithm, may commit
+    # the mask id when a random model samples it).
+    assert ((a >= 0) & (a < cfg.embedding_size)).all()
     # A vanishing temperature is the greedy decoder.
     greedy = llada.generate(model, prompt, mask, **SETTINGS["semi-ar"])
     assert torch.equal(llada.generate(model, prompt, mask, seed=3, **dict(kw, temperature=1e-6)), greedy)

@@ -128,7 +128,8 @@ void sample_row(const SampleTokensParams& p, int64_t row, std::vector<float>& bu
   }
   const RowSums sums = row_sums(x, v, m);
   const int64_t token = p.temperature > 0.0f
-                            ? gumbel_argmax(x, x + v, v, p.temperature, p.seed, row)
+                            ? gumbel_argmax(x, x + v, v, p.temperature, p.seed,
+                                            p.noise_rows != nullptr ? p.noise_rows[row] : row)
                             : first_index_of(x, v, m);
   const double s = sums.sum_exp;
   p.tokens[row] = token;

@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(SampleTokens
   const T* x = static_cast<const T*>(p.logits) + row * p.row_stride;
   const int32_t vocab = int32_t(p.vocab);
   const float inv_temperature = p.temperature > 0.0f ? 1.0f / p.temperature : 0.0f;
-  const GumbelKey key = gumbel_row_key(p.seed, row);
+  const GumbelKey key = gumbel_row_key(p.seed, p.noise_rows != nullptr ? p.noise_rows[row] : row);
   RowState s;
   auto fold_group = [&](const uint4 (&raw)[kUnroll], int32_t i) {
 #pragma unroll

@@ -98,7 +98,7 @@ inline DType logits_dtype(const at::Tensor& logits) {
 
 // Checks shared by both devices; returns nothing, throws on bad input.
 void check_sample_tokens_args(const at::Tensor& logits, const at::Tensor& suppress_ids,
-                              double temperature);
+                              double temperature, const c10::optional<at::Tensor>& noise_rows);
 void check_select_positions_args(const at::Tensor& confidence, const at::Tensor& k, int64_t rule,
                                  double threshold, double factor, int64_t k_all);
 void check_commit_tokens_args(const at::Tensor& canvas, const at::Tensor& x0,

@@ -15,7 +15,7 @@ namespace llada {
 constexpr int64_t kMaxSuppressIds = 64;
 
 void check_sample_tokens_args(const at::Tensor& logits, const at::Tensor& suppress_ids,
-                              double temperature) {
+                              double temperature, const c10::optional<at::Tensor>& noise_rows) {
   check_dim(logits, 2, "logits", "[N, V]");
   logits_dtype(logits);
   TORCH_CHECK_VALUE(logits.size(1) >= 1, "logits: expected at least one column, got shape ",
@@ -33,6 +33,13 @@ void check_sample_tokens_args(const at::Tensor& logits, const at::Tensor& suppre
                     num(kMaxSuppressIds), " ids, got ", num(suppress_ids.numel()));
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 0,
                     "temperature: expected a finite value >= 0, got ", num(temperature));
+  if (noise_rows.has_value()) {
+    check_dim(*noise_rows, 1, "noise_rows", "[N]");
+    check_dtype(*noise_rows, at::kLong, "noise_rows");
+    check_same_device(*noise_rows, logits, "noise_rows", "logits");
+    TORCH_CHECK_VALUE(noise_rows->size(0) == logits.size(0), "noise_rows: expected one key per row of logits (",
+                      num(logits.size(0)), "), got ", num(noise_rows->size(0)));
+  }
 }
 
 void check_select_positions_args(const at::Tensor& confidence, const at::Tensor& k, int64_t rule,
@@ -89,8 +96,10 @@ void check_commit_tokens_args(const at::Tensor& canvas, const at::Tensor& x0,
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_tokens_cpu_op(
-    const at::Tensor& logits, const at::Tensor& suppress_ids, double temperature, int64_t seed) {
-  check_sample_tokens_args(logits, suppress_ids, temperature);
+    const at::Tensor& logits, const at::Tensor& suppress_ids, double temperature, int64_t seed,
+    const c10::optional<at::Tensor>& noise_rows) {
+  check_sample_tokens_args(logits, suppress_ids, temperature, noise_rows);
+  const at::Tensor keys = noise_rows.has_value() ? noise_rows->contiguous() : at::Tensor();
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   // Ids outside [0, V) match no column; the CPU twin wants only real ones.
   at::Tensor ids = suppress_ids.masked_select((suppress_ids >= 0) & (suppress_ids < vocab)).contiguous();
@@ -101,7 +110,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_tokens_cpu_op(
   SampleTokensParams p{logits.data_ptr(), logits.stride(0), rows, vocab, logits_dtype(logits),
                        ids.data_ptr<int64_t>(), int32_t(ids.numel()), float(temperature),
                        uint64_t(seed), tokens.data_ptr<int64_t>(), confidence.data_ptr<float>(),
-                       margin.data_ptr<float>(), entropy.data_ptr<float>()};
+                       margin.data_ptr<float>(), entropy.data_ptr<float>(),
+                       keys.defined() ? keys.data_ptr<int64_t>() : nullptr};
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) { sample_tokens_cpu(p, begin, end); });
   return {tokens, confidence, margin, entropy};
 }
@@ -134,8 +144,8 @@ at::Tensor commit_tokens_cpu_op(at::Tensor& canvas, const at::Tensor& x0, const 
 }  // namespace llada
 
 TORCH_LIBRARY(llada, m) {
-  m.def("sample_tokens(Tensor logits, Tensor suppress_ids, float temperature, int seed)"
-        " -> (Tensor tokens, Tensor confidence, Tensor margin, Tensor entropy)");
+  m.def("sample_tokens(Tensor logits, Tensor suppress_ids, float temperature, int seed,"
+        " Tensor? noise_rows=None) -> (Tensor tokens, Tensor confidence, Tensor margin, Tensor entropy)");
   m.def("select_positions(Tensor confidence, Tensor k, int rule, float threshold, float factor,"
         " int k_all=-1) -> Tensor");
   m.def("commit_tokens(Tensor(a!) canvas, Tensor x0, Tensor accepted, Tensor? remask, int mask_id)"

@@ -14,8 +14,10 @@ void check_launch(cudaError_t err, const char* op) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_tokens_cuda_op(
-    const at::Tensor& logits, const at::Tensor& suppress_ids, double temperature, int64_t seed) {
-  check_sample_tokens_args(logits, suppress_ids, temperature);
+    const at::Tensor& logits, const at::Tensor& suppress_ids, double temperature, int64_t seed,
+    const c10::optional<at::Tensor>& noise_rows) {
+  check_sample_tokens_args(logits, suppress_ids, temperature, noise_rows);
+  const at::Tensor keys = noise_rows.has_value() ? noise_rows->contiguous() : at::Tensor();
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   at::Tensor ids = suppress_ids.contiguous();
@@ -26,7 +28,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_tokens_cuda_op
   SampleTokensParams p{logits.data_ptr(), logits.stride(0), rows, vocab, logits_dtype(logits),
                        ids.data_ptr<int64_t>(), int32_t(ids.numel()), float(temperature),
                        uint64_t(seed), tokens.data_ptr<int64_t>(), confidence.data_ptr<float>(),
-                       margin.data_ptr<float>(), entropy.data_ptr<float>()};
+                       margin.data_ptr<float>(), entropy.data_ptr<float>(),
+                       keys.defined() ? keys.data_ptr<int64_t>() : nullptr};
   check_launch(sample_tokens_cuda(p, c10::cuda::getCurrentCUDAStream()), "sample_tokens");
   return {tokens, confidence, margin, entropy};
 }

@@ -109,15 +109,17 @@ def gumbel_row_keys(seed: int, row: int) -> tuple[int, int]:
     return k1, k2
 
 
-def gumbel_noise_reference(seed: int, rows: int, cols: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise [rows, cols] in float64, keyed by (seed, row, col)."""
+def gumbel_noise_reference(seed: int, rows: int | Sequence[int], cols: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [rows, cols] in float64, keyed by (seed, row, col);
+    ``rows`` is a count, or each row's key."""
+    keys = range(rows) if isinstance(rows, int) else [int(r) for r in rows]
     col = torch.arange(cols, dtype=torch.int64)
-    out = torch.empty(rows, cols, dtype=torch.float64)
-    for r in range(rows):
+    out = torch.empty(len(keys), cols, dtype=torch.float64)
+    for i, r in enumerate(keys):
         k1, k2 = gumbel_row_keys(seed, r)
         h = _mix32((_mix32(col ^ k1) + k2) & _MASK32)
         u = ((h >> 8).to(torch.float64) + 0.5) * 2.0**-24
-        out[r] = -torch.log(-torch.log(u))
+        out[i] = -torch.log(-torch.log(u))
     return out
 
 
@@ -149,6 +151,7 @@ def sample_tokens(
     temperature: float = 0.0,
     seed: int = 0,
     suppress_ids: Optional[Sequence[int] | torch.Tensor] = None,
+    noise_rows: Optional[torch.Tensor] = None,
 ) -> TokenChoice:
     """Choose one token per row of ``logits`` and score it, in one pass.
 
@@ -163,6 +166,10 @@ def sample_tokens(
         suppress_ids: token ids treated as -inf logits everywhere (e.g. EOS); at
             most 64. Ids outside [0, V) match no column (a Python list of
             them is rejected up front).
+        noise_rows: int64 ``[N]`` on logits' device, or None: the key of each
+            row's noise in place of its index, so that a row keeps its sample
+            whichever rows are sampled with it (the decoder keys a position by
+            its batch row and place in the answer).
 
     Returns:
         :class:`TokenChoice` with the chosen ids and, computed in float32 from
@@ -179,15 +186,15 @@ def sample_tokens(
         # a sync, so there out-of-range ids simply match no column.
         suppress_ids = [_int_arg("suppress_ids", i, 0, logits.shape[-1] - 1) for i in suppress_ids]
     if not devices.kernels_run_on(logits.device):
-        return sample_tokens_reference(logits, temperature, seed, suppress_ids)
+        return sample_tokens_reference(logits, temperature, seed, suppress_ids, noise_rows)
     out = torch.ops.llada.sample_tokens(
-        logits, _suppress_tensor(suppress_ids, logits.device), float(temperature), seed
+        logits, _suppress_tensor(suppress_ids, logits.device), float(temperature), seed, noise_rows
     )
     return TokenChoice(*out)
 
 
 @torch.library.register_fake("llada::sample_tokens")
-def _sample_tokens_fake(logits, suppress_ids, temperature, seed):
+def _sample_tokens_fake(logits, suppress_ids, temperature, seed, noise_rows=None):
     n = logits.shape[0]
     f32 = dict(dtype=torch.float32, device=logits.device)
     return (
@@ -203,6 +210,7 @@ def sample_tokens_reference(
     temperature: float = 0.0,
     seed: int = 0,
     suppress_ids: Optional[Sequence[int] | torch.Tensor] = None,
+    noise_rows: Optional[torch.Tensor] = None,
 ) -> TokenChoice:
     """The specification of :func:`sample_tokens`, in float64 torch."""
     x = logits.detach().to(device="cpu", dtype=torch.float64).clone()
@@ -213,7 +221,8 @@ def sample_tokens_reference(
 
     finite = torch.isfinite(x).any(dim=1)
     if temperature > 0:
-        score = x / temperature + gumbel_noise_reference(seed, n, v)
+        keys = n if noise_rows is None else noise_rows.tolist()
+        score = x / temperature + gumbel_noise_reference(seed, keys, v)
         score[torch.isinf(x)] = -math.inf
     else:
         score = x

@@ -172,7 +172,9 @@ def generate(
         gen_length, block_length: canvas length, and the semi-autoregressive
             block size (gen_length for a single block).
         temperature: 0 = greedy; > 0 samples softmax(logits / temperature)
-            with counter-based Gumbel noise keyed by (seed, step).
+            with counter-based Gumbel noise keyed by (seed, step of the
+            block, batch row, place in the answer): a row's sample does not
+            depend on the other rows of the batch.
         cfg_scale: classifier-free guidance; > 0 adds a pass with the prompt
             masked: logits = un + (cfg_scale + 1) * (cond - un).
         remasking: 'low_confidence' (probability of the prediction) or
@@ -413,6 +415,12 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
     # Whole-block steps sample every block position: only at temperature 0 is
     # a row's choice independent of which other rows are sampled with it.
     whole_block_ok = temperature == 0 and noise_gen is None and policy.remask_below is None
+    # Each position's noise key: its batch row and its place in the answer,
+    # whatever the other rows are doing (see ops.sample_tokens' noise_rows).
+    noise_keys = None
+    if temperature > 0:
+        noise_keys = (torch.arange(b, device=device)[:, None] * (last - first)
+                      + torch.arange(total, device=device)[None, :] - first)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     remasked_once = torch.zeros(b, total, dtype=torch.bool, device=device)
     # The lowest probability of any step's chosen tokens, read where the loop
@@ -471,7 +479,7 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                     block = forward(query, whole_block=True)  # [B', W, V]
                     live, width, vocab = block.shape
                     choice = ops.sample_tokens(block.view(live * width, vocab), temperature,
-                                               step_seed(seed, step), suppress)
+                                               step_seed(seed, i), suppress)
                     spread = _BlockSpread(b, total, start, end, alive, live, width)
                     score_grid = spread(ranking_scores(choice, policy.ranking, None), -math.inf, active)
                     if confidence_eos_eot_inf:
@@ -486,7 +494,8 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                 else:
                     logits = forward(query)
                     rows = logits if decoded is None else logits[active[query]]
-                    choice = ops.sample_tokens(rows, temperature, step_seed(seed, step), suppress)
+                    choice = ops.sample_tokens(rows, temperature, step_seed(seed, i), suppress,
+                                               None if noise_keys is None else noise_keys[active])
                     scores = ranking_scores(choice, policy.ranking,
                                             None if noise is None else noise.to(device)[active])
                     stop = torch.isin(choice.tokens, stop_ids) if confidence_eos_eot_inf else None

@@ -24,6 +24,9 @@ struct SampleTokensParams {
   float* confidence;         // [rows]; -inf when a row has no finite logit
   float* margin;             // [rows]
   float* entropy;            // [rows]
+  // [rows] or null: the key of each row's noise, in place of its index, so
+  // that a position keeps its noise whichever other rows are sampled with it.
+  const int64_t* noise_rows;
 };
 
 // The CPU twin; processes rows [row_begin, row_end) so callers may split rows
