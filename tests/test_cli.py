@@ -463,7 +463,7 @@ def test_steps_counts_the_fixed_schedule_alone(checkpoint, capsys):
      "line 11: messages[0]: expected a message"),
     ("\n".join(['"a"'] * 2 + [json.dumps("x" * 600)]), [], "line 3: 600 tokens and --gen-length 16 exceed"),
     ('"a"\n{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "b"}]}',
-     ["--chat", "--system", "S"], "line 2: --system: the conversation already starts with a system message"),
+     ["--chat", "--system", "S"], "line 2: --system: the conversation already has a system message"),
     ('"a"\n{"messages": []}', ["--chat"], 'line 2: "messages": expected a non-empty list'),
 ])
 def test_prompts_file_lines_are_all_checked_before_decoding(checkpoint, capsys, tmp_path, content, flags, message):

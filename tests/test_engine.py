@@ -79,7 +79,9 @@ def test_a_conversation_goes_through_the_template_as_it_stands(engine, checkpoin
     (lambda e: e.generate(CONVERSATION, **SHAPE), ValueError, "prompt: a conversation .* needs chat=True"),
     (lambda e: e.generate("Hi", system="x", **SHAPE), ValueError, "system: a system message needs chat=True"),
     (lambda e: e.generate([{"role": "system", "content": "a"}], chat=True, system="b", **SHAPE), ValueError,
-     "system: the conversation already starts with a system message"),
+     "system: the conversation already has a system message"),
+    (lambda e: e.generate([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], chat=True,
+                          system="c", **SHAPE), ValueError, "system: the conversation already has a system message"),
     (lambda e: e.generate([{"role": "user"}], chat=True, **SHAPE), TypeError, r"prompt\[0\]: expected a message"),
     (lambda e: e.generate(["Hi", 3], chat=True, **SHAPE), TypeError, r"prompts\[1\]: expected a str or a conv"),
     (lambda e: e.generate("Hi", chat=True, system=3, **SHAPE), TypeError, "system: expected a str"),
@@ -102,6 +104,11 @@ def test_decode_stops_at_the_first_stop_token(engine):
     words = engine.tokenizer("ab cd", add_special_tokens=False)["input_ids"]
     assert engine.decode(words + [cfg.eot_token_id] + words) == engine.tokenizer.decode(words)
     assert engine.decode(words + [cfg.eos_token_id] * 3) == engine.tokenizer.decode(words)
+    # A tensor of ids (what the token-level API returns) reads the same.
+    assert engine.decode(torch.tensor(words + [cfg.eot_token_id] + words)) == engine.tokenizer.decode(words)
+    for bad in ([-1], "ab", torch.zeros(2, 2, dtype=torch.long), [1.5]):
+        with pytest.raises((TypeError, ValueError), match="^ids: expected"):
+            engine.decode(bad)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +189,21 @@ def test_each_row_of_a_batch_stops_at_its_own_end(talkative, policy, extra):
     assert cut.positions < stats.positions
 
 
+@pytest.mark.parametrize("policy", ["exact", llada.DecodePolicy(commit="threshold", threshold=0.3)])
+def test_a_rows_sample_does_not_depend_on_the_other_rows(talkative, policy):
+    # With a temperature, a row's noise is keyed by its place in the batch
+    # and in its answer, not by what the other rows decode or when they end.
+    options = dict(steps=32, gen_length=32, block_length=8, temperature=1.0, seed=3, policy=policy)
+    companions = ["once", "upon a time", "x", "tell me", "and then", "the end"]
+    ends = {len(talkative.generate(c, **options)) for c in companions}
+    assert len(ends) > 1  # the companions end at different places: the check means something
+    answers = {talkative.generate([c, "Two lines"], by_length=False, **options)[1] for c in companions}
+    answers.add(talkative.generate(["x", "Two lines"], by_length=False, stop="zz", **options)[1])
+    assert len(answers) == 1
+    alone = talkative.generate("Two lines", **options)
+    assert talkative.generate(["Two lines", "x"], by_length=False, **options)[0] == alone
+
+
 def test_a_streamed_piece_never_ends_in_the_start_of_a_stop_string():
     from llada.engine import _final_part
 
@@ -221,7 +243,7 @@ def test_fill_fills_every_gap_of_a_template(engine):
                 for a, n in ((first, 5), (second, 3))]
     assert gaps == expected
     assert stats.nfe == 8  # one token per step over both gaps
-    for bad, error in (([], ValueError), (["text only"], ValueError), (["a", 0], TypeError),
+    for bad, error in (([], ValueError), (["text only"], ValueError), (["a", 0], ValueError),
                        (["a", 2.5], TypeError), ("a 3", TypeError)):
         with pytest.raises(error, match="parts"):
             engine.fill(bad)
@@ -257,6 +279,14 @@ def test_load_defaults_to_the_bundled_model():
     (lambda e: e.infill("a", "b", 0), ValueError, "length"),
     (lambda e: e.infill("a", "b", 10_000), ValueError, "length: text and gaps make"),
     (lambda e: e.fill(["a", 10_000]), ValueError, "parts: text and gaps make"),
+    (lambda e: e.fill(["a", 0]), ValueError, "parts[1]: expected a positive number"),
+    (lambda e: e.fill(["a", 2.0]), TypeError, "parts[1]: expected a str or a positive int"),
+    (lambda e: e.infill("a", "b", 2.0), TypeError, "length"),
+    (lambda e: e.fill(["x = <|mdm_mask|> + ", 3]), ValueError, "parts[0]: the text holds the mask token"),
+    (lambda e: e.infill("<|mdm_mask|>", "b", 3), ValueError, "prefix: the text holds the mask token"),
+    (lambda e: e.generate(["a", "b" * 5000], gen_length=16, steps=16, block_length=16), ValueError,
+     "prompts[1]: "),
+    (lambda e: e.decode([3, None]), TypeError, "ids"),
     (lambda e: llada.Engine(e.tokenizer, e.tokenizer), TypeError, "model"),
     (lambda e: llada.Engine(e.model, "tokenizer"), TypeError, "tokenizer"),
 ])

@@ -9,6 +9,8 @@ with their arguments and their errors.
 
 from __future__ import annotations
 
+import inspect
+import numbers
 import os
 from typing import Iterator, Optional, Sequence, Union
 
@@ -71,15 +73,23 @@ class Engine:
         if system is not None:
             if not isinstance(system, str):
                 raise TypeError(f"system: expected a str, got {type(system).__name__}")
-            if messages[0]["role"] == "system":
-                raise ValueError("system: the conversation already starts with a system message")
+            if any(message["role"] == "system" for message in messages):
+                raise ValueError("system: the conversation already has a system message")
             messages = [{"role": "system", "content": system}] + messages
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """The text of generated ids up to the first EOS/EoT, special tokens dropped."""
-        ids = list(ids)
+    def decode(self, ids: Union[Sequence[int], torch.Tensor]) -> str:
+        """The text of generated ids (a list or a 1-D tensor) up to the first
+        EOS/EoT, special tokens dropped."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
+                raise ValueError(f"ids: expected a 1-D tensor of token ids, got {ids.dtype} {tuple(ids.shape)}")
+            ids = ids.tolist()
+        if isinstance(ids, str) or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0
+                                           for t in ids):
+            raise TypeError(f"ids: expected token ids (ints >= 0), got {ids!r}")
+        ids = [int(t) for t in ids]
         for i, token in enumerate(ids):
             if token in self.stop_ids:
                 ids = ids[:i]
@@ -117,8 +127,10 @@ class Engine:
             raise TypeError(f"by_length: expected a bool, got {type(by_length).__name__}")
         stop = _stop_strings(stop)
         _check_stats(stats)
-        # Every prompt is encoded first: a bad one fails before any decoding.
+        # Every prompt is encoded and checked first: a bad one fails before any decoding.
         encoded = [self.encode(text, chat, system) for text in texts]
+        self._check_lengths(encoded, options.get("gen_length", _STREAM_DEFAULTS["gen_length"]),
+                            "prompt" if single else "prompts")
         order = list(range(len(texts)))
         if by_length:
             order.sort(key=lambda i: -len(encoded[i]))  # stable: equal lengths keep their order
@@ -128,6 +140,18 @@ class Engine:
             for i, answer in zip(batch, self._answer_batch([encoded[i] for i in batch], stop, stats, options)):
                 answers[i] = answer
         return answers[0] if single else answers
+
+    def _check_lengths(self, encoded: list[list[int]], gen_length, name: str) -> None:
+        """Each prompt and the answer fit the model's context (a bad
+        ``gen_length`` is left to the decoding to name)."""
+        max_len = self.model.config.max_sequence_length
+        if not (isinstance(gen_length, int) and max_len is not None):
+            return
+        for i, ids in enumerate(encoded):
+            if len(ids) + gen_length > max_len:
+                where = name if name == "prompt" else f"{name}[{i}]"
+                raise ValueError(f"{where}: {len(ids)} tokens and gen_length {gen_length} exceed the model's "
+                                 f"max_sequence_length {max_len}")
 
     def _answer_batch(self, rows: list[list[int]], stop: tuple[str, ...], stats: Optional[DecodeStats],
                       options: dict) -> list[str]:
@@ -200,9 +224,7 @@ class Engine:
         for name, text in (("prefix", prefix), ("suffix", suffix)):
             if not isinstance(text, str):
                 raise TypeError(f"{name}: expected a str, got {type(text).__name__}")
-        if not _is_positive_int(length):
-            raise ValueError(f"length: expected a positive number of tokens, got {length!r}")
-        return self._fill([prefix, length, suffix], "length", stats, options)[0]
+        return self._fill([prefix, length, suffix], ("prefix", "length", "suffix"), "length", stats, options)[0]
 
     def fill(self, parts: Sequence[Union[str, int]], *, stats: Optional[DecodeStats] = None,
              **options) -> list[str]:
@@ -215,25 +237,32 @@ class Engine:
         ``block_length``: default all the gaps in one block)."""
         if not isinstance(parts, (list, tuple)):
             raise TypeError(f"parts: expected a list of str and int, got {type(parts).__name__}")
-        return self._fill(parts, "parts", stats, options)
+        return self._fill(parts, [f"parts[{i}]" for i in range(len(parts))], "parts", stats, options)
 
-    def _fill(self, parts, name: str, stats, options) -> list[str]:
-        """:meth:`fill`; a template too long for the model is an error naming ``name``."""
+    def _fill(self, parts, names: Sequence[str], whole: str, stats, options) -> list[str]:
+        """:meth:`fill`, with ``names`` naming each part in errors and ``whole``
+        the argument a template too long for the model is blamed on."""
         _check_stats(stats)
+        mask_id = self.model.config.mask_token_id
         canvas, gaps = [], []
-        for i, part in enumerate(parts):
+        for part, name in zip(parts, names):
             if isinstance(part, str):
-                canvas += self.tokenizer(part, add_special_tokens=False)["input_ids"]
-            elif _is_positive_int(part):
-                gaps.append((len(canvas), part))
-                canvas += [self.model.config.mask_token_id] * part
+                ids = self.tokenizer(part, add_special_tokens=False)["input_ids"]
+                if mask_id in ids:  # it would be filled as one more gap
+                    raise ValueError(f"{name}: the text holds the mask token ({mask_id}), which only gaps may")
+                canvas += ids
+            elif isinstance(part, numbers.Integral) and not isinstance(part, bool):
+                if part < 1:
+                    raise ValueError(f"{name}: expected a positive number of tokens (a gap's length), got {part}")
+                gaps.append((len(canvas), int(part)))
+                canvas += [mask_id] * int(part)
             else:
-                raise TypeError(f"parts[{i}]: expected a str or a positive int (a gap's length), got {part!r}")
+                raise TypeError(f"{name}: expected a str or a positive int (a gap's length), got {part!r}")
         if not gaps:
             raise ValueError("parts: holds no gap (a positive int) to fill")
         max_len = self.model.config.max_sequence_length
         if len(canvas) > max_len:
-            raise ValueError(f"{name}: text and gaps make {len(canvas)} tokens, more than the model's "
+            raise ValueError(f"{whole}: text and gaps make {len(canvas)} tokens, more than the model's "
                              f"max_sequence_length {max_len}")
         out, work = infill(self.model, torch.tensor(canvas, dtype=torch.long), return_stats=True, **options)
         if stats is not None:
@@ -321,6 +350,10 @@ def _final_part(text: str, stop: tuple[str, ...]) -> str:
             end -= k
             break
     return text[:end]
+
+
+# llada.stream's defaults, for the checks made before it runs.
+_STREAM_DEFAULTS = {name: p.default for name, p in inspect.signature(stream).parameters.items()}
 
 
 def _is_positive_int(value) -> bool:
