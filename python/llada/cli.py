@@ -35,14 +35,17 @@ DTYPE_HELP = "default: bfloat16 on cuda (float16 on GPUs before compute capabili
 
 
 def seed_argument(text: str) -> int:
-    """--seed: an int in [0, 2**63); the noise keys are 63-bit, so another
-    value would alias one of these."""
+    """--seed: an int the decoding takes (see llada.sampler.check_seed)."""
+    from .sampler import check_seed
+
     try:
         seed = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-    if not 0 <= seed < 2**63:
-        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**63), got {seed}")
+    try:
+        check_seed(seed)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("seed: ")) from None
     return seed
 
 
