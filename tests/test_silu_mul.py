@@ -35,7 +35,10 @@ def check(gate, up):
     got = llada.silu_mul(gate, up)
     want = silu_mul_reference(gate, up)
     assert_new_tensor_like(got, gate)
-    assert_close_in_ulps(got, want, float32_rtol=4e-7)
+    # Both exps (ours and torch's) err by up to about 2 ulps, and in
+    # saturated silu (gate near -17) in opposite directions, with the
+    # division and product adding theirs: float32 within about 6 ulps.
+    assert_close_in_ulps(got, want, float32_rtol=8e-7)
 
 
 SHAPES = [(1,), (3, 17), (2, 32, 12288), (5, 4095), (0, 8)]
