@@ -10,7 +10,6 @@ with their arguments and their errors.
 from __future__ import annotations
 
 import inspect
-import numbers
 import os
 from typing import Iterator, Optional, Sequence, Union
 
@@ -20,6 +19,7 @@ from .checkpoint import load_model, load_tokenizer
 from .likelihood import log_likelihood
 from .model import LLaDAModel, llada_model_of
 from .sampler import BlockEvent, DecodeStats, infill, stream
+from .token_ids import is_int
 
 # A prompt: text, or (for chat) a conversation of {"role": ..., "content": ...} messages.
 Prompt = Union[str, Sequence[dict]]
@@ -86,8 +86,7 @@ class Engine:
             if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
                 raise ValueError(f"ids: expected a 1-D tensor of token ids, got {ids.dtype} {tuple(ids.shape)}")
             ids = ids.tolist()
-        if isinstance(ids, str) or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0
-                                           for t in ids):
+        if isinstance(ids, str) or not all(is_int(t) and t >= 0 for t in ids):
             raise TypeError(f"ids: expected token ids (ints >= 0), got {ids!r}")
         ids = [int(t) for t in ids]
         for i, token in enumerate(ids):
@@ -251,7 +250,7 @@ class Engine:
                 if mask_id in ids:  # it would be filled as one more gap
                     raise ValueError(f"{name}: the text holds the mask token ({mask_id}), which only gaps may")
                 canvas += ids
-            elif isinstance(part, numbers.Integral) and not isinstance(part, bool):
+            elif is_int(part):
                 if part < 1:
                     raise ValueError(f"{name}: expected a positive number of tokens (a gap's length), got {part}")
                 gaps.append((len(canvas), int(part)))
@@ -357,7 +356,7 @@ _STREAM_DEFAULTS = {name: p.default for name, p in inspect.signature(stream).par
 
 
 def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return is_int(value) and value >= 1
 
 
 def _check_stats(stats) -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .sampler import check_seed
-from .token_ids import check_token_ids
+from .token_ids import check_token_ids, is_int
 
 
 def stratified_mask_counts(
@@ -39,7 +39,7 @@ def _ids(x, name: str) -> torch.Tensor:
                              f"{tuple(x.shape)} and dtype {x.dtype}")
         return x
     if isinstance(x, (list, tuple)):
-        bad = next((i for i in x if not isinstance(i, numbers.Integral) or isinstance(i, bool)), None)
+        bad = next((i for i in x if not is_int(i)), None)
         if bad is None:
             return torch.tensor([int(i) for i in x], dtype=torch.long)
         raise TypeError(f"{name}: expected token ids (ints), got an element of type {type(bad).__name__}")
@@ -86,7 +86,7 @@ def log_likelihood(
         mask_id = getattr(config, "mask_token_id", None)
         if mask_id is None:
             raise ValueError("mask_id: not given and the model's config has no mask_token_id")
-    elif not isinstance(mask_id, numbers.Integral) or isinstance(mask_id, bool):
+    elif not is_int(mask_id):
         raise TypeError(f"mask_id: expected an int, got {type(mask_id).__name__}")
     vocab = getattr(config, "embedding_size", None)
     if not 0 <= mask_id < (vocab if vocab is not None else 2**63):

@@ -35,13 +35,13 @@ Ops
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 
 from . import _C  # noqa: F401  (loading the extension registers torch.ops.llada)
 from . import devices
+from .token_ids import is_int
 
 SELECTION_RULES = ("topk", "threshold", "factor")
 
@@ -131,7 +131,7 @@ def gumbel_noise_reference(seed: int, rows: int | Sequence[int], cols: int) -> t
 def _int_arg(name: str, value, low: int = -2**63, high: int = 2**63 - 1) -> int:
     """An integer argument the kernels take as int64: neither truncated from
     a float nor wrapped around."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+    if not is_int(value):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     if not low <= value <= high:
         raise ValueError(f"{name}: expected an int in [{low}, {high}], got {value}")

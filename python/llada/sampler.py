@@ -21,7 +21,7 @@ import torch
 from . import ops
 from .model import llada_model_of
 from .policies import DecodePolicy, demote, ranking_scores, select
-from .token_ids import check_token_ids
+from .token_ids import check_token_ids, is_int
 from .workspace import Workspace, checkin, checkout
 
 REMASKING = ("low_confidence", "random")
@@ -301,7 +301,7 @@ def infill(
     first, last = int(masked_cols[0]), int(masked_cols[-1]) + 1
     span = last - first
     block_length = span if block_length is None else block_length
-    if not _is_int(block_length) or block_length < 1:
+    if not is_int(block_length) or block_length < 1:
         raise ValueError(f"block_length: expected a positive int, got {block_length!r}")
     num_blocks = -(-span // block_length)
     if steps is None:  # one token per step in the fullest block
@@ -309,7 +309,7 @@ def infill(
         per_block = torch.nn.functional.pad(holes, (0, num_blocks * block_length - span))
         steps = num_blocks * int(per_block.view(-1, num_blocks, block_length).sum(2).max())
     policy = resolve_policy(policy, remasking)
-    if not _is_int(steps) or steps < 1 or (policy.commit == "schedule" and steps % num_blocks):
+    if not is_int(steps) or steps < 1 or (policy.commit == "schedule" and steps % num_blocks):
         raise ValueError(f"steps: expected a positive multiple of the block count ({num_blocks}), got {steps!r}")
     key_mask = None
     if attention_mask is not None and not bool((attention_mask != 0).all()):
@@ -716,14 +716,10 @@ def _config_id(config, key, given, default):
     return default if value is None else int(value)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _validate(config, prompt, attention_mask, steps, gen_length, block_length, temperature,
               cfg_scale, remasking, mask_id, seed, logits_eos_inf, confidence_eos_eot_inf, fixed_schedule):
     for name, value in (("steps", steps), ("gen_length", gen_length), ("block_length", block_length)):
-        if not _is_int(value):
+        if not is_int(value):
             raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"{name}: must be >= 1, got {value}")
@@ -766,7 +762,7 @@ def _validate(config, prompt, attention_mask, steps, gen_length, block_length, t
 def check_seed(seed) -> None:
     """A seed is None or an int in [0, 2**63): the noise keys are 63-bit, so a
     larger or negative seed would alias another."""
-    if seed is not None and not _is_int(seed):
+    if seed is not None and not is_int(seed):
         raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
     if seed is not None and not 0 <= seed <= _INT64_MAX:
         raise ValueError(f"seed: expected an int in [0, 2**63), got {seed}")
@@ -786,7 +782,7 @@ def _validate_sampling(config, temperature, cfg_scale, remasking, mask_id, seed,
     for name, value in (("logits_eos_inf", logits_eos_inf), ("confidence_eos_eot_inf", confidence_eos_eot_inf)):
         if not isinstance(value, bool):
             raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-    if not _is_int(mask_id):
+    if not is_int(mask_id):
         raise TypeError(f"mask_id: expected an int, got {type(mask_id).__name__}")
     vocab = getattr(config, "embedding_size", None)
     if vocab is not None and not 0 <= mask_id < vocab:

@@ -1,8 +1,17 @@
-"""The check every entry point makes of the token ids it is given."""
+"""The checks every entry point makes of the token ids (and other
+integers) it is given."""
 
 from __future__ import annotations
 
+import numbers
+
 import torch
+
+
+def is_int(value) -> bool:
+    """An integer (a Python or numpy int), and not a bool, which Python
+    counts as one."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_token_ids(name: str, ids: torch.Tensor, config) -> None:
