@@ -476,6 +476,32 @@ def test_whole_block_steps_decide_as_queried_row_steps(model, stop_model, monkey
     assert len(calls) == want_stats.nfe and all(calls)
 
 
+@pytest.mark.parametrize("policy", [DecodePolicy(), DecodePolicy.fast(threshold=0.5)], ids=["exact", "fast"])
+def test_whole_block_steps_check_only_the_masked_positions_predictions(model, monkeypatch, policy):
+    # A whole-block step also predicts the block's decoded positions, which
+    # it then ignores: NaN there must not stop the decode, as it does not
+    # when only the masked positions are predicted.
+    from llada import sampler
+
+    prompt, mask = prompt_batch(model)
+    kw = dict(steps=16, gen_length=16, block_length=8, policy=policy)
+    want = llada.generate(model, prompt, mask, **kw)
+    run = sampler._Forward._run
+
+    def nan_where_decoded(self, ids, query, whole):
+        logits = run(self, ids, query, whole)
+        if whole:
+            rows = slice(None) if self.rows is None else self.rows
+            decoded = self.canvas[rows, self.start:self.end] != model.config.mask_token_id
+            logits = logits.masked_fill(decoded[:, :, None].repeat(logits.shape[0] // decoded.shape[0], 1, 1),
+                                        math.nan)
+        return logits
+
+    monkeypatch.setattr(sampler._Forward, "_whole_block_wanted", staticmethod(lambda canvas: True))
+    monkeypatch.setattr(sampler._Forward, "_run", nan_where_decoded)
+    assert torch.equal(llada.generate(model, prompt, mask, **kw), want)
+
+
 def test_whole_block_steps_with_finished_rows(tmp_path, monkeypatch):
     # Rows that end early leave the batch: whole-block logits then cover the
     # live rows only, and are laid back onto the full batch.

@@ -491,6 +491,9 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                         if confidence_eos_eot_inf:
                             entropy_grid = -demote(-entropy_grid, stop, active)
                     x0 = spread(choice.tokens, canvas, active)
+                    # Only the masked positions' predictions must be valid, as
+                    # when only they are sampled.
+                    chosen_confidence = spread(choice.confidence, 1.0, active)
                 else:
                     logits = forward(query)
                     rows = logits if decoded is None else logits[active[query]]
@@ -509,8 +512,9 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                         # EOS/EoT predictions go last: the highest entropies.
                         entropy_grid[active] = choice.entropy if stop is None else -demote(-choice.entropy, stop)
                     x0 = canvas.masked_scatter(active, choice.tokens)
-                if choice.confidence.numel():
-                    torch.minimum(lowest, choice.confidence.amin(), out=lowest)
+                    chosen_confidence = choice.confidence
+                if chosen_confidence.numel():
+                    torch.minimum(lowest, chosen_confidence.amin(), out=lowest)
                 if isinstance(suppress, list):
                     # Then a tensor: a list would be copied to the device every step.
                     suppress = torch.tensor(suppress, device=device)
