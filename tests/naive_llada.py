@@ -39,12 +39,12 @@ class NaiveLLaDA:
         var = (x32 * x32).mean(dim=-1, keepdim=True)
         return weight * (x32 / torch.sqrt(var + self.cfg["rms_norm_eps"])).to(x.dtype)
 
-    def rope(self, t):
-        """t [B, H, L, D]: half-split rotation in float32, positions 0..L-1."""
-        b, h, l, d = t.shape
+    def rope(self, t, positions):
+        """t [B, H, L, D]: half-split rotation in float32 at ``positions`` [L]."""
+        d = t.shape[-1]
         theta = self.cfg["rope_theta"]
         inv_freq = torch.tensor([1.0 / theta ** (i / d) for i in range(0, d, 2)], dtype=torch.float32)
-        ang = torch.outer(torch.arange(l, dtype=torch.float32), inv_freq)
+        ang = torch.outer(positions.to(torch.float32), inv_freq)
         ang = torch.cat([ang, ang], dim=-1)
         t32 = t.to(torch.float32)
         x1, x2 = t32[..., : d // 2], t32[..., d // 2 :]
@@ -52,23 +52,42 @@ class NaiveLLaDA:
         return (t32 * ang.cos() + rotated * ang.sin()).to(t.dtype)
 
     @torch.no_grad()
-    def forward(self, ids, attention_mask=None):
+    def forward(self, ids, attention_mask=None, *, record=None, stale=None, lo=0, hi=None):
+        """Logits [B, L, V] of the whole canvas ``ids``.
+
+        ``record``: a list that receives each layer's (keys after RoPE,
+        values), [B, Hkv, L, D] each. With ``stale`` (such a list, from an
+        earlier canvas), only positions ``lo:hi`` of ``ids`` are run: their
+        own keys and values replace the stale ones there, the rest are the
+        stale ones (what a KV cache holds), and the logits are theirs only.
+        """
         c, w = self.cfg, self.w
         b, l = ids.shape
+        hi = l if hi is None else hi
+        if stale is None:
+            lo, hi = 0, l
+        positions = torch.arange(lo, hi)
+        n = hi - lo
         nh = c["n_heads"]
         nkv = c.get("n_kv_heads") or nh
         hd = c["d_model"] // nh
         if attention_mask is not None:
             keep = attention_mask.to(torch.float32)[:, None, None, :]
             bias = ((1.0 - keep) * torch.finfo(torch.float32).min).to(self.dtype)
-        x = w["model.transformer.wte.weight"][ids]
+        x = w["model.transformer.wte.weight"][ids[:, lo:hi]]
         for i in range(c["n_layers"]):
             p = f"model.transformer.blocks.{i}."
             a = self.rms_norm(x, w[p + "attn_norm.weight"])
-            q = (a @ w[p + "q_proj.weight"].T).view(b, l, nh, hd).transpose(1, 2)
-            k = (a @ w[p + "k_proj.weight"].T).view(b, l, nkv, hd).transpose(1, 2)
-            v = (a @ w[p + "v_proj.weight"].T).view(b, l, nkv, hd).transpose(1, 2)
-            q, k = self.rope(q), self.rope(k)
+            q = (a @ w[p + "q_proj.weight"].T).view(b, n, nh, hd).transpose(1, 2)
+            k = (a @ w[p + "k_proj.weight"].T).view(b, n, nkv, hd).transpose(1, 2)
+            v = (a @ w[p + "v_proj.weight"].T).view(b, n, nkv, hd).transpose(1, 2)
+            q, k = self.rope(q, positions), self.rope(k, positions)
+            if stale is not None:
+                old_k, old_v = stale[i]
+                k = torch.cat([old_k[:, :, :lo], k, old_k[:, :, hi:]], dim=2)
+                v = torch.cat([old_v[:, :, :lo], v, old_v[:, :, hi:]], dim=2)
+            if record is not None:
+                record.append((k, v))
             k = k.repeat_interleave(nh // nkv, dim=1)
             v = v.repeat_interleave(nh // nkv, dim=1)
             heads = []
@@ -77,7 +96,7 @@ class NaiveLLaDA:
                 if attention_mask is not None:
                     s = s + bias[:, 0]
                 heads.append(torch.softmax(s, dim=-1) @ v[:, h])
-            y = torch.stack(heads, dim=2).reshape(b, l, nh * hd)
+            y = torch.stack(heads, dim=2).reshape(b, n, nh * hd)
             x = x + y @ w[p + "attn_out.weight"].T
             m = self.rms_norm(x, w[p + "ff_norm.weight"])
             gate = torch.nn.functional.silu(m @ w[p + "ff_proj.weight"].T)

@@ -14,6 +14,7 @@ from llada.policies import DecodePolicy, entropy_bound_select
 from llada.sampler import BlockEvent, StepEvent
 
 from checkpoints import SHAPES, make_checkpoint
+from naive_llada import NaiveLLaDA
 
 POLICIES = {
     "threshold": DecodePolicy(commit="threshold", threshold=0.5),
@@ -31,9 +32,13 @@ POLICIES = {
 }
 
 
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("gqa"), seed=5, boost_stop_tokens=2.0, **SHAPES["gqa"])
+
+
 @pytest.fixture(scope="module", params=[False, True], ids=["separate", "packed"])
-def model(tmp_path_factory, request):
-    folder = make_checkpoint(tmp_path_factory.mktemp("gqa"), seed=5, boost_stop_tokens=2.0, **SHAPES["gqa"])
+def model(folder, request):
     # CPU on every machine: the tests build their inputs on the CPU, and they
     # compare cached with uncached decodes exactly, which the CPU kernels give.
     # Both weight layouts: load_model packs the projections on CUDA only.
@@ -82,13 +87,32 @@ def test_cache_refreshed_every_step_equals_no_cache(model):
         assert torch.equal(cached, exact), cache
 
 
-def test_cached_forward_sees_the_same_keys_as_a_full_forward(model):
-    ids = torch.randint(0, 256, (2, 20))
-    full = model(ids).logits
+@pytest.mark.parametrize("changed", [False, True], ids=["same-canvas", "block-changed"])
+@pytest.mark.parametrize("fed", ["block", "block-and-after"])
+def test_cached_forward_matches_the_naive_model_with_stale_keys(model, folder, changed, fed):
+    # A cache holds every position's keys and values from the canvas of the
+    # last full forward; a cached forward feeds only some positions, whose
+    # own keys and values replace those there. The naive model computes the
+    # same from its definition, also after the fed tokens changed (as they
+    # do between a block's steps) and with key padding.
+    g = torch.Generator().manual_seed(3)
+    then = torch.randint(0, 256, (2, 20), generator=g)
+    mask = torch.ones_like(then)
+    mask[1, :4] = 0
+    lo, hi = 8, (12 if fed == "block" else 20)
+    now = then.clone()
+    if changed:
+        now[:, lo:hi] = torch.randint(0, 256, (2, hi - lo), generator=g)
+    oracle, stale = NaiveLLaDA(folder), []
+    oracle.forward(then, mask, record=stale)
+    want = oracle.forward(now, mask, stale=stale, lo=lo, hi=hi)
     cache = KVCache(model.config, 2, 20, "cpu", torch.float32)
-    model(ids, cache=cache)
-    part = model(ids[:, 8:12], cache=cache, start=8).logits
-    torch.testing.assert_close(part, full[:, 8:12], rtol=1e-5, atol=1e-5)
+    model(then, mask, cache=cache)
+    got = model(now[:, lo:hi], mask, cache=cache, start=lo).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # Unchanged, the cache is exact; changed, the stale keys show.
+    exact = oracle.forward(now, mask)[:, lo:hi]
+    assert torch.allclose(got, exact, rtol=1e-4, atol=1e-4) == (not changed)
 
 
 def test_dual_cache_feeds_only_the_block(model):
