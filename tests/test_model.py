@@ -71,7 +71,8 @@ def test_logits_at_selects_rows(checkpoint, device, packed):
     positions = torch.tensor([[8, 0, 3], [2, 2, 7]], device=device)
     picked = model(ids, mask, logits_at=positions).logits
     assert rel_err(picked, full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))) < 1e-5
-    for cut in (slice(2, 6), slice(None), slice(-3, None), slice(4, 4), slice(7, 100)):
+    for cut in (slice(2, 6), slice(None), slice(-3, None), slice(4, 4), slice(7, 100), slice(-100, -2),
+                slice(6, 2), slice(None, None, 1)):
         sliced = model(ids, mask, logits_at=cut).logits
         assert sliced.shape == full[:, cut].shape
         if sliced.numel():
@@ -121,6 +122,8 @@ def test_logits_at_rejects_bad_shapes(tmp_path):
         model(ids, logits_at=slice(0, 5, 2))
     with pytest.raises(TypeError, match="logits_at"):
         model(ids, logits_at=[0, 1])
+    with pytest.raises(TypeError, match="logits_at.*ints"):
+        model(ids, logits_at=slice(0.5, 3))
 
 
 def test_bad_ids_and_masks_are_named(tmp_path):

@@ -507,14 +507,24 @@ def _gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return x.gather(1, rows[:, :, None].expand(-1, -1, x.shape[-1]))
 
 
+def _slice_bound(bound, default: int, l: int) -> int:
+    """A slice bound as ``slice.indices`` reads it for step 1 (which
+    torch.compile cannot trace on every torch version)."""
+    if bound is None:
+        return default
+    if not isinstance(bound, int) or isinstance(bound, bool):
+        raise TypeError(f"logits_at: slice bounds must be ints or None, got {type(bound).__name__}")
+    return min(max(bound + l if bound < 0 else bound, 0), l)
+
+
 def _query_rows(logits_at, b: int, l: int, device):
     """Positions [B, K] (or a slice) to compute, and for a bool mask the
     [B, K] mask of those that are real (rows with fewer True entries are
     padded)."""
     if isinstance(logits_at, slice):
-        first, stop, step = logits_at.indices(l)
-        if step != 1:
+        if logits_at.step not in (None, 1):
             raise ValueError(f"logits_at: a slice must have step 1, got {logits_at}")
+        first, stop = _slice_bound(logits_at.start, 0, l), _slice_bound(logits_at.stop, l, l)
         return slice(first, max(first, stop)), None
     if not isinstance(logits_at, torch.Tensor):
         raise TypeError(
