@@ -124,16 +124,138 @@ def test_dual_cache_feeds_only_the_block(model):
     assert stats.positions == 2 * (3 * 23 + 7 * 3 * 8)
 
 
-def test_a_row_that_finishes_first_stops_costing(model):
-    prompt, mask = prompt_batch(model, padded=False)
-    policy = DecodePolicy(commit="threshold", early_stop=True)
-    out = llada.generate(model, prompt, None, steps=32, gen_length=32, block_length=8, policy=policy)
+def test_a_row_that_finishes_first_stops_costing(tmp_path):
+    # A head that favours EOS enough that one of four rows (not all) emits
+    # EOS in its second block: early stop then fills the rest of that row
+    # with EOS and feeds it no more, so the decode costs fewer positions
+    # than the same decode without early stop.
+    folder = make_checkpoint(tmp_path, seed=5, boost_stop_tokens=8.0, **SHAPES["gqa"])
+    model = llada.load_model(folder, dtype=torch.float32, device="cpu")
+    prompt = torch.randint(0, 256, (4, 7), generator=torch.Generator().manual_seed(0))
+    kw = dict(steps=24, gen_length=24, block_length=8, return_stats=True)
+    out, stats = llada.generate(model, prompt, policy=DecodePolicy(commit="threshold", threshold=0.3,
+                                                                   early_stop=True), **kw)
+    full, full_stats = llada.generate(model, prompt, policy=DecodePolicy(commit="threshold", threshold=0.3), **kw)
     eos = model.config.eos_token_id
-    for row in out[:, 7:]:
-        hits = torch.nonzero(row == eos).flatten()
-        if hits.numel():
-            block_end = (int(hits[0]) // 8 + 1) * 8
+    # Blocks before the last that hold EOS, per row (the answer starts at 7).
+    ended = [bool((row[7:15] == eos).any() or (row[15:23] == eos).any()) for row in out]
+    assert any(ended) and not all(ended)
+    for row, done, same in zip(out, ended, full):
+        if done:
+            hit = int(torch.nonzero(row[7:] == eos)[0]) + 7
+            block_end = 7 + ((hit - 7) // 8 + 1) * 8
+            assert block_end < 7 + 24
             assert (row[block_end:] == eos).all()
+            assert not (same[block_end:] == eos).all()  # not what the model decodes there anyway
+            assert torch.equal(row[:block_end], same[:block_end])
+        else:
+            assert torch.equal(row, same)
+    assert stats.positions < full_stats.positions
+    assert stats.committed < full_stats.committed
+
+
+def test_remasking_masks_exactly_the_weak_decoded_tokens(model):
+    # After each commit, the tokens decoded at earlier steps of the active
+    # block (not re-masked before) whose probability under this step's
+    # prediction is below remask_below are masked again. The prediction is
+    # recomputed here from the canvas before the step with a float64 softmax.
+    prompt = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask_id, below = model.config.mask_token_id, 0.2
+    policy = DecodePolicy(commit="threshold", threshold=0.3, remask_below=below)
+    before = torch.cat([prompt, torch.full((3, 16), mask_id)], dim=1)
+    remasked_once = torch.zeros_like(before, dtype=torch.bool)
+    steps_that_remasked = 0
+    for event in llada.stream(model, prompt, steps=16, gen_length=16, block_length=8, policy=policy):
+        if not isinstance(event, StepEvent):
+            continue
+        start = 7 + 8 * event.block
+        with torch.no_grad():
+            probs = torch.softmax(model(before).logits.double(), dim=-1)
+        p = probs.gather(2, before[:, :, None])[:, :, 0]  # of each position's current token
+        in_block = torch.zeros_like(remasked_once)
+        in_block[:, start:start + 8] = True
+        masked = before == mask_id
+        still_decoding = (masked & in_block).any(1)  # rows whose block is not yet full
+        decoded = in_block & ~masked & ~remasked_once & still_decoding[:, None]
+        want = decoded & (p < below)
+        assert torch.equal(event.remasked, want), event.step
+        assert (event.canvas[want] == mask_id).all()
+        steps_that_remasked += bool(want.any())
+        remasked_once |= want
+        before = event.canvas.clone()
+    assert steps_that_remasked >= 1
+    assert not (before == mask_id).any()
+
+
+def expected_first_commit(model, canvas, start, end, score, rule, k=None, factor=1.0, suppress=()):
+    """Positions [B, T] that the first step commits, from model(canvas).logits
+    with a float64 softmax: the masked positions of the block ranked by
+    ``score`` (of the probabilities [N, V]), ties to the lower position;
+    the top ``k``, or under the factor rule the largest n with
+    (n + 1) (1 - c_n) < factor (at least one)."""
+    with torch.no_grad():
+        logits = model(canvas).logits.double()
+    logits[..., list(suppress)] = -math.inf
+    probs = torch.softmax(logits, dim=-1)
+    want = torch.zeros_like(canvas, dtype=torch.bool)
+    for row in range(canvas.shape[0]):
+        cand = [i for i in range(start, end) if canvas[row, i] == model.config.mask_token_id]
+        values = {i: float(score(probs[row, i])) for i in cand}
+        ranked = sorted(cand, key=lambda i: (-values[i], i))
+        if rule == "topk":
+            n = k
+        else:
+            n = max([j + 1 for j, i in enumerate(ranked) if (j + 2) * (1 - values[i]) < factor], default=1)
+        want[row, ranked[:n]] = True
+    return want
+
+
+def margin_of(p):
+    top = p.topk(2).values
+    return top[0] - top[1]
+
+
+def negative_entropy_of(p):
+    return torch.where(p > 0, p * p.log(), 0.0).sum()
+
+
+@pytest.mark.parametrize("ranking, score", [("margin", margin_of), ("entropy", negative_entropy_of),
+                                            ("probability", lambda p: p.max())])
+def test_a_ranking_commits_the_positions_it_scores_highest(model, ranking, score):
+    # Under the fixed schedule (8 masks, 3 steps: 3, 3, 2) the first step
+    # commits the three masked positions of each row with the best score,
+    # computed here from the logits: the margin (top-1 minus top-2
+    # probability), the negative entropy, or the top-1 probability.
+    prompt = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(0))
+    canvas = torch.cat([prompt, torch.full((3, 8), model.config.mask_token_id)], dim=1)
+    want = expected_first_commit(model, canvas, 7, 15, score, "topk", k=3)
+    event = next(llada.stream(model, prompt, steps=3, gen_length=8, block_length=8,
+                              policy=DecodePolicy(ranking=ranking)))
+    assert isinstance(event, StepEvent) and event.step == 0
+    assert torch.equal(event.committed, want)
+    if ranking != "probability":  # the check tells the ranking from the probability here
+        assert not torch.equal(want, expected_first_commit(model, canvas, 7, 15, lambda p: p.max(), "topk", k=3))
+
+
+def test_the_factor_rule_commits_what_it_defines(model):
+    # commit="factor": with the confidences of the masked positions sorted
+    # c1 >= c2 >= ..., the first step commits the largest n with
+    # (n + 1) (1 - c_n) < factor (at least one). The adaptive rules never
+    # choose the mask token, so its logit is left out of the softmax.
+    prompt = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask_id = model.config.mask_token_id
+    canvas = torch.cat([prompt, torch.full((3, 8), mask_id)], dim=1)
+    confidence = lambda p: p.max()  # noqa: E731
+    want = expected_first_commit(model, canvas, 7, 15, confidence, "factor", factor=2.0, suppress=[mask_id])
+    event = next(llada.stream(model, prompt, steps=8, gen_length=8, block_length=8,
+                              policy=DecodePolicy(commit="factor", factor=2.0)))
+    assert isinstance(event, StepEvent) and event.step == 0
+    assert torch.equal(event.committed, want)
+    # The rule commits more than the best position in some row: what the
+    # fixed-k or a threshold rule (0.9 is above every confidence here) would
+    # not.
+    best = expected_first_commit(model, canvas, 7, 15, confidence, "topk", k=1, suppress=[mask_id])
+    assert (want.sum(1) > best.sum(1)).any()
 
 
 def test_only_the_fixed_schedule_checks_steps(model):
@@ -196,13 +318,21 @@ def test_infill_keeps_fixed_tokens_and_fills_the_gap(model):
     assert (canvas[holes] == mask_id).all()  # the input is untouched
 
 
+@pytest.mark.parametrize("block_length", [8, 4])
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
-def test_infill_matches_generate_when_the_gap_is_at_the_end(model, padded):
+def test_infill_matches_generate_when_the_gap_is_at_the_end(model, padded, block_length):
+    # A gap at the end is generation: the same blocks (one, or two of 4
+    # with block_length 4) and steps give the same tokens.
     prompt, mask = prompt_batch(model, padded=padded)
-    want = llada.generate(model, prompt, mask, steps=8, gen_length=8, block_length=8)
+    want = llada.generate(model, prompt, mask, steps=8, gen_length=8, block_length=block_length)
     canvas = torch.cat([prompt, torch.full((3, 8), model.config.mask_token_id)], dim=1)
     canvas_mask = torch.cat([mask, torch.ones(3, 8, dtype=mask.dtype)], dim=1)
-    assert torch.equal(llada.infill(model, canvas, canvas_mask, steps=8), want)
+    got = llada.infill(model, canvas, canvas_mask, steps=8, block_length=block_length)
+    assert torch.equal(got, want)
+    if block_length == 4:  # the blocks show: one block of 8 decodes otherwise
+        one_block = llada.generate(model, prompt, mask, steps=8, gen_length=8, block_length=8)
+        assert not torch.equal(one_block, want)
+        assert torch.equal(llada.infill(model, canvas, canvas_mask, steps=8), one_block)
     if padded:  # the padding is seen: without the mask the padded row decodes otherwise
         assert not torch.equal(llada.infill(model, canvas, steps=8)[1], want[1])
 
