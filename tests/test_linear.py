@@ -25,6 +25,22 @@ def small_tiles(monkeypatch):
 
 
 @pytest.fixture
+def products(monkeypatch):
+    """Records (input dtype, weight dtype, weight shape) of each F.linear call
+    that llada.linear makes, so a test can tell which path ran: the results
+    alone agree either way."""
+    calls = []
+    torch_linear = F.linear
+
+    def recording(x, weight, *args, **kwargs):
+        calls.append((x.dtype, weight.dtype, tuple(weight.shape)))
+        return torch_linear(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(linear_module.F, "linear", recording)
+    yield calls
+
+
+@pytest.fixture
 def mode():
     yield set_cpu_matmul
     set_cpu_matmul("auto")
@@ -37,13 +53,17 @@ def _error(got, x, w):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 40), (7, 40), (2, 5, 40)], ids=["one-row", "rows", "batched"])
-def test_float32_tiles_against_float64(small_tiles, mode, dtype, shape):
+def test_float32_tiles_against_float64(small_tiles, mode, products, dtype, shape):
     mode("float32")
     g = torch.Generator().manual_seed(len(shape) * 10 + shape[0])
     x = torch.randn(shape, generator=g).to(dtype)
     w = torch.randn(83, 40, generator=g).to(dtype)  # 3 full tiles and a partial one
     poison_allocator("cpu", [2 * x.numel() * 83 * 4])
     got = linear(x, w)
+    # The tiled path ran: one float32 product per 24-row tile of the weight.
+    tile = (torch.float32, torch.float32)
+    assert products == [(*tile, (24, 40))] * 3 + [(*tile, (11, 40))]
+    products.clear()
     assert got.shape == (*shape[:-1], 83) and got.dtype == dtype
     # Each element is the float32 sum rounded once: within half a 16-bit ulp
     # of the exact product, plus float32 rounding.
@@ -52,6 +72,16 @@ def test_float32_tiles_against_float64(small_tiles, mode, dtype, shape):
     assert ((got.double() - want).abs() <= want.abs() * ulp / 2 * 1.01 + 1e-5).all()
     # And no worse than torch's own 16-bit product.
     assert _error(got, x, w) <= 2 * _error(F.linear(x, w), x, w) + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_mode_is_one_16_bit_product(small_tiles, mode, products, dtype):
+    mode("native")
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(3, 40, generator=g).to(dtype), torch.randn(83, 40, generator=g).to(dtype)
+    got = linear(x, w)
+    assert products == [(dtype, dtype, (83, 40))]
+    assert torch.equal(got, F.linear(x, w))
 
 
 def test_native_and_float32_weights_are_torch_products(mode):
@@ -64,11 +94,19 @@ def test_native_and_float32_weights_are_torch_products(mode):
     assert torch.equal(linear(x32, w32), F.linear(x32, w32))  # float32 weights: torch's product
 
 
-def test_gradients_take_torch_product(small_tiles, mode):
+def test_gradients_take_torch_product(small_tiles, mode, products):
     mode("float32")
     layer = Linear(40, 83).bfloat16()
     x = torch.randn(4, 40).bfloat16().requires_grad_()
     y = layer(x)
+    # The tiles' values would pass assert_close below too: what must hold is
+    # one bfloat16 product, which autograd differentiates as torch's own.
+    assert products == [(torch.bfloat16, torch.bfloat16, (83, 40))]
+    layer(x.detach())  # the weight alone asking for gradients is enough
+    assert products[1:] == [(torch.bfloat16, torch.bfloat16, (83, 40))]
+    with torch.no_grad():  # and without grad the same call tiles again
+        layer(x)
+    assert len(products) == 2 + 4 and all(call[:2] == (torch.float32,) * 2 for call in products[2:])
     y.float().sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
     torch.testing.assert_close(y, F.linear(x, layer.weight))

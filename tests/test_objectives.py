@@ -206,3 +206,74 @@ def test_trained_model_prefers_the_right_answer():
         good = log_likelihood(model, prompt, right, mc_num=32, batch_size=16, seed=0)
         bad = log_likelihood(model, prompt, wrong, mc_num=32, batch_size=16, seed=0)
         assert good > bad + 1.0, (example, good, bad)
+
+
+class BagOfTokens(torch.nn.Module):
+    """A stand-in whose logits at position i are the sum of a row per token
+    of the whole input plus a row for i: masking the prompt changes every
+    position's logits, so guided and plain estimates differ. Records what it
+    was fed, which gives each draw's mask without replaying the generator."""
+
+    def __init__(self, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.nn.Parameter(torch.randn(VOCAB, VOCAB, generator=g))
+        self.position = torch.nn.Parameter(torch.randn(16, VOCAB, generator=g))
+        self.config = type("Config", (), {"mask_token_id": MASK, "embedding_size": VOCAB,
+                                          "max_sequence_length": 16})()
+        self.seen = []
+
+    def forward(self, ids):
+        self.seen.append(ids.clone())
+        logits = self.table[ids].sum(dim=1, keepdim=True) + self.position[: ids.shape[1]]
+        return type("Out", (), {"logits": logits})()
+
+
+def guided_log_probs(model, noisy, lp, scale):
+    """log-softmax of un + (scale + 1) * (cond - un), with cond from the
+    noisy row as is and un from the same row with the prompt masked; the
+    logits recomputed here in float64 from the model's tables."""
+    table, position = model.table.detach().double(), model.position.detach().double()
+    un_input = noisy.clone()
+    un_input[:, :lp] = MASK
+    cond = table[noisy].sum(dim=1, keepdim=True) + position[: noisy.shape[1]]
+    un = table[un_input].sum(dim=1, keepdim=True) + position[: noisy.shape[1]]
+    return torch.log_softmax(un + (scale + 1) * (cond - un), dim=-1)
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_guided_likelihood_of_one_token_is_the_guided_log_prob(scale):
+    # With one answer token every draw masks it (count 1, weight 1), so the
+    # estimate is exactly log p of the answer under the guided logits,
+    # whatever the seed and mc_num.
+    model = BagOfTokens(seed=12)
+    prompt, answer = [1, 2, 3], [5]
+    noisy = torch.tensor([prompt + [MASK]])
+    want = float(guided_log_probs(model, noisy, len(prompt), scale)[0, -1, answer[0]])
+    plain = float(guided_log_probs(model, noisy, len(prompt), 0.0)[0, -1, answer[0]])
+    assert abs(want - plain) > 0.5  # the prompt matters to this model, so guidance shows
+    got = log_likelihood(model, prompt, answer, mc_num=8, batch_size=4, cfg_scale=scale, seed=3)
+    assert math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-5)
+
+
+def test_guided_likelihood_matches_a_direct_sum_over_the_draws():
+    # Several answer tokens: the draws are read back from what the model was
+    # fed (the rows with the prompt intact), and the estimate recomputed from
+    # them: -mean over rows of sum over masked positions of CE * L / count.
+    model = BagOfTokens(seed=13)
+    prompt, answer = [1, 2, 3], [4, 0, 6, 5, 2]
+    lp, la, scale = len(prompt), len(answer), 1.5
+    got = log_likelihood(model, prompt, answer, mc_num=8, batch_size=8, cfg_scale=scale, seed=4)
+    noisy = model.seen[0]  # the first call of the batch sees the prompt
+    assert noisy.shape == (8, lp + la) and torch.equal(noisy[:, :lp], torch.tensor(prompt).expand(8, -1))
+    masked = noisy == MASK
+    assert masked[:, lp:].sum(dim=1).min() >= 1
+    log_probs = guided_log_probs(model, noisy, lp, scale)
+    sequence = torch.tensor(prompt + answer)
+    total = 0.0
+    for b in range(8):
+        count = int(masked[b].sum())
+        for i in range(lp + la):
+            if masked[b, i]:
+                total += -float(log_probs[b, i, sequence[i]]) * la / count
+    assert math.isclose(got, -total / 8, rel_tol=1e-5)
