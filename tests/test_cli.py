@@ -15,7 +15,7 @@ import llada
 from llada.cli import main
 
 from checkpoints import make_checkpoint
-from naive_llada import naive_answers
+from naive_llada import NaiveLLaDA, naive_answers, naive_generate
 
 ARGS = ["--steps", "8", "--gen-length", "16", "--block-length", "8", "--device", "cpu"]
 
@@ -32,6 +32,24 @@ def oracle_answer(folder, text):
 
 def oracle_batch_answers(folder, texts):
     return naive_answers(folder, llada.load_tokenizer(folder), texts, steps=8, gen_length=16, block_length=8)
+
+
+def oracle_infill(folder, prefix, suffix, length):
+    """The oracle's greedy gap between ``prefix`` and ``suffix`` (one token per
+    step, one block): its sampler fills the masks after the prefix while the
+    forward sees the suffix after them; EOS/EoT dropped, decoded."""
+    tok = llada.load_tokenizer(folder)
+    oracle = NaiveLLaDA(folder)
+    eos_id, mask_id = oracle.cfg["eos_token_id"], oracle.cfg["mask_token_id"]
+    head, tail = (torch.tensor([tok(t, add_special_tokens=False)["input_ids"]]) for t in (prefix, suffix))
+
+    def forward(ids, attention_mask):
+        return oracle.forward(torch.cat([ids, tail.expand(len(ids), -1)], 1))[:, :ids.shape[1]]
+
+    out = naive_generate(forward, head, steps=length, gen_length=length, block_length=length,
+                         mask_id=mask_id, eos_id=eos_id, eot_id=oracle.eot_id)
+    gap = [t for t in out[0, head.shape[1]:].tolist() if t not in (eos_id, oracle.eot_id)]
+    return tok.decode(gap, skip_special_tokens=True)
 
 
 def test_generate_prints_the_answer(checkpoint, capsys):
@@ -146,8 +164,8 @@ def test_prompts_file_dash_reads_standard_input(checkpoint, capsys, monkeypatch)
     ('"a"\n{"prompt": "b", "answer": "c"}\n', [], 'line 2: has the key "answer"'),
     ("\n\n", [], "holds no prompts"),
     (b"\xff\xfe", [], "not valid UTF-8 text"),
-    ('"a"\n', ["--batch-size", "0"], "--batch-size"),
-    ('"a"\n', ["--stream"], "--stream"),
+    ('"a"\n', ["--batch-size", "0"], "--batch-size: expected a positive int, got 0"),
+    ('"a"\n', ["--stream"], "--show-steps and --stream follow one prompt, not --prompts-file"),
     ('"a"\n', ["also a prompt"], "not both"),
 ])
 def test_prompts_file_bad_input(checkpoint, capsys, tmp_path, content, flags, message):
@@ -163,30 +181,44 @@ def test_prompts_file_bad_input(checkpoint, capsys, tmp_path, content, flags, me
 
 
 def test_default_model_is_the_bundled_one(capsys):
-    assert main(["generate", "--steps", "8", "--gen-length", "8", "--block-length", "8", "def f("]) == 0
-    assert capsys.readouterr().out.strip()
+    from llada.train import default_model_path
+
+    assert main(["generate", "--steps", "8", "--gen-length", "8", "--block-length", "8", "--device", "cpu",
+                 "def f("]) == 0
+    folder = default_model_path()
+    expected = naive_answers(folder, llada.load_tokenizer(folder), ["def f("], steps=8, gen_length=8, block_length=8)
+    assert expected[0] and capsys.readouterr().out == expected[0] + "\n"
 
 
 def test_infill_and_stream_commands(checkpoint, capsys):
     assert main(["infill", "--model", str(checkpoint), "--prefix", "ab", "--suffix", "yz",
                  "--length", "4", "--stats"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.startswith("ab") and captured.out.rstrip("\n").endswith("yz")
-    assert "forwards 4" in captured.err
-    assert main(["generate", "--model", str(checkpoint), *ARGS[2:], "--stream", "--policy", "fast", "x"]) == 0
+    gap = oracle_infill(checkpoint, "ab", "yz", 4)
+    assert gap and captured.out == "ab" + gap + "yz\n"
+    assert "forwards 4," in captured.err
+    # Streamed, the answer is the one printed at once (the same flags).
+    fast = ["generate", "--model", str(checkpoint), *ARGS[2:], "--policy", "fast", "x"]
+    assert main(fast) == 0
+    whole = capsys.readouterr().out
+    assert main([*fast, "--stream"]) == 0
+    assert whole.strip() and capsys.readouterr().out == whole
     with pytest.raises(SystemExit) as e:
         main(["infill", "--model", str(checkpoint), "--length", "0"])
-    assert e.value.code == 2 and "--length" in capsys.readouterr().err
+    assert e.value.code == 2 and "--length: expected a positive int, got 0" in capsys.readouterr().err
 
 
 def test_bad_arguments(checkpoint, capsys, tmp_path):
     for flags, named in ((["--gen-length", "20", "--block-length", "8"], "--gen-length: expected a multiple of"),
                          (["--model", str(tmp_path / "missing")], "--model: "),
-(["--remask-below", "2", "--commit", "threshold"], "--remask-below"),
-                         (["--remask-below", "0.5"], "--remask-below"),  # needs an adaptive rule
-                         (["--refresh-every", "-1"], "--refresh-every"),
-                         (["--gamma", "-0.5"], "--gamma"),
-                         (["--factor", "0"], "--factor"),
+                         (["--remask-below", "2", "--commit", "threshold"],
+                          "--remask-below: expected a value in (0, 1), got 2.0"),
+                         (["--remask-below", "0.5"], "--remask-below: needs a commit rule that adapts the step count"),
+                         (["--refresh-every", "-1", "--cache", "prefix"],
+                          "--refresh-every: expected an int >= 0, got -1"),
+                         (["--gamma", "-0.5", "--commit", "entropy_bound"],
+                          "--gamma: expected a finite value >= 0, got -0.5"),
+                         (["--factor", "0", "--commit", "factor"], "--factor: expected a finite value > 0, got 0.0"),
                          # Flags the policy would not use:
                          (["--threshold", "0.5"], "--threshold: applies with --commit threshold"),
                          (["--policy", "fast", "--gamma", "0.2"], "--gamma: applies with --commit entropy_bound"),
@@ -206,10 +238,25 @@ def test_bad_arguments(checkpoint, capsys, tmp_path):
         assert ("prompt" if not flags else "--prompts-file") in capsys.readouterr().err
 
 
+def _weights(folder):
+    """Every tensor of a checkpoint folder, whatever its shards."""
+    from safetensors.torch import load_file
+
+    return {name: t for f in sorted(Path(folder).glob("*.safetensors")) for name, t in load_file(str(f)).items()}
+
+
 def test_make_random_checkpoint(tmp_path, capsys):
     assert main(["make-random-checkpoint", str(tmp_path / "ck"), "--seed", "3", "--shards", "2"]) == 0
     folder = Path(capsys.readouterr().out.strip())
     assert (folder / "model.safetensors.index.json").is_file()
+    # --seed decides the weights: the same seed gives the same ones, another seed others.
+    for name, seed in (("again", "3"), ("other", "4")):
+        assert main(["make-random-checkpoint", str(tmp_path / name), "--seed", seed]) == 0
+        assert Path(capsys.readouterr().out.strip()) == tmp_path / name
+    weights, again, other = (_weights(tmp_path / name) for name in ("ck", "again", "other"))
+    assert list(weights) and sorted(weights) == sorted(again) == sorted(other)
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    assert not any(torch.equal(weights[k], other[k]) for k in weights if weights[k].std() > 0)
     model = llada.load_model(folder, device="cpu")
     assert model.config.d_model == 64
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
