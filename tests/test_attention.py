@@ -80,6 +80,12 @@ def check_against_reference(q, k, v, key_mask=None, scale=None):
         qs = (q, k, v, None)
     if got64.numel() == 0:
         return
+    # The reference itself: torch's attention (SDPA) in float64 on the same
+    # inputs gives the same numbers, so that the comparisons with torch's
+    # error below cannot pass against a wrong reference (both off alike).
+    in64 = [t if t is None or t.dtype == torch.bool else t.double() for t in qs]
+    torch.testing.assert_close(want, sdpa(*in64, scale), rtol=1e-9, atol=1e-12,
+                               msg=lambda m: f"attention_reference disagrees with float64 SDPA: {m}")
 
     if dtype == torch.float32:
         # Close to the float64 result; or, where large scores make float32's

@@ -1,6 +1,7 @@
 """Loading Hugging Face LLaDA folders, their error cases, and the tokenizer."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -212,7 +213,7 @@ def test_tokenizer(tmp_path):
     assert max(encoded) < 256 and tok.decode(encoded) == text
     chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
     assert chat.startswith("<|startoftext|>") and "hi<|eot_id|>" in chat
-    with pytest.raises(FileNotFoundError, match="tokenizer"):
+    with pytest.raises(FileNotFoundError, match=r": no tokenizer\.json or tokenizer_config\.json$"):
         (folder / "tokenizer.json").unlink()
         (folder / "tokenizer_config.json").unlink()
         llada.load_tokenizer(folder)
@@ -220,13 +221,18 @@ def test_tokenizer(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_a_gpu_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="device"):
+    with pytest.raises(ValueError, match=r"^device: cuda requested but CUDA is not available$"):
         llada.load_model(make_checkpoint(tmp_path), device="cuda")
 
 
-@pytest.mark.parametrize("device", ["cpux", "meta", 3.5, "cuda:99"])
-def test_bad_devices_are_named(tmp_path, device):
-    with pytest.raises(ValueError, match="device"):
+@pytest.mark.parametrize("device, message", [
+    ("cpux", r"^device: expected 'cpu', 'cuda' or 'cuda:N', got 'cpux'$"),
+    ("meta", r"^device: expected 'cpu', 'cuda' or 'cuda:N', got 'meta'$"),
+    (3.5, r"^device: expected 'cpu', 'cuda' or 'cuda:N', got 3\.5$"),
+    ("cuda:99", r"^device: cuda:99 requested but (CUDA is not available|there are \d+ CUDA devices)$"),
+], ids=["cpux", "meta", "3.5", "cuda:99"])
+def test_bad_devices_are_named(tmp_path, device, message):
+    with pytest.raises(ValueError, match=message):
         llada.load_model(make_checkpoint(tmp_path), device=device)
 
 
@@ -256,9 +262,30 @@ def test_a_model_too_large_for_memory_is_refused_before_loading(tmp_path, monkey
     llada.load_model(folder, device="cpu", dtype=torch.float32)
 
 
+def meminfo_kib(key):
+    for line in open("/proc/meminfo"):
+        name, value = line.split(":", 1)
+        if name == key:
+            return int(value.split()[0])
+    raise KeyError(key)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="needs Linux's /proc/meminfo")
 def test_available_host_memory_reads_this_machine():
+    before = (meminfo_kib("MemAvailable") + meminfo_kib("SwapFree")) * 1024
     available = llada.checkpoint._available_host_memory()
-    assert available is None or 0 < available < 1 << 50
+    after = (meminfo_kib("MemAvailable") + meminfo_kib("SwapFree")) * 1024
+    assert available is not None
+    slack = 256 << 20  # other processes allocate and free between the reads
+    assert min(before, after) - slack <= available <= max(before, after) + slack
+
+
+def test_available_host_memory_is_none_without_proc_meminfo(monkeypatch):
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("/proc/meminfo")
+
+    monkeypatch.setattr(llada.checkpoint, "open", missing, raising=False)  # shadows the builtin there
+    assert llada.checkpoint._available_host_memory() is None
 
 
 @pytest.mark.parametrize("theta", [0, -1.0, float("nan"), float("inf")])

@@ -2,6 +2,7 @@
 GPU the build has no code for, every op runs its reference and the model its
 torch compositions, with the results of the kernels."""
 
+import re
 import warnings
 
 import pytest
@@ -46,20 +47,51 @@ def test_architectures_cover(architectures, capability, runs):
     assert devices.architectures_cover(architectures, capability) is runs
 
 
-def test_a_gpu_without_code_is_reported_once(monkeypatch):
+@pytest.fixture
+def fresh_answers(monkeypatch):
+    """No answer cached for any device, before and after the test."""
+    devices._cuda_kernels_run_on.cache_clear()
+    monkeypatch.setattr(devices, "_answers", {})
+    yield
+    devices._cuda_kernels_run_on.cache_clear()
+
+
+def runtime_warnings(fn):
+    """fn's result and the messages of every RuntimeWarning it raised (each
+    one: not deduplicated by Python's warning filters)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn()
+    return result, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_a_gpu_without_code_is_reported_once(monkeypatch, fresh_answers):
     monkeypatch.setattr(devices._C, "cuda_compiled", lambda: True)
     monkeypatch.setattr(devices._C, "cuda_architectures", lambda: "80,90")
-    check = devices._cuda_kernels_run_on.__wrapped__  # not the per-device cache
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))
-    with pytest.warns(RuntimeWarning, match=r"architectures 80,90\) do not run on cuda:1 \(compute capability 7.5"):
-        assert not check(1)
+    check = devices._cuda_kernels_run_on
+    runs, said = runtime_warnings(lambda: [check(1), check(1), devices.kernels_run_on(torch.device("cuda", 1))])
+    assert runs == [False, False, False]
+    assert len(said) == 1
+    assert re.search(r"architectures 80,90\) do not run on cuda:1 \(compute capability 7.5", said[0])
+    # Another device: its own warning, once.
+    runs, said = runtime_warnings(lambda: [check(2), check(2)])
+    assert runs == [False, False] and len(said) == 1 and "on cuda:2 (compute" in said[0]
+    # The current device is looked up on every call (it may change), and still said once.
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    runs, said = runtime_warnings(lambda: [devices.kernels_run_on(torch.device("cuda")) for _ in range(3)])
+    assert runs == [False] * 3 and len(said) == 1 and "on cuda:3 (compute" in said[0]
+
+    devices._cuda_kernels_run_on.cache_clear()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (8, 6))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert check(1)
+        assert check(1) and check(1)
+    devices._cuda_kernels_run_on.cache_clear()
     monkeypatch.setattr(devices._C, "cuda_compiled", lambda: False)  # built without nvcc
-    with pytest.warns(RuntimeWarning, match="this build has no CUDA kernels"):
-        assert not check(1)
+    runs, said = runtime_warnings(lambda: [check(1), check(1)])
+    assert runs == [False, False] and len(said) == 1
+    assert said[0].startswith("llada: this build has no CUDA kernels") and "on cuda:1 in" in said[0]
 
 
 def test_devices_other_than_cuda_go_to_the_dispatcher():
@@ -129,6 +161,51 @@ def test_every_op_runs_its_reference_without_the_kernels(no_kernels):
     llada.store_kv(q, q, cos, sin, cache_k, cache_v, torch.tensor([0, 2, 4, 6, 8]))
     assert torch.equal(cache_k[:, ::2], llada.ops.rope_reference(q, cos, sin))
     assert torch.equal(cache_v[:, ::2], q) and not cache_v[:, 1::2].any()
+
+
+def test_every_op_passes_its_arguments_to_its_reference_without_the_kernels(no_kernels):
+    g = torch.Generator().manual_seed(2)
+    ref = llada.ops
+    # sample_tokens: temperature > 0, suppressed ids and per-row noise keys.
+    logits = torch.randn(16, 50, generator=g)
+    rows = torch.randperm(1000, generator=g)[:16]
+    kw = dict(temperature=1.5, seed=7, suppress_ids=[2, 30])
+    choice = llada.sample_tokens(logits, noise_rows=rows, **kw)
+    want = ref.sample_tokens_reference(logits, 1.5, 7, [2, 30], rows)
+    assert all(torch.equal(a, b) for a, b in zip(choice, want))
+    assert not torch.equal(want.tokens, ref.sample_tokens_reference(logits, 1.5, 7, [2, 30]).tokens)
+    assert not torch.isin(choice.tokens, torch.tensor([2, 30])).any()
+    # select_positions: every rule, with k, threshold and factor other than their defaults.
+    confidence = torch.rand(4, 12, generator=g) ** 0.3
+    confidence[1, 3] = -torch.inf
+    k = torch.tensor([0, 2, 5, 12])
+    for rule, args in [("topk", dict(k=k)), ("topk", dict(k=4)), ("threshold", dict(threshold=0.7)),
+                       ("factor", dict(factor=2.5)), ("threshold", dict(threshold=0.7, factor=2.5))]:
+        got = llada.select_positions(confidence, rule, **args)
+        assert torch.equal(got, ref.select_positions_reference(confidence, rule, **args)), (rule, args)
+    assert not torch.equal(llada.select_positions(confidence, "threshold", threshold=0.7),
+                           llada.select_positions(confidence, "threshold"))
+    assert not torch.equal(llada.select_positions(confidence, "factor", factor=2.5),
+                           llada.select_positions(confidence, "factor"))
+    # commit_tokens: re-masking wins over accepting.
+    canvas = torch.tensor([[9, 9, 9, 1], [9, 3, 9, 9]])
+    accepted = torch.tensor([[True, True, False, False], [False, False, True, True]])
+    remask = torch.tensor([[False, True, False, True], [False, False, False, True]])
+    x0 = torch.tensor([[4, 5, 6, 7], [8, 8, 8, 8]])
+    assert llada.commit_tokens(canvas, x0, accepted, 9, remask).tolist() == [3, 2]
+    assert canvas.tolist() == [[4, 9, 9, 9], [9, 3, 8, 9]]
+    # attention: a key mask (a row of padding, a batch row with no valid key) and a scale.
+    q, k = torch.randn(3, 5, 4, 64, generator=g), torch.randn(3, 7, 2, 64, generator=g)
+    v = torch.randn(3, 7, 2, 64, generator=g)
+    key_mask = torch.ones(3, 7, dtype=torch.bool)
+    key_mask[0, 4:] = False
+    key_mask[2] = False
+    out = llada.attention(q, k, v, key_mask, scale=0.3)
+    want = ref.attention_reference(q, k, v, key_mask, 0.3)
+    assert out.dtype == q.dtype and torch.allclose(out, want.float(), atol=1e-5)
+    assert not out[2].any()
+    assert not torch.allclose(want, ref.attention_reference(q, k, v, key_mask), atol=1e-3)
+    assert not torch.allclose(want, ref.attention_reference(q, k, v, None, 0.3), atol=1e-3)
 
 
 @pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),

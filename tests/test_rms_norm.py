@@ -122,6 +122,24 @@ def test_bad_input(device):
             llada.rms_norm(x, w.cpu(), 1e-5)
 
 
+def norm_by_hand(x, w, eps):
+    """RMSNorm written out in float64: x / sqrt(mean(x^2) + eps) * w."""
+    x64 = x.double()
+    return x64 / (x64.square().mean(-1, keepdim=True) + eps).sqrt() * w.double()
+
+
+def check_training_path(out, grads, x, w, eps, outputs_by_hand):
+    """The training path's outputs and gradients (of the sum of their
+    squares) agree with the same computation in float64 by hand."""
+    x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    want = outputs_by_hand(x64, w64, eps)
+    sum(t.square().sum() for t in want).backward()
+    for got, ref in zip(out, want):
+        torch.testing.assert_close(got.detach().double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0].double(), x64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1].double(), w64.grad, rtol=1e-4, atol=1e-5)
+
+
 def norm_counting_calls(device, monkeypatch, op: str):
     """A model RMSNorm of width 96 with a weight around 1, and the list of
     input shapes the fused op `op` is called with from now on."""
@@ -145,13 +163,16 @@ def test_model_norm_uses_it_and_keeps_gradients(device, monkeypatch):
     norm, calls = norm_counting_calls(device, monkeypatch, "rms_norm")
     x = torch.randn(2, 7, 96, device=device)
     with torch.no_grad():
-        torch.testing.assert_close(norm(x), rms_norm_reference(x, norm.weight, 1e-5), rtol=1e-5, atol=1e-30)
+        inferred = norm(x)
+        torch.testing.assert_close(inferred, rms_norm_reference(x, norm.weight, 1e-5), rtol=1e-5, atol=1e-30)
     assert calls == [x.shape]
     xg = x.clone().requires_grad_(True)
-    norm(xg).square().sum().backward()
+    out = norm(xg)
+    out.square().sum().backward()
     assert calls == [x.shape], "the training path must keep the differentiable composition"
-    assert xg.grad is not None and norm.weight.grad is not None
-    assert torch.isfinite(xg.grad).all()
+    torch.testing.assert_close(out.detach(), inferred, rtol=1e-5, atol=1e-30)
+    check_training_path([out], [xg.grad, norm.weight.grad], x, norm.weight, 1e-5,
+                        lambda x, w, eps: [norm_by_hand(x, w, eps)])
 
 
 # add_rms_norm: the residual add and the norm of its result in one pass.
@@ -235,9 +256,13 @@ def test_model_add_then_norm_uses_it_and_keeps_gradients(device, monkeypatch):
     torch.testing.assert_close(normed, want_normed, rtol=1e-5, atol=1e-30)
     assert calls == [x.shape]
     xg = x.clone().requires_grad_(True)
-    sum(t.square().sum() for t in norm.add_then_norm(xg, residual)).backward()
+    out = norm.add_then_norm(xg, residual)
+    sum(t.square().sum() for t in out).backward()
     assert calls == [x.shape], "the training path must keep the differentiable composition"
-    assert xg.grad is not None and norm.weight.grad is not None
+    assert torch.equal(out[0].detach(), total)
+    torch.testing.assert_close(out[1].detach(), normed, rtol=1e-5, atol=1e-30)
+    check_training_path(out, [xg.grad, norm.weight.grad], x, norm.weight, 1e-5,
+                        lambda x, w, eps: [x + residual.double(), norm_by_hand(x + residual.double(), w, eps)])
     # A residual that broadcasts is added by torch, then normalised.
     with torch.no_grad():
         total, _ = norm.add_then_norm(x, residual[:1])

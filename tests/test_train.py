@@ -4,6 +4,7 @@ bundled default model loads and generates."""
 
 import csv
 import json
+import math
 import os
 import re
 import signal
@@ -23,6 +24,11 @@ SORT = ["--task", "sort", "--train-examples", "500", "--eval-examples", "64", "-
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def cosine(progress, min_ratio):
+    """The documented decay: a half cosine from 1 down to min_ratio."""
+    return min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * progress)) / 2
 
 
 def log_rows(folder):
@@ -132,8 +138,10 @@ def test_resume_refuses_what_cannot_change_and_applies_the_rest(tmp_path, capsys
     assert torch.load(folder / train.STATE_FILE, weights_only=False)["step"] == 4
     row = log_rows(folder)[-1]
     assert row["step"] == "4"
-    assert float(row["lr"]) == pytest.approx(1e-2 * train.lr_factor(4, 2, 1000, 0.1), rel=1e-4)
-    assert float(row["lr"]) != pytest.approx(1e-2 * train.lr_factor(4, 2, 6, 0.1), rel=1e-4)
+    # Step 4 is 2 steps past the 2-step warm-up: 2/998 of the new cosine
+    # (default --min-lr-ratio 0.1), not half of the old 6-step one (0.55).
+    assert float(row["lr"]) == pytest.approx(1e-2 * cosine(2 / 998, 0.1), rel=1e-4)
+    assert float(row["lr"]) != pytest.approx(1e-2 * cosine(2 / 4, 0.1), rel=1e-4)
 
 
 def test_stop_at_is_checked_and_always_leaves_a_checkpoint(tmp_path, capsys):
@@ -162,9 +170,19 @@ def test_resumed_run_logs_the_same_train_loss(tmp_path):
 
 def test_lr_schedule_warms_up_then_decays():
     f = [train.lr_factor(s, warmup=10, total=110, min_ratio=0.1) for s in range(120)]
-    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear warm-up to 1
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    # Cosine, not linear (a linear decay gives 0.775 and 0.325 at the quarters).
+    assert f[10] == pytest.approx(1.0)
+    assert f[35] == pytest.approx(0.1 + 0.45 * (1 + 0.5 ** 0.5))  # a quarter of the decay: 0.868
+    assert f[60] == pytest.approx(0.55)
+    assert f[85] == pytest.approx(0.1 + 0.45 * (1 - 0.5 ** 0.5))  # three quarters: 0.232
+    assert f[10:111] == pytest.approx([cosine(k / 100, 0.1) for k in range(101)])
     assert f[110] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)
+    g = [train.lr_factor(s, warmup=4, total=12, min_ratio=0.0) for s in range(14)]
+    assert g[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert g[4:] == pytest.approx([cosine(k / 8, 0.0) for k in range(8)] + [0.0, 0.0])
+    assert g[8] == pytest.approx(0.5)
 
 
 NEW_SORT = ["--task", "sort", "--out", "{out}"]
