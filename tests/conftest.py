@@ -25,12 +25,30 @@ def device(request):
 
 
 def poison_allocator(device: str, shapes_bytes: list[int]) -> None:
-    """Hand back freed blocks full of 0xFF bytes, so that an op's output
-    elements it forgets to write show up as garbage instead of lucky zeros."""
+    """Make the memory the test's next allocations get garbage, so that an
+    op's output elements it forgets to write show up instead of lucky zeros.
+
+    On CUDA, freed blocks full of 0xFF bytes go back to torch's caching
+    allocator, which hands them out again. The CPU allocator does not reuse
+    blocks that reliably (large ones come back from the system zeroed), so
+    there torch fills every new tensor (NaN, or an integer type's largest
+    value) until the test ends: torch's deterministic mode does that."""
+    if torch.device(device).type == "cpu":
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        return
     blocks = [
         torch.full((n,), 0xFF, dtype=torch.uint8, device=device) for n in shapes_bytes
     ]
     del blocks
+
+
+@pytest.fixture(autouse=True)
+def _end_cpu_poisoning():
+    """Each test starts and ends without poison_allocator's CPU fill."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 @pytest.fixture
