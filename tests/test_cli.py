@@ -238,13 +238,6 @@ def test_bad_arguments(checkpoint, capsys, tmp_path):
         assert ("prompt" if not flags else "--prompts-file") in capsys.readouterr().err
 
 
-def _weights(folder):
-    """Every tensor of a checkpoint folder, whatever its shards."""
-    from safetensors.torch import load_file
-
-    return {name: t for f in sorted(Path(folder).glob("*.safetensors")) for name, t in load_file(str(f)).items()}
-
-
 def test_make_random_checkpoint(tmp_path, capsys):
     assert main(["make-random-checkpoint", str(tmp_path / "ck"), "--seed", "3", "--shards", "2"]) == 0
     folder = Path(capsys.readouterr().out.strip())
@@ -253,7 +246,7 @@ def test_make_random_checkpoint(tmp_path, capsys):
     for name, seed in (("again", "3"), ("other", "4")):
         assert main(["make-random-checkpoint", str(tmp_path / name), "--seed", seed]) == 0
         assert Path(capsys.readouterr().out.strip()) == tmp_path / name
-    weights, again, other = (_weights(tmp_path / name) for name in ("ck", "again", "other"))
+    weights, again, other = (NaiveLLaDA(tmp_path / name).w for name in ("ck", "again", "other"))
     assert list(weights) and sorted(weights) == sorted(again) == sorted(other)
     assert all(torch.equal(weights[k], again[k]) for k in weights)
     assert not any(torch.equal(weights[k], other[k]) for k in weights if weights[k].std() > 0)
