@@ -96,8 +96,13 @@ def check_against_reference(q, k, v, key_mask=None, scale=None):
             torch_err = (sdpa(*qs, scale).double() - want).abs().max().item()
             assert err <= 2 * torch_err + 1e-6, f"error {err:.3g} vs torch SDPA {torch_err:.3g}"
     elif device == "cpu":
-        # float32 inside, then one rounding to bfloat16 (relative 2^-9).
-        torch.testing.assert_close(got64, want, rtol=2.0**-8, atol=1e-5)
+        # float32 inside, then one rounding to bfloat16 (relative 2^-9). The
+        # float32 part may be off as much as the float32 check above allows:
+        # 2e-5, or twice torch's float32 attention's error where large scores
+        # make that larger (outputs near 0 after cancellation show it).
+        torch32 = sdpa(*[t if t is None or t.dtype == torch.bool else t.float() for t in qs], scale)
+        float32_allowance = max(2e-5, 2 * (torch32.double() - want).abs().max().item())
+        torch.testing.assert_close(got64, want, rtol=2.0**-8, atol=float32_allowance)
     else:
         err = (got64 - want).abs().max().item()
         torch_err = (sdpa(*qs, scale).double() - want).abs().max().item()
