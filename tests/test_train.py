@@ -144,6 +144,26 @@ def test_resume_refuses_what_cannot_change_and_applies_the_rest(tmp_path, capsys
     assert float(row["lr"]) != pytest.approx(1e-2 * cosine(2 / 4, 0.1), rel=1e-4)
 
 
+def test_resumed_steps_take_the_new_schedules_lr(tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    run(SORT + TINY + ["--steps", "6", "--eval-every", "100", "--stop-at", "3", "--out", str(folder)])
+    used = []
+    adamw_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    run(["--resume", str(folder), "--steps", "1000", "--stop-at", "5"])
+    # The step from s to s + 1 takes lr_factor(s) of the schedule as it is now
+    # (1000 steps), from the first resumed step on: the saved optimizer holds
+    # the 6-step schedule's value for step 3 (0.87 of the peak).
+    want = [1e-2 * cosine((s - 2) / 998, 0.1) for s in (3, 4)]
+    assert used == pytest.approx(want, rel=1e-6)
+    assert used[0] != pytest.approx(1e-2 * cosine(1 / 4, 0.1), rel=1e-3)
+
+
 def test_stop_at_is_checked_and_always_leaves_a_checkpoint(tmp_path, capsys):
     folder = tmp_path / "run"
     common = SORT + TINY + ["--steps", "3", "--out", str(folder)]
