@@ -98,6 +98,10 @@ collect_bench_build() {  # the background build's log and status, once it is don
 
 step build "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v . \
   -C cmake.define.LLADA_CUDA_ARCHITECTURES="$ARCHS" -C build-dir=build/gpu
+# Without kernels for this GPU every CUDA test would skip and the ops run torch's
+# compositions: say so here rather than pass quietly.
+step kernels_run_on_gpu "$PYTHON" -c "import torch, llada.devices as d; import sys; \
+sys.exit(0 if d.kernels_run_on(torch.device('cuda', 0)) else 'the built kernels do not run on this GPU')"
 # With pytest-xdist the tests run in parallel and a crashing test cannot end the run.
 parallel=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 # The Hopper attention kernel's tests go first, alone and under a timeout. If

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import llada
 from llada.ops import attention_reference
 
-from conftest import DEVICES, assert_new_tensor_like, poison_allocator
+from conftest import DEVICES, assert_new_tensor_like, needs_cuda, poison_allocator
 
 DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
 
@@ -254,8 +254,9 @@ def test_empty(device):
     q, k, v = make_qkv(1, 0, 5, 2, 2, 64, torch.float32, device)
     assert llada.attention(q, k, v).shape == (1, 0, 2, 64)
     q, k, v = make_qkv(1, 3, 0, 2, 2, 64, torch.bfloat16, device)
+    poison_allocator(device, [q.numel() * q.element_size() * 2])
     out = llada.attention(q, k, v)
-    assert (out == 0).all()
+    assert (out == 0).all()  # written, not left as found
 
 
 # ---------------------------------------------------------------------------
@@ -413,6 +414,18 @@ def test_sm90_pipelines_match_reference(sm90, monkeypatch, pipeline):
     check_against_reference(q, k, v, scale=-0.2)
 
 
+def test_sm90_pipelines_are_distinct_kernels(sm90, monkeypatch):
+    # Each pipeline is its own kernel instance: were the switch ignored, the
+    # test above would test the default pipeline twelve times.
+    args = make_qkv(4, 380, 700, 32, 8, 128, torch.bfloat16, "cuda", seed=1)
+    launched = {}
+    for pipeline in llada._C.sm90_pipelines():
+        monkeypatch.setenv("LLADA_ATTENTION_SM90_PIPELINE", pipeline)
+        launched[pipeline] = frozenset(n for n in _kernels_run(lambda: llada.attention(*args)) if "sm90" in n)
+    assert all(launched.values()), launched
+    assert len(set(launched.values())) == len(launched), launched
+
+
 @contextlib.contextmanager
 def _env(name, value):
     """The environment variable `name` set to `value` inside the block."""
@@ -473,11 +486,14 @@ def test_hopper_kernel_is_available_only_on_sm90():
     elif torch.cuda.get_device_capability() != (9, 0):
         assert not llada.hopper_attention_available()
     else:
-        built = "90" in llada._C.cuda_architectures().replace("90a", "90").split(",")
-        assert llada.hopper_attention_available() == built
+        # Available exactly when the Hopper kernel runs (asked for always, on a shape it serves).
+        args = make_qkv(1, 256, 256, 2, 2, 128, torch.bfloat16, "cuda", seed=2)
+        with _env("LLADA_ATTENTION_SM90", "always"):
+            ran = any("sm90" in n for n in _kernels_run(lambda: llada.attention(*args)))
+        assert llada.hopper_attention_available() == ran
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda  # without kernels for the GPU, torch's attention runs and reads no switch
 @pytest.mark.parametrize("switch, value, message", [
     ("LLADA_ATTENTION_SM90", "yes", "LLADA_ATTENTION_SM90"),
     ("LLADA_ATTENTION_SM90_PIPELINE", "fastest", "LLADA_ATTENTION_SM90_PIPELINE.*two-q-chain"),

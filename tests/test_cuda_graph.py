@@ -18,13 +18,10 @@ from llada import workspace as workspaces
 from llada.cuda_graph import CachedStepGraph
 from llada.model import KVCache
 from llada.policies import DecodePolicy
-from llada.sampler import StepEvent
+from llada.sampler import BlockEvent, StepEvent
 
 from checkpoints import TINY, make_checkpoint
-
-_NO_GPU = "no CUDA GPU present" if not torch.cuda.is_available() else None
-_NO_KERNELS = "llada was built without CUDA kernels" if not llada.cuda_kernels_available() else None
-needs_cuda = pytest.mark.skipif(bool(_NO_GPU or _NO_KERNELS), reason=_NO_GPU or _NO_KERNELS or "")
+from conftest import needs_cuda
 
 # Head dim 64 and grouped heads, so the fused attention op runs inside the graph.
 SHAPE = dict(TINY, d_model=128, n_heads=2, n_kv_heads=1)
@@ -133,17 +130,18 @@ def padded_prompts(seed, row, pad):
 
 
 @needs_cuda
-def test_decoding_with_graphs_gives_the_same_tokens(folder):
+def test_decoding_with_graphs_gives_the_same_tokens(folder, graphs):
+    # (Rows ending early, which changes the graphs' batch, are tested below.)
     model = llada.load_model(folder, device="cuda", dtype=torch.float32)
     prompt, mask = padded_prompts(2, row=1, pad=3)
     kw = dict(steps=16, gen_length=32, block_length=8, return_stats=True)
-    for policy in (DecodePolicy(cache="dual"), DecodePolicy.fast(), DecodePolicy.fast(early_stop=True),
-                   DecodePolicy(cache="prefix"), DecodePolicy.fast(cache="prefix", early_stop=True)):
+    for policy in (DecodePolicy(cache="dual"), DecodePolicy.fast(), DecodePolicy(cache="prefix"),
+                   DecodePolicy.fast(cache="prefix")):
         assert policy.cuda_graph  # the default
-        eager, eager_stats = llada.generate(
-            model, prompt, mask, **kw, policy=DecodePolicy(**{**policy.__dict__, "cuda_graph": False})
-        )
+        eager, eager_stats = llada.generate(model, prompt, mask, **kw, policy=replace(policy, cuda_graph=False))
+        graphs["replayed"].clear()
         graphed, graphed_stats = llada.generate(model, prompt, mask, **kw, policy=policy)
+        assert graphs["replayed"], policy
         assert torch.equal(eager, graphed), policy
         assert eager_stats.nfe == graphed_stats.nfe
 
@@ -168,15 +166,13 @@ def test_whole_block_steps_on_cuda_decide_as_queried_row_steps(folder, monkeypat
         assert got_stats == want_stats
 
 
-@pytest.mark.parametrize("whole_block", [False, True])
-@pytest.mark.parametrize("policy", [DecodePolicy(cache="prefix"), DecodePolicy(cache="dual"),
-                                    DecodePolicy.fast(cache="prefix", early_stop=True)],
-                         ids=["prefix", "dual", "prefix-threshold-early-stop"])
-def test_graphed_decoding_on_the_cpu_with_an_eager_stand_in(tmp_path, monkeypatch, policy, whole_block):
-    # Without a GPU, a stand-in for the graph runs its forward eagerly at
-    # each "replay" (into the same output buffer), so the sampler's side of
-    # graphed steps runs here: what each graph is fed, which of its logits
-    # a step takes, which graphs are kept for the next call.
+@pytest.fixture
+def stand_in_graphs(monkeypatch):
+    """Without a GPU, a stand-in for the graph runs its forward eagerly at
+    each "replay" (into the same output buffer), so the sampler's side of
+    graphed steps runs on the CPU: what each graph is fed, which of its
+    logits a step takes, which graphs are kept for the next call. Returns
+    the list of stand-ins made; decoding uses them once ``enable()`` is called."""
     from llada import sampler
 
     made = []
@@ -187,6 +183,23 @@ def test_graphed_decoding_on_the_cpu_with_an_eager_stand_in(tmp_path, monkeypatc
             self.graph = types.SimpleNamespace(replay=lambda: self.logits.copy_(self._forward(model)))
             made.append(self)
 
+    def enable():
+        monkeypatch.setattr(workspaces, "CachedStepGraph", EagerStandIn)
+        monkeypatch.setattr(sampler._Forward, "_graphs_run_on", staticmethod(lambda ids: True))
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+
+    return types.SimpleNamespace(made=made, enable=enable)
+
+
+@pytest.mark.parametrize("whole_block", [False, True])
+@pytest.mark.parametrize("policy", [DecodePolicy(cache="prefix"), DecodePolicy(cache="dual"),
+                                    DecodePolicy.fast(cache="prefix", early_stop=True)],
+                         ids=["prefix", "dual", "prefix-threshold-early-stop"])
+def test_graphed_decoding_on_the_cpu_with_an_eager_stand_in(tmp_path, monkeypatch, stand_in_graphs, policy,
+                                                             whole_block):
+    from llada import sampler
+
+    made = stand_in_graphs.made
     monkeypatch.setattr(sampler._Forward, "_whole_block_wanted", staticmethod(lambda canvas: whole_block))
     folder = make_checkpoint(tmp_path, seed=3, boost_stop_tokens=8.0, **SHAPE)
     model = llada.load_model(folder, device="cpu", dtype=torch.float32)
@@ -195,9 +208,7 @@ def test_graphed_decoding_on_the_cpu_with_an_eager_stand_in(tmp_path, monkeypatc
     mask[1, :3] = 0
     kw = dict(steps=16, gen_length=32, block_length=8, return_stats=True)
     want, want_stats = llada.generate(model, prompt, mask, **kw, policy=replace(policy, cuda_graph=False))
-    monkeypatch.setattr(workspaces, "CachedStepGraph", EagerStandIn)
-    monkeypatch.setattr(sampler._Forward, "_graphs_run_on", staticmethod(lambda ids: True))
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    stand_in_graphs.enable()
     for call in range(2):
         got, got_stats = llada.generate(model, prompt, mask, **kw, policy=policy)
         assert torch.equal(got, want) and got_stats == want_stats, call
@@ -209,6 +220,47 @@ def test_graphed_decoding_on_the_cpu_with_an_eager_stand_in(tmp_path, monkeypatc
         assert widths == [8] and all(g.logits_width == 8 for g in made)
     elif not policy.early_stop:  # blocks at 7, 15, 23, 31 of 39 positions
         assert widths == [8, 16, 24, 32] and all(g.logits_width == 8 for g in made)
+
+
+def decode_stopping_row_1(model, prompt, mask, policy):
+    """Decodes 4 blocks of 8 with row 1 of 3 stopped by hand after the
+    first block, so that the later blocks' steps feed 2 rows."""
+    blocks = []
+    for event in llada.stream(model, prompt, mask, steps=16, gen_length=32, block_length=8, policy=policy):
+        if isinstance(event, BlockEvent):
+            if event.block == 0:
+                event.stop_rows(torch.tensor([False, True, False]))
+            blocks.append(event.tokens)
+    return torch.cat(blocks, 1)
+
+
+ROW_LEAVING_POLICIES = {"dual": DecodePolicy(cache="dual"), "prefix": DecodePolicy(cache="prefix")}
+
+
+@pytest.mark.parametrize("name", list(ROW_LEAVING_POLICIES))
+def test_graphs_for_the_rows_left_on_the_cpu_with_an_eager_stand_in(folder, stand_in_graphs, name):
+    policy = ROW_LEAVING_POLICIES[name]
+    model = llada.load_model(folder, device="cpu", dtype=torch.float32)
+    prompt = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(13))
+    mask = torch.ones_like(prompt)
+    mask[0, :2] = 0
+    want = decode_stopping_row_1(model, prompt, mask, replace(policy, cuda_graph=False))
+    assert (want[1, 8:] == model.config.eos_token_id).all()
+    stand_in_graphs.enable()
+    assert torch.equal(decode_stopping_row_1(model, prompt, mask, policy), want)
+    assert {g.ids.shape[0] for g in stand_in_graphs.made} == {3, 2}
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", list(ROW_LEAVING_POLICIES))
+def test_graphs_for_the_rows_left(folder, graphs, name):
+    policy = ROW_LEAVING_POLICIES[name]
+    model = llada.load_model(folder, device="cuda", dtype=torch.float32)
+    prompt, mask = padded_prompts(14, row=0, pad=2)
+    want = decode_stopping_row_1(model, prompt, mask, replace(policy, cuda_graph=False))
+    got = decode_stopping_row_1(model, prompt, mask, policy)
+    assert torch.equal(got, want)
+    assert {g.ids.shape[0] for g in graphs["replayed"]} == {3, 2}
 
 
 SYNC_FREE_POLICIES = {
@@ -285,7 +337,7 @@ def test_a_second_call_replays_the_first_calls_graph(folder, graphs):
         assert graphs["captured"] == [graph]  # nothing captured again
         assert len(graphs["replayed"]) > replays and set(graphs["replayed"]) == {graph}
         assert torch.equal(got, want), policy
-        assert not torch.equal(first, got)
+        assert not torch.equal(first[:, 7:], got[:, 7:])  # the answers too, not only the prompts
 
 
 @needs_cuda
@@ -347,6 +399,7 @@ def test_kept_graphs_do_not_keep_the_model_alive(folder):
     model = llada.load_model(folder, device="cuda", dtype=torch.float32)
     prompt, mask = padded_prompts(9, row=0, pad=1)
     llada.generate(model, prompt, mask, steps=16, gen_length=32, block_length=8, policy=DecodePolicy.fast())
+    assert any(ws.graphs for ws in workspaces._pools.get(model, []))  # a graph is kept
     alive = weakref.ref(model)
     del model
     gc.collect()

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import llada
 from llada.ops import gumbel_noise_reference, sample_tokens_reference
 
-from conftest import poison_allocator
+from conftest import needs_cuda, poison_allocator
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -180,9 +180,8 @@ def test_property_edge_cases_cpu(n, v, temperature, levels, neg_inf_fraction, se
     assert_matches_reference(logits, temperature=temperature, seed=seed)
 
 
+@needs_cuda
 def test_cuda_matches_cpu_bit_for_bit_tokens():
-    if not (torch.cuda.is_available() and llada.cuda_kernels_available()):
-        pytest.skip("needs a CUDA GPU and the CUDA kernels")
     logits = random_logits(128, 126464, torch.bfloat16, "cpu", scale=1.0)
     for temperature in (0.0, 1.0):
         cpu = llada.sample_tokens(logits, temperature=temperature, seed=3)

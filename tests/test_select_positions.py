@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import llada
 from llada.ops import select_positions_reference
 
-from conftest import poison_allocator
+from conftest import needs_cuda, poison_allocator
 
 RULES = ["topk", "threshold", "factor"]
 
@@ -103,9 +103,8 @@ def test_signed_zeros_are_a_tie(device):
             assert got[0].tolist() == [True, False], (rule, row)
 
 
+@needs_cuda
 def test_cuda_matches_cpu():
-    if not (torch.cuda.is_available() and llada.cuda_kernels_available()):
-        pytest.skip("needs a CUDA GPU and the CUDA kernels")
     g = torch.Generator().manual_seed(1)
     for l in (32, 300, 8192, 16384):
         c = random_confidence(3, l, "cpu", g, levels=50)
