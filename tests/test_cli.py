@@ -505,6 +505,7 @@ def test_steps_counts_the_fixed_schedule_alone(checkpoint, capsys):
     ('"a"\n{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "b"}]}',
      ["--chat", "--system", "S"], "line 2: --system: the conversation already has a system message"),
     ('"a"\n{"messages": []}', ["--chat"], 'line 2: "messages": expected a non-empty list'),
+    ('"a"\n"b"\n"c <|mdm_mask|>"', [], "line 3: the text holds the mask token"),
 ])
 def test_prompts_file_lines_are_all_checked_before_decoding(checkpoint, capsys, tmp_path, content, flags, message):
     path = tmp_path / "prompts.jsonl"
@@ -515,13 +516,19 @@ def test_prompts_file_lines_are_all_checked_before_decoding(checkpoint, capsys, 
     assert f"--prompts-file {path} {message}" in captured.err and captured.out == ""
 
 
-def test_likelihood_prompts_file_lines_are_all_checked_before_scoring(checkpoint, capsys, tmp_path):
+@pytest.mark.parametrize("second_line, message", [
+    ('{"prompt": "c", "answers": ["d", ""]}', "line 2: answer 2 is empty"),
+    ('{"prompt": "c <|mdm_mask|>", "answers": ["d"]}', "line 2: the text holds the mask token"),
+    ('{"prompt": "c", "answers": ["d", "e <|mdm_mask|>"]}', "line 2: answer 2: the text holds the mask token"),
+])
+def test_likelihood_prompts_file_lines_are_all_checked_before_scoring(checkpoint, capsys, tmp_path, second_line,
+                                                                       message):
     path = tmp_path / "scoring.jsonl"
-    path.write_text('{"prompt": "a", "answers": ["b"]}\n{"prompt": "c", "answers": ["d", ""]}\n', encoding="utf-8")
+    path.write_text('{"prompt": "a", "answers": ["b"]}\n' + second_line + "\n", encoding="utf-8")
     assert main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--mc-num", "1", "--batch-size", "1",
                  "--prompts-file", str(path)]) == 2
     captured = capsys.readouterr()
-    assert f"--prompts-file {path} line 2: answer 2 is empty" in captured.err and captured.out == ""
+    assert f"--prompts-file {path} {message}" in captured.err and captured.out == ""
 
 
 @pytest.mark.parametrize("flags", [[], ["--stream"], ["--show-steps"], ["--prompts-file", "-"]])

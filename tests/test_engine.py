@@ -258,6 +258,14 @@ def test_log_likelihood_scores_the_answer_text(engine):
         engine.log_likelihood("Q", 3)
 
 
+def test_a_prompt_holding_the_mask_token_fails_before_any_decoding(engine):
+    stats = llada.DecodeStats()
+    with pytest.raises(ValueError, match=r"^prompts\[2\]: the text holds the mask token"):
+        engine.generate(["a", "b", "c <|mdm_mask|>"], batch_size=1, gen_length=8, steps=8, block_length=8,
+                        stats=stats)
+    assert stats.nfe == 0
+
+
 def test_load_defaults_to_the_bundled_model():
     engine = llada.load(device="cpu")
     assert engine.model.config.vocab_size == len(engine.tokenizer)
@@ -284,6 +292,10 @@ def test_load_defaults_to_the_bundled_model():
     (lambda e: e.infill("a", "b", 2.0), TypeError, "length"),
     (lambda e: e.fill(["x = <|mdm_mask|> + ", 3]), ValueError, "parts[0]: the text holds the mask token"),
     (lambda e: e.infill("<|mdm_mask|>", "b", 3), ValueError, "prefix: the text holds the mask token"),
+    (lambda e: e.infill("a", "b", "8"), TypeError, "length: expected a positive int"),
+    (lambda e: e.generate("x <|mdm_mask|>"), ValueError, "prompt: the text holds the mask token"),
+    (lambda e: next(e.stream("x <|mdm_mask|>")), ValueError, "prompt: the text holds the mask token"),
+    (lambda e: e.log_likelihood("a " * 3000, "b"), ValueError, "prompt: prompt"),
     (lambda e: e.generate(["a", "b" * 5000], gen_length=16, steps=16, block_length=16), ValueError,
      "prompts[1]: "),
     (lambda e: e.decode([3, None]), TypeError, "ids"),

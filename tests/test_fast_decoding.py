@@ -525,6 +525,20 @@ def test_adaptive_rules_never_commit_the_mask_token(commit):
     assert not (event.tokens == 9).any() and (event.tokens[0, :-1] == 5).all() and event.tokens[0, -1] == 8
 
 
+@pytest.mark.parametrize("commit", ["schedule", "threshold"])
+def test_infill_never_leaves_a_mask(commit):
+    # Generation under the fixed schedule may commit the mask token, as the
+    # official code does; infilling promises every gap filled.
+    canvas = torch.tensor([[1, 2, 9, 9, 9, 9, 3]])
+    out = llada.infill(PredictsTheMask(), canvas, policy=DecodePolicy(commit=commit))
+    assert not (out == 9).any()
+    assert torch.equal(out[:, [0, 1, 6]], canvas[:, [0, 1, 6]])
+    assert (out[0, 2:6] == 5).all()  # the next best prediction
+    if commit == "schedule":
+        official = llada.generate(PredictsTheMask(), canvas[:, :2], steps=4, gen_length=4, block_length=4)
+        assert (official[0, 2:] == 9).any()
+
+
 @pytest.mark.parametrize("commit", ["schedule", "threshold", "factor", "entropy_bound"])
 def test_eos_goes_last_under_every_rule(commit):
     # The surest prediction is EOS at the block's end: committed first, but

@@ -384,11 +384,10 @@ def run_generate(args, parser) -> int:
     check_decoding(args, parser, policy)
     engine = load_for_cli(args)
     # Every prompt is checked before any is decoded.
-    room = engine.model.config.max_sequence_length - args.gen_length
     for where, line in lines:
-        if (length := len(encode_line(engine, args, where, line))) > room:
-            raise ValueError(f"{where}: {length} tokens and --gen-length {args.gen_length} exceed the model's "
-                             f"max_sequence_length {engine.model.config.max_sequence_length}")
+        problem = engine.prompt_problem(encode_line(engine, args, where, line), args.gen_length)
+        if problem is not None:
+            raise ValueError(f"{where}: {problem.replace('gen_length', '--gen-length')}")
     options = decoding_options(args, policy)
     stats, stop = DecodeStats(), tuple(args.stop or ())
     if args.prompts_file is not None:
@@ -522,13 +521,20 @@ def run_likelihood(args, parser) -> int:
     check_scales(args, parser, "--cfg-scale")
     engine = load_for_cli(args)
     # Every line is checked before any is scored.
-    max_len = engine.model.config.max_sequence_length
+    max_len, mask_id = engine.model.config.max_sequence_length, engine.model.config.mask_token_id
+    holds_mask = f"the text holds the mask token ({mask_id}), which the estimate puts there itself"
     for where, item in items:
-        length = len(encode_line(engine, args, where, item))
+        ids = encode_line(engine, args, where, item)
+        if mask_id in ids:
+            raise ValueError(f"{where}: {holds_mask}")
+        length = len(ids)
         for i, answer in enumerate(item["answers"], 1):
-            size = len(engine.tokenizer(answer, add_special_tokens=False)["input_ids"])
+            answer_ids = engine.tokenizer(answer, add_special_tokens=False)["input_ids"]
+            size = len(answer_ids)
             if not size:
                 raise ValueError(f"{where}: answer {i} is empty (no tokens to score)")
+            if mask_id in answer_ids:
+                raise ValueError(f"{where}: answer {i}: {holds_mask}")
             if length + size > max_len:
                 raise ValueError(f"{where}: answer {i}: the prompt's {length} tokens and its {size} exceed the "
                                  f"model's max_sequence_length {max_len}")

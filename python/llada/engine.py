@@ -128,7 +128,7 @@ class Engine:
         _check_stats(stats)
         # Every prompt is encoded and checked first: a bad one fails before any decoding.
         encoded = [self.encode(text, chat, system) for text in texts]
-        self._check_lengths(encoded, options.get("gen_length", _STREAM_DEFAULTS["gen_length"]),
+        self._check_prompts(encoded, options.get("gen_length", _STREAM_DEFAULTS["gen_length"]),
                             "prompt" if single else "prompts")
         order = list(range(len(texts)))
         if by_length:
@@ -140,17 +140,24 @@ class Engine:
                 answers[i] = answer
         return answers[0] if single else answers
 
-    def _check_lengths(self, encoded: list[list[int]], gen_length, name: str) -> None:
-        """Each prompt and the answer fit the model's context (a bad
-        ``gen_length`` is left to the decoding to name)."""
-        max_len = self.model.config.max_sequence_length
-        if not (isinstance(gen_length, int) and max_len is not None):
-            return
+    def prompt_problem(self, ids: list[int], gen_length) -> Optional[str]:
+        """What is wrong with an encoded prompt for an answer of
+        ``gen_length`` tokens, or None: it holds the mask token, or it and
+        the answer exceed the model's context (a bad ``gen_length`` is left
+        to the decoding to name)."""
+        config = self.model.config
+        max_len, mask_id = config.max_sequence_length, config.mask_token_id
+        if mask_id in ids:
+            return f"the text holds the mask token ({mask_id}), which only gaps may; fill gaps with infill or fill"
+        if isinstance(gen_length, int) and max_len is not None and len(ids) + gen_length > max_len:
+            return (f"{len(ids)} tokens and gen_length {gen_length} exceed the model's "
+                    f"max_sequence_length {max_len}")
+        return None
+
+    def _check_prompts(self, encoded: list[list[int]], gen_length, name: str) -> None:
         for i, ids in enumerate(encoded):
-            if len(ids) + gen_length > max_len:
-                where = name if name == "prompt" else f"{name}[{i}]"
-                raise ValueError(f"{where}: {len(ids)} tokens and gen_length {gen_length} exceed the model's "
-                                 f"max_sequence_length {max_len}")
+            if (problem := self.prompt_problem(ids, gen_length)) is not None:
+                raise ValueError(f"{name if name == 'prompt' else f'{name}[{i}]'}: {problem}")
 
     def _answer_batch(self, rows: list[list[int]], stop: tuple[str, ...], stats: Optional[DecodeStats],
                       options: dict) -> list[str]:
@@ -194,7 +201,9 @@ class Engine:
         :func:`llada.stream`'s."""
         stop = _stop_strings(stop)
         _check_stats(stats)
-        ids = torch.tensor([self.encode(prompt, chat, system)], dtype=torch.long)
+        encoded = self.encode(prompt, chat, system)
+        self._check_prompts([encoded], options.get("gen_length", _STREAM_DEFAULTS["gen_length"]), "prompt")
+        ids = torch.tensor([encoded], dtype=torch.long)
         answer, shown = [], ""
         events = stream(self.model, ids, stats=stats, **options)
         try:
@@ -223,6 +232,8 @@ class Engine:
         for name, text in (("prefix", prefix), ("suffix", suffix)):
             if not isinstance(text, str):
                 raise TypeError(f"{name}: expected a str, got {type(text).__name__}")
+        if not is_int(length):
+            raise TypeError(f"length: expected a positive int, got {type(length).__name__}")
         return self._fill([prefix, length, suffix], ("prefix", "length", "suffix"), "length", stats, options)[0]
 
     def fill(self, parts: Sequence[Union[str, int]], *, stats: Optional[DecodeStats] = None,

@@ -97,7 +97,9 @@ def log_likelihood(
             raise ValueError(f"{name}: contains the mask id {mask_id}, which the estimate puts there itself")
     max_len = getattr(config, "max_sequence_length", None)
     if max_len is not None and prompt.numel() + answer.numel() > max_len:
-        raise ValueError(f"answer: prompt ({prompt.numel()}) and answer ({answer.numel()}) tokens exceed the "
+        # The prompt alone leaves no room for any answer: it is the one too long.
+        name = "prompt" if prompt.numel() >= max_len else "answer"
+        raise ValueError(f"{name}: prompt ({prompt.numel()}) and answer ({answer.numel()}) tokens exceed the "
                          f"model's max_sequence_length {max_len}")
     device = next(model.parameters()).device if hasattr(model, "parameters") else prompt.device
     generator = torch.Generator().manual_seed(seed) if seed is not None else None

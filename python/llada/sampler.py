@@ -157,7 +157,8 @@ def generate(
     """Fill ``gen_length`` masked positions after ``prompt`` by iterative unmasking.
 
     With the default ``policy`` this is the official LLaDA algorithm: the same
-    tokens at temperature 0.
+    tokens at temperature 0 (but see ``confidence_eos_eot_inf``, and a mask
+    token the model itself commits stays: the README says more).
 
     Args:
         model: a :class:`LLaDAModel`, or what ``torch.compile`` made of one
@@ -235,7 +236,8 @@ def stream(
 ):
     """Like :func:`generate` (same arguments), but an iterator of
     :class:`StepEvent` (one per step) and :class:`BlockEvent` (one per
-    finished block) while decoding. The last event's canvas holds the result.
+    finished block) while decoding. The step events' ``canvas`` is one live
+    tensor: once the iterator ends it holds generate's result.
     A :class:`DecodeStats` passed as ``stats`` is kept up to date as it runs."""
     if stats is not None and not isinstance(stats, DecodeStats):
         raise TypeError(f"stats: expected a DecodeStats or None, got {type(stats).__name__}")
@@ -316,7 +318,7 @@ def infill(
         key_mask = (attention_mask != 0).to(_device_of(model))
     work = ids.to(_device_of(model)).clone()
     stats = DecodeStats()
-    for _ in _decode(model, work, key_mask, stats=stats, **_decode_args(
+    for _ in _decode(model, work, key_mask, stats=stats, filling=True, **_decode_args(
             config, mask_id, first, last, block_length, steps // num_blocks, temperature,
             cfg_scale, False, False, seed, policy)):
         pass
@@ -387,7 +389,7 @@ def _decode_args(config, mask_id, first, last, block_length, steps_per_block, te
 
 def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, block_length,
             steps_per_block, temperature, cfg_scale, logits_eos_inf, confidence_eos_eot_inf, seed,
-            policy, stats):
+            policy, stats, filling=False):
     """The decoding loop, shared by every entry point: fills the masks of
     ``canvas`` [B, T] in columns first..last in place, yielding events.
 
@@ -404,10 +406,11 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
     fixed = canvas != mask_id  # the prompt (and, when infilling, every given token)
     forward = _Forward(model, canvas, key_mask, fixed, cfg_scale, mask_id, policy, stats)
     suppress = [eos_id] if logits_eos_inf else []
-    if policy.commit != "schedule":
+    if policy.commit != "schedule" or filling:
         # A rule that commits until the block is full must never choose the
         # mask token: committing it changes nothing, and the step would repeat
-        # forever. (The fixed schedule keeps the official behaviour.)
+        # forever. Infilling promises every gap filled. (Generation under the
+        # fixed schedule keeps the official behaviour.)
         suppress.append(mask_id)
     suppress = suppress or None  # a list is checked at the first step
     stop_ids = torch.tensor([eos_id, eot_id if eot_id is not None else eos_id], device=device)
