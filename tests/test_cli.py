@@ -162,6 +162,7 @@ def test_prompts_file_dash_reads_standard_input(checkpoint, capsys, monkeypatch)
     ('{"messages": [{"role": "user"}]}\n', ["--chat"], "line 1: messages[0]: expected a message"),
     ('"a"\nnot json\n', [], "line 2: not JSON"),
     ('"a"\n{"prompt": "b", "answer": "c"}\n', [], 'line 2: has the key "answer"'),
+    ('"a"\n{"prompt": "b", "id": "x\\ud800"}\n', [], "line 2: holds a lone surrogate escape"),
     ("\n\n", [], "holds no prompts"),
     (b"\xff\xfe", [], "not valid UTF-8 text"),
     ('"a"\n', ["--batch-size", "0"], "--batch-size: expected a positive int, got 0"),
@@ -240,6 +241,11 @@ def test_bad_arguments(checkpoint, capsys, tmp_path):
 
 def test_make_random_checkpoint(tmp_path, capsys):
     assert main(["make-random-checkpoint", str(tmp_path / "ck"), "--seed", "3", "--shards", "2"]) == 0
+    # Every file readable as any new file is (not only the weights' owner).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "ck").iterdir()} == \
+        {f.name: 0o666 & ~umask for f in (tmp_path / "ck").iterdir()}
     folder = Path(capsys.readouterr().out.strip())
     assert (folder / "model.safetensors.index.json").is_file()
     # --seed decides the weights: the same seed gives the same ones, another seed others.
@@ -264,6 +270,10 @@ def test_make_random_checkpoint(tmp_path, capsys):
     (tmp_path / "notes" / "README.txt").write_text("mine")
     assert main(["make-random-checkpoint", str(tmp_path / "notes")]) == 0
     assert (tmp_path / "notes" / "README.txt").read_text() == "mine"
+    # A folder that cannot be made: named, no traceback.
+    with pytest.raises(SystemExit) as e:
+        main(["make-random-checkpoint", str(tmp_path / "notes" / "README.txt" / "ck")])
+    assert e.value.code == 2 and "DIR: cannot write" in capsys.readouterr().err
 
 
 def test_entry_point_subprocess(checkpoint):
@@ -322,7 +332,18 @@ def test_likelihood_prints_the_estimate(checkpoint, capsys):
     assert [float(x) for x in capsys.readouterr().out.split()] == pytest.approx(expected, abs=1e-6)
     assert main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--prompt", "Q",
                  "--answer", ""]) == 2
-    assert "answer" in capsys.readouterr().err
+    assert "--answer: answer 1 is empty" in capsys.readouterr().err
+    # The prompt's faults name --prompt.
+    for prompt, message in (("Q <|mdm_mask|>", "--prompt: the text holds the mask token"),
+                            ("Q " * 600, "--prompt: its 1200 tokens leave no room for an answer")):
+        assert main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--prompt", prompt,
+                     "--answer", "x"]) == 2
+        assert message in capsys.readouterr().err
+    # Guidance so strong that the logits overflow: an error, not "nan".
+    assert main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--prompt", "Q", "--answer", " x",
+                 "--cfg-scale", "1e39", "--mc-num", "2", "--batch-size", "2"]) == 2
+    captured = capsys.readouterr()
+    assert "the estimate is not a number" in captured.err and captured.out == ""
 
 
 def test_likelihood_prompts_file_scores_every_answer_of_every_line(checkpoint, capsys, tmp_path):
@@ -592,6 +613,45 @@ def test_text_that_is_not_utf8_is_named(capsys, argv, named):
     assert f"{named}: not valid UTF-8 text" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bad, message", [
+    ("y " * 600, "standard input line 2: the message alone is too long"),
+    ("a <|mdm_mask|> b", "standard input line 2: the text holds the mask token"),
+])
+def test_chat_reports_a_message_it_cannot_take_and_keeps_the_conversation(checkpoint, capsys, monkeypatch, bad,
+                                                                          message):
+    captured = _chat(checkpoint, monkeypatch, capsys, ["Hi", bad, "And then?"], code=2)  # a turn failed
+    assert message in captured.err and "dropped" not in captured.err
+    first = oracle_answer(checkpoint, _templated(checkpoint, [{"role": "user", "content": "Hi"}]))
+    second = oracle_answer(checkpoint, _templated(checkpoint, [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
+        {"role": "user", "content": "And then?"}]))
+    assert captured.out == f"{first}\n{second}\n"
+    # (The history shows: alone, the last message gets another answer.)
+    assert second != oracle_answer(checkpoint, _templated(checkpoint, [{"role": "user", "content": "And then?"}]))
+
+
+def test_a_chat_template_that_raises_is_an_error_not_a_traceback(tmp_path, capsys, monkeypatch):
+    folder = make_checkpoint(tmp_path, seed=2)
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    # Templates raise on what they do not take: here a last message "Ho".
+    refuse = "{% if messages and messages[-1]['content'] == 'Ho' %}{{ raise_exception('no Ho') }}{% endif %}"
+    template = config["chat_template"]
+    config["chat_template"] = refuse + template
+    config_file.write_text(json.dumps(config))
+    assert main(["generate", "--model", str(folder), *ARGS, "--chat", "Ho"]) == 2
+    assert "chat: the tokenizer's chat template failed on this conversation: TemplateError: no Ho" in \
+        capsys.readouterr().err
+    # In a chat the message is reported and skipped.
+    captured = _chat(folder, monkeypatch, capsys, ["Hi", "Ho", "Bye"], code=2)
+    assert "standard input line 2: chat: the tokenizer's chat template failed" in captured.err
+    first = oracle_answer(folder, _templated(folder, [{"role": "user", "content": "Hi"}]))
+    second = oracle_answer(folder, _templated(folder, [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
+        {"role": "user", "content": "Bye"}]))
+    assert captured.out == f"{first}\n{second}\n"
+
+
 def test_chat_reports_a_line_that_is_not_utf8_and_goes_on(checkpoint, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe hi\nHi\n"), encoding="utf-8"))
     assert main(["chat", "--model", str(checkpoint), *ARGS]) == 2  # a turn failed
@@ -613,6 +673,9 @@ def test_chat_reports_a_line_that_is_not_utf8_and_goes_on(checkpoint, capsys, mo
     (["likelihood", "--prompt", "a", "--answer", "b", "--batch-size", "0"], "--batch-size: expected a positive"),
     (["infill", "--length", "8", "--block-length", "4", "--steps", "3"], "--steps: expected a multiple"),
     (["infill", "--length", "0"], "--length: expected a positive int"),
+    (["infill", "--length", "4", "--steps", "8"], "at most --length (4), got 8"),
+    (["generate", "--device", "", "x"], "--device: expected cpu or cuda[:N], got an empty string"),
+    (["likelihood", "--device", " ", "--prompt", "a", "--answer", "b"], "--device: expected cpu or cuda[:N]"),
     (["make-random-checkpoint", "unwritten", "--shards", "0"], "--shards: expected an int in [1, 21]"),
     (["generate", "--model", "/nonexistent", "x"], "--model: /nonexistent does not exist"),
     (["generate", "--model", __file__, "x"], "is not a folder"),

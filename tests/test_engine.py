@@ -293,6 +293,7 @@ def test_load_defaults_to_the_bundled_model():
     (lambda e: e.fill(["x = <|mdm_mask|> + ", 3]), ValueError, "parts[0]: the text holds the mask token"),
     (lambda e: e.infill("<|mdm_mask|>", "b", 3), ValueError, "prefix: the text holds the mask token"),
     (lambda e: e.infill("a", "b", "8"), TypeError, "length: expected a positive int"),
+    (lambda e: e.infill("a", "b", 2**63), ValueError, "length: text and gaps make"),
     (lambda e: e.generate("x <|mdm_mask|>"), ValueError, "prompt: the text holds the mask token"),
     (lambda e: next(e.stream("x <|mdm_mask|>")), ValueError, "prompt: the text holds the mask token"),
     (lambda e: e.log_likelihood("a " * 3000, "b"), ValueError, "prompt: prompt"),

@@ -252,6 +252,17 @@ def test_bad_run_arguments_are_named(tmp_path, capsys):
     err = usage_error(["--resume", str(tmp_path / "run"), "--out", str(tmp_path / "other")], capsys)
     assert "argument --out: --resume" in err
     assert not (tmp_path / "other").exists()
+    # A file is no folder; a folder under a file cannot be made: named before training, no traceback.
+    (tmp_path / "notes.txt").write_text("mine")
+    err = usage_error(SORT + TINY + ["--out", str(tmp_path / "notes.txt")], capsys)
+    assert "argument --out: " in err and "notes.txt is a file, not a folder" in err
+    assert train.main(SORT + TINY + ["--steps", "2", "--out", str(tmp_path / "notes.txt" / "run")]) == 2
+    assert "llada train: error: " in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    # A damaged resume state is named.
+    (tmp_path / "run" / train.STATE_FILE).write_bytes(b"garbage")
+    assert train.main(["--resume", str(tmp_path / "run")]) == 2
+    assert f"{train.STATE_FILE}: cannot be read" in capsys.readouterr().err
 
 
 def test_a_new_run_never_writes_into_a_folder_in_use(tmp_path, capsys):

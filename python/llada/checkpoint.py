@@ -207,6 +207,17 @@ def config_to_dict(cfg: LLaDAConfig) -> dict:
     return raw
 
 
+def save_weights(tensors: dict, path: Path) -> None:
+    """A safetensors file with the permissions of any other new file (the
+    umask's): safetensors itself makes it readable by its owner only."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _read_json(path: Path) -> dict:
     """The JSON object in ``path``; a file that does not parse, or holds
     something else, is a ValueError naming it (json's own error does not)."""
@@ -442,8 +453,13 @@ def load_tokenizer(path: str | os.PathLike):
     """The checkpoint's tokenizer (a transformers fast tokenizer, chat template
     included), read from the folder only: never the network."""
     folder = _folder(path)
-    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
-        raise FileNotFoundError(f"{folder}: no tokenizer.json or tokenizer_config.json")
+    if not (folder / "tokenizer.json").is_file():
+        # (Without it transformers would try to build one from other files,
+        # and fail asking for packages rather than naming the file.)
+        raise FileNotFoundError(f"{folder}: no tokenizer.json (the fast tokenizer's file)")
+    for name in TOKENIZER_FILES[1:]:  # small; transformers' own errors on them name no file
+        if (folder / name).is_file():
+            _read_json(folder / name)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -453,7 +469,9 @@ def load_tokenizer(path: str | os.PathLike):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        # Real LLaDA folders name their own code in config.json (auto_map); the
+        # tokenizer needs none of it, and transformers would ask on standard input.
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (ValueError, KeyError) as e:  # neither says which file (a JSONDecodeError, a missing key)
         for name in TOKENIZER_FILES:
             if (folder / name).is_file():
@@ -613,8 +631,6 @@ def write_random_checkpoint(
     """
     import shutil
 
-    from safetensors.torch import save_file
-
     # random_weights seeds each weight's generator with seed * 1_000_003 plus a
     # CRC-32, which torch takes below 2**64.
     max_seed = (2**64 - 2**32) // 1_000_003
@@ -655,7 +671,7 @@ def write_random_checkpoint(
             shard = dict(next(weights) for _ in group)
             total += sum(t.numel() * t.element_size() for t in shard.values())
             file = WEIGHTS_FILE if num_shards == 1 else f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
-            save_file(shard, str(folder / file), metadata={"format": "pt"})
+            save_weights(shard, folder / file)
             weight_map.update({name: file for name in group})
         if num_shards > 1:
             _write_json(folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --prompts-file: prompts decoded together, left-padded; of every "
                           "8 batches' prompts, the longest share the first batch (default: 8)")
     add_decoding_arguments(gen, chat_flag=True)
-    gen.add_argument("--show-steps", action="store_true", help="show the canvas filling in")
+    gen.add_argument("--show-steps", action="store_true",
+                     help="show the canvas filling in (a mask shows as ░ at a terminal, as _ in a file or pipe)")
     gen.add_argument("--stream", action="store_true", help="print the answer block by block as it is final")
     add_policy_arguments(gen)
     gen.set_defaults(run=run_generate, parser=gen)
@@ -254,14 +255,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args, args.parser)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, MemoryError, FloatingPointError) as e:
-        print(f"llada: error: {e or type(e).__name__}", file=sys.stderr)
-        return 2
     except BrokenPipeError:
         # The reader left (e.g. `| head`): no traceback, and nothing more to
         # write, not even when Python flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # as for a process ended by SIGPIPE
+    except (ValueError, TypeError, OSError, MemoryError, OverflowError, FloatingPointError) as e:
+        # (OSError: a path under a file, no permission, a full disk; its text names the path.)
+        print(f"llada: error: {str(e) or type(e).__name__}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nllada: interrupted", file=sys.stderr)
         return 130
@@ -274,6 +276,8 @@ def run_train(argv: list[str]) -> int:
 
 
 def check_model(args, parser) -> None:
+    if args.device is not None and not args.device.strip():
+        parser.error("--device: expected cpu or cuda[:N], got an empty string")
     if args.model is not None and not os.path.isdir(args.model):
         parser.error(f"--model: {args.model} " + ("is not a folder" if os.path.exists(args.model)
                                                   else "does not exist"))
@@ -295,15 +299,16 @@ def check_scales(args, parser, *flags: str) -> None:
             parser.error(f"{flag}: expected a finite number >= 0, got {value}")
 
 
-def check_steps(args, parser, policy, blocks: int, most: Optional[int] = None) -> None:
-    """--steps counts the fixed schedule's forwards, each block an equal share."""
+def check_steps(args, parser, policy, blocks: int, most: int, most_name: str) -> None:
+    """--steps counts the fixed schedule's forwards, each block an equal share;
+    more than the ``most`` tokens to make would commit nothing."""
     if args.steps is None:
         return
     if policy.commit != "schedule":
         parser.error(f"--steps: the fixed schedule's step count; --commit {policy.commit} decides its own")
-    if args.steps < 1 or args.steps % blocks or (most is not None and args.steps > most):
-        parser.error(f"--steps: expected a multiple of the number of blocks ({blocks})"
-                     + (f", at most --gen-length ({most})" if most is not None else "") + f", got {args.steps}")
+    if args.steps < 1 or args.steps % blocks or args.steps > most:
+        parser.error(f"--steps: expected a multiple of the number of blocks ({blocks}), at most {most_name} "
+                     f"({most}), got {args.steps}")
 
 
 def check_decoding(args, parser, policy) -> None:
@@ -316,7 +321,7 @@ def check_decoding(args, parser, policy) -> None:
     if args.gen_length % args.block_length:
         parser.error(f"--gen-length: expected a multiple of --block-length ({args.block_length}), "
                      f"got {args.gen_length}")
-    check_steps(args, parser, policy, args.gen_length // args.block_length, most=args.gen_length)
+    check_steps(args, parser, policy, args.gen_length // args.block_length, args.gen_length, "--gen-length")
     check_scales(args, parser, "--temperature", "--cfg-scale")
     if not all(args.stop or ()):
         parser.error("--stop: expected a non-empty text")
@@ -354,6 +359,8 @@ def run_make_random(args, parser) -> int:
         if flag is None:
             raise
         parser.error(f"{flag}: {reason}")
+    except OSError as e:  # e.g. a path under a file, no permission, a full disk
+        parser.error(f"DIR: cannot write {args.dir} ({e.strerror or e})")
     print(path)
     return 0
 
@@ -467,17 +474,26 @@ def run_chat(args, parser) -> int:
             conversation = []
             print("llada: a new conversation", file=sys.stderr)
             continue
-        conversation.append({"role": "user", "content": text})
-        while (length := len(engine.encode(conversation, True, args.system))) > room and len(conversation) > 1:
+        message = {"role": "user", "content": text}
+        # The message alone must fit before older turns are dropped for it: a
+        # message that fails leaves the conversation as it was.
+        try:
+            alone = engine.encode([message], True, args.system)
+            problem = engine.prompt_problem(alone, None)
+            if problem is None and len(alone) > room:
+                problem = (f"the message alone is too long for the model's context ({max_len} tokens with "
+                           f"--gen-length {args.gen_length})")
+        except ValueError as e:  # the chat template refused it
+            problem = str(e)
+        if problem is not None:
+            print(f"llada: error: standard input line {number}: {problem}", file=sys.stderr)
+            failed = True
+            continue
+        conversation.append(message)
+        while len(engine.encode(conversation, True, args.system)) > room and len(conversation) > 1:
             conversation = conversation[2:]  # the oldest question and its answer
             print("llada: the conversation outgrew the model's context: dropped its oldest turn",
                   file=sys.stderr)
-        if length > room:
-            print(f"llada: error: the message alone is too long for the model's context "
-                  f"({max_len} tokens with --gen-length {args.gen_length})", file=sys.stderr)
-            conversation = []
-            failed = True
-            continue
         answer = []
         try:
             for piece in engine.stream(conversation, chat=True, system=args.system, stop=stop, stats=stats,
@@ -524,10 +540,15 @@ def run_likelihood(args, parser) -> int:
     max_len, mask_id = engine.model.config.max_sequence_length, engine.model.config.mask_token_id
     holds_mask = f"the text holds the mask token ({mask_id}), which the estimate puts there itself"
     for where, item in items:
-        ids = encode_line(engine, args, where, item)
+        # A single prompt's errors name --prompt; a file's, the line.
+        prompt_where = "--prompt" if args.prompts_file is None else where
+        ids = encode_line(engine, args, prompt_where, item)
         if mask_id in ids:
-            raise ValueError(f"{where}: {holds_mask}")
+            raise ValueError(f"{prompt_where}: {holds_mask}")
         length = len(ids)
+        if length >= max_len:
+            raise ValueError(f"{prompt_where}: its {length} tokens leave no room for an answer in the model's "
+                             f"max_sequence_length {max_len}")
         for i, answer in enumerate(item["answers"], 1):
             answer_ids = engine.tokenizer(answer, add_special_tokens=False)["input_ids"]
             size = len(answer_ids)
@@ -561,7 +582,7 @@ def run_infill(args, parser) -> int:
     policy = policy_from_arguments(args, parser)
     check_model(args, parser)
     check_counts(args, parser, "--length", "--steps", "--block-length")
-    check_steps(args, parser, policy, -(-args.length // (args.block_length or args.length)))
+    check_steps(args, parser, policy, -(-args.length // (args.block_length or args.length)), args.length, "--length")
     check_scales(args, parser, "--temperature")
     engine = load_for_cli(args)
     stats = DecodeStats()

@@ -76,7 +76,16 @@ class Engine:
             if any(message["role"] == "system" for message in messages):
                 raise ValueError("system: the conversation already has a system message")
             messages = [{"role": "system", "content": system}] + messages
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:
+            from jinja2 import TemplateError
+
+            if not isinstance(e, TemplateError):
+                raise
+            # Templates raise on what they do not take (e.g. roles out of order).
+            raise ValueError(f"chat: the tokenizer's chat template failed on this conversation: "
+                             f"{type(e).__name__}: {e}") from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: Union[Sequence[int], torch.Tensor]) -> str:
@@ -254,26 +263,29 @@ class Engine:
         the argument a template too long for the model is blamed on."""
         _check_stats(stats)
         mask_id = self.model.config.mask_token_id
-        canvas, gaps = [], []
+        pieces, gaps, size = [], [], 0  # each piece: token ids, or a gap's length
         for part, name in zip(parts, names):
             if isinstance(part, str):
                 ids = self.tokenizer(part, add_special_tokens=False)["input_ids"]
                 if mask_id in ids:  # it would be filled as one more gap
                     raise ValueError(f"{name}: the text holds the mask token ({mask_id}), which only gaps may")
-                canvas += ids
+                pieces.append(ids)
+                size += len(ids)
             elif is_int(part):
                 if part < 1:
                     raise ValueError(f"{name}: expected a positive number of tokens (a gap's length), got {part}")
-                gaps.append((len(canvas), int(part)))
-                canvas += [mask_id] * int(part)
+                gaps.append((size, int(part)))
+                pieces.append(int(part))
+                size += int(part)
             else:
                 raise TypeError(f"{name}: expected a str or a positive int (a gap's length), got {part!r}")
         if not gaps:
             raise ValueError("parts: holds no gap (a positive int) to fill")
         max_len = self.model.config.max_sequence_length
-        if len(canvas) > max_len:
-            raise ValueError(f"{whole}: text and gaps make {len(canvas)} tokens, more than the model's "
+        if size > max_len:  # checked before the masks are laid out: a gap may be huge
+            raise ValueError(f"{whole}: text and gaps make {size} tokens, more than the model's "
                              f"max_sequence_length {max_len}")
+        canvas = [token for piece in pieces for token in ([mask_id] * piece if isinstance(piece, int) else piece)]
         out, work = infill(self.model, torch.tensor(canvas, dtype=torch.long), return_stats=True, **options)
         if stats is not None:
             stats.add(work)

@@ -125,4 +125,7 @@ def log_likelihood(
         ce = F.cross_entropy(logits[masked].float(), targets, reduction="none")
         weight = (la / counts.to(device=device, dtype=torch.float32))[:, None].expand(-1, lp + la)
         total += float((ce * weight[masked]).sum()) / batch_size
+    if math.isnan(total):  # (-inf is an answer the model rules out)
+        raise FloatingPointError("the logits hold NaN or +inf, so the estimate is not a number: check the "
+                                 "weights, the dtype (16 bits may overflow where float32 does not) and cfg_scale")
     return -total / (mc_num // batch_size)

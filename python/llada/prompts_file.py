@@ -31,9 +31,16 @@ def read_json_lines(path: str) -> list[tuple[str, object]]:
             continue
         where = f"--prompts-file {name} line {number}"
         try:
-            values.append((where, json.loads(line)))
+            value = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not JSON ({e.msg})") from None
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            # An escape such as "\ud800" (half of a UTF-16 pair) is no character: no
+            # tokenizer takes it, and the line could not be written back out.
+            raise ValueError(f"{where}: holds a lone surrogate escape (\\ud800-\\udfff), which is not text") from None
+        values.append((where, value))
     if not values:
         raise ValueError(f"--prompts-file {name}: holds no prompts")
     return values

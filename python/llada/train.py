@@ -48,7 +48,7 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import config_to_dict, load_model
+from .checkpoint import config_to_dict, load_model, save_weights
 from .model import LLaDAConfig, LLaDAModel, count_parameters
 from .objectives import pretraining_loss, sft_loss
 
@@ -195,8 +195,6 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 def save_checkpoint(folder: Path, model: LLaDAModel, tok, state: dict, args, data_info: dict) -> None:
     """Write the HF folder + resume state. Files are written under temporary
     names and renamed, so an interrupted save leaves the previous one intact."""
-    from safetensors.torch import save_file
-
     from .tokenizer import write_tokenizer_files
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -204,7 +202,7 @@ def save_checkpoint(folder: Path, model: LLaDAModel, tok, state: dict, args, dat
     # some safetensors releases refuse to save.
     weights = {k: v.detach().to("cpu", torch.float32, copy=True).contiguous()
                for k, v in model.state_dict().items()}
-    save_file(weights, str(folder / "model.safetensors.tmp"), metadata={"format": "pt"})
+    save_weights(weights, folder / "model.safetensors.tmp")
     torch.save(state, folder / (STATE_FILE + ".tmp"))
     os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
     os.replace(folder / (STATE_FILE + ".tmp"), folder / STATE_FILE)
@@ -330,7 +328,10 @@ def train(args) -> Path:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     resuming = (out / STATE_FILE).is_file() and args.resume
     if resuming:
-        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)
+        except Exception as e:  # torch's errors on a damaged file name neither the file nor the cause
+            raise ValueError(f"{out / STATE_FILE}: cannot be read ({type(e).__name__}: {e})") from None
         if args.steps <= state["step"]:
             raise ValueError(f"--steps: the run in {out} is already at step {state['step']}; "
                              f"give more --steps to continue it")
@@ -510,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--train-examples", type=int, default=200_000, help="SFT training examples")
     src.add_argument("--eval-examples", type=int, default=500, help="held-out SFT examples")
     src.add_argument("--accuracy-examples", type=int, default=100,
-                     help="held-out examples decoded at each evaluation, at most --eval-examples (SFT; 0 = off)")
+                     help="held-out examples decoded at each evaluation (SFT; 0 = off); "
+                          "all of --eval-examples where that is fewer")
 
     m = p.add_argument_group("model")
     m.add_argument("--d-model", type=int, default=256)
@@ -595,6 +597,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if not args.out:
         fail("out", "an output folder is required (--out DIR)")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        fail("out", f"{out} is a file, not a folder")
     if not args.resume and out.is_dir() and any(out.iterdir()):
         # A new run would overwrite what is there (a checkpoint, a run's log).
         fail("out", f"{out} is not empty; pick a new folder, or --resume {out} to continue the run saved there")
@@ -647,7 +651,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)  # bad options exit with status 2, as argparse's own do
     try:
         out = train(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, TypeError, OSError) as e:  # OSError: e.g. --out under a file, or a full disk
         print(f"llada train: error: {e}", file=sys.stderr)
         return 2
     print(f"llada train: wrote {out}", file=sys.stderr)
