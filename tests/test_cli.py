@@ -207,6 +207,11 @@ def test_infill_and_stream_commands(checkpoint, capsys):
     with pytest.raises(SystemExit) as e:
         main(["infill", "--model", str(checkpoint), "--length", "0"])
     assert e.value.code == 2 and "--length: expected a positive int, got 0" in capsys.readouterr().err
+    # The engine's errors name the flags too.
+    for flags, named in ((["--length", str(2**62)], "--length: text and gaps make"),
+                         (["--prefix", "a <|mdm_mask|>", "--length", "4"], "--prefix: the text holds the mask token")):
+        assert main(["infill", "--model", str(checkpoint), *flags]) == 2
+        assert f"llada: error: {named}" in capsys.readouterr().err
 
 
 def test_bad_arguments(checkpoint, capsys, tmp_path):
@@ -344,6 +349,24 @@ def test_likelihood_prints_the_estimate(checkpoint, capsys):
                  "--cfg-scale", "1e39", "--mc-num", "2", "--batch-size", "2"]) == 2
     captured = capsys.readouterr()
     assert "the estimate is not a number" in captured.err and captured.out == ""
+
+
+@pytest.mark.parametrize("error", [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                                                 "allocate 9 bytes.\nmore"),
+                                    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")])
+def test_out_of_memory_is_one_line(checkpoint, capsys, monkeypatch, error):
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(llada.Engine, "log_likelihood", fails)
+    assert main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--prompt", "Q",
+                 "--answer", " x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llada: error: out of memory (") and err.count("\n") == 1
+    # Other runtime errors stay tracebacks: they are bugs to see.
+    monkeypatch.setattr(llada.Engine, "log_likelihood", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError):
+        main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--prompt", "Q", "--answer", " x"])
 
 
 def test_likelihood_prompts_file_scores_every_answer_of_every_line(checkpoint, capsys, tmp_path):

@@ -264,6 +264,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         # (OSError: a path under a file, no permission, a full disk; its text names the path.)
         print(f"llada: error: {str(e) or type(e).__name__}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        # Out of memory: torch's OutOfMemoryError on a GPU, a plain RuntimeError on the CPU.
+        if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+            raise
+        print(f"llada: error: out of memory ({str(e).splitlines()[0]}); a smaller --batch-size, --gen-length "
+              f"or --mc-num needs less", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nllada: interrupted", file=sys.stderr)
         return 130
@@ -586,9 +593,15 @@ def run_infill(args, parser) -> int:
     check_scales(args, parser, "--temperature")
     engine = load_for_cli(args)
     stats = DecodeStats()
-    gap = engine.infill(args.prefix, args.suffix, args.length, steps=args.steps,
-                        block_length=args.block_length, temperature=args.temperature, seed=args.seed,
-                        policy=policy, stats=stats)
+    try:
+        gap = engine.infill(args.prefix, args.suffix, args.length, steps=args.steps,
+                            block_length=args.block_length, temperature=args.temperature, seed=args.seed,
+                            policy=policy, stats=stats)
+    except ValueError as e:  # "length: ...": named as the user wrote it
+        field, _, reason = str(e).partition(": ")
+        if field not in ("prefix", "suffix", "length"):
+            raise
+        raise ValueError(f"--{field}: {reason}") from None
     print(args.prefix + gap + args.suffix)
     if args.stats:
         print_stats(stats)
