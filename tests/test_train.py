@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -77,6 +78,27 @@ def test_pretraining_on_a_small_corpus(tmp_path):
     tok = llada.load_tokenizer(out)
     assert tok.decode(tok("def f1(x):")["input_ids"], skip_special_tokens=True) == "def f1(x):"
     assert tok.mask_token_id == llada.load_config(out).mask_token_id
+
+
+def test_a_resumed_pretraining_run_needs_its_files(tmp_path, monkeypatch, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(5):
+        (corpus / f"m{i}.py").write_text("".join(f"def f{j}(x):\n    return x + {i}\n\n" for j in range(30)))
+    monkeypatch.chdir(tmp_path)
+    common = ["--vocab-size", "300", "--seq-len", "16", "--held-out-fraction", "0.2", "--steps", "4",
+              "--eval-every", "2"] + TINY
+    run(["--corpus", "corpus", "--out", "run", "--stop-at", "2"] + common)  # a relative path
+    assert json.loads((tmp_path / "run" / train.ARGS_FILE).read_text())["corpus"] == str(corpus)
+    (corpus / "m9.py").write_text("x = 1\n")
+    assert train.main(["--resume", "run"]) == 2
+    assert "--corpus: --corpus " in capsys.readouterr().err
+    (corpus / "m9.py").unlink()
+    # The same files, from another folder, the corpus written either way.
+    monkeypatch.chdir(corpus)
+    run(["--resume", str(tmp_path / "run"), "--corpus", ".", "--stop-at", "3"])
+    run(["--resume", str(tmp_path / "run")])
+    assert torch.load(tmp_path / "run" / train.STATE_FILE, weights_only=False)["step"] == 4
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
@@ -252,6 +274,8 @@ def test_bad_run_arguments_are_named(tmp_path, capsys):
     err = usage_error(["--resume", str(tmp_path / "run"), "--out", str(tmp_path / "other")], capsys)
     assert "argument --out: --resume" in err
     assert not (tmp_path / "other").exists()
+    assert train.main(["--task", "add", "--max-len", "4", "--out", str(tmp_path / "short")] + TINY) == 2
+    assert "--max-len: 4 is shorter than the data's sequences" in capsys.readouterr().err
     # A file is no folder; a folder under a file cannot be made: named before training, no traceback.
     (tmp_path / "notes.txt").write_text("mine")
     err = usage_error(SORT + TINY + ["--out", str(tmp_path / "notes.txt")], capsys)
@@ -312,3 +336,84 @@ def test_ctrl_c_stops_after_the_step_saved_and_resume_continues(tmp_path, monkey
     b = llada.load_model(stopped, device="cpu")
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, msg=name)
+
+
+def same_weights(a, b):
+    return all(torch.equal(pa, pb) for pa, pb in zip(llada.load_model(a, device="cpu").state_dict().values(),
+                                                      llada.load_model(b, device="cpu").state_dict().values()))
+
+
+def test_ctrl_c_in_the_first_evaluation_leaves_a_run_to_resume(tmp_path, monkeypatch):
+    common = SORT + TINY + ["--steps", "4", "--eval-every", "2", "--save-every", "100"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run(common + ["--out", str(straight)])
+    evaluate = train.evaluate_loss
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the step-0 evaluation runs
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate_loss", interrupted)
+    run(common + ["--out", str(stopped)])
+    assert torch.load(stopped / train.STATE_FILE, weights_only=False)["step"] == 0
+    monkeypatch.setattr(train, "evaluate_loss", evaluate)
+    run(["--resume", str(stopped)])
+    assert same_weights(straight, stopped)
+    fields = ["step", "lr", "train_loss", "eval_loss", "tokens"]  # (not the time taken)
+    assert [[r[k] for k in fields] for r in log_rows(stopped)] == [[r[k] for k in fields] for r in log_rows(straight)]
+    assert [r["step"] for r in log_rows(stopped)] == ["0", "2", "4"]
+
+
+def test_a_run_killed_before_its_first_save_resumes_from_the_start(tmp_path, monkeypatch):
+    common = SORT + TINY + ["--steps", "4", "--eval-every", "2", "--save-every", "100"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run(common + ["--out", str(straight)])
+    loss, calls = train.compute_loss, []
+
+    def killed_in_step_2(model, *args, **kwargs):
+        calls.append(model.training)
+        if calls.count(True) == 2:
+            raise KeyboardInterrupt  # a second Ctrl-C: no save on the way out
+        return loss(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "compute_loss", killed_in_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(common + ["--out", str(killed)])
+    assert torch.load(killed / train.STATE_FILE, weights_only=False)["step"] == 0
+    monkeypatch.setattr(train, "compute_loss", loss)
+    run(["--resume", str(killed)])
+    assert same_weights(straight, killed)
+
+
+def test_a_resumed_run_drops_the_rows_logged_after_its_save(tmp_path):
+    # As when a run is killed: the log holds rows past the last save.
+    common = SORT + TINY + ["--steps", "10", "--eval-every", "2", "--save-every", "100"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run(common + ["--out", str(straight)])
+    run(common + ["--out", str(killed), "--stop-at", "4"])
+    ahead = tmp_path / "ahead"
+    shutil.copytree(killed, ahead)
+    run(["--resume", str(ahead), "--stop-at", "8"])
+    shutil.copy(ahead / train.LOG_FILE, killed / train.LOG_FILE)  # rows 6 and 8, past the save at 4
+    run(["--resume", str(killed)])
+    assert same_weights(straight, killed)
+    fields = ["step", "lr", "train_loss", "eval_loss", "tokens"]
+    assert [[r[k] for k in fields] for r in log_rows(killed)] == [[r[k] for k in fields] for r in log_rows(straight)]
+
+
+def test_a_failed_save_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "run"
+    run(SORT + TINY + ["--steps", "6", "--eval-every", "2", "--save-every", "2", "--stop-at", "2", "--out",
+                       str(folder)])
+    saved = {f.name: f.read_bytes() for f in folder.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1234 vs 1200")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    assert train.main(["--resume", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"llada train: error: {folder}: the save failed (" in err and "the previous save is kept" in err
+    assert sorted(f.name for f in folder.iterdir()) == sorted(saved)  # no .tmp left
+    for name in (train.STATE_FILE, "model.safetensors"):
+        assert (folder / name).read_bytes() == saved[name]

@@ -83,7 +83,8 @@ def corpus_files(corpus: str) -> tuple[Path, list[Path]]:
         if p.is_file() and not EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])
     )
     if not files:
-        raise ValueError(f"--corpus: no *.py files under {root}")
+        raise ValueError(f"--corpus: no *.py files under {root} outside folders named "
+                         f"{', '.join(sorted(EXCLUDED_DIRS))}")
     return root, files
 
 
@@ -202,8 +203,14 @@ def save_checkpoint(folder: Path, model: LLaDAModel, tok, state: dict, args, dat
     # some safetensors releases refuse to save.
     weights = {k: v.detach().to("cpu", torch.float32, copy=True).contiguous()
                for k, v in model.state_dict().items()}
-    save_weights(weights, folder / "model.safetensors.tmp")
-    torch.save(state, folder / (STATE_FILE + ".tmp"))
+    temporary = [folder / "model.safetensors.tmp", folder / (STATE_FILE + ".tmp")]
+    try:
+        save_weights(weights, temporary[0])
+        torch.save(state, temporary[1])
+    except (OSError, RuntimeError) as e:  # a full disk: torch.save says RuntimeError
+        for path in temporary:
+            path.unlink(missing_ok=True)
+        raise OSError(f"{folder}: the save failed ({str(e).splitlines()[0]}); the previous save is kept") from None
     os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
     os.replace(folder / (STATE_FILE + ".tmp"), folder / STATE_FILE)
     for name, obj in (
@@ -345,12 +352,17 @@ def train(args) -> Path:
 
     data = Data(args, tok=read_tokenizer(out) if resuming else None)
     if resuming:
+        check_same_data(out, data.info, args)
+    if resuming:
         model = load_model(out, device=device, dtype=torch.float32)
         for p in model.parameters():
             p.requires_grad_(True)
     else:
         vocab = data.tok.get_vocab_size()
-        cfg = build_config(args, vocab, data.ids, max(args.max_len, data.seq_len))
+        if args.max_len and args.max_len < data.seq_len:
+            raise ValueError(f"--max-len: {args.max_len} is shorter than the data's sequences ({data.seq_len} "
+                             f"tokens); give at least that, or 0 for the data's")
+        cfg = build_config(args, vocab, data.ids, args.max_len or data.seq_len)
         model = LLaDAModel(cfg)
         init_weights(model, args.seed)
         model.to(device)
@@ -386,7 +398,11 @@ def train(args) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / LOG_FILE
-    if not resuming:
+    if resuming:
+        # Rows logged after the last save (a run killed, or stopped by a
+        # second Ctrl-C) belong to steps the resumed run does again.
+        keep_log_rows_up_to(log_path, step)
+    else:
         with open(log_path, "w", newline="") as f:
             csv.writer(f).writerow(LOG_FIELDS)
 
@@ -420,10 +436,11 @@ def train(args) -> Path:
 
     bar = tqdm(total=args.steps, initial=step, disable=not args.progress, dynamic_ncols=True,
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    if step == 0:
-        log_eval("")
     stop = args.stop_at or args.steps
     with StopRequest() as stop_request:
+        if step == 0 and not resuming:
+            log_eval("")
+            checkpoint()  # resumable from the start, however it stops
         while step < stop and not stop_request.asked:
             t0 = time.perf_counter()
             ids, prompt_lengths = data.batch(args.batch_size, generators["data"])
@@ -448,12 +465,42 @@ def train(args) -> Path:
                 running, count = 0.0, 0
             if step % args.save_every == 0:
                 checkpoint()
-    if saved_at != step:  # however the loop ended, what it did is saved and resumable
-        checkpoint()
+        if saved_at != step:  # however the loop ended, what it did is saved and resumable
+            checkpoint()
     if step < stop:  # asked to stop (Ctrl-C)
         bar.write(f"llada train: stopped at step {step}, saved; llada train --resume {out} continues")
     bar.close()
     return out
+
+
+def check_same_data(folder: Path, info: dict, args) -> None:
+    """A resumed run trains on the data it started with: the files (paths
+    and sizes) and split its data.json records, or the same task examples."""
+    def comparable(value):
+        # Where the files are, and which Python listed them, do not matter.
+        if isinstance(value, dict):
+            return {k: comparable(v) for k, v in value.items() if k not in ("root", "python_version", "parameters")}
+        return value
+
+    path = folder / DATA_FILE
+    saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if saved is not None and comparable(saved) != comparable(info):
+        source = f"--corpus {args.corpus}" if args.corpus else f"--task {args.task}"
+        raise ValueError(f"--{'corpus' if args.corpus else 'task'}: {source} no longer gives the data the run in "
+                         f"{folder} trained on (see its {DATA_FILE}); resume it with those files")
+
+
+def keep_log_rows_up_to(path: Path, step: int) -> None:
+    """Drops the rows of the log past ``step`` (rewritten under a temporary
+    name and renamed, as saves are)."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= step]
+    if len(kept) == len(rows):
+        return
+    with open(path.with_suffix(".tmp"), "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(path.with_suffix(".tmp"), path)
 
 
 class StopRequest:
@@ -503,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
                + " may be given with a new value (a larger --steps extends the run; the cosine then follows the"
                " new total); any other option may only repeat the run's value.")
     src = p.add_argument_group("data (one of --corpus, --task)")
-    src.add_argument("--corpus", help="'stdlib' (this Python's standard library) or a directory of *.py files")
+    src.add_argument("--corpus", help="'stdlib' (this Python's standard library) or a directory of *.py files "
+                                      f"(either without folders named {', '.join(sorted(EXCLUDED_DIRS))})")
     src.add_argument("--task", choices=sorted(TASKS), help="a synthetic task of llada.tasks (SFT)")
     src.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (pretraining)")
     src.add_argument("--held-out-fraction", type=float, default=0.03, help="files held out (pretraining)")
@@ -557,6 +605,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.resume:
         args = resumed_args(parser, argv, args)
+    elif args.corpus not in (None, "stdlib"):
+        # Recorded as an absolute path: --resume works from any folder.
+        args.corpus = str(Path(args.corpus).resolve())
     check_args(parser, args)
     return args
 
@@ -578,6 +629,9 @@ def resumed_args(parser: argparse.ArgumentParser, argv, args: argparse.Namespace
     given = {k: v for k, v in vars(typed).items() if v is not unset and k != "resume"}
     if "out" in given and Path(given.pop("out")).resolve() != folder.resolve():
         parser.error(f"argument --out: --resume {folder} writes to {folder}; leave --out out")
+    if given.get("corpus") not in (None, "stdlib") and Path(given["corpus"]).resolve() == Path(
+            saved.get("corpus") or "").resolve():
+        given["corpus"] = saved["corpus"]  # the same folder, written another way
     for name, value in given.items():
         if name not in CHANGEABLE_ON_RESUME and value != saved.get(name):
             parser.error(f"argument {flag(name)}: cannot change on --resume: the run in {folder} has "
