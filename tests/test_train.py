@@ -237,6 +237,11 @@ NEW_SORT = ["--task", "sort", "--out", "{out}"]
         (NEW_SORT + ["--corpus", "stdlib"], "give exactly one of --corpus .* or --task"),
         (["--task", "sort"], "argument --out: an output folder is required"),
         (NEW_SORT + ["--steps", "0"], "argument --steps: expected a positive int, got 0"),
+        (["--task", "perm", "--out", "{out}"], "argument --train-examples: task 'perm' has 151200 distinct "
+                                               r"prompts; with --eval-examples 500 held out, at most 150700, "
+                                               "got 200000"),
+        (["--task", "add", "--out", "{out}", "--eval-examples", "1000000"], "argument --eval-examples: task "
+                                                                             "'add' has 1000000 distinct"),
         (["--task", "nope", "--out", "{out}"], "argument --task: invalid choice"),
         (["--resume", "{tmp}"], "argument --resume: .* has no train_args.json"),
         (NEW_SORT + ["--device", "foo"], "argument --device: expected cpu or cuda"),
@@ -399,6 +404,25 @@ def test_a_resumed_run_drops_the_rows_logged_after_its_save(tmp_path):
     assert same_weights(straight, killed)
     fields = ["step", "lr", "train_loss", "eval_loss", "tokens"]
     assert [[r[k] for k in fields] for r in log_rows(killed)] == [[r[k] for k in fields] for r in log_rows(straight)]
+
+
+def test_a_diverged_run_stops_with_its_last_save_kept(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "run"
+    loss, calls = train.compute_loss, []
+
+    def nan_in_step_3(model, *args, **kwargs):
+        calls.append(model.training)
+        value = loss(model, *args, **kwargs)
+        return value * math.nan if calls.count(True) == 3 else value
+
+    monkeypatch.setattr(train, "compute_loss", nan_in_step_3)
+    assert train.main(SORT + TINY + ["--steps", "6", "--eval-every", "2", "--save-every", "2",
+                                      "--out", str(folder)]) == 2
+    assert "llada train: error: the training loss is nan at step 3; the last save (step 2) is kept" in \
+        capsys.readouterr().err
+    assert torch.load(folder / train.STATE_FILE, weights_only=False)["step"] == 2
+    model = llada.load_model(folder, device="cpu")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_a_failed_save_keeps_the_previous_one(tmp_path, monkeypatch, capsys):

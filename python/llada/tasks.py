@@ -24,6 +24,7 @@ decoding canvases have one shape. Tokens are whitespace-separated words (see
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -142,6 +143,11 @@ TASKS: dict[str, Task] = {
     "perm": Task("perm", ("perm", "=", *DIGITS), PERM_LENGTH + 2, PERM_LENGTH, _draw_perm, _solve_perm,
                  _accepts_perm),
 }
+
+# How many distinct prompts each task has: a training set and its held-out
+# set together can hold no more.
+DISTINCT_PROMPTS = {"sort": len(DIGITS) ** SORT_LENGTH, "add": 10 ** (2 * ADD_DIGITS),
+                    "perm": math.perm(len(DIGITS), PERM_LENGTH)}
 
 
 def get_task(name: str) -> Task:

@@ -453,7 +453,11 @@ def train(args) -> Path:
             step += 1
             tokens += ids.numel()
             elapsed += time.perf_counter() - t0
-            running, count = running + loss.item(), count + 1
+            if not math.isfinite(value := loss.item()):
+                # Stopped before any save takes the broken weights in.
+                raise FloatingPointError(f"the training loss is {value} at step {step}; the last save "
+                                         f"(step {saved_at}) is kept: a lower --lr may help")
+            running, count = running + value, count + 1
             bar.update(1)
             bar.set_postfix(loss=f"{running / count:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}",
                             refresh=False)
@@ -662,6 +666,17 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         value = getattr(args, name)
         if not isinstance(value, int) or value < 1:
             fail(name, f"expected a positive int, got {value!r}")
+    if args.task:
+        from .tasks import DISTINCT_PROMPTS
+
+        room = DISTINCT_PROMPTS[args.task]
+        if args.eval_examples >= room:
+            fail("eval_examples", f"task {args.task!r} has {room} distinct prompts, and training needs some; "
+                                  f"got {args.eval_examples}")
+        if args.train_examples + args.eval_examples > room:
+            fail("train_examples", f"task {args.task!r} has {room} distinct prompts; with --eval-examples "
+                                   f"{args.eval_examples} held out, at most {room - args.eval_examples}, "
+                                   f"got {args.train_examples}")
     for name in ("mlp_hidden", "max_len", "warmup", "accuracy_examples", "stop_at"):
         value = getattr(args, name)
         if not isinstance(value, int) or value < 0:
@@ -705,8 +720,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)  # bad options exit with status 2, as argparse's own do
     try:
         out = train(args)
-    except (ValueError, TypeError, OSError) as e:  # OSError: e.g. --out under a file, or a full disk
+    except (ValueError, TypeError, OSError, FloatingPointError) as e:  # OSError: e.g. --out under a file
         print(f"llada train: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        # Out of memory: torch's OutOfMemoryError on a GPU, a plain RuntimeError on the CPU.
+        if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+            raise
+        print(f"llada train: error: out of memory ({str(e).splitlines()[0]}); a smaller model or --batch-size "
+              f"needs less", file=sys.stderr)
         return 2
     print(f"llada train: wrote {out}", file=sys.stderr)
     return 0
