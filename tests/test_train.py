@@ -425,6 +425,16 @@ def test_a_diverged_run_stops_with_its_last_save_kept(tmp_path, monkeypatch, cap
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+    def fails(args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes.\nmore")
+
+    monkeypatch.setattr(train, "train", fails)
+    assert train.main(SORT + TINY + ["--out", "unused"]) == 2
+    assert capsys.readouterr().err == ("llada train: error: out of memory (DefaultCPUAllocator: can't allocate "
+                                       "memory: you tried to allocate 9 bytes.)\n")
+
+
 def test_a_failed_save_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "run"
     run(SORT + TINY + ["--steps", "6", "--eval-every", "2", "--save-every", "2", "--stop-at", "2", "--out",

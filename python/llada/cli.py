@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from .policies import CACHES, COMMIT_RULES, POLICY_NAMES, RANKINGS, RULE_OF_SETTING, DecodePolicy
+from .devices import out_of_memory
 from .prompts_file import progress_bar, prompt_of, read_prompts, read_scoring_lines
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -265,8 +266,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"llada: error: {str(e) or type(e).__name__}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        # Out of memory: torch's OutOfMemoryError on a GPU, a plain RuntimeError on the CPU.
-        if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+        if not out_of_memory(e):
             raise
         print(f"llada: error: out of memory ({str(e).splitlines()[0]}); a smaller --batch-size, --gen-length "
               f"or --mc-num needs less", file=sys.stderr)

@@ -86,3 +86,10 @@ def architectures_cover(architectures: str, capability: tuple[int, int]) -> bool
         elif (kind != "virtual" and same_family) or (kind != "real" and number <= gpu):
             return True
     return False
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is torch running out of memory: an OutOfMemoryError
+    on a GPU, a plain RuntimeError from the CPU's allocator."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))

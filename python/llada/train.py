@@ -49,6 +49,7 @@ from typing import Optional
 import torch
 
 from .checkpoint import config_to_dict, load_model, save_weights
+from .devices import out_of_memory
 from .model import LLaDAConfig, LLaDAModel, count_parameters
 from .objectives import pretraining_loss, sft_loss
 
@@ -724,11 +725,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"llada train: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        # Out of memory: torch's OutOfMemoryError on a GPU, a plain RuntimeError on the CPU.
-        if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+        if not out_of_memory(e):
             raise
-        print(f"llada train: error: out of memory ({str(e).splitlines()[0]}); a smaller model or --batch-size "
-              f"needs less", file=sys.stderr)
+        print(f"llada train: error: out of memory ({str(e).splitlines()[0]})", file=sys.stderr)
         return 2
     print(f"llada train: wrote {out}", file=sys.stderr)
     return 0
