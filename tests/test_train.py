@@ -92,7 +92,7 @@ def test_a_resumed_pretraining_run_needs_its_files(tmp_path, monkeypatch, capsys
     assert json.loads((tmp_path / "run" / train.ARGS_FILE).read_text())["corpus"] == str(corpus)
     (corpus / "m9.py").write_text("x = 1\n")
     assert train.main(["--resume", "run"]) == 2
-    assert "--corpus: --corpus " in capsys.readouterr().err
+    assert f"--corpus: {corpus} no longer gives the data the run in run trained on" in capsys.readouterr().err
     (corpus / "m9.py").unlink()
     # The same files, from another folder, the corpus written either way.
     monkeypatch.chdir(corpus)

@@ -354,7 +354,6 @@ def train(args) -> Path:
     data = Data(args, tok=read_tokenizer(out) if resuming else None)
     if resuming:
         check_same_data(out, data.info, args)
-    if resuming:
         model = load_model(out, device=device, dtype=torch.float32)
         for p in model.parameters():
             p.requires_grad_(True)
@@ -490,9 +489,9 @@ def check_same_data(folder: Path, info: dict, args) -> None:
     path = folder / DATA_FILE
     saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     if saved is not None and comparable(saved) != comparable(info):
-        source = f"--corpus {args.corpus}" if args.corpus else f"--task {args.task}"
-        raise ValueError(f"--{'corpus' if args.corpus else 'task'}: {source} no longer gives the data the run in "
-                         f"{folder} trained on (see its {DATA_FILE}); resume it with those files")
+        flag, value = ("corpus", args.corpus) if args.corpus else ("task", args.task)
+        raise ValueError(f"--{flag}: {value} no longer gives the data the run in {folder} trained on "
+                         f"(see its {DATA_FILE}); resume it with that data")
 
 
 def keep_log_rows_up_to(path: Path, step: int) -> None:
@@ -556,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
                " new total); any other option may only repeat the run's value.")
     src = p.add_argument_group("data (one of --corpus, --task)")
     src.add_argument("--corpus", help="'stdlib' (this Python's standard library) or a directory of *.py files "
-                                      f"(either without folders named {', '.join(sorted(EXCLUDED_DIRS))})")
+                                      f"(in either, folders named {', '.join(sorted(EXCLUDED_DIRS))} are left out)")
     src.add_argument("--task", choices=sorted(TASKS), help="a synthetic task of llada.tasks (SFT)")
     src.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (pretraining)")
     src.add_argument("--held-out-fraction", type=float, default=0.03, help="files held out (pretraining)")
