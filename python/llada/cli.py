@@ -399,9 +399,9 @@ def run_generate(args, parser) -> int:
     engine = load_for_cli(args)
     # Every prompt is checked before any is decoded.
     for where, line in lines:
-        problem = engine.prompt_problem(encode_line(engine, args, where, line), args.gen_length)
+        problem = engine.prompt_problem(encode_line(engine, args, where, line), args.gen_length, "--gen-length")
         if problem is not None:
-            raise ValueError(f"{where}: {problem.replace('gen_length', '--gen-length')}")
+            raise ValueError(f"{where}: {problem}")
     options = decoding_options(args, policy)
     stats, stop = DecodeStats(), tuple(args.stop or ())
     if args.prompts_file is not None:

@@ -149,17 +149,17 @@ class Engine:
                 answers[i] = answer
         return answers[0] if single else answers
 
-    def prompt_problem(self, ids: list[int], gen_length) -> Optional[str]:
+    def prompt_problem(self, ids: list[int], gen_length, gen_length_name: str = "gen_length") -> Optional[str]:
         """What is wrong with an encoded prompt for an answer of
-        ``gen_length`` tokens, or None: it holds the mask token, or it and
-        the answer exceed the model's context (a bad ``gen_length`` is left
-        to the decoding to name)."""
+        ``gen_length`` tokens (named ``gen_length_name`` in the message), or
+        None: it holds the mask token, or it and the answer exceed the
+        model's context (a bad ``gen_length`` is left to the decoding to name)."""
         config = self.model.config
         max_len, mask_id = config.max_sequence_length, config.mask_token_id
         if mask_id in ids:
             return f"the text holds the mask token ({mask_id}), which only gaps may; fill gaps with infill or fill"
         if isinstance(gen_length, int) and max_len is not None and len(ids) + gen_length > max_len:
-            return (f"{len(ids)} tokens and gen_length {gen_length} exceed the model's "
+            return (f"{len(ids)} tokens and {gen_length_name} {gen_length} exceed the model's "
                     f"max_sequence_length {max_len}")
         return None
 
