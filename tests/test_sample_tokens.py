@@ -112,6 +112,23 @@ def test_rows_without_a_finite_logit(device):
     assert (out.tokens == -1).all()
 
 
+def test_largest_noise_matches_reference(device):
+    # Under seed 0, row key 175 hashes column 43649 to the largest u the noise
+    # can draw. It must stay below 1: a u rounded up to 1 gives log(0) and a
+    # noise of 88 where the true one is 16.6, so the column wins every draw.
+    seed, row, col = 0, 175, 43649
+    noise = gumbel_noise_reference(seed, [row], col + 1)[0]
+    assert int(noise.argmax()) == col and 16.6 < float(noise[col]) < 16.7
+    logits = torch.zeros(1, col + 1, device=device)
+    logits[0, col] = -10.0  # far below the row's best draw
+    keys = torch.tensor([row], device=device)
+    got = llada.sample_tokens(logits, 1.0, seed, noise_rows=keys)
+    want = sample_tokens_reference(logits, 1.0, seed, noise_rows=keys)
+    assert int(want.tokens) != col
+    assert int(got.tokens) == int(want.tokens)
+    torch.testing.assert_close(got.confidence.cpu(), want.confidence.cpu(), rtol=2e-5, atol=1e-7)
+
+
 def test_noise_rows_key_each_rows_noise(device):
     # Row r sampled with key k draws what the row of index k draws, so a row
     # keeps its sample whichever rows are sampled with it.

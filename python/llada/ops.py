@@ -71,10 +71,11 @@ def _require_tensors(*named: tuple[str, object]) -> None:
 # --------------------------------------------------------------------------
 # Counter-based Gumbel noise, shared bit-for-bit by every implementation.
 #
-# Each (seed, row, column) maps to a 32-bit hash; its top 24 bits give a
-# uniform u in (0, 1) and g = -log(-log(u)) is the Gumbel sample. The hash is
-# a keyed double round of a 32-bit avalanche mixer, so the noise depends only
-# on the key and not on how the work is split across threads or devices.
+# Each (seed, row, column) maps to a 32-bit hash; its top 23 bits n give a
+# uniform u = (n + 1/2) / 2^23, exact in float32 and never 0 or 1, and
+# g = -log(-log(u)) is the Gumbel sample. The hash is a keyed double round of
+# a 32-bit avalanche mixer, so the noise depends only on the key and not on
+# how the work is split across threads or devices.
 # --------------------------------------------------------------------------
 
 _MASK32 = 0xFFFFFFFF
@@ -118,7 +119,7 @@ def gumbel_noise_reference(seed: int, rows: int | Sequence[int], cols: int) -> t
     for i, r in enumerate(keys):
         k1, k2 = gumbel_row_keys(seed, r)
         h = _mix32((_mix32(col ^ k1) + k2) & _MASK32)
-        u = ((h >> 8).to(torch.float64) + 0.5) * 2.0**-24
+        u = ((h >> 9).to(torch.float64) + 0.5) * 2.0**-23
         out[i] = -torch.log(-torch.log(u))
     return out
 

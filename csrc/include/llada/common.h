@@ -68,7 +68,7 @@ LLADA_HD uint32_t ordered_bits(float f) {
 //
 // The noise must be identical on every device and independent of the launch
 // shape, so it is a pure function of its key: a keyed double round of a 32-bit
-// avalanche mixer, then g = -log(-log(u)) with u from the top 24 bits. The
+// avalanche mixer, then g = -log(-log(u)) with u from the top 23 bits. The
 // logarithm is our own, written with correctly rounded float operations only,
 // so the CPU and the GPU produce the same bits (no contraction to FMA).
 // ---------------------------------------------------------------------------
@@ -128,7 +128,9 @@ LLADA_HD float portable_log(float x) {
 
 LLADA_HD float gumbel_noise(GumbelKey key, uint32_t col) {
   uint32_t h = mix32(mix32(col ^ key.k1) + key.k2);
-  float u = mul_rn(float(h >> 8) + 0.5f, 5.9604644775390625e-8f);  // (0, 1)
+  // 23 bits, so that n + 1/2 is exact in float32: u = (n + 1/2) / 2^23 lies in
+  // [2^-24, 1 - 2^-24], never 0 or 1, where the logarithms break down.
+  float u = mul_rn(float(h >> 9) + 0.5f, 1.1920928955078125e-7f);
   return -portable_log(-portable_log(u));
 }
 
