@@ -555,6 +555,53 @@ def test_eos_goes_last_under_every_rule(commit):
         assert len(events) > 1
 
 
+@pytest.mark.parametrize("policy", [
+    DecodePolicy(commit="factor", factor=6.0),
+    DecodePolicy(commit="entropy_bound", gamma=5.0),
+    DecodePolicy(commit="threshold", ranking="entropy", threshold=-5.0),
+], ids=["factor", "entropy-bound", "entropy-threshold"])
+def test_eos_last_decodes_each_row_as_alone(stop_model, policy):
+    # Rules that read the scores' values (not only their order) must not see
+    # values that depend on the other rows of the batch.
+    prompt = torch.randint(0, 256, (4, 7), generator=torch.Generator().manual_seed(0))
+    kw = dict(steps=16, gen_length=16, block_length=8, confidence_eos_eot_inf=True, policy=policy)
+    batch = llada.generate(stop_model, prompt, **kw)
+    config = stop_model.config
+    assert torch.isin(batch[:, 7:], torch.tensor([config.eos_token_id, config.eot_token_id])).any()
+    for row in range(len(prompt)):
+        assert torch.equal(llada.generate(stop_model, prompt[row:row + 1], **kw)[0], batch[row])
+
+
+def test_eos_last_events_report_the_scores_themselves(stop_model):
+    # Ranking EOS/EoT last changes which positions are committed, not the
+    # scores a step event reports.
+    prompt = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    kw = dict(steps=16, gen_length=16, block_length=8)
+
+    def step_events(stops_last):
+        return [e for e in llada.stream(stop_model, prompt, confidence_eos_eot_inf=stops_last, **kw)
+                if isinstance(e, StepEvent)]
+
+    plain, stops_last = step_events(False), step_events(True)
+    assert torch.equal(stops_last[0].scores, plain[0].scores)  # the same canvas, so the same scores
+    committed = torch.cat([e.scores[e.committed] for e in stops_last])
+    assert ((committed > 0) & (committed <= 1)).all()
+
+
+def test_early_stop_ends_a_row_only_on_a_decoded_eos(model):
+    # The EOS id also pads rows and may be given text: neither ends a row.
+    m, eos = model.config.mask_token_id, model.config.eos_token_id
+    padded = torch.tensor([[10, m, m, m, 12, 13, 14, 15], [eos, eos, eos, 20, 21, m, m, m]])
+    cases = [(padded, torch.tensor([[1] * 8, [0, 0, 0, 1, 1, 1, 1, 1]]), 2),
+             (torch.tensor([[10, m, eos, m, m, m]]), None, 3)]
+    for canvas, mask, block_length in cases:
+        outs = [llada.infill(model, canvas, mask, block_length=block_length,
+                             policy=DecodePolicy(commit="threshold", early_stop=early))
+                for early in (False, True)]
+        assert not (outs[0][canvas == m] == eos).any()  # nothing decoded ends a row
+        assert torch.equal(outs[1], outs[0])
+
+
 def test_finished_rows_leave_the_batch():
     model = EndsWhenAskedTo()
     prompt = torch.tensor([[1, 2, 3], [2, 2, 3], [1, 4, 4]])
@@ -615,7 +662,7 @@ WHOLE_BLOCK_CASES = {
 @pytest.fixture(scope="module")
 def stop_model(tmp_path_factory):
     """Predicts EOS often: ranking stop tokens last then changes decisions."""
-    folder = make_checkpoint(tmp_path_factory.mktemp("stop"), seed=5, boost_stop_tokens=6.0, **SHAPES["gqa"])
+    folder = make_checkpoint(tmp_path_factory.mktemp("stop"), seed=5, boost_stop_tokens=8.0, **SHAPES["gqa"])
     return llada.load_model(folder, dtype=torch.float32, device="cpu")
 
 

@@ -157,20 +157,24 @@ def ranking_scores(choice: ops.TokenChoice, ranking: str, noise: Optional[torch.
     return noise
 
 
-def demote(scores: torch.Tensor, demoted: torch.Tensor,
-           candidate: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Moves the ``demoted`` entries below every other score, keeping their
-    order among themselves (used to rank EOS/EoT predictions last). Only the
-    ``candidate`` entries (default: all; ``demoted`` must lie among them)
-    count for the shift, which is their score range plus one. No host sync."""
+def rank_stop_predictions_last(commit: str, scores: torch.Tensor, stop: torch.Tensor,
+                               candidate: torch.Tensor) -> torch.Tensor:
+    """The ranking scores [B, L] with the ``stop`` positions (those predicting
+    EOS or EoT, among the ``candidate`` ones) committed after every other
+    candidate of their row. No host sync.
+
+    The fixed schedule commits a set count, so they stay candidates and move
+    below the others, keeping their order. The other rules read the values
+    themselves (factor, EB), so a value may not depend on other rows: there,
+    a row's stop positions are candidates only when nothing else is left."""
     if scores.numel() == 0:
         return scores
-    if candidate is None:
-        top, bottom = scores.max(), scores.min()
-    else:
+    if commit == "schedule":
         top = torch.where(candidate, scores, -math.inf).max()
         bottom = torch.where(candidate, scores, math.inf).min()
-    return torch.where(demoted, scores - ((top - bottom) + 1.0), scores)
+        return torch.where(stop, scores - ((top - bottom) + 1.0), scores)
+    others = (candidate & ~stop).any(dim=1, keepdim=True)
+    return torch.where(stop & others, -math.inf, scores)
 
 
 def entropy_bound_select(entropy: torch.Tensor, candidate: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from . import ops
 from .model import llada_model_of
-from .policies import DecodePolicy, demote, ranking_scores, select
+from .policies import DecodePolicy, rank_stop_predictions_last, ranking_scores, select
 from .token_ids import check_token_ids, is_int
 from .workspace import Workspace, checkin, checkout
 
@@ -184,7 +184,8 @@ def generate(
         mask_id: defaults to ``model.config.mask_token_id``.
         logits_eos_inf: never predict EOS.
         confidence_eos_eot_inf: positions predicting EOS or EoT are committed
-            only after every other candidate of the row.
+            only after every other candidate of the row (under the adaptive
+            rules: only in a step where the row has no other candidate).
         seed: makes temperature > 0 and 'random' reproducible; None draws one
             from torch's global generator.
         policy: a :class:`DecodePolicy` (commit rule, ranking, cache, early
@@ -487,12 +488,9 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                     score_grid = spread(ranking_scores(choice, policy.ranking, None), -math.inf, active)
                     if confidence_eos_eot_inf:
                         stop = spread(torch.isin(choice.tokens, stop_ids), False, active)
-                        score_grid = demote(score_grid, stop, active)
                     entropy_grid = None
                     if policy.commit == "entropy_bound":
                         entropy_grid = spread(choice.entropy, 0.0, active)
-                        if confidence_eos_eot_inf:
-                            entropy_grid = -demote(-entropy_grid, stop, active)
                     x0 = spread(choice.tokens, canvas, active)
                     # Only the masked positions' predictions must be valid, as
                     # when only they are sampled.
@@ -504,16 +502,15 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                                                None if noise_keys is None else noise_keys[active])
                     scores = ranking_scores(choice, policy.ranking,
                                             None if noise is None else noise.to(device)[active])
-                    stop = torch.isin(choice.tokens, stop_ids) if confidence_eos_eot_inf else None
-                    if stop is not None:
-                        scores = demote(scores, stop)
                     score_grid = torch.full((b, total), -math.inf, dtype=torch.float32, device=device)
                     score_grid[active] = scores.float()
+                    if confidence_eos_eot_inf:
+                        stop = torch.zeros(b, total, dtype=torch.bool, device=device)
+                        stop[active] = torch.isin(choice.tokens, stop_ids)
                     entropy_grid = None
                     if policy.commit == "entropy_bound":
                         entropy_grid = torch.zeros(b, total, dtype=torch.float32, device=device)
-                        # EOS/EoT predictions go last: the highest entropies.
-                        entropy_grid[active] = choice.entropy if stop is None else -demote(-choice.entropy, stop)
+                        entropy_grid[active] = choice.entropy
                     x0 = canvas.masked_scatter(active, choice.tokens)
                     chosen_confidence = choice.confidence
                 if chosen_confidence.numel():
@@ -521,7 +518,10 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                 if isinstance(suppress, list):
                     # Then a tensor: a list would be copied to the device every step.
                     suppress = torch.tensor(suppress, device=device)
-                accepted = select(policy, score_grid, entropy_grid, k)
+                rank_grid = score_grid
+                if confidence_eos_eot_inf:
+                    rank_grid = rank_stop_predictions_last(policy.commit, score_grid, stop, active)
+                accepted = select(policy, rank_grid, entropy_grid, k)
                 remask = None
                 if decoded is not None:
                     # Each position at most once, and only in rows still decoding
@@ -543,8 +543,10 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                 finished.logical_or_(rows)
 
             if policy.early_stop:
-                # A row whose block holds EOS is done.
-                stop_rows((canvas[:, start:end] == eos_id).any(1))
+                # A row is done once it decodes EOS: given text and padding
+                # may hold the EOS id too, but do not end a row.
+                decoded_eos = (canvas[:, start:end] == eos_id) & ~fixed[:, start:end]
+                stop_rows(decoded_eos.any(1))
             _refuse_invalid_predictions(lowest.item(), blk)
             yield BlockEvent(blk, start, end, stats.nfe, canvas[:, start:end].clone(), finished.clone(), stop_rows)
             if bool(finished.all()):
