@@ -121,9 +121,9 @@ def test_a_graph_takes_logits_of_1_to_w_positions(folder):
             CachedStepGraph(model, cache, None, ids[:, 4:], 4, width)
 
 
-def padded_prompts(seed, row, pad):
-    """Three random prompts of 7 tokens on CUDA; ``row`` has ``pad`` left pads."""
-    prompt = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(seed)).cuda()
+def padded_prompts(seed, row, pad, device="cuda"):
+    """Three random prompts of 7 tokens; ``row`` has ``pad`` left pads."""
+    prompt = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(seed)).to(device)
     mask = torch.ones_like(prompt)
     mask[row, :pad] = 0
     return prompt, mask
@@ -235,6 +235,40 @@ def decode_stopping_row_1(model, prompt, mask, policy):
 
 
 ROW_LEAVING_POLICIES = {"dual": DecodePolicy(cache="dual"), "prefix": DecodePolicy(cache="prefix")}
+
+
+def test_graphs_captured_under_inference_mode_serve_later_decodes(folder, device, stand_in_graphs, graphs):
+    # A graph's inputs and output are copied into and read by later calls,
+    # which may run outside inference mode.
+    model = llada.load_model(folder, device=device, dtype=torch.float32)
+    if device == "cpu":
+        stand_in_graphs.enable()
+    prompt, mask = padded_prompts(4, row=0, pad=2, device=device)
+    kw = dict(steps=16, gen_length=32, block_length=8)
+    want = llada.generate(model, prompt, mask, **kw, policy=DecodePolicy(cache="dual", cuda_graph=False))
+    llada.release_decode_workspace(model)
+    with torch.inference_mode():
+        first = llada.generate(model, prompt, mask, **kw, policy=DecodePolicy(cache="dual"))
+    made = list(stand_in_graphs.made if device == "cpu" else graphs["captured"])
+    assert len(made) == 1
+    got = llada.generate(model, prompt, mask, **kw, policy=DecodePolicy(cache="dual"))
+    assert list(stand_in_graphs.made if device == "cpu" else graphs["captured"]) == made  # replayed
+    assert torch.equal(first, want) and torch.equal(got, want)
+
+
+@needs_cuda
+def test_no_graphs_under_autocast(folder, graphs):
+    # Autocast keeps its casts of the weights in a cache that a graph would
+    # read by address after autocast dropped it: cached steps run eagerly.
+    model = llada.load_model(folder, device="cuda", dtype=torch.float32)
+    prompt, mask = padded_prompts(4, row=0, pad=2)
+    kw = dict(steps=16, gen_length=32, block_length=8)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        exact = llada.generate(model, prompt, mask, **kw)
+        refreshed = llada.generate(model, prompt, mask, **kw, policy=DecodePolicy(cache="dual", refresh_every=1))
+        llada.generate(model, prompt, mask, **kw, policy=DecodePolicy.fast())
+    assert torch.equal(refreshed, exact)
+    assert graphs["captured"] == []
 
 
 @pytest.mark.parametrize("name", list(ROW_LEAVING_POLICIES))

@@ -87,6 +87,37 @@ def test_cache_refreshed_every_step_equals_no_cache(model):
         assert torch.equal(cached, exact), cache
 
 
+def test_cached_decoding_under_autocast(model):
+    # The cache takes the dtype autocast runs the projections in, not the
+    # weights' dtype.
+    prompt, mask = prompt_batch(model)
+    kw = dict(steps=12, gen_length=24, block_length=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exact = llada.generate(model, prompt, mask, **kw)
+        for cache in ("dual", "prefix"):
+            refreshed = llada.generate(model, prompt, mask, **kw, policy=DecodePolicy(cache=cache, refresh_every=1))
+            assert torch.equal(refreshed, exact), cache
+            fast = llada.generate(model, prompt, mask, **kw, policy=DecodePolicy.fast(cache=cache))
+            assert not (fast == model.config.mask_token_id).any()
+
+
+def test_a_cache_made_under_inference_mode_serves_later_decodes(folder):
+    # The model's pool keeps a decode's cache for the next call of its shape,
+    # which may run outside inference mode and writes the cache in place.
+    # (In float16 on the CPU, the cache write is torch's, which checks.)
+    model = llada.load_model(folder, dtype=torch.float16, device="cpu")
+    prompt, mask = prompt_batch(model)
+    kw = dict(steps=12, gen_length=24, block_length=8, policy=DecodePolicy(cache="dual"))
+    want = llada.generate(model, prompt, mask, **kw)
+    llada.release_decode_workspace(model)
+    with torch.inference_mode():
+        assert torch.equal(llada.generate(model, prompt, mask, **kw), want)
+    for _ in range(2):
+        assert torch.equal(llada.generate(model, prompt, mask, **kw), want)
+        with torch.inference_mode():
+            assert torch.equal(llada.generate(model, prompt, mask, **kw), want)
+
+
 @pytest.mark.parametrize("changed", [False, True], ids=["same-canvas", "block-changed"])
 @pytest.mark.parametrize("fed", ["block", "block-and-after"])
 def test_cached_forward_matches_the_naive_model_with_stale_keys(model, folder, changed, fed):

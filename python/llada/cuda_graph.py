@@ -64,11 +64,16 @@ class CachedStepGraph:
             raise ValueError(f"logits_width: expected 1 .. {width}, got {logits_width}")
         # All positions: no slice, so the dual cache's graph is what it was.
         self.logits_at = None if self.logits_width == width else slice(0, self.logits_width)
-        self.ids = ids.clone()
-        self.base = torch.arange(ids.shape[1], device=ids.device)
-        self.positions = self.base + start
-        self.key_mask = None if key_mask is None else key_mask.clone()
-        self._capture(model, pool)
+        # Normal tensors, inputs and output, even when the decode that
+        # captures runs under inference mode: later calls copy into them,
+        # maybe outside it (see llada.workspace). Leaving inference mode turns
+        # gradients on, hence no_grad.
+        with torch.inference_mode(False), torch.no_grad():
+            self.ids = ids.clone()
+            self.base = torch.arange(ids.shape[1], device=ids.device)
+            self.positions = self.base + start
+            self.key_mask = None if key_mask is None else key_mask.clone()
+            self._capture(model, pool)
 
     def _capture(self, model: LLaDAModel, pool) -> None:
         """Runs the warm-up forward, then captures the forward as

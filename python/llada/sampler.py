@@ -633,7 +633,9 @@ class _Forward:
 
     @staticmethod
     def _graphs_run_on(ids: torch.Tensor) -> bool:
-        return ids.is_cuda
+        # Not under autocast: it keeps the weights' casts in a cache of its
+        # own, which a graph would read by address after autocast dropped it.
+        return ids.is_cuda and not torch.is_autocast_enabled("cuda")
 
     def _refresh_due(self) -> bool:
         every = self.policy.refresh_every
@@ -698,11 +700,18 @@ class _Forward:
         has their shape, else one checked out for them (giving back the one
         held: finished rows left the batch). A full forward rewrites every
         position of the cache, so what a pooled cache held never shows."""
-        key = (ids.device, self.base.dtype, ids.shape[0], ids.shape[1], self.key_mask is not None)
+        key = (ids.device, self._cache_dtype(ids.device), ids.shape[0], ids.shape[1], self.key_mask is not None)
         if self.workspace is None or self.workspace.key != key:
             self.give_back()
             self.workspace = checkout(self.base, key)
         return self.workspace
+
+    def _cache_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype of the model's keys and values: the weights', or the one
+        torch.autocast runs the projections in."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.base.dtype
 
     def give_back(self) -> None:
         """Returns the workspace held (if any) to the model's pool."""

@@ -43,7 +43,7 @@ class Workspace:
     logits before the next replay."""
 
     def __init__(self, key, weights, cache: KVCache):
-        self.key = key  # (device, dtype, batch rows, total length, has a key mask)
+        self.key = key  # (device, cache dtype, batch rows, total length, has a key mask)
         self.weights = weights  # _weights_fingerprint of the model when checked out
         self.cache = cache
         self.graphs: list[CachedStepGraph] = []
@@ -91,12 +91,16 @@ def checkout(model, key) -> Workspace:
                 torch.cuda.current_stream(key[0]).wait_event(workspace.done)
             return workspace
     device, dtype, rows, total, _ = key
-    try:
-        cache = KVCache(model.config, rows, total, device, dtype)
-    except torch.OutOfMemoryError:
-        # Workspaces kept for other shapes must not cost this decode its memory.
-        pool.clear()
-        cache = KVCache(model.config, rows, total, device, dtype)
+    # Made outside inference mode, whatever the caller's: decodes after this
+    # one write the cache in place, which torch refuses for an inference
+    # tensor outside inference mode (and allows for a normal one inside).
+    with torch.inference_mode(False), torch.no_grad():
+        try:
+            cache = KVCache(model.config, rows, total, device, dtype)
+        except torch.OutOfMemoryError:
+            # Workspaces kept for other shapes must not cost this decode its memory.
+            pool.clear()
+            cache = KVCache(model.config, rows, total, device, dtype)
     return Workspace(key, weights, cache)
 
 
