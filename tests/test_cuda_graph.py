@@ -268,7 +268,7 @@ def test_no_graphs_under_autocast(folder, graphs):
     assert not (out == model.config.mask_token_id).any()
     assert graphs["captured"] == []
     llada.generate(model, prompt, mask, **kw, policy=DecodePolicy.fast())
-    assert len(graphs["captured"]) == 1  # without autocast
+    assert graphs["captured"]  # without autocast, the steps are graphed
 
 
 @pytest.mark.parametrize("name", list(ROW_LEAVING_POLICIES))
