@@ -243,6 +243,8 @@ def test_bad_input(device):
         llada.attention(last_dim_strided, k, v)
     with pytest.raises(ValueError, match="scale"):
         llada.attention(q, k, v, scale=math.nan)
+    with pytest.raises(ValueError, match="scale: expected a finite float32"):
+        llada.attention(q, k, v, scale=1e39)  # finite as a double only
     if device == "cuda":
         with pytest.raises(ValueError, match="k: expected to be on the device of q"):
             llada.attention(q, k.cpu(), v)

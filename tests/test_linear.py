@@ -112,6 +112,13 @@ def test_gradients_take_torch_product(small_tiles, mode, products):
     torch.testing.assert_close(y, F.linear(x, layer.weight))
 
 
+def test_empty_shapes_match_torch(mode):
+    mode("float32")
+    for x_shape, w_shape in [((2, 3, 0), (4, 0)), ((0, 5), (4, 5)), ((2, 5), (0, 5))]:
+        x, w = torch.randn(x_shape).bfloat16(), torch.randn(w_shape).bfloat16()
+        torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=0, atol=0)
+
+
 def test_bad_mode_is_named():
     with pytest.raises(ValueError, match="mode: expected one of"):
         set_cpu_matmul("fast")

@@ -62,7 +62,9 @@ DType check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::T
   }
   double s = 1.0 / std::sqrt(double(d));
   if (scale.has_value()) {
-    TORCH_CHECK_VALUE(std::isfinite(*scale), "scale: expected a finite number, got ", num(*scale));
+    // The kernels take it as a float32: a larger double would become inf.
+    TORCH_CHECK_VALUE(std::isfinite(float(*scale)), "scale: expected a finite float32 number, got ",
+                      num(*scale));
     s = *scale;
   }
   *scale_out = float(s);

@@ -71,7 +71,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] times weight [N, K] transposed: [..., N] in x's dtype."""
     if not _tiles_in_float32(x, weight):
         return F.linear(x, weight)
-    rows = max(_MIN_TILE_ROWS, _TILE_BYTES // (4 * weight.shape[1]))
+    rows = max(_MIN_TILE_ROWS, _TILE_BYTES // (4 * max(1, weight.shape[1])))
     x32 = x.float()
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
     for first in range(0, weight.shape[0], rows):

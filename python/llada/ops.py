@@ -267,7 +267,7 @@ def select_positions(
     lower position. The accepted set is always a prefix of that ranking:
 
     - ``"topk"``: the first ``k[b]`` candidates of row b (all of them if fewer);
-      ``k`` is an int tensor ``[B]`` of values >= 0, or an int for every row
+      ``k`` is an int64 tensor ``[B]`` of values >= 0, or an int for every row
       (which, unlike a tensor on the GPU, is checked without a sync).
     - ``"threshold"``: every candidate with confidence >= ``threshold``, and at
       least the best one if the row has any candidate.
