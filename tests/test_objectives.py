@@ -107,6 +107,22 @@ def test_stratified_counts_cover_the_range():
     assert len(set(counts.tolist())) == 16  # evenly spaced, no repeats
 
 
+@pytest.mark.parametrize("batch, length", [(16, 4), (16, 8), (4, 10), (2, 3), (16, 40), (7, 5), (3, 1)])
+def test_each_stratified_count_is_uniform(batch, length):
+    # Over the random start, every count in 1..length is equally likely in
+    # every row, or the weight length / count biases the estimate.
+    by_start = {}
+    for seed in range(10_000):
+        counts = stratified_mask_counts(batch, length, torch.Generator().manual_seed(seed))
+        by_start.setdefault(int(counts[0]), counts)  # row 0 is the start itself
+        if len(by_start) == length:
+            break
+    assert sorted(by_start) == list(range(1, length + 1))
+    per_row = torch.stack(list(by_start.values()))  # [starts, batch]
+    for row in per_row.T:
+        assert sorted(row.tolist()) == list(range(1, length + 1))
+
+
 def test_likelihood_is_unbiased_and_spread_shrinks():
     q = torch.softmax(torch.randn(VOCAB), dim=0)
     model = Unigram(q)

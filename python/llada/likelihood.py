@@ -24,10 +24,14 @@ from .token_ids import check_token_ids, is_int
 def stratified_mask_counts(
     batch: int, length: int, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:
-    """(batch,) mask counts in 1..length, evenly spaced from a random start."""
+    """(batch,) mask counts in 1..length, evenly spaced from a random start.
+
+    Each count on its own is uniform over 1..length, as the estimate's
+    weight length / count needs: the spacing is rounded down, the same way
+    for every start (rounding to nearest favours even counts at halves)."""
     start = int(torch.randint(1, length + 1, (), generator=generator))
-    spaced = torch.round(start + torch.arange(batch, dtype=torch.float64) * (length / batch)).long()
-    return (spaced - 1) % length + 1
+    offsets = torch.arange(batch, dtype=torch.long) * length // batch
+    return (start - 1 + offsets) % length + 1
 
 
 def _ids(x, name: str) -> torch.Tensor:
