@@ -73,7 +73,9 @@ def test_suppressed_ids_are_never_chosen(device):
 
 def test_suppress_ids_as_tensor_ignores_out_of_range(device):
     logits = random_logits(8, 100, torch.float32, device)
-    ids = torch.tensor([3, 250, -7], device=device)
+    best = int(logits[0].argmax())
+    # Also ids that an int32 would wrap onto a row's best column.
+    ids = torch.tensor([3, 250, -7, 2**32 + best, best - 2**32], device=device)
     got = llada.sample_tokens(logits, suppress_ids=ids)
     want = sample_tokens_reference(logits, suppress_ids=[3])
     torch.testing.assert_close(got.tokens.cpu(), want.tokens.cpu())

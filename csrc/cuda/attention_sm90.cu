@@ -991,6 +991,10 @@ int attention_sm90_key_tile() { return kBlockK; }
 cudaError_t attention_sm90_cuda(const AttentionParams& p, int num_splits, bool persistent, Sm90Pipeline pipeline,
                                 void* workspace, cudaStream_t stream) {
   if (!attention_sm90_supports(p) || num_splits < 1 || num_splits > key_tiles(p)) return cudaErrorInvalidValue;
+  // Chunks of ceil(tiles / num_splits) tiles: a count that leaves one empty
+  // would launch fewer splits than the combine step reads back.
+  const int64_t per = (key_tiles(p) + num_splits - 1) / num_splits;
+  if ((key_tiles(p) + per - 1) / per != num_splits) return cudaErrorInvalidValue;
   if (num_splits > 1 && workspace == nullptr) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.q_len == 0 || p.q_heads == 0) return cudaSuccess;
   if (p.dtype == DType::kBFloat16)

@@ -203,7 +203,11 @@ __global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(SampleTokens
   constexpr int kVec = 16 / sizeof(T);
   __shared__ int32_t suppress[kMaxSuppress];
   const int num_suppress = p.num_suppress;
-  for (int i = threadIdx.x; i < num_suppress; i += kThreads) suppress[i] = int32_t(p.suppress[i]);
+  // Ids outside the vocabulary match no column (-1), also those that int32 would wrap into it.
+  for (int i = threadIdx.x; i < num_suppress; i += kThreads) {
+    const int64_t id = p.suppress[i];
+    suppress[i] = id >= 0 && id < p.vocab ? int32_t(id) : -1;
+  }
   __syncthreads();
 
   const int64_t row = blockIdx.x;
