@@ -145,14 +145,18 @@ def test_system_needs_chat(checkpoint, capsys, argv, message):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_prompts_file_dash_reads_standard_input(checkpoint, capsys, monkeypatch):
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"], ids=["plain", "byte-order-mark"])
+def test_prompts_file_dash_reads_standard_input(checkpoint, capsys, monkeypatch, tmp_path, bom):
     texts = ["Hello there", "Hi ☃"]
-    lines = "\n".join(json.dumps(t, ensure_ascii=False) for t in texts).encode("utf-8")
+    lines = bom + "\r\n".join(json.dumps(t, ensure_ascii=False) for t in texts).encode("utf-8")
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(lines), encoding="ascii"))
     assert main(["generate", "--model", str(checkpoint), *ARGS, "--prompts-file", "-"]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [p["prompt"] for p in printed] == texts
     assert [p["answer"] for p in printed] == oracle_batch_answers(checkpoint, texts)
+    (tmp_path / "prompts.jsonl").write_bytes(lines)  # the same from a file
+    assert main(["generate", "--model", str(checkpoint), *ARGS, "--prompts-file", str(tmp_path / "prompts.jsonl")]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == printed
 
 
 @pytest.mark.parametrize("content, flags, message", [
@@ -638,7 +642,6 @@ def test_text_that_is_not_utf8_is_named(capsys, argv, named):
 
 @pytest.mark.parametrize("bad, message", [
     ("y " * 600, "standard input line 2: the message alone is too long"),
-    ("a <|mdm_mask|> b", "standard input line 2: the text holds the mask token"),
 ])
 def test_chat_reports_a_message_it_cannot_take_and_keeps_the_conversation(checkpoint, capsys, monkeypatch, bad,
                                                                           message):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
+import uuid
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -76,6 +78,20 @@ class Engine:
             if any(message["role"] == "system" for message in messages):
                 raise ValueError("system: the conversation already has a system message")
             messages = [{"role": "system", "content": system}] + messages
+        # A message's text is plain text: one that spells a special token (a
+        # user writing "<|eot_id|>") must not end its turn or hold the mask.
+        # Each such spelling goes through the template as a marker, and is
+        # tokenized on its own with special tokens split.
+        spelled: list[str] = []
+        tag = f"\ue000{uuid.uuid4().hex}"  # private-use: no template or text gives it meaning
+
+        def hide(match: re.Match) -> str:
+            spelled.append(match.group())
+            return f"{tag}{len(spelled) - 1}\ue001"
+
+        special = self._special_text()
+        if special is not None:
+            messages = [dict(message, content=special.sub(hide, message["content"])) for message in messages]
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as e:
@@ -86,7 +102,28 @@ class Engine:
             # Templates raise on what they do not take (e.g. roles out of order).
             raise ValueError(f"chat: the tokenizer's chat template failed on this conversation: "
                              f"{type(e).__name__}: {e}") from None
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        parts = re.split(f"{tag}(\\d+)\ue001", text)
+        if sorted(int(i) for i in parts[1::2]) != list(range(len(spelled))):
+            raise ValueError("chat: the tokenizer's chat template changed the messages' text where it "
+                             "spells special tokens; those messages cannot be kept as plain text")
+        ids = []
+        for i, part in enumerate(parts):
+            if i % 2 == 0:
+                ids += self.tokenizer(part, add_special_tokens=False)["input_ids"] if part else []
+            else:
+                ids += self.tokenizer(spelled[int(part)], add_special_tokens=False,
+                                      split_special_tokens=True)["input_ids"]
+        return ids
+
+    def _special_text(self) -> Optional[re.Pattern]:
+        """A pattern matching the text of every special token, or None."""
+        if not hasattr(self, "_special_pattern"):
+            decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+            texts = {str(token) for token in decoder.values() if getattr(token, "special", False)}
+            texts |= set(getattr(self.tokenizer, "all_special_tokens", ()))
+            texts = sorted((t for t in texts if t), key=len, reverse=True)  # the longest spelling first
+            self._special_pattern = re.compile("|".join(map(re.escape, texts))) if texts else None
+        return self._special_pattern
 
     def decode(self, ids: Union[Sequence[int], torch.Tensor]) -> str:
         """The text of generated ids (a list or a 1-D tensor) up to the first
@@ -102,7 +139,12 @@ class Engine:
             if token in self.stop_ids:
                 ids = ids[:i]
                 break
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self._text(ids)
+
+    def _text(self, ids: list[int]) -> str:
+        # No clean-up of spaces: it would change the model's text (" ," is
+        # code too), and a streamed answer's pieces would not join to it.
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]], *, chat: bool = False,
                  system: Optional[str] = None, batch_size: int = 8, by_length: bool = True,
@@ -237,7 +279,8 @@ class Engine:
                **options) -> str:
         """The text of ``length`` tokens generated between ``prefix`` and
         ``suffix`` (neither changes; the model attends to both), EOS/EoT
-        tokens dropped: ``fill([prefix, length, suffix])[0]``."""
+        tokens dropped, such that ``prefix + text + suffix`` reads as the
+        whole: ``fill([prefix, length, suffix])[0]``."""
         for name, text in (("prefix", prefix), ("suffix", suffix)):
             if not isinstance(text, str):
                 raise TypeError(f"{name}: expected a str, got {type(text).__name__}")
@@ -250,8 +293,11 @@ class Engine:
         """Fills the gaps of a template, e.g. ``["def f(x):\n    return ", 8,
         "\n\nprint(f(", 3, "))\n"]``: each str is fixed text (tokenized on
         its own, never changed), each int a gap of that many tokens. The
-        model fills every gap at once, attending to all of the text. Returns
-        the gaps' texts in order, EOS/EoT tokens dropped. ``options`` are
+        model fills every gap at once, attending to all of the text (after
+        the ids the tokenizer starts an encoded text with, e.g. BOS). Returns
+        the gaps' texts in order, EOS/EoT tokens dropped, each with the
+        separators its decoder puts at its seams: the parts, gaps replaced
+        by their texts, join to the whole text. ``options`` are
         :func:`llada.infill`'s (``steps``: default one token per step;
         ``block_length``: default all the gaps in one block)."""
         if not isinstance(parts, (list, tuple)):
@@ -263,37 +309,75 @@ class Engine:
         the argument a template too long for the model is blamed on."""
         _check_stats(stats)
         mask_id = self.model.config.mask_token_id
-        pieces, gaps, size = [], [], 0  # each piece: token ids, or a gap's length
+        # The canvas starts as an encoded prompt does (e.g. with BOS): the
+        # model reads text after it, as when generating.
+        lead = self._leading_special_ids()
+        pieces, is_gap = [lead], [False]  # token ids, or a gap's length
         for part, name in zip(parts, names):
             if isinstance(part, str):
                 ids = self.tokenizer(part, add_special_tokens=False)["input_ids"]
                 if mask_id in ids:  # it would be filled as one more gap
                     raise ValueError(f"{name}: the text holds the mask token ({mask_id}), which only gaps may")
                 pieces.append(ids)
-                size += len(ids)
             elif is_int(part):
                 if part < 1:
                     raise ValueError(f"{name}: expected a positive number of tokens (a gap's length), got {part}")
-                gaps.append((size, int(part)))
                 pieces.append(int(part))
-                size += int(part)
             else:
                 raise TypeError(f"{name}: expected a str or a positive int (a gap's length), got {part!r}")
-        if not gaps:
+            is_gap.append(is_int(part))
+        if not any(is_gap):
             raise ValueError("parts: holds no gap (a positive int) to fill")
+        sizes = [piece if gap else len(piece) for piece, gap in zip(pieces, is_gap)]
         max_len = self.model.config.max_sequence_length
-        if size > max_len:  # checked before the masks are laid out: a gap may be huge
-            raise ValueError(f"{whole}: text and gaps make {size} tokens, more than the model's "
+        if sum(sizes) > max_len:  # checked before the masks are laid out: a gap may be huge
+            raise ValueError(f"{whole}: text and gaps make {sum(sizes)} tokens, more than the model's "
                              f"max_sequence_length {max_len}")
-        canvas = [token for piece in pieces for token in ([mask_id] * piece if isinstance(piece, int) else piece)]
+        canvas = [token for piece, gap in zip(pieces, is_gap) for token in ([mask_id] * piece if gap else piece)]
         out, work = infill(self.model, torch.tensor(canvas, dtype=torch.long), return_stats=True, **options)
         if stats is not None:
             stats.add(work)
+        start = 0
+        for i, size in enumerate(sizes):
+            if is_gap[i]:
+                pieces[i] = [t for t in out[start: start + size].tolist() if t not in self.stop_ids]
+            start += size
+        return self._gap_texts(pieces, is_gap)
+
+    def _gap_texts(self, pieces: list[list[int]], is_gap: list[bool]) -> list[str]:
+        """The text of each gap as it reads between its neighbours. A decoder
+        may put a separator at a seam (a word-level one a space between two
+        words) that decoding a gap alone drops: a gap's text is what it adds
+        to the text decoded so far, with the separator the next fixed text
+        gets, so that fixed texts and gap texts join to the whole text."""
+        decoded = [""]  # the text of pieces[:i]
+        for i in range(len(pieces)):
+            decoded.append(self._text([t for piece in pieces[: i + 1] for t in piece]))
+
+        def added(i):
+            before, after = decoded[i], decoded[i + 1]
+            return after[len(before):] if after.startswith(before) else self._text(pieces[i])
+
         texts = []
-        for start, length in gaps:
-            gap = out[start: start + length].tolist()
-            texts.append(self.tokenizer.decode([t for t in gap if t not in self.stop_ids], skip_special_tokens=True))
+        for i, gap in enumerate(is_gap):
+            if not gap:
+                continue
+            text = added(i)
+            if i + 1 < len(pieces) and not is_gap[i + 1]:
+                following, alone = added(i + 1), self._text(pieces[i + 1])
+                if alone and following.endswith(alone):
+                    text += following[: len(following) - len(alone)]
+            texts.append(text)
         return texts
+
+    def _leading_special_ids(self) -> list[int]:
+        """The ids the tokenizer puts before a text's own (e.g. BOS)."""
+        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        for start in range(len(full) - len(plain) + 1):
+            if full[start: start + len(plain)] == plain:
+                return full[:start]
+        return []
 
     def log_likelihood(self, prompt: Prompt, answer: str, *, chat: bool = False, system: Optional[str] = None,
                        **options) -> float:

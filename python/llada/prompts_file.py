@@ -16,10 +16,11 @@ def read_json_lines(path: str) -> list[tuple[str, object]]:
     lines are skipped."""
     name = "standard input" if path == "-" else path
     try:
+        # utf-8-sig: a byte order mark at the start is not part of the JSON.
         if path == "-":
-            text = sys.stdin.buffer.read().decode("utf-8")
+            text = sys.stdin.buffer.read().decode("utf-8-sig")
         else:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 text = f.read()
     except OSError as e:
         raise FileNotFoundError(f"--prompts-file {name}: cannot read it ({e.strerror})") from None
