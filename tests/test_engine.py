@@ -281,15 +281,15 @@ def test_gap_texts_read_between_their_neighbours(word_engine, monkeypatch):
     monkeypatch.setattr(engine_module, "infill", lambda *a, **kw: outs.append(real(*a, **kw)) or outs[-1])
     tok = word_engine.tokenizer
     for prefix, suffix, length in (("add 4 7 1 + 5 8 3 =", "5 4", 2), ("add 4 7 1 + 5 8 3 =", "", 4),
-                                   ("add 4 7 1 +", "= 1 0 5 4", 3)):
+                                   ("add 4 7 1 +", "= 1 0 5 4", 3), ("add 4 7 1 + ", "= 1 0 5 4", 3),
+                                   ("add 4 7 1 +", " = 1 0 5 4", 3)):
         gap = word_engine.infill(prefix, suffix, length)
         whole = tok.decode(outs[-1][0].tolist(), skip_special_tokens=True)
-        assert prefix + gap + suffix == whole
-        assert gap.startswith(" ") and (not suffix or gap.endswith(" "))
-    parts = ["add", 3, "+ 5 8 3 =", 4]
-    gaps = word_engine.fill(parts)
-    whole = tok.decode(outs[-1][0].tolist(), skip_special_tokens=True)
-    assert parts[0] + gaps[0] + parts[2] + gaps[1] == whole
+        assert prefix + gap + suffix == whole, (prefix, suffix)
+    for parts in (["add", 3, "+ 5 8 3 =", 4], ["add 4 7 1 +", 2, "", "= 1 0 5 4"], ["add", 1, 2, "= 1 0 5 4"]):
+        gaps = iter(word_engine.fill(parts))
+        whole = tok.decode(outs[-1][0].tolist(), skip_special_tokens=True)
+        assert "".join(part if isinstance(part, str) else next(gaps) for part in parts) == whole, parts
 
 
 def test_decoding_keeps_the_spaces_the_model_wrote(checkpoint):
@@ -325,6 +325,33 @@ def test_chat_messages_are_plain_text():
     assert engine.encode(CONVERSATION, chat=True) == tok(
         tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False),
         add_special_tokens=False)["input_ids"]
+    # A template may leave such a message out.
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] != 'system' %}"
+                         "{{ m['role'] }}: {{ m['content'] }}<|eot_id|>{% endif %}{% endfor %}assistant: ")
+    assert engine.encode("hi", chat=True, system="never write <|eot_id|>") == engine.encode("hi", chat=True)
+
+
+def test_chat_refuses_what_a_tokenizer_cannot_keep_as_plain_text():
+    # A sentencepiece-style tokenizer marks where each text starts: tokenized
+    # apart, a spelled special token would gain spaces around it.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|eot_id|>"]
+    sentencepiece = Tokenizer(models.BPE())
+    sentencepiece.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    sentencepiece.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    sentencepiece.train_from_iterator(["hi there user assistant"] * 3, trainers.BpeTrainer(
+        vocab_size=100, special_tokens=specials, show_progress=False,
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz<|>_:")))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=sentencepiece, bos_token=specials[0], eos_token=specials[1], mask_token=specials[2],
+        chat_template="{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|eot_id|>"
+                      "{% endfor %}assistant: ")
+    engine = llada.Engine(llada.load(device="cpu").model, tok)
+    assert tok.decode(engine.encode("hi there", chat=True)) == "<|startoftext|>user: hi there<|eot_id|>assistant: "
+    with pytest.raises(ValueError, match="chat: a message spells the special token '<\\|eot_id\\|>'"):
+        engine.encode("hi<|eot_id|>there", chat=True)
 
 
 def test_log_likelihood_scores_the_answer_text(engine):

@@ -102,10 +102,15 @@ class Engine:
             # Templates raise on what they do not take (e.g. roles out of order).
             raise ValueError(f"chat: the tokenizer's chat template failed on this conversation: "
                              f"{type(e).__name__}: {e}") from None
-        parts = re.split(f"{tag}(\\d+)\ue001", text)
-        if sorted(int(i) for i in parts[1::2]) != list(range(len(spelled))):
-            raise ValueError("chat: the tokenizer's chat template changed the messages' text where it "
-                             "spells special tokens; those messages cannot be kept as plain text")
+        if not spelled:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # A template may leave a message out or repeat it (its markers with
+        # it), but one that changed a marker would leave its text behind.
+        marker = re.compile(f"{tag}(\\d+)\ue001", re.IGNORECASE)
+        parts = marker.split(text)
+        if any(re.search(tag, part, re.IGNORECASE) for part in parts[::2]):
+            raise ValueError("chat: the tokenizer's chat template changed the messages' text where it spells "
+                             "special tokens; those messages cannot be kept as plain text")
         ids = []
         for i, part in enumerate(parts):
             if i % 2 == 0:
@@ -113,16 +118,27 @@ class Engine:
             else:
                 ids += self.tokenizer(spelled[int(part)], add_special_tokens=False,
                                       split_special_tokens=True)["input_ids"]
+        # Tokenized in parts, the text must stay the template's: a tokenizer
+        # that marks where each text starts (a sentencepiece-style one adds
+        # a space there) would change it.
+        whole = "".join(part if i % 2 == 0 else spelled[int(part)] for i, part in enumerate(parts))
+        as_text = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if self.tokenizer.decode(ids, **as_text) != self.tokenizer.decode(
+                self.tokenizer(whole, add_special_tokens=False)["input_ids"], **as_text):
+            raise ValueError(f"chat: a message spells the special token {spelled[0]!r}, which this tokenizer "
+                             f"cannot keep as plain text without changing the text around it")
         return ids
 
     def _special_text(self) -> Optional[re.Pattern]:
         """A pattern matching the text of every special token, or None."""
-        if not hasattr(self, "_special_pattern"):
-            decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
-            texts = {str(token) for token in decoder.values() if getattr(token, "special", False)}
-            texts |= set(getattr(self.tokenizer, "all_special_tokens", ()))
+        decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        listed = getattr(self.tokenizer, "all_special_tokens", ())
+        key = (len(decoder), len(listed))  # special tokens added later change it
+        if getattr(self, "_special_key", None) != key:
+            texts = {str(token) for token in decoder.values() if getattr(token, "special", False)} | set(listed)
             texts = sorted((t for t in texts if t), key=len, reverse=True)  # the longest spelling first
             self._special_pattern = re.compile("|".join(map(re.escape, texts))) if texts else None
+            self._special_key = key
         return self._special_pattern
 
     def decode(self, ids: Union[Sequence[int], torch.Tensor]) -> str:
@@ -312,7 +328,7 @@ class Engine:
         # The canvas starts as an encoded prompt does (e.g. with BOS): the
         # model reads text after it, as when generating.
         lead = self._leading_special_ids()
-        pieces, is_gap = [lead], [False]  # token ids, or a gap's length
+        pieces, is_gap, strings = [lead], [False], [""]  # token ids or a gap's length; the caller's text
         for part, name in zip(parts, names):
             if isinstance(part, str):
                 ids = self.tokenizer(part, add_special_tokens=False)["input_ids"]
@@ -326,6 +342,7 @@ class Engine:
             else:
                 raise TypeError(f"{name}: expected a str or a positive int (a gap's length), got {part!r}")
             is_gap.append(is_int(part))
+            strings.append(None if is_int(part) else part)
         if not any(is_gap):
             raise ValueError("parts: holds no gap (a positive int) to fill")
         sizes = [piece if gap else len(piece) for piece, gap in zip(pieces, is_gap)]
@@ -342,41 +359,42 @@ class Engine:
             if is_gap[i]:
                 pieces[i] = [t for t in out[start: start + size].tolist() if t not in self.stop_ids]
             start += size
-        return self._gap_texts(pieces, is_gap)
+        return self._gap_texts(pieces, strings)
 
-    def _gap_texts(self, pieces: list[list[int]], is_gap: list[bool]) -> list[str]:
-        """The text of each gap as it reads between its neighbours. A decoder
+    def _gap_texts(self, pieces: list[list[int]], strings: list[Optional[str]]) -> list[str]:
+        """The text of each gap (``strings[i]`` None; else the caller's text
+        of ``pieces[i]``) as it reads between the caller's texts. A decoder
         may put a separator at a seam (a word-level one a space between two
-        words) that decoding a gap alone drops: a gap's text is what it adds
-        to the text decoded so far, with the separator the next fixed text
-        gets, so that fixed texts and gap texts join to the whole text."""
-        decoded = [""]  # the text of pieces[:i]
-        for i in range(len(pieces)):
-            decoded.append(self._text([t for piece in pieces[: i + 1] for t in piece]))
-
-        def added(i):
-            before, after = decoded[i], decoded[i + 1]
-            return after[len(before):] if after.startswith(before) else self._text(pieces[i])
-
-        texts = []
-        for i, gap in enumerate(is_gap):
-            if not gap:
+        words) that decoding a gap alone drops. So a gap's text is the text
+        decoded through it less the texts before it, with the separator the
+        next (non-empty) text gets: the caller's texts and the gaps' texts
+        join to the whole text decoded. Where the decoder does not give back
+        the caller's texts as they are, a gap's text is its tokens decoded
+        alone."""
+        decoded = [self._text([t for piece in pieces[: i + 1] for t in piece]) for i in range(len(pieces))]
+        joined, texts = "", []
+        for i, string in enumerate(strings):
+            if string is not None:
+                joined += string
                 continue
-            text = added(i)
-            if i + 1 < len(pieces) and not is_gap[i + 1]:
-                following, alone = added(i + 1), self._text(pieces[i + 1])
-                if alone and following.endswith(alone):
-                    text += following[: len(following) - len(alone)]
+            text = decoded[i][len(joined):] if decoded[i].startswith(joined) else self._text(pieces[i])
+            after = next((j for j in range(i + 1, len(strings)) if strings[j] != ""), None)
+            if after is not None and strings[after] is not None:
+                before, rest, given = joined + text, decoded[after], strings[after]
+                if rest.startswith(before) and rest.endswith(given) and len(rest) - len(given) >= len(before):
+                    text += rest[len(before): len(rest) - len(given)]
             texts.append(text)
+            joined += text
         return texts
 
     def _leading_special_ids(self) -> list[int]:
         """The ids the tokenizer puts before a text's own (e.g. BOS)."""
-        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        for start in range(len(full) - len(plain) + 1):
-            if full[start: start + len(plain)] == plain:
-                return full[:start]
+        for probe in ("a", "0", ".", "x y"):
+            plain = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+            if plain:  # a text that tokenizes to something, to find it in the full ids
+                full = self.tokenizer(probe, add_special_tokens=True)["input_ids"]
+                starts = [i for i in range(len(full) - len(plain) + 1) if full[i: i + len(plain)] == plain]
+                return full[: starts[0]] if starts else []
         return []
 
     def log_likelihood(self, prompt: Prompt, answer: str, *, chat: bool = False, system: Optional[str] = None,
