@@ -2,6 +2,7 @@
 oracle decoding the same token ids."""
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -352,6 +353,15 @@ def test_chat_refuses_what_a_tokenizer_cannot_keep_as_plain_text():
     assert tok.decode(engine.encode("hi there", chat=True)) == "<|startoftext|>user: hi there<|eot_id|>assistant: "
     with pytest.raises(ValueError, match="chat: a message spells the special token '<\\|eot_id\\|>'"):
         engine.encode("hi<|eot_id|>there", chat=True)
+
+
+def test_chat_refuses_a_spelling_that_is_a_word_of_the_vocabulary(word_engine):
+    # A word-level vocabulary holds the special tokens as words: their
+    # spelling tokenizes to them even with special tokens split.
+    assert word_engine.encode("1 x 2", chat=True).count(word_engine.model.config.eot_token_id) == 1
+    for spelled in ("<|eot_id|>", "<|mdm_mask|>"):
+        with pytest.raises(ValueError, match=f"chat: a message spells the special token '{re.escape(spelled)}'"):
+            word_engine.encode(f"1 {spelled} 2", chat=True)
 
 
 def test_log_likelihood_scores_the_answer_text(engine):

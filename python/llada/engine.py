@@ -116,8 +116,12 @@ class Engine:
             if i % 2 == 0:
                 ids += self.tokenizer(part, add_special_tokens=False)["input_ids"] if part else []
             else:
-                ids += self.tokenizer(spelled[int(part)], add_special_tokens=False,
-                                      split_special_tokens=True)["input_ids"]
+                plain = self.tokenizer(spelled[int(part)], add_special_tokens=False,
+                                       split_special_tokens=True)["input_ids"]
+                if self._special_ids().intersection(plain):  # e.g. a word-level vocabulary's own word
+                    raise ValueError(f"chat: a message spells the special token {spelled[int(part)]!r}, "
+                                     f"which this tokenizer cannot tokenize as plain text")
+                ids += plain
         # Tokenized in parts, the text must stay the template's: a tokenizer
         # that marks where each text starts (a sentencepiece-style one adds
         # a space there) would change it.
@@ -128,6 +132,11 @@ class Engine:
             raise ValueError(f"chat: a message spells the special token {spelled[0]!r}, which this tokenizer "
                              f"cannot keep as plain text without changing the text around it")
         return ids
+
+    def _special_ids(self) -> set[int]:
+        decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        ids = {i for i, token in decoder.items() if getattr(token, "special", False)}
+        return ids | set(getattr(self.tokenizer, "all_special_ids", ()))
 
     def _special_text(self) -> Optional[re.Pattern]:
         """A pattern matching the text of every special token, or None."""
