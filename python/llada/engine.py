@@ -78,6 +78,11 @@ class Engine:
             if any(message["role"] == "system" for message in messages):
                 raise ValueError("system: the conversation already has a system message")
             messages = [{"role": "system", "content": system}] + messages
+        return self._chat_ids(messages)
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        """The ids of ``messages`` through the chat template, ready for the
+        assistant's answer."""
         # A message's text is plain text: one that spells a special token (a
         # user writing "<|eot_id|>") must not end its turn or hold the mask.
         # Each such spelling goes through the template as a marker, and is
@@ -111,14 +116,14 @@ class Engine:
         if any(re.search(tag, part, re.IGNORECASE) for part in parts[::2]):
             raise ValueError("chat: the tokenizer's chat template changed the messages' text where it spells "
                              "special tokens; those messages cannot be kept as plain text")
-        ids = []
+        ids, special_ids = [], self._special_ids()
         for i, part in enumerate(parts):
             if i % 2 == 0:
                 ids += self.tokenizer(part, add_special_tokens=False)["input_ids"] if part else []
             else:
                 plain = self.tokenizer(spelled[int(part)], add_special_tokens=False,
                                        split_special_tokens=True)["input_ids"]
-                if self._special_ids().intersection(plain):  # e.g. a word-level vocabulary's own word
+                if special_ids.intersection(plain):  # e.g. a word-level vocabulary's own word
                     raise ValueError(f"chat: a message spells the special token {spelled[int(part)]!r}, "
                                      f"which this tokenizer cannot tokenize as plain text")
                 ids += plain
