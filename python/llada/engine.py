@@ -94,7 +94,7 @@ class Engine:
             spelled.append(match.group())
             return f"{tag}{len(spelled) - 1}\ue001"
 
-        special = self._special_text()
+        special, special_ids = self._special_tokens()
         if special is not None:
             messages = [dict(message, content=special.sub(hide, message["content"])) for message in messages]
         try:
@@ -116,7 +116,7 @@ class Engine:
         if any(re.search(tag, part, re.IGNORECASE) for part in parts[::2]):
             raise ValueError("chat: the tokenizer's chat template changed the messages' text where it spells "
                              "special tokens; those messages cannot be kept as plain text")
-        ids, special_ids = [], self._special_ids()
+        ids = []
         for i, part in enumerate(parts):
             if i % 2 == 0:
                 ids += self.tokenizer(part, add_special_tokens=False)["input_ids"] if part else []
@@ -138,22 +138,19 @@ class Engine:
                              f"cannot keep as plain text without changing the text around it")
         return ids
 
-    def _special_ids(self) -> set[int]:
-        decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
-        ids = {i for i, token in decoder.items() if getattr(token, "special", False)}
-        return ids | set(getattr(self.tokenizer, "all_special_ids", ()))
-
-    def _special_text(self) -> Optional[re.Pattern]:
-        """A pattern matching the text of every special token, or None."""
+    def _special_tokens(self) -> tuple[Optional[re.Pattern], set[int]]:
+        """A pattern matching the text of every special token (None if there
+        is none), and their ids; read again when special tokens are added."""
         decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
         listed = getattr(self.tokenizer, "all_special_tokens", ())
-        key = (len(decoder), len(listed))  # special tokens added later change it
-        if getattr(self, "_special_key", None) != key:
-            texts = {str(token) for token in decoder.values() if getattr(token, "special", False)} | set(listed)
-            texts = sorted((t for t in texts if t), key=len, reverse=True)  # the longest spelling first
-            self._special_pattern = re.compile("|".join(map(re.escape, texts))) if texts else None
-            self._special_key = key
-        return self._special_pattern
+        key = (len(decoder), len(listed))
+        if getattr(self, "_specials_key", None) != key:
+            special = {i: str(token) for i, token in decoder.items() if getattr(token, "special", False)}
+            texts = sorted({t for t in [*special.values(), *listed] if t}, key=len, reverse=True)  # longest first
+            pattern = re.compile("|".join(map(re.escape, texts))) if texts else None
+            ids = set(special) | set(getattr(self.tokenizer, "all_special_ids", ()))
+            self._specials, self._specials_key = (pattern, ids), key
+        return self._specials
 
     def decode(self, ids: Union[Sequence[int], torch.Tensor]) -> str:
         """The text of generated ids (a list or a 1-D tensor) up to the first
@@ -342,7 +339,7 @@ class Engine:
         # The canvas starts as an encoded prompt does (e.g. with BOS): the
         # model reads text after it, as when generating.
         lead = self._leading_special_ids()
-        pieces, is_gap, strings = [lead], [False], [""]  # token ids or a gap's length; the caller's text
+        pieces, strings = [lead], [""]  # token ids or a gap's length; the caller's text, None for a gap
         for part, name in zip(parts, names):
             if isinstance(part, str):
                 ids = self.tokenizer(part, add_special_tokens=False)["input_ids"]
@@ -355,8 +352,8 @@ class Engine:
                 pieces.append(int(part))
             else:
                 raise TypeError(f"{name}: expected a str or a positive int (a gap's length), got {part!r}")
-            is_gap.append(is_int(part))
             strings.append(None if is_int(part) else part)
+        is_gap = [string is None for string in strings]
         if not any(is_gap):
             raise ValueError("parts: holds no gap (a positive int) to fill")
         sizes = [piece if gap else len(piece) for piece, gap in zip(pieces, is_gap)]
