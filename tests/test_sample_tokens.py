@@ -256,3 +256,13 @@ def test_bad_input(device):
     if device == "cuda":
         with pytest.raises(ValueError, match="suppress_ids"):
             torch.ops.llada.sample_tokens(good, torch.tensor([1]), 0.0, 0)
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-44])
+def test_tiny_temperatures_sample_the_argmax(device, temperature):
+    # logits / T overflows float32 here (45 / 1e-38 is +inf, as is 44 / 1e-38):
+    # the draw must still be the argmax, as in the float64 reference.
+    logits = torch.tensor([[10.0, 45.0, 44.0, -3.0], [0.0, -1.0, 0.5, 0.25]], device=device)
+    got = llada.sample_tokens(logits, temperature, seed=1)
+    want = sample_tokens_reference(logits, temperature, seed=1)
+    assert got.tokens.cpu().tolist() == want.tokens.tolist() == [1, 2]

@@ -81,14 +81,14 @@ int64_t first_index_of(const float* x, int64_t n, float value) {
 // the first maximal score is taken. A row whose every score overflowed to
 // -inf falls back to its first finite logit, as the GPU kernel does.
 LLADA_MULTIVERSION
-void gumbel_scores(const float* x, float* score, int64_t n, float inv_temperature, GumbelKey key) {
+void gumbel_scores(const float* x, float* score, int64_t n, GumbelScale scale, GumbelKey key) {
   for (int64_t i = 0; i < n; ++i)
-    score[i] = x[i] == kNegInf ? kNegInf : gumbel_score(x[i], inv_temperature, key, uint32_t(i));
+    score[i] = x[i] == kNegInf ? kNegInf : gumbel_score(x[i], scale, key, uint32_t(i));
 }
 
 int64_t gumbel_argmax(const float* x, float* score, int64_t n, float temperature, uint64_t seed,
                       int64_t row) {
-  gumbel_scores(x, score, n, 1.0f / temperature, gumbel_row_key(seed, row));
+  gumbel_scores(x, score, n, gumbel_scale(temperature), gumbel_row_key(seed, row));
   const float best = row_max(score, n);
   if (best == kNegInf) {
     for (int64_t i = 0; i < n; ++i)

@@ -77,7 +77,7 @@ __device__ __forceinline__ void merge(RowState& a, const RowState& b) {
 template <int N>
 __device__ __forceinline__ void accumulate(RowState& s, float (&v)[N], int32_t col0,
                                            const int32_t* suppress, int num_suppress,
-                                           float inv_temperature, GumbelKey key) {
+                                           bool sampling, GumbelScale scale, GumbelKey key) {
   for (int q = 0; q < num_suppress; ++q) {
     int32_t offset = suppress[q] - col0;
     if (offset >= 0 && offset < N) {
@@ -121,11 +121,11 @@ __device__ __forceinline__ void accumulate(RowState& s, float (&v)[N], int32_t c
     s.sum += chunk_sum;
     s.wsum += chunk_wsum;
   }
-  if (inv_temperature > 0.0f) {
+  if (sampling) {
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       if (v[j] == kNegInf) continue;
-      float score = gumbel_score(v[j], inv_temperature, key, uint32_t(col0 + j));
+      float score = gumbel_score(v[j], scale, key, uint32_t(col0 + j));
       if (score > s.best || s.best_index < 0) {
         s.best = score;
         s.best_index = col0 + j;
@@ -213,7 +213,8 @@ __global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(SampleTokens
   const int64_t row = blockIdx.x;
   const T* x = static_cast<const T*>(p.logits) + row * p.row_stride;
   const int32_t vocab = int32_t(p.vocab);
-  const float inv_temperature = p.temperature > 0.0f ? 1.0f / p.temperature : 0.0f;
+  const bool sampling = p.temperature > 0.0f;
+  const GumbelScale scale = gumbel_scale(p.temperature);
   const GumbelKey key = gumbel_row_key(p.seed, p.noise_rows != nullptr ? p.noise_rows[row] : row);
   RowState s;
   auto fold_group = [&](const uint4 (&raw)[kUnroll], int32_t i) {
@@ -221,7 +222,7 @@ __global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(SampleTokens
     for (int u = 0; u < kUnroll; ++u) {
       float v[kVec];
       widen<T>(raw[u], v);
-      accumulate(s, v, (i + u * kThreads) * kVec, suppress, num_suppress, inv_temperature, key);
+      accumulate(s, v, (i + u * kThreads) * kVec, suppress, num_suppress, sampling, scale, key);
     }
   };
 
@@ -257,16 +258,16 @@ __global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(SampleTokens
   for (; i < num_vec; i += kThreads) {
     float v[kVec];
     widen<T>(__ldg(xv + i), v);
-    accumulate(s, v, i * kVec, suppress, num_suppress, inv_temperature, key);
+    accumulate(s, v, i * kVec, suppress, num_suppress, sampling, scale, key);
   }
   for (int32_t col = num_vec * kVec + threadIdx.x; col < vocab; col += kThreads) {
     float v[1] = {load_one(x + col)};
-    accumulate(s, v, col, suppress, num_suppress, inv_temperature, key);
+    accumulate(s, v, col, suppress, num_suppress, sampling, scale, key);
   }
 
   s = block_merge(s);
   if (threadIdx.x != 0) return;
-  const int32_t token = inv_temperature > 0.0f ? s.best_index : s.max_index;
+  const int32_t token = sampling ? s.best_index : s.max_index;
   if (token < 0) {
     p.tokens[row] = -1;
     p.confidence[row] = kNegInf;

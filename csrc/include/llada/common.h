@@ -134,9 +134,24 @@ LLADA_HD float gumbel_noise(GumbelKey key, uint32_t col) {
   return -portable_log(-portable_log(u));
 }
 
+// logit * logit_scale + noise * noise_scale has its argmax where
+// logit / temperature + noise has, and neither factor exceeds 1, so no
+// temperature overflows float32: a tiny one scales the noise down instead of
+// scaling the logits up (45 / 1e-38 would be +inf, a tie with every other
+// large logit).
+struct GumbelScale {
+  float logit_scale;
+  float noise_scale;
+};
+
+LLADA_HD GumbelScale gumbel_scale(float temperature) {
+  if (temperature < 1.0f) return GumbelScale{1.0f, temperature};
+  return GumbelScale{div_rn(1.0f, temperature), 1.0f};
+}
+
 // Score whose argmax is a sample of softmax(logit / temperature).
-LLADA_HD float gumbel_score(float logit, float inv_temperature, GumbelKey key, uint32_t col) {
-  return add_rn(mul_rn(logit, inv_temperature), gumbel_noise(key, col));
+LLADA_HD float gumbel_score(float logit, GumbelScale scale, GumbelKey key, uint32_t col) {
+  return add_rn(mul_rn(logit, scale.logit_scale), mul_rn(gumbel_noise(key, col), scale.noise_scale));
 }
 
 }  // namespace llada
