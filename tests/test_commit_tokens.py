@@ -99,3 +99,16 @@ def test_bad_input(device):
     if device == "cuda":
         with pytest.raises(ValueError, match="x0"):
             llada.commit_tokens(canvas, x0.cpu(), accepted, MASK)
+
+
+def test_inputs_sharing_memory_with_the_canvas(device):
+    # x0 shifted against the canvas would be read after being overwritten;
+    # x0 being the canvas itself reads each element before writing it.
+    buffer = torch.arange(8, device=device)[None].repeat(1, 1)
+    accepted = torch.ones(1, 6, dtype=torch.bool, device=device)
+    with pytest.raises(ValueError, match=r"^x0: shares memory with canvas"):
+        llada.commit_tokens(buffer[:, 1:7], buffer[:, 0:6], accepted, MASK)
+    assert buffer.tolist() == [list(range(8))], "a refused call wrote"
+    canvas = torch.tensor([[1, MASK, 3]], device=device)
+    remaining = llada.commit_tokens(canvas, canvas, torch.ones_like(canvas, dtype=torch.bool), MASK)
+    assert canvas.tolist() == [[1, MASK, 3]] and remaining.tolist() == [1]

@@ -249,3 +249,24 @@ def test_model_stores_its_cache_through_it(device, monkeypatch, tmp_path):
     torch.testing.assert_close(part, full[:, 4:9], rtol=1e-5, atol=1e-5)
     n_layers = model.config.n_layers
     assert [s[1] for s in calls] == [12] * n_layers + [5] * n_layers
+
+
+def test_store_kv_refuses_inputs_sharing_memory_with_the_caches(device):
+    # The kernel writes the caches while it reads k and v, in an order of its
+    # own: a k or v inside a cache would give a result that depends on it.
+    k, v, cos, sin, ck, cv, pos = make_store_inputs(1, 4, 3, 64, 11, torch.float32, device, seed=5)
+    before = (ck.clone(), cv.clone())
+    with pytest.raises(ValueError, match=r"^k: shares memory with cache_k"):
+        llada.store_kv(ck[:, 0:4], v, cos, sin, ck, cv, pos)
+    with pytest.raises(ValueError, match=r"^v: shares memory with cache_v"):
+        llada.store_kv(k, cv[:, 2:6], cos, sin, ck, cv, pos)
+    with pytest.raises(ValueError, match=r"^cache_v: shares memory with cache_k"):
+        llada.store_kv(k, v, cos, sin, ck[:, :10], ck[:, 1:], pos)
+    assert torch.equal(ck, before[0]) and torch.equal(cv, before[1]), "a refused call wrote"
+
+
+def test_rope_shape_error_for_one_row(device):
+    x = torch.randn(1, 3, 2, 8, device=device)
+    cos = torch.ones(1, 4, 8, device=device)
+    with pytest.raises(ValueError, match=r"cos: expected shape \[1, 3, 8\]"):
+        llada.rope(x, cos, cos)

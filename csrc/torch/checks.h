@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <cstdio>
@@ -64,6 +65,19 @@ inline void check_contiguous(const at::Tensor& t, const char* name) {
 
 // t itself when its last dimension is contiguous (kernels that take strides
 // for the others read it where it lies), else a contiguous copy.
+// Refuses an input that shares memory with a tensor the op writes: the
+// kernels read and write in an order of their own, so the result would
+// depend on it. ``same_elements_ok``: the op reads each element only where
+// it writes that same element, so a full alias is harmless.
+inline void check_no_overlap(const at::Tensor& written, const char* written_name, const at::Tensor& read,
+                             const char* read_name, bool same_elements_ok = false) {
+  const at::MemOverlapStatus status = at::get_overlap_status(written, read);
+  TORCH_CHECK_VALUE(status != at::MemOverlapStatus::Partial &&
+                        (same_elements_ok || status != at::MemOverlapStatus::Full),
+                    read_name, ": shares memory with ", written_name, ", which the op writes; pass a copy (",
+                    read_name, ".clone())");
+}
+
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
   return t.dim() > 0 && t.stride(-1) == 1 ? t : t.contiguous();
 }

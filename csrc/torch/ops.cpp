@@ -90,7 +90,11 @@ void check_commit_tokens_args(const at::Tensor& canvas, const at::Tensor& x0,
     check_dtype(*remask, at::kBool, "remask");
     check_contiguous(*remask, "remask");
     check_same_device(*remask, canvas, "remask", "canvas");
+    check_no_overlap(canvas, "canvas", *remask, "remask");
   }
+  // Each position reads its own x0 element before writing its canvas element.
+  check_no_overlap(canvas, "canvas", x0, "x0", /*same_elements_ok=*/true);
+  check_no_overlap(canvas, "canvas", accepted, "accepted");
 }
 
 namespace {

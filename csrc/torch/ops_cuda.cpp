@@ -13,10 +13,30 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "llada.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
+// The kernels give each row a block of their grid, whose x dimension holds
+// at most 2^31 - 1.
+void check_grid_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.size(0) <= int64_t(0x7fffffff), name, ": expected at most 2^31 - 1 rows on CUDA, got ",
+                    num(t.size(0)));
+}
+
+// The longest row select_positions sorts in one block's shared memory on the
+// current device: 8 bytes per position, the row padded to a power of two.
+int64_t select_max_length_here() {
+  int device = 0, optin = 0;
+  check_launch(cudaGetDevice(&device), "select_positions");
+  check_launch(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+               "select_positions");
+  int64_t length = 1;
+  while (length * 2 <= kSelectMaxLength && length * 2 * int64_t(sizeof(uint64_t)) <= optin) length *= 2;
+  return length;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_tokens_cuda_op(
     const at::Tensor& logits, const at::Tensor& suppress_ids, double temperature, int64_t seed,
     const c10::optional<at::Tensor>& noise_rows) {
   check_sample_tokens_args(logits, suppress_ids, temperature, noise_rows);
+  check_grid_rows(logits, "logits");
   const at::Tensor keys = noise_rows.has_value() ? noise_rows->contiguous() : at::Tensor();
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0), vocab = logits.size(1);
@@ -37,9 +57,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_tokens_cuda_op
 at::Tensor select_positions_cuda_op(const at::Tensor& confidence, const at::Tensor& k, int64_t rule,
                                     double threshold, double factor, int64_t k_all) {
   check_select_positions_args(confidence, k, rule, threshold, factor, k_all);
-  TORCH_CHECK_VALUE(confidence.size(1) <= kSelectMaxLength, "confidence: expected at most ",
-                    num(kSelectMaxLength), " positions per row on CUDA, got ", num(confidence.size(1)));
+  check_grid_rows(confidence, "confidence");
   const c10::cuda::CUDAGuard guard(confidence.device());
+  const int64_t max_length = select_max_length_here();
+  TORCH_CHECK_VALUE(confidence.size(1) <= max_length, "confidence: expected at most ", num(max_length),
+                    " positions per row on this GPU, got ", num(confidence.size(1)));
   at::Tensor accepted = at::empty(confidence.sizes(), confidence.options().dtype(at::kBool));
   const at::Tensor k_dense = k.contiguous();  // k is often a column of a schedule
   const bool per_row = rule == int64_t(SelectionRule::kTopK) && k_all == -1;
@@ -53,6 +75,7 @@ at::Tensor select_positions_cuda_op(const at::Tensor& confidence, const at::Tens
 at::Tensor commit_tokens_cuda_op(at::Tensor& canvas, const at::Tensor& x0, const at::Tensor& accepted,
                                  const c10::optional<at::Tensor>& remask, int64_t mask_id) {
   check_commit_tokens_args(canvas, x0, accepted, remask);
+  check_grid_rows(canvas, "canvas");
   const c10::cuda::CUDAGuard guard(canvas.device());
   at::Tensor remaining = at::empty({canvas.size(0)}, canvas.options());
   CommitTokensParams p{canvas.data_ptr<int64_t>(), x0.data_ptr<int64_t>(), accepted.data_ptr<bool>(),

@@ -22,7 +22,8 @@ DType check_rope_args(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   check_same_device(cos, x, "cos", x_name);
   TORCH_CHECK_VALUE((cos.size(0) == x.size(0) || cos.size(0) == 1) && cos.size(1) == x.size(1) &&
                         cos.size(2) == x.size(3),
-                    "cos: expected shape [", num(x.size(0)), " or 1, ", num(x.size(1)), ", ", num(x.size(3)),
+                    "cos: expected shape [", x.size(0) == 1 ? std::string("1") : num(x.size(0)) + " or 1", ", ",
+                    num(x.size(1)), ", ", num(x.size(3)),
                     "] for ", x_name, " of shape ", shape_of(x), ", got ", shape_of(cos));
   check_dim(sin, 3, "sin", "[B or 1, L, D]");
   check_dtype(sin, at::kFloat, "sin");
@@ -83,6 +84,12 @@ RopeCall prepare_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Te
   check_cache(cache_v, k, "cache_v");
   check_same_shape(cache_v, cache_k, "cache_v", "cache_k");
   TORCH_CHECK_VALUE(!cache_v.is_same(cache_k), "cache_v: must be another tensor than cache_k");
+  check_no_overlap(cache_k, "cache_k", cache_v, "cache_v");
+  for (const at::Tensor* cache : {&cache_k, &cache_v}) {
+    const char* name = cache == &cache_k ? "cache_k" : "cache_v";
+    check_no_overlap(*cache, name, k, "k");
+    check_no_overlap(*cache, name, v, "v");
+  }
   check_dim(positions, 1, "positions", "[L]");
   check_dtype(positions, at::kLong, "positions");
   check_same_device(positions, k, "positions", "k");
