@@ -2,6 +2,7 @@
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 import llada
 from llada.model import KVCache
-from llada.policies import DecodePolicy, entropy_bound_select
+from llada.policies import DecodePolicy, entropy_bound_select, select
 from llada.sampler import BlockEvent, StepEvent
 
 from checkpoints import SHAPES, make_checkpoint
@@ -435,6 +436,10 @@ def test_bad_policies_are_named():
             DecodePolicy(**{name: "no"})
     with pytest.raises(ValueError, match="refresh_every"):
         DecodePolicy(cache="dual", refresh_every=True)
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match=r"^early_stop: expected a bool \(True or False\), got numpy\.bool"):
+        DecodePolicy(early_stop=np.bool_(True))
+    assert type(DecodePolicy(cache="dual", refresh_every=np.int64(2)).refresh_every) is int
     with pytest.raises(ValueError, match="^ranking: the entropy_bound rule"):
         DecodePolicy(commit="entropy_bound", ranking="margin")
 
@@ -806,3 +811,109 @@ def test_whole_block_steps_property(model, monkeypatch, seed, batch, blocks, blo
         got, got_stats = llada.generate(model, prompt, mask, **kw)
     assert torch.equal(got, want)
     assert got_stats == want_stats
+
+
+class EosAt(torch.nn.Module):
+    """A stand-in model predicting token 5 everywhere but EOS at ``eos_at``."""
+
+    def __init__(self, eos_at):
+        super().__init__()
+        self.config = EndsWhenAskedTo().config
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.eos_at = eos_at
+
+    def forward(self, ids, attention_mask=None):
+        logits = torch.zeros(*ids.shape, 10)
+        logits[..., 5] = 5.0
+        logits[:, self.eos_at, 8] = 6.0
+        return type("Out", (), {"logits": logits})()
+
+
+@pytest.mark.parametrize("policy", [DecodePolicy(early_stop=True),
+                                    DecodePolicy(commit="threshold", early_stop=True)], ids=["schedule", "threshold"])
+def test_an_eos_ends_only_its_own_gap_when_infilling(policy):
+    # Gap 1 is positions 1-5, gap 2 positions 7-8; blocks of 2. The EOS
+    # decoded at 2 ends gap 1 (3-5 become EOS without forwards), but text
+    # given after it still needs gap 2 filled.
+    canvas = torch.tensor([[1, 9, 9, 9, 9, 9, 3, 9, 9, 2]])
+    out, stats = llada.infill(EosAt(2), canvas, block_length=2, policy=policy, return_stats=True)
+    assert out.tolist() == [[1, 5, 8, 8, 8, 8, 3, 5, 5, 2]]
+    _, full = llada.infill(EosAt(2), canvas, block_length=2, policy=replace(policy, early_stop=False),
+                           return_stats=True)
+    assert stats.nfe < full.nfe
+    # An EOS before given text ends nothing after that text.
+    canvas = torch.tensor([[1, 2, 9, 9, 7, 6, 4, 9, 9, 3]])
+    assert llada.infill(EosAt(3), canvas, block_length=2, policy=policy).tolist() == [[1, 2, 5, 8, 7, 6, 4, 5, 5, 3]]
+
+
+def test_block_events_cover_the_canvas_after_every_row_stopped():
+    # The row predicts EOS everywhere, so early stop ends it in block 0; the
+    # later blocks still get their (free) events, so the events' tokens are
+    # the whole answer.
+    prompt = torch.tensor([[1, 2, 3]])
+    kw = dict(steps=24, gen_length=24, block_length=8,
+              policy=DecodePolicy(commit="threshold", threshold=0.3, early_stop=True))
+    out, stats = llada.generate(EndsWhenAskedTo(), prompt, return_stats=True, **kw)
+    blocks = [e for e in llada.stream(EndsWhenAskedTo(), prompt, **kw) if isinstance(e, BlockEvent)]
+    assert [e.block for e in blocks] == [0, 1, 2]
+    assert torch.equal(torch.cat([e.tokens for e in blocks], dim=1), out[:, 3:])
+    assert blocks[1].nfe == blocks[2].nfe == blocks[0].nfe == stats.nfe
+    assert all(bool(e.finished.all()) for e in blocks)
+
+
+def official_stops_last(scores, stop, k):
+    """Per row, the first k candidates ordered by (is stop, -score, position)."""
+    out = torch.zeros(scores.shape, dtype=torch.bool)
+    for row in range(scores.shape[0]):
+        cand = [i for i in range(scores.shape[1]) if scores[row, i] > -math.inf]
+        ranked = sorted(cand, key=lambda i: (bool(stop[row, i]), -float(scores[row, i]), i))
+        out[row, ranked[:int(k[row])]] = True
+    return out
+
+
+def test_schedule_ranks_stop_predictions_last_exactly():
+    # Row 0's stop predictions differ by one float32 step: a shift by the
+    # batch's score range would round them into a tie, set by the other row.
+    a = torch.tensor(0.75)
+    b = torch.nextafter(a, torch.tensor(1.0))
+    scores = torch.tensor([[0.0, 0.0], [1.0, 1 / 61]])
+    scores[0] = torch.stack([a, b])
+    stop = torch.tensor([[True, True], [False, False]])
+    policy = DecodePolicy()
+    for k in (1, torch.tensor([1, 1])):
+        assert select(policy, scores, None, k, stop).tolist() == [[False, True], [True, False]]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        b, width = 3, 7
+        scores = torch.randint(0, 4, (b, width), generator=generator).float() / 4  # many ties
+        scores[torch.rand(b, width, generator=generator) < 0.3] = -math.inf
+        scores[torch.rand(b, width, generator=generator) < 0.1] = math.nan
+        stop = torch.rand(b, width, generator=generator) < 0.4
+        k = torch.randint(0, width + 2, (b,), generator=generator)
+        assert torch.equal(select(policy, scores, None, k, stop), official_stops_last(scores, stop, k))
+
+
+class GivesSomeTokensMinusInfinity(torch.nn.Module):
+    """Random logits (a function of the ids), with tokens 2-4 at ``never``."""
+
+    def __init__(self, never):
+        super().__init__()
+        self.config = EndsWhenAskedTo().config
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.never = never
+
+    def forward(self, ids, attention_mask=None):
+        generator = torch.Generator().manual_seed(int(ids.sum()))
+        logits = torch.randn(*ids.shape, 10, generator=generator)
+        logits[..., 2:5] = self.never
+        return type("Out", (), {"logits": logits})()
+
+
+@pytest.mark.parametrize("policy", ["exact", DecodePolicy(commit="threshold")])
+def test_guidance_keeps_tokens_the_model_never_predicts_out(policy):
+    # -inf in both halves is -inf guided (not -inf - -inf = NaN): the same
+    # decode as with a finite logit too small to ever be chosen.
+    prompt = torch.tensor([[1, 6, 3]])
+    kw = dict(steps=4, gen_length=4, block_length=4, cfg_scale=1.0, policy=policy)
+    out = llada.generate(GivesSomeTokensMinusInfinity(-math.inf), prompt, **kw)
+    assert torch.equal(out, llada.generate(GivesSomeTokensMinusInfinity(-1e30), prompt, **kw))

@@ -133,9 +133,11 @@ def test_temperature_is_reproducible_and_valid(checkpoint):
     # Valid ids (the fixed schedule, as the official algorithm, may commit
     # the mask id when a random model samples it).
     assert ((a >= 0) & (a < cfg.embedding_size)).all()
-    # A vanishing temperature is the greedy decoder.
+    # A vanishing temperature is the greedy decoder, also where logits / T
+    # would overflow float32.
     greedy = llada.generate(model, prompt, mask, **SETTINGS["semi-ar"])
-    assert torch.equal(llada.generate(model, prompt, mask, seed=3, **dict(kw, temperature=1e-6)), greedy)
+    for tiny in (1e-6, 1e-38):
+        assert torch.equal(llada.generate(model, prompt, mask, seed=3, **dict(kw, temperature=tiny)), greedy)
 
 
 def test_schedule_matches_official(checkpoint):
@@ -194,6 +196,7 @@ def test_inputs_are_not_modified(checkpoint):
     (dict(logits_eos_inf="yes"), TypeError, "logits_eos_inf"),
     (dict(confidence_eos_eot_inf=1), TypeError, "confidence_eos_eot_inf"),
     (dict(on_step=5), TypeError, "on_step"),
+    (dict(return_stats="yes"), TypeError, "return_stats"),
     (dict(remasking="random", policy=llada.DecodePolicy(ranking="margin")), ValueError, "remasking"),
     (dict(gen_length=1024, block_length=1024, steps=8), ValueError, "max_sequence_length"),
     (dict(prompt=[[1, 2]]), TypeError, "prompt"),
@@ -212,3 +215,36 @@ def test_bad_arguments_are_named(tmp_path, kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         llada.generate(model, **args)
+
+
+def test_numpy_integers_are_ints(checkpoint):
+    # A numpy seed must not overflow the per-step noise keys (Python ints do not).
+    np = pytest.importorskip("numpy")
+    model = llada.load_model(checkpoint, device="cpu")
+    prompt, mask = prompts(model.config, padded=True)
+    for kw in (dict(temperature=1.0), dict(remasking="random")):
+        kw.update(SETTINGS["semi-ar"])
+        want = llada.generate(model, prompt, mask, seed=3, **kw)
+        got = llada.generate(model, prompt, mask, seed=np.int64(3),
+                             **dict(kw, steps=np.int64(kw["steps"]), block_length=np.int32(kw["block_length"])))
+        assert torch.equal(got, want)
+    m = model.config.mask_token_id
+    canvas = torch.tensor([1, 2, m, m, 3])
+    want = llada.infill(model, canvas, temperature=1.0, seed=5)
+    assert torch.equal(llada.infill(model, canvas, temperature=1.0, seed=np.int64(5), block_length=np.int64(2)),
+                       llada.infill(model, canvas, temperature=1.0, seed=5, block_length=2))
+    # Any integer dtype is a canvas, as it is a prompt; the result is int64.
+    got = llada.infill(model, canvas.int(), temperature=1.0, seed=5)
+    assert got.dtype == torch.long and torch.equal(got, want)
+
+
+def test_on_step_total_is_the_schedules_step_count_or_none(checkpoint):
+    model = llada.load_model(checkpoint, device="cpu")
+    prompt, mask = prompts(model.config, padded=True)
+    totals = {}
+    for policy in ("exact", llada.DecodePolicy(commit="threshold")):
+        seen = set()
+        llada.generate(model, prompt, mask, policy=policy, on_step=lambda s, n, c: seen.add(n),
+                       **SETTINGS["semi-ar"])
+        totals[str(policy)] = seen
+    assert list(totals.values()) == [{SETTINGS["semi-ar"]["steps"]}, {None}]

@@ -59,6 +59,7 @@ from typing import Optional
 import torch
 
 from . import ops
+from .token_ids import is_int
 
 COMMIT_RULES = ("schedule", "threshold", "factor", "entropy_bound")
 RANKINGS = ("probability", "margin", "entropy", "random")
@@ -90,8 +91,11 @@ class DecodePolicy:
             if not (value is None and name == "remask_below") and not _is_real(value):
                 raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
         for name in ("early_stop", "cuda_graph"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name}: expected a bool, got {type(getattr(self, name)).__name__}")
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                kind = type(value)
+                where = "" if kind.__module__ == "builtins" else f"{kind.__module__}."
+                raise TypeError(f"{name}: expected a bool (True or False), got {where}{kind.__qualname__}")
         if not math.isfinite(self.threshold):
             raise ValueError(f"threshold: expected a finite value, got {self.threshold}")
         if not 0.0 <= self.threshold <= 1.0 and self.ranking in ("probability", "margin"):
@@ -100,8 +104,9 @@ class DecodePolicy:
             raise ValueError(f"factor: expected a finite value > 0, got {self.factor}")
         if not (math.isfinite(self.gamma) and self.gamma >= 0):
             raise ValueError(f"gamma: expected a finite value >= 0, got {self.gamma}")
-        if not isinstance(self.refresh_every, int) or isinstance(self.refresh_every, bool) or self.refresh_every < 0:
+        if not is_int(self.refresh_every) or self.refresh_every < 0:
             raise ValueError(f"refresh_every: expected an int >= 0, got {self.refresh_every!r}")
+        object.__setattr__(self, "refresh_every", int(self.refresh_every))  # a numpy int too
         # A setting the chosen rule would not use is an error, not a silent no-op
         # (as the CLI's flags are). It is told from the default by its value.
         for name, rule in RULE_OF_SETTING.items():
@@ -157,24 +162,20 @@ def ranking_scores(choice: ops.TokenChoice, ranking: str, noise: Optional[torch.
     return noise
 
 
-def rank_stop_predictions_last(commit: str, scores: torch.Tensor, stop: torch.Tensor,
-                               candidate: torch.Tensor) -> torch.Tensor:
-    """The ranking scores [B, L] with the ``stop`` positions (those predicting
-    EOS or EoT, among the ``candidate`` ones) committed after every other
-    candidate of their row. No host sync.
-
-    The fixed schedule commits a set count, so they stay candidates and move
-    below the others, keeping their order. The other rules read the values
-    themselves (factor, EB), so a value may not depend on other rows: there,
-    a row's stop positions are candidates only when nothing else is left."""
-    if scores.numel() == 0:
-        return scores
-    if commit == "schedule":
-        top = torch.where(candidate, scores, -math.inf).max()
-        bottom = torch.where(candidate, scores, math.inf).min()
-        return torch.where(stop, scores - ((top - bottom) + 1.0), scores)
-    others = (candidate & ~stop).any(dim=1, keepdim=True)
-    return torch.where(stop & others, -math.inf, scores)
+def _top_k_stop_predictions_last(scores: torch.Tensor, stop: torch.Tensor, k) -> torch.Tensor:
+    """The fixed schedule's choice with the ``stop`` positions (those
+    predicting EOS or EoT) ranked after every other candidate of their row:
+    per row, the first k[b] candidates ordered by (is stop, -score,
+    position). Two stable sorts, no arithmetic on the scores (which would
+    round near-equal ones into ties), and no host sync."""
+    candidate = scores > -math.inf  # NaN is no candidate, as in select_positions
+    order = torch.sort(torch.where(candidate, scores, -math.inf), dim=1, descending=True, stable=True).indices
+    group = torch.where(candidate, stop.to(torch.int8), 2)  # others, then stops, then non-candidates
+    order = order.gather(1, torch.sort(group.gather(1, order), dim=1, stable=True).indices)
+    rank = torch.arange(scores.shape[1], device=scores.device)
+    k = torch.as_tensor(k, device=scores.device).reshape(-1, 1)
+    take = (rank[None, :] < k) & candidate.gather(1, order)
+    return torch.zeros_like(candidate).scatter(1, order, take)
 
 
 def entropy_bound_select(entropy: torch.Tensor, candidate: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -198,10 +199,23 @@ def select(
     policy: DecodePolicy,
     scores: torch.Tensor,
     entropy: Optional[torch.Tensor],
-    k: Optional[torch.Tensor],
+    k: Optional[torch.Tensor | int],
+    stop: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Which positions to commit: scores [B, L] float32 (-inf = not a
-    candidate), entropies [B, L] for the EB rule, k [B] for the schedule."""
+    candidate), entropies [B, L] for the EB rule, k [B] (or one int) for the
+    schedule.
+
+    ``stop`` [B, L] marks the positions predicting EOS or EoT, committed
+    after every other candidate of their row. The fixed schedule commits a
+    set count, so they stay candidates, ranked last. The other rules read
+    the scores themselves (factor, EB): there a row's stop positions are
+    candidates only in a step where nothing else is left in the row."""
+    if stop is not None and policy.commit == "schedule":
+        return _top_k_stop_predictions_last(scores, stop, k)
+    if stop is not None:
+        others = ((scores > -math.inf) & ~stop).any(dim=1, keepdim=True)
+        scores = torch.where(stop & others, -math.inf, scores)
     if policy.commit == "schedule":
         return ops.select_positions(scores, "topk", k=k)
     if policy.commit == "threshold":

@@ -20,12 +20,13 @@ import torch
 
 from . import ops
 from .model import llada_model_of
-from .policies import DecodePolicy, rank_stop_predictions_last, ranking_scores, select
+from .policies import DecodePolicy, ranking_scores, select
 from .token_ids import check_token_ids, is_int
 from .workspace import Workspace, checkin, checkout
 
 REMASKING = ("low_confidence", "random")
 _INT64_MAX = 2**63 - 1
+_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
 def transfer_schedule(masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -192,7 +193,9 @@ def generate(
             stop, re-masking), or the name ``"exact"`` (the default: the
             official algorithm) or ``"fast"`` (:meth:`DecodePolicy.fast`).
         on_step: called as ``on_step(step, total_steps, canvas)`` after every
-            step; ``canvas`` is the live [B, Lp + gen_length] tensor (read only).
+            step; ``canvas`` is the live [B, Lp + gen_length] tensor (read
+            only). ``total_steps`` is ``steps`` under the fixed schedule and
+            None under the adaptive rules, which decide their own count.
         return_stats: also return a :class:`DecodeStats`.
 
     Returns:
@@ -205,14 +208,16 @@ def generate(
     """
     if on_step is not None and not callable(on_step):
         raise TypeError(f"on_step: expected a callable or None, got {type(on_step).__name__}")
+    _check_bool("return_stats", return_stats)
     canvas, key_mask, args = _prepare_generate(
         model, prompt, attention_mask, steps, gen_length, block_length, temperature, cfg_scale,
         remasking, mask_id, logits_eos_inf, confidence_eos_eot_inf, seed, policy,
     )
+    total_steps = steps if args["policy"].commit == "schedule" else None
     stats = DecodeStats()
     for event in _decode(model, canvas, key_mask, stats=stats, **args):
         if on_step is not None and isinstance(event, StepEvent):
-            on_step(event.step, steps, canvas)
+            on_step(event.step, total_steps, canvas)
     return (canvas, stats) if return_stats else canvas
 
 
@@ -270,7 +275,7 @@ def infill(
     fixed and never changes.
 
     Args:
-        canvas: int64 [B, L] (or [L]) holding ``mask_id`` where tokens are wanted.
+        canvas: integer [B, L] (or [L]) holding ``mask_id`` where tokens are wanted.
         steps: forwards under the fixed schedule; defaults to one token per
             step in the block with the most masks.
         block_length: semi-autoregressive blocks over the span from the first
@@ -282,8 +287,9 @@ def infill(
     """
     config = getattr(model, "config", None)
     mask_id = _config_id(config, "mask_token_id", mask_id, 126336)
-    if not isinstance(canvas, torch.Tensor) or canvas.dtype != torch.long:
-        raise TypeError(f"canvas: expected an int64 tensor, got {getattr(canvas, 'dtype', type(canvas))}")
+    _check_bool("return_stats", return_stats)
+    if not isinstance(canvas, torch.Tensor) or canvas.dtype not in _ID_DTYPES:
+        raise TypeError(f"canvas: expected an integer tensor (int64), got {getattr(canvas, 'dtype', type(canvas))}")
     squeeze = canvas.dim() == 1
     ids = canvas[None] if squeeze else canvas
     if ids.dim() != 2 or ids.numel() == 0:
@@ -304,7 +310,9 @@ def infill(
     first, last = int(masked_cols[0]), int(masked_cols[-1]) + 1
     span = last - first
     block_length = span if block_length is None else block_length
-    if not is_int(block_length) or block_length < 1:
+    if not is_int(block_length):
+        raise TypeError(f"block_length: expected an int or None, got {type(block_length).__name__}")
+    if block_length < 1:
         raise ValueError(f"block_length: expected a positive int, got {block_length!r}")
     num_blocks = -(-span // block_length)
     if steps is None:  # one token per step in the fullest block
@@ -312,12 +320,14 @@ def infill(
         per_block = torch.nn.functional.pad(holes, (0, num_blocks * block_length - span))
         steps = num_blocks * int(per_block.view(-1, num_blocks, block_length).sum(2).max())
     policy = resolve_policy(policy, remasking)
-    if not is_int(steps) or steps < 1 or (policy.commit == "schedule" and steps % num_blocks):
+    if not is_int(steps):
+        raise TypeError(f"steps: expected an int or None, got {type(steps).__name__}")
+    if steps < 1 or (policy.commit == "schedule" and steps % num_blocks):
         raise ValueError(f"steps: expected a positive multiple of the block count ({num_blocks}), got {steps!r}")
     key_mask = None
     if attention_mask is not None and not bool((attention_mask != 0).all()):
         key_mask = (attention_mask != 0).to(_device_of(model))
-    work = ids.to(_device_of(model)).clone()
+    work = ids.to(device=_device_of(model), dtype=torch.long, copy=True)
     stats = DecodeStats()
     for _ in _decode(model, work, key_mask, stats=stats, filling=True, **_decode_args(
             config, mask_id, first, last, block_length, steps // num_blocks, temperature,
@@ -376,8 +386,9 @@ def _prepare_generate(model, prompt, attention_mask, steps, gen_length, block_le
 
 def _decode_args(config, mask_id, first, last, block_length, steps_per_block, temperature,
                  cfg_scale, logits_eos_inf, confidence_eos_eot_inf, seed, policy):
-    if seed is None:
-        seed = int(torch.randint(0, _INT64_MAX, (1,)))
+    # Python ints from here on: a numpy int64 seed would overflow in step_seed.
+    seed = int(torch.randint(0, _INT64_MAX, (1,))) if seed is None else int(seed)
+    mask_id, block_length, steps_per_block = int(mask_id), int(block_length), int(steps_per_block)
     eos_id = _config_id(config, "eos_token_id", None, 126081)
     eot_id = _config_id(config, "eot_token_id", None, 126348)
     return dict(
@@ -438,9 +449,14 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
     try:
         for blk in range(num_blocks):
             start, end = first + blk * block_length, min(first + (blk + 1) * block_length, last)
+            finished_now = finished.cpu()
+            if bool(finished_now.all()):
+                # Every row has stopped: the block is final as it is (EOS), at no cost.
+                yield BlockEvent(blk, start, end, stats.nfe, canvas[:, start:end].clone(), finished.clone(),
+                                 lambda rows: None)
+                continue
             in_block = torch.zeros(b, total, dtype=torch.bool, device=device)
             in_block[:, start:end] = True
-            finished_now = finished.cpu()
             alive = torch.nonzero(~finished).flatten() if bool(finished_now.any()) else None
             schedule = planned = None
             if policy.commit == "schedule":
@@ -518,10 +534,14 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                 if isinstance(suppress, list):
                     # Then a tensor: a list would be copied to the device every step.
                     suppress = torch.tensor(suppress, device=device)
-                rank_grid = score_grid
-                if confidence_eos_eot_inf:
-                    rank_grid = rank_stop_predictions_last(policy.commit, score_grid, stop, active)
-                accepted = select(policy, rank_grid, entropy_grid, k)
+                # Only the block holds candidates: the choice is made over its
+                # columns (a sort of the block, not of the whole canvas).
+                def block_of(grid):
+                    return None if grid is None else grid[:, start:end].contiguous()
+
+                accepted = torch.zeros_like(active)
+                accepted[:, start:end] = select(policy, block_of(score_grid), block_of(entropy_grid), k,
+                                                block_of(stop) if confidence_eos_eot_inf else None)
                 remask = None
                 if decoded is not None:
                     # Each position at most once, and only in rows still decoding
@@ -534,23 +554,31 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                 stats.count_committed(accepted)
                 yield StepEvent(step, blk, stats.nfe, canvas, accepted, score_grid, remask)
                 i, step = i + 1, step + 1
-            def stop_rows(rows, end=end):
-                """Rows ``rows`` [B] are done after this block: the rest of each is EOS."""
+            # The gap (run of positions to fill) that goes on past this
+            # block: when generating, all the rest of the canvas.
+            gap_id = torch.cumsum(fixed, dim=1)
+            open_gap = (gap_id == gap_id[:, end - 1:end]) & ~fixed & ~fixed[:, end - 1:end]
+
+            def stop_rows(rows, end=end, open_gap=open_gap):
+                """Ends the gap of rows ``rows`` [B] that goes on past this
+                block: its masks become EOS. A row with nothing else left to
+                fill is done."""
                 rows = rows.to(device) & ~finished
                 rest = torch.zeros(b, total, dtype=torch.bool, device=device)
                 rest[:, end:last] = True
-                canvas[rest & rows[:, None] & (canvas == mask_id)] = eos_id
-                finished.logical_or_(rows)
+                canvas[rest & open_gap & rows[:, None] & (canvas == mask_id)] = eos_id
+                left = ((canvas[:, end:last] == mask_id) & ~fixed[:, end:last]).any(1)
+                finished.logical_or_(rows & ~left)
 
             if policy.early_stop:
-                # A row is done once it decodes EOS: given text and padding
-                # may hold the EOS id too, but do not end a row.
-                decoded_eos = (canvas[:, start:end] == eos_id) & ~fixed[:, start:end]
+                # An EOS decoded in the open gap ends that gap. Given text
+                # (and padding) may hold the EOS id too, but ends nothing; an
+                # EOS before given text ends only its own gap, so that
+                # infilling still fills every later one.
+                decoded_eos = (canvas == eos_id) & ~fixed & open_gap & in_block
                 stop_rows(decoded_eos.any(1))
             _refuse_invalid_predictions(lowest.item(), blk)
             yield BlockEvent(blk, start, end, stats.nfe, canvas[:, start:end].clone(), finished.clone(), stop_rows)
-            if bool(finished.all()):
-                break
     finally:
         forward.give_back()
 
@@ -664,7 +692,8 @@ class _Forward:
         self.stats.nfe += 1
         if self.cfg_scale > 0:
             cond, un = logits.chunk(2)
-            logits = un + (self.cfg_scale + 1) * (cond - un)
+            # Where both halves agree (-inf included: -inf - -inf is NaN) guidance changes nothing.
+            logits = torch.where(cond == un, cond, un + (self.cfg_scale + 1) * (cond - un))
         return logits
 
     def _run(self, ids, query, whole_block):
@@ -756,7 +785,7 @@ def _validate(config, prompt, attention_mask, steps, gen_length, block_length, t
 
     if not isinstance(prompt, torch.Tensor):
         raise TypeError(f"prompt: expected a torch.Tensor, got {type(prompt).__name__}")
-    if prompt.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+    if prompt.dtype not in _ID_DTYPES:
         raise TypeError(f"prompt: expected an integer tensor (int64), got {prompt.dtype}")
     if prompt.dim() != 2:
         raise ValueError(
@@ -775,6 +804,11 @@ def _validate(config, prompt, attention_mask, steps, gen_length, block_length, t
             f"model's max_sequence_length {max_len}"
         )
     _validate_attention_mask(attention_mask, prompt.shape, "the prompt's")
+
+
+def _check_bool(name, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
 
 
 def check_seed(seed) -> None:
