@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import socket
 
 import pytest
 import torch
@@ -90,6 +92,37 @@ def test_a_failed_random_checkpoint_leaves_nothing_behind(tmp_path, monkeypatch)
     assert [f.name for f in (tmp_path / "notes").iterdir()] == ["README.txt"]  # only what was there
 
 
+BAD_RANDOM_CHECKPOINTS = [
+    (dict(dtype=torch.int32), TypeError, "dtype: expected torch.float32, torch.bfloat16 or torch.float16, "
+                                         "got torch.int32"),
+    (dict(dtype="bfloat16"), TypeError, "dtype: expected torch.float32, torch.bfloat16 or torch.float16, "
+                                        "got 'bfloat16'"),
+    (dict(n_layers=0), ValueError, "config_overrides: n_layers: expected a positive integer, got 0"),
+    (dict(n_heads=0), ValueError, "config_overrides: n_heads: expected a positive integer, got 0"),
+    (dict(n_kv_heads=0), ValueError, "config_overrides: n_kv_heads: expected a positive integer, got 0"),
+    (dict(n_heads=3), ValueError, "config_overrides: d_model (32) must be a multiple of n_heads (3)"),
+    (dict(mlp_hidden_size=-1), ValueError, "config_overrides: mlp_hidden_size: expected a positive integer, "
+                                           "got -1"),
+    (dict(rope_theta=-1.0), ValueError, "config_overrides: rope_theta: expected a finite number > 0, got -1.0"),
+    (dict(rms_norm_eps=float("nan")), ValueError, "config_overrides: rms_norm_eps: expected a finite number >= 0, "
+                                                  "got nan"),
+    (dict(mask_token_id=300), ValueError, "config_overrides: mask_token_id = 300 is outside the embedding "
+                                          "(272 rows)"),
+    (dict(eot_token_id=None), ValueError, "config_overrides: eot_token_id: must lie in [256, 272), got None"),
+    (dict(heads=4), ValueError, "config_overrides: 'heads' is not a LLaDAConfig field (fields: d_model, "),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, message", BAD_RANDOM_CHECKPOINTS,
+                         ids=[repr(kwargs) for kwargs, _, _ in BAD_RANDOM_CHECKPOINTS])
+def test_random_checkpoint_dtype_and_config_are_checked_before_anything_is_written(tmp_path, kwargs, error,
+                                                                                    message):
+    dtype = {"dtype": kwargs.pop("dtype")} if "dtype" in kwargs else {}
+    with pytest.raises(error, match="^" + re.escape(message)):
+        write_random_checkpoint(tmp_path / "new" / "ck", dict(TINY, **kwargs), **dtype)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_dtype_and_device_are_applied(tmp_path, device):
     folder = make_checkpoint(tmp_path)
     model = llada.load_model(folder, device=device, dtype=torch.bfloat16)
@@ -120,6 +153,107 @@ def test_config_values(tmp_path):
     assert cfg.mlp_hidden_size == 8 * 32 and cfg.n_kv_heads == cfg.n_heads
 
 
+@pytest.mark.parametrize("key, default, supported", [
+    ("layer_norm_type", "'default'", "'rms'"),  # LayerNorm, which subtracts the mean
+    ("activation_type", "'swiglu'", "'silu'"),
+    ("block_type", "'sequential'", "'llama'"),
+    ("rope", "False", "True"),
+])
+def test_a_missing_key_whose_official_default_is_unsupported_is_refused(tmp_path, key, default, supported):
+    # The official code reads a missing key as its ModelConfig default, not as LLaDA-8B's value.
+    folder = make_checkpoint(tmp_path)
+    raw = json.loads((folder / "config.json").read_text())
+    del raw[key]
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=f"^config\\.json: {key} is missing, which in the official LLaDA code "
+                                         f"means {default}: not supported \\(supported: {supported}\\)$"):
+        llada.load_config(folder)
+
+
+def test_missing_keys_whose_official_default_is_supported_take_it(tmp_path):
+    folder = make_checkpoint(tmp_path / "plain", seed=2)
+    want = llada.load_model(folder, device="cpu")
+    raw = json.loads((folder / "config.json").read_text())
+    for key in ("alibi", "include_bias", "include_qkv_bias", "layer_norm_with_affine", "attention_layer_norm",
+                "rope_full_precision", "scale_logits", "input_emb_norm"):
+        del raw[key]
+    (folder / "config.json").write_text(json.dumps(raw))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    assert torch.equal(llada.load_model(folder, device="cpu")(ids).logits, want(ids).logits)
+
+
+def test_a_missing_weight_tying_means_tied(tmp_path):
+    # The official default is true: a tied checkpoint need not say so.
+    tied = make_checkpoint(tmp_path / "tied", seed=2, weight_tying=True)
+    want = llada.load_model(tied, device="cpu")
+    raw = json.loads((tied / "config.json").read_text())
+    del raw["weight_tying"]
+    (tied / "config.json").write_text(json.dumps(raw))
+    model = llada.load_model(tied, device="cpu")
+    assert model.config.weight_tying
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    assert torch.equal(model(ids).logits, want(ids).logits)
+    # An untied head is then a weight too many, and the error says why.
+    untied = make_checkpoint(tmp_path / "untied", seed=2)
+    raw = json.loads((untied / "config.json").read_text())
+    del raw["weight_tying"]
+    (untied / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"^weight model\.transformer\.ff_out\.weight \(in model\.safetensors\): "
+                                         r"not part of .* weight_tying is missing, which the official LLaDA code "
+                                         r"takes as true"):
+        llada.load_model(untied, device="cpu")
+
+
+@pytest.mark.parametrize("multi_query, n_kv_heads, expected", [
+    (None, None, 4), (None, 2, 2),
+    (True, None, 1), (True, 1, 1), (True, 2, "multi_query_attention = True means 1 key/value head(s), but "
+                                            "n_kv_heads = 2"),
+    (False, None, 4), (False, 4, 4), (False, 2, "multi_query_attention = False means 4 key/value head(s), but "
+                                              "n_kv_heads = 2"),
+])
+def test_multi_query_attention_follows_the_official_rule(tmp_path, multi_query, n_kv_heads, expected):
+    raw = json.loads((make_checkpoint(tmp_path) / "config.json").read_text())
+    raw.update(multi_query_attention=multi_query, n_kv_heads=n_kv_heads)
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match="^config\\.json: " + re.escape(expected) + "$"):
+            config_from_dict(raw)
+    else:
+        assert config_from_dict(raw).n_kv_heads == expected
+
+
+@pytest.mark.parametrize("source, dtype, value, wider", [
+    (torch.bfloat16, torch.float16, 1e5, "torch.bfloat16 or torch.float32"),
+    (torch.float32, torch.float16, -7e4, "torch.bfloat16 or torch.float32"),
+    (torch.float32, torch.bfloat16, 3.4e38, "torch.float32"),
+])
+def test_weights_beyond_the_range_of_dtype_are_refused(tmp_path, source, dtype, value, wider):
+    folder = write_random_checkpoint(tmp_path, TINY, dtype=source)
+    name = "model.transformer.blocks.1.ff_norm.weight"
+
+    def put(weights):
+        weights[name][3] = value
+
+    edit_weights(folder, put)
+    stored = load_file(str(folder / "model.safetensors"))[name][3].item()
+    says = (f"weight {name} (in model.safetensors): holds {stored:g}, beyond the range of dtype {dtype} "
+            f"(at most {torch.finfo(dtype).max:g} in magnitude); load the model as {wider}")
+    with pytest.raises(ValueError, match=f"^{re.escape(says)}$"):
+        llada.load_model(folder, device="cpu", dtype=dtype)
+    assert llada.load_model(folder, device="cpu", dtype=source).get_parameter(name)[3].item() == stored
+
+
+def test_weights_at_the_edge_of_float16_load_as_float16(tmp_path):
+    folder = write_random_checkpoint(tmp_path, TINY)
+    name = "model.transformer.blocks.1.ff_norm.weight"
+
+    def put(weights):
+        weights[name][:2] = torch.tensor([65504.0, -65519.0])  # the largest, and one that rounds to it
+
+    edit_weights(folder, put)
+    loaded = llada.load_model(folder, device="cpu", dtype=torch.float16).get_parameter(name)
+    assert loaded[:2].tolist() == [65504.0, -65504.0]
+
+
 def test_embedding_rows_beyond_vocab(tmp_path):
     folder = make_checkpoint(tmp_path, embedding_size=300)
     model = llada.load_model(folder, device="cpu")
@@ -137,6 +271,7 @@ def test_embedding_rows_beyond_vocab(tmp_path):
     ("rope_full_precision", False),
     ("scale_logits", True),
     ("attention_layer_norm", True),
+    ("block_group_size", 2),  # its weights would be named transformer.block_groups.G.J
     ("model_type", "llada_moe"),
 ])
 def test_unsupported_config_value_is_rejected(tmp_path, key, value):
@@ -331,6 +466,47 @@ def test_unreadable_tokenizer_files_are_named(tmp_path, file, text, says):
     (folder / file).write_text(text)
     with pytest.raises(ValueError, match=f"{file}: {says}"):
         llada.load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda t: dict(t, model={"type": "BPE", "vocab": 3}),
+    lambda t: dict(t, added_tokens=None),
+    lambda t: {key: value for key, value in t.items() if key != "model"},
+], ids=["bad-model", "null-added-tokens", "no-model"])
+def test_a_tokenizer_json_that_is_no_tokenizer_is_named(tmp_path, capsys, edit):
+    folder = make_checkpoint(tmp_path)
+    path = folder / "tokenizer.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: "):
+        llada.load_tokenizer(folder)
+    # The CLI prints it as one line, not a traceback.
+    assert main(["generate", "--model", str(folder), "--device", "cpu", "--gen-length", "4", "--steps", "4",
+                 "--block-length", "4", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llada: error: ") and str(path) in err and err.count("\n") == 1
+
+
+def test_loading_a_tokenizer_opens_no_socket_and_leaves_the_environment_alone(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    folder = make_checkpoint(tmp_path)
+    # As in a process that has not chosen offline mode.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    before = dict(os.environ)
+    tok = llada.load_tokenizer(folder)
+    assert attempts == []
+    assert dict(os.environ) == before
+    assert tok.convert_tokens_to_ids("<|mdm_mask|>") == llada.load_config(folder).mask_token_id
 
 
 def test_a_missing_tokenizer_json_is_named(tmp_path):

@@ -214,3 +214,61 @@ def test_every_op_passes_its_arguments_to_its_reference_without_the_kernels(no_k
 def test_gpus_before_ampere_load_in_float16(capability, dtype):
     # They have no bfloat16 arithmetic: torch would emulate it, slowly.
     assert llada.checkpoint.cuda_default_dtype(capability) == dtype
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta", "cpu:0"])
+def test_kernels_run_on_takes_a_device_name(device):
+    assert devices.kernels_run_on(device) is True
+
+
+@pytest.mark.parametrize("device", ["cuda:1", 1])
+def test_kernels_run_on_takes_a_gpu_name_or_index(monkeypatch, fresh_answers, device):
+    monkeypatch.setattr(devices._C, "cuda_compiled", lambda: True)
+    monkeypatch.setattr(devices._C, "cuda_architectures", lambda: "80,90")
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or (7, 5))
+    runs, said = runtime_warnings(lambda: devices.kernels_run_on(device))
+    assert runs is False and asked == [1] and "on cuda:1 (compute capability 7.5" in said[0]
+
+
+@pytest.mark.parametrize("device, says", [
+    ("cpux", "device: expected what torch.device accepts, got 'cpux'"),
+    ("cuda:x", "device: expected what torch.device accepts, got 'cuda:x'"),
+    (-1, "device: expected what torch.device accepts, got -1"),
+    (True, "device: expected a torch.device, a str or an int, got bool"),
+    (3.5, "device: expected a torch.device, a str or an int, got float"),
+    (None, "device: expected a torch.device, a str or an int, got NoneType"),
+    ([0], "device: expected a torch.device, a str or an int, got list"),
+])
+def test_kernels_run_on_names_a_bad_device(device, says):
+    with pytest.raises(TypeError, match=f"^{re.escape(says)}$"):
+        devices.kernels_run_on(device)
+
+
+def _cmake_hopper_rule():
+    """The regular expression with which cmake/kernels.cmake decides to
+    compile the Hopper attention kernel."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "cmake" / "kernels.cmake").read_text()
+    rules = re.findall(r'if\(LLADA_CUDA_ARCHITECTURES MATCHES "([^"]+)"\)', text)
+    assert len(rules) == 1, rules
+    return re.compile(rules[0])
+
+
+@pytest.mark.parametrize("architectures, built", [
+    ("80;90", True), ("90", True), ("90a", True), ("80;90-real", True), ("90a-real", True),
+    ("90-virtual", True), ("90a-virtual", True), ("80;86-real;90a-real", True),
+    ("80", False), ("90f", False), ("900", False), ("100", False), ("89", False), ("all", False),
+    ("native", False), ("", False),
+])
+def test_hopper_attention_is_available_where_the_build_compiles_it(monkeypatch, architectures, built):
+    assert bool(_cmake_hopper_rule().search(architectures)) is built  # the build's own rule
+    # The extension reports CMake's list joined with commas.
+    monkeypatch.setattr(llada._C, "cuda_architectures", lambda: architectures.replace(";", ","))
+    monkeypatch.setattr(llada, "cuda_kernels_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert llada.hopper_attention_available() is built
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert llada.hopper_attention_available() is False

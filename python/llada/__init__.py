@@ -29,10 +29,11 @@ def cuda_kernels_available() -> bool:
 def hopper_attention_available() -> bool:
     """Whether ``llada.attention`` can run its Hopper kernel here (see
     ``LLADA_ATTENTION_SM90``): the current GPU is compute capability 9.0
-    (H100, H200) and this build includes that kernel (architecture 90)."""
+    (H100, H200) and this build includes that kernel (architecture 90 or
+    90a among its CUDA architectures, see ``llada.devices.builds_hopper_attention``)."""
     if not (cuda_kernels_available() and torch.cuda.is_available()):
         return False
-    built = "90" in _C.cuda_architectures().replace("90a", "90").split(",")
+    built = devices.builds_hopper_attention(_C.cuda_architectures())
     return built and torch.cuda.get_device_capability() == (9, 0)
 
 

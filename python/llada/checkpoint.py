@@ -9,6 +9,7 @@ on the meta device, so a model never exists twice in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,25 +26,30 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-# Config keys whose value selects a feature: what we implement, and what a
-# missing key is taken to mean (the value every LLaDA checkpoint carries).
-# Anything else is rejected rather than silently ignored.
+# Config keys whose value selects a feature: the values we implement, and the
+# official code's default (configuration_llada.ModelConfig), which is what a
+# missing key means there. A key whose default we do not implement must be
+# given: running LLaDA-8B's value in its place would run another model. Any
+# other value is rejected rather than silently ignored.
 SUPPORTED_VALUES = {
-    "alibi": (False,),
-    "block_type": ("llama",),
-    "include_bias": (False,),
-    "include_qkv_bias": (False,),
-    "bias_for_layer_norm": (False, None),
-    "layer_norm_type": ("rms",),
-    "layer_norm_with_affine": (True,),
-    "attention_layer_norm": (False,),
-    "activation_type": ("silu",),
-    "rope": (True,),
-    "rope_full_precision": (True,),
-    "scale_logits": (False,),
-    "input_emb_norm": (False,),
-    "clip_qkv": (None,),
-    "multi_query_attention": (None, False),
+    # key: (supported values, official default)
+    "alibi": ((False,), False),
+    "block_type": (("llama",), "sequential"),
+    "block_group_size": ((1,), 1),
+    "include_bias": ((False,), False),
+    "include_qkv_bias": ((False,), False),
+    "bias_for_layer_norm": ((False, None), None),
+    "layer_norm_type": (("rms",), "default"),  # "default" is LayerNorm, mean subtracted
+    "layer_norm_with_affine": ((True,), True),
+    "attention_layer_norm": ((False,), False),
+    "activation_type": (("silu",), "swiglu"),
+    "rope": ((True,), False),
+    "rope_full_precision": ((True,), True),
+    "scale_logits": ((False,), False),
+    "input_emb_norm": ((False,), False),
+    "clip_qkv": ((None,), None),
+    # True: one key/value head; None: n_kv_heads says (see config_from_dict).
+    "multi_query_attention": ((None, False, True), None),
 }
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -61,32 +67,36 @@ SPECIAL_TOKENS = {
 # --------------------------------------------------------------------------
 
 
-def config_from_dict(raw: dict, eot_token_id: Optional[int] = None) -> LLaDAConfig:
+def config_from_dict(raw: dict, eot_token_id: Optional[int] = None, source: str = "config.json") -> LLaDAConfig:
     """Validate a config.json dict and turn it into an :class:`LLaDAConfig`.
 
-    An optional key that is missing or null takes its default.
-    ``eot_token_id`` is the id of ``<|eot_id|>`` in tokenizer.json, used when
-    config.json has no ``eot_token_id`` (LLaDA's has none).
+    An optional key that is missing or null takes the official code's default
+    (a feature key whose default we do not implement must be given; see
+    ``SUPPORTED_VALUES``). ``eot_token_id`` is the id of ``<|eot_id|>`` in
+    tokenizer.json, used when config.json has no ``eot_token_id`` (LLaDA's
+    has none). ``source`` names ``raw`` in errors.
     """
     model_type = raw.get("model_type", "llada")
     if model_type != "llada":
-        raise ValueError(f"config.json: model_type {model_type!r} is not supported (expected 'llada')")
-    for key, allowed in SUPPORTED_VALUES.items():
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported (expected 'llada')")
+    for key, (allowed, default) in SUPPORTED_VALUES.items():
+        supported = ", ".join(repr(a) for a in allowed)
+        if key not in raw:
+            if default not in allowed:
+                raise ValueError(f"{source}: {key} is missing, which in the official LLaDA code means "
+                                 f"{default!r}: not supported (supported: {supported})")
         # Types compared too: 1 == True in Python, but `1` is no JSON boolean.
-        if key in raw and not any(raw[key] == a and type(raw[key]) is type(a) for a in allowed):
-            raise ValueError(
-                f"config.json: {key} = {raw[key]!r} is not supported (supported: "
-                f"{', '.join(repr(a) for a in allowed)})"
-            )
+        elif not any(raw[key] == a and type(raw[key]) is type(a) for a in allowed):
+            raise ValueError(f"{source}: {key} = {raw[key]!r} is not supported (supported: {supported})")
 
     def given(key, required=False):
         value = raw.get(key)
         if value is None and required:
-            raise ValueError(f"config.json: required key {key!r} is missing or null")
+            raise ValueError(f"{source}: required key {key!r} is missing or null")
         return value
 
     def bad(key, expected):
-        return ValueError(f"config.json: {key}: expected {expected}, got {raw[key]!r}")
+        return ValueError(f"{source}: {key}: expected {expected}, got {raw[key]!r}")
 
     def integer(key, default=None, minimum=1, required=False):
         value = given(key, required)
@@ -130,10 +140,10 @@ def config_from_dict(raw: dict, eot_token_id: Optional[int] = None) -> LLaDAConf
     # Each special id with where it came from, so that an error blames the right source.
     def special_id(key, fallback=(None, None)):
         value = integer(key, minimum=0)
-        return fallback if value is None else (value, f"config.json: {key} = {value}")
+        return fallback if value is None else (value, f"{source}: {key} = {value}")
 
     def llada_8b(key, value):
-        return value, f"{key} = {value} (the LLaDA-8B default; config.json gives no {key})"
+        return value, f"{key} = {value} (the LLaDA-8B default; {source} gives no {key})"
 
     eos = special_id("eos_token_id", llada_8b("eos_token_id", 126081))
     ids = {
@@ -145,10 +155,24 @@ def config_from_dict(raw: dict, eot_token_id: Optional[int] = None) -> LLaDAConf
             "eot_token_id", (eot_token_id, f"tokenizer.json: <|eot_id|> has id {eot_token_id}, which")),
     }
 
-    cfg = LLaDAConfig(
+    # The official rule: multi_query_attention true means one key/value head,
+    # false as many as query heads; giving n_kv_heads as well is an error there
+    # unless the two agree.
+    n_kv_heads = integer("n_kv_heads")
+    multi_query = raw.get("multi_query_attention")
+    if multi_query is not None:
+        implied = 1 if multi_query else n_heads
+        if n_kv_heads is not None and n_kv_heads != implied:
+            raise ValueError(f"{source}: multi_query_attention = {multi_query!r} means {implied} key/value "
+                             f"head(s), but n_kv_heads = {n_kv_heads}")
+        n_kv_heads = implied
+    elif n_kv_heads is None:
+        n_kv_heads = n_heads
+
+    fields = dict(
         d_model=d_model,
         n_heads=n_heads,
-        n_kv_heads=integer("n_kv_heads", n_heads),
+        n_kv_heads=n_kv_heads,
         n_layers=n_layers,
         mlp_hidden_size=mlp_hidden_size,
         vocab_size=vocab_size,
@@ -157,10 +181,14 @@ def config_from_dict(raw: dict, eot_token_id: Optional[int] = None) -> LLaDAConf
         rope_theta=number("rope_theta", 10000.0, 0, inclusive=False),
         # The norm kernels accept 0; a negative eps can make the rsqrt NaN.
         rms_norm_eps=number("rms_norm_eps", 1e-5, 0, inclusive=True),
-        weight_tying=boolean("weight_tying", False),
+        weight_tying=boolean("weight_tying", True),
         extra=dict(raw),
         **{key: value for key, (value, _) in ids.items()},
     )
+    try:
+        cfg = LLaDAConfig(**fields)
+    except ValueError as e:  # sizes that do not fit together, e.g. d_model and n_heads
+        raise ValueError(f"{source}: {e}") from None
     for key, (value, origin) in ids.items():
         if value is not None and value >= cfg.embedding_size:
             raise ValueError(f"{origin} is outside the embedding ({cfg.embedding_size} rows)")
@@ -321,7 +349,28 @@ def _check_and_assign(model, shapes, name, file, tensor, dtype):
         raise ValueError(f"{where}: expected shape {list(shapes[name])}, got {list(tensor.shape)}")
     if not tensor.is_floating_point():  # an int or bool tensor is no weight, whatever the cast gives
         raise ValueError(f"{where}: expected a floating-point dtype, got {tensor.dtype}")
-    _assign(model, name, tensor.to(dtype))
+    converted = tensor.to(dtype)
+    # A cast to a narrower range (float32 or bfloat16 to float16) turns the
+    # values beyond it into inf, and the logits into NaN. One check of the
+    # result, and a closer look only where it failed.
+    limit = torch.finfo(dtype).max
+    if limit < torch.finfo(tensor.dtype).max and not torch.isfinite(converted).all():
+        overflow = torch.isfinite(tensor) & ~torch.isfinite(converted)
+        if overflow.any():
+            wider = "torch.float32" if dtype == torch.bfloat16 else "torch.bfloat16 or torch.float32"
+            raise ValueError(f"{where}: holds {tensor[overflow][0].item():g}, beyond the range of dtype "
+                             f"{dtype} (at most {limit:g} in magnitude); load the model as {wider}")
+    _assign(model, name, converted)
+
+
+HEAD_WEIGHT = "model.transformer.ff_out.weight"
+
+
+def _tied_head_note(cfg: LLaDAConfig) -> str:
+    """Why a tied model has no head of its own: weight_tying, which the
+    official code takes to be true when config.json does not give it."""
+    given = "is true" if "weight_tying" in cfg.extra else "is missing, which the official LLaDA code takes as true"
+    return f" (config.json: weight_tying {given}: the embedding is the head)"
 
 
 def cuda_default_dtype(capability: tuple[int, int]) -> torch.dtype:
@@ -427,7 +476,8 @@ def load_model(
                 if name not in stored:
                     raise ValueError(f"weight {name}: listed in {INDEX_FILE} but absent from {file}")
                 if name not in shapes:
-                    raise ValueError(f"weight {name} (in {file}): not part of a LLaDA model with this config")
+                    raise ValueError(f"weight {name} (in {file}): not part of a LLaDA model with this config"
+                                     f"{_tied_head_note(cfg) if name == HEAD_WEIGHT else ''}")
                 # A tensor the index does not list is as unexpected as one the model lacks.
                 if listed is not None and name not in listed:
                     raise ValueError(f"weight {name} (in {file}): not listed for {file} in {INDEX_FILE}")
@@ -460,7 +510,6 @@ def load_tokenizer(path: str | os.PathLike):
     for name in TOKENIZER_FILES[1:]:  # small; transformers' own errors on them name no file
         if (folder / name).is_file():
             _read_json(folder / name)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -469,13 +518,19 @@ def load_tokenizer(path: str | os.PathLike):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        # Real LLaDA folders name their own code in config.json (auto_map); the
-        # tokenizer needs none of it, and transformers would ask on standard input.
+        # local_files_only: the folder alone, and no network (the process's
+        # offline setting is the caller's). Real LLaDA folders name their own
+        # code in config.json (auto_map); the tokenizer needs none of it, and
+        # transformers would ask on standard input.
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    except (ValueError, KeyError) as e:  # neither says which file (a JSONDecodeError, a missing key)
-        for name in TOKENIZER_FILES:
-            if (folder / name).is_file():
-                _read_json(folder / name)  # raises, naming the file, where one does not parse
+    except Exception as e:
+        # None of these names its file: a JSONDecodeError, the bare Exception
+        # of tokenizers, a TypeError or KeyError from transformers where
+        # tokenizer.json parses but holds no tokenizer.
+        from .tokenizer import read_tokenizer
+
+        _read_json(folder / "tokenizer.json")  # raises, naming the file, where it does not parse
+        read_tokenizer(folder)  # raises, naming the file, where it is no tokenizer
         raise ValueError(f"{folder}: the tokenizer files cannot be read ({type(e).__name__}: {e})") from e
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -504,6 +559,11 @@ CHAT_TEMPLATE = (
 
 def random_config(size: str = "tiny", **overrides) -> LLaDAConfig:
     """A config of a named size; special ids go to the top of a small vocab."""
+    return LLaDAConfig(**_random_config_fields(size, overrides))
+
+
+def _random_config_fields(size: str, overrides: dict) -> dict:
+    """The LLaDAConfig fields of :func:`random_config` that differ from the defaults."""
     if size not in SIZES:
         raise ValueError(f"size: expected one of {list(SIZES)}, got {size!r}")
     values = dict(SIZES[size])
@@ -518,7 +578,7 @@ def random_config(size: str = "tiny", **overrides) -> LLaDAConfig:
         values.setdefault("eos_token_id", top - 2)
         values.setdefault("bos_token_id", top - 3)
         values.setdefault("pad_token_id", values["eos_token_id"])
-    return LLaDAConfig(**values)
+    return values
 
 
 def random_weights(
@@ -536,7 +596,7 @@ def random_weights(
             t = 1.0 + 0.1 * t
         elif name.endswith("wte.weight"):
             pass
-        elif name == "model.transformer.ff_out.weight":
+        elif name == HEAD_WEIGHT:
             t = t * (2.0 / shape[1] ** 0.5)
         else:
             t = t * shape[1] ** -0.5
@@ -555,11 +615,9 @@ def random_model(cfg: LLaDAConfig, seed: int = 0, device="cpu", dtype=torch.floa
     return model.eval()
 
 
-def write_tokenizer(folder: Path, cfg: LLaDAConfig) -> None:
-    """A byte-level tokenizer (256 byte tokens, ids 0..255, no merges) plus the
-    LLaDA special tokens at the config's ids, and a small chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
+def _special_token_ids(cfg: LLaDAConfig) -> dict[str, int]:
+    """The special ids of :func:`write_tokenizer`'s tokenizer: distinct, and
+    above its 256 byte tokens."""
     ids = {
         "bos": cfg.bos_token_id, "eos": cfg.eos_token_id,
         "eot": cfg.eot_token_id, "mask": cfg.mask_token_id,
@@ -569,6 +627,15 @@ def write_tokenizer(folder: Path, cfg: LLaDAConfig) -> None:
             raise ValueError(f"{kind}_token_id: must lie in [256, {cfg.embedding_size}), got {i}")
     if len(set(ids.values())) != len(ids):
         raise ValueError(f"special token ids must be distinct, got {ids}")
+    return ids
+
+
+def write_tokenizer(folder: Path, cfg: LLaDAConfig) -> None:
+    """A byte-level tokenizer (256 byte tokens, ids 0..255, no merges) plus the
+    LLaDA special tokens at the config's ids, and a small chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    ids = _special_token_ids(cfg)
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab.update({SPECIAL_TOKENS[kind]: i for kind, i in ids.items()})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -601,6 +668,27 @@ def _write_json(path: Path, obj) -> None:
         f.write("\n")
 
 
+def _checked_random_config(size: str, config_overrides: Optional[dict]) -> LLaDAConfig:
+    """The config of write_random_checkpoint, through the checks load_model
+    makes of config.json, so that no folder is written that it refuses."""
+    overrides = {} if config_overrides is None else config_overrides
+    if not isinstance(overrides, dict):
+        raise TypeError(f"config_overrides: expected a dict of LLaDAConfig fields, got {type(overrides).__name__}")
+    names = [f.name for f in dataclasses.fields(LLaDAConfig) if f.name != "extra"]
+    for key in overrides:
+        if key not in names:
+            raise ValueError(f"config_overrides: {key!r} is not a LLaDAConfig field (fields: {', '.join(names)})")
+    # The config.json it writes, EoT id included (tokenizer.json holds that one).
+    raw = dict(config_to_dict(LLaDAConfig()), eot_token_id=LLaDAConfig.eot_token_id)
+    raw.update(_random_config_fields(size, overrides))
+    cfg = config_from_dict(raw, source="config_overrides")
+    try:
+        _special_token_ids(cfg)
+    except ValueError as e:
+        raise ValueError(f"config_overrides: {e}") from None
+    return cfg
+
+
 _CHECKPOINT_FILES = {CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, "tokenizer.json", "tokenizer_config.json",
                      "special_tokens_map.json"}
 
@@ -618,11 +706,13 @@ def write_random_checkpoint(
 
     Args:
         path: the folder to create (or fill: it must not hold a checkpoint).
-        config_overrides: LLaDAConfig fields replacing those of ``size``.
+        config_overrides: LLaDAConfig fields replacing those of ``size``;
+            the result must pass the checks ``load_model`` makes of config.json.
         seed: the weights depend only on (seed, weight name); an int in
             [0, ``(2**64 - 2**32) // 1_000_003``].
         size: "tiny", "mid" or "8b-shape" (see ``SIZES``).
-        dtype: storage dtype of the weights.
+        dtype: storage dtype of the weights: torch.float32, torch.bfloat16
+            or torch.float16.
         num_shards: > 1 writes model-0000i-of-0000n.safetensors and the index;
             at most one shard per weight.
 
@@ -638,7 +728,9 @@ def write_random_checkpoint(
         raise ValueError(f"seed: expected an int in [0, {max_seed}], got {seed!r}")
     if os.fspath(path) == "":
         raise ValueError("path: expected a folder, got an empty path")
-    cfg = random_config(size, **(config_overrides or {}))
+    if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+    cfg = _checked_random_config(size, config_overrides)
     with torch.device("meta"):
         names = list(expected_shapes(LLaDAModel(cfg)))
     if not isinstance(num_shards, int) or isinstance(num_shards, bool) or not 1 <= num_shards <= len(names):

@@ -22,12 +22,18 @@ import torch
 from . import _C
 
 
-def kernels_run_on(device: torch.device) -> bool:
-    """Whether llada's compiled kernels can run on ``device``. Devices other
-    than CUDA GPUs are left to the op dispatcher (CPU: always; meta, for
-    fake tensors: their fake kernels)."""
-    runs = _answers.get(device)  # every op asks: one lookup
+def kernels_run_on(device: torch.device | str | int) -> bool:
+    """Whether llada's compiled kernels can run on ``device`` (a
+    ``torch.device``, or what ``torch.device`` takes: "cuda:0", "cpu", 0).
+    Devices other than CUDA GPUs are left to the op dispatcher (CPU: always;
+    meta, for fake tensors: their fake kernels)."""
+    try:
+        runs = _answers.get(device)  # every op asks: one lookup
+    except TypeError:  # unhashable, so no device either
+        runs = None
     if runs is None:
+        if not isinstance(device, torch.device):  # only the ops ask often, with torch.device objects
+            return kernels_run_on(_as_device(device))
         if device.type != "cuda":
             runs = True
         elif device.index is None:  # the current device, which may change
@@ -39,6 +45,16 @@ def kernels_run_on(device: torch.device) -> bool:
 
 
 _answers: dict[torch.device, bool] = {}
+
+
+def _as_device(device) -> torch.device:
+    # bool is an int, but True is no device index.
+    if not isinstance(device, (str, int)) or isinstance(device, bool):
+        raise TypeError(f"device: expected a torch.device, a str or an int, got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except RuntimeError:  # "Invalid device string", "Expected one of cpu, cuda, ..."
+        raise TypeError(f"device: expected what torch.device accepts, got {device!r}") from None
 
 
 @functools.cache
@@ -84,6 +100,17 @@ def architectures_cover(architectures: str, capability: tuple[int, int]) -> bool
             if same_family:
                 return True
         elif (kind != "virtual" and same_family) or (kind != "real" and number <= gpu):
+            return True
+    return False
+
+
+def builds_hopper_attention(architectures: str) -> bool:
+    """Whether a build for ``architectures`` (as in :func:`architectures_cover`)
+    holds the Hopper attention kernel: cmake/kernels.cmake compiles it when
+    an entry is 90 or 90a, as SASS, PTX or both (90f does not count)."""
+    for entry in re.split(r"[;,]", architectures):
+        match = _ARCHITECTURE.fullmatch(entry.strip())
+        if match is not None and int(match[1]) == 90 and match[2] in ("", "a"):
             return True
     return False
 
