@@ -140,3 +140,47 @@ def test_bfloat16_model_close_either_way(tmp_path, mode, small_tiles):
         mode(name)
         errors[name] = (model(ids).logits.double() - want).abs().max().item()
     assert errors["float32"] <= 2 * errors["native"] + 1e-3
+
+
+@pytest.mark.parametrize("cast", [torch.bfloat16, torch.float16], ids=["cast-bf16", "cast-fp16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["float32", "native", "auto"])
+@torch.no_grad()
+def test_cpu_autocast_gives_torch_product(small_tiles, mode, name, dtype, cast):
+    """Under CPU autocast F.linear multiplies in autocast's dtype and returns
+    it; llada.linear must give the same tensor, whatever its mode."""
+    mode(name)
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(3, 40, generator=g).to(dtype), torch.randn(83, 40, generator=g).to(dtype)
+    with torch.autocast("cpu", dtype=cast):
+        got = linear(x, w)
+    want = F.linear(x.to(cast), w.to(cast))  # what autocast does, spelled out
+    assert got.dtype == cast
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_float16_model_decodes_under_bfloat16_autocast(tmp_path, mode):
+    """A float16 model under bfloat16 autocast, cached (fast) decoding: the
+    float32 tiles must return autocast's dtype as torch's product does, or
+    the cache writes mix float16 and bfloat16."""
+    folder = make_checkpoint(tmp_path, seed=3, **SHAPES["gqa"])
+    model = llada.load_model(folder, dtype=torch.float16, device="cpu")
+    prompt = torch.randint(0, 200, (1, 6), generator=torch.Generator().manual_seed(1))
+    outputs = {}
+    for name in ("native", "float32"):
+        mode(name)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[name] = llada.generate(model, prompt, steps=4, gen_length=8, block_length=4,
+                                           policy=llada.DecodePolicy.fast())
+    assert torch.equal(outputs["float32"], outputs["native"])
+
+
+@pytest.mark.parametrize("name", ["float32", "native"])
+def test_output_on_the_input_device_whatever_the_default(small_tiles, mode, name):
+    mode(name)
+    x, w = torch.randn(3, 40).bfloat16(), torch.randn(83, 40).bfloat16()
+    want = linear(x, w)
+    with torch.device("meta"):
+        got = linear(x, w)
+    assert got.device == torch.device("cpu")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

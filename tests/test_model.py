@@ -247,3 +247,51 @@ def test_packed_model_trains_like_a_separate_one(tmp_path):
     assert projection_storages(models[1])[0] == (1, 1)
     with torch.no_grad():
         torch.testing.assert_close(models[1](ids).logits, models[0](ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_training_only_k_and_v_projections_gets_their_gradients(tmp_path):
+    """Frozen embeddings and q_proj, trainable k_proj and v_proj: the queries
+    need no gradient, the keys and values do, so the model must take the
+    differentiable attention (torch's SDPA) and give the gradients the sdpa
+    backend gives."""
+    from llada.model import set_attention_backend
+
+    folder = make_checkpoint(tmp_path, seed=8, d_model=128, n_heads=2, n_kv_heads=1)  # head dim 64
+    model = llada.load_model(folder, dtype=torch.float32, device="cpu")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    block = model.model.transformer["blocks"][0]
+    trained = (block.k_proj.weight, block.v_proj.weight)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+    grads = {}
+    try:
+        for backend in ("llada", "sdpa"):
+            set_attention_backend(backend)
+            for w in trained:
+                w.requires_grad_(True)
+                w.grad = None
+            model(ids).logits.logsumexp(-1).mean().backward()
+            grads[backend] = [w.grad for w in trained]
+    finally:
+        set_attention_backend("llada")
+    for got, want in zip(grads["llada"], grads["sdpa"]):
+        assert want is not None and want.abs().sum() > 0
+        assert got is not None
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_cache_write_of_values_that_need_a_gradient_keeps_it():
+    """store_kv with keys that need no gradient and values that do: the
+    composition runs, and the values' gradient flows from the cache."""
+    from llada.model import store_kv
+
+    g = torch.Generator().manual_seed(9)
+    k, v = torch.randn(1, 3, 2, 64, generator=g), torch.randn(1, 3, 2, 64, generator=g).requires_grad_(True)
+    cos, sin = torch.ones(1, 3, 64), torch.zeros(1, 3, 64)  # the identity rotation
+    cache_k, cache_v = torch.zeros(1, 5, 2, 64), torch.zeros(1, 5, 2, 64)
+    positions = torch.tensor([4, 0, 2])
+    store_kv(k, v, cos, sin, cache_k, cache_v, positions)
+    weights = torch.randn(1, 5, 2, 64, generator=g)
+    (cache_v * weights).sum().backward()
+    torch.testing.assert_close(v.grad, weights[:, positions], rtol=0, atol=0)
+    torch.testing.assert_close(cache_k[:, positions], k, rtol=0, atol=0)

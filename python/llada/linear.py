@@ -64,16 +64,21 @@ def _tiles_in_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
+    # Under CPU autocast F.linear casts both operands to autocast's dtype, and
+    # the result has that dtype: torch's product is the one that does so.
+    if torch.is_autocast_enabled("cpu"):
+        return False
     return _cpu_matmul == "float32" or (_cpu_matmul == "auto" and not _NATIVE[weight.dtype])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., K] times weight [N, K] transposed: [..., N] in x's dtype."""
+    """x [..., K] times weight [N, K] transposed: [..., N], as F.linear gives
+    it (x's dtype, or autocast's)."""
     if not _tiles_in_float32(x, weight):
         return F.linear(x, weight)
     rows = max(_MIN_TILE_ROWS, _TILE_BYTES // (4 * max(1, weight.shape[1])))
     x32 = x.float()
-    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
     for first in range(0, weight.shape[0], rows):
         out[..., first:first + rows] = F.linear(x32, weight[first:first + rows].float())
     return out

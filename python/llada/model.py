@@ -153,7 +153,8 @@ def store_kv(k, v, cos, sin, cache_k, cache_v, positions) -> None:
     """Rotates k and writes it and v into the caches at positions (int64
     [L]): one kernel (llada.ops.store_kv, the same bits) when no gradient is
     needed; the composition otherwise."""
-    if (_kernels_take(k) and cos.dtype == torch.float32 and v.dtype == cache_k.dtype == cache_v.dtype == k.dtype
+    if (_kernels_take(k) and _kernels_take(v) and cos.dtype == torch.float32
+            and v.dtype == cache_k.dtype == cache_v.dtype == k.dtype
             and cache_k.is_contiguous() and cache_v.is_contiguous()):
         ops.store_kv(k, v, cos, sin, cache_k, cache_v, positions)
     else:
@@ -181,8 +182,10 @@ def set_attention_backend(name: str) -> None:
     _attention_backend = name
 
 
-def _fused_attention_fits(q: torch.Tensor) -> bool:
-    return _attention_backend == "llada" and q.shape[-1] in (64, 128) and _kernels_take(q)
+def _fused_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    # Any of the three may need a gradient (e.g. training k_proj and v_proj alone).
+    return (_attention_backend == "llada" and q.shape[-1] in (64, 128)
+            and _kernels_take(q) and _kernels_take(k) and _kernels_take(v))
 
 
 def attention(
@@ -194,7 +197,7 @@ def attention(
     h reads kv head h // (Hq / Hkv)); key_mask [B, Lk] bool, False = padding key,
     or None. Returns [B, Lq, Hq, D].
     """
-    if _fused_attention_fits(q):
+    if _fused_attention_fits(q, k, v):
         return ops.attention(q, k, v, key_mask)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     out = F.scaled_dot_product_attention(

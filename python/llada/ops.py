@@ -34,7 +34,10 @@ Ops
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
 import math
+import numbers
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -68,6 +71,77 @@ def _require_tensors(*named: tuple[str, object]) -> None:
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
 
 
+def _float_arg(name: str, value) -> float:
+    """A real-number argument (a Python or numpy int or float), as the
+    kernels' double; a bool or a string is a mistake, not a number."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------
+# Gradients
+#
+# The ops are inference ops: they have no backward. Each wrapper refuses
+# inputs that ask for a gradient (rather than return a result whose backward
+# would leave their gradient out), and each functional llada:: op has an
+# autograd formula that raises, so that calling torch.ops.llada.* directly
+# cannot drop a gradient silently either. The model runs the differentiable
+# compositions (the *_reference functions, torch's SDPA) whenever a gradient
+# is needed.
+# --------------------------------------------------------------------------
+
+
+_DIFFERENTIABLE = "use llada.ops.{}_reference, the differentiable composition the model trains with"
+# What gives a gradient in place of each op.
+_INSTEAD = {
+    "sample_tokens": "pass logits.detach() (a choice has no gradient; torch.softmax(logits, -1) "
+                     "gives differentiable probabilities)",
+    "attention": "use llada.model.attention, which runs torch's scaled_dot_product_attention "
+                 "when a gradient is needed",
+    **{op: _DIFFERENTIABLE.format(op) for op in ("rms_norm", "add_rms_norm", "rope", "silu_mul", "store_kv")},
+}
+_WITHOUT_BACKWARD = ("call it under torch.no_grad() or torch.inference_mode(), or "
+                     "for a gradient {}")
+
+
+def _refuse_gradient(op: str, *named: tuple[str, Optional[torch.Tensor]]) -> None:
+    """A clear error naming the first input of ``op`` that requires grad
+    while grad mode is on."""
+    if not torch.is_grad_enabled():
+        return
+    for name, value in named:
+        if value is not None and value.requires_grad:
+            raise RuntimeError(
+                f"{name}: requires grad, but llada.ops.{op} is an inference op without a backward; "
+                + _WITHOUT_BACKWARD.format(_INSTEAD[op])
+            )
+
+
+def _below_autograd():
+    """Where a wrapper has checked that no input needs a gradient: run the op
+    as its autograd formula would in that case, without the formula's Python
+    dispatch (which costs more than the op on small inputs under no_grad).
+    torch.compile cannot trace the guard; there the formula is traced once."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowAutograd()
+
+
+def _register_no_backward(op: str) -> None:
+    schema = getattr(torch.ops.llada, op).default._schema
+    names = [arg.name for arg in schema.arguments]
+
+    def backward(ctx, *grads):
+        wanted = [name for name, needed in zip(names, ctx.needs_input_grad) if needed]
+        raise RuntimeError(
+            f"llada::{op} has no backward (an inference op), so it cannot give a gradient for "
+            f"{', '.join(wanted)}: " + _WITHOUT_BACKWARD.format(_INSTEAD[op])
+        )
+
+    torch.library.register_autograd(f"llada::{op}", backward)
+
+
 # --------------------------------------------------------------------------
 # Counter-based Gumbel noise, shared bit-for-bit by every implementation.
 #
@@ -99,7 +173,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mix32_int(x: int) -> int:
-    return int(_mix32(torch.tensor([x & _MASK32], dtype=torch.int64))[0])
+    return int(_mix32(torch.tensor([x & _MASK32], dtype=torch.int64, device="cpu"))[0])
 
 
 def gumbel_row_keys(seed: int, row: int) -> tuple[int, int]:
@@ -114,8 +188,9 @@ def gumbel_noise_reference(seed: int, rows: int | Sequence[int], cols: int) -> t
     """Gumbel(0, 1) noise [rows, cols] in float64, keyed by (seed, row, col);
     ``rows`` is a count, or each row's key."""
     keys = range(rows) if isinstance(rows, int) else [int(r) for r in rows]
-    col = torch.arange(cols, dtype=torch.int64)
-    out = torch.empty(len(keys), cols, dtype=torch.float64)
+    # On the CPU, whatever the default device: the references compute there.
+    col = torch.arange(cols, dtype=torch.int64, device="cpu")
+    out = torch.empty(len(keys), cols, dtype=torch.float64, device="cpu")
     for i, r in enumerate(keys):
         k1, k2 = gumbel_row_keys(seed, r)
         h = _mix32((_mix32(col ^ k1) + k2) & _MASK32)
@@ -178,19 +253,25 @@ def sample_tokens(
         probability, the top-1 minus top-2 margin and the entropy.
     """
     _require_tensors(("logits", logits))
+    _refuse_gradient("sample_tokens", ("logits", logits))
+    temperature = _float_arg("temperature", temperature)
     seed = _int_arg("seed", seed)
     if isinstance(suppress_ids, torch.Tensor):
         if suppress_ids.is_floating_point() or suppress_ids.is_complex() or suppress_ids.dtype == torch.bool:
             raise TypeError(f"suppress_ids: expected an integer tensor, got {suppress_ids.dtype}")
     elif suppress_ids is not None:
+        if not isinstance(suppress_ids, collections.abc.Sequence) or isinstance(suppress_ids, (str, bytes)):
+            raise TypeError(f"suppress_ids: expected a sequence of ints, an integer tensor or None, "
+                            f"got {type(suppress_ids).__name__}")
         # A Python list can be checked for free; a tensor on the GPU would cost
         # a sync, so there out-of-range ids simply match no column.
         suppress_ids = [_int_arg("suppress_ids", i, 0, logits.shape[-1] - 1) for i in suppress_ids]
     if not devices.kernels_run_on(logits.device):
         return sample_tokens_reference(logits, temperature, seed, suppress_ids, noise_rows)
-    out = torch.ops.llada.sample_tokens(
-        logits, _suppress_tensor(suppress_ids, logits.device), float(temperature), seed, noise_rows
-    )
+    with _below_autograd():
+        out = torch.ops.llada.sample_tokens(
+            logits, _suppress_tensor(suppress_ids, logits.device), temperature, seed, noise_rows
+        )
     return TokenChoice(*out)
 
 
@@ -277,6 +358,7 @@ def select_positions(
     _require_tensors(("confidence", confidence))
     if rule not in SELECTION_RULES:
         raise ValueError(f"rule: expected one of {SELECTION_RULES}, got {rule!r}")
+    threshold, factor = _float_arg("threshold", threshold), _float_arg("factor", factor)
     k_all = -1
     if rule == "topk":
         if k is None:
@@ -288,7 +370,7 @@ def select_positions(
     if not isinstance(k, torch.Tensor) or rule != "topk":
         k = torch.empty(0, dtype=torch.int64, device=confidence.device)
     return torch.ops.llada.select_positions(
-        confidence, k, SELECTION_RULES.index(rule), float(threshold), float(factor), k_all
+        confidence, k, SELECTION_RULES.index(rule), threshold, factor, k_all
     )
 
 
@@ -311,11 +393,12 @@ def select_positions_reference(
     """
     c = confidence.detach().to(device="cpu", dtype=torch.float32)
     b, l = c.shape
-    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    # On the CPU, whatever the default device: the reference computes there.
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32, device="cpu")  # noqa: E731
     threshold, factor = f32(threshold), f32(factor)
     if rule == "topk":
-        ks = torch.as_tensor(k).expand(b).tolist() if not isinstance(k, int) else [k] * b
-    accepted = torch.zeros(b, l, dtype=torch.bool)
+        ks = torch.as_tensor(k, device="cpu").expand(b).tolist() if not isinstance(k, int) else [k] * b
+    accepted = torch.zeros(b, l, dtype=torch.bool, device="cpu")
     for row in range(b):
         cand = [i for i in range(l) if not (math.isnan(c[row, i]) or c[row, i] == -math.inf)]
         ranked = sorted(cand, key=lambda i: (-float(c[row, i]), i))
@@ -415,9 +498,13 @@ def attention(
     _require_tensors(("q", q), ("k", k), ("v", v))
     if key_mask is not None and not isinstance(key_mask, torch.Tensor):
         raise TypeError(f"key_mask: expected a torch.Tensor or None, got {type(key_mask).__name__}")
+    _refuse_gradient("attention", ("q", q), ("k", k), ("v", v))
+    if scale is not None:
+        scale = _float_arg("scale", scale)
     if not devices.kernels_run_on(q.device):
         return attention_reference(q, k, v, key_mask, scale, dtype=torch.float32).to(q.dtype)
-    return torch.ops.llada.attention(q, k, v, key_mask, None if scale is None else float(scale))
+    with _below_autograd():
+        return torch.ops.llada.attention(q, k, v, key_mask, scale)
 
 
 @torch.library.register_fake("llada::attention")
@@ -472,9 +559,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         A new contiguous tensor of x's shape and dtype.
     """
     _require_tensors(("x", x), ("weight", weight))
+    _refuse_gradient("rms_norm", ("x", x), ("weight", weight))
+    eps = _float_arg("eps", eps)
     if not devices.kernels_run_on(x.device):
         return rms_norm_reference(x, weight, eps).contiguous()
-    return torch.ops.llada.rms_norm(x, weight, float(eps))
+    with _below_autograd():
+        return torch.ops.llada.rms_norm(x, weight, eps)
 
 
 @torch.library.register_fake("llada::rms_norm")
@@ -508,10 +598,13 @@ def add_rms_norm(
         ``(s, normed)``: two new contiguous tensors of x's shape and dtype.
     """
     _require_tensors(("x", x), ("residual", residual), ("weight", weight))
+    _refuse_gradient("add_rms_norm", ("x", x), ("residual", residual), ("weight", weight))
+    eps = _float_arg("eps", eps)
     if not devices.kernels_run_on(x.device):
         s, normed = add_rms_norm_reference(x, residual, weight, eps)
         return s.contiguous(), normed.contiguous()
-    return torch.ops.llada.add_rms_norm(x, residual, weight, float(eps))
+    with _below_autograd():
+        return torch.ops.llada.add_rms_norm(x, residual, weight, eps)
 
 
 @torch.library.register_fake("llada::add_rms_norm")
@@ -549,9 +642,11 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         A new contiguous tensor of x's shape and dtype.
     """
     _require_tensors(("x", x), ("cos", cos), ("sin", sin))
+    _refuse_gradient("rope", ("x", x), ("cos", cos), ("sin", sin))
     if not devices.kernels_run_on(x.device):
         return rope_reference(x, cos, sin).contiguous()
-    return torch.ops.llada.rope(x, cos, sin)
+    with _below_autograd():
+        return torch.ops.llada.rope(x, cos, sin)
 
 
 @torch.library.register_fake("llada::rope")
@@ -590,9 +685,11 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         A new contiguous tensor of gate's shape and dtype.
     """
     _require_tensors(("gate", gate), ("up", up))
+    _refuse_gradient("silu_mul", ("gate", gate), ("up", up))
     if not devices.kernels_run_on(gate.device):
         return silu_mul_reference(gate, up).contiguous()
-    return torch.ops.llada.silu_mul(gate, up)
+    with _below_autograd():
+        return torch.ops.llada.silu_mul(gate, up)
 
 
 @torch.library.register_fake("llada::silu_mul")
@@ -638,6 +735,9 @@ def store_kv(
     """
     _require_tensors(("k", k), ("v", v), ("cos", cos), ("sin", sin), ("cache_k", cache_k),
                      ("cache_v", cache_v), ("positions", positions))
+    # The op writes the caches in place, which torch cannot give an autograd
+    # formula: only this check stands between it and a dropped gradient.
+    _refuse_gradient("store_kv", ("k", k), ("v", v), ("cos", cos), ("sin", sin))
     if not devices.kernels_run_on(k.device):
         store_kv_reference(k, v, cos, sin, cache_k, cache_v, positions)
         return
@@ -654,3 +754,11 @@ def store_kv_reference(k, v, cos, sin, cache_k, cache_v, positions) -> None:
     then two ``index_copy_`` along the caches' positions."""
     cache_k.index_copy_(1, positions, rope_reference(k, cos, sin))
     cache_v.index_copy_(1, positions, v)
+
+
+# Each functional op gets an autograd formula that refuses (see Gradients).
+# select_positions returns a bool mask, with nothing to differentiate;
+# commit_tokens and store_kv write their inputs in place, which
+# register_autograd does not take.
+for _op in ("sample_tokens", "attention", "rms_norm", "add_rms_norm", "rope", "silu_mul"):
+    _register_no_backward(_op)

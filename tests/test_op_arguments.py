@@ -1,0 +1,170 @@
+"""What every op wrapper refuses or accepts beyond its tensors' shapes: inputs
+that ask for a gradient (the ops have no backward), scalar arguments of the
+wrong type, and a default device other than the one the references compute
+on."""
+
+import numpy as np
+import pytest
+import torch
+
+from llada import ops
+
+
+def _inputs(device):
+    """Per op: a call of the wrapper on keyword tensors, those tensors (all
+    floating), and a call of the torch.ops.llada op with them that returns
+    a floating output."""
+    g = torch.Generator().manual_seed(11)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    x, w, cs = rand(2, 3, 64), rand(64), rand(1, 3, 64)
+    qkv = dict(q=rand(1, 3, 2, 64), k=rand(1, 3, 2, 64), v=rand(1, 3, 2, 64))
+    cache = [torch.zeros(1, 5, 2, 64, device=device) for _ in range(2)]
+    positions = torch.tensor([4, 0, 2], device=device)
+    llada = torch.ops.llada
+    return {
+        "rms_norm": (lambda t: ops.rms_norm(t["x"], t["weight"], 1e-5), dict(x=x, weight=w),
+                     lambda t: llada.rms_norm(t["x"], t["weight"], 1e-5)),
+        "add_rms_norm": (lambda t: ops.add_rms_norm(t["x"], t["residual"], t["weight"], 1e-5)[1],
+                         dict(x=x, residual=rand(2, 3, 64), weight=w),
+                         lambda t: llada.add_rms_norm(t["x"], t["residual"], t["weight"], 1e-5)[1]),
+        "rope": (lambda t: ops.rope(t["x"], t["cos"], t["sin"]),
+                 dict(x=rand(1, 3, 2, 64), cos=cs, sin=cs.flip(-1)),
+                 lambda t: llada.rope(t["x"], t["cos"], t["sin"])),
+        "silu_mul": (lambda t: ops.silu_mul(t["gate"], t["up"]), dict(gate=x, up=rand(2, 3, 64)),
+                     lambda t: llada.silu_mul(t["gate"], t["up"])),
+        "attention": (lambda t: ops.attention(t["q"], t["k"], t["v"]), qkv,
+                      lambda t: llada.attention(t["q"], t["k"], t["v"], None, None)),
+        "sample_tokens": (lambda t: ops.sample_tokens(t["logits"], 1.0, 5).confidence,
+                          dict(logits=rand(4, 33)),
+                          lambda t: llada.sample_tokens(t["logits"], torch.empty(0, dtype=torch.int64, device=device),
+                                                        1.0, 5)[1]),
+        "store_kv": (lambda t: ops.store_kv(t["k"], t["v"], t["cos"], t["sin"], *cache, positions) or cache[1],
+                     dict(k=qkv["k"], v=qkv["v"], cos=cs, sin=cs.flip(-1)), None),
+    }
+
+
+OPS = ["rms_norm", "add_rms_norm", "rope", "silu_mul", "attention", "sample_tokens", "store_kv"]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_wrappers_refuse_inputs_that_require_grad(device, op):
+    """Each floating input that asks for a gradient is named before the op
+    runs (a result without the op's gradient would be silently wrong); under
+    no_grad or inference_mode the same call gives the result of detached
+    inputs."""
+    call, tensors, _ = _inputs(device)[op]
+    want = call(tensors).clone()
+    for name in tensors:
+        asking = {key: t.clone().requires_grad_(key == name) for key, t in tensors.items()}
+        with pytest.raises(RuntimeError, match=rf"^{name}: requires grad, but llada\.ops\.{op} is an inference "
+                                               r"op without a backward; call it under torch\.no_grad\(\)"):
+            call(asking)
+        for mode in (torch.no_grad, torch.inference_mode):
+            with mode():
+                got = call(asking)
+            assert not got.requires_grad
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", [op for op in OPS if op != "store_kv"])
+def test_direct_op_backward_raises(device, op):
+    """torch.ops.llada.* called directly: the output asks for a gradient as
+    torch's ops do, and backward names the op and the input instead of
+    leaving the op's share of the gradient out."""
+    _, tensors, direct = _inputs(device)[op]
+    name = next(iter(tensors))
+    asking = {key: t.clone().requires_grad_(key == name) for key, t in tensors.items()}
+    out = direct(asking)
+    assert out.requires_grad
+    with pytest.raises(RuntimeError, match=rf"llada::{op} has no backward .* gradient for {name}: "
+                                           r"call it under torch\.no_grad\(\)"):
+        out.float().sum().backward()
+
+
+def test_wrappers_take_tensors_that_need_no_gradient_with_grad_on(device):
+    """Grad mode alone (inputs without requires_grad) is no reason to refuse."""
+    for op, (call, tensors, _) in _inputs(device).items():
+        out = call(tensors)
+        assert not out.requires_grad, op
+
+
+# Scalar arguments: real numbers only, named when wrong.
+
+def _scalar_calls():
+    x, w = torch.randn(3, 8), torch.rand(8)
+    q = torch.randn(1, 3, 2, 64)
+    logits, confidence = torch.randn(2, 5), torch.rand(2, 6)
+    return {
+        "temperature": lambda v: ops.sample_tokens(logits, temperature=v, seed=1).tokens,
+        "eps": lambda v: ops.rms_norm(x, w, v),
+        "add_rms_norm eps": lambda v: ops.add_rms_norm(x, x, w, v)[1],
+        "threshold": lambda v: ops.select_positions(confidence, "threshold", threshold=v),
+        "factor": lambda v: ops.select_positions(confidence, "factor", factor=v),
+        "scale": lambda v: ops.attention(q, q, q, scale=v),
+    }
+
+
+@pytest.mark.parametrize("argument", list(_scalar_calls()))
+@pytest.mark.parametrize("bad", [None, "0.5", [0.5], True, torch.tensor(0.5)],
+                         ids=["None", "str", "list", "bool", "tensor"])
+def test_bad_scalars_are_named(argument, bad):
+    if argument == "scale" and bad is None:
+        pytest.skip("scale=None means 1/sqrt(D)")
+    name = argument.split()[-1]
+    with pytest.raises(TypeError, match=rf"^{name}: expected a float, got {type(bad).__name__}$"):
+        _scalar_calls()[argument](bad)
+
+
+@pytest.mark.parametrize("argument", list(_scalar_calls()))
+def test_ints_and_numpy_scalars_are_floats(argument):
+    call = _scalar_calls()[argument]
+    value = 1 if argument in ("temperature", "factor", "threshold") else 0
+    want = call(float(value))
+    for same in (value, np.float32(value), np.int64(value)):
+        torch.testing.assert_close(call(same), want, rtol=0, atol=0)
+    torch.testing.assert_close(call(np.float64(0.25)), call(0.25), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [3, "ab", {1: 2}.keys(), 2.0], ids=["int", "str", "keys", "float"])
+def test_suppress_ids_must_be_a_sequence_or_a_tensor(bad):
+    with pytest.raises(TypeError, match=r"^suppress_ids: expected a sequence of ints, an integer tensor or None, "
+                                        rf"got {type(bad).__name__}$"):
+        ops.sample_tokens(torch.randn(2, 5), suppress_ids=bad)
+
+
+def test_suppress_ids_sequences_agree():
+    logits = torch.randn(3, 9)
+    want = ops.sample_tokens(logits, 1.0, 4, suppress_ids=torch.tensor([2, 5]))
+    for ids in ([2, 5], (2, 5), range(2, 8, 3), [np.int64(2), 5]):
+        got = ops.sample_tokens(logits, 1.0, 4, suppress_ids=ids)
+        assert torch.equal(got.tokens, want.tokens)
+        assert not torch.isin(got.tokens, torch.tensor([2, 5])).any()
+
+
+# The references compute on the CPU whatever the default device.
+
+def test_references_ignore_the_default_device():
+    g = torch.Generator().manual_seed(3)
+    confidence, logits = torch.rand(2, 6, generator=g), torch.randn(3, 7, generator=g)
+    k = torch.tensor([1, 4])
+
+    def run():
+        return [
+            ops.select_positions_reference(confidence, "threshold", threshold=0.5),
+            ops.select_positions_reference(confidence, "factor", factor=1.5),
+            ops.select_positions_reference(confidence, "topk", 2),
+            ops.select_positions_reference(confidence, "topk", k),
+            *ops.sample_tokens_reference(logits, 1.0, 3, suppress_ids=[1]),
+            *ops.sample_tokens_reference(logits),
+            ops.gumbel_noise_reference(3, 2, 7),
+        ]
+
+    want = run()
+    with torch.device("meta"):
+        got = run()
+    for g_, w_ in zip(got, want):
+        assert g_.device == torch.device("cpu")
+        assert torch.equal(g_, w_)
