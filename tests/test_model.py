@@ -1,5 +1,7 @@
 """The LLaDA forward against the naive oracle on tiny random checkpoints."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -139,6 +141,28 @@ def test_bad_ids_and_masks_are_named(tmp_path):
     model(ids, torch.ones(2, 9), cache=cache, start=4)  # with a cache the mask covers every position
     with pytest.raises(ValueError, match=r"^attention_mask: expected a tensor of shape \(2, 9\)"):
         model(ids, torch.ones(2, 5), cache=cache, start=4)
+
+
+def test_a_cache_that_does_not_fit_the_model_is_named(tmp_path):
+    # A cache of fewer layers would skip blocks, one of another dtype or
+    # shape fail deep inside: each is refused by name before any work.
+    model = llada.load_model(make_checkpoint(tmp_path), device="cpu")
+    config, ids = model.config, torch.zeros(2, 5, dtype=torch.long)
+    fewer = dataclasses.replace(config, n_layers=config.n_layers - 1)
+    for cache, match in (
+        (KVCache(fewer, 2, 9, "cpu", torch.float32), f"holds {config.n_layers - 1} layers"),
+        (KVCache(config, 2, 9, "cpu", torch.bfloat16), "expected keys and values torch.float32"),
+        (KVCache(dataclasses.replace(config, n_kv_heads=1, n_heads=config.n_heads), 2, 9, "cpu", torch.float32),
+         "expected keys and values"),
+    ):
+        with pytest.raises(ValueError, match=f"^cache: {match}"):
+            model(ids, cache=cache, start=4)
+    cache = KVCache(config, 2, 9, "cpu", torch.float32)
+    for start in (2.5, True):
+        with pytest.raises(TypeError, match="^start: expected an int"):
+            model(ids, cache=cache, start=start)
+    with pytest.raises(TypeError, match="^cache: expected a KVCache"):
+        model(ids, cache=[], start=4)
 
 
 def forward_with_backend(model, ids, mask, backend):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from . import devices, ops
 from .linear import Linear, linear
+from .token_ids import is_int
 
 
 @dataclass
@@ -456,6 +457,9 @@ class LLaDAModel(nn.Module):
                 raise ValueError(f"attention_mask: expected a tensor of shape {keys}, got "
                                  f"{tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}")
         if cache is not None:
+            self._check_cache(cache)
+            if not is_int(start):
+                raise TypeError(f"start: expected an int, got {type(start).__name__}")
             if cache.batch != b or not 0 <= start <= cache.total - l:
                 raise ValueError(
                     f"cache: holds {cache.batch} rows of {cache.total} positions; cannot take "
@@ -494,6 +498,24 @@ class LLaDAModel(nn.Module):
             x, pending = x[keep], pending[keep]
         _, y = t["ln_f"].add_then_norm(x, pending)
         return LLaDAOutput(linear(y, self.head_weight()))
+
+
+    def _check_cache(self, cache) -> None:
+        """A cache this model can fill: one layer per block, each key and
+        value [B, total, Hkv, D] on the model's device, in the dtype its
+        projections compute in (the weights', or autocast's)."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache: expected a KVCache, got {type(cache).__name__}")
+        config, device = self.config, self.device
+        if len(cache.layers) != config.n_layers:
+            raise ValueError(f"cache: holds {len(cache.layers)} layers; the model has {config.n_layers}")
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.dtype
+        shape = (cache.batch, cache.total, config.n_kv_heads, config.head_dim)
+        for layer in cache.layers:
+            for t in layer:
+                if t.shape != shape or t.dtype != dtype or t.device != device:
+                    raise ValueError(f"cache: expected keys and values {dtype} {list(shape)} on {device}, "
+                                     f"got {t.dtype} {list(t.shape)} on {t.device}")
 
 
 def llada_model_of(model) -> Optional[LLaDAModel]:
