@@ -402,7 +402,8 @@ def meminfo_kib(key):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="needs Linux's /proc/meminfo")
-def test_available_host_memory_reads_this_machine():
+def test_available_host_memory_reads_this_machine(monkeypatch):
+    monkeypatch.setattr(llada.checkpoint, "_cgroup_memory_left", lambda: None)  # a container's limit aside
     before = (meminfo_kib("MemAvailable") + meminfo_kib("SwapFree")) * 1024
     available = llada.checkpoint._available_host_memory()
     after = (meminfo_kib("MemAvailable") + meminfo_kib("SwapFree")) * 1024
@@ -416,7 +417,43 @@ def test_available_host_memory_is_none_without_proc_meminfo(monkeypatch):
         raise FileNotFoundError("/proc/meminfo")
 
     monkeypatch.setattr(llada.checkpoint, "open", missing, raising=False)  # shadows the builtin there
+    monkeypatch.setattr(llada.checkpoint, "_cgroup_memory_left", lambda: None)
     assert llada.checkpoint._available_host_memory() is None
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_a_containers_memory_limit_caps_what_is_available(tmp_path, monkeypatch, version):
+    # /proc/meminfo shows the host's memory; a container may give the process
+    # far less, and a load past that limit is killed half-way.
+    v1 = tmp_path / "memory"
+    v1.mkdir()
+    files = ({"memory.max": "3000000\n", "memory.current": "1000000\n"} if version == 2 else
+             {"memory/memory.limit_in_bytes": "3000000\n", "memory/memory.usage_in_bytes": "1000000\n"})
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    cgroup_memory_left = llada.checkpoint._cgroup_memory_left
+    left = cgroup_memory_left(tmp_path)
+    assert left == 2000000
+    monkeypatch.setattr(llada.checkpoint, "_cgroup_memory_left", lambda: left)
+    assert llada.checkpoint._available_host_memory() == left  # the host has more than 2 MB
+    unlimited = tmp_path / "unlimited"
+    (unlimited / "memory").mkdir(parents=True)
+    (unlimited / "memory.max").write_text("max\n")
+    (unlimited / "memory.current").write_text("5\n")
+    (unlimited / "memory/memory.limit_in_bytes").write_text(f"{2**63 - 4096}\n")
+    (unlimited / "memory/memory.usage_in_bytes").write_text("5\n")
+    assert cgroup_memory_left(unlimited) is None
+    assert cgroup_memory_left(tmp_path / "absent") is None
+
+
+def test_saved_weights_take_the_umask_without_changing_it(tmp_path):
+    umask = os.umask(0o027)
+    try:
+        llada.checkpoint.save_weights({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o640
 
 
 @pytest.mark.parametrize("theta", [0, -1.0, float("nan"), float("inf")])

@@ -241,9 +241,22 @@ def save_weights(tensors: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata={"format": "pt"})
-    umask = os.umask(0)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read where the system tells it: setting it to read
+    it back would make another thread's new files world-writable meanwhile."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)  # the safe value, for the moment it is set
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return umask
 
 
 def _read_json(path: Path) -> dict:
@@ -406,16 +419,34 @@ def _default_device_dtype(device, dtype):
 
 def _available_host_memory() -> Optional[int]:
     """Bytes this machine can still give a process (MemAvailable plus free
-    swap, from /proc/meminfo), or None where that file does not exist."""
+    swap, from /proc/meminfo), and no more than the process's control group
+    (a container's memory limit) has left; None where neither is known."""
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f)
-    except OSError:
-        return None
-    try:
-        return sum(int(fields[key].split()[0]) * 1024 for key in ("MemAvailable", "SwapFree"))
-    except (KeyError, ValueError, IndexError):
-        return None
+        machine = sum(int(fields[key].split()[0]) * 1024 for key in ("MemAvailable", "SwapFree"))
+    except (OSError, KeyError, ValueError, IndexError):
+        machine = None
+    group = _cgroup_memory_left()
+    known = [n for n in (machine, group) if n is not None]
+    return min(known) if known else None
+
+
+def _cgroup_memory_left(root: Path = Path("/sys/fs/cgroup")) -> Optional[int]:
+    """What the memory limit of this process's control group leaves (cgroup
+    v2: memory.max less memory.current; v1: memory.limit_in_bytes less
+    memory.usage_in_bytes), or None without a limit."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = (root / limit_file).read_text().strip()
+            usage = int((root / usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:  # v1 writes a huge number for none
+            return None
+        return max(0, int(limit) - usage)
+    return None
 
 
 def _check_memory(cfg: LLaDAConfig, device: torch.device, dtype: torch.dtype) -> None:
