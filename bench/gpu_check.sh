@@ -103,7 +103,14 @@ fi
 # job (the Hopper attention kernels), and the device time is short.
 bench_build >"$LOGS/bench_build.background.log" 2>&1 &
 bench_build_pid=$!
-collect_bench_build() {  # the background build's log and status, once it is done
+collect_bench_build() {  # the background build's log and status, once it is done (or the budget is)
+  while kill -0 "$bench_build_pid" 2>/dev/null && [ $((BUDGET - SECONDS)) -gt 20 ]; do sleep 1; done
+  if kill -0 "$bench_build_pid" 2>/dev/null; then
+    pkill -TERM -P "$bench_build_pid" 2>/dev/null; kill "$bench_build_pid" 2>/dev/null
+    cat "$LOGS/bench_build.background.log"
+    echo "the build was still running when the budget ran out: stopped"
+    return 1
+  fi
   wait "$bench_build_pid"
   local rc=$?
   cat "$LOGS/bench_build.background.log"

@@ -983,6 +983,13 @@ bool attention_sm90_supports(const AttentionParams& p) {
   for (const int64_t* s : {p.q_strides, p.k_strides, p.v_strides})
     for (int i = 0; i < 3; ++i)
       if (s[i] % 8 != 0) return false;
+  // A dimension read with stride 0 (an expanded tensor) is left to the other
+  // kernel: the tensor map is not documented to take one.
+  const int64_t q_sizes[3] = {p.batch, p.q_len, p.q_heads}, kv_sizes[3] = {p.batch, p.kv_len, p.kv_heads};
+  for (int i = 0; i < 3; ++i) {
+    if (q_sizes[i] > 1 && p.q_strides[i] == 0) return false;
+    if (kv_sizes[i] > 1 && (p.k_strides[i] == 0 || p.v_strides[i] == 0)) return false;
+  }
   return true;
 }
 
