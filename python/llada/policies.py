@@ -41,7 +41,8 @@ cuda_graph (on by default)
     without a cache is an error.
 early_stop
     once a finished block of a row holds EOS, the rest of that row's canvas
-    becomes EOS and the row needs no more forwards.
+    becomes EOS and the row needs no more forwards. When infilling, an EOS
+    ends only its own gap: the gaps after given text are still filled.
 remask_below
     error correction (adaptive commit rules only): after each commit, tokens
     decoded at earlier steps of the active block whose probability under the
