@@ -373,6 +373,7 @@ class KVCache:
             for _ in range(config.n_layers)
         ]
         self.batch, self.total = batch, total
+        self._fits = None  # what LLaDAModel last found its layers to fit (see _check_cache)
 
 
 class LLaDAModel(nn.Module):
@@ -510,12 +511,17 @@ class LLaDAModel(nn.Module):
         if len(cache.layers) != config.n_layers:
             raise ValueError(f"cache: holds {len(cache.layers)} layers; the model has {config.n_layers}")
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.dtype
+        # Every layer is checked once per cache and expectation, not every step.
+        expected = (config.n_kv_heads, config.head_dim, dtype, device)
+        if cache._fits == expected:
+            return
         shape = (cache.batch, cache.total, config.n_kv_heads, config.head_dim)
         for layer in cache.layers:
             for t in layer:
                 if t.shape != shape or t.dtype != dtype or t.device != device:
                     raise ValueError(f"cache: expected keys and values {dtype} {list(shape)} on {device}, "
                                      f"got {t.dtype} {list(t.shape)} on {t.device}")
+        cache._fits = expected
 
 
 def llada_model_of(model) -> Optional[LLaDAModel]:

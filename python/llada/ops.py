@@ -74,6 +74,8 @@ def _require_tensors(*named: tuple[str, object]) -> None:
 def _float_arg(name: str, value) -> float:
     """A real-number argument (a Python or numpy int or float), as the
     kernels' double; a bool or a string is a mistake, not a number."""
+    if type(value) is float:  # the common case, checked first: every op call passes here
+        return value
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     return float(value)
@@ -123,7 +125,7 @@ def _below_autograd():
     as its autograd formula would in that case, without the formula's Python
     dispatch (which costs more than the op on small inputs under no_grad).
     torch.compile cannot trace the guard; there the formula is traced once."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():  # (no autograd to pass there)
         return contextlib.nullcontext()
     return torch._C._AutoDispatchBelowAutograd()
 
@@ -260,9 +262,9 @@ def sample_tokens(
         if suppress_ids.is_floating_point() or suppress_ids.is_complex() or suppress_ids.dtype == torch.bool:
             raise TypeError(f"suppress_ids: expected an integer tensor, got {suppress_ids.dtype}")
     elif suppress_ids is not None:
-        if not isinstance(suppress_ids, collections.abc.Sequence) or isinstance(suppress_ids, (str, bytes)):
-            raise TypeError(f"suppress_ids: expected a sequence of ints, an integer tensor or None, "
-                            f"got {type(suppress_ids).__name__}")
+        if not isinstance(suppress_ids, collections.abc.Iterable) or isinstance(suppress_ids, (str, bytes)):
+            raise TypeError(f"suppress_ids: expected ints (a list, a set, an array...), an integer tensor "
+                            f"or None, got {type(suppress_ids).__name__}")
         # A Python list can be checked for free; a tensor on the GPU would cost
         # a sync, so there out-of-range ids simply match no column.
         suppress_ids = [_int_arg("suppress_ids", i, 0, logits.shape[-1] - 1) for i in suppress_ids]

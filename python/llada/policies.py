@@ -174,8 +174,9 @@ def _top_k_stop_predictions_last(scores: torch.Tensor, stop: torch.Tensor, k) ->
     group = torch.where(candidate, stop.to(torch.int8), 2)  # others, then stops, then non-candidates
     order = order.gather(1, torch.sort(group.gather(1, order), dim=1, stable=True).indices)
     rank = torch.arange(scores.shape[1], device=scores.device)
-    k = torch.as_tensor(k, device=scores.device).reshape(-1, 1)
-    take = (rank[None, :] < k) & candidate.gather(1, order)
+    # An int stays one: a tensor made from it would be a copy to the device, which waits.
+    limit = k if isinstance(k, int) else k.reshape(-1, 1)
+    take = (rank[None, :] < limit) & candidate.gather(1, order)
     return torch.zeros_like(candidate).scatter(1, order, take)
 
 
