@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import llada
-from llada.cli import main
+from llada.cli import build_parser, main
 
 from checkpoints import make_checkpoint
 from naive_llada import NaiveLLaDA, naive_answers, naive_generate
@@ -739,3 +739,116 @@ def test_cuda_graph_flags_need_a_cache(capsys, flag):
 def test_batch_size_needs_a_prompts_file(capsys):
     assert _exit_code(["generate", "--batch-size", "4", "x"]) == 2
     assert "--batch-size: applies with --prompts-file" in capsys.readouterr().err
+
+
+def _strict_json(line):
+    """A line as JSON readers that know no NaN or Infinity read it."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_prompts_file_lines_keep_their_numbers_as_written(checkpoint, capsys, tmp_path):
+    # 1e400 overflows a float and 12345678901234567.5 has more digits than one holds:
+    # read and written again they would become Infinity (no JSON) and 1.2345678901234568e+16.
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "Hi", "id": 1e400, "ref": 12345678901234567.5}\n"Hey"\n', encoding="utf-8")
+    assert main(["generate", "--model", str(checkpoint), *ARGS, "--prompts-file", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('{"prompt": "Hi", "id": 1e400, "ref": 12345678901234567.5, "answer": ')
+    assert [_strict_json(line)["answer"] for line in lines] == oracle_batch_answers(checkpoint, ["Hi", "Hey"])
+    assert _strict_json(lines[1]) == {"prompt": "Hey", "answer": oracle_answer(checkpoint, "Hey")}
+
+    path.write_text('{"id": 1e400, "prompt": "Q", "answers": [" x"]}\n', encoding="utf-8")
+    assert main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--mc-num", "4", "--batch-size", "4",
+                 "--seed", "1", "--prompts-file", str(path)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith('{"id": 1e400, "prompt": "Q", "answers": [" x"], "log_likelihoods": [')
+    estimate = llada.load(checkpoint, device="cpu").log_likelihood("Q", " x", mc_num=4, batch_size=4, seed=1)
+    assert _strict_json(line)["log_likelihoods"] == pytest.approx([estimate], abs=1e-6)
+
+
+def test_a_minus_infinite_estimate_is_written_as_null(checkpoint, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(llada.Engine, "log_likelihood", lambda self, *args, **kwargs: float("-inf"))
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "Q", "answers": [" x", " y"]}\n', encoding="utf-8")
+    assert main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--prompts-file", str(path)]) == 0
+    assert _strict_json(capsys.readouterr().out)["log_likelihoods"] == [None, None]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "x", "id": NaN}', "line 1: not JSON (NaN is not a JSON value)"),
+    ('{"prompt": "x", "id": -Infinity}', "line 1: not JSON (-Infinity is not a JSON value)"),
+    ("[" * 100000 + "]" * 100000, "line 1: nested too deeply for Python's json to read"),
+])
+def test_prompts_file_lines_python_reads_but_cannot_keep_are_named(checkpoint, capsys, tmp_path, content, message):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(content + "\n", encoding="utf-8")
+    assert main(["generate", "--model", str(checkpoint), *ARGS, "--prompts-file", str(path)]) == 2
+    assert f"llada: error: --prompts-file {path} {message}" in capsys.readouterr().err
+
+
+def test_a_closed_standard_input_is_named(checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", None)  # what Python gives a process started with `<&-`
+    assert _exit_code(["generate", "--model", str(checkpoint), *ARGS, "--prompts-file", "-"]) == 2
+    assert "llada: error: --prompts-file -: standard input is closed" in capsys.readouterr().err
+    assert _exit_code(["chat", "--model", str(checkpoint), *ARGS]) == 2
+    assert "llada chat: error: standard input is closed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--device", "foo", "x"], "llada: error: --device: expected 'cpu', 'cuda' or 'cuda:N', got 'foo'"),
+    (["likelihood", "--prompt", "a", "--answer", "b", "--mc-num", str(10**20), "--batch-size", str(10**20)],
+     f"--mc-num: expected at most {2**31 - 1}, got {10**20}"),
+    (["likelihood", "--prompt", "a", "--answer", "b", "--mc-num", "16", "--batch-size", str(2**40)],
+     f"--batch-size: expected at most {2**31 - 1}"),
+])
+def test_errors_name_the_flag(checkpoint, capsys, argv, message):
+    assert _exit_code([argv[0], "--model", str(checkpoint), *argv[1:]]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cuda_without_a_gpu_names_the_flag(checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["likelihood", "--model", str(checkpoint), "--device", "cuda", "--prompt", "a", "--answer", "b"]) == 2
+    assert "llada: error: --device: cuda requested but CUDA is not available" in capsys.readouterr().err
+
+
+def test_a_system_message_too_long_for_the_context_is_named(checkpoint, capsys, monkeypatch):
+    system = "x " * 300  # with the template, more than the 512 - 16 tokens left for a prompt
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    assert _exit_code(["chat", "--model", str(checkpoint), *ARGS, "--system", system]) == 2
+    assert "llada chat: error: --system: the system message's" in capsys.readouterr().err
+    assert main(["generate", "--model", str(checkpoint), *ARGS, "--chat", "--system", system, "Hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llada: error: --system: the system message's")
+    assert "leave too little room for --gen-length (16 tokens) in the model's max_sequence_length 512" in err
+    assert main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--chat", "--system", system * 2,
+                 "--prompt", "Hi", "--answer", "x"]) == 2
+    assert "--system: the system message's" in capsys.readouterr().err
+
+
+def test_infill_names_a_prefix_too_long_for_any_gap(checkpoint, capfd):
+    assert main(["infill", "--model", str(checkpoint), "--device", "cpu", "--prefix", "x " * 600,
+                 "--length", "4"]) == 2
+    err = capfd.readouterr().err
+    assert "llada: error: --prefix/--suffix: the texts make" in err and "no room for a gap" in err
+    # llada measures the text itself: no warning from transformers about it.
+    assert "Token indices sequence length" not in err
+
+
+def test_stop_help_tells_of_show_steps():
+    gen = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("generate"))
+    stop = next(action for action in gen._actions if "--stop" in action.option_strings)
+    assert "--show-steps" in stop.help  # where every block is decoded, stop string or not
+
+
+def test_chat_takes_a_byte_order_mark_as_no_part_of_the_first_line(checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\ufeff/reset\n\ufeffHi\n".encode())))
+    assert main(["chat", "--model", str(checkpoint), *ARGS]) == 0
+    captured = capsys.readouterr()
+    assert "a new conversation" in captured.err  # line 1 was the command
+    # Only the start of the input is a file's mark: later, U+FEFF is text.
+    assert captured.out == oracle_answer(checkpoint, _templated(checkpoint, [{"role": "user",
+                                                                              "content": "\ufeffHi"}])) + "\n"

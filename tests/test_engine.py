@@ -2,7 +2,9 @@
 oracle decoding the same token ids."""
 
 import copy
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -414,6 +416,11 @@ def test_load_defaults_to_the_bundled_model():
     (lambda e: e.log_likelihood("a " * 3000, "b"), ValueError, "prompt: prompt"),
     (lambda e: e.generate(["a", "b" * 5000], gen_length=16, steps=16, block_length=16), ValueError,
      "prompts[1]: "),
+    (lambda e: e.infill("a " * 600, "b", 4), ValueError, "prefix/suffix: the texts make"),
+    (lambda e: e.fill(["a " * 600, 4]), ValueError, "parts: the texts make"),
+    (lambda e: e.log_likelihood("a", "b", mc_num=10**20, batch_size=10**20), ValueError,
+     f"mc_num: expected a positive int up to {2**31 - 1}"),
+    (lambda e: e.log_likelihood("a", "b", mc_num=2**31 - 1, batch_size=2**40), ValueError, "batch_size: "),
     (lambda e: e.decode([3, None]), TypeError, "ids"),
     (lambda e: llada.Engine(e.tokenizer, e.tokenizer), TypeError, "model"),
     (lambda e: llada.Engine(e.model, "tokenizer"), TypeError, "tokenizer"),
@@ -421,3 +428,34 @@ def test_load_defaults_to_the_bundled_model():
 def test_bad_arguments_name_themselves(engine, call, error, named):
     with pytest.raises(error, match=named.replace("[", r"\[").replace("]", r"\]")):
         call(engine)
+
+
+def test_text_longer_than_the_context_draws_no_transformers_warning(checkpoint, capfd):
+    engine = llada.load(checkpoint, device="cpu")  # its own tokenizer: transformers warns once per tokenizer
+    with pytest.raises(ValueError, match="prompt: "):
+        engine.generate("a " * 600, **SHAPE)
+    assert len(engine.encode("a " * 600)) > engine.model.config.max_sequence_length
+    # llada checks lengths itself, naming what is too long.
+    assert "Token indices sequence length" not in capfd.readouterr().err
+
+
+def test_a_chat_template_that_is_no_text_is_named(checkpoint, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoint, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=5)))
+    with pytest.raises(ValueError, match=re.escape('tokenizer_config.json\'s "chat_template"): expected Jinja '
+                                                   'template text (a string), got int 5')):
+        llada.load(folder, device="cpu")
+    model = llada.load_model(checkpoint, device="cpu")
+    with pytest.raises(ValueError, match="chat_template"):
+        llada.Engine(model, llada.load_tokenizer(folder))
+
+
+def test_load_finds_the_tokenizer_before_reading_any_weight(checkpoint, tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoint, folder)
+    (folder / "tokenizer.json").unlink()
+    monkeypatch.setattr(llada.engine, "load_model", lambda *args, **kwargs: pytest.fail("the weights were read"))
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        llada.load(folder, device="cpu")

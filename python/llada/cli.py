@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
-import json
 import math
 import os
 import sys
@@ -24,7 +23,7 @@ import torch
 
 from .policies import CACHES, COMMIT_RULES, POLICY_NAMES, RANKINGS, RULE_OF_SETTING, DecodePolicy
 from .devices import out_of_memory
-from .prompts_file import progress_bar, prompt_of, read_prompts, read_scoring_lines
+from .prompts_file import Line, output_line, progress_bar, prompt_of, read_prompts, read_scoring_lines
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MASK_GLYPH = {True: "░", False: "_"}  # terminal, plain text
@@ -77,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                           'each line a string, an object with a "prompt" string, or (with --chat) '
                           'an object with "messages", a conversation of {"role", "content"} objects; '
                           'prints one JSON object per prompt, in the file\'s order: the line\'s '
-                          'object (its other keys, such as an id, kept) with the "answer" added')
+                          'object (its other keys, such as an id, kept as written) with the "answer" added')
     gen.add_argument("--batch-size", type=int,
                      help="with --prompts-file: prompts decoded together, left-padded; of every "
                           "8 batches' prompts, the longest share the first batch (default: 8)")
@@ -118,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help='many prompts: JSON Lines (- reads standard input), each line an object with a '
                             '"prompt" string (or, with --chat, "messages", a conversation) and "answers", a '
                             'list of answer texts; prints each line\'s object, in order, with '
-                            '"log_likelihoods" added (one per answer, all with the same draws)')
+                            '"log_likelihoods" added (one per answer, all with the same draws; null for an '
+                            'estimate of -inf, an answer the model rules out)')
     score.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     score.add_argument("--system", metavar="TEXT", type=text_argument,
                        help="with --chat: a system message before the prompt")
@@ -164,7 +164,8 @@ def add_decoding_arguments(parser, chat_flag: bool) -> None:
     parser.add_argument("--seed", type=seed_argument, help="for sampling and random ranking")
     parser.add_argument("--stop", action="append", metavar="TEXT", type=text_argument,
                         help="end the answer before this text (repeatable; in bash, $'\\n\\n' is two "
-                             "line breaks); no block after the one that completes it is decoded")
+                             "line breaks); no block after the one that completes it is decoded, but with "
+                             "--show-steps, which shows every block")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help=DTYPE_HELP)
 
@@ -240,7 +241,13 @@ def load_for_cli(args):
     from .engine import load
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load(args.model, device=device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    try:
+        return load(args.model, device=device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    except ValueError as e:  # "device: ...": named as the user wrote it
+        field, _, reason = str(e).partition(": ")
+        if field != "device":
+            raise
+        raise ValueError(f"--device: {reason}") from None
 
 
 def print_stats(stats) -> None:
@@ -290,12 +297,14 @@ def check_model(args, parser) -> None:
                                                   else "does not exist"))
 
 
-def check_counts(args, parser, *flags: str) -> None:
-    """Flags that count something: positive when given."""
+def check_counts(args, parser, *flags: str, most: Optional[int] = None) -> None:
+    """Flags that count something: positive when given, and at most ``most``."""
     for flag in flags:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and value < 1:
             parser.error(f"{flag}: expected a positive int, got {value}")
+        if value is not None and most is not None and value > most:
+            parser.error(f"{flag}: expected at most {most}, got {value}")
 
 
 def check_scales(args, parser, *flags: str) -> None:
@@ -384,7 +393,7 @@ def run_generate(args, parser) -> int:
     if args.prompts_file is None:
         if args.batch_size is not None:
             parser.error("--batch-size: applies with --prompts-file")
-        lines = [("prompt", {"prompt": args.prompt})]
+        lines = [Line("prompt", {"prompt": args.prompt}, "")]
     else:
         if args.prompt is not None:
             parser.error("prompt: give either the prompt text or --prompts-file, not both")
@@ -398,10 +407,12 @@ def run_generate(args, parser) -> int:
     check_decoding(args, parser, policy)
     engine = load_for_cli(args)
     # Every prompt is checked before any is decoded.
-    for where, line in lines:
+    for where, line, _ in lines:
         problem = engine.prompt_problem(encode_line(engine, args, where, line), args.gen_length, "--gen-length")
         if problem is not None:
-            raise ValueError(f"{where}: {problem}")
+            room = engine.model.config.max_sequence_length - args.gen_length
+            raise ValueError(system_problem(engine, args, room, f"--gen-length ({args.gen_length} tokens)")
+                             or f"{where}: {problem}")
     options = decoding_options(args, policy)
     stats, stop = DecodeStats(), tuple(args.stop or ())
     if args.prompts_file is not None:
@@ -410,11 +421,12 @@ def run_generate(args, parser) -> int:
         window = PROMPTS_FILE_WINDOW * args.batch_size
         with progress_bar(len(lines)) as bar:
             for first in range(0, len(lines), window):
-                batch = [line for _, line in lines[first: first + window]]
-                answers = engine.generate([prompt_of(line) for line in batch], chat=args.chat, system=args.system,
-                                          batch_size=args.batch_size, stop=stop, stats=stats, **options)
+                batch = lines[first: first + window]
+                answers = engine.generate([prompt_of(line.value) for line in batch], chat=args.chat,
+                                          system=args.system, batch_size=args.batch_size, stop=stop, stats=stats,
+                                          **options)
                 for line, answer in zip(batch, answers):
-                    print(json.dumps({**line, "answer": answer}, ensure_ascii=False), flush=True)
+                    print(output_line(line, "answer", answer), flush=True)
                 bar.update(len(batch))
     elif args.stream:
         for piece in engine.stream(args.prompt, chat=args.chat, system=args.system, stop=stop, stats=stats,
@@ -446,6 +458,8 @@ def run_chat(args, parser) -> int:
     and skipped; without a terminal, the exit status then says so."""
     from .sampler import DecodeStats
 
+    if sys.stdin is None:  # started with standard input closed (`<&-`)
+        parser.error("standard input is closed: llada chat reads the messages from it, one per line")
     policy = policy_from_arguments(args, parser)
     check_decoding(args, parser, policy)
     engine = load_for_cli(args)
@@ -454,8 +468,9 @@ def run_chat(args, parser) -> int:
     max_len = engine.model.config.max_sequence_length
     room = max_len - args.gen_length
     if (least := len(engine.encode("", True, args.system))) > room:
-        parser.error(f"--gen-length: {args.gen_length} tokens and the chat template's {least} exceed the model's "
-                     f"max_sequence_length {max_len}")
+        parser.error(system_problem(engine, args, room, f"--gen-length ({args.gen_length} tokens)")
+                     or f"--gen-length: {args.gen_length} tokens and the chat template's {least} exceed the "
+                        f"model's max_sequence_length {max_len}")
     if isinstance(sys.stdin, io.TextIOWrapper):
         sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 fails alone
     interactive = sys.stdin.isatty()
@@ -471,6 +486,8 @@ def run_chat(args, parser) -> int:
         if not line:
             break
         text = line.rstrip("\n")
+        if number == 1:
+            text = text.removeprefix("\ufeff")  # a byte order mark (a file saved so) is no part of the message
         if not text.strip():
             continue
         if not is_utf8(text):
@@ -527,18 +544,36 @@ def check_system(args, parser) -> None:
         parser.error("--system: a system message needs --chat")
 
 
+def system_problem(engine, args, room: int, room_name: str) -> Optional[str]:
+    """The error for a --system message that, with the chat template, leaves
+    less than ``room`` tokens of the model's context (for what ``room_name``
+    names) to any prompt; None where it does not, or where the template
+    alone leaves too little."""
+    if args.system is None:
+        return None
+    template = len(engine.encode("", True))
+    least = len(engine.encode("", True, args.system))
+    if least <= room or template > room:
+        return None
+    return (f"--system: the system message's {least - template} tokens and the chat template's {template} "
+            f"leave too little room for {room_name} in the model's max_sequence_length "
+            f"{engine.model.config.max_sequence_length}")
+
+
 def run_likelihood(args, parser) -> int:
+    from .likelihood import MAX_DRAWS
+
     check_system(args, parser)
     if args.prompts_file is None:
         if args.prompt is None or not args.answer:
             parser.error("--prompt and --answer: give both (or --prompts-file)")
-        items = [("--answer", {"prompt": args.prompt, "answers": args.answer})]
+        items = [Line("--answer", {"prompt": args.prompt, "answers": args.answer}, "")]
     else:
         if args.prompt is not None or args.answer:
             parser.error("--prompts-file: give either it or --prompt and --answer, not both")
         items = read_scoring_lines(args.prompts_file, args.chat)
     check_model(args, parser)
-    check_counts(args, parser, "--mc-num", "--batch-size")
+    check_counts(args, parser, "--mc-num", "--batch-size", most=MAX_DRAWS)
     if args.mc_num % args.batch_size:
         parser.error(f"--mc-num: expected a multiple of --batch-size ({args.batch_size}), got {args.mc_num}")
     check_scales(args, parser, "--cfg-scale")
@@ -546,7 +581,7 @@ def run_likelihood(args, parser) -> int:
     # Every line is checked before any is scored.
     max_len, mask_id = engine.model.config.max_sequence_length, engine.model.config.mask_token_id
     holds_mask = f"the text holds the mask token ({mask_id}), which the estimate puts there itself"
-    for where, item in items:
+    for where, item, _ in items:
         # A single prompt's errors name --prompt; a file's, the line.
         prompt_where = "--prompt" if args.prompts_file is None else where
         ids = encode_line(engine, args, prompt_where, item)
@@ -554,10 +589,11 @@ def run_likelihood(args, parser) -> int:
             raise ValueError(f"{prompt_where}: {holds_mask}")
         length = len(ids)
         if length >= max_len:
-            raise ValueError(f"{prompt_where}: its {length} tokens leave no room for an answer in the model's "
-                             f"max_sequence_length {max_len}")
+            raise ValueError(system_problem(engine, args, max_len - 1, "an answer")
+                             or f"{prompt_where}: its {length} tokens leave no room for an answer in the model's "
+                                f"max_sequence_length {max_len}")
         for i, answer in enumerate(item["answers"], 1):
-            answer_ids = engine.tokenizer(answer, add_special_tokens=False)["input_ids"]
+            answer_ids = engine.token_ids(answer)
             size = len(answer_ids)
             if not size:
                 raise ValueError(f"{where}: answer {i} is empty (no tokens to score)")
@@ -570,7 +606,8 @@ def run_likelihood(args, parser) -> int:
     # differences less noisy than their values.
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**62, (1,)))
     with progress_bar(len(items), wanted=args.prompts_file is not None) as bar:
-        for _, item in items:
+        for line in items:
+            item = line.value
             estimates = [engine.log_likelihood(prompt_of(item), answer, chat=args.chat, system=args.system,
                                                mc_num=args.mc_num, batch_size=args.batch_size,
                                                cfg_scale=args.cfg_scale, seed=seed)
@@ -578,7 +615,9 @@ def run_likelihood(args, parser) -> int:
             if args.prompts_file is None:
                 print("\n".join(f"{estimate:.6f}" for estimate in estimates), flush=True)
             else:
-                print(json.dumps({**item, "log_likelihoods": estimates}, ensure_ascii=False), flush=True)
+                # JSON has no -inf: null is an answer the model rules out.
+                print(output_line(line, "log_likelihoods", [None if e == -math.inf else e for e in estimates]),
+                      flush=True)
             bar.update()
     return 0
 
@@ -599,9 +638,9 @@ def run_infill(args, parser) -> int:
                             policy=policy, stats=stats)
     except ValueError as e:  # "length: ...": named as the user wrote it
         field, _, reason = str(e).partition(": ")
-        if field not in ("prefix", "suffix", "length"):
+        if field not in ("prefix", "suffix", "length", "prefix/suffix"):
             raise
-        raise ValueError(f"--{field}: {reason}") from None
+        raise ValueError(f"--{field.replace('/', '/--')}: {reason}") from None
     print(args.prefix + gap + args.suffix)
     if args.stats:
         print_stats(stats)

@@ -37,7 +37,11 @@ def load(path: Union[str, os.PathLike, None] = None, *, device=None, dtype: Opti
         from .train import default_model_path
 
         path = default_model_path()
-    return Engine(load_model(path, device=device, dtype=dtype), load_tokenizer(path))
+    # The tokenizer first: a folder without one fails in a moment, not after
+    # reading every weight (for LLaDA-8B, minutes and 16 GB).
+    tokenizer = load_tokenizer(path)
+    check_chat_template(tokenizer)
+    return Engine(load_model(path, device=device, dtype=dtype), tokenizer)
 
 
 class Engine:
@@ -49,10 +53,22 @@ class Engine:
             raise TypeError(f"model: expected a LLaDAModel, got {type(model).__name__}")
         if not callable(getattr(tokenizer, "apply_chat_template", None)):
             raise TypeError(f"tokenizer: expected a transformers tokenizer, got {type(tokenizer).__name__}")
+        check_chat_template(tokenizer)
         self.model, self.tokenizer = model, tokenizer
         config = model.config
         self.stop_ids = {config.eos_token_id, config.eot_token_id} - {None}
         self.pad_id = config.eos_token_id  # masked out: any id but the mask would do
+
+    def token_ids(self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = False
+                  ) -> list[int]:
+        """The ids the tokenizer makes of ``text`` as it stands (no chat
+        template; the special tokens it adds around a text, e.g. BOS, only
+        with ``add_special_tokens``)."""
+        # verbose=False: no warning from transformers that the text is longer
+        # than the model's context; every caller checks the length and names
+        # what is too long.
+        options = dict(split_special_tokens=True) if split_special_tokens else {}  # else the tokenizer's own
+        return self.tokenizer(text, add_special_tokens=add_special_tokens, verbose=False, **options)["input_ids"]
 
     def encode(self, prompt: Prompt, chat: bool = False, system: Optional[str] = None) -> list[int]:
         """The prompt's token ids. With ``chat``, the prompt goes through the
@@ -67,7 +83,7 @@ class Engine:
                 raise ValueError("prompt: a conversation (a list of messages) needs chat=True")
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt: expected a str, got {type(prompt).__name__}")
-            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            return self.token_ids(prompt, add_special_tokens=True)
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("chat: the tokenizer has no chat template (a base model?); "
                              "leave chat off to use the text as it stands")
@@ -108,7 +124,7 @@ class Engine:
             raise ValueError(f"chat: the tokenizer's chat template failed on this conversation: "
                              f"{type(e).__name__}: {e}") from None
         if not spelled:
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return self.token_ids(text)
         # A template may leave a message out or repeat it (its markers with
         # it), but one that changed a marker would leave its text behind.
         marker = re.compile(f"{tag}(\\d+)\ue001", re.IGNORECASE)
@@ -119,10 +135,9 @@ class Engine:
         ids = []
         for i, part in enumerate(parts):
             if i % 2 == 0:
-                ids += self.tokenizer(part, add_special_tokens=False)["input_ids"] if part else []
+                ids += self.token_ids(part) if part else []
             else:
-                plain = self.tokenizer(spelled[int(part)], add_special_tokens=False,
-                                       split_special_tokens=True)["input_ids"]
+                plain = self.token_ids(spelled[int(part)], split_special_tokens=True)
                 if special_ids.intersection(plain):  # e.g. a word-level vocabulary's own word
                     raise ValueError(f"chat: a message spells the special token {spelled[int(part)]!r}, "
                                      f"which this tokenizer cannot tokenize as plain text")
@@ -133,7 +148,7 @@ class Engine:
         whole = "".join(part if i % 2 == 0 else spelled[int(part)] for i, part in enumerate(parts))
         as_text = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
         if self.tokenizer.decode(ids, **as_text) != self.tokenizer.decode(
-                self.tokenizer(whole, add_special_tokens=False)["input_ids"], **as_text):
+                self.token_ids(whole), **as_text):
             raise ValueError(f"chat: a message spells the special token {spelled[0]!r}, which this tokenizer "
                              f"cannot keep as plain text without changing the text around it")
         return ids
@@ -313,7 +328,8 @@ class Engine:
                 raise TypeError(f"{name}: expected a str, got {type(text).__name__}")
         if not is_int(length):
             raise TypeError(f"length: expected a positive int, got {type(length).__name__}")
-        return self._fill([prefix, length, suffix], ("prefix", "length", "suffix"), "length", stats, options)[0]
+        return self._fill([prefix, length, suffix], ("prefix", "length", "suffix"), "length", "prefix/suffix",
+                          stats, options)[0]
 
     def fill(self, parts: Sequence[Union[str, int]], *, stats: Optional[DecodeStats] = None,
              **options) -> list[str]:
@@ -329,11 +345,13 @@ class Engine:
         ``block_length``: default all the gaps in one block)."""
         if not isinstance(parts, (list, tuple)):
             raise TypeError(f"parts: expected a list of str and int, got {type(parts).__name__}")
-        return self._fill(parts, [f"parts[{i}]" for i in range(len(parts))], "parts", stats, options)
+        return self._fill(parts, [f"parts[{i}]" for i in range(len(parts))], "parts", "parts", stats, options)
 
-    def _fill(self, parts, names: Sequence[str], whole: str, stats, options) -> list[str]:
-        """:meth:`fill`, with ``names`` naming each part in errors and ``whole``
-        the argument a template too long for the model is blamed on."""
+    def _fill(self, parts, names: Sequence[str], whole: str, texts_name: str, stats, options) -> list[str]:
+        """:meth:`fill`, with ``names`` naming each part in errors, ``whole``
+        the argument a template too long for the model is blamed on, and
+        ``texts_name`` the one blamed when its texts alone leave no room
+        for its gaps."""
         _check_stats(stats)
         mask_id = self.model.config.mask_token_id
         # The canvas starts as an encoded prompt does (e.g. with BOS): the
@@ -342,7 +360,7 @@ class Engine:
         pieces, strings = [lead], [""]  # token ids or a gap's length; the caller's text, None for a gap
         for part, name in zip(parts, names):
             if isinstance(part, str):
-                ids = self.tokenizer(part, add_special_tokens=False)["input_ids"]
+                ids = self.token_ids(part)
                 if mask_id in ids:  # it would be filled as one more gap
                     raise ValueError(f"{name}: the text holds the mask token ({mask_id}), which only gaps may")
                 pieces.append(ids)
@@ -358,6 +376,10 @@ class Engine:
             raise ValueError("parts: holds no gap (a positive int) to fill")
         sizes = [piece if gap else len(piece) for piece, gap in zip(pieces, is_gap)]
         max_len = self.model.config.max_sequence_length
+        texts, gaps = sum(size for size, gap in zip(sizes, is_gap) if not gap), sum(is_gap)
+        if texts + gaps > max_len:  # not even one token per gap fits: no gap length is to blame
+            raise ValueError(f"{texts_name}: the texts make {texts} tokens, which leave no room for "
+                             f"{'a gap' if gaps == 1 else f'{gaps} gaps'} in the model's max_sequence_length {max_len}")
         if sum(sizes) > max_len:  # checked before the masks are laid out: a gap may be huge
             raise ValueError(f"{whole}: text and gaps make {sum(sizes)} tokens, more than the model's "
                              f"max_sequence_length {max_len}")
@@ -401,9 +423,9 @@ class Engine:
     def _leading_special_ids(self) -> list[int]:
         """The ids the tokenizer puts before a text's own (e.g. BOS)."""
         for probe in ("a", "0", ".", "x y"):
-            plain = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+            plain = self.token_ids(probe)
             if plain:  # a text that tokenizes to something, to find it in the full ids
-                full = self.tokenizer(probe, add_special_tokens=True)["input_ids"]
+                full = self.token_ids(probe, add_special_tokens=True)
                 starts = [i for i in range(len(full) - len(plain) + 1) if full[i: i + len(plain)] == plain]
                 return full[: starts[0]] if starts else []
         return []
@@ -416,7 +438,7 @@ class Engine:
         ``cfg_scale``, ``seed``)."""
         if not isinstance(answer, str):
             raise TypeError(f"answer: expected a str, got {type(answer).__name__}")
-        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        answer_ids = self.token_ids(answer)
         return log_likelihood(self.model, self.encode(prompt, chat, system), answer_ids, **options)
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -425,6 +447,20 @@ class Engine:
         ids = torch.tensor([[self.pad_id] * (width - len(row)) + row for row in rows], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], dtype=torch.long)
         return ids, mask
+
+
+def check_chat_template(tokenizer) -> None:
+    """A tokenizer's chat template, where it has one, is Jinja text (or, as
+    transformers reads a list of named templates, a dict of them): anything
+    else fails only when first applied, with a message naming neither."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template is None or isinstance(template, str):
+        return
+    if isinstance(template, dict) and all(isinstance(t, str) for t in template.values()):
+        return
+    shown = repr(template) if len(repr(template)) <= 60 else f"{repr(template)[:57]}..."
+    raise ValueError(f'tokenizer: its chat template (tokenizer_config.json\'s "chat_template"): expected Jinja '
+                     f"template text (a string), got {type(template).__name__} {shown}")
 
 
 def _prompt_list(prompts) -> list[Prompt]:

@@ -21,6 +21,12 @@ from .sampler import check_seed
 from .token_ids import check_token_ids, is_int
 
 
+# The most draws (and draws per forward) an estimate takes: torch indexes
+# with 64-bit ints, and a batch's mask counts multiply its size by the answer's
+# length. (Far fewer take hours already.)
+MAX_DRAWS = 2**31 - 1
+
+
 def stratified_mask_counts(
     batch: int, length: int, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:
@@ -66,7 +72,8 @@ def log_likelihood(
     Args:
         model: called as ``model(ids).logits`` on (batch, Lp + La) ids.
         prompt, answer: 1-D token ids (tensors or lists); the answer non-empty.
-        mc_num: number of draws, a multiple of ``batch_size``.
+        mc_num: number of draws, a multiple of ``batch_size`` (both at
+            most ``MAX_DRAWS``).
         cfg_scale: > 0 applies classifier-free guidance against the same
             draw with the whole prompt masked.
         mask_id: defaults to the model config's ``mask_token_id``.
@@ -77,8 +84,8 @@ def log_likelihood(
     if answer.numel() == 0:
         raise ValueError("answer: expected at least one token")
     for name, value in (("mc_num", mc_num), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_DRAWS:
+            raise ValueError(f"{name}: expected a positive int up to {MAX_DRAWS}, got {value!r}")
     if mc_num % batch_size:
         raise ValueError(f"mc_num: expected a positive multiple of batch_size ({batch_size}), got {mc_num}")
     if not isinstance(cfg_scale, numbers.Real) or isinstance(cfg_scale, bool) or not (

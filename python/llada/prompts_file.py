@@ -1,20 +1,37 @@
 """The JSON Lines files of ``--prompts-file``: one prompt per line, read
 whole and checked before any decoding (the command encodes every line
 before it decodes one), each line's object kept so that its output line
-carries every key it had (an id, a reference answer); and the progress bar
-of a run over one."""
+carries every key it had (an id, a reference answer) as the line wrote it;
+and the progress bar of a run over one."""
 
 from __future__ import annotations
 
 import json
 import sys
+from typing import NamedTuple
 
 
-def read_json_lines(path: str) -> list[tuple[str, object]]:
-    """The values of a JSON Lines file (``-``: standard input), each with
-    where it was, "--prompts-file FILE line N", for errors about it; blank
-    lines are skipped."""
+class Line(NamedTuple):
+    """A line of a prompts file: where it was ("--prompts-file FILE line N",
+    for errors about it), its value, and its text as the file has it."""
+
+    where: str
+    value: object
+    text: str
+
+
+def _not_json(constant: str):
+    # Python's json reads NaN and Infinity, which JSON has not: an output line
+    # that kept one would be no JSON either.
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def read_json_lines(path: str) -> list[Line]:
+    """The lines of a JSON Lines file (``-``: standard input); blank lines
+    are skipped."""
     name = "standard input" if path == "-" else path
+    if path == "-" and sys.stdin is None:  # started with standard input closed (`<&-`)
+        raise ValueError("--prompts-file -: standard input is closed; give the prompts there or name a file")
     try:
         # utf-8-sig: a byte order mark at the start is not part of the JSON.
         if path == "-":
@@ -32,16 +49,19 @@ def read_json_lines(path: str) -> list[tuple[str, object]]:
             continue
         where = f"--prompts-file {name} line {number}"
         try:
-            value = json.loads(line)
+            value = json.loads(line, parse_constant=_not_json)
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not JSON ({e.msg})") from None
-        try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except RecursionError:
+            raise ValueError(f"{where}: nested too deeply for Python's json to read") from None
         except UnicodeEncodeError:
             # An escape such as "\ud800" (half of a UTF-16 pair) is no character: no
-            # tokenizer takes it, and the line could not be written back out.
+            # tokenizer takes it, and strict JSON readers refuse it in the output line.
             raise ValueError(f"{where}: holds a lone surrogate escape (\\ud800-\\udfff), which is not text") from None
-        values.append((where, value))
+        except ValueError as e:  # NaN or Infinity
+            raise ValueError(f"{where}: not JSON ({e})") from None
+        values.append(Line(where, value, line))
     if not values:
         raise ValueError(f"--prompts-file {name}: holds no prompts")
     return values
@@ -71,30 +91,30 @@ def _check_output_key(item: dict, key: str, where: str) -> None:
                          f'overwrite (rename it)')
 
 
-def read_prompts(path: str, chat: bool) -> list[tuple[str, dict]]:
-    """The prompts of ``llada generate --prompts-file``, each as an object
-    (with where it was, see :func:`read_json_lines`): {"prompt": text} for
-    a line that is a string; an object with a "prompt" string or a
-    "messages" list as it stands: its other keys (an id, a reference) go to
-    its output line, so it may not have the output's "answer"."""
+def read_prompts(path: str, chat: bool) -> list[Line]:
+    """The prompts of ``llada generate --prompts-file`` (see
+    :func:`read_json_lines`), each value an object: {"prompt": text} for a
+    line that is a string; an object with a "prompt" string or a "messages"
+    list as it stands: its other keys (an id, a reference) go to its output
+    line, so it may not have the output's "answer"."""
     lines = []
-    for where, item in read_json_lines(path):
-        if isinstance(item, str):
-            item = {"prompt": item}
-        _check_prompt(item, where, chat, 'a JSON string, or an object with a "prompt" string'
+    for line in read_json_lines(path):
+        item = {"prompt": line.value} if isinstance(line.value, str) else line.value
+        _check_prompt(item, line.where, chat, 'a JSON string, or an object with a "prompt" string'
                       + (' or a "messages" list' if chat else ""))
-        _check_output_key(item, "answer", where)
-        lines.append((where, item))
+        _check_output_key(item, "answer", line.where)
+        lines.append(line._replace(value=item))
     return lines
 
 
-def read_scoring_lines(path: str, chat: bool) -> list[tuple[str, dict]]:
-    """The lines of ``llada likelihood --prompts-file`` (with where each
-    was): objects with a "prompt" string or a "messages" list, and
-    "answers", a non-empty list of strings; other keys go to the output
-    line, which adds "log_likelihoods"."""
+def read_scoring_lines(path: str, chat: bool) -> list[Line]:
+    """The lines of ``llada likelihood --prompts-file`` (see
+    :func:`read_json_lines`): objects with a "prompt" string or a "messages"
+    list, and "answers", a non-empty list of strings; other keys go to the
+    output line, which adds "log_likelihoods"."""
     lines = []
-    for where, item in read_json_lines(path):
+    for line in read_json_lines(path):
+        item, where = line.value, line.where
         expected = ('an object with a "prompt" string' + (' or a "messages" list' if chat else "")
                     + ' and "answers", a non-empty list of strings')
         _check_prompt(item, where, chat, expected)
@@ -102,8 +122,23 @@ def read_scoring_lines(path: str, chat: bool) -> list[tuple[str, dict]]:
         if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
             raise ValueError(f"{where}: expected {expected}")
         _check_output_key(item, "log_likelihoods", where)
-        lines.append((where, item))
+        lines.append(line)
     return lines
+
+
+def output_line(line: Line, key: str, value) -> str:
+    """The output line of ``line``: its object with ``key`` added (``value``
+    as JSON: no NaN or Infinity). The line's own text is kept as the file
+    wrote it: read back and written again, a number such as 1e400 would
+    become Infinity, and 12345678901234567.5 would lose digits."""
+    added = f"{json.dumps(key)}: {json.dumps(value, ensure_ascii=False, allow_nan=False)}"
+    # (JSON whitespace is all str.strip takes off: the text starts and ends
+    # with the value's own quote or brace.)
+    text = line.text.strip()
+    if text.startswith('"'):  # a string: the prompt
+        return f'{{"prompt": {text}, {added}}}'
+    # An object: its last "}" closes it, and it has a key ("prompt" or "messages") before the new one.
+    return f"{text[:-1].rstrip()}, {added}}}"
 
 
 def prompt_of(line: dict):
