@@ -293,3 +293,34 @@ def test_guided_likelihood_matches_a_direct_sum_over_the_draws():
             if masked[b, i]:
                 total += -float(log_probs[b, i, sequence[i]]) * la / count
     assert math.isclose(got, -total / 8, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("t, error, message", [
+    (torch.tensor([1.5, 0.5]), ValueError, r"t: expected values in \[0, 1\], got 1.5 in row 0"),
+    (torch.tensor([0.5, -0.5]), ValueError, r"t: expected values in \[0, 1\], got -0.5 in row 1"),
+    (torch.tensor([0.5, math.nan]), ValueError, r"t: expected values in \[0, 1\], got nan in row 1"),
+    ([0.5, 0.5], TypeError, "t: expected a floating-point tensor of shape \\(2,\\), got list"),
+    (torch.tensor([0, 1]), TypeError, "t: expected a floating-point tensor of shape \\(2,\\), got torch.int64"),
+])
+def test_diffusion_times_outside_zero_to_one_are_refused(t, error, message):
+    # p_mask = (1 - eps) t + eps must be a probability: the loss bounds the NLL only then.
+    ids = torch.randint(0, MASK, (2, 8))
+    model = FixedLogits(torch.zeros(2, 8, VOCAB))
+    with pytest.raises(error, match=message):
+        pretraining_loss(model, ids, MASK, crop_probability=0, t=t)
+    with pytest.raises(error, match=message):
+        sft_loss(model, ids, torch.tensor([2, 2]), MASK, t=t)
+
+
+def test_diffusion_times_at_both_ends_are_taken():
+    ids = torch.randint(0, MASK, (2, 8))
+    noisy, masked, p_mask = corrupt(ids, MASK, eps=0.0, t=torch.tensor([0.0, 1.0]))
+    assert p_mask.tolist() == [0.0, 1.0] and masked.sum(1).tolist() == [0, 8]
+
+
+@pytest.mark.parametrize("lengths", [[2.5, 2.5], [2.0, 2.0], torch.tensor([2.5, 2.5]), [True, False]])
+def test_prompt_lengths_must_be_token_counts(lengths):
+    # 2.5 would keep 3 prompt tokens unmasked but normalise by 5.5 answer tokens.
+    ids = torch.randint(0, MASK, (2, 8))
+    with pytest.raises(TypeError, match="prompt_lengths: expected integer token counts"):
+        sft_loss(FixedLogits(torch.zeros(2, 8, VOCAB)), ids, lengths, MASK, t=torch.ones(2))

@@ -451,3 +451,74 @@ def test_a_failed_save_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
     assert sorted(f.name for f in folder.iterdir()) == sorted(saved)  # no .tmp left
     for name in (train.STATE_FILE, "model.safetensors"):
         assert (folder / name).read_bytes() == saved[name]
+
+
+def test_random_windows_start_anywhere_a_window_fits():
+    # 10 tokens, windows of 4: starts 0..6, so the last token is in some window.
+    windows = train.random_windows(torch.arange(10, dtype=torch.int32), 2000, 4, torch.Generator().manual_seed(0))
+    assert sorted(set(windows[:, 0].tolist())) == list(range(7))
+    assert all(row == list(range(row[0], row[0] + 4)) for row in windows.tolist())
+    # A stream of exactly one window is that window.
+    one = train.random_windows(torch.arange(4, dtype=torch.int32), 3, 4, torch.Generator().manual_seed(0))
+    assert one.tolist() == [[0, 1, 2, 3]] * 3
+    with pytest.raises(ValueError, match="seq_len: 5 is longer than the token stream"):
+        train.random_windows(torch.arange(4, dtype=torch.int32), 1, 5, torch.Generator())
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Runs scripts/run_without_extension.py as on a machine where the extension
+# was never built: importing llada._C fails.
+WITHOUT_EXTENSION = """
+import runpy, sys
+class NotBuilt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "llada._C":
+            raise ModuleNotFoundError("No module named 'llada._C'")
+sys.meta_path.insert(0, NotBuilt())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_run_without_extension_trains_where_the_extension_is_not_built(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_EXTENSION, str(ROOT / "scripts" / "run_without_extension.py"),
+         "--task", "add", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--steps", "2",
+         "--batch-size", "8", "--train-examples", "100", "--eval-examples", "10", "--accuracy-examples", "4",
+         "--eval-every", "2", "--save-every", "2", "--device", "cpu", "--no-progress", "--out", str(out)],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "step 2: train" in done.stdout and " acc " in done.stdout  # decoding ran too, on the references
+    model = llada.load_model(out, device="cpu")  # with the extension: the same checkpoint format
+    assert model.config.n_layers == 1
+
+
+def _sass_loop(opcode: str) -> str:
+    """A disassembled loop whose body holds one ``opcode`` instruction."""
+    return "\n".join([
+        "        /*0100*/                   IMAD R1, R2, R3, RZ ;",
+        f"        /*0110*/                   {opcode} ;",
+        "        /*0120*/                   IADD3 R4, R4, 0x1, RZ ;",
+        "        /*0130*/               @P0 BRA 0x100 ;",
+    ])
+
+
+@pytest.mark.parametrize("opcode, mma", [("HGMMA.64x128x16.F32 R88, gdesc[UR16], R88", 1),
+                                         ("UTMALDG.4D [UR8], [UR14]", 0),
+                                         ("HMMA.16816.F32 R4, R8, R12, R4", 1),
+                                         ("LDG.E.128 R4, desc[UR4][R2.64]", 0)])
+def test_sass_loop_stats_counts_hopper_mmas_and_tma_loads(opcode, mma):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sass_loop_stats", ROOT / "scripts" / "sass_loop_stats.py")
+    stats = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stats)
+    loop = stats.main_loop(_sass_loop(opcode))
+    assert loop is not None and sum(loop.values()) == 4
+    assert sum(loop[op] for op in stats.MMAS) == mma
+    assert stats.main_loop(_sass_loop("FMUL R1, R2, R3")) is None  # no MMA nor global load: no main loop

@@ -52,7 +52,8 @@ def corrupt(
     """Masks each token of row b with probability p_b = (1 - eps) t_b + eps.
 
     Args:
-        t: (B,) diffusion times in [0, 1]; drawn uniformly when None.
+        t: (B,) diffusion times, a floating-point tensor of values in
+            [0, 1]; drawn uniformly from [0, 1) when None.
         keep: (B, L) bool, positions never masked (the prompt in SFT).
     """
     _check_ids(input_ids)
@@ -62,14 +63,28 @@ def corrupt(
     device = input_ids.device
     if t is None:
         t = torch.rand(b, generator=generator, device=device)
-    elif t.shape != (b,):
-        raise ValueError(f"t: expected shape ({b},), got {tuple(t.shape)}")
+    else:
+        _check_times(t, b)
     p_mask = (1 - eps) * t.to(device=device, dtype=torch.float32) + eps
     masked = torch.rand(b, l, generator=generator, device=device) < p_mask[:, None]
     if keep is not None:
         masked &= ~keep
     noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
     return Corruption(noisy, masked, p_mask)
+
+
+def _check_times(t, b: int) -> None:
+    """Given times must be ones a masking probability is made of: outside
+    [0, 1] (or NaN) p_mask is no probability, and the loss no bound."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"t: expected a floating-point tensor of shape ({b},), got "
+                        f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if t.shape != (b,):
+        raise ValueError(f"t: expected shape ({b},), got {tuple(t.shape)}")
+    inside = (t >= 0) & (t <= 1)  # NaN fails both comparisons
+    if not bool(inside.all()):
+        row = int((~inside).nonzero()[0, 0])
+        raise ValueError(f"t: expected values in [0, 1], got {float(t[row])} in row {row}")
 
 
 def weighted_masked_ce(
@@ -125,6 +140,9 @@ def sft_loss(
     _check_ids(input_ids)
     b, l = input_ids.shape
     prompt_lengths = torch.as_tensor(prompt_lengths, device=input_ids.device)
+    if prompt_lengths.is_floating_point() or prompt_lengths.is_complex() or prompt_lengths.dtype == torch.bool:
+        # A length of 2.5 would keep 3 prompt tokens and count 5.5 answer tokens.
+        raise TypeError(f"prompt_lengths: expected integer token counts, got dtype {prompt_lengths.dtype}")
     if prompt_lengths.shape != (b,):
         raise ValueError(f"prompt_lengths: expected shape ({b},), got {tuple(prompt_lengths.shape)}")
     if (prompt_lengths < 0).any() or (prompt_lengths >= l).any():

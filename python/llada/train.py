@@ -129,9 +129,11 @@ def token_stream(tok, files: list[Path], bos: int, eos: int) -> torch.Tensor:
 
 
 def random_windows(stream: torch.Tensor, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
-    if stream.numel() <= length:
-        raise ValueError(f"seq_len: {length} is not shorter than the token stream ({stream.numel()})")
-    starts = torch.randint(0, stream.numel() - length, (batch,), generator=generator)
+    """``batch`` windows of ``length`` tokens of ``stream``, each start drawn
+    uniformly from every start that fits (the last one ends the stream)."""
+    if stream.numel() < length:
+        raise ValueError(f"seq_len: {length} is longer than the token stream ({stream.numel()})")
+    starts = torch.randint(0, stream.numel() - length + 1, (batch,), generator=generator)
     return torch.stack([stream[s : s + length] for s in starts.tolist()]).long()
 
 
@@ -287,8 +289,8 @@ class Data:
             self.eval_stream = token_stream(self.tok, held_files, bos, eos)
             self.seq_len = args.seq_len
             for name, stream in (("training", self.train_stream), ("held-out", self.eval_stream)):
-                if stream.numel() <= self.seq_len:
-                    raise ValueError(f"--seq-len: {self.seq_len} is not shorter than the {name} token stream "
+                if stream.numel() < self.seq_len:
+                    raise ValueError(f"--seq-len: {self.seq_len} is longer than the {name} token stream "
                                      f"of --corpus {args.corpus} ({stream.numel()} tokens)")
             self.info = {
                 "corpus": describe_files(root, files),
