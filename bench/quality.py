@@ -3,10 +3,14 @@
 For every model in python/llada/task_models/ and every decoding policy, the
 accuracy on the task's held-out set (exact match with the one answer, or for
 ``perm`` a verified valid answer) and the NFE (forward passes
-per answer, counted with a hook on the model, so policies that stop early or
-skip steps are measured, not assumed). Prints one markdown table.
+per batch of answers, as ``llada.generate``'s DecodeStats counts them, so
+policies that stop early or skip steps are measured, not assumed; a CUDA
+graph replay counts as the forward it is). Prints one markdown table.
 
     python bench/quality.py [--examples 500] [--device cpu]
+
+``--examples`` is at most the held-out examples each model's training left
+out (its data.json "held_out_examples"): more would score training prompts.
 
 A policy is a name, a decoder with the signature of ``llada.generate`` and
 the keyword arguments it gets for a given gen_length (with a
@@ -17,6 +21,7 @@ caches, re-masking); new policies are more entries of ``policies()``.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +48,15 @@ def half_block(gen_length: int) -> int:
     return max(d for d in range(1, gen_length) if gen_length % d == 0) if gen_length > 1 else 1
 
 
+def about_two_per_step(gen_length: int) -> dict:
+    """Two tokens per step with the dual cache read: blocks of half the
+    answer where such a block takes two steps or more (4 tokens or more),
+    else one block; each block ceil(block / 2) steps (an odd block's last
+    step commits one token)."""
+    block = half_block(gen_length) if half_block(gen_length) >= 4 else gen_length
+    return dict(steps=(gen_length // block) * -(-block // 2), block_length=block, policy=P(cache="dual"))
+
+
 def policies() -> list[Policy]:
     g = llada.generate
     return [
@@ -62,9 +76,7 @@ def policies() -> list[Policy]:
                lambda n: dict(steps=n, block_length=half_block(n), policy=P(cache="dual"))),
         Policy("prefix cache, 1 token/step, semi-AR", g,
                lambda n: dict(steps=n, block_length=half_block(n), policy=P(cache="prefix"))),
-        Policy("dual cache, 2 tokens/step, semi-AR", g,
-               lambda n: dict(steps=(n // half_block(n)) * max(1, half_block(n) // 2),
-                              block_length=half_block(n), policy=P(cache="dual"))),
+        Policy("dual cache, about 2 tokens/step", g, about_two_per_step),
         Policy("dual cache + threshold 0.9, semi-AR", g,
                lambda n: dict(steps=n, block_length=half_block(n), policy=P.fast())),
         Policy("prefix cache + threshold 0.9, semi-AR", g,
@@ -86,18 +98,27 @@ def adaptive(policy) -> Callable[[int], dict]:
 
 
 def run(model, tok, task, examples, policy: Policy, batch_size: int):
-    calls = [0]
-    hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    stats = llada.DecodeStats()
+
+    def counted(*args, **kwargs):
+        # The decoder's own count: a hook on the model would miss the cached
+        # steps that replay a CUDA graph.
+        out, work = policy.decode(*args, return_stats=True, **kwargs)
+        stats.add(work)
+        return out
+
     kwargs = policy.kwargs(task.answer_tokens)
     start = time.perf_counter()
-    try:
-        acc = tasks.evaluate(model, tok, task, examples, batch_size=batch_size,
-                             generate_fn=policy.decode, **kwargs)
-    finally:
-        hook.remove()
+    acc = tasks.evaluate(model, tok, task, examples, batch_size=batch_size, generate_fn=counted, **kwargs)
     seconds = time.perf_counter() - start
     batches = -(-len(examples) // batch_size)
-    return acc, calls[0] / batches, kwargs, seconds
+    return acc, stats.nfe / batches, kwargs, seconds
+
+
+def held_out_examples(folder: Path) -> int:
+    """How many of the task's held-out examples the model's training left out
+    (its data.json): only those are unseen."""
+    return json.loads((folder / "data.json").read_text(encoding="utf-8"))["held_out_examples"]
 
 
 def main(argv=None) -> int:
@@ -111,6 +132,13 @@ def main(argv=None) -> int:
     folders = sorted(p for p in Path(args.models).iterdir() if (p / "config.json").is_file())
     if not folders:
         raise SystemExit(f"no task models under {args.models}")
+    if args.examples < 1:
+        parser.error(f"--examples: expected a positive int, got {args.examples}")
+    for folder in folders:
+        if args.examples > (unseen := held_out_examples(folder)):
+            parser.error(f"--examples: expected at most {unseen}, got {args.examples}: {folder.name}'s training "
+                         f"left out only the first {unseen} held-out examples (its data.json "
+                         f'"held_out_examples"); more would score it on training prompts')
     print(f"device: {args.device}; {args.examples} held-out examples per task; G = gen_length\n")
     print("| task | policy | steps | block | remasking | NFE | accuracy | seconds |")
     print("|---|---|---:|---:|---|---:|---:|---:|")

@@ -28,6 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,6})\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z0-9_]+)")
 BRANCH = re.compile(r"/\*([0-9a-f]{4,6})\*/\s+(?:@!?U?P[0-9T]+\s+)?BRA\s+(?:`\()?0x([0-9a-f]+)")
+# Tensor-core MMAs: a warp's (HMMA) and, on Hopper, a warpgroup's (HGMMA).
+MMAS = ("HMMA", "HGMMA")
+# Loads from global memory: plain, asynchronous to shared memory (LDGSTS),
+# and the Hopper tensor memory accelerator's (UTMALDG).
+GLOBAL_LOADS = ("LDG", "LDGSTS", "UTMALDG")
 
 
 def find_cuobjdump() -> str:
@@ -94,7 +99,7 @@ def main_loop(body: str) -> collections.Counter | None:
         if dst >= src:
             continue
         ops = [op for at, op in code if dst <= at <= src]
-        if any(op in ("HMMA", "LDG", "LDGSTS") for op in ops) and (best is None or len(ops) > len(best)):
+        if any(op in MMAS or op in GLOBAL_LOADS for op in ops) and (best is None or len(ops) > len(best)):
             best = ops
     return collections.Counter(best) if best else None
 
@@ -122,7 +127,7 @@ def main() -> None:
             print("  no loop with MMAs or global loads")
             continue
         total = sum(loop.values())
-        mma = loop["HMMA"]
+        mma = sum(loop[op] for op in MMAS)
         per_mma = f", {total / mma:.1f} per MMA" if mma else ""
         print(f"  main loop: {total} instructions{per_mma}")
         print("  " + ", ".join(f"{op} {n}" for op, n in loop.most_common(12)))

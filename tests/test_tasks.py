@@ -127,3 +127,61 @@ def test_shipped_task_model_accuracy(name):
     assert accuracy >= 0.94, f"{name}: {accuracy:.2%} exact match on 50 held-out examples"
     assert json.loads((folder / "data.json").read_text())["task"] == name
     assert sum(f.stat().st_size for f in folder.iterdir()) <= 5 * 2**20
+
+
+def _quality():
+    """bench/quality.py as a module."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parent.parent / "bench"
+                                                  / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["quality"] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_refuses_more_examples_than_training_left_out(tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "add"
+    shutil.copytree(TASK_MODELS / "add", folder)
+    data = json.loads((folder / "data.json").read_text())
+    (folder / "data.json").write_text(json.dumps(dict(data, held_out_examples=3)))
+    # The 4th held-out example may be a training prompt of a model trained to exclude 3.
+    with pytest.raises(SystemExit) as refused:
+        _quality().main(["--examples", "4", "--models", str(tmp_path), "--device", "cpu"])
+    assert refused.value.code == 2
+    assert "--examples: expected at most 3, got 4: add's training left out only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gen_length", [4, 6, 10])
+def test_quality_two_tokens_per_step_policy_reads_its_cache(gen_length):
+    quality = _quality()
+    policy = next(p for p in quality.policies() if "2 tokens/step" in p.name)
+    kwargs = policy.kwargs(gen_length)
+    blocks = gen_length // kwargs["block_length"]
+    steps_per_block = kwargs["steps"] // blocks
+    assert kwargs["policy"].cache == "dual" and blocks * kwargs["block_length"] == gen_length
+    assert steps_per_block >= 2  # a block's first step fills the cache, later ones read it
+    assert -(-kwargs["block_length"] // steps_per_block) == 2  # at most two tokens a step, two in some
+    assert kwargs["steps"] < gen_length
+
+
+def test_quality_counts_the_forwards_the_decoder_reports():
+    quality = _quality()
+
+    def replayed(model, prompt, *, gen_length, return_stats=False, **kwargs):
+        # As CUDA graph replays do: forwards done without calling the model.
+        stats = llada.DecodeStats()
+        stats.nfe = 3
+        out = torch.cat([prompt, torch.zeros(prompt.shape[0], gen_length, dtype=torch.long)], 1)
+        return (out, stats) if return_stats else out
+
+    folder = TASK_MODELS / "add"
+    model = llada.load_model(folder, device="cpu", dtype=torch.float32)
+    policy = quality.Policy("replayed", replayed, lambda n: dict(steps=n, block_length=n))
+    _, nfe, _, _ = quality.run(model, read_tokenizer(folder), tasks.get_task("add"), tasks.held_out_set("add", 10),
+                               policy, batch_size=5)
+    assert nfe == 3  # per batch of answers
