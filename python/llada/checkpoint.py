@@ -538,7 +538,9 @@ def load_tokenizer(path: str | os.PathLike):
         # (Without it transformers would try to build one from other files,
         # and fail asking for packages rather than naming the file.)
         raise FileNotFoundError(f"{folder}: no tokenizer.json (the fast tokenizer's file)")
-    for name in TOKENIZER_FILES[1:]:  # small; transformers' own errors on them name no file
+    # Small files, which transformers reads too (config.json for the model
+    # type) and whose errors there name no file.
+    for name in (*TOKENIZER_FILES[1:], "config.json"):
         if (folder / name).is_file():
             _read_json(folder / name)
     from transformers import AutoTokenizer
