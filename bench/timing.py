@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from typing import Callable
+from typing import Callable, ContextManager, Optional
 
 import torch
 
@@ -41,13 +42,34 @@ def time_us(fn: Callable[[], object], device: str, min_time: float, warmup: int 
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: str, min_time: float,
-                     rounds: int = 3) -> dict[str, float]:
+                     rounds: int = 3,
+                     contexts: Optional[dict[str, Callable[[], ContextManager]]] = None) -> dict[str, float]:
     """Microseconds per call of each fn, measured in turn for `rounds` rounds
     and keeping each one's best round: a shared machine's speed drifts over
-    seconds, and interleaving puts every contender through the same drift."""
+    seconds, and interleaving puts every contender through the same drift.
+    ``contexts[name]()``, when given, is entered around that fn's timing (not
+    around each call, where its own cost would be timed too)."""
     best = {name: float("inf") for name in fns}
     for round_ in range(rounds):
         for name, fn in fns.items():
-            us = time_us(fn, device, min_time / rounds, warmup=2 if round_ == 0 else 0, min_samples=1)
+            with (contexts or {}).get(name, contextlib.nullcontext)():
+                us = time_us(fn, device, min_time / rounds, warmup=2 if round_ == 0 else 0, min_samples=1)
             best[name] = min(best[name], us)
     return best
+
+
+def cuda_graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """fn captured as a CUDA graph, to be timed by its replay: a replay
+    launches fn's kernels with no host work, so its time is the kernels'
+    alone, whatever fn costs on the host. Warmed up on a side stream first,
+    as capture wants."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
