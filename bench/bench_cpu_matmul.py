@@ -52,6 +52,8 @@ def main() -> None:
                 finally:
                     set_cpu_matmul("auto")
 
+            # Checked first: the tiles' float32 sums, rounded once, against the float32 product.
+            torch.testing.assert_close(tiles(), F.linear(x32, w32).to(dtype), rtol=1e-2, atol=1e-2)
             us = [time_us(fn, "cpu", args.min_time) for fn in (lambda: F.linear(x, w), tiles,
                                                                lambda: F.linear(x32, w32))]
             rates = [flop / t / 1e3 for t in us]
