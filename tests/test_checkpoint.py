@@ -427,8 +427,11 @@ def test_a_containers_memory_limit_caps_what_is_available(tmp_path, monkeypatch,
     # far less, and a load past that limit is killed half-way.
     v1 = tmp_path / "memory"
     v1.mkdir()
-    files = ({"memory.max": "3000000\n", "memory.current": "1000000\n"} if version == 2 else
-             {"memory/memory.limit_in_bytes": "3000000\n", "memory/memory.usage_in_bytes": "1000000\n"})
+    # 1.5 MB used, of which 0.5 MB inactive page cache (given back under pressure).
+    files = ({"memory.max": "3000000\n", "memory.current": "1500000\n",
+              "memory.stat": "anon 1000000\ninactive_file 500000\nactive_file 0\n"} if version == 2 else
+             {"memory/memory.limit_in_bytes": "3000000\n", "memory/memory.usage_in_bytes": "1500000\n",
+              "memory/memory.stat": "cache 500000\ntotal_inactive_file 500000\n"})
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     cgroup_memory_left = llada.checkpoint._cgroup_memory_left

@@ -4,6 +4,7 @@ file), infill, stream and make-random-checkpoint."""
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -759,6 +760,11 @@ def test_prompts_file_lines_keep_their_numbers_as_written(checkpoint, capsys, tm
     assert lines[0].startswith('{"prompt": "Hi", "id": 1e400, "ref": 12345678901234567.5, "answer": ')
     assert [_strict_json(line)["answer"] for line in lines] == oracle_batch_answers(checkpoint, ["Hi", "Hey"])
     assert _strict_json(lines[1]) == {"prompt": "Hey", "answer": oracle_answer(checkpoint, "Hey")}
+    # An integer longer than Python's int takes from text (4300 digits) is JSON too.
+    huge = "9" * 5000
+    path.write_text(f'{{"id": {huge}, "prompt": "Hi"}}\n', encoding="utf-8")
+    assert main(["generate", "--model", str(checkpoint), *ARGS, "--prompts-file", str(path)]) == 0
+    assert capsys.readouterr().out.startswith(f'{{"id": {huge}, "prompt": "Hi", "answer": ')
 
     path.write_text('{"id": 1e400, "prompt": "Q", "answers": [" x"]}\n', encoding="utf-8")
     assert main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--mc-num", "4", "--batch-size", "4",
@@ -852,3 +858,16 @@ def test_chat_takes_a_byte_order_mark_as_no_part_of_the_first_line(checkpoint, m
     # Only the start of the input is a file's mark: later, U+FEFF is text.
     assert captured.out == oracle_answer(checkpoint, _templated(checkpoint, [{"role": "user",
                                                                               "content": "\ufeffHi"}])) + "\n"
+
+
+def test_a_model_folder_named_device_is_not_taken_for_the_flag(checkpoint, tmp_path, monkeypatch, capsys):
+    # Only the device check's own errors are the --device flag's: this one
+    # starts "device: " as it names the folder.
+    shutil.copytree(checkpoint, tmp_path / "device")
+    config = json.loads((tmp_path / "device" / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {"abc": 5}
+    (tmp_path / "device" / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--model", "device", "--device", "cpu", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llada: error: ") and "--device" not in err

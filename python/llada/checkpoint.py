@@ -392,7 +392,7 @@ def cuda_default_dtype(capability: tuple[int, int]) -> torch.dtype:
     return torch.bfloat16 if capability >= (8, 0) else torch.float16
 
 
-def _default_device_dtype(device, dtype):
+def resolve_device_dtype(device, dtype):
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -435,18 +435,33 @@ def _available_host_memory() -> Optional[int]:
 def _cgroup_memory_left(root: Path = Path("/sys/fs/cgroup")) -> Optional[int]:
     """What the memory limit of this process's control group leaves (cgroup
     v2: memory.max less memory.current; v1: memory.limit_in_bytes less
-    memory.usage_in_bytes), or None without a limit."""
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    memory.usage_in_bytes), or None without a limit. The usage counts the
+    page cache too, whose inactive part (e.g. a checkpoint just copied in)
+    the kernel gives back under pressure: that part counts as left."""
+    for folder, limit_name, usage_name, inactive_name in (
+            (root, "memory.max", "memory.current", "inactive_file"),
+            (root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
         try:
-            limit = (root / limit_file).read_text().strip()
-            usage = int((root / usage_file).read_text())
+            limit = (folder / limit_name).read_text().strip()
+            usage = int((folder / usage_name).read_text())
         except (OSError, ValueError):
             continue
         if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:  # v1 writes a huge number for none
             return None
-        return max(0, int(limit) - usage)
+        return max(0, int(limit) - usage + _memory_stat(folder / "memory.stat", inactive_name))
     return None
+
+
+def _memory_stat(path: Path, key: str) -> int:
+    """One counter of a cgroup's memory.stat ("key value" lines), 0 if absent."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _check_memory(cfg: LLaDAConfig, device: torch.device, dtype: torch.dtype) -> None:
@@ -491,7 +506,7 @@ def load_model(
     """
     folder = _folder(path)
     cfg = load_config(folder)
-    device, dtype = _default_device_dtype(device, dtype)
+    device, dtype = resolve_device_dtype(device, dtype)
     files = _weight_files(folder)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # safetensors needs an index

@@ -240,14 +240,14 @@ def load_for_cli(args):
     """An Engine for --model (or the bundled model), on --device/--dtype."""
     from .engine import load
 
+    from .checkpoint import resolve_device_dtype
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return load(args.model, device=device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    try:  # checked on its own first, so that only its errors are named as the flag
+        resolve_device_dtype(device, torch.float32)
     except ValueError as e:  # "device: ...": named as the user wrote it
-        field, _, reason = str(e).partition(": ")
-        if field != "device":
-            raise
-        raise ValueError(f"--device: {reason}") from None
+        raise ValueError(f"--device: {str(e).partition(': ')[2]}") from None
+    return load(args.model, device=device, dtype=DTYPES[args.dtype] if args.dtype else None)
 
 
 def print_stats(stats) -> None:
