@@ -26,6 +26,21 @@ def _not_json(constant: str):
     raise ValueError(f"{constant} is not a JSON value")
 
 
+class LongInteger:
+    """A JSON integer too long for Python's int (over 4300 digits): kept as
+    its text, which the output line copies as it was."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _integer(text: str):
+    return int(text) if len(text) <= 4000 else LongInteger(text)
+
+
 def read_json_lines(path: str) -> list[Line]:
     """The lines of a JSON Lines file (``-``: standard input); blank lines
     are skipped."""
@@ -49,8 +64,8 @@ def read_json_lines(path: str) -> list[Line]:
             continue
         where = f"--prompts-file {name} line {number}"
         try:
-            value = json.loads(line, parse_constant=_not_json)
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
+            value = json.loads(line, parse_constant=_not_json, parse_int=_integer)
+            json.dumps(value, ensure_ascii=False, default=str).encode("utf-8")
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not JSON ({e.msg})") from None
         except RecursionError:
