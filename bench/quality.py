@@ -49,10 +49,10 @@ def half_block(gen_length: int) -> int:
 
 
 def about_two_per_step(gen_length: int) -> dict:
-    """Two tokens per step with the dual cache read: blocks of half the
-    answer where such a block takes two steps or more (4 tokens or more),
-    else one block; each block ceil(block / 2) steps (an odd block's last
-    step commits one token)."""
+    """Two tokens per step with the dual cache read: blocks of the answer's
+    largest proper divisor of a length (about half of it) where that is 4
+    tokens or more, else one block; each block ceil(block / 2) steps (an odd
+    block's last step commits one token)."""
     block = half_block(gen_length) if half_block(gen_length) >= 4 else gen_length
     return dict(steps=(gen_length // block) * -(-block // 2), block_length=block, policy=P(cache="dual"))
 
