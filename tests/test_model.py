@@ -1,6 +1,8 @@
 """The LLaDA forward against the naive oracle on tiny random checkpoints."""
 
 import dataclasses
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,8 +106,13 @@ def test_padding_keys_are_ignored(checkpoint):
 
 
 def test_parameter_count_and_names(checkpoint):
+    from safetensors import safe_open
+
     model = llada.load_model(checkpoint, device="cpu")
-    assert count_parameters(model.config) == sum(p.numel() for p in model.parameters())
+    # Counted from the checkpoint file itself, not from llada's model.
+    with safe_open(str(Path(checkpoint) / "model.safetensors"), "pt") as f:
+        stored = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    assert count_parameters(model.config) == stored == sum(p.numel() for p in model.parameters())
     names = set(dict(model.named_parameters()))
     assert "model.transformer.blocks.1.up_proj.weight" in names
     assert ("model.transformer.ff_out.weight" in names) != model.config.weight_tying

@@ -87,9 +87,13 @@ def test_corruption_rate_follows_t():
     ids = torch.zeros(4, 20000, dtype=torch.long)
     t = torch.tensor([0.0, 0.25, 0.5, 1.0])
     c = corrupt(ids, MASK, eps=1e-3, t=t, generator=g)
+    want = torch.tensor([0.001, 0.25075, 0.5005, 1.0])  # (1 - eps) t + eps, by hand
+    torch.testing.assert_close(c.p_mask, want)
     rate = c.masked.float().mean(dim=1)
-    assert torch.allclose(rate, c.p_mask, atol=0.015)
-    assert torch.equal(c.masked, c.noisy == MASK)
+    assert torch.allclose(rate, want, atol=0.015)
+    # At t = 0 only eps masks: about 20 of 20000 (atol alone cannot tell eps from 0).
+    assert 5 <= int(c.masked[0].sum()) <= 60 and bool(c.masked[3].all())
+    assert torch.equal(c.masked, c.noisy == MASK) and bool((c.noisy[~c.masked] == 0).all())
 
 
 def test_pretraining_crop_shortens_the_batch():
