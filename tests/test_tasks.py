@@ -185,3 +185,16 @@ def test_quality_counts_the_forwards_the_decoder_reports():
     _, nfe, _, _ = quality.run(model, read_tokenizer(folder), tasks.get_task("add"), tasks.held_out_set("add", 10),
                                policy, batch_size=5)
     assert nfe == 3  # per batch of answers
+
+
+def test_tokenizer_builders_refuse_one_text_for_many():
+    # A str is an iterable of its characters: taken for the list of words (or
+    # texts) it would build a vocabulary of letters.
+    from llada.tokenizer import train_bpe, word_tokenizer
+
+    with pytest.raises(TypeError, match="^words: expected an iterable of words"):
+        word_tokenizer("plus")
+    with pytest.raises(TypeError, match="^texts: expected an iterable of texts"):
+        train_bpe("one big text", vocab_size=300)
+    tok = word_tokenizer(["plus", "one"])
+    assert tok.token_to_id("plus") is not None and tok.token_to_id("p") is None

@@ -83,6 +83,7 @@ class Engine:
                 raise ValueError("prompt: a conversation (a list of messages) needs chat=True")
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt: expected a str, got {type(prompt).__name__}")
+            _check_unicode("prompt", prompt)
             return self.token_ids(prompt, add_special_tokens=True)
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("chat: the tokenizer has no chat template (a base model?); "
@@ -91,6 +92,7 @@ class Engine:
         if system is not None:
             if not isinstance(system, str):
                 raise TypeError(f"system: expected a str, got {type(system).__name__}")
+            _check_unicode("system", system)
             if any(message["role"] == "system" for message in messages):
                 raise ValueError("system: the conversation already has a system message")
             messages = [{"role": "system", "content": system}] + messages
@@ -167,6 +169,16 @@ class Engine:
             self._specials, self._specials_key = (pattern, ids), key
         return self._specials
 
+    def _encode_named(self, prompt: Prompt, chat: bool, system: Optional[str], index: Optional[int]) -> list[int]:
+        """:meth:`encode`, its errors about the prompt naming ``prompts[index]``
+        when the prompt is one of a list."""
+        try:
+            return self.encode(prompt, chat, system)
+        except (TypeError, ValueError) as e:
+            if index is None or not str(e).startswith("prompt"):
+                raise
+            raise type(e)(f"prompts[{index}]{str(e)[len('prompt'):]}") from None
+
     def decode(self, ids: Union[Sequence[int], torch.Tensor]) -> str:
         """The text of generated ids (a list or a 1-D tensor) up to the first
         EOS/EoT, special tokens dropped."""
@@ -177,6 +189,10 @@ class Engine:
         if isinstance(ids, str) or not all(is_int(t) and t >= 0 for t in ids):
             raise TypeError(f"ids: expected token ids (ints >= 0), got {ids!r}")
         ids = [int(t) for t in ids]
+        # (An id below it that the tokenizer lacks has no text: the tokenizer skips it.)
+        vocab = self.model.config.embedding_size
+        if any(t >= vocab for t in ids):
+            raise ValueError(f"ids: token ids must lie in [0, {vocab}), got {max(ids)}")
         for i, token in enumerate(ids):
             if token in self.stop_ids:
                 ids = ids[:i]
@@ -220,7 +236,7 @@ class Engine:
         stop = _stop_strings(stop)
         _check_stats(stats)
         # Every prompt is encoded and checked first: a bad one fails before any decoding.
-        encoded = [self.encode(text, chat, system) for text in texts]
+        encoded = [self._encode_named(text, chat, system, None if single else i) for i, text in enumerate(texts)]
         self._check_prompts(encoded, options.get("gen_length", _STREAM_DEFAULTS["gen_length"]),
                             "prompt" if single else "prompts")
         order = list(range(len(texts)))
@@ -326,6 +342,7 @@ class Engine:
         for name, text in (("prefix", prefix), ("suffix", suffix)):
             if not isinstance(text, str):
                 raise TypeError(f"{name}: expected a str, got {type(text).__name__}")
+            _check_unicode(name, text)
         if not is_int(length):
             raise TypeError(f"length: expected a positive int, got {type(length).__name__}")
         return self._fill([prefix, length, suffix], ("prefix", "length", "suffix"), "length", "prefix/suffix",
@@ -360,6 +377,7 @@ class Engine:
         pieces, strings = [lead], [""]  # token ids or a gap's length; the caller's text, None for a gap
         for part, name in zip(parts, names):
             if isinstance(part, str):
+                _check_unicode(name, part)
                 ids = self.token_ids(part)
                 if mask_id in ids:  # it would be filled as one more gap
                     raise ValueError(f"{name}: the text holds the mask token ({mask_id}), which only gaps may")
@@ -438,6 +456,7 @@ class Engine:
         ``cfg_scale``, ``seed``)."""
         if not isinstance(answer, str):
             raise TypeError(f"answer: expected a str, got {type(answer).__name__}")
+        _check_unicode("answer", answer)
         answer_ids = self.token_ids(answer)
         return log_likelihood(self.model, self.encode(prompt, chat, system), answer_ids, **options)
 
@@ -484,6 +503,7 @@ def _messages(prompt) -> list[dict]:
     """The chat messages of a prompt: a str is one user turn; a conversation
     is checked (each message a dict with str "role" and "content")."""
     if isinstance(prompt, str):
+        _check_unicode("prompt", prompt)
         return [{"role": "user", "content": prompt}]
     if not _is_conversation(prompt):
         raise TypeError(f"prompt: expected a str or a conversation (a non-empty list of messages), got {prompt!r}")
@@ -491,7 +511,17 @@ def _messages(prompt) -> list[dict]:
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)
                 and isinstance(message.get("content"), str)):
             raise TypeError(f'prompt[{i}]: expected a message {{"role": str, "content": str}}, got {message!r}')
+        _check_unicode(f"prompt[{i}]", message["content"])
     return [dict(message) for message in prompt]
+
+
+def _check_unicode(name: str, text: str) -> None:
+    """Text is a string of characters: a lone surrogate ("\ud800", half of a
+    UTF-16 pair) is none, and no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name}: not valid Unicode text (a lone surrogate at index {e.start})") from None
 
 
 def _stop_strings(stop) -> tuple[str, ...]:

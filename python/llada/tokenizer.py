@@ -48,6 +48,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    if isinstance(texts, (str, bytes)):  # iterating it would train on its characters
+        raise TypeError("texts: expected an iterable of texts, got one text")
     if not isinstance(vocab_size, int) or vocab_size < 256 + len(SPECIAL_LIST):
         raise ValueError(f"vocab_size: expected an int >= {256 + len(SPECIAL_LIST)}, got {vocab_size!r}")
     tok = Tokenizer(models.BPE())
@@ -72,6 +74,8 @@ def word_tokenizer(words: Iterable[str]):
     in order. Text is split on whitespace; decoding joins with single spaces."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
+    if isinstance(words, (str, bytes)):  # iterating it would make its characters the words
+        raise TypeError("words: expected an iterable of words, got one str")
     vocab = {}
     for word in [*SPECIAL_LIST, UNKNOWN, *words]:
         if not isinstance(word, str) or not word or any(c.isspace() for c in word):
