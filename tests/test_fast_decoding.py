@@ -513,39 +513,45 @@ def test_a_policy_by_name(model, name, policy):
                        llada.generate(model, prompt, policy=policy, **args))
 
 
-class EndsWhenAskedTo(torch.nn.Module):
-    """A stand-in model: rows whose first token is 1 predict EOS everywhere,
-    the others token 5 (so only some rows finish early)."""
+class StandIn(torch.nn.Module):
+    """A stand-in model over 10 tokens (mask 9, EOS 8, EoT 7) whose logits
+    [B, L, 10] are ``logits_of(ids)``."""
 
     def __init__(self):
         super().__init__()
         self.config = type("Config", (), dict(mask_token_id=9, eos_token_id=8, eot_token_id=7,
                                               embedding_size=10, max_sequence_length=64))()
-        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # a parameter: the sampler reads the device off it
 
     def forward(self, ids, attention_mask=None):
+        return type("Out", (), {"logits": self.logits_of(ids)})()
+
+
+class EndsWhenAskedTo(StandIn):
+    """Rows whose first token is 1 predict EOS everywhere, the others token 5
+    (so only some rows finish early)."""
+
+    def logits_of(self, ids):
         logits = torch.zeros(*ids.shape, 10)
         logits[..., 5] = 5.0
         logits[ids[:, 0] == 1, :, 8] = 6.0
-        return type("Out", (), {"logits": logits})()
+        return logits
 
 
-class PredictsTheMask(torch.nn.Module):
-    """A stand-in model whose top prediction everywhere is the mask token
-    (given ``mask_logit`` 9), then token 5, but EOS at the last position."""
+class PredictsTheMask(StandIn):
+    """The top prediction everywhere is the mask token (given ``mask_logit``
+    9), then token 5, but EOS at the last position."""
 
     def __init__(self, mask_logit=9.0):
         super().__init__()
-        self.config = EndsWhenAskedTo().config
-        self.anchor = torch.nn.Parameter(torch.zeros(()))
         self.mask_logit = mask_logit
 
-    def forward(self, ids, attention_mask=None):
+    def logits_of(self, ids):
         logits = torch.zeros(*ids.shape, 10)
         logits[..., 9] = self.mask_logit
         logits[..., 5] = 4.0 + torch.arange(ids.shape[1]) / 100  # later positions surer
         logits[:, -1, 8] = 8.5  # EOS, sure, at the end
-        return type("Out", (), {"logits": logits})()
+        return logits
 
 
 @pytest.mark.parametrize("commit", ["threshold", "factor", "entropy_bound"])
@@ -813,20 +819,18 @@ def test_whole_block_steps_property(model, monkeypatch, seed, batch, blocks, blo
     assert got_stats == want_stats
 
 
-class EosAt(torch.nn.Module):
-    """A stand-in model predicting token 5 everywhere but EOS at ``eos_at``."""
+class EosAt(StandIn):
+    """Predicts token 5 everywhere but EOS at ``eos_at``."""
 
     def __init__(self, eos_at):
         super().__init__()
-        self.config = EndsWhenAskedTo().config
-        self.anchor = torch.nn.Parameter(torch.zeros(()))
         self.eos_at = eos_at
 
-    def forward(self, ids, attention_mask=None):
+    def logits_of(self, ids):
         logits = torch.zeros(*ids.shape, 10)
         logits[..., 5] = 5.0
         logits[:, self.eos_at, 8] = 6.0
-        return type("Out", (), {"logits": logits})()
+        return logits
 
 
 @pytest.mark.parametrize("policy", [DecodePolicy(early_stop=True),
@@ -893,20 +897,18 @@ def test_schedule_ranks_stop_predictions_last_exactly():
         assert torch.equal(select(policy, scores, None, k, stop), official_stops_last(scores, stop, k))
 
 
-class GivesSomeTokensMinusInfinity(torch.nn.Module):
+class GivesSomeTokensMinusInfinity(StandIn):
     """Random logits (a function of the ids), with tokens 2-4 at ``never``."""
 
     def __init__(self, never):
         super().__init__()
-        self.config = EndsWhenAskedTo().config
-        self.anchor = torch.nn.Parameter(torch.zeros(()))
         self.never = never
 
-    def forward(self, ids, attention_mask=None):
+    def logits_of(self, ids):
         generator = torch.Generator().manual_seed(int(ids.sum()))
         logits = torch.randn(*ids.shape, 10, generator=generator)
         logits[..., 2:5] = self.never
-        return type("Out", (), {"logits": logits})()
+        return logits
 
 
 @pytest.mark.parametrize("policy", ["exact", DecodePolicy(commit="threshold")])
