@@ -536,12 +536,10 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                     suppress = torch.tensor(suppress, device=device)
                 # Only the block holds candidates: the choice is made over its
                 # columns (a sort of the block, not of the whole canvas).
-                def block_of(grid):
-                    return None if grid is None else grid[:, start:end].contiguous()
-
                 accepted = torch.zeros_like(active)
-                accepted[:, start:end] = select(policy, block_of(score_grid), block_of(entropy_grid), k,
-                                                block_of(stop) if confidence_eos_eot_inf else None)
+                accepted[:, start:end] = select(
+                    policy, _columns(score_grid, start, end), _columns(entropy_grid, start, end), k,
+                    _columns(stop, start, end) if confidence_eos_eot_inf else None)
                 remask = None
                 if decoded is not None:
                     # Each position at most once, and only in rows still decoding
@@ -581,6 +579,11 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
             yield BlockEvent(blk, start, end, stats.nfe, canvas[:, start:end].clone(), finished.clone(), stop_rows)
     finally:
         forward.give_back()
+
+
+def _columns(grid: Optional[torch.Tensor], start: int, end: int) -> Optional[torch.Tensor]:
+    """Columns start..end of a [B, T] grid (or None), contiguous, as the ops take them."""
+    return None if grid is None else grid[:, start:end].contiguous()
 
 
 def _refuse_invalid_predictions(lowest: float, block: int) -> None:
