@@ -265,6 +265,26 @@ def test_store_kv_refuses_inputs_sharing_memory_with_the_caches(device):
     assert torch.equal(ck, before[0]) and torch.equal(cv, before[1]), "a refused call wrote"
 
 
+def test_store_kv_refuses_strided_views_of_the_caches(device):
+    # With two rows a slice of a cache is no longer dense, which torch's own
+    # overlap test gives up on; such a k or v is still inside the cache.
+    k, v, cos, sin, ck, cv, pos = make_store_inputs(2, 4, 3, 64, 11, torch.float32, device, seed=5)
+    before = (ck.clone(), cv.clone())
+    with pytest.raises(ValueError, match=r"^k: shares memory with cache_k"):
+        llada.store_kv(ck[:, 0:4], v, cos, sin, ck, cv, pos)
+    with pytest.raises(ValueError, match=r"^v: shares memory with cache_v"):
+        llada.store_kv(k, cv[:, 7:], cos, sin, ck, cv, pos)
+    with pytest.raises(ValueError, match=r"^v: shares memory with cache_k"):
+        llada.store_kv(k, ck[:, 7:], cos, sin, ck, cv, pos)
+    assert torch.equal(ck, before[0]) and torch.equal(cv, before[1]), "a refused call wrote"
+    # Strided views of another tensor in the same storage are fine.
+    packed = torch.randn(2, 4, 2, 3, 64, device=device)
+    llada.store_kv(packed[:, :, 0], packed[:, :, 1], cos, sin, ck, cv, pos)
+    want = (before[0].clone(), before[1].clone())
+    llada.ops.store_kv_reference(packed[:, :, 0], packed[:, :, 1], cos, sin, *want, pos)
+    torch.testing.assert_close((ck, cv), want, rtol=0, atol=0)
+
+
 def test_rope_shape_error_for_one_row(device):
     x = torch.randn(1, 3, 2, 8, device=device)
     cos = torch.ones(1, 4, 8, device=device)

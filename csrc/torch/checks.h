@@ -8,6 +8,7 @@
 
 #include <cstdio>
 #include <string>
+#include <utility>
 
 #include "llada/common.h"
 
@@ -63,8 +64,25 @@ inline void check_contiguous(const at::Tensor& t, const char* name) {
                     format_sizes(t.strides()));
 }
 
-// t itself when its last dimension is contiguous (kernels that take strides
-// for the others read it where it lies), else a contiguous copy.
+// Whether the bytes two tensors reach, from their first element to their
+// last, meet in one storage. get_overlap_status gives up (TooHard) on
+// tensors that are not dense, such as a batch-sliced view; this coarser
+// test then stands in, refusing some interleaved views that share no element.
+inline bool spans_meet(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage() ||
+      !a.storage().is_alias_of(b.storage()))
+    return false;
+  auto span = [](const at::Tensor& t) {
+    int64_t last = 0;  // element offset of the last element; strides are never negative
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const char* begin = static_cast<const char*>(t.data_ptr());
+    return std::make_pair(begin, begin + (last + 1) * int64_t(t.element_size()));
+  };
+  const auto [a_begin, a_end] = span(a);
+  const auto [b_begin, b_end] = span(b);
+  return a_begin < b_end && b_begin < a_end;
+}
+
 // Refuses an input that shares memory with a tensor the op writes: the
 // kernels read and write in an order of their own, so the result would
 // depend on it. ``same_elements_ok``: the op reads each element only where
@@ -73,11 +91,14 @@ inline void check_no_overlap(const at::Tensor& written, const char* written_name
                              const char* read_name, bool same_elements_ok = false) {
   const at::MemOverlapStatus status = at::get_overlap_status(written, read);
   TORCH_CHECK_VALUE(status != at::MemOverlapStatus::Partial &&
-                        (same_elements_ok || status != at::MemOverlapStatus::Full),
+                        (same_elements_ok || status != at::MemOverlapStatus::Full) &&
+                        !(status == at::MemOverlapStatus::TooHard && spans_meet(written, read)),
                     read_name, ": shares memory with ", written_name, ", which the op writes; pass a copy (",
                     read_name, ".clone())");
 }
 
+// t itself when its last dimension is contiguous (kernels that take strides
+// for the others read it where it lies), else a contiguous copy.
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
   return t.dim() > 0 && t.stride(-1) == 1 ? t : t.contiguous();
 }
