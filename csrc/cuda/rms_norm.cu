@@ -66,7 +66,7 @@ __device__ __forceinline__ float block_sum(float v) {
 // x + residual (which the first pass also writes out).
 template <DType T, bool kResidual>
 __device__ __forceinline__ float value(const typename Storage<T>::type* x, const typename Storage<T>::type* r,
-                                       int j) {
+                                       int64_t j) {
   using S = Storage<T>;
   if constexpr (kResidual) return S::round(__fadd_rn(S::load(x[j]), S::load(r[j])));
   else return S::load(x[j]);
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(RmsNormParams p) {
     }
   }
   for (int64_t i = n_vec * kVec + threadIdx.x; i < p.dim; i += kThreads) {
-    const float v = value<T, kResidual>(x, res, int(i));
+    const float v = value<T, kResidual>(x, res, i);
     if constexpr (kResidual) sum_out[i] = S::store(v);
     sum += v * v;
   }
@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(RmsNormParams p) {
     reinterpret_cast<uint4*>(out)[i] = result;
   }
   for (int64_t i = n_vec * kVec + threadIdx.x; i < p.dim; i += kThreads)
-    out[i] = S::store(__fmul_rn(S::load(w[i]), S::round(__fmul_rn(value<T, kResidual>(x, res, int(i)), inv))));
+    out[i] = S::store(__fmul_rn(S::load(w[i]), S::round(__fmul_rn(value<T, kResidual>(x, res, i), inv))));
 }
 
 template <DType T>

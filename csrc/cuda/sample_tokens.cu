@@ -260,9 +260,10 @@ __global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(SampleTokens
     widen<T>(__ldg(xv + i), v);
     accumulate(s, v, i * kVec, suppress, num_suppress, sampling, scale, key);
   }
-  for (int32_t col = num_vec * kVec + threadIdx.x; col < vocab; col += kThreads) {
+  // 64-bit: with vocab near 2^31 the last step past it would wrap an int32.
+  for (int64_t col = int64_t(num_vec) * kVec + threadIdx.x; col < vocab; col += kThreads) {
     float v[1] = {load_one(x + col)};
-    accumulate(s, v, col, suppress, num_suppress, sampling, scale, key);
+    accumulate(s, v, int32_t(col), suppress, num_suppress, sampling, scale, key);
   }
 
   s = block_merge(s);

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "llada/kernels_cuda.h"
 #include "rms_norm_call.h"
 
@@ -12,6 +13,9 @@ namespace {
 
 void run_cuda(const RmsNormCall& c, const char* op) {
   if (c.out.numel() == 0) return;
+  // The kernel gives each row a block of its grid, whose x dimension holds at most 2^31 - 1.
+  TORCH_CHECK_VALUE(c.params.rows <= int64_t(0x7fffffff), "x: expected at most 2^31 - 1 rows (elements "
+                    "over the last dimension) on CUDA, got ", num(c.params.rows));
   const cudaError_t err = rms_norm_cuda(c.params, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
