@@ -69,6 +69,27 @@ def test_wrappers_refuse_inputs_that_require_grad(device, op):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_wrappers_refuse_forward_mode_tangents(device, op):
+    """A tangent (torch.func.jvp, forward_ad) does not show in requires_grad,
+    and the ops have no derivative: each input that carries one is named,
+    under no_grad too (which does not turn forward mode off); the primals
+    alone give the plain result."""
+    import torch.autograd.forward_ad as fwAD
+
+    call, tensors, _ = _inputs(device)[op]
+    want = call(tensors).clone()
+    for name in tensors:
+        with fwAD.dual_level():
+            dual = {key: fwAD.make_dual(t, torch.ones_like(t)) if key == name else t for key, t in tensors.items()}
+            for mode in (torch.enable_grad, torch.no_grad):
+                with mode(), pytest.raises(RuntimeError, match=rf"^{name}: carries a forward-mode tangent "
+                                                               rf".* llada\.ops\.{op} is an inference op"):
+                    call(dual)
+            primals = {key: fwAD.unpack_dual(t).primal for key, t in dual.items()}
+            torch.testing.assert_close(call(primals), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("op", [op for op in OPS if op != "store_kv"])
 def test_direct_op_backward_raises(device, op):
     """torch.ops.llada.* called directly: the output asks for a gradient as
@@ -82,6 +103,48 @@ def test_direct_op_backward_raises(device, op):
     with pytest.raises(RuntimeError, match=rf"llada::{op} has no backward .* gradient for {name}: "
                                            r"call it under torch\.no_grad\(\)"):
         out.float().sum().backward()
+
+
+@pytest.mark.parametrize("name", ["k", "v", "cos", "sin", "cache_k", "cache_v"])
+def test_direct_store_kv_refuses_inputs_that_require_grad(device, name):
+    """store_kv writes the caches in place, so it has no history to carry a
+    gradient: called directly, it refuses any float input that asks for
+    one, before writing anything; under no_grad it writes as usual."""
+    _, tensors, _ = _inputs(device)["store_kv"]
+    args = dict(tensors, cache_k=torch.zeros(1, 5, 2, 64, device=device),
+                cache_v=torch.zeros(1, 5, 2, 64, device=device))
+    asking = {key: t.clone().requires_grad_(key == name) for key, t in args.items()}
+    positions = torch.tensor([4, 0, 2], device=device)
+    order = ("k", "v", "cos", "sin", "cache_k", "cache_v")
+    with pytest.raises(RuntimeError, match=rf"^{name}: requires grad, but llada::store_kv writes the caches "
+                                           r"in place and has no backward; call it under torch\.no_grad\(\)"):
+        torch.ops.llada.store_kv(*(asking[key] for key in order), positions)
+    assert not asking["cache_k"].detach().any() and not asking["cache_v"].detach().any()
+    with torch.no_grad():
+        torch.ops.llada.store_kv(*(asking[key] for key in order), positions)
+    want = [torch.zeros(1, 5, 2, 64, device=device) for _ in range(2)]
+    ops.store_kv_reference(args["k"], args["v"], args["cos"], args["sin"], *want, positions)
+    torch.testing.assert_close(asking["cache_v"].detach(), want[1], rtol=0, atol=0)
+
+
+def test_in_place_ops_bump_the_version_of_what_they_write(device):
+    """Autograd tells a tensor it saved from one overwritten later by its
+    version counter: store_kv bumps both caches', commit_tokens the
+    canvas's, so a gradient that would read the overwritten canvas (gather
+    saves its index) fails instead of being silently wrong."""
+    _, tensors, _ = _inputs(device)["store_kv"]
+    cache_k, cache_v = (torch.zeros(1, 5, 2, 64, device=device) for _ in range(2))
+    before = cache_k._version, cache_v._version
+    torch.ops.llada.store_kv(tensors["k"], tensors["v"], tensors["cos"], tensors["sin"], cache_k, cache_v,
+                             torch.tensor([4, 0, 2], device=device))
+    assert cache_k._version > before[0] and cache_v._version > before[1]
+
+    logits = torch.randn(1, 5, 7, device=device, requires_grad=True)
+    canvas = torch.full((1, 5), 3, device=device)
+    picked = logits.log_softmax(-1).gather(-1, canvas[..., None]).sum()
+    ops.commit_tokens(canvas, torch.zeros_like(canvas), torch.ones_like(canvas, dtype=torch.bool), 3)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        picked.backward()
 
 
 def test_wrappers_take_tensors_that_need_no_gradient_with_grad_on(device):
@@ -168,3 +231,24 @@ def test_references_ignore_the_default_device():
     for g_, w_ in zip(got, want):
         assert g_.device == torch.device("cpu")
         assert torch.equal(g_, w_)
+
+
+def test_logits_of_the_wrong_shape_are_named_before_suppress_ids():
+    # A list of ids is range-checked against the vocabulary, which logits of
+    # the wrong shape do not have: the error is about logits.
+    with pytest.raises(ValueError, match=r"^logits: expected a 2-D tensor"):
+        ops.sample_tokens(torch.tensor(1.0), suppress_ids=[0])
+    with pytest.raises(ValueError, match=r"^logits: expected at least one column"):
+        ops.sample_tokens(torch.randn(2, 0), suppress_ids=[0])
+    with pytest.raises(ValueError, match=r"^suppress_ids: expected an int in \[0, 4\], got 5$"):
+        ops.sample_tokens(torch.randn(2, 5), suppress_ids=[5])
+
+
+@pytest.mark.parametrize("name", ["x0", "accepted", "remask"])
+def test_commit_tokens_names_a_missing_tensor(name):
+    canvas = torch.zeros(2, 5, dtype=torch.long)
+    args = dict(x0=torch.ones_like(canvas), accepted=torch.ones_like(canvas, dtype=torch.bool), remask=None)
+    args[name] = [1, 2]
+    with pytest.raises(TypeError, match=rf"^{name}: expected a torch.Tensor, got list$"):
+        ops.commit_tokens(canvas, args["x0"], args["accepted"], 3, remask=args["remask"])
+    assert not canvas.any()

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import autodiff
+
 CPU_MATMUL_MODES = ("auto", "float32", "native")
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _TILE_BYTES = 8 << 20  # of float32 weight rows: measured best among 1-8 MB
@@ -62,7 +64,7 @@ def _tiles_in_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # Cheapest tests first: every projection of every forward asks.
     if not x.is_cpu or weight.dtype not in _HALF_DTYPES or x.dtype != weight.dtype:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if autodiff.needs_derivative(x) or autodiff.needs_derivative(weight):
         return False
     # Under CPU autocast F.linear casts both operands to autocast's dtype, and
     # the result has that dtype: torch's product is the one that does so.

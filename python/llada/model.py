@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import devices, ops
+from . import autodiff, devices, ops
 from .linear import Linear, linear
 from .token_ids import is_int
 
@@ -105,10 +105,10 @@ class RMSNorm(nn.Module):
 
 def _kernels_take(x: torch.Tensor) -> bool:
     """Whether llada's compiled ops can stand in for a torch composition on
-    x: no gradient needed (they have none), a device they run on (see
+    x: no derivative wanted (they have none), a device they run on (see
     :mod:`llada.devices`), and a dtype they take (CPU float32/bfloat16;
     CUDA also float16)."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    if autodiff.needs_derivative(x):
         return False
     device = x.device
     if device.type == "cpu":
@@ -118,7 +118,7 @@ def _kernels_take(x: torch.Tensor) -> bool:
 
 
 def _fused_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if torch.is_grad_enabled() and weight.requires_grad:
+    if autodiff.needs_derivative(weight):
         return False
     return _kernels_take(x) and x.dtype == weight.dtype and x.device == weight.device
 
@@ -185,7 +185,10 @@ def set_attention_backend(name: str) -> None:
 
 def _fused_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     # Any of the three may need a gradient (e.g. training k_proj and v_proj alone).
+    # On CUDA the op's float32 kernel is a plain reference for its tests, far
+    # slower than SDPA; the tensor-core kernels take bfloat16 and float16.
     return (_attention_backend == "llada" and q.shape[-1] in (64, 128)
+            and (q.device.type == "cpu" or q.dtype != torch.float32)
             and _kernels_take(q) and _kernels_take(k) and _kernels_take(v))
 
 
@@ -200,6 +203,9 @@ def attention(
     """
     if _fused_attention_fits(q, k, v):
         return ops.attention(q, k, v, key_mask)
+    if any(autodiff.wants_tangent(t) for t in (q, k, v)):
+        # torch's SDPA kernels have no forward-mode derivative; the composition has.
+        return ops.attention_reference(q, k, v, key_mask, dtype=torch.float32).to(q.dtype)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
@@ -280,7 +286,7 @@ def _project(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
     weights = [layer.weight for layer in layers]
     packed = None
     # torch.compile cannot trace storage addresses; it gets one GEMM each.
-    gradient = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+    gradient = any(autodiff.needs_derivative(w) for w in weights)
     if not (gradient or torch.compiler.is_compiling()):
         packed = _back_to_back(weights)
     if packed is None:

@@ -43,7 +43,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from . import _C  # noqa: F401  (loading the extension registers torch.ops.llada)
-from . import devices
+from . import autodiff, devices
 from .token_ids import is_int
 
 SELECTION_RULES = ("topk", "threshold", "factor")
@@ -108,15 +108,22 @@ _WITHOUT_BACKWARD = ("call it under torch.no_grad() or torch.inference_mode(), o
 
 
 def _refuse_gradient(op: str, *named: tuple[str, Optional[torch.Tensor]]) -> None:
-    """A clear error naming the first input of ``op`` that requires grad
-    while grad mode is on."""
-    if not torch.is_grad_enabled():
-        return
+    """A clear error naming the first input of ``op`` that asks for a
+    derivative: it requires grad while grad mode is on, or it carries a
+    forward-mode tangent (which ``requires_grad`` does not show)."""
     for name, value in named:
-        if value is not None and value.requires_grad:
+        if value is None:
+            continue
+        if autodiff.wants_gradient(value):
             raise RuntimeError(
                 f"{name}: requires grad, but llada.ops.{op} is an inference op without a backward; "
                 + _WITHOUT_BACKWARD.format(_INSTEAD[op])
+            )
+        if autodiff.wants_tangent(value):
+            raise RuntimeError(
+                f"{name}: carries a forward-mode tangent (torch.func.jvp, torch.autograd.forward_ad), but "
+                f"llada.ops.{op} is an inference op without derivatives; pass the primal alone, or for a "
+                f"derivative {_INSTEAD[op]}"
             )
 
 
@@ -238,7 +245,11 @@ def sample_tokens(
             be contiguous (row strides are free). Logits are finite or -inf.
         temperature: 0 takes the argmax (lowest index on ties); > 0 takes the
             argmax of ``logits / temperature + Gumbel noise``, i.e. a sample of
-            ``softmax(logits / temperature)``.
+            ``softmax(logits / temperature)``. Below 1 the score is
+            ``logit + temperature * noise`` in float32, so far below 1 the
+            noise drops under the logits' spacing: tokens whose logits tie
+            (or differ by an ulp) then favour the lower index, as at 0 (for
+            logits near 20, slightly at 1e-4, always below about 1e-7).
         seed: keys the counter-based noise with (seed, row, column), so the same
             seed gives the same sample on every device and launch shape.
         suppress_ids: token ids treated as -inf logits everywhere (e.g. EOS); at
@@ -266,8 +277,10 @@ def sample_tokens(
             raise TypeError(f"suppress_ids: expected ints (a list, a set, an array...), an integer tensor "
                             f"or None, got {type(suppress_ids).__name__}")
         # A Python list can be checked for free; a tensor on the GPU would cost
-        # a sync, so there out-of-range ids simply match no column.
-        suppress_ids = [_int_arg("suppress_ids", i, 0, logits.shape[-1] - 1) for i in suppress_ids]
+        # a sync, so there out-of-range ids simply match no column. Against
+        # logits of the wrong shape there is no range: the op names logits.
+        bounds = (0, logits.shape[1] - 1) if logits.dim() == 2 and logits.shape[1] >= 1 else ()
+        suppress_ids = [_int_arg("suppress_ids", i, *bounds) for i in suppress_ids]
     if not devices.kernels_run_on(logits.device):
         return sample_tokens_reference(logits, temperature, seed, suppress_ids, noise_rows)
     with _below_autograd():
@@ -441,7 +454,9 @@ def commit_tokens(
     Returns:
         int64 ``[B]``: how many positions of each row still hold ``mask_id``.
     """
-    _require_tensors(("canvas", canvas))
+    _require_tensors(("canvas", canvas), ("x0", x0), ("accepted", accepted))
+    if remask is not None:
+        _require_tensors(("remask", remask))
     mask_id = _int_arg("mask_id", mask_id)
     if not devices.kernels_run_on(canvas.device):
         return commit_tokens_reference(canvas, x0, accepted, mask_id, remask)
@@ -737,8 +752,9 @@ def store_kv(
     """
     _require_tensors(("k", k), ("v", v), ("cos", cos), ("sin", sin), ("cache_k", cache_k),
                      ("cache_v", cache_v), ("positions", positions))
-    # The op writes the caches in place, which torch cannot give an autograd
-    # formula: only this check stands between it and a dropped gradient.
+    # The op writes the caches in place and so has no autograd formula; its
+    # C++ Autograd kernel refuses too (csrc/torch/in_place_autograd.cpp),
+    # but this message says what to do instead.
     _refuse_gradient("store_kv", ("k", k), ("v", v), ("cos", cos), ("sin", sin))
     if not devices.kernels_run_on(k.device):
         store_kv_reference(k, v, cos, sin, cache_k, cache_v, positions)
@@ -761,6 +777,7 @@ def store_kv_reference(k, v, cos, sin, cache_k, cache_v, positions) -> None:
 # Each functional op gets an autograd formula that refuses (see Gradients).
 # select_positions returns a bool mask, with nothing to differentiate;
 # commit_tokens and store_kv write their inputs in place, which
-# register_autograd does not take.
+# register_autograd does not take: csrc/torch/in_place_autograd.cpp holds
+# their Autograd and version-counter kernels.
 for _op in ("sample_tokens", "attention", "rms_norm", "add_rms_norm", "rope", "silu_mul"):
     _register_no_backward(_op)
