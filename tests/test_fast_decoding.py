@@ -466,6 +466,41 @@ def test_settings_the_policy_would_not_use_are_refused():
     assert dataclasses.replace(DecodePolicy.fast(), commit="factor").commit == "factor"
 
 
+def test_infill_refuses_more_steps_than_the_blocks_have_positions(model):
+    # Two blocks of 3: at most 6 steps under the fixed schedule (more would
+    # only add steps that commit nothing; a huge count would allocate its
+    # schedule before failing). The adaptive rules count no steps.
+    mask_id = model.config.mask_token_id
+    canvas = torch.tensor([[3, mask_id, mask_id, 4, mask_id, mask_id, mask_id, 5]])
+    assert (llada.infill(model, canvas, steps=6, block_length=3) != mask_id).all()
+    for steps in (8, 10**10):
+        with pytest.raises(ValueError, match=rf"^steps: expected at most 6 \(2 blocks of 3 positions\), "
+                                             rf"got {steps}$"):
+            llada.infill(model, canvas, steps=steps, block_length=3)
+    fast = DecodePolicy(commit="threshold")
+    assert (llada.infill(model, canvas, steps=10**10, block_length=3, policy=fast) != mask_id).all()
+
+
+@pytest.mark.parametrize("policy", [None, DecodePolicy(commit="threshold")], ids=["schedule", "threshold"])
+def test_a_sampled_infill_row_does_not_depend_on_the_other_rows_gaps(model, policy):
+    """A row's noise is keyed by its row and place in the canvas: moving
+    another row's gap (which moves the batch's first masked column) leaves
+    its sample as it was, as generate's docs promise for every row."""
+    mask_id = model.config.mask_token_id
+    base = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(3))
+    row = base.clone()
+    row[5:10] = mask_id
+    late, early = base.clone(), base.clone()
+    late[6:8] = mask_id
+    early[1:3] = mask_id
+    for seed in range(3):
+        kw = dict(temperature=1.0, seed=seed, policy=policy, block_length=None)
+        with_late = llada.infill(model, torch.stack([row, late]), **kw)
+        with_early = llada.infill(model, torch.stack([row, early]), **kw)
+        assert torch.equal(with_late[0], with_early[0]), seed
+        assert (with_late[0] != mask_id).all()
+
+
 def test_bad_infill_arguments(model):
     with pytest.raises(ValueError, match="canvas"):
         llada.infill(model, torch.zeros(1, 5, dtype=torch.long))

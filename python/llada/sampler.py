@@ -324,6 +324,10 @@ def infill(
         raise TypeError(f"steps: expected an int or None, got {type(steps).__name__}")
     if steps < 1 or (policy.commit == "schedule" and steps % num_blocks):
         raise ValueError(f"steps: expected a positive multiple of the block count ({num_blocks}), got {steps!r}")
+    if policy.commit == "schedule" and steps > num_blocks * block_length:
+        # More steps than a block has positions would only add empty steps.
+        raise ValueError(f"steps: expected at most {num_blocks * block_length} ({num_blocks} blocks of "
+                         f"{block_length} positions), got {steps!r}")
     key_mask = None
     if attention_mask is not None and not bool((attention_mask != 0).all()):
         key_mask = (attention_mask != 0).to(_device_of(model))
@@ -430,12 +434,15 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
     # Whole-block steps sample every block position: only at temperature 0 is
     # a row's choice independent of which other rows are sampled with it.
     whole_block_ok = temperature == 0 and noise_gen is None and policy.remask_below is None
-    # Each position's noise key: its batch row and its place in the answer,
-    # whatever the other rows are doing (see ops.sample_tokens' noise_rows).
+    # Each position's noise key: its batch row and its place in the answer
+    # (in the canvas, when filling: the span between the batch's first and
+    # last gaps depends on the other rows), whatever the other rows are
+    # doing (see ops.sample_tokens' noise_rows).
     noise_keys = None
     if temperature > 0:
-        noise_keys = (torch.arange(b, device=device)[:, None] * (last - first)
-                      + torch.arange(total, device=device)[None, :] - first)
+        start, width = (0, total) if filling else (first, last - first)
+        noise_keys = (torch.arange(b, device=device)[:, None] * width
+                      + torch.arange(total, device=device)[None, :] - start)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     remasked_once = torch.zeros(b, total, dtype=torch.bool, device=device)
     # The lowest probability of any step's chosen tokens, read where the loop
