@@ -134,6 +134,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"no task models under {args.models}")
     if args.examples < 1:
         parser.error(f"--examples: expected a positive int, got {args.examples}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size: expected a positive int, got {args.batch_size}")
     for folder in folders:
         if args.examples > (unseen := held_out_examples(folder)):
             parser.error(f"--examples: expected at most {unseen}, got {args.examples}: {folder.name}'s training "

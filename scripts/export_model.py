@@ -11,7 +11,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from llada.checkpoint import save_weights
 
 FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
          "train_args.json", "train_log.csv", "data.json"]
@@ -27,8 +29,8 @@ def main() -> None:
     dest.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype)
     weights = load_file(run / "model.safetensors")
-    save_file({k: v.to(dtype).contiguous() for k, v in weights.items()},
-              str(dest / "model.safetensors"), metadata={"format": "pt"})
+    # save_weights, not safetensors' own save: that one makes the file readable by its owner only.
+    save_weights({k: v.to(dtype).contiguous() for k, v in weights.items()}, dest / "model.safetensors")
     for name in FILES:
         shutil.copy(run / name, dest / name)
     print(f"exported {run} -> {dest} ({args.dtype})")

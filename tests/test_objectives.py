@@ -328,3 +328,40 @@ def test_prompt_lengths_must_be_token_counts(lengths):
     ids = torch.randint(0, MASK, (2, 8))
     with pytest.raises(TypeError, match="prompt_lengths: expected integer token counts"):
         sft_loss(FixedLogits(torch.zeros(2, 8, VOCAB)), ids, lengths, MASK, t=torch.ones(2))
+
+
+class RulesOutOneToken(BagOfTokens):
+    """BagOfTokens whose last vocabulary entry gets -inf in every pass,
+    conditional and unconditional alike (a token the model never predicts)."""
+
+    def forward(self, ids):
+        logits = super().forward(ids).logits.clone()
+        logits[..., VOCAB - 1] = -math.inf
+        return type("Out", (), {"logits": logits})()
+
+
+@pytest.mark.parametrize("answer", [[5], [4, 0, 6]])
+def test_guided_likelihood_survives_a_token_ruled_out_in_both_passes(answer):
+    # The ruled-out entry has no probability either way, so the estimate is
+    # the direct sum (as in the test above) under BagOfTokens' guided logits
+    # restricted to the other entries.
+    model = RulesOutOneToken(seed=12)
+    restricted = BagOfTokens(seed=12)
+    with torch.no_grad():
+        restricted.table.data = model.table[:, : VOCAB - 1].clone()
+        restricted.position.data = model.position[:, : VOCAB - 1].clone()
+    prompt, scale = [1, 2, 3], 1.5
+    lp, la = len(prompt), len(answer)
+    got = log_likelihood(model, prompt, answer, mc_num=4, batch_size=4, cfg_scale=scale, seed=3)
+    noisy = model.seen[0]
+    masked = noisy == MASK
+    log_probs = guided_log_probs(restricted, noisy, lp, scale)
+    sequence = torch.tensor(prompt + answer)
+    total = 0.0
+    for b in range(4):
+        count = int(masked[b].sum())
+        for i in range(lp + la):
+            if masked[b, i]:
+                total += -float(log_probs[b, i, sequence[i]]) * la / count
+    assert math.isfinite(got)
+    assert math.isclose(got, -total / 4, rel_tol=1e-5)

@@ -59,6 +59,45 @@ def test_training_data_avoids_the_held_out_prompts(name):
     assert not {e.prompt for e in held_out + same_seed} & {e.prompt for e in train}
 
 
+def every_perm_prompt():
+    """All prompts of perm, listed here rather than by the task."""
+    import itertools
+
+    return [f"perm {' '.join(d)} =" for d in itertools.permutations("0123456789", 6)]
+
+
+@pytest.mark.parametrize("name, left", [("perm", 1000), ("perm", 1)])
+def test_the_last_prompts_outside_exclude_can_all_be_had(name, left):
+    # Random draws alone rarely find the few prompts left (perm with all but
+    # 1000 of its 151,200 held out gave up): any n up to what is left works.
+    prompts = every_perm_prompt()
+    assert len(prompts) == tasks.DISTINCT_PROMPTS[name]
+    exclude = [tasks.Example(p, "") for p in prompts[left:]]
+    got = tasks.make_examples(name, left, seed=3, exclude=exclude)
+    assert sorted(e.prompt for e in got) == sorted(prompts[:left])
+    assert all(is_right(name, e.prompt, e.answer) for e in got)
+    assert got == tasks.make_examples(name, left, seed=3, exclude=exclude)
+    with pytest.raises(ValueError, match=rf"^n: task {name!r} has {left} distinct prompts outside exclude; "
+                                         rf"expected at most that, got {left + 1}$"):
+        tasks.make_examples(name, left + 1, seed=3, exclude=exclude)
+
+
+@pytest.mark.parametrize("name, digest", [
+    ("add", "54a08c8ae484fdf67556c2ef09423c7dd8541bfae7cbf57d248e105a2e161938"),
+    ("perm", "3ec73805c48fa8f8f9eb80ad4f0c19cbfff4f412b525db30fd01021f6c03e3c6"),
+], ids=["add", "perm"])
+def test_the_shipped_models_data_is_drawn_as_when_they_were_trained(name, digest):
+    # The held-out and training sets that the shipped model's data.json
+    # records, fingerprinted when the model was trained.
+    import hashlib
+
+    data = json.loads((TASK_MODELS / name / "data.json").read_text())
+    held_out = tasks.make_examples(name, data["held_out_examples"], data["held_out_seed"])
+    train = tasks.make_examples(name, data["train_examples"], data["train_seed"], exclude=held_out)
+    text = "\n".join(f"{e.prompt}|{e.answer}" for e in held_out + train)
+    assert hashlib.sha256(text.encode()).hexdigest() == digest
+
+
 def test_sort_verifier():
     task = tasks.get_task("sort")
     prompt = "sort 3 1 4 1 5 9 2 6 5 3 ="
@@ -113,6 +152,14 @@ def test_bad_task_arguments():
         tasks.make_examples("sort", -1, seed=0)
 
 
+@pytest.mark.parametrize("batch_size", [0, -8, 2.5, True])
+def test_evaluate_refuses_a_batch_size_that_is_not_positive(batch_size):
+    # -8 would score no example (accuracy 0 for any model), 0 fail inside range().
+    model = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError, match=rf"^batch_size: expected a positive int, got {batch_size!r}$"):
+        tasks.evaluate(model, tasks.tokenizer_for("add"), "add", tasks.held_out_set("add", 4), batch_size=batch_size)
+
+
 def shipped():
     return sorted(p.name for p in TASK_MODELS.glob("*") if (p / "config.json").is_file())
 
@@ -154,6 +201,14 @@ def test_quality_refuses_more_examples_than_training_left_out(tmp_path, capsys):
         _quality().main(["--examples", "4", "--models", str(tmp_path), "--device", "cpu"])
     assert refused.value.code == 2
     assert "--examples: expected at most 3, got 4: add's training left out only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batch_size", ["0", "-250"])
+def test_quality_refuses_a_batch_size_that_is_not_positive(batch_size, capsys):
+    with pytest.raises(SystemExit) as refused:
+        _quality().main(["--batch-size", batch_size, "--examples", "10", "--device", "cpu"])
+    assert refused.value.code == 2
+    assert f"--batch-size: expected a positive int, got {batch_size}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("gen_length", [4, 6, 10])

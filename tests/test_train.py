@@ -166,6 +166,27 @@ def test_resume_refuses_what_cannot_change_and_applies_the_rest(tmp_path, capsys
     assert float(row["lr"]) != pytest.approx(1e-2 * cosine(2 / 4, 0.1), rel=1e-4)
 
 
+@pytest.mark.parametrize("saved, given", [(None, "."), ("stdlib", "./stdlib"), ("stdlib", "stdlib/")])
+def test_a_resumed_corpus_path_is_never_the_runs_keyword_or_its_lack_of_corpus(tmp_path, monkeypatch, capsys,
+                                                                               saved, given):
+    # "." resolves to where the command runs, as does a missing corpus read
+    # as a path; ./stdlib is a folder of that name, not the standard library.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stdlib").mkdir()
+    (tmp_path / "stdlib" / "mine.py").write_text("x = 1\n")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    recorded = dict(vars(train.build_parser().parse_args([])), corpus=saved, out=str(folder),
+                    task=None if saved else "sort")
+    (folder / train.ARGS_FILE).write_text(json.dumps(recorded))
+    (folder / train.STATE_FILE).write_bytes(b"")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train.parse_args(["--resume", "run", "--corpus", given])
+    assert (f"argument --corpus: cannot change on --resume: the run in run has {saved!r}, not {given!r}"
+            in capsys.readouterr().err)
+
+
 def test_resumed_steps_take_the_new_schedules_lr(tmp_path, monkeypatch):
     folder = tmp_path / "run"
     run(SORT + TINY + ["--steps", "6", "--eval-every", "100", "--stop-at", "3", "--out", str(folder)])
@@ -453,6 +474,57 @@ def test_a_failed_save_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
         assert (folder / name).read_bytes() == saved[name]
 
 
+def test_a_save_cut_off_while_writing_keeps_every_file_of_the_previous_one(tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    common = SORT + TINY + ["--steps", "6", "--eval-every", "2", "--save-every", "2"]
+    run(common + ["--stop-at", "2", "--out", str(folder)])
+    saved = {f.name: f.read_bytes() for f in folder.iterdir() if f.name != train.LOG_FILE}
+    dump = json.dump
+
+    def cut_off_in_train_args(obj, f, **kwargs):
+        if Path(f.name).name == train.ARGS_FILE:
+            f.write(json.dumps(obj, **kwargs)[:40])  # part of it is out when a second Ctrl-C lands
+            raise KeyboardInterrupt
+        return dump(obj, f, **kwargs)
+
+    monkeypatch.setattr(json, "dump", cut_off_in_train_args)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--resume", str(folder), "--stop-at", "4"])
+    monkeypatch.setattr(json, "dump", dump)
+    assert {f.name: f.read_bytes() for f in folder.iterdir() if f.name != train.LOG_FILE} == saved
+    run(["--resume", str(folder)])
+    assert torch.load(folder / train.STATE_FILE, weights_only=False)["step"] == 6
+
+
+def test_weights_and_state_of_different_saves_do_not_resume(tmp_path, monkeypatch, capsys):
+    # A save cut off between renaming its files into place: the weights are
+    # step 4's, the optimizer state and step still step 2's.
+    folder = tmp_path / "run"
+    common = SORT + TINY + ["--steps", "6", "--eval-every", "2", "--save-every", "2"]
+    run(common + ["--stop-at", "2", "--out", str(folder)])
+    step_2_weights = (folder / "model.safetensors").read_bytes()
+    replace = os.replace
+
+    def cut_off_after_the_weights(src, dst):
+        replace(src, dst)
+        if Path(dst) == folder / "model.safetensors":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", cut_off_after_the_weights)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--resume", str(folder), "--stop-at", "4"])
+    monkeypatch.setattr(os, "replace", replace)
+    assert (folder / "model.safetensors").read_bytes() != step_2_weights
+    assert torch.load(folder / train.STATE_FILE, weights_only=False)["step"] == 2
+    capsys.readouterr()
+    assert train.main(["--resume", str(folder)]) == 2
+    assert (f"llada train: error: {folder}: model.safetensors and {train.STATE_FILE} (step 2) come from "
+            f"different saves") in capsys.readouterr().err
+    # Put back step 2's weights, and the pair resumes.
+    (folder / "model.safetensors").write_bytes(step_2_weights)
+    run(["--resume", str(folder)])
+
+
 def test_random_windows_start_anywhere_a_window_fits():
     # 10 tokens, windows of 4: starts 0..6, so the last token is in some window.
     windows = train.random_windows(torch.arange(10, dtype=torch.int32), 2000, 4, torch.Generator().manual_seed(0))
@@ -463,6 +535,56 @@ def test_random_windows_start_anywhere_a_window_fits():
     assert one.tolist() == [[0, 1, 2, 3]] * 3
     with pytest.raises(ValueError, match="seq_len: 5 is longer than the token stream"):
         train.random_windows(torch.arange(4, dtype=torch.int32), 1, 5, torch.Generator())
+
+
+def test_special_token_strings_in_a_corpus_file_are_plain_text(tmp_path):
+    # Code about tokenizers spells the special tokens out; in the training
+    # stream they are characters like any others: no mask id to learn as a
+    # target, no EOS or BOS inside a file, and the text decodes back exactly.
+    from llada.checkpoint import SPECIAL_TOKENS
+    from llada.tokenizer import train_bpe
+
+    text = "".join(f'{kind.upper()} = "{token}"\n' for kind, token in SPECIAL_TOKENS.items())
+    text += "def f(x):\n    return x\n" * 20
+    path = tmp_path / "tok.py"
+    path.write_text(text)
+    tok = train_bpe([text], 300)
+    ids = special_ids(tok)
+    stream = train.token_stream(tok, [path, path], ids["bos"], ids["eos"]).tolist()
+    assert len(stream) % 2 == 0
+    one = stream[: len(stream) // 2]
+    assert one == stream[len(stream) // 2 :]
+    assert one[0] == ids["bos"] and one[-1] == ids["eos"]
+    assert not set(one[1:-1]) & set(ids.values())
+    assert tok.decode(one[1:-1], skip_special_tokens=False) == text
+    # The tokenizer is left as it was: a special token typed in a prompt is that token.
+    assert tok.encode(SPECIAL_TOKENS["mask"], add_special_tokens=False).ids == [ids["mask"]]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_export_model_writes_files_anyone_may_read(tmp_path, monkeypatch, dtype):
+    import runpy
+    import sys
+
+    from safetensors.torch import load_file
+
+    folder, dest = tmp_path / "run", tmp_path / "model"
+    run(SORT + TINY + ["--steps", "2", "--eval-every", "2", "--out", str(folder)])
+    monkeypatch.setattr(sys, "argv", ["export_model.py", str(folder), str(dest), "--dtype", dtype])
+    umask = os.umask(0o022)
+    try:
+        runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / "export_model.py"),
+                       run_name="__main__")
+    finally:
+        os.umask(umask)
+    # As every other new file under umask 022 (the run's own copy included): rw-r--r--.
+    assert oct((dest / "model.safetensors").stat().st_mode & 0o777) == oct(0o644)
+    assert oct((folder / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~umask)
+    src, got = load_file(folder / "model.safetensors"), load_file(dest / "model.safetensors")
+    assert sorted(src) == sorted(got)
+    assert all(torch.equal(src[k].to(getattr(torch, dtype)), got[k]) for k in src)
+    assert (dest / "config.json").read_bytes() == (folder / "config.json").read_bytes()
+    assert not (dest / train.STATE_FILE).exists()
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -131,7 +131,8 @@ def log_likelihood(
             unconditional = noisy.clone()
             unconditional[:, :lp] = mask_id
             un = model(unconditional).logits
-            logits = un + (cfg_scale + 1) * (logits - un)
+            # Where both passes agree (-inf included: -inf - -inf is NaN) guidance changes nothing.
+            logits = torch.where(logits == un, logits, un + (cfg_scale + 1) * (logits - un))
         targets = sequence.expand(batch_size, -1)[masked]
         ce = F.cross_entropy(logits[masked].float(), targets, reduction="none")
         weight = (la / counts.to(device=device, dtype=torch.float32))[:, None].expand(-1, lp + la)

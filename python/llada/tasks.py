@@ -24,10 +24,11 @@ decoding canvases have one shape. Tokens are whitespace-separated words (see
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -50,6 +51,12 @@ class Task:
     solve: Callable[[str], Optional[str]]  # a correct answer of a prompt, None if malformed
     # For tasks with many correct answers: (prompt words, answer words) -> valid?
     accepts: Optional[Callable[[list, list], bool]] = None
+    # Every prompt in a fixed order, and the example of a prompt (its answer
+    # drawn from the generator where there are many): how make_examples takes
+    # the last prompts of a nearly used-up task. None where there are too
+    # many prompts to list (random draws then always find enough).
+    every_prompt: Optional[Callable[[], Iterable[str]]] = None
+    example: Optional[Callable[[str, random.Random], Example]] = None
 
     def check(self, prompt: str, answer: str) -> bool:
         """Whether ``answer`` (whitespace-insensitive) is a correct answer."""
@@ -99,6 +106,11 @@ def _draw_add(rng: random.Random) -> Example:
     return Example(prompt, _solve_add(prompt))
 
 
+def _every_add() -> Iterable[str]:
+    for a, b in itertools.product(range(10**ADD_DIGITS), repeat=2):
+        yield f"add {' '.join(f'{a:0{ADD_DIGITS}d}')} + {' '.join(f'{b:0{ADD_DIGITS}d}')} ="
+
+
 def _solve_add(prompt: str) -> Optional[str]:
     words = prompt.split()
     n = ADD_DIGITS
@@ -123,6 +135,15 @@ def _draw_perm(rng: random.Random) -> Example:
     return Example("perm " + " ".join(digits) + " =", " ".join(answer))
 
 
+def _every_perm() -> Iterable[str]:
+    for digits in itertools.permutations(DIGITS, PERM_LENGTH):
+        yield "perm " + " ".join(digits) + " ="
+
+
+def _perm_example(prompt: str, rng: random.Random) -> Example:
+    return Example(prompt, " ".join(rng.sample(prompt.split()[1:-1], PERM_LENGTH)))
+
+
 def _solve_perm(prompt: str) -> Optional[str]:
     words = prompt.split()
     if len(words) != PERM_LENGTH + 2 or words[0] != "perm" or words[-1] != "=":
@@ -139,9 +160,10 @@ def _accepts_perm(prompt: list, answer: list) -> bool:
 
 TASKS: dict[str, Task] = {
     "sort": Task("sort", ("sort", "=", *DIGITS), SORT_LENGTH + 2, SORT_LENGTH, _draw_sort, _solve_sort),
-    "add": Task("add", ("add", "+", "=", *DIGITS), 2 * ADD_DIGITS + 3, ADD_DIGITS + 1, _draw_add, _solve_add),
+    "add": Task("add", ("add", "+", "=", *DIGITS), 2 * ADD_DIGITS + 3, ADD_DIGITS + 1, _draw_add, _solve_add,
+                every_prompt=_every_add, example=lambda prompt, rng: Example(prompt, _solve_add(prompt))),
     "perm": Task("perm", ("perm", "=", *DIGITS), PERM_LENGTH + 2, PERM_LENGTH, _draw_perm, _solve_perm,
-                 _accepts_perm),
+                 _accepts_perm, every_prompt=_every_perm, example=_perm_example),
 }
 
 # How many distinct prompts each task has: a training set and its held-out
@@ -163,7 +185,8 @@ def get_task(name: str) -> Task:
 
 def make_examples(task: str | Task, n: int, seed: int, exclude: Sequence[Example] = ()) -> list[Example]:
     """``n`` distinct examples drawn with ``seed``, none of whose prompts is in
-    ``exclude`` (so a training set can avoid the held-out prompts)."""
+    ``exclude`` (so a training set can avoid the held-out prompts). Any ``n``
+    up to the number of prompts outside ``exclude`` can be had."""
     task = get_task(task) if isinstance(task, str) else task
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n: expected a non-negative int, got {n!r}")
@@ -177,6 +200,15 @@ def make_examples(task: str | Task, n: int, seed: int, exclude: Sequence[Example
         if example.prompt not in seen:
             seen.add(example.prompt)
             out.append(example)
+    if len(out) < n and task.every_prompt is not None:
+        # Few prompts are left, and random draws rarely hit them: list them
+        # and take a seeded sample. (Only once the draws above gave up, so
+        # every set they can supply is drawn as it always was.)
+        rest = [prompt for prompt in task.every_prompt() if prompt not in seen]
+        out += [task.example(prompt, rng) for prompt in rng.sample(rest, min(n - len(out), len(rest)))]
+        if len(out) < n:
+            raise ValueError(f"n: task {task.name!r} has {len(out)} distinct prompts outside exclude; "
+                             f"expected at most that, got {n}")
     if len(out) < n:
         raise ValueError(f"n: task {task.name!r} could not supply {n} distinct examples")
     return out
@@ -256,6 +288,8 @@ def evaluate(
     task = get_task(task) if isinstance(task, str) else task
     if not examples:
         raise ValueError("examples: expected at least one example")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     gen_length = task.answer_tokens
     steps = gen_length if steps is None else steps
     block_length = gen_length if block_length is None else block_length

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import sysconfig
@@ -57,6 +58,8 @@ STATE_FILE = "training_state.pt"
 ARGS_FILE = "train_args.json"
 LOG_FILE = "train_log.csv"
 DATA_FILE = "data.json"
+WEIGHTS_FILE = "model.safetensors"
+STAGING_DIR = ".saving"  # a save's files before they are renamed into place
 LOG_FIELDS = ["step", "lr", "train_loss", "eval_loss", "eval_accuracy", "tokens", "elapsed_s"]
 
 
@@ -118,8 +121,17 @@ def read_text(path: Path) -> str:
 
 
 def token_stream(tok, files: list[Path], bos: int, eos: int) -> torch.Tensor:
-    """``BOS file EOS`` for every file, concatenated (int32 to save memory)."""
-    encodings = tok.encode_batch([read_text(p) for p in files], add_special_tokens=False)
+    """``BOS file EOS`` for every file, concatenated (int32 to save memory).
+
+    A file's text is plain text: a special token's string in it (code about
+    tokenizers has them) is encoded as the characters it is made of, never as
+    the special id, so the mask id is never a target and EOS only ends files."""
+    before = tok.encode_special_tokens
+    tok.encode_special_tokens = True
+    try:
+        encodings = tok.encode_batch([read_text(p) for p in files], add_special_tokens=False)
+    finally:
+        tok.encode_special_tokens = before  # the tokenizer is shared: leave it as it was
     ids = []
     for enc in encodings:
         ids.append(bos)
@@ -197,34 +209,66 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def save_checkpoint(folder: Path, model: LLaDAModel, tok, state: dict, args, data_info: dict) -> None:
-    """Write the HF folder + resume state. Files are written under temporary
-    names and renamed, so an interrupted save leaves the previous one intact."""
+    """Write the HF folder + resume state.
+
+    Every file is written into a staging folder first and then renamed into
+    place, so a save interrupted while writing (a full disk, a second Ctrl-C)
+    leaves the previous one intact. The renames are not one step: the state
+    records a hash of the weights it belongs with, which resume checks
+    (:func:`check_weights_match`), and it is renamed last."""
     from .tokenizer import write_tokenizer_files
 
     folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / STAGING_DIR
+    shutil.rmtree(staging, ignore_errors=True)  # what an interrupted save left
+    staging.mkdir()
     # Copies: packed weights share buffers (pack_projections), which
     # some safetensors releases refuse to save.
     weights = {k: v.detach().to("cpu", torch.float32, copy=True).contiguous()
                for k, v in model.state_dict().items()}
-    temporary = [folder / "model.safetensors.tmp", folder / (STATE_FILE + ".tmp")]
     try:
-        save_weights(weights, temporary[0])
-        torch.save(state, temporary[1])
-    except (OSError, RuntimeError) as e:  # a full disk: torch.save says RuntimeError
-        for path in temporary:
-            path.unlink(missing_ok=True)
-        raise OSError(f"{folder}: the save failed ({str(e).splitlines()[0]}); the previous save is kept") from None
-    os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
-    os.replace(folder / (STATE_FILE + ".tmp"), folder / STATE_FILE)
-    for name, obj in (
-        ("config.json", config_to_dict(model.config)),
-        (ARGS_FILE, vars(args)),
-        (DATA_FILE, data_info),
-    ):
-        with open(folder / name, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    write_tokenizer_files(folder, tok, model.config.max_sequence_length)
+        save_weights(weights, staging / WEIGHTS_FILE)
+        torch.save(dict(state, weights_sha256=file_sha256(staging / WEIGHTS_FILE)), staging / STATE_FILE)
+        for name, obj in (
+            ("config.json", config_to_dict(model.config)),
+            (ARGS_FILE, vars(args)),
+            (DATA_FILE, data_info),
+        ):
+            with open(staging / name, "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=2)
+                f.write("\n")
+        write_tokenizer_files(staging, tok, model.config.max_sequence_length)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, (OSError, RuntimeError)):  # a full disk: torch.save says RuntimeError
+            raise OSError(f"{folder}: the save failed ({str(e).splitlines()[0]}); "
+                          "the previous save is kept") from None
+        raise
+    names = sorted(p.name for p in staging.iterdir() if p.name != STATE_FILE) + [STATE_FILE]
+    for name in names:
+        os.replace(staging / name, folder / name)
+    staging.rmdir()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_weights_match(folder: Path, state: dict) -> None:
+    """The weights in ``folder`` are the ones its resume state was saved
+    with: a save cut off between its renames pairs one save's weights with
+    the other's optimizer state and step, which must not resume silently.
+    (States written before the hash was recorded are taken as they are.)"""
+    expected = state.get("weights_sha256")
+    weights = folder / WEIGHTS_FILE
+    if expected is not None and weights.is_file() and file_sha256(weights) != expected:
+        raise ValueError(f"{folder}: {WEIGHTS_FILE} and {STATE_FILE} (step {state['step']}) come from different "
+                         f"saves (a save was cut off between renaming the two), so the run cannot resume "
+                         f"from them")
 
 
 def rng_state(generators: dict) -> dict:
@@ -347,6 +391,7 @@ def train(args) -> Path:
                              f"give more --steps to continue it")
         if args.stop_at and args.stop_at <= state["step"]:
             raise ValueError(f"--stop-at: {args.stop_at} is not after the run's step {state['step']}")
+        check_weights_match(out, state)
         # The mask generator's state is per device type.
         if state.get("device_type", device.type) != device.type:
             raise ValueError(f"--device: the run in {out} drew its masks on {state['device_type']}; "
@@ -635,9 +680,12 @@ def resumed_args(parser: argparse.ArgumentParser, argv, args: argparse.Namespace
     given = {k: v for k, v in vars(typed).items() if v is not unset and k != "resume"}
     if "out" in given and Path(given.pop("out")).resolve() != folder.resolve():
         parser.error(f"argument --out: --resume {folder} writes to {folder}; leave --out out")
-    if given.get("corpus") not in (None, "stdlib") and Path(given["corpus"]).resolve() == Path(
-            saved.get("corpus") or "").resolve():
-        given["corpus"] = saved["corpus"]  # the same folder, written another way
+    # The same folder written another way is the same corpus; a path is
+    # never the run's "stdlib" keyword or its lack of a corpus (a --task run).
+    corpus, saved_corpus = given.get("corpus"), saved.get("corpus")
+    if corpus not in (None, "stdlib") and saved_corpus not in (None, "stdlib") and \
+            Path(corpus).resolve() == Path(saved_corpus).resolve():
+        given["corpus"] = saved_corpus
     for name, value in given.items():
         if name not in CHANGEABLE_ON_RESUME and value != saved.get(name):
             parser.error(f"argument {flag(name)}: cannot change on --resume: the run in {folder} has "
