@@ -24,7 +24,7 @@ setup() {
     # Build tools first: the extension builds against the torch in this venv
     # (no build isolation), so torch is installed before llada.
     "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" numpy pybind11 "scikit-build-core>=0.10" \
-      ninja "cmake>=3.24" pytest hypothesis expecttest safetensors tokenizers transformers tqdm rich
+      ninja "cmake>=3.26" pytest hypothesis expecttest safetensors tokenizers transformers tqdm rich
     touch "$VENV/.llada-deps"
   fi
 }

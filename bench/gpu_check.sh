@@ -98,6 +98,7 @@ if [ "${1:-}" = attention ]; then
   exit $status
 fi
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$LOGS/device.txt"
+cmake --version | head -n 1 | tee -a "$LOGS/device.txt"  # 3.26 or newer builds the CUDA sources
 
 # The kernel binaries build in the background from here on, beside the
 # extension and the first tests: both builds wait mostly on one long nvcc
