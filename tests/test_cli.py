@@ -844,10 +844,14 @@ def test_infill_names_a_prefix_too_long_for_any_gap(checkpoint, capfd):
     assert "Token indices sequence length" not in err
 
 
-def test_stop_help_tells_of_show_steps():
-    gen = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("generate"))
-    stop = next(action for action in gen._actions if "--stop" in action.option_strings)
-    assert "--show-steps" in stop.help  # where every block is decoded, stop string or not
+def test_stop_help_tells_of_show_steps_where_there_is_one():
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name, has_show_steps in (("generate", True), ("chat", False)):
+        actions = commands[name]._actions
+        stop = next(action for action in actions if "--stop" in action.option_strings)
+        # where every block is decoded, stop string or not; chat has no such flag
+        assert ("--show-steps" in stop.help) == has_show_steps
+        assert any("--show-steps" in action.option_strings for action in actions) == has_show_steps
 
 
 def test_chat_takes_a_byte_order_mark_as_no_part_of_the_first_line(checkpoint, monkeypatch, capsys):

@@ -97,8 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--prefix", default="", type=text_argument, help="text before the gap")
     fill.add_argument("--suffix", default="", type=text_argument, help="text after the gap")
     fill.add_argument("--length", type=int, required=True, help="tokens to fill")
-    fill.add_argument("--steps", type=int, help="forwards under the fixed schedule (default: one token per "
-                                                "step); an adaptive --commit decides its own")
+    fill.add_argument("--steps", type=int, help="steps under the fixed schedule, an equal share per block; a "
+                                                "block with fewer tokens to fill than its share takes one "
+                                                "forward per token (default: one token per step); an "
+                                                "adaptive --commit "
+                                                "decides its own")
     fill.add_argument("--block-length", type=int, default=None, help="default: the whole gap")
     fill.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     fill.add_argument("--seed", type=seed_argument, help="for sampling and random ranking")
@@ -164,8 +167,8 @@ def add_decoding_arguments(parser, chat_flag: bool) -> None:
     parser.add_argument("--seed", type=seed_argument, help="for sampling and random ranking")
     parser.add_argument("--stop", action="append", metavar="TEXT", type=text_argument,
                         help="end the answer before this text (repeatable; in bash, $'\\n\\n' is two "
-                             "line breaks); no block after the one that completes it is decoded, but with "
-                             "--show-steps, which shows every block")
+                             "line breaks); no block after the one that completes it is decoded"
+                             + (", but with --show-steps, which shows every block" if chat_flag else ""))
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help=DTYPE_HELP)
 

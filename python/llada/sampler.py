@@ -276,8 +276,10 @@ def infill(
 
     Args:
         canvas: integer [B, L] (or [L]) holding ``mask_id`` where tokens are wanted.
-        steps: forwards under the fixed schedule; defaults to one token per
-            step in the block with the most masks.
+        steps: steps under the fixed schedule, an equal share per block (at
+            most the blocks' positions); a block with fewer masks than its
+            share takes one forward per mask, so fewer forwards may run.
+            Defaults to one token per step in the block with the most masks.
         block_length: semi-autoregressive blocks over the span from the first
             to the last masked position; defaults to the whole span.
         Other arguments as in :func:`generate`.
