@@ -14,18 +14,23 @@ Lk = 512..4096 at B=1 and 1024 at B=8. The CPU run takes a few minutes on
 On an sm_90 GPU (H100, H200) with a build for it, "llada" runs the Hopper
 kernel where the op's plan takes it, and two more columns time each kernel
 alone: "llada mma" (LLADA_ATTENTION_SM90=0: the tensor-core kernel of
-attention.cu) and "llada sm90" (=always: the Hopper kernel), both checked
-against "llada" first. On the full shapes, one more column per pipeline
-variant of the Hopper kernel's 128-row blocks times it with
-LLADA_ATTENTION_SM90_PIPELINE set ("sm90 two-q", ...).
+attention.cu) and "llada sm90" (=always: the Hopper kernel). On the full
+shapes, one more column per pipeline variant of the Hopper kernel's 128-row
+blocks times it with LLADA_ATTENTION_SM90_PIPELINE set ("sm90 two-q", ...).
 LLADA_ATTENTION_SM90=0 in the environment leaves the Hopper kernel out
 altogether.
 
-Every backend's output is checked against llada's before timing; the
-contenders are timed in turn over three rounds, each keeping its best, with
-each one's setting (SDPA backend, environment variables) entered around its
-timing rather than around each call. The table reports TFLOP/s (4 B H Lq Lk
-D flops per call) and llada's speed as a multiple of the best SDPA backend.
+Every contender's output, llada's included, is checked once per shape
+against the float64 reference (llada.ops.attention_reference), as the tests
+check the op: its largest error may be at most twice that of torch's plain
+composition of attention in the same dtype (plus 2e-5 in float32). A wrong
+contender is not timed: its cells read "wrong", and a wrong SDPA backend is
+never the best one. The run exits non-zero if any llada column is wrong.
+The contenders are timed in turn over three rounds, each keeping its best,
+with each one's setting (SDPA backend, environment variables) entered around
+its timing rather than around each call. The table reports TFLOP/s (4 B H Lq
+Lk D flops per call) and llada's speed as a multiple of the best SDPA
+backend.
 On CUDA a second table times each contender's CUDA graph replayed: the
 kernels alone, without the Python work of a call, which the first table's
 small shapes are partly made of (a model decoding under CUDA graphs pays
@@ -43,6 +48,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import llada
+from llada.ops import attention_reference
 from timing import cuda_graphed, time_interleaved
 
 BACKENDS = {
@@ -70,6 +76,38 @@ ONE_KERNEL = {"llada mma": {"LLADA_ATTENTION_SM90": "0"}, "llada sm90": {"LLADA_
 PIPELINES = {f"sm90 {name}": {"LLADA_ATTENTION_SM90": "always", "LLADA_ATTENTION_SM90_PIPELINE": name}
              for name in llada._C.sm90_pipelines()[1:]
              if name in os.environ.get("LLADA_BENCH_SM90_PIPELINES", name).split()}
+
+
+class Checker:
+    """Whether an output of attention(q, k, v) is right: its largest error
+    against the float64 reference at most twice that of torch's plain
+    composition of attention in q's dtype, plus 2e-5 in float32 (the
+    float32 tests' absolute tolerance) or 1e-6 otherwise."""
+
+    def __init__(self, q, k, v):
+        # A few heads at a time (heads are independent here: as many kv heads
+        # as query heads), so that the [B, heads, Lq, Lk] scores of the long
+        # shapes stay small.
+        b, lq, h, _ = q.shape
+        step = max(1, 2**25 // (b * lq * k.shape[1]))
+        heads = [slice(i, i + step) for i in range(0, h, step)]
+        self.want = torch.cat([attention_reference(q[:, :, s], k[:, :, s], v[:, :, s]) for s in heads], dim=2)
+        plain = torch.cat([attention_reference(q[:, :, s], k[:, :, s], v[:, :, s], dtype=q.dtype)
+                           for s in heads], dim=2)
+        self.allowed = 2 * self.error(plain) + (2e-5 if q.dtype == torch.float32 else 1e-6)
+
+    def error(self, out) -> float:
+        """The largest absolute error of out (NaN if out has a NaN: max propagates it)."""
+        return (out.double() - self.want).abs().max().item()
+
+    def wrong(self, kind, name, out) -> bool:
+        """Whether out is wrong; if so, says by how much."""
+        err = self.error(out)
+        if err <= self.allowed:
+            return False
+        print(f"  {kind} {name}: wrong: error {err:.3g} against the float64 reference, "
+              f"allowed {self.allowed:.3g}; not timed", flush=True)
+        return True
 
 
 def cases() -> list[tuple[str, int, int, int, int, int]]:
@@ -101,31 +139,38 @@ def main() -> None:
         os.environ.pop("LLADA_ATTENTION_SM90_PIPELINE", None)
     gen = torch.Generator().manual_seed(0)
     rows, graph_rows = [], []
+    llada_wrong = []  # (kind, shape, name) of each wrong llada column
     for kind, b, h, lq, lk, d in cases():
         q = torch.randn(b, lq, h, d, generator=gen).to(device=device, dtype=dtype)
         k = torch.randn(b, lk, h, d, generator=gen).to(device=device, dtype=dtype)
         v = torch.randn(b, lk, h, d, generator=gen).to(device=device, dtype=dtype)
         flops = 4.0 * b * h * lq * lk * d
-        ours = llada.attention(q, k, v)
+        shape = f"B={b} H={h} Lq={lq} Lk={lk} D={d}"
+        checker = Checker(q, k, v)
         # SDPA wants [B, H, L, D]; the transposes are views, as in a model.
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         # Each contender's setting (a backend, environment variables) is
         # entered around its timing, not around each call.
-        contenders = {"llada": lambda: llada.attention(q, k, v)}
-        contexts = {}
+        contenders, contexts, wrong = {}, {}, set()
+        if checker.wrong(kind, "llada", llada.attention(q, k, v)):
+            wrong.add("llada")
+        else:
+            contenders["llada"] = lambda: llada.attention(q, k, v)
         variants = {**ONE_KERNEL, **(PIPELINES if kind == "full" else {})} if sm90 else {}
         for name, setting in variants.items():
             try:
                 with _environment(setting):
-                    diff = (llada.attention(q, k, v).float() - ours.float()).abs().max().item()
+                    out = llada.attention(q, k, v)
             except RuntimeError as e:  # a launch error leaves the context usable; the row goes on without it
                 print(f"  {kind} {name}: failed ({str(e).splitlines()[0][:100]}); not timed", flush=True)
                 continue
-            if diff <= 3e-2:
-                contenders[name] = contenders["llada"]
-                contexts[name] = lambda setting=setting: _environment(setting)
+            if checker.wrong(kind, name, out):
+                wrong.add(name)
             else:
-                print(f"  {kind} {name}: output differs from llada by {diff:.3g}; not timed", flush=True)
+                contenders[name] = lambda: llada.attention(q, k, v)
+                contexts[name] = lambda setting=setting: _environment(setting)
+            del out
+        llada_wrong += [(kind, shape, name) for name in wrong]
         for name, backend in BACKENDS.items():
             if device == "cpu" and name != "math" and name != "flash":
                 continue  # CPU has only these two
@@ -135,13 +180,13 @@ def main() -> None:
             except RuntimeError as e:  # backend not available for this shape/dtype/device
                 print(f"  {kind} {name}: unavailable ({str(e).splitlines()[0][:80]})", flush=True)
                 continue
-            diff = (out.float() - ours.float()).abs().max().item()
-            tol = 1e-4 if dtype == torch.float32 else 3e-2
+            if checker.wrong(kind, name, out):
+                wrong.add(name)
+            else:
+                contenders[name] = lambda: F.scaled_dot_product_attention(qt, kt, vt)
+                contexts[name] = lambda backend=backend: sdpa_kernel([backend])
             del out
-            if not diff <= tol:
-                print(f"  {kind} {name}: output differs from llada by {diff:.3g}", flush=True)
-            contenders[name] = lambda: F.scaled_dot_product_attention(qt, kt, vt)
-            contexts[name] = lambda backend=backend: sdpa_kernel([backend])
+        del checker
         us = time_interleaved(contenders, device, min_time, contexts=contexts)
         tflops = {name: flops / t / 1e6 for name, t in us.items()}
         if device == "cuda":
@@ -154,33 +199,38 @@ def main() -> None:
                     print(f"  {kind} {name}: no CUDA graph ({str(e).splitlines()[0][:80]})", flush=True)
             us = time_interleaved(graphed, device, min_time)
             del graphed
-        shape = f"B={b} H={h} Lq={lq} Lk={lk} D={d}"
         if device == "cuda":
-            graph_rows.append((kind, shape, {name: flops / t / 1e6 for name, t in us.items()}))
-        rows.append((kind, shape, tflops))
+            graph_rows.append((kind, shape, {name: flops / t / 1e6 for name, t in us.items()}, wrong))
+        rows.append((kind, shape, tflops, wrong))
         best_name, best = best_sdpa(tflops)
         best = best or float("nan")  # no SDPA backend ran: no ratio
-        print(f"{kind:<5} {shape:<34} llada {tflops['llada']:8.3f} TFLOP/s  best SDPA {best_name} "
-              f"{best:8.3f}  x{tflops['llada'] / best:5.2f}", flush=True)
+        mine = tflops.get("llada", float("nan"))  # NaN: wrong, not timed
+        print(f"{kind:<5} {shape:<34} llada {mine:8.3f} TFLOP/s  best SDPA {best_name} "
+              f"{best:8.3f}  x{mine / best:5.2f}", flush=True)
         for name in variants:
             if name in tflops:
                 print(f"{'':<40} {name} {tflops[name]:8.3f} TFLOP/s  x{tflops[name] / best:5.2f}", flush=True)
-        del q, k, v, qt, kt, vt, ours
+        del q, k, v, qt, kt, vt
 
     print_table(f"attention, {dtype}, {device}: TFLOP/s (higher is better), each call launched from Python",
                 rows)
     if graph_rows:
         print_table(f"attention, {dtype}, {device}: TFLOP/s of the kernels alone (CUDA graph replays)", graph_rows)
+    if llada_wrong:
+        raise SystemExit("llada's attention is wrong (against the float64 reference) at: "
+                         + "; ".join(f"{kind} {shape} {name}" for kind, shape, name in llada_wrong))
 
 
 def best_sdpa(tflops):
-    """The fastest SDPA backend of a row and its TFLOP/s (None, 0 if none ran)."""
+    """The fastest SDPA backend of a row and its TFLOP/s (None, 0 if none ran;
+    a wrong backend is never timed, so never the best)."""
     return max(((n, t) for n, t in tflops.items() if n in BACKENDS and t), key=lambda x: x[1], default=(None, 0.0))
 
 
 def print_table(title, rows):
-    names = [n for n in BACKENDS if any(t.get(n) for _, _, t in rows)]
-    ours = ["llada"] + [n for n in {**ONE_KERNEL, **PIPELINES} if any(n in t for _, _, t in rows)]
+    """rows: (kind, shape, {contender: TFLOP/s}, {contender whose output was wrong})."""
+    names = [n for n in BACKENDS if any(t.get(n) or n in w for _, _, t, w in rows)]
+    ours = ["llada"] + [n for n in {**ONE_KERNEL, **PIPELINES} if any(n in t or n in w for _, _, t, w in rows)]
     print()
     print(title)
     print()
@@ -188,14 +238,17 @@ def print_table(title, rows):
           + " | ".join(f"{n} / best SDPA" for n in ours) + " |")
     print("|---|---|" + "---|" * (2 * len(ours) + len(names)))
 
-    def cell(t, n):
-        return f"{t[n]:.3f}" if t.get(n) else "n/a"
+    def cell(t, wrong, n):
+        return "wrong" if n in wrong else f"{t[n]:.3f}" if t.get(n) else "n/a"
 
-    for kind, shape, t in rows:
+    def ratio(t, wrong, n, best_name, best):
+        return "wrong" if n in wrong else f"{t[n] / best:.2f}x ({best_name})" if t.get(n) and best else "n/a"
+
+    for kind, shape, t, wrong in rows:
         best_name, best = best_sdpa(t)
-        mine = " | ".join(cell(t, n) for n in ours)
-        cells = " | ".join(cell(t, n) for n in names)
-        ratios = " | ".join(f"{t[n] / best:.2f}x ({best_name})" if t.get(n) and best else "n/a" for n in ours)
+        mine = " | ".join(cell(t, wrong, n) for n in ours)
+        cells = " | ".join(cell(t, wrong, n) for n in names)
+        ratios = " | ".join(ratio(t, wrong, n, best_name, best) for n in ours)
         print(f"| {kind} | {shape} | {mine} | {cells} | {ratios} |")
 
 

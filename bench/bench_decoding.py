@@ -7,11 +7,12 @@ forward and positions fed per forward, for each policy, on one random model.
     python bench/bench_decoding.py --dtype bfloat16       # a 16-bit model on the CPU
 
 The baseline is exact mode with one token per step (steps = gen_length),
-measured in the same run; ratios are against it. A second table gives the
-throughput of batches (all rows' tokens per second, against batch 1 in the
-same run), and a last one times the parts of a dual-cache block on their own,
-and where one forward's and one whole decode's device time goes. Random weights say nothing
-about quality (see bench/quality.py for that), only about speed.
+measured in the same run; ratios are against it ("n/a" if it failed). A
+second table gives the throughput of batches (all rows' tokens per second,
+against batch 1 in the same run, "n/a" if that failed), and a last one times
+the parts of a dual-cache block on their own, and where one forward's and
+one whole decode's device time goes. Random weights say nothing about
+quality (see bench/quality.py for that), only about speed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ SHAPES = {
     "mid": dict(size="mid", prompt=64, gen=128, block=32),
     "8b": dict(size="8b-shape", prompt=256, gen=256, block=32),
 }
+BASELINE = "exact, 1 token/step"  # the row the others' ratios are against
 
 
 @contextmanager
@@ -78,7 +80,7 @@ def policies(gen: int, block: int, device: str, compile_row: bool):
     changes one thing from the default (and gives the model to decode with)."""
     P = llada.DecodePolicy
     rows = [
-        ("exact, 1 token/step", gen, P(), False, None),
+        (BASELINE, gen, P(), False, None),
         ("exact, 4 tokens/step", gen // 4, P(), False, None),
         ("dual cache, 4 tokens/step", gen // 4, P(cache="dual"), False, None),
         ("dual cache, 4 tokens/step, first call", gen // 4, P(cache="dual"), True, None),
@@ -117,6 +119,12 @@ def run(model, prompt, steps, gen, block, policy, device):
     return time.perf_counter() - start, stats
 
 
+def ratio_text(tps: float, base) -> str:
+    """tps as a multiple of the baseline's tokens/s; "n/a" when the baseline
+    failed (another row must not stand in for it under its name)."""
+    return f"{tps / base:.2f}" if base else "n/a"
+
+
 def batch_throughput(model, cfg, shape, device: str, repeats: int) -> None:
     """Dual cache at 4 tokens per step for a batch of rows: every row's
     tokens per second, against batch 1. The padded batch's prompts are
@@ -153,10 +161,11 @@ def batch_throughput(model, cfg, shape, device: str, repeats: int) -> None:
             rows.append((name, "failed", ""))
             print(f"RESULT decoding_batch {device} batch='{name}' FAILED: {str(error).splitlines()[0]}", flush=True)
             continue
-        base = base or tps
-        rows.append((name, f"{tps:.1f}", f"{tps / base:.2f}"))
-        print(f"RESULT decoding_batch {device} batch='{name}' tok_per_s={tps:.1f} x_batch1={tps / base:.2f}",
-              flush=True)
+        if batch == 1 and not padded:
+            base = tps
+        ratio = ratio_text(tps, base)
+        rows.append((name, f"{tps:.1f}", ratio))
+        print(f"RESULT decoding_batch {device} batch='{name}' tok_per_s={tps:.1f} x_batch1={ratio}", flush=True)
     print()
     print("| batch (dual cache, 4 tokens/step) | tokens/s, all rows | x batch 1 |")
     print("|---|---:|---:|")
@@ -288,10 +297,12 @@ def main() -> None:
                   f"{str(error).splitlines()[0]}", flush=True)
             continue
         tps = gen / best
-        base = base or tps
-        rows.append((name, (stats.nfe, stats.tokens_per_forward, stats.positions_per_forward, tps, tps / base)))
+        if name == BASELINE:
+            base = tps
+        ratio = ratio_text(tps, base)
+        rows.append((name, (stats.nfe, stats.tokens_per_forward, stats.positions_per_forward, tps, ratio)))
         print(f"RESULT decoding {args.shape} {args.device} policy='{name}' nfe={stats.nfe} "
-              f"tok_per_s={tps:.1f} x_exact={tps / base:.2f}", flush=True)
+              f"tok_per_s={tps:.1f} x_exact={ratio}", flush=True)
 
     print()
     print("| policy | NFE | tokens/forward | positions/forward | tokens/s | x exact |")
@@ -301,7 +312,7 @@ def main() -> None:
             print(f"| {name} | failed | | | | |")
             continue
         nfe, tpf, ppf, tps, ratio = figures
-        print(f"| {name} | {nfe} | {tpf:.2f} | {ppf:.1f} | {tps:.1f} | {ratio:.2f} |")
+        print(f"| {name} | {nfe} | {tpf:.2f} | {ppf:.1f} | {tps:.1f} | {ratio} |")
     batch_throughput(model, cfg, shape, args.device, args.repeats)
     with torch.no_grad():
         step_anatomy(model, shape["prompt"], gen, block, args.device, 0.5 if args.device == "cuda" else 1.0)

@@ -2,7 +2,7 @@
 # The GPU check: on a machine with a CUDA GPU and torch, nvcc, cmake, ninja,
 # scikit-build-core and pybind11 preinstalled (no network), build llada in
 # place against that torch, run the tests (CUDA ones included), run every
-# kernel microbenchmark and the Python benchmarks (bench_batching and quality
+# kernel microbenchmark and the Python benchmarks (bench_batching, bench_cpu_matmul and quality
 # aside: they add no kernel figure and would not fit), and print a summary table.
 #
 #   bash bench/gpu_check.sh            # everything, within GPU_CHECK_BUDGET_S
@@ -69,9 +69,11 @@ summary() {  # the long tables first, the steps and tests last (a reader of the 
   # Timed and failed kernel cases; the cases only validated are counted.
   grep -h -A2 '^RESULT' "$LOGS"/bin_bench_*.log 2>/dev/null | grep -E ' us=| FAIL$|^  bad by' | sed 's/^RESULT /  /'
   echo "  validated only (not timed): $(grep -h '^RESULT.*validated ok$' "$LOGS"/bin_bench_*.log 2>/dev/null | wc -l) ok"
+  # The tables' rows, and the titles of bench_attention's two tables (eager
+  # calls, then CUDA graph replays), whose headers are the same.
   for f in "$LOGS"/bench_attention.log "$LOGS"/bench_decoding.log "$LOGS"/bench_gemm.log \
            "$LOGS"/bench_ops.log "$LOGS"/bench_generate.log; do
-    [ -f "$f" ] && { echo "-- $(basename "$f" .log)"; sed -n '/^|/p' "$f"; }
+    [ -f "$f" ] && { echo "-- $(basename "$f" .log)"; sed -n -e '/^attention, .*: TFLOP\/s/p' -e '/^|/p' "$f"; }
   done
   echo "---------------- status ----------------"
   cat "$LOGS/device.txt"
@@ -140,7 +142,8 @@ PYTEST=(env OMP_NUM_THREADS=2 "$PYTHON" -m pytest)
 # they hang or fault the device, every step below runs with that kernel
 # turned off (a fault would take them down too). If its results are only
 # wrong, the steps keep it: the tests then fail where the op's plan takes it,
-# and bench_attention times it alone only where it agrees with the default.
+# and bench_attention shows "wrong" where it disagrees with the float64
+# reference (not timed) and fails.
 step tests_sm90 timeout --kill-after=10 150 "${PYTEST[@]}" -q -rfEs -p no:cacheprovider $parallel \
   tests/test_attention.py -k "sm90 and not pipelines"
 sm90_log="$LOGS/tests_sm90.log"
