@@ -875,3 +875,17 @@ def test_a_model_folder_named_device_is_not_taken_for_the_flag(checkpoint, tmp_p
     assert main(["generate", "--model", "device", "--device", "cpu", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("llada: error: ") and "--device" not in err
+
+
+def test_chat_without_a_chat_template_points_to_generate(tmp_path, monkeypatch, capsys):
+    folder = make_checkpoint(tmp_path / "base")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["chat", "--model", str(folder), *ARGS])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--model: {folder}'s tokenizer has no chat template (a base model?): llada chat needs one; " \
+           "llada generate takes the text as it stands" in err

@@ -295,6 +295,30 @@ def test_gap_texts_read_between_their_neighbours(word_engine, monkeypatch):
         assert "".join(part if isinstance(part, str) else next(gaps) for part in parts) == whole, parts
 
 
+def test_gap_texts_keep_their_seams_when_a_text_does_not_decode_back(word_engine, monkeypatch):
+    # A double space (or a line break) in a fixed text does not survive a
+    # word-level decoder, so the whole canvas decoded no longer starts with
+    # the caller's texts. Each gap still gets the spaces at its own seams:
+    # the caller's texts and the gaps join with no two words run together.
+    from llada import engine as engine_module
+
+    outs = []
+    real = engine_module.infill
+    monkeypatch.setattr(engine_module, "infill", lambda *a, **kw: outs.append(real(*a, **kw)) or outs[-1])
+    tok = word_engine.tokenizer
+    for parts in (["add  4 7 1 + 5 8 3 =", 2, "5 4"], ["add 4 7 1\n+ 5 8 3 =", 4],
+                  ["add  4 7 1 +", 3, "= 1 0", 2]):
+        gaps = word_engine.fill(parts)
+        whole = tok.decode(outs[-1][0].tolist(), skip_special_tokens=True)
+        pieces = iter(gaps)
+        joined = "".join(part if isinstance(part, str) else next(pieces) for part in parts)
+        assert joined.split() == whole.split(), parts  # the same words, none glued to another
+        last = not isinstance(parts[-1], str)
+        for n, gap in enumerate(gaps):
+            assert gap.startswith(" "), (parts, gap)
+            assert gap.endswith(" ") or (last and n == len(gaps) - 1), (parts, gap)
+
+
 def test_decoding_keeps_the_spaces_the_model_wrote(checkpoint):
     # A tokenizer set to clean up spaces (" ," to ",", as transformers 4
     # does when tokenizer_config.json asks) would change code, and the

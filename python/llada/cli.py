@@ -466,6 +466,9 @@ def run_chat(args, parser) -> int:
     policy = policy_from_arguments(args, parser)
     check_decoding(args, parser, policy)
     engine = load_for_cli(args)
+    if not getattr(engine.tokenizer, "chat_template", None):
+        parser.error(f"--model: {args.model or 'the bundled model'}'s tokenizer has no chat template (a base "
+                     "model?): llada chat needs one; llada generate takes the text as it stands")
     options = decoding_options(args, policy)
     stats, stop = DecodeStats(), tuple(args.stop or ())
     max_len = engine.model.config.max_sequence_length

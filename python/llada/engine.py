@@ -420,23 +420,41 @@ class Engine:
         decoded through it less the texts before it, with the separator the
         next (non-empty) text gets: the caller's texts and the gaps' texts
         join to the whole text decoded. Where the decoder does not give back
-        the caller's texts as they are, a gap's text is its tokens decoded
-        alone."""
+        the caller's texts before a gap as they are (a double space, say), a
+        gap's text is its tokens decoded alone with the separators a decoder
+        puts at its two seams, each found from the gap and its neighbour."""
         decoded = [self._text([t for piece in pieces[: i + 1] for t in piece]) for i in range(len(pieces))]
         joined, texts = "", []
         for i, string in enumerate(strings):
             if string is not None:
                 joined += string
                 continue
-            text = decoded[i][len(joined):] if decoded[i].startswith(joined) else self._text(pieces[i])
+            if decoded[i].startswith(joined):
+                text = decoded[i][len(joined):]
+            else:
+                previous = next((pieces[j] for j in range(i - 1, -1, -1) if pieces[j]), [])
+                text = self._seam(previous, pieces[i]) + self._text(pieces[i])
             after = next((j for j in range(i + 1, len(strings)) if strings[j] != ""), None)
             if after is not None and strings[after] is not None:
                 before, rest, given = joined + text, decoded[after], strings[after]
                 if rest.startswith(before) and rest.endswith(given) and len(rest) - len(given) >= len(before):
                     text += rest[len(before): len(rest) - len(given)]
+                else:
+                    text += self._seam(pieces[i], pieces[after])
             texts.append(text)
             joined += text
         return texts
+
+    def _seam(self, left: list[int], right: list[int]) -> str:
+        """What the decoder puts between the texts of ``left`` and ``right``
+        when it decodes them together (a word-level one: a space); "" where
+        decoding them together is not their two texts with something between."""
+        if not left or not right:
+            return ""
+        first, second, both = self._text(left), self._text(right), self._text(left + right)
+        if both.startswith(first) and both.endswith(second) and len(both) >= len(first) + len(second):
+            return both[len(first): len(both) - len(second)]
+        return ""
 
     def _leading_special_ids(self) -> list[int]:
         """The ids the tokenizer puts before a text's own (e.g. BOS)."""
