@@ -20,12 +20,18 @@ def wants_gradient(t: torch.Tensor) -> bool:
     return t.requires_grad and torch.is_grad_enabled()
 
 
+def in_dual_level() -> bool:
+    """Whether forward mode is on: only then can a tensor carry a tangent."""
+    return forward_ad._current_level >= 0
+
+
 def wants_tangent(t: torch.Tensor) -> bool:
-    """Forward mode: t carries a tangent (only inside a dual level, which
-    the first test reads without a call)."""
+    """Forward mode: t carries a tangent."""
     return forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None
 
 
 def needs_derivative(t: torch.Tensor) -> bool:
-    """Whether either mode of autograd asks for t's derivative."""
-    return wants_gradient(t) or wants_tangent(t)
+    """Whether either mode of autograd asks for t's derivative (asked of
+    every op's inputs: the common answer, no, takes two attribute reads)."""
+    return (t.requires_grad and torch.is_grad_enabled()) or (
+        forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None)
