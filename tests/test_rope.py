@@ -276,6 +276,11 @@ def test_store_kv_refuses_strided_views_of_the_caches(device):
         llada.store_kv(k, cv[:, 7:], cos, sin, ck, cv, pos)
     with pytest.raises(ValueError, match=r"^v: shares memory with cache_k"):
         llada.store_kv(k, ck[:, 7:], cos, sin, ck, cv, pos)
+    # The rotation tables too: a float32 cache's slice is a table's shape.
+    with pytest.raises(ValueError, match=r"^cos: shares memory with cache_k"):
+        llada.store_kv(k, v, ck[:1, :4, 0], sin, ck, cv, pos)
+    with pytest.raises(ValueError, match=r"^sin: shares memory with cache_v"):
+        llada.store_kv(k, v, cos, cv[:1, 2:6, 1], ck, cv, pos)
     assert torch.equal(ck, before[0]) and torch.equal(cv, before[1]), "a refused call wrote"
     # Strided views of another tensor in the same storage are fine.
     packed = torch.randn(2, 4, 2, 3, 64, device=device)

@@ -89,6 +89,8 @@ RopeCall prepare_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Te
     const char* name = cache == &cache_k ? "cache_k" : "cache_v";
     check_no_overlap(*cache, name, k, "k");
     check_no_overlap(*cache, name, v, "v");
+    check_no_overlap(*cache, name, cos, "cos");
+    check_no_overlap(*cache, name, sin, "sin");
   }
   check_dim(positions, 1, "positions", "[L]");
   check_dtype(positions, at::kLong, "positions");
