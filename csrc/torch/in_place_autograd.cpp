@@ -21,6 +21,14 @@ c10::OperatorHandle op_named(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
 }
 
+using StoreKvSignature = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               at::Tensor&, at::Tensor&, const at::Tensor&);
+
+const c10::TypedOperatorHandle<StoreKvSignature>& store_kv_op() {
+  static const auto op = op_named("llada::store_kv").typed<StoreKvSignature>();
+  return op;
+}
+
 void refuse_gradient(const at::Tensor& t, const char* name) {
   TORCH_CHECK(!(c10::GradMode::is_enabled() && t.requires_grad()), name,
               ": requires grad, but llada::store_kv writes the caches in place and has no backward; call it "
@@ -36,22 +44,16 @@ void store_kv_autograd(const at::Tensor& k, const at::Tensor& v, const at::Tenso
   refuse_gradient(sin, "sin");
   refuse_gradient(cache_k, "cache_k");
   refuse_gradient(cache_v, "cache_v");
-  static const auto op = op_named("llada::store_kv")
-      .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
-                  at::Tensor&, const at::Tensor&)>();
   at::AutoDispatchBelowAutograd below;
-  op.call(k, v, cos, sin, cache_k, cache_v, positions);
+  store_kv_op().call(k, v, cos, sin, cache_k, cache_v, positions);
 }
 
 void store_kv_version(c10::DispatchKeySet keys, const at::Tensor& k, const at::Tensor& v,
                       const at::Tensor& cos, const at::Tensor& sin, at::Tensor& cache_k, at::Tensor& cache_v,
                       const at::Tensor& positions) {
-  static const auto op = op_named("llada::store_kv")
-      .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
-                  at::Tensor&, const at::Tensor&)>();
   {
     at::AutoDispatchBelowADInplaceOrView below;
-    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, k, v, cos, sin, cache_k, cache_v, positions);
+    store_kv_op().redispatch(keys & c10::after_ADInplaceOrView_keyset, k, v, cos, sin, cache_k, cache_v, positions);
   }
   torch::autograd::impl::bump_version(cache_k);
   torch::autograd::impl::bump_version(cache_v);

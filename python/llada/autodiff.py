@@ -31,7 +31,5 @@ def wants_tangent(t: torch.Tensor) -> bool:
 
 
 def needs_derivative(t: torch.Tensor) -> bool:
-    """Whether either mode of autograd asks for t's derivative (asked of
-    every op's inputs: the common answer, no, takes two attribute reads)."""
-    return (t.requires_grad and torch.is_grad_enabled()) or (
-        forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None)
+    """Whether either mode of autograd asks for t's derivative."""
+    return wants_gradient(t) or wants_tangent(t)
