@@ -136,15 +136,21 @@ def test_key_padding(device, dtype, lk):
     check_against_reference(q, k, v, padding_mask(3, lk, device))
 
 
-def test_nan_inputs_stay_nan(device):
-    # Only a row without a valid key outputs zeros; a NaN in q is not hidden.
-    q, k, v = make_qkv(2, 3, 17, 2, 2, 64, torch.float32, device)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("lk", [17, 1000])  # on CUDA, 1000 keys are split into chunks
+def test_nan_inputs_stay_nan(device, dtype, lk):
+    # Only a row without a valid key outputs zeros; a NaN in q or in a valid
+    # key is not hidden.
+    if dtype not in DTYPES[device]:
+        pytest.skip(f"{dtype} is not supported on {device}")
+    q, k, v = make_qkv(2, 3, lk, 2, 2, 64, dtype, device)
     q[0, 1, 0, 0] = math.nan
-    mask = torch.ones(2, 17, dtype=torch.bool, device=device)
+    k[0, lk // 2, 1, 0] = math.nan
+    mask = torch.ones(2, lk, dtype=torch.bool, device=device)
     mask[1] = False
     for out in (llada.attention(q, k, v, mask), attention_reference(q, k, v, mask)):
-        assert out[0, 1, 0].isnan().all()
-        assert out[0, [0, 2]].isfinite().all() and out[0, 1, 1].isfinite().all()
+        assert out[0, 1, 0].isnan().all() and out[0, :, 1].isnan().all()
+        assert out[0, [0, 2], 0].isfinite().all()
         assert torch.equal(out[1].cpu(), torch.zeros_like(out[1]).cpu())
 
 

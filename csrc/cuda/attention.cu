@@ -483,21 +483,23 @@ __global__ void __launch_bounds__(D)
   float m_max = -INFINITY;
   for (int s = 0; s < splits; ++s) m_max = fmaxf(m_max, part_ml[2 * (s * total_rows + row_id)]);
   float sum = 0.0f, acc = 0.0f;
-  if (m_max != -INFINITY) {
-    for (int s = 0; s < splits; ++s) {
-      const int64_t idx = s * total_rows + row_id;
-      const float m = part_ml[2 * idx];
-      if (m == -INFINITY) continue;  // a chunk with no valid key
-      const float w = exp2f(m - m_max);
-      sum += w * part_ml[2 * idx + 1];
-      acc += w * part_o[idx * D + d];
-    }
+  for (int s = 0; s < splits; ++s) {
+    const int64_t idx = s * total_rows + row_id;
+    const float l = part_ml[2 * idx + 1];
+    // A chunk with no valid key has l = 0 (and m = -inf, which must not meet
+    // -inf - -inf). Any other chunk has l >= 1, or l = NaN when its inputs
+    // hold a NaN: that chunk is kept, so the row comes out NaN as it does
+    // without a split.
+    if (l == 0.0f) continue;
+    const float w = exp2f(part_ml[2 * idx] - m_max);
+    sum += w * l;
+    acc += w * part_o[idx * D + d];
   }
   const int64_t q = row_id % p.q_len;
   const int64_t bh = row_id / p.q_len;
   const int64_t h = bh % p.q_heads, b = bh / p.q_heads;
   uint16_t* dst = static_cast<uint16_t*>(p.out) + ((b * p.q_len + q) * p.q_heads + h) * D;
-  dst[d] = Traits::from_float(sum > 0.0f ? acc / sum : 0.0f);
+  dst[d] = Traits::from_float(sum == 0.0f ? 0.0f : acc / sum);  // no valid key: zeros
 }
 
 // ---------------------------------------------------------------------------

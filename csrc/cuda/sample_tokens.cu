@@ -286,7 +286,11 @@ __global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(SampleTokens
   p.tokens[row] = token;
   p.confidence[row] = fast_exp2(fmaxf(fmaf(chosen, kLog2e, -max_log2), -1.0e4f)) / s.sum;
   p.margin[row] = (top - fast_exp2(fmaxf(fmaf(s.second, kLog2e, -max_log2), -1.0e4f))) / s.sum;
-  p.entropy[row] = logf(s.sum) - s.wsum / (s.sum * kLog2e);
+  // When the other terms vanish next to the top one the sum is that one term
+  // and the entropy is exactly 0, as on the CPU; the formula would leave the
+  // rounding of 2^d behind (a few 1e-8, of either sign). Elsewhere rounding
+  // must not take it below 0, which no distribution has.
+  p.entropy[row] = s.sum == top ? 0.0f : fmaxf(0.0f, logf(s.sum) - s.wsum / (s.sum * kLog2e));
 }
 
 }  // namespace
