@@ -300,3 +300,72 @@ def test_the_pool_is_not_part_of_the_model_and_dies_with_it(folder):
     del model
     gc.collect()
     assert alive() is None
+
+
+# What torch's CPU allocator raises when malloc fails: a plain RuntimeError.
+CPU_OUT_OF_MEMORY = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                     "you tried to allocate 1064960 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def keep_two_other_shapes(model, policy):
+    """Two decodes of shapes other than prompts(model, ...)'s default, both
+    left in the pool; weak references to their caches."""
+    llada.release_decode_workspace(model)
+    for seed, batch in ((20, 2), (21, 1)):
+        llada.generate(model, *prompts(model, seed, batch=batch), **KW, policy=policy)
+    kept = pooled(model)
+    assert len(kept) == 2
+    return [weakref.ref(workspace.cache) for workspace in kept]
+
+
+def test_running_out_of_cpu_memory_frees_the_kept_workspaces_and_retries(model, monkeypatch):
+    # Kept caches of other shapes must not cost a decode its memory: on the
+    # CPU too, where the allocator's error is no torch.OutOfMemoryError.
+    policy = DecodePolicy(cache="dual")
+    kept = keep_two_other_shapes(model, policy)
+    allocate, alive_at_each_try = workspaces.KVCache, []
+
+    def allocate_if_room(*args):
+        # Room for the new cache only once no kept cache holds memory.
+        alive_at_each_try.append(sum(ref() is not None for ref in kept))
+        if alive_at_each_try[-1]:
+            raise RuntimeError(CPU_OUT_OF_MEMORY)
+        return allocate(*args)
+
+    monkeypatch.setattr(workspaces, "KVCache", allocate_if_room)
+    prompt, mask = prompts(model, seed=22)
+    got = llada.generate(model, prompt, mask, **KW, policy=policy)
+    assert alive_at_each_try == [2, 0]
+    assert len(pooled(model)) == 1  # this decode's
+    monkeypatch.undo()
+    assert torch.equal(got, fresh(model, prompt, mask, **KW, policy=policy))
+
+
+def test_other_allocation_errors_propagate_and_keep_the_pool(model, monkeypatch):
+    policy = DecodePolicy(cache="dual")
+    keep_two_other_shapes(model, policy)
+    before = pooled(model)
+    tries = []
+
+    def allocate_and_fail(*args):
+        tries.append(args)
+        raise RuntimeError("not enough room on the abacus")
+
+    monkeypatch.setattr(workspaces, "KVCache", allocate_and_fail)
+    with pytest.raises(RuntimeError, match="^not enough room on the abacus$"):
+        llada.generate(model, *prompts(model, seed=23), **KW, policy=policy)
+    assert len(tries) == 1 and pooled(model) == before
+
+
+def test_running_out_of_memory_with_nothing_kept_raises_the_allocators_error(model, monkeypatch):
+    llada.release_decode_workspace(model)
+    tries = []
+
+    def allocate_and_fail(*args):
+        tries.append(args)
+        raise RuntimeError(CPU_OUT_OF_MEMORY)
+
+    monkeypatch.setattr(workspaces, "KVCache", allocate_and_fail)
+    with pytest.raises(RuntimeError, match="DefaultCPUAllocator: can't allocate memory") as failure:
+        llada.generate(model, *prompts(model, seed=24), **KW, policy=DecodePolicy(cache="dual"))
+    assert len(tries) == 1 and failure.value.__context__ is None and pooled(model) == []

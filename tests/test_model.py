@@ -2,13 +2,14 @@
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 import llada
-from llada.model import KVCache, count_parameters, pack_projections
+from llada.model import KVCache, LLaDAConfig, count_parameters, pack_projections
 
 from checkpoints import SHAPES, TINY, make_checkpoint
 from naive_llada import NaiveLLaDA
@@ -168,8 +169,33 @@ def test_a_cache_that_does_not_fit_the_model_is_named(tmp_path):
     for start in (2.5, True):
         with pytest.raises(TypeError, match="^start: expected an int"):
             model(ids, cache=cache, start=start)
-    with pytest.raises(TypeError, match="^cache: expected a KVCache"):
-        model(ids, cache=[], start=4)
+    for mask in (None, torch.ones(2, 9)):  # a mask's expected shape comes from the cache: checked after it
+        with pytest.raises(TypeError, match="^cache: expected a KVCache, got list$"):
+            model(ids, mask, cache=[], start=4)
+
+
+SIZES = ["d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "vocab_size", "embedding_size",
+         "max_sequence_length"]
+
+
+@pytest.mark.parametrize("name", SIZES)
+@pytest.mark.parametrize("value", [0, -2, True, 2.0, "4", None])
+def test_config_sizes_must_be_positive_ints(name, value):
+    # 0 heads would divide by zero, 0 layers fail in the forward, a float or
+    # a bool size deep inside torch: each is refused by name at the config.
+    with pytest.raises(ValueError, match=f"^{name}: expected an int >= 1, got {re.escape(repr(value))}$"):
+        LLaDAConfig(**{name: value})
+
+
+def test_the_smallest_config_makes_a_working_model():
+    from llada.checkpoint import random_model
+
+    sizes = dict.fromkeys(SIZES, 1) | dict(d_model=2)  # RoPE needs an even head size
+    config = LLaDAConfig(**sizes, mask_token_id=0, eos_token_id=0, pad_token_id=0, bos_token_id=None,
+                         eot_token_id=None)
+    assert config.head_dim == 2
+    logits = random_model(config)(torch.zeros(1, 1, dtype=torch.long)).logits
+    assert logits.shape == (1, 1, 1) and bool(logits.isfinite().all())
 
 
 def forward_with_backend(model, ids, mask, backend):

@@ -28,6 +28,11 @@ from .linear import Linear, linear
 from .token_ids import is_int
 
 
+# The fields of LLaDAConfig that count something: each at least 1.
+_SIZE_FIELDS = ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "vocab_size", "embedding_size",
+                "max_sequence_length")
+
+
 @dataclass
 class LLaDAConfig:
     """The shape and special ids of a LLaDA model (defaults: LLaDA-8B)."""
@@ -57,6 +62,11 @@ class LLaDAConfig:
         return self.d_model // self.n_heads
 
     def __post_init__(self):
+        # First, as the checks below divide by them and a model needs at least one of each.
+        for name in _SIZE_FIELDS:
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:  # is_int: True is no size
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})"
@@ -458,11 +468,6 @@ class LLaDAModel(nn.Module):
         if b == 0 or l == 0:
             raise ValueError(f"input_ids: expected at least one row and one position, got {tuple(input_ids.shape)}")
         device = input_ids.device
-        if attention_mask is not None:
-            keys = (b, l if cache is None else cache.total)
-            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != keys:
-                raise ValueError(f"attention_mask: expected a tensor of shape {keys}, got "
-                                 f"{tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}")
         if cache is not None:
             self._check_cache(cache)
             if not is_int(start):
@@ -485,6 +490,12 @@ class LLaDAModel(nn.Module):
             raise ValueError("start, positions: only meaningful with a cache")
         else:
             positions = torch.arange(l, device=device)
+        if attention_mask is not None:
+            # After the cache's checks: with a cache, the mask's shape is the cache's.
+            keys = (b, l if cache is None else cache.total)
+            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != keys:
+                raise ValueError(f"attention_mask: expected a tensor of shape {keys}, got "
+                                 f"{tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}")
         key_mask = None
         if attention_mask is not None:
             key_mask = attention_mask.to(device=device) != 0

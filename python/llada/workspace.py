@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from . import devices
 from . import model as model_module
 from .cuda_graph import CachedStepGraph
 from .model import KVCache
@@ -80,6 +81,32 @@ def checkout(model, key) -> Workspace:
     recently returned that fits), or makes a new one."""
     weights = _weights_fingerprint(model)
     pool = _pools.setdefault(model, [])
+    kept = _take_kept(pool, key, weights)
+    if kept is not None:
+        return kept
+    device, dtype, rows, total, _ = key
+    # Made outside inference mode, whatever the caller's: decodes after this
+    # one write the cache in place, which torch refuses for an inference
+    # tensor outside inference mode (and allows for a normal one inside).
+    with torch.inference_mode(False), torch.no_grad():
+        try:
+            return Workspace(key, weights, KVCache(model.config, rows, total, device, dtype))
+        except RuntimeError as e:  # torch.OutOfMemoryError on a GPU; a plain RuntimeError on the CPU
+            if not devices.out_of_memory(e) or not pool:  # nothing kept to free: a retry fails alike
+                raise
+        # Workspaces kept for other shapes must not cost this decode its
+        # memory. Retried out of the handler, so that a second failure is
+        # not reported as raised while handling the first.
+        pool.clear()
+        return Workspace(key, weights, KVCache(model.config, rows, total, device, dtype))
+
+
+def _take_kept(pool: list, key, weights) -> Optional[Workspace]:
+    """Takes the most recently returned workspace for ``key`` out of
+    ``pool``, after dropping those made for other ``weights``; None if
+    there is none. (A function of its own so that no local variable of
+    checkout still refers to a pooled workspace when checkout clears the
+    pool.)"""
     for workspace in list(pool):
         if workspace.weights != weights:
             _take(pool, workspace)  # weights replaced: its graphs would read stale memory
@@ -90,18 +117,7 @@ def checkout(model, key) -> Workspace:
                 # is overwritten only after that decode's work.
                 torch.cuda.current_stream(key[0]).wait_event(workspace.done)
             return workspace
-    device, dtype, rows, total, _ = key
-    # Made outside inference mode, whatever the caller's: decodes after this
-    # one write the cache in place, which torch refuses for an inference
-    # tensor outside inference mode (and allows for a normal one inside).
-    with torch.inference_mode(False), torch.no_grad():
-        try:
-            cache = KVCache(model.config, rows, total, device, dtype)
-        except torch.OutOfMemoryError:
-            # Workspaces kept for other shapes must not cost this decode its memory.
-            pool.clear()
-            cache = KVCache(model.config, rows, total, device, dtype)
-    return Workspace(key, weights, cache)
+    return None
 
 
 def _take(pool: list, workspace: Workspace) -> bool:
