@@ -251,6 +251,13 @@ def test_bad_input(device):
         llada.attention(q, k, v, scale=math.nan)
     with pytest.raises(ValueError, match="scale: expected a finite float32"):
         llada.attention(q, k, v, scale=1e39)  # finite as a double only
+    # Expanded, 2^31 keys take no memory; the error is k's, not q's.
+    k_huge = k[:, :1].expand(2, 2**31, 2, 64)
+    with pytest.raises(ValueError, match=r"^k: expected fewer than 2\^31 keys, got shape \[2, 2147483648, 2, 64\]"):
+        llada.attention(q, k_huge, k_huge)
+    q_huge = q[:, :1].expand(2, 2**31, 4, 64)
+    with pytest.raises(ValueError, match=r"^q: expected at most 2\^30 heads and fewer than 2\^31 queries"):
+        llada.attention(q_huge, k, v)
     if device == "cuda":
         with pytest.raises(ValueError, match="k: expected to be on the device of q"):
             llada.attention(q, k.cpu(), v)

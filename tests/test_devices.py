@@ -208,6 +208,63 @@ def test_every_op_passes_its_arguments_to_its_reference_without_the_kernels(no_k
     assert not torch.allclose(want, ref.attention_reference(q, k, v, None, 0.3), atol=1e-3)
 
 
+def _bad_calls():
+    """Calls each op refuses, one per argument check: (name, call)."""
+    x, w = torch.randn(2, 8), torch.ones(8)
+    conf = torch.rand(2, 6)
+    canvas, x0 = torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)
+    acc = torch.ones(2, 5, dtype=torch.bool)
+    q, kv = torch.randn(1, 3, 4, 64), torch.randn(1, 5, 2, 64)
+    cos, sin = torch.ones(1, 5, 64), torch.zeros(1, 5, 64)
+    cache = torch.zeros(1, 9, 2, 64)
+    at = torch.arange(5)
+    return [
+        ("logits 1-D", lambda: llada.sample_tokens(torch.randn(5))),
+        ("logits int", lambda: llada.sample_tokens(torch.ones(2, 5, dtype=torch.long))),
+        ("temperature < 0", lambda: llada.sample_tokens(x, temperature=-1.0)),
+        ("temperature nan", lambda: llada.sample_tokens(x, temperature=float("nan"))),
+        ("noise_rows short", lambda: llada.sample_tokens(x, 1.0, noise_rows=torch.tensor([1]))),
+        ("factor < 0", lambda: llada.select_positions(conf, "factor", factor=-1.0)),
+        ("threshold nan", lambda: llada.select_positions(conf, "threshold", threshold=float("nan"))),
+        ("confidence float64", lambda: llada.select_positions(conf.double(), "topk", k=1)),
+        ("k rows", lambda: llada.select_positions(conf, "topk", k=torch.tensor([1]))),
+        ("k < 0", lambda: llada.select_positions(conf, "topk", k=torch.tensor([1, -2]))),
+        ("canvas int32", lambda: llada.commit_tokens(canvas.int(), x0, acc, 9)),
+        ("x0 shape", lambda: llada.commit_tokens(canvas, x0[:, :3], acc, 9)),
+        ("accepted long", lambda: llada.commit_tokens(canvas, x0, acc.long(), 9)),
+        ("key_mask float", lambda: llada.attention(q, kv, kv, torch.ones(1, 5))),
+        ("key_mask shape", lambda: llada.attention(q, kv, kv, torch.ones(1, 4, dtype=torch.bool))),
+        ("head dim 32", lambda: llada.attention(q[..., :32], kv[..., :32], kv[..., :32])),
+        ("kv heads", lambda: llada.attention(q, torch.randn(1, 5, 3, 64), torch.randn(1, 5, 3, 64))),
+        ("v dtype", lambda: llada.attention(q, kv, kv.double())),
+        ("scale", lambda: llada.attention(q, kv, kv, scale=1e300)),
+        ("weight shape", lambda: llada.rms_norm(x, torch.ones(1), 1e-5)),
+        ("eps < 0", lambda: llada.rms_norm(x, w, -1.0)),
+        ("weight dtype", lambda: llada.rms_norm(x.bfloat16(), w, 1e-5)),
+        ("x float16", lambda: llada.rms_norm(x.half(), w.half(), 1e-5)),
+        ("residual shape", lambda: llada.ops.add_rms_norm(x, x[:1], w, 1e-5)),
+        ("rope odd dim", lambda: llada.rope(torch.randn(1, 5, 2, 7), cos[..., :7], sin[..., :7])),
+        ("cos float64", lambda: llada.rope(kv, cos.double(), sin)),
+        ("sin shape", lambda: llada.rope(kv, cos, sin[:, :4])),
+        ("up shape", lambda: llada.silu_mul(torch.randn(2, 4), torch.randn(1, 4))),
+        ("up dtype", lambda: llada.silu_mul(torch.randn(2, 4), torch.randn(2, 4).bfloat16())),
+        ("cache dtype", lambda: llada.store_kv(kv, kv, cos, sin, cache.double(), cache.clone(), at)),
+        ("one cache", lambda: llada.store_kv(kv, kv, cos, sin, cache, cache, at)),
+        ("k in a cache", lambda: llada.store_kv(cache[:, :5], kv, cos, sin, cache, cache.clone(), at)),
+        ("positions length", lambda: llada.store_kv(kv, kv, cos, sin, cache, cache.clone(), at[:4])),
+    ]
+
+
+@pytest.mark.parametrize("name, call", _bad_calls(), ids=[name for name, _ in _bad_calls()])
+def test_without_the_kernels_the_ops_refuse_what_the_kernels_refuse(name, call, request):
+    with pytest.raises(Exception) as by_kernel:
+        call()
+    request.getfixturevalue("no_kernels")
+    with pytest.raises(Exception) as by_reference:
+        call()
+    assert (by_reference.type, str(by_reference.value)) == (by_kernel.type, str(by_kernel.value))
+
+
 @pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
                                                ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16),
                                                ((12, 0), torch.bfloat16)])

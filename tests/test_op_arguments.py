@@ -41,8 +41,12 @@ def _inputs(device):
                           dict(logits=rand(4, 33)),
                           lambda t: llada.sample_tokens(t["logits"], torch.empty(0, dtype=torch.int64, device=device),
                                                         1.0, 5)[1]),
-        "store_kv": (lambda t: ops.store_kv(t["k"], t["v"], t["cos"], t["sin"], *cache, positions) or cache[1],
-                     dict(k=qkv["k"], v=qkv["v"], cos=cs, sin=cs.flip(-1)), None),
+        # The caches are inputs too: written in place, they would keep a
+        # tangent or a history that no longer describes them.
+        "store_kv": (lambda t: ops.store_kv(t["k"], t["v"], t["cos"], t["sin"], t["cache_k"], t["cache_v"],
+                                            positions) or t["cache_v"].clone(),
+                     dict(k=qkv["k"], v=qkv["v"], cos=cs, sin=cs.flip(-1), cache_k=cache[0], cache_v=cache[1]),
+                     None),
     }
 
 

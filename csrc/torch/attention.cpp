@@ -23,7 +23,6 @@ void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
 
 }  // namespace
 
-// Checks shared by both devices; returns the element type and the scale.
 DType check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const c10::optional<at::Tensor>& key_mask,
                            const c10::optional<double>& scale, bool allow_half, float* scale_out) {
@@ -46,9 +45,10 @@ DType check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::T
                     "k: expected a number of kv heads that divides the query heads (",
                     num(q.size(2)), "), got shape ", shape_of(k));
   check_same_shape(v, k, "v", "k");
-  TORCH_CHECK_VALUE(q.size(2) <= (int64_t(1) << 30) && k.size(1) < (int64_t(1) << 31) &&
-                        q.size(1) < (int64_t(1) << 31),
-                    "q: too large (shape ", shape_of(q), ")");
+  TORCH_CHECK_VALUE(q.size(2) <= (int64_t(1) << 30) && q.size(1) < (int64_t(1) << 31),
+                    "q: expected at most 2^30 heads and fewer than 2^31 queries, got shape ", shape_of(q));
+  TORCH_CHECK_VALUE(k.size(1) < (int64_t(1) << 31), "k: expected fewer than 2^31 keys, got shape ",
+                    shape_of(k));
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k, "k");
   check_last_dim_contiguous(v, "v");

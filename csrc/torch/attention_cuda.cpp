@@ -14,9 +14,6 @@
 namespace llada {
 
 // Defined in attention.cpp.
-DType check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const c10::optional<at::Tensor>& key_mask,
-                           const c10::optional<double>& scale, bool allow_half, float* scale_out);
 AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const at::Tensor* key_mask, at::Tensor& out, DType dtype,
                                       float scale);

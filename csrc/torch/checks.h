@@ -131,12 +131,28 @@ inline DType logits_dtype(const at::Tensor& logits) {
   }
 }
 
-// Checks shared by both devices; returns nothing, throws on bad input.
+// Each op's argument checks, run by its CPU and CUDA glue and by its check
+// op (argument_checks.cpp); they throw on bad input. Those returning a DType
+// give the element type. allow_half: whether float16 is taken (the CPU
+// kernels have no float16).
 void check_sample_tokens_args(const at::Tensor& logits, const at::Tensor& suppress_ids,
                               double temperature, const c10::optional<at::Tensor>& noise_rows);
 void check_select_positions_args(const at::Tensor& confidence, const at::Tensor& k, int64_t rule,
                                  double threshold, double factor, int64_t k_all);
 void check_commit_tokens_args(const at::Tensor& canvas, const at::Tensor& x0,
                               const at::Tensor& accepted, const c10::optional<at::Tensor>& remask);
+// Also returns the softmax scale, as the kernels take it, in *scale_out.
+DType check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const c10::optional<at::Tensor>& key_mask,
+                           const c10::optional<double>& scale, bool allow_half, float* scale_out);
+DType check_rms_norm_args(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                          const at::Tensor& weight, double eps, bool allow_half);
+DType check_rope_args(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool allow_half,
+                      const char* x_name = "x");
+// Not the values of positions, which would need them on the host.
+DType check_store_kv_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
+                          const at::Tensor& cache_k, const at::Tensor& cache_v, const at::Tensor& positions,
+                          bool allow_half);
+DType check_silu_mul_args(const at::Tensor& gate, const at::Tensor& up, bool allow_half);
 
 }  // namespace llada

@@ -11,10 +11,9 @@
 #include "rms_norm_call.h"
 
 namespace llada {
-namespace {
 
-// Checks of x, weight and eps; returns the element type.
-DType check_rms_norm_args(const at::Tensor& x, const at::Tensor& weight, double eps, bool allow_half) {
+DType check_rms_norm_args(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                          const at::Tensor& weight, double eps, bool allow_half) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected at least one dimension [..., dim], got a 0-D tensor");
   const DType dtype = float_dtype(x, "x", allow_half);
   check_dim(weight, 1, "weight", "[dim]");
@@ -24,17 +23,20 @@ DType check_rms_norm_args(const at::Tensor& x, const at::Tensor& weight, double 
                     " elements (the last dimension of x, shape ", shape_of(x), "), got ",
                     num(weight.size(0)));
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps: expected a finite value >= 0, got ", num(eps));
+  if (residual.has_value()) {
+    check_dtype(*residual, x.scalar_type(), "residual");
+    check_same_device(*residual, x, "residual", "x");
+    check_same_shape(*residual, x, "residual", "x");
+  }
   return dtype;
 }
-
-}  // namespace
 
 // One call of either op: the contiguous inputs (kept alive here), the new
 // outputs and the kernel parameters pointing at them. Without a residual,
 // `sum` is undefined.
 RmsNormCall prepare_rms_norm(const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in,
                              const at::Tensor& weight_in, double eps, bool allow_half) {
-  const DType dtype = check_rms_norm_args(x_in, weight_in, eps, allow_half);
+  const DType dtype = check_rms_norm_args(x_in, residual_in, weight_in, eps, allow_half);
   RmsNormCall c;
   c.x = x_in.contiguous();
   c.weight = weight_in.contiguous();
@@ -47,9 +49,6 @@ RmsNormCall prepare_rms_norm(const at::Tensor& x_in, const std::optional<at::Ten
   c.params.eps = float(eps);
   c.params.dtype = dtype;
   if (residual_in.has_value()) {
-    check_dtype(*residual_in, x_in.scalar_type(), "residual");
-    check_same_device(*residual_in, x_in, "residual", "x");
-    check_same_shape(*residual_in, x_in, "residual", "x");
     c.residual = residual_in->contiguous();
     c.sum = at::empty(c.x.sizes(), c.x.options());
     c.params.residual = c.residual.data_ptr();

@@ -9,9 +9,8 @@
 #include "rope_call.h"
 
 namespace llada {
-namespace {
 
-// Checks of x (or k), cos and sin; returns the element type of x.
+// x_name: "k" when store_kv checks its keys.
 DType check_rope_args(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool allow_half,
                       const char* x_name) {
   check_dim(x, 4, x_name, "[B, L, H, D]");
@@ -31,6 +30,8 @@ DType check_rope_args(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   check_same_shape(sin, cos, "sin", "cos");
   return dtype;
 }
+
+namespace {
 
 // The parameters of rotating x into out ([B, L, H, D] contiguous).
 RopeCall rope_call(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in, DType dtype) {
@@ -66,14 +67,7 @@ void check_cache(const at::Tensor& cache, const at::Tensor& k, const char* name)
 
 }  // namespace
 
-RopeCall prepare_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool allow_half) {
-  RopeCall c = rope_call(x, cos, sin, check_rope_args(x, cos, sin, allow_half, "x"));
-  c.out = at::empty(c.x.sizes(), c.x.options());
-  c.params.out = c.out.data_ptr();
-  return c;
-}
-
-RopeCall prepare_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
+DType check_store_kv_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
                           const at::Tensor& cache_k, const at::Tensor& cache_v, const at::Tensor& positions,
                           bool allow_half) {
   const DType dtype = check_rope_args(k, cos, sin, allow_half, "k");
@@ -97,6 +91,20 @@ RopeCall prepare_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Te
   check_same_device(positions, k, "positions", "k");
   TORCH_CHECK_VALUE(positions.size(0) == k.size(1), "positions: expected ", num(k.size(1)),
                     " entries (one per position of k, shape ", shape_of(k), "), got ", num(positions.size(0)));
+  return dtype;
+}
+
+RopeCall prepare_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool allow_half) {
+  RopeCall c = rope_call(x, cos, sin, check_rope_args(x, cos, sin, allow_half));
+  c.out = at::empty(c.x.sizes(), c.x.options());
+  c.params.out = c.out.data_ptr();
+  return c;
+}
+
+RopeCall prepare_store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
+                          const at::Tensor& cache_k, const at::Tensor& cache_v, const at::Tensor& positions,
+                          bool allow_half) {
+  const DType dtype = check_store_kv_args(k, v, cos, sin, cache_k, cache_v, positions, allow_half);
   RopeCall c = rope_call(k, cos, sin, dtype);
   c.out = cache_k;
   c.copy_x = last_dim_contiguous(v);

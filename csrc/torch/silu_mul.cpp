@@ -22,12 +22,17 @@ at::Tensor as_rows(const at::Tensor& t) {
 
 }  // namespace
 
-SiluMulCall prepare_silu_mul(const at::Tensor& gate, const at::Tensor& up, bool allow_half) {
+DType check_silu_mul_args(const at::Tensor& gate, const at::Tensor& up, bool allow_half) {
   TORCH_CHECK_VALUE(gate.dim() >= 1, "gate: expected at least one dimension [..., dim], got a 0-D tensor");
   const DType dtype = float_dtype(gate, "gate", allow_half);
   check_dtype(up, gate.scalar_type(), "up");
   check_same_device(up, gate, "up", "gate");
   check_same_shape(up, gate, "up", "gate");
+  return dtype;
+}
+
+SiluMulCall prepare_silu_mul(const at::Tensor& gate, const at::Tensor& up, bool allow_half) {
+  const DType dtype = check_silu_mul_args(gate, up, allow_half);
   SiluMulCall c;
   c.gate = as_rows(gate);
   c.up = as_rows(up);

@@ -283,12 +283,12 @@ def sample_tokens(
         # logits of the wrong shape there is no range: the op names logits.
         bounds = (0, logits.shape[1] - 1) if logits.dim() == 2 and logits.shape[1] >= 1 else ()
         suppress_ids = [_int_arg("suppress_ids", i, *bounds) for i in suppress_ids]
+    suppress = _suppress_tensor(suppress_ids, logits.device)
     if not devices.kernels_run_on(logits.device):
+        torch.ops.llada.check_sample_tokens(logits, suppress, temperature, noise_rows)
         return sample_tokens_reference(logits, temperature, seed, suppress_ids, noise_rows)
     with _below_autograd():
-        out = torch.ops.llada.sample_tokens(
-            logits, _suppress_tensor(suppress_ids, logits.device), temperature, seed, noise_rows
-        )
+        out = torch.ops.llada.sample_tokens(logits, suppress, temperature, seed, noise_rows)
     return TokenChoice(*out)
 
 
@@ -382,12 +382,14 @@ def select_positions(
             raise ValueError("k: required for rule='topk'")
         if not isinstance(k, torch.Tensor):
             k_all = _int_arg("k", k, 0)
+    k_tensor = k if isinstance(k, torch.Tensor) and rule == "topk" else torch.empty(
+        0, dtype=torch.int64, device=confidence.device)
     if not devices.kernels_run_on(confidence.device):
+        torch.ops.llada.check_select_positions(confidence, k_tensor, SELECTION_RULES.index(rule), threshold,
+                                               factor, k_all)
         return select_positions_reference(confidence, rule, k_all if k_all >= 0 else k, threshold, factor)
-    if not isinstance(k, torch.Tensor) or rule != "topk":
-        k = torch.empty(0, dtype=torch.int64, device=confidence.device)
     return torch.ops.llada.select_positions(
-        confidence, k, SELECTION_RULES.index(rule), threshold, factor, k_all
+        confidence, k_tensor, SELECTION_RULES.index(rule), threshold, factor, k_all
     )
 
 
@@ -461,6 +463,7 @@ def commit_tokens(
         _require_tensors(("remask", remask))
     mask_id = _int_arg("mask_id", mask_id)
     if not devices.kernels_run_on(canvas.device):
+        torch.ops.llada.check_commit_tokens(canvas, x0, accepted, remask)
         return commit_tokens_reference(canvas, x0, accepted, mask_id, remask)
     return torch.ops.llada.commit_tokens(canvas, x0, accepted, remask, mask_id)
 
@@ -521,6 +524,7 @@ def attention(
     if scale is not None:
         scale = _float_arg("scale", scale)
     if not devices.kernels_run_on(q.device):
+        torch.ops.llada.check_attention(q, k, v, key_mask, scale)
         return attention_reference(q, k, v, key_mask, scale, dtype=torch.float32).to(q.dtype)
     with _below_autograd():
         return torch.ops.llada.attention(q, k, v, key_mask, scale)
@@ -581,6 +585,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _refuse_gradient("rms_norm", ("x", x), ("weight", weight))
     eps = _float_arg("eps", eps)
     if not devices.kernels_run_on(x.device):
+        torch.ops.llada.check_rms_norm(x, None, weight, eps)
         return rms_norm_reference(x, weight, eps).contiguous()
     with _below_autograd():
         return torch.ops.llada.rms_norm(x, weight, eps)
@@ -620,6 +625,7 @@ def add_rms_norm(
     _refuse_gradient("add_rms_norm", ("x", x), ("residual", residual), ("weight", weight))
     eps = _float_arg("eps", eps)
     if not devices.kernels_run_on(x.device):
+        torch.ops.llada.check_rms_norm(x, residual, weight, eps)
         s, normed = add_rms_norm_reference(x, residual, weight, eps)
         return s.contiguous(), normed.contiguous()
     with _below_autograd():
@@ -663,6 +669,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     _require_tensors(("x", x), ("cos", cos), ("sin", sin))
     _refuse_gradient("rope", ("x", x), ("cos", cos), ("sin", sin))
     if not devices.kernels_run_on(x.device):
+        torch.ops.llada.check_rope(x, cos, sin)
         return rope_reference(x, cos, sin).contiguous()
     with _below_autograd():
         return torch.ops.llada.rope(x, cos, sin)
@@ -691,8 +698,9 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` in one pass, rounded as the two torch ops round
-    (see :func:`silu_mul_reference`); the kernels' own exp may move an
-    element by an ulp.
+    (see :func:`silu_mul_reference`) but for the kernels' own exp: a float32
+    element may differ from torch's by a few ulps, and in the 16-bit types
+    a rare element may round the other way.
 
     Args:
         gate, up: ``[..., dim]``, one shape, dtype and device; float32 or
@@ -706,6 +714,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _require_tensors(("gate", gate), ("up", up))
     _refuse_gradient("silu_mul", ("gate", gate), ("up", up))
     if not devices.kernels_run_on(gate.device):
+        torch.ops.llada.check_silu_mul(gate, up)
         return silu_mul_reference(gate, up).contiguous()
     with _below_autograd():
         return torch.ops.llada.silu_mul(gate, up)
@@ -757,8 +766,10 @@ def store_kv(
     # The op writes the caches in place and so has no autograd formula; its
     # C++ Autograd kernel refuses too (csrc/torch/in_place_autograd.cpp),
     # but this message says what to do instead.
-    _refuse_gradient("store_kv", ("k", k), ("v", v), ("cos", cos), ("sin", sin))
+    _refuse_gradient("store_kv", ("k", k), ("v", v), ("cos", cos), ("sin", sin), ("cache_k", cache_k),
+                     ("cache_v", cache_v))
     if not devices.kernels_run_on(k.device):
+        torch.ops.llada.check_store_kv(k, v, cos, sin, cache_k, cache_v, positions)
         store_kv_reference(k, v, cos, sin, cache_k, cache_v, positions)
         return
     torch.ops.llada.store_kv(k, v, cos, sin, cache_k, cache_v, positions)

@@ -5,7 +5,8 @@
 //   out = to_dtype(s * u)                 (the product in float32)
 //
 // Two roundings, as two torch ops round. The kernels use their own exp, so
-// an element may differ from torch's in the last bit of each rounding.
+// a float32 element may differ from torch's by a few ulps, and a 16-bit one
+// may round the other way.
 #pragma once
 
 #include <cstdint>
