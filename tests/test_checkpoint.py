@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import socket
 
 import pytest
@@ -52,6 +53,32 @@ def test_sharded_checkpoint_loads_the_same_model(tmp_path):
     a = dict(llada.load_model(one, device="cpu").named_parameters())
     b = dict(llada.load_model(sharded, device="cpu").named_parameters())
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_folder_with_both_a_single_file_and_shards_is_refused(tmp_path):
+    # Two sets of weights: transformers reads model.safetensors, an index-first
+    # loader the shards; which one is the model only the user knows.
+    single = write_random_checkpoint(tmp_path / "single", TINY, seed=1)
+    both = write_random_checkpoint(tmp_path / "both", TINY, seed=0, num_shards=2)
+    shards = sorted(both.glob("model-*-of-00002.safetensors"))
+    shutil.copy(single / "model.safetensors", both / "model.safetensors")
+    with pytest.raises(ValueError) as e:
+        llada.load_model(both, device="cpu")
+    assert str(e.value) == (f"{both}: holds both model.safetensors and model.safetensors.index.json, "
+                            "two sets of weights; remove the one that is not the model's")
+    # With either removed, the folder loads the weights the files that are left hold.
+    expected = {"only_shards": {k: v for shard in shards for k, v in load_file(str(shard)).items()},
+                "both": load_file(str(single / "model.safetensors"))}
+    only_shards = shutil.copytree(both, tmp_path / "only_shards")
+    (only_shards / "model.safetensors").unlink()
+    (both / "model.safetensors.index.json").unlink()
+    for shard in shards:
+        shard.unlink()
+    for name, weights in expected.items():
+        loaded = llada.load_model(tmp_path / name, device="cpu", dtype=torch.float32).state_dict()
+        assert loaded.keys() == weights.keys()
+        assert all(torch.equal(loaded[k], weights[k]) for k in weights), name
+    assert not all(torch.equal(expected["both"][k], expected["only_shards"][k]) for k in expected["both"])
 
 
 def test_random_checkpoint_arguments_are_checked_before_anything_is_written(tmp_path):

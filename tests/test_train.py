@@ -3,6 +3,7 @@ folders, resuming continues the same run, bad arguments are named; and the
 bundled default model loads and generates."""
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -101,6 +102,109 @@ def test_a_resumed_pretraining_run_needs_its_files(tmp_path, monkeypatch, capsys
     assert torch.load(tmp_path / "run" / train.STATE_FILE, weights_only=False)["step"] == 4
 
 
+def small_corpus(folder, files=5):
+    folder.mkdir()
+    for i in range(files):
+        (folder / f"m{i}.py").write_text("".join(f"def f{j}(x):\n    return x + {i}\n\n" for j in range(30)))
+    return folder
+
+
+PRETRAIN = ["--vocab-size", "300", "--seq-len", "16", "--held-out-fraction", "0.2", "--steps", "4",
+            "--eval-every", "2"] + TINY
+
+
+def test_a_resumed_pretraining_run_refuses_files_whose_contents_changed(tmp_path, capsys):
+    corpus = small_corpus(tmp_path / "corpus")
+    folder = tmp_path / "run"
+    run(["--corpus", str(corpus), "--out", str(folder), "--stop-at", "2"] + PRETRAIN)
+    data = json.loads((folder / train.DATA_FILE).read_text())
+    held_out = corpus / data["held_out_files"][0]
+    trained_on = next(p for p in sorted(corpus.iterdir()) if p.name not in data["held_out_files"])
+    for path in (trained_on, held_out):
+        # The same functions in the reverse order: other text of the same
+        # size, which gives as many tokens.
+        text = path.read_text()
+        edited = "".join(f"{chunk}\n\n" for chunk in reversed(text.split("\n\n")[:-1]))
+        assert edited != text and len(edited) == len(text)
+        path.write_text(edited)
+        assert train.main(["--resume", str(folder)]) == 2
+        assert f"--corpus: {corpus} no longer gives the data the run in {folder} trained on" in \
+            capsys.readouterr().err
+        path.write_text(text)
+    run(["--resume", str(folder)])
+    assert torch.load(folder / train.STATE_FILE, weights_only=False)["step"] == 4
+    # What data.json records: a sha256 of the sorted 'path<TAB>sha256 of the file's bytes' lines.
+    lines = sorted(f"{p.name}\t{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in corpus.iterdir())
+    recorded = json.loads((folder / train.DATA_FILE).read_text())["corpus"]["content_sha256"]
+    assert recorded == hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def test_a_pretraining_run_saved_in_the_earlier_format_resumes(tmp_path, capsys):
+    # Saved before file contents were hashed and before the options of the
+    # other mode were left out: data.json without content hashes (as the
+    # bundled default model's), train_args.json with the SFT options' defaults.
+    corpus = small_corpus(tmp_path / "corpus")
+    folder = tmp_path / "run"
+    run(["--corpus", str(corpus), "--out", str(folder), "--stop-at", "2"] + PRETRAIN)
+    args = json.loads((folder / train.ARGS_FILE).read_text())
+    assert (args["train_examples"], args["eval_examples"], args["accuracy_examples"]) == (None, None, None)
+    (folder / train.ARGS_FILE).write_text(json.dumps(
+        dict(args, train_examples=200_000, eval_examples=500, accuracy_examples=100)))
+    data = json.loads((folder / train.DATA_FILE).read_text())
+    for key in ("corpus", "train_files"):
+        del data[key]["content_sha256"]
+    shipped = json.loads((ROOT / "python" / "llada" / "default_model" / train.DATA_FILE).read_text())
+    assert data.keys() == shipped.keys() and data["corpus"].keys() == shipped["corpus"].keys()
+    (folder / train.DATA_FILE).write_text(json.dumps(data))
+    # What such a data.json records is still compared: a file of another size is refused.
+    extra = corpus / "m0.py"
+    text = extra.read_text()
+    extra.write_text(text + "# more\n")
+    assert train.main(["--resume", str(folder)]) == 2
+    assert f"--corpus: {corpus} no longer gives the data the run in {folder} trained on" in \
+        capsys.readouterr().err
+    extra.write_text(text)
+    run(["--resume", str(folder), "--stop-at", "3"])
+    # Saved again in the present format.
+    args = json.loads((folder / train.ARGS_FILE).read_text())
+    assert (args["train_examples"], args["eval_examples"], args["accuracy_examples"]) == (None, None, None)
+    assert "content_sha256" in json.loads((folder / train.DATA_FILE).read_text())["train_files"]
+    run(["--resume", str(folder)])
+    assert torch.load(folder / train.STATE_FILE, weights_only=False)["step"] == 4
+
+
+def test_a_task_run_recorded_with_the_pretraining_defaults_resumes(tmp_path, capsys):
+    folder = tmp_path / "run"
+    run(SORT + TINY + ["--steps", "4", "--eval-every", "2", "--stop-at", "2", "--out", str(folder)])
+    args = json.loads((folder / train.ARGS_FILE).read_text())
+    assert (args["seq_len"], args["vocab_size"], args["held_out_fraction"]) == (None, None, None)
+    assert (args["train_examples"], args["eval_examples"], args["accuracy_examples"]) == (500, 64, 0)
+    # As the bundled task models' train_args.json records them (written before
+    # the pretraining options were left out of SFT runs).
+    shipped = json.loads((ROOT / "python" / "llada" / "task_models" / "sort" / train.ARGS_FILE).read_text())
+    earlier = {name: shipped[name] for name in ("seq_len", "vocab_size", "held_out_fraction")}
+    assert earlier == {"seq_len": 256, "vocab_size": 4096, "held_out_fraction": 0.03}
+    (folder / train.ARGS_FILE).write_text(json.dumps(dict(args, **earlier)))
+    # Given now, even with the recorded value, such an option is refused: the run never used it.
+    err = usage_error(["--resume", str(folder), "--seq-len", "256"], capsys)
+    assert (f"argument --seq-len: only pretraining (--corpus) runs use it; the run in {folder} is SFT (--task)"
+            in err)
+    run(["--resume", str(folder), "--stop-at", "3"])
+    args = json.loads((folder / train.ARGS_FILE).read_text())
+    assert (args["seq_len"], args["vocab_size"], args["held_out_fraction"]) == (None, None, None)
+    run(["--resume", str(folder)])
+    assert torch.load(folder / train.STATE_FILE, weights_only=False)["step"] == 4
+
+
+def test_each_mode_takes_the_defaults_of_its_own_options_only(tmp_path):
+    args = train.parse_args(["--task", "sort", "--out", str(tmp_path / "a")])
+    assert (args.train_examples, args.eval_examples, args.accuracy_examples) == (200_000, 500, 100)
+    assert (args.seq_len, args.vocab_size, args.held_out_fraction) == (None, None, None)
+    args = train.parse_args(["--corpus", "stdlib", "--out", str(tmp_path / "b"), "--seq-len", "64"])
+    assert (args.seq_len, args.vocab_size, args.held_out_fraction) == (64, 4096, 0.03)
+    assert (args.train_examples, args.eval_examples, args.accuracy_examples) == (None, None, None)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path, packed):
     tok = llada.tasks.tokenizer_for("sort")
@@ -116,6 +220,19 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, packed):
         torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
     assert loaded.config.eot_token_id == special_ids(tok)["eot"]
     assert read_tokenizer(tmp_path).get_vocab() == tok.get_vocab()
+
+
+def test_a_save_never_puts_weights_beside_a_sharded_checkpoint(tmp_path):
+    from llada.checkpoint import write_random_checkpoint
+
+    folder = write_random_checkpoint(tmp_path / "sharded", num_shards=2)
+    before = sorted(f.name for f in folder.iterdir())
+    tok = llada.tasks.tokenizer_for("sort")
+    args = train.build_parser().parse_args(TINY)
+    model = llada.LLaDAModel(train.build_config(args, tok.get_vocab_size(), special_ids(tok), 64))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(folder))}: holds model.safetensors.index.json"):
+        train.save_checkpoint(folder, model, tok, {"step": 0}, args, {})
+    assert sorted(f.name for f in folder.iterdir()) == before
 
 
 def test_resume_continues_the_same_run(tmp_path):
@@ -249,6 +366,8 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 NEW_SORT = ["--task", "sort", "--out", "{out}"]
+ONLY_PRETRAINING = r"argument --{}: only pretraining \(--corpus\) runs use it; this run is SFT \(--task\)"
+ONLY_SFT = r"argument --{}: only SFT \(--task\) runs use it; this run is pretraining \(--corpus\)"
 
 
 @pytest.mark.parametrize(
@@ -278,6 +397,14 @@ NEW_SORT = ["--task", "sort", "--out", "{out}"]
         (NEW_SORT + ["--seed", "-1"], "argument --seed"),
         (["--corpus", "{tmp}", "--out", "{out}", "--held-out-fraction", "1"], "argument --held-out-fraction"),
         (["--corpus", "{tmp}", "--out", "{out}", "--vocab-size", "10"], "argument --vocab-size: expected at least"),
+        # The options of the other mode, which it would ignore, whatever their value (the default too).
+        (NEW_SORT + ["--seq-len", "64"], ONLY_PRETRAINING.format("seq-len")),
+        (NEW_SORT + ["--seq-len", "-5"], ONLY_PRETRAINING.format("seq-len")),
+        (NEW_SORT + ["--vocab-size", "4096"], ONLY_PRETRAINING.format("vocab-size")),
+        (NEW_SORT + ["--held-out-fraction", "7"], ONLY_PRETRAINING.format("held-out-fraction")),
+        (["--corpus", "{tmp}", "--out", "{out}", "--train-examples", "-3"], ONLY_SFT.format("train-examples")),
+        (["--corpus", "{tmp}", "--out", "{out}", "--eval-examples", "500"], ONLY_SFT.format("eval-examples")),
+        (["--corpus", "stdlib", "--out", "{out}", "--accuracy-examples", "0"], ONLY_SFT.format("accuracy-examples")),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, argv, message, capsys, monkeypatch):

@@ -323,6 +323,11 @@ def _weight_files(folder: Path) -> dict[str, Optional[set[str]]]:
     """Map each safetensors file of the folder to the weight names the index
     lists in it (None = no index: the file holds what it holds)."""
     index = folder / INDEX_FILE
+    if index.is_file() and (folder / WEIGHTS_FILE).is_file():
+        # Which weights are the model's? transformers reads model.safetensors
+        # and ignores the index; neither choice is safe to make silently.
+        raise ValueError(f"{folder}: holds both {WEIGHTS_FILE} and {INDEX_FILE}, two sets of weights; "
+                         "remove the one that is not the model's")
     if index.is_file():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
@@ -494,7 +499,8 @@ def load_model(
     """Load a Hugging Face LLaDA checkpoint folder as a :class:`LLaDAModel`.
 
     Args:
-        path: the folder (config.json, model.safetensors or its shards).
+        path: the folder (config.json, model.safetensors or its shards and
+            model.safetensors.index.json, not both).
         device: default CUDA when available, else CPU.
         dtype: float32, bfloat16 or float16; default bfloat16 on CUDA
             (float16 below compute capability 8.0) and float32 on CPU.

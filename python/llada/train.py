@@ -10,6 +10,10 @@ Two modes, both with the LLaDA objectives of :mod:`llada.objectives`:
   :mod:`llada.tasks`, answers padded with EOS to a fixed length
   (:func:`llada.objectives.sft_loss`).
 
+The options of one mode only (``MODE_OPTIONS``: --vocab-size,
+--held-out-fraction and --seq-len for pretraining; --train-examples,
+--eval-examples and --accuracy-examples for SFT) are refused in the other.
+
 The loop is plain PyTorch: AdamW, linear warm-up then cosine decay, gradient
 clipping, bf16 autocast on CUDA. Every ``--eval-every`` steps the loss on a
 fixed set of held-out batches (same windows, same masks each time, so the
@@ -49,7 +53,7 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import config_to_dict, load_model, save_weights
+from .checkpoint import INDEX_FILE, config_to_dict, load_model, save_weights
 from .devices import out_of_memory
 from .model import LLaDAConfig, LLaDAModel, count_parameters
 from .objectives import pretraining_loss, sft_loss
@@ -59,6 +63,7 @@ ARGS_FILE = "train_args.json"
 LOG_FILE = "train_log.csv"
 DATA_FILE = "data.json"
 WEIGHTS_FILE = "model.safetensors"
+CONTENT_KEY = "content_sha256"  # in data.json; runs saved before it was added lack it
 STAGING_DIR = ".saving"  # a save's files before they are renamed into place
 LOG_FIELDS = ["step", "lr", "train_loss", "eval_loss", "eval_accuracy", "tokens", "elapsed_s"]
 
@@ -93,15 +98,22 @@ def corpus_files(corpus: str) -> tuple[Path, list[Path]]:
 
 
 def describe_files(root: Path, files: list[Path]) -> dict:
-    """Which files exactly: count, bytes and a sha256 of the sorted
-    'relative/path<TAB>size' lines, plus the Python that supplied them."""
-    lines = [f"{p.relative_to(root).as_posix()}\t{p.stat().st_size}" for p in files]
+    """Which files exactly: count, bytes, a sha256 of the sorted
+    'relative/path<TAB>size' lines and one of the sorted
+    'relative/path<TAB>sha256 of the file's bytes' lines (``content_sha256``:
+    an edit that keeps a file's size changes it), plus the Python that
+    supplied them."""
+    def digest(lines: list[str]) -> str:
+        return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
+
+    names = [p.relative_to(root).as_posix() for p in files]
     return {
         "root": str(root),
         "python_version": sys.version.split()[0],
         "files": len(files),
         "bytes": sum(p.stat().st_size for p in files),
-        "sha256": hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest(),
+        "sha256": digest([f"{name}\t{p.stat().st_size}" for name, p in zip(names, files)]),
+        CONTENT_KEY: digest([f"{name}\t{file_sha256(p)}" for name, p in zip(names, files)]),
     }
 
 
@@ -218,6 +230,11 @@ def save_checkpoint(folder: Path, model: LLaDAModel, tok, state: dict, args, dat
     (:func:`check_weights_match`), and it is renamed last."""
     from .tokenizer import write_tokenizer_files
 
+    if (folder / INDEX_FILE).exists():
+        # model.safetensors beside a sharded checkpoint's index makes a folder
+        # no loader can read unambiguously.
+        raise ValueError(f"{folder}: holds {INDEX_FILE} (a sharded checkpoint); saving {WEIGHTS_FILE} beside "
+                         "it would leave two sets of weights; pick another folder")
     folder.mkdir(parents=True, exist_ok=True)
     staging = folder / STAGING_DIR
     shutil.rmtree(staging, ignore_errors=True)  # what an interrupted save left
@@ -525,17 +542,21 @@ def train(args) -> Path:
 
 
 def check_same_data(folder: Path, info: dict, args) -> None:
-    """A resumed run trains on the data it started with: the files (paths
-    and sizes) and split its data.json records, or the same task examples."""
-    def comparable(value):
-        # Where the files are, and which Python listed them, do not matter.
-        if isinstance(value, dict):
-            return {k: comparable(v) for k, v in value.items() if k not in ("root", "python_version", "parameters")}
+    """A resumed run trains on the data it started with: the files (paths,
+    sizes and contents) and split its data.json records, or the same task
+    examples. A data.json saved before file contents were hashed records
+    paths and sizes only, and only those are compared."""
+    def comparable(value, recorded):
+        # Where the files are, and which Python listed them, do not matter;
+        # nor does what the recorded data.json does not hold.
+        if isinstance(value, dict) and isinstance(recorded, dict):
+            return {k: comparable(v, recorded.get(k)) for k, v in value.items()
+                    if k not in ("root", "python_version", "parameters") and (k != CONTENT_KEY or k in recorded)}
         return value
 
     path = folder / DATA_FILE
     saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    if saved is not None and comparable(saved) != comparable(info):
+    if saved is not None and comparable(saved, saved) != comparable(info, saved):
         flag, value = ("corpus", args.corpus) if args.corpus else ("task", args.task)
         raise ValueError(f"--{flag}: {value} no longer gives the data the run in {folder} trained on "
                          f"(see its {DATA_FILE}); resume it with that data")
@@ -590,6 +611,17 @@ class StopRequest:
 # comparable), so only its recorded value may be given.
 CHANGEABLE_ON_RESUME = ("steps", "stop_at", "eval_every", "save_every", "device", "progress")
 
+# The options of one mode only, with their defaults. The parser leaves them
+# None, so that one given to a run of the other mode is refused whatever its
+# value; a run's own mode then gets these defaults, and the other mode's stay
+# None (null in train_args.json). Runs saved before recorded the other mode's
+# defaults there; resume drops them.
+MODE_OPTIONS = {
+    "corpus": {"vocab_size": 4096, "held_out_fraction": 0.03, "seq_len": 256},
+    "task": {"train_examples": 200_000, "eval_examples": 500, "accuracy_examples": 100},
+}
+MODE_NAMES = {"corpus": "pretraining (--corpus)", "task": "SFT (--task)"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     from .tasks import TASKS
@@ -604,14 +636,20 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--corpus", help="'stdlib' (this Python's standard library) or a directory of *.py files "
                                       f"(in either, folders named {', '.join(sorted(EXCLUDED_DIRS))} are left out)")
     src.add_argument("--task", choices=sorted(TASKS), help="a synthetic task of llada.tasks (SFT)")
-    src.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (pretraining)")
-    src.add_argument("--held-out-fraction", type=float, default=0.03, help="files held out (pretraining)")
-    src.add_argument("--seq-len", type=int, default=256, help="window length (pretraining)")
-    src.add_argument("--train-examples", type=int, default=200_000, help="SFT training examples")
-    src.add_argument("--eval-examples", type=int, default=500, help="held-out SFT examples")
-    src.add_argument("--accuracy-examples", type=int, default=100,
-                     help="held-out examples decoded at each evaluation (SFT; 0 = off); "
-                          "all of --eval-examples where that is fewer")
+    pretraining, sft = MODE_OPTIONS["corpus"], MODE_OPTIONS["task"]
+    src.add_argument("--vocab-size", type=int,
+                     help=f"BPE vocabulary (pretraining only; default {pretraining['vocab_size']})")
+    src.add_argument("--held-out-fraction", type=float,
+                     help=f"files held out (pretraining only; default {pretraining['held_out_fraction']})")
+    src.add_argument("--seq-len", type=int,
+                     help=f"window length (pretraining only; default {pretraining['seq_len']})")
+    src.add_argument("--train-examples", type=int,
+                     help=f"training examples (SFT only; default {sft['train_examples']})")
+    src.add_argument("--eval-examples", type=int,
+                     help=f"held-out examples (SFT only; default {sft['eval_examples']})")
+    src.add_argument("--accuracy-examples", type=int,
+                     help="held-out examples decoded at each evaluation (SFT only; 0 = off; default "
+                          f"{sft['accuracy_examples']}); all of --eval-examples where that is fewer")
 
     m = p.add_argument_group("model")
     m.add_argument("--d-model", type=int, default=256)
@@ -656,11 +694,41 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.resume:
         args = resumed_args(parser, argv, args)
-    elif args.corpus not in (None, "stdlib"):
-        # Recorded as an absolute path: --resume works from any folder.
-        args.corpus = str(Path(args.corpus).resolve())
+    elif mode := run_mode(vars(args)):  # without one, check_args names the problem
+        given = {name for options in MODE_OPTIONS.values() for name in options if getattr(args, name) is not None}
+        refuse_other_mode_options(parser, mode, given, "this run is")
+        set_mode_options(args, mode)
+        if mode == "corpus" and args.corpus != "stdlib":
+            # Recorded as an absolute path: --resume works from any folder.
+            args.corpus = str(Path(args.corpus).resolve())
     check_args(parser, args)
     return args
+
+
+def run_mode(options: dict) -> Optional[str]:
+    """'corpus' or 'task': the one of the two the options give (None for neither or both)."""
+    if bool(options.get("corpus")) == bool(options.get("task")):
+        return None
+    return "corpus" if options.get("corpus") else "task"
+
+
+def refuse_other_mode_options(parser: argparse.ArgumentParser, mode: str, given: set, subject: str) -> None:
+    """An option of the other mode would be ignored: refused, named."""
+    other = "task" if mode == "corpus" else "corpus"
+    for name in MODE_OPTIONS[other]:
+        if name in given:
+            parser.error(f"argument {flag(name)}: only {MODE_NAMES[other]} runs use it; {subject} "
+                         f"{MODE_NAMES[mode]}")
+
+
+def set_mode_options(args: argparse.Namespace, mode: str) -> None:
+    """The run's mode options not given take their defaults; the other mode's are None."""
+    other = "task" if mode == "corpus" else "corpus"
+    for name, default in MODE_OPTIONS[mode].items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    for name in MODE_OPTIONS[other]:
+        setattr(args, name, None)
 
 
 def resumed_args(parser: argparse.ArgumentParser, argv, args: argparse.Namespace) -> argparse.Namespace:
@@ -680,6 +748,9 @@ def resumed_args(parser: argparse.ArgumentParser, argv, args: argparse.Namespace
     given = {k: v for k, v in vars(typed).items() if v is not unset and k != "resume"}
     if "out" in given and Path(given.pop("out")).resolve() != folder.resolve():
         parser.error(f"argument --out: --resume {folder} writes to {folder}; leave --out out")
+    mode = run_mode(saved)  # without one, check_args names the problem
+    if mode:
+        refuse_other_mode_options(parser, mode, set(given), f"the run in {folder} is")
     # The same folder written another way is the same corpus; a path is
     # never the run's "stdlib" keyword or its lack of a corpus (a --task run).
     corpus, saved_corpus = given.get("corpus"), saved.get("corpus")
@@ -693,7 +764,10 @@ def resumed_args(parser: argparse.ArgumentParser, argv, args: argparse.Namespace
     merged = {**vars(parser.parse_args([])), **saved, **given}
     merged["out"], merged["resume"] = str(folder), str(folder)
     merged["stop_at"] = args.stop_at  # a pause point belongs to one invocation, not the run
-    return argparse.Namespace(**merged)
+    resumed = argparse.Namespace(**merged)
+    if mode:
+        set_mode_options(resumed, mode)
+    return resumed
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -727,7 +801,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             fail("train_examples", f"task {args.task!r} has {room} distinct prompts; with --eval-examples "
                                    f"{args.eval_examples} held out, at most {room - args.eval_examples}, "
                                    f"got {args.train_examples}")
-    for name in ("mlp_hidden", "max_len", "warmup", "accuracy_examples", "stop_at"):
+    for name in ("mlp_hidden", "max_len", "warmup", "stop_at") + (("accuracy_examples",) if args.task else ()):
         value = getattr(args, name)
         if not isinstance(value, int) or value < 0:
             fail(name, f"expected an int >= 0, got {value!r}")
