@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from llada.checkpoint import save_weights
+from llada.checkpoint import INDEX_FILE, save_weights
 
 FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
          "train_args.json", "train_log.csv", "data.json"]
@@ -26,6 +26,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32")
     args = parser.parse_args()
     run, dest = Path(args.run), Path(args.dest)
+    if (dest / INDEX_FILE).exists():
+        # model.safetensors beside a sharded model's index: no loader could tell which weights are the model's.
+        parser.error(f"dest: {dest} holds {INDEX_FILE} (a sharded model); export into another folder")
     dest.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype)
     weights = load_file(run / "model.safetensors")

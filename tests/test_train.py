@@ -712,6 +712,15 @@ def test_export_model_writes_files_anyone_may_read(tmp_path, monkeypatch, dtype)
     assert all(torch.equal(src[k].to(getattr(torch, dtype)), got[k]) for k in src)
     assert (dest / "config.json").read_bytes() == (folder / "config.json").read_bytes()
     assert not (dest / train.STATE_FILE).exists()
+    # Never beside a sharded model's index: the folder would hold two sets of weights.
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "model.safetensors.index.json").write_text("{}")
+    monkeypatch.setattr(sys, "argv", ["export_model.py", str(folder), str(sharded)])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / "export_model.py"),
+                       run_name="__main__")
+    assert stopped.value.code == 2 and sorted(p.name for p in sharded.iterdir()) == ["model.safetensors.index.json"]
 
 
 ROOT = Path(__file__).resolve().parent.parent
