@@ -24,7 +24,7 @@ POLICIES = {
     "factor": DecodePolicy(commit="factor", factor=1.0),
     "entropy-bound": DecodePolicy(commit="entropy_bound", gamma=0.5),
     "margin": DecodePolicy(commit="threshold", ranking="margin", threshold=0.3),
-    "neg-entropy": DecodePolicy(commit="factor", ranking="entropy"),
+    "entropy-ranking": DecodePolicy(commit="factor", ranking="entropy"),
     "dual": DecodePolicy.fast(),
     "prefix": DecodePolicy(commit="threshold", cache="prefix"),
     "schedule-dual": DecodePolicy(cache="dual"),
@@ -247,17 +247,17 @@ def margin_of(p):
     return top[0] - top[1]
 
 
-def negative_entropy_of(p):
-    return torch.where(p > 0, p * p.log(), 0.0).sum()
+def exp_negative_entropy_of(p):
+    return torch.exp(torch.where(p > 0, p * p.log(), 0.0).sum())
 
 
-@pytest.mark.parametrize("ranking, score", [("margin", margin_of), ("entropy", negative_entropy_of),
+@pytest.mark.parametrize("ranking, score", [("margin", margin_of), ("entropy", exp_negative_entropy_of),
                                             ("probability", lambda p: p.max())])
 def test_a_ranking_commits_the_positions_it_scores_highest(model, ranking, score):
     # Under the fixed schedule (8 masks, 3 steps: 3, 3, 2) the first step
     # commits the three masked positions of each row with the best score,
     # computed here from the logits: the margin (top-1 minus top-2
-    # probability), the negative entropy, or the top-1 probability.
+    # probability), exp(-entropy), or the top-1 probability.
     prompt = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(0))
     canvas = torch.cat([prompt, torch.full((3, 8), model.config.mask_token_id)], dim=1)
     want = expected_first_commit(model, canvas, 7, 15, score, "topk", k=3)
@@ -428,6 +428,9 @@ def test_bad_policies_are_named():
         DecodePolicy(commit="threshold", threshold=2.0)
     with pytest.raises(ValueError, match="threshold"):
         DecodePolicy(commit="threshold", ranking="entropy", threshold=math.nan)
+    # The entropy ranking's score, exp(-entropy), is in (0, 1] too.
+    with pytest.raises(ValueError, match=r"^threshold: expected a value in \[0, 1\], got -5.0"):
+        DecodePolicy(commit="threshold", ranking="entropy", threshold=-5.0)
     for name, value in (("threshold", "0.5"), ("factor", "1"), ("gamma", True), ("remask_below", "0.5")):
         with pytest.raises(TypeError, match=f"^{name}: expected a float"):
             DecodePolicy(commit="threshold", **{name: value})
@@ -635,7 +638,7 @@ def test_eos_goes_last_under_every_rule(commit):
 @pytest.mark.parametrize("policy", [
     DecodePolicy(commit="factor", factor=6.0),
     DecodePolicy(commit="entropy_bound", gamma=5.0),
-    DecodePolicy(commit="threshold", ranking="entropy", threshold=-5.0),
+    DecodePolicy(commit="threshold", ranking="entropy", threshold=math.exp(-5.0)),  # entropy <= 5
 ], ids=["factor", "entropy-bound", "entropy-threshold"])
 def test_eos_last_decodes_each_row_as_alone(stop_model, policy):
     # Rules that read the scores' values (not only their order) must not see
@@ -727,7 +730,7 @@ WHOLE_BLOCK_CASES = {
     "factor": (DecodePolicy(commit="factor", cache="dual"), {}),
     "entropy-bound": (DecodePolicy(commit="entropy_bound", gamma=0.5, cache="dual"), {}),
     "margin": (DecodePolicy.fast(ranking="margin", threshold=0.3), {}),
-    "neg-entropy": (DecodePolicy(commit="factor", ranking="entropy", cache="dual"), {}),
+    "entropy-ranking": (DecodePolicy(commit="factor", ranking="entropy", cache="dual"), {}),
     "refresh": (DecodePolicy(cache="dual", refresh_every=3), {}),
     "eos-last": (DecodePolicy(cache="dual"), dict(confidence_eos_eot_inf=True)),
     "eos-last-factor": (DecodePolicy(commit="factor", cache="dual"), dict(confidence_eos_eot_inf=True)),
@@ -883,6 +886,171 @@ def test_an_eos_ends_only_its_own_gap_when_infilling(policy):
     # An EOS before given text ends nothing after that text.
     canvas = torch.tensor([[1, 2, 9, 9, 7, 6, 4, 9, 9, 3]])
     assert llada.infill(EosAt(3), canvas, block_length=2, policy=policy).tolist() == [[1, 2, 5, 8, 7, 6, 4, 5, 5, 3]]
+
+
+class EosWhere(StandIn):
+    """Predicts token 5 everywhere but EOS at column ``eos_at[first]`` of a
+    row whose first token is ``first`` (keyed by content: finished rows
+    leave the batch)."""
+
+    def __init__(self, eos_at):
+        super().__init__()
+        self.eos_at = eos_at
+        self.seen = []  # the ids of every forward
+
+    def logits_of(self, ids):
+        self.seen.append(ids.clone())
+        logits = torch.zeros(*ids.shape, 10)
+        logits[..., 5] = 5.0
+        for row, first in enumerate(ids[:, 0].tolist()):
+            logits[row, self.eos_at[first], 8] = 6.0
+        return logits
+
+
+@pytest.mark.parametrize("commit", ["threshold", "factor", "entropy_bound"])
+def test_the_eos_early_stop_writes_is_never_remasked(commit):
+    # Gap 1 is positions 1-6, gap 2 position 8; blocks of 4: [1, 5) and
+    # [5, 9). The EOS decoded at 2 ends gap 1 after block 0: 5 and 6 become
+    # EOS. Block 1 holds them next to gap 2's mask, and the model gives EOS
+    # there a probability far below remask_below (about 0.006), but they are
+    # no decoded tokens to correct: the gap ended, and stays so.
+    canvas = torch.tensor([[1, 9, 9, 9, 9, 9, 9, 3, 9, 2]])
+    model = EosWhere({1: 2})
+    policy = DecodePolicy(commit=commit, early_stop=True, remask_below=0.5)
+    out = llada.infill(model, canvas, block_length=4, policy=policy)
+    assert out.tolist() == [[1, 5, 8, 5, 5, 8, 8, 3, 5, 2]]
+    # Block 0's forwards see masks in 1-4; every later one sees the EOS at 5 and 6.
+    later = [ids for ids in model.seen if not (ids[0, 1:5] == 9).any()]
+    assert later and all(ids[0, 5:7].tolist() == [8, 8] for ids in later)
+
+
+class Replay:
+    """Rebuilds a decode's canvas from ``start`` by its step events alone,
+    applied as StepEvent documents: the committed positions take their
+    tokens, then the re-masked ones the mask, then the filled ones EOS."""
+
+    def __init__(self, start, mask_id, eos_id):
+        self.canvas, self.mask_id, self.eos_id = start.clone(), mask_id, eos_id
+        self.filled = 0  # positions the events reported filled
+
+    def watch(self, events):
+        for event in events:
+            if isinstance(event, StepEvent):
+                self.canvas[event.committed] = event.canvas[event.committed]
+                if event.remasked is not None:
+                    self.canvas[event.remasked] = self.mask_id
+                if event.filled is not None:
+                    self.canvas[event.filled] = self.eos_id
+                    self.filled += int(event.filled.sum())
+            yield event
+
+
+EARLY_STOP_POLICIES = {
+    "schedule": DecodePolicy(early_stop=True),
+    "threshold": DecodePolicy(commit="threshold", threshold=0.3, early_stop=True),
+    "factor": DecodePolicy(commit="factor", early_stop=True),
+    "entropy-bound": DecodePolicy(commit="entropy_bound", gamma=0.5, early_stop=True),
+    "remask": DecodePolicy(commit="threshold", threshold=0.3, remask_below=0.2, early_stop=True),
+    "prefix": DecodePolicy(commit="threshold", threshold=0.3, cache="prefix", early_stop=True),
+    "dual-remask": DecodePolicy.fast(threshold=0.3, remask_below=0.2, early_stop=True),
+}
+
+
+@pytest.mark.parametrize("name", list(EARLY_STOP_POLICIES))
+def test_step_events_replay_to_the_output_with_early_stop(stop_model, name):
+    # Row 1 holds EOS at the end of its second block (under every one of
+    # these policies): early stop makes its third block EOS, which its
+    # block's last step event reports. The other rows decode on.
+    config = stop_model.config
+    prompt = torch.randint(0, 256, (4, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(prompt)
+    mask[2, :2] = 0
+    prompt[mask == 0] = config.pad_token_id
+    kw = dict(steps=24, gen_length=24, block_length=8, policy=EARLY_STOP_POLICIES[name])
+    want = llada.generate(stop_model, prompt, mask, **kw)
+    start = torch.cat([prompt, torch.full((4, 24), config.mask_token_id)], dim=1)
+    replay = Replay(start, config.mask_token_id, config.eos_token_id)
+    for _ in replay.watch(llada.stream(stop_model, prompt, mask, **kw)):
+        pass
+    assert torch.equal(replay.canvas, want)
+    assert replay.filled > 0
+    ended = (want[:, 7 + 16:] == config.eos_token_id).all(1)
+    assert ended.tolist() == [False, True, False, False]
+
+
+@pytest.mark.parametrize("policy", [DecodePolicy(early_stop=True),
+                                    DecodePolicy(commit="threshold", early_stop=True),
+                                    DecodePolicy(commit="factor", early_stop=True),
+                                    DecodePolicy(commit="entropy_bound", early_stop=True),
+                                    DecodePolicy(commit="threshold", early_stop=True, remask_below=0.5)],
+                         ids=["schedule", "threshold", "factor", "entropy-bound", "remask"])
+def test_infill_step_events_replay_to_the_output_with_early_stop(monkeypatch, policy):
+    # Blocks of 4: [1, 5) and [5, 9). Row 0's EOS at 2 ends its first gap
+    # (5 and 6 become EOS), and its second gap is still filled; row 1's EOS
+    # at 3 ends its only gap (5-8 become EOS), and the row.
+    from llada import sampler
+
+    canvas = torch.tensor([[1, 9, 9, 9, 9, 9, 9, 3, 9, 2],
+                           [4, 6, 9, 9, 9, 9, 9, 9, 9, 2]])
+    replay = Replay(canvas, 9, 8)
+    decode = sampler._decode
+    monkeypatch.setattr(sampler, "_decode", lambda *args, **kwargs: replay.watch(decode(*args, **kwargs)))
+    out = llada.infill(EosWhere({1: 2, 4: 3}), canvas, block_length=4, policy=policy)
+    assert out.tolist() == [[1, 5, 8, 5, 5, 8, 8, 3, 5, 2],
+                            [4, 6, 5, 8, 5, 8, 8, 8, 8, 2]]
+    assert torch.equal(replay.canvas, out)
+    assert replay.filled == 2 + 4
+
+
+class SharperByPosition(StandIn):
+    """Predicts token 5 everywhere, with logit ``sharpness[position]`` (every
+    other token's is 0): the larger, the lower the entropy."""
+
+    def __init__(self, sharpness):
+        super().__init__()
+        self.sharpness = torch.tensor(sharpness, dtype=torch.float32)
+
+    def logits_of(self, ids):
+        logits = torch.zeros(*ids.shape, 10)
+        logits[..., 5] = self.sharpness[: ids.shape[1]]
+        return logits
+
+
+@pytest.mark.parametrize("commit", ["threshold", "factor"])
+def test_the_entropy_ranking_lets_a_rule_commit_many_tokens_per_step(commit):
+    # The entropy ranking scores exp(-entropy), in (0, 1]: the threshold
+    # (0.9) and factor (1.0) rules commit every position it qualifies, as
+    # they do with a probability. The model's logits do not depend on the
+    # ids, so each step's commits follow from the scores, computed here in
+    # float64 (the adaptive rules leave the mask token, 9, out).
+    sharpness = [0.0] * 3 + [9.0, 2.0, 7.0, 6.0, 10.0, 1.0, 8.0, 3.0]
+    model = SharperByPosition(sharpness)
+    logits = model.logits_of(torch.zeros(1, 11, dtype=torch.long))[0].double()
+    logits[:, 9] = -math.inf
+    p = torch.softmax(logits, dim=-1)
+    score = torch.exp(torch.where(p > 0, p * p.log(), 0.0).sum(-1))
+    # exp(-H) <= the top-1 probability: here position 6 passes 0.9 by
+    # probability (0.981), not by exp(-entropy) (0.872).
+    assert (score <= p.max(-1).values).all()
+    assert p[6].max() > 0.9 > score[6]
+
+    want, left = [], set(range(3, 11))
+    while left:
+        ranked = sorted(left, key=lambda i: (-float(score[i]), i))
+        if commit == "threshold":
+            n = max(1, sum(float(score[i]) >= 0.9 for i in ranked))
+        else:
+            n = max([j + 1 for j, i in enumerate(ranked) if (j + 2) * (1 - float(score[i])) < 1.0], default=1)
+        want.append(sorted(ranked[:n]))
+        left -= set(ranked[:n])
+    assert want[0] == ([3, 5, 7, 9] if commit == "threshold" else [3, 5, 6, 7, 9])
+
+    events = [e for e in llada.stream(model, torch.tensor([[1, 2, 3]]), steps=8, gen_length=8, block_length=8,
+                                      policy=DecodePolicy(commit=commit, ranking="entropy"))
+              if isinstance(e, StepEvent)]
+    assert [e.positions() for e in events] == want
+    for e in events:
+        torch.testing.assert_close(e.scores[0, e.committed[0]], score[e.committed[0]].float())
 
 
 def test_block_events_cover_the_canvas_after_every_row_stopped():

@@ -87,7 +87,7 @@ def test_property_cpu(b, l, rule, levels, holes, threshold, factor, seed):
 
 
 def test_negative_confidences_rank_too(device):
-    # Ranking by negative entropy gives confidences <= 0.
+    # The op ranks any float scores, negative ones too.
     c = -torch.rand(2, 50).to(device) * 5
     for rule in RULES:
         check(c, rule, k=3, threshold=-1.0, factor=2.0)

@@ -20,8 +20,16 @@ commit (how many positions per step)
     (the schedule, as the official code, may) and ignore ``steps``.
 ranking (which positions count as confident)
     ``"probability"`` top-1 probability (the official "low_confidence"),
-    ``"margin"`` top-1 minus top-2 probability, ``"entropy"`` negative
-    entropy, ``"random"`` uniform noise (the official "random").
+    ``"margin"`` top-1 minus top-2 probability, ``"entropy"`` exp(-entropy),
+    ``"random"`` uniform noise (the official "random").
+    Each is a score in [0, 1], so that the threshold and factor rules read
+    it as they read a probability. exp(-H) ranks as -H does, the lowest
+    entropy first, except that entropies it rounds to one float32 value tie
+    (all below about 3e-8 give 1.0; ties go to the lower position, as
+    everywhere). It never exceeds the top-1 probability
+    (the entropy is at least the min-entropy, -log p_max): a threshold on
+    it is at least as strict as the same threshold on the top-1 probability
+    (the probability ranking at temperature 0).
     ``entropy_bound`` orders by entropy itself: it takes no other ranking.
 cache (what is recomputed per step)
     ``"none"``   a full forward every step (exact).
@@ -42,7 +50,8 @@ cuda_graph (on by default)
 early_stop
     once a finished block of a row holds EOS, the rest of that row's canvas
     becomes EOS and the row needs no more forwards. When infilling, an EOS
-    ends only its own gap: the gaps after given text are still filled.
+    ends only its own gap: the gaps after given text are still filled. The
+    EOS written is final: re-masking never opens an ended gap again.
 remask_below
     error correction (adaptive commit rules only): after each commit, tokens
     decoded at earlier steps of the active block whose probability under the
@@ -99,7 +108,7 @@ class DecodePolicy:
                 raise TypeError(f"{name}: expected a bool (True or False), got {where}{kind.__qualname__}")
         if not math.isfinite(self.threshold):
             raise ValueError(f"threshold: expected a finite value, got {self.threshold}")
-        if not 0.0 <= self.threshold <= 1.0 and self.ranking in ("probability", "margin"):
+        if not 0.0 <= self.threshold <= 1.0 and self.ranking in ("probability", "margin", "entropy"):
             raise ValueError(f"threshold: expected a value in [0, 1], got {self.threshold}")
         if not (math.isfinite(self.factor) and self.factor > 0):
             raise ValueError(f"factor: expected a finite value > 0, got {self.factor}")
@@ -159,7 +168,9 @@ def ranking_scores(choice: ops.TokenChoice, ranking: str, noise: Optional[torch.
     if ranking == "margin":
         return choice.margin
     if ranking == "entropy":
-        return -choice.entropy
+        # In (0, 1], as a probability: -entropy (<= 0) would pass no
+        # threshold, and the factor rule's (n + 1)(1 - c_n) would stay >= 2.
+        return torch.exp(-choice.entropy)
     return noise
 
 

@@ -92,7 +92,17 @@ class DecodeStats:
 
 @dataclass
 class StepEvent:
-    """One decoding step: what it committed (and re-masked) where."""
+    """One decoding step: what it committed, re-masked and ended where.
+
+    Replaying the events in order on the canvas the decode started from
+    rebuilds its result: at each event, set the ``committed`` positions to
+    their tokens (read from ``canvas`` then), then the ``remasked`` ones to
+    the mask id, then the ``filled`` ones to EOS. (The three sets never
+    overlap: a step commits masked positions, re-masks tokens decoded at
+    earlier steps of its block, and early stop fills positions after it.)
+    Rows ended by :meth:`BlockEvent.stop_rows` are the caller's doing: the
+    EOS it writes shows in no step event.
+    """
 
     step: int
     block: int
@@ -100,7 +110,11 @@ class StepEvent:
     canvas: torch.Tensor  # [B, T], live: read it before the next event
     committed: torch.Tensor  # [B, T] bool
     scores: torch.Tensor  # [B, T] float32, the ranking score of committed positions
-    remasked: Optional[torch.Tensor] = None  # [B, T] bool
+    remasked: Optional[torch.Tensor] = None  # [B, T] bool, with remask_below
+    # [B, T] bool, with early_stop on the last step of each block (None on
+    # the others): the positions set to EOS after it, in the rows whose
+    # finished block holds an EOS.
+    filled: Optional[torch.Tensor] = None
 
     def positions(self, row: int = 0) -> list[int]:
         return torch.nonzero(self.committed[row]).flatten().tolist()
@@ -447,6 +461,9 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                       + torch.arange(total, device=device)[None, :] - start)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     remasked_once = torch.zeros(b, total, dtype=torch.bool, device=device)
+    # The positions early stop set to EOS: final, like a finished block (when
+    # infilling, a later block may hold them next to masks of a later gap).
+    ended = torch.zeros(b, total, dtype=torch.bool, device=device)
     # The lowest probability of any step's chosen tokens, read where the loop
     # syncs anyway: NaN (or -inf, a row of logits with no finite value) means
     # the model predicted nothing, and an adaptive rule would wait forever.
@@ -476,6 +493,10 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                 planned = schedule.cpu()[~finished_now]
             forward.new_block(start, end, alive)
             i = 0
+            # A step's event waits until the next step begins or the block
+            # ends: only then is it known whether early stop fills positions
+            # after it.
+            pending = None
             while True:
                 masked = (canvas == mask_id) & in_block & ~finished[:, None]
                 if schedule is not None:
@@ -499,10 +520,14 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                 elif not has_work:
                     i, step = i + 1, step + 1
                     continue
-                # With re-masking, earlier decoded tokens of the block are scored too.
+                if pending is not None:
+                    yield pending
+                    pending = None
+                # With re-masking, earlier decoded tokens of the block are
+                # scored too (not the EOS that early stop wrote: it is final).
                 decoded = None
                 if policy.remask_below is not None:
-                    decoded = ~fixed & ~masked & in_block & ~finished[:, None]
+                    decoded = ~fixed & ~masked & ~ended & in_block & ~finished[:, None]
                 query = active if decoded is None else active | decoded
                 if whole_block_ok and forward.next_is_whole_block():
                     block = forward(query, whole_block=True)  # [B', W, V]
@@ -559,7 +584,7 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                     remasked_once |= remask
                 ops.commit_tokens(canvas, x0, accepted, mask_id, remask)
                 stats.count_committed(accepted)
-                yield StepEvent(step, blk, stats.nfe, canvas, accepted, score_grid, remask)
+                pending = StepEvent(step, blk, stats.nfe, canvas, accepted, score_grid, remask)
                 i, step = i + 1, step + 1
             # The gap (run of positions to fill) that goes on past this
             # block: when generating, all the rest of the canvas.
@@ -568,14 +593,18 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
 
             def stop_rows(rows, end=end, open_gap=open_gap):
                 """Ends the gap of rows ``rows`` [B] that goes on past this
-                block: its masks become EOS. A row with nothing else left to
-                fill is done."""
+                block: its masks become EOS, for good. A row with nothing
+                else left to fill is done. Returns the positions filled
+                ([B, T] bool); no host sync."""
                 rows = rows.to(device) & ~finished
                 rest = torch.zeros(b, total, dtype=torch.bool, device=device)
                 rest[:, end:last] = True
-                canvas[rest & open_gap & rows[:, None] & (canvas == mask_id)] = eos_id
+                fill = rest & open_gap & rows[:, None] & (canvas == mask_id)
+                canvas.masked_fill_(fill, eos_id)
+                ended.logical_or_(fill)
                 left = ((canvas[:, end:last] == mask_id) & ~fixed[:, end:last]).any(1)
                 finished.logical_or_(rows & ~left)
+                return fill
 
             if policy.early_stop:
                 # An EOS decoded in the open gap ends that gap. Given text
@@ -583,7 +612,14 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                 # EOS before given text ends only its own gap, so that
                 # infilling still fills every later one.
                 decoded_eos = (canvas == eos_id) & ~fixed & open_gap & in_block
-                stop_rows(decoded_eos.any(1))
+                filled = stop_rows(decoded_eos.any(1))
+                # Reported by the block's last step. A block without steps
+                # fills nothing: no row had a mask in it, so an EOS there is
+                # one early stop wrote before, whose gap is already all EOS.
+                if pending is not None:
+                    pending.filled = filled
+            if pending is not None:
+                yield pending
             _refuse_invalid_predictions(lowest.item(), blk)
             yield BlockEvent(blk, start, end, stats.nfe, canvas[:, start:end].clone(), finished.clone(), stop_rows)
     finally:
