@@ -25,7 +25,9 @@ against the float64 reference (llada.ops.attention_reference), as the tests
 check the op: its largest error may be at most twice that of torch's plain
 composition of attention in the same dtype (plus 2e-5 in float32). A wrong
 contender is not timed: its cells read "wrong", and a wrong SDPA backend is
-never the best one. The run exits non-zero if any llada column is wrong.
+never the best one. A llada column that raises reads "failed" (one whose CUDA
+graph cannot be captured, "no graph" in the second table). The run exits
+non-zero if any llada column is wrong or failed.
 The contenders are timed in turn over three rounds, each keeping its best,
 with each one's setting (SDPA backend, environment variables) entered around
 its timing rather than around each call. The table reports TFLOP/s (4 B H Lq
@@ -139,7 +141,7 @@ def main() -> None:
         os.environ.pop("LLADA_ATTENTION_SM90_PIPELINE", None)
     gen = torch.Generator().manual_seed(0)
     rows, graph_rows = [], []
-    llada_wrong = []  # (kind, shape, name) of each wrong llada column
+    llada_wrong = []  # (kind, shape, name, what) of each llada column that was wrong or failed
     for kind, b, h, lq, lk, d in cases():
         q = torch.randn(b, lq, h, d, generator=gen).to(device=device, dtype=dtype)
         k = torch.randn(b, lk, h, d, generator=gen).to(device=device, dtype=dtype)
@@ -151,9 +153,11 @@ def main() -> None:
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         # Each contender's setting (a backend, environment variables) is
         # entered around its timing, not around each call.
-        contenders, contexts, wrong = {}, {}, set()
+        # wrong: contender -> "wrong" (output against the reference) or
+        # "failed" (raised); such a contender is not timed.
+        contenders, contexts, wrong = {}, {}, {}
         if checker.wrong(kind, "llada", llada.attention(q, k, v)):
-            wrong.add("llada")
+            wrong["llada"] = "wrong"
         else:
             contenders["llada"] = lambda: llada.attention(q, k, v)
         variants = {**ONE_KERNEL, **(PIPELINES if kind == "full" else {})} if sm90 else {}
@@ -163,14 +167,15 @@ def main() -> None:
                     out = llada.attention(q, k, v)
             except RuntimeError as e:  # a launch error leaves the context usable; the row goes on without it
                 print(f"  {kind} {name}: failed ({str(e).splitlines()[0][:100]}); not timed", flush=True)
+                wrong[name] = "failed"
                 continue
             if checker.wrong(kind, name, out):
-                wrong.add(name)
+                wrong[name] = "wrong"
             else:
                 contenders[name] = lambda: llada.attention(q, k, v)
                 contexts[name] = lambda setting=setting: _environment(setting)
             del out
-        llada_wrong += [(kind, shape, name) for name in wrong]
+        llada_wrong += [(kind, shape, name, what) for name, what in wrong.items()]
         for name, backend in BACKENDS.items():
             if device == "cpu" and name != "math" and name != "flash":
                 continue  # CPU has only these two
@@ -181,7 +186,7 @@ def main() -> None:
                 print(f"  {kind} {name}: unavailable ({str(e).splitlines()[0][:80]})", flush=True)
                 continue
             if checker.wrong(kind, name, out):
-                wrong.add(name)
+                wrong[name] = "wrong"
             else:
                 contenders[name] = lambda: F.scaled_dot_product_attention(qt, kt, vt)
                 contexts[name] = lambda backend=backend: sdpa_kernel([backend])
@@ -190,17 +195,19 @@ def main() -> None:
         us = time_interleaved(contenders, device, min_time, contexts=contexts)
         tflops = {name: flops / t / 1e6 for name, t in us.items()}
         if device == "cuda":
-            graphed = {}
+            graphed, graph_wrong = {}, dict(wrong)
             for name, fn in contenders.items():
                 try:
                     with contexts.get(name, contextlib.nullcontext)():
                         graphed[name] = cuda_graphed(fn)
                 except RuntimeError as e:
                     print(f"  {kind} {name}: no CUDA graph ({str(e).splitlines()[0][:80]})", flush=True)
+                    graph_wrong[name] = "no graph"
+                    if name not in BACKENDS:  # llada's ops are meant to be captured
+                        llada_wrong.append((kind, shape, name, "no CUDA graph"))
             us = time_interleaved(graphed, device, min_time)
             del graphed
-        if device == "cuda":
-            graph_rows.append((kind, shape, {name: flops / t / 1e6 for name, t in us.items()}, wrong))
+            graph_rows.append((kind, shape, {name: flops / t / 1e6 for name, t in us.items()}, graph_wrong))
         rows.append((kind, shape, tflops, wrong))
         best_name, best = best_sdpa(tflops)
         best = best or float("nan")  # no SDPA backend ran: no ratio
@@ -217,8 +224,8 @@ def main() -> None:
     if graph_rows:
         print_table(f"attention, {dtype}, {device}: TFLOP/s of the kernels alone (CUDA graph replays)", graph_rows)
     if llada_wrong:
-        raise SystemExit("llada's attention is wrong (against the float64 reference) at: "
-                         + "; ".join(f"{kind} {shape} {name}" for kind, shape, name in llada_wrong))
+        raise SystemExit("llada's attention is wrong (against the float64 reference) or failed at: "
+                         + "; ".join(f"{kind} {shape} {name} ({what})" for kind, shape, name, what in llada_wrong))
 
 
 def best_sdpa(tflops):
@@ -228,7 +235,7 @@ def best_sdpa(tflops):
 
 
 def print_table(title, rows):
-    """rows: (kind, shape, {contender: TFLOP/s}, {contender whose output was wrong})."""
+    """rows: (kind, shape, {contender: TFLOP/s}, {contender not timed: why, e.g. "wrong"})."""
     names = [n for n in BACKENDS if any(t.get(n) or n in w for _, _, t, w in rows)]
     ours = ["llada"] + [n for n in {**ONE_KERNEL, **PIPELINES} if any(n in t or n in w for _, _, t, w in rows)]
     print()
@@ -239,10 +246,10 @@ def print_table(title, rows):
     print("|---|---|" + "---|" * (2 * len(ours) + len(names)))
 
     def cell(t, wrong, n):
-        return "wrong" if n in wrong else f"{t[n]:.3f}" if t.get(n) else "n/a"
+        return wrong[n] if n in wrong else f"{t[n]:.3f}" if t.get(n) else "n/a"
 
     def ratio(t, wrong, n, best_name, best):
-        return "wrong" if n in wrong else f"{t[n] / best:.2f}x ({best_name})" if t.get(n) and best else "n/a"
+        return wrong[n] if n in wrong else f"{t[n] / best:.2f}x ({best_name})" if t.get(n) and best else "n/a"
 
     for kind, shape, t, wrong in rows:
         best_name, best = best_sdpa(t)
