@@ -103,6 +103,29 @@ def test_prompts_file_longer_than_a_window_keeps_every_prompt_in_order(checkpoin
     assert printed == [{"prompt": t, "answer": oracle_answer(checkpoint, t)} for t in texts]
 
 
+def test_prompts_file_copies_of_a_prompt_are_different_samples(checkpoint, capsys, tmp_path):
+    # With --temperature and --seed, line i samples with noise key i: copies
+    # of one prompt are different samples, and each line's answer is the
+    # same for every --batch-size (and window of batches). The reference is
+    # llada.generate's default keying: row i of a batch of copies.
+    from llada.cli import PROMPTS_FILE_WINDOW
+
+    count = PROMPTS_FILE_WINDOW + 2  # with --batch-size 1, two windows
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": "def f(x):", "sample": i})
+                                                      for i in range(count)), encoding="utf-8")
+    engine = llada.load(checkpoint, device="cpu")
+    ids = torch.tensor([engine.encode("def f(x):")] * count)
+    out = llada.generate(engine.model, ids, steps=8, gen_length=16, block_length=8, temperature=1.0, seed=0)
+    expected = [engine.decode(row[ids.shape[1]:]) for row in out]
+    assert len(set(expected)) == count
+    for batch_size in ("1", "2", "8"):
+        assert main(["generate", "--model", str(checkpoint), *ARGS, "--temperature", "1", "--seed", "0",
+                     "--prompts-file", str(tmp_path / "prompts.jsonl"), "--batch-size", batch_size]) == 0
+        printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [p["sample"] for p in printed] == list(range(count))
+        assert [p["answer"] for p in printed] == expected, batch_size
+
+
 def test_prompts_file_shows_progress_on_a_terminal_when_the_answers_go_elsewhere(checkpoint, capsys, tmp_path,
                                                                                    monkeypatch):
     (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(t) for t in ["a", "bb", "ccc"]), encoding="utf-8")
@@ -217,6 +240,40 @@ def test_infill_and_stream_commands(checkpoint, capsys):
                          (["--prefix", "a <|mdm_mask|>", "--length", "4"], "--prefix: the text holds the mask token")):
         assert main(["infill", "--model", str(checkpoint), *flags]) == 2
         assert f"llada: error: {named}" in capsys.readouterr().err
+
+
+def test_infill_takes_every_steps_count_llada_infill_takes(checkpoint, capsys):
+    # --length 5 --block-length 2: 3 blocks of 2 positions, so llada.infill
+    # takes up to 6 steps (its default here: one token per step in the
+    # fullest block, the last block's one token costing one forward).
+    base = ["infill", "--model", str(checkpoint), "--device", "cpu", "--prefix", "ab", "--suffix", "yz",
+            "--length", "5", "--block-length", "2", "--stats"]
+    assert main(base) == 0
+    default = capsys.readouterr()
+    assert "forwards 5," in default.err
+    assert main([*base, "--steps", "6"]) == 0
+    assert capsys.readouterr() == default
+    assert main([*base, "--steps", "3"]) == 0
+    assert "forwards 3," in capsys.readouterr().err
+    assert _exit_code([*base, "--steps", "9"]) == 2
+    assert ("--steps: expected a multiple of the number of blocks (3), at most 3 blocks of --block-length (6), "
+            "got 9") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "--device", "cpu", "--gen-length", "8", "--block-length", "8", "x"],
+    ["generate", "--device", "cpu", "--gen-length", "8", "--block-length", "8", "--show-steps", "x"],
+    ["generate", "--device", "cpu", "--gen-length", "8", "--block-length", "8", "--prompts-file", "-"],
+    ["infill", "--device", "cpu", "--length", "4"],
+], ids=["generate", "show-steps", "prompts-file", "infill"])
+def test_a_closed_standard_output_is_named(checkpoint, command):
+    # Started with `>&-`: the answer would go nowhere (and --show-steps and
+    # the progress bar would ask sys.stdout, None, whether it is a terminal).
+    argv = [sys.executable, "-m", "llada.cli", command[0], "--model", str(checkpoint), *command[1:]]
+    run = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", *argv], input=b'"x"\n', stderr=subprocess.PIPE,
+                         timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert run.returncode == 2, run.stderr.decode()
+    assert run.stderr.decode() == "llada: error: standard output is closed\n"
 
 
 def test_bad_arguments(checkpoint, capsys, tmp_path):
@@ -701,6 +758,8 @@ def test_chat_reports_a_line_that_is_not_utf8_and_goes_on(checkpoint, capsys, mo
     (["infill", "--length", "8", "--block-length", "4", "--steps", "3"], "--steps: expected a multiple"),
     (["infill", "--length", "0"], "--length: expected a positive int"),
     (["infill", "--length", "4", "--steps", "8"], "at most --length (4), got 8"),
+    (["infill", "--length", "5", "--block-length", "2", "--steps", "12"], "at most 3 blocks of --block-length (6)"),
+    (["infill", "--length", "4", "--block-length", "8", "--steps", "9"], "at most 1 block of --block-length (8)"),
     (["generate", "--device", "", "x"], "--device: expected cpu or cuda[:N], got an empty string"),
     (["likelihood", "--device", " ", "--prompt", "a", "--answer", "b"], "--device: expected cpu or cuda[:N]"),
     (["make-random-checkpoint", "unwritten", "--shards", "0"], "--shards: expected an int in [1, 21]"),

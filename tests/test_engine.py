@@ -208,6 +208,30 @@ def test_a_rows_sample_does_not_depend_on_the_other_rows(talkative, policy):
     assert talkative.generate(["Two lines", "x"], by_length=False, **options)[0] == alone
 
 
+def test_a_prompts_sample_depends_on_its_index_in_the_list_not_on_its_batch(engine):
+    # With a temperature, prompt i of a list samples with key i, whatever
+    # the batch size and the prompts around it. The reference is the default
+    # keying of llada.generate: row i of a batch of i + 1 copies of the prompt.
+    options = dict(SHAPE, temperature=1.0, seed=2)
+    prompts = ["Two lines", "Hi", "Two lines", "A longer prompt than the others", "Two lines", "Hi", "Two lines"]
+
+    def expected(i):
+        ids = torch.tensor([engine.encode(prompts[i])] * (i + 1))
+        out = llada.generate(engine.model, ids, **options)
+        return engine.decode(out[i, ids.shape[1]:])
+
+    want = [expected(i) for i in range(len(prompts))]
+    assert len({want[i] for i in (0, 2, 4, 6)}) == 4  # the copies of a prompt are different samples
+    for batch_size in (1, 2, 8):
+        for by_length in (True, False):
+            assert engine.generate(prompts, batch_size=batch_size, by_length=by_length, **options) == want, (
+                batch_size, by_length)
+    # row_keys key the prompts otherwise: here, as their places in a longer list.
+    assert engine.generate(prompts[4:], batch_size=2, row_keys=[4, 5, 6], **options) == want[4:]
+    assert engine.generate(prompts[6], row_keys=[6], **options) == want[6]
+    assert "".join(engine.stream(prompts[6], row_keys=[6], **options)) == want[6]
+
+
 def test_a_streamed_piece_never_ends_in_the_start_of_a_stop_string():
     from llada.engine import _final_part
 
@@ -317,6 +341,44 @@ def test_gap_texts_keep_their_seams_when_a_text_does_not_decode_back(word_engine
         for n, gap in enumerate(gaps):
             assert gap.startswith(" "), (parts, gap)
             assert gap.endswith(" ") or (last and n == len(gaps) - 1), (parts, gap)
+
+
+@pytest.mark.parametrize("strings, gaps, expected", [
+    # Where the texts do not decode back as given (a trailing double space,
+    # a line break), a gap the model filled with EOS only has no tokens of
+    # its own: the words on its two sides still take their separator.
+    (["add 3 1 2", None, "= 1 2 3\n"], [[]], [" "]),
+    (["4 8 2", None, "= 3  "], [[]], [" "]),
+    (["0 8", None, "9\n "], [[]], [" "]),
+    (["  9 5 3", None, "3 6 7", None], [[], []], [" ", ""]),
+    ([None, "", None, "6  "], [["7"], []], ["7", " "]),
+    ([" 7 1 4", None, "1 6", None, "8 2", None], [[], ["7", "0"], ["0"]], [" ", " 7 0 ", " 0"]),
+    (["1 9 6 ", None, " 7 1", None, "= 8 4 "], [["0"], []], ["0", " "]),
+])
+def test_a_gap_without_tokens_keeps_its_neighbours_apart(word_engine, strings, gaps, expected):
+    tok = word_engine.tokenizer
+    words = iter(gaps)
+    pieces = [word_engine._leading_special_ids()] + [
+        word_engine.token_ids(s) if s is not None else tok.convert_tokens_to_ids(next(words)) for s in strings]
+    texts = word_engine._gap_texts([list(piece) for piece in pieces], [""] + strings)
+    assert texts == expected
+    whole = tok.decode([t for piece in pieces for t in piece], skip_special_tokens=True)
+    filled = iter(texts)
+    assert "".join(s if s is not None else next(filled) for s in strings).split() == whole.split()
+
+
+def test_a_gap_filled_with_eos_only_keeps_its_neighbours_apart(word_engine, monkeypatch):
+    from llada import engine as engine_module
+
+    config = word_engine.model.config
+
+    def eos_only(model, canvas, **kw):
+        return torch.where(canvas == config.mask_token_id, config.eos_token_id, canvas), llada.DecodeStats()
+
+    monkeypatch.setattr(engine_module, "infill", eos_only)
+    assert word_engine.infill("add 3 1 2", "= 1 2 3\n", 2) == " "
+    assert word_engine.infill("add 3 1 2", "= 1 2 3", 2) == " "
+    assert word_engine.fill(["add  4 7", 1, "+ 5 8 3 =\n", 2]) == [" ", ""]
 
 
 def test_decoding_keeps_the_spaces_the_model_wrote(checkpoint):
@@ -455,6 +517,9 @@ def test_load_defaults_to_the_bundled_model():
     (lambda e: e.infill("a", "\ud800", 3), ValueError, "suffix: not valid Unicode"),
     (lambda e: e.fill(["a", 3, "\ud800"]), ValueError, "parts[2]: not valid Unicode"),
     (lambda e: e.log_likelihood("a", "\ud800"), ValueError, "answer: not valid Unicode"),
+    (lambda e: e.generate(["a", "b"], row_keys=[0]), ValueError, "row_keys: expected one key per prompt"),
+    (lambda e: e.generate("a", row_keys=3), TypeError, "row_keys: expected a list of ints .one per prompt"),
+    (lambda e: e.generate(["a", "b"], row_keys=[0, -2]), ValueError, "row_keys[1]: expected an int in [0, "),
     (lambda e: llada.Engine(e.tokenizer, e.tokenizer), TypeError, "model"),
     (lambda e: llada.Engine(e.model, "tokenizer"), TypeError, "tokenizer"),
 ])

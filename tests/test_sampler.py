@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import llada
-from llada.sampler import transfer_schedule
+from llada.sampler import StepEvent, transfer_schedule
 
 from checkpoints import SHAPES, make_checkpoint
 from naive_llada import NaiveLLaDA, naive_generate, transfer_counts
@@ -140,6 +140,26 @@ def test_temperature_is_reproducible_and_valid(checkpoint):
         assert torch.equal(llada.generate(model, prompt, mask, seed=3, **dict(kw, temperature=tiny)), greedy)
 
 
+@pytest.mark.parametrize("policy", [None, llada.DecodePolicy(commit="threshold", threshold=0.5)],
+                         ids=["schedule", "threshold"])
+def test_row_keys_key_each_rows_noise_in_place_of_its_batch_row(checkpoint, policy):
+    # The reference is the default keying: row k of a batch of copies of one
+    # prompt samples with key k. A row given key k alone must sample the same.
+    model = llada.load_model(checkpoint, device="cpu")
+    prompt = prompts(model.config, padded=False)[0]
+    kw = dict(SETTINGS["semi-ar"], temperature=1.0, seed=4, policy=policy)
+    copies = llada.generate(model, prompt.repeat(5, 1), **kw)
+    assert len({tuple(row.tolist()) for row in copies}) == 5  # copies are different samples
+    for k in range(5):
+        assert torch.equal(llada.generate(model, prompt, row_keys=[k], **kw)[0], copies[k]), k
+    assert torch.equal(llada.generate(model, prompt.repeat(2, 1), row_keys=(4, 1), **kw), copies[[4, 1]])
+    events = llada.stream(model, prompt.repeat(2, 1), row_keys=torch.tensor([3, 2]), **kw)
+    *_, last = (event.canvas.clone() for event in events if isinstance(event, StepEvent))
+    assert torch.equal(last, copies[[3, 2]])
+    # Without row_keys (or with the default ones) nothing changes.
+    assert torch.equal(llada.generate(model, prompt.repeat(5, 1), row_keys=range(5), **kw), copies)
+
+
 def test_schedule_matches_official(checkpoint):
     for n, steps in [(16, 16), (16, 5), (3, 4), (0, 2), (7, 7)]:
         got = transfer_schedule(torch.tensor([n]), steps)[0].tolist()
@@ -208,6 +228,12 @@ def test_inputs_are_not_modified(checkpoint):
     (dict(attention_mask=torch.ones(1, 4, dtype=torch.long)), ValueError, "attention_mask"),
     (dict(attention_mask=torch.full((1, 3), 2)), ValueError, "attention_mask"),
     (dict(attention_mask="yes"), TypeError, "attention_mask"),
+    (dict(row_keys=[0, 1]), ValueError, r"row_keys: expected one key per batch row \(1\), got 2"),
+    (dict(row_keys=5), TypeError, "row_keys: expected a list of ints"),
+    (dict(row_keys=[1.0]), TypeError, r"row_keys\[0\]: expected an int"),
+    (dict(row_keys=[-1]), ValueError, r"row_keys\[0\]: expected an int in \[0, "),
+    (dict(row_keys=[2**63 // 16]), ValueError, rf"row_keys\[0\]: expected an int in \[0, {2**63 // 16}\)"),
+    (dict(row_keys=torch.tensor([[0]])), TypeError, "row_keys: expected a 1-D integer tensor"),
 ])
 def test_bad_arguments_are_named(tmp_path, kwargs, error, match):
     model = llada.load_model(make_checkpoint(tmp_path), device="cpu")

@@ -260,8 +260,11 @@ def print_stats(stats) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:
+    if argv[:1] == ["train"]:  # it writes to standard error and files only
         return run_train(argv[1:])
+    if sys.stdout is None:  # started with standard output closed (`>&-`): the answer would go nowhere
+        print("llada: error: standard output is closed", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -319,8 +322,9 @@ def check_scales(args, parser, *flags: str) -> None:
 
 
 def check_steps(args, parser, policy, blocks: int, most: int, most_name: str) -> None:
-    """--steps counts the fixed schedule's forwards, each block an equal share;
-    more than the ``most`` tokens to make would commit nothing."""
+    """--steps counts the fixed schedule's forwards, each block an equal share,
+    up to ``most`` (named ``most_name``), the most the library takes: more
+    steps than its blocks have positions would commit nothing."""
     if args.steps is None:
         return
     if policy.commit != "schedule":
@@ -425,9 +429,12 @@ def run_generate(args, parser) -> int:
         with progress_bar(len(lines)) as bar:
             for first in range(0, len(lines), window):
                 batch = lines[first: first + window]
+                # Each prompt's noise is keyed by its line's place in the file:
+                # copies of a prompt are different samples, and a prompt's
+                # sample does not depend on --batch-size.
                 answers = engine.generate([prompt_of(line.value) for line in batch], chat=args.chat,
                                           system=args.system, batch_size=args.batch_size, stop=stop, stats=stats,
-                                          **options)
+                                          row_keys=range(first, first + len(batch)), **options)
                 for line, answer in zip(batch, answers):
                     print(output_line(line, "answer", answer), flush=True)
                 bar.update(len(batch))
@@ -634,7 +641,12 @@ def run_infill(args, parser) -> int:
     policy = policy_from_arguments(args, parser)
     check_model(args, parser)
     check_counts(args, parser, "--length", "--steps", "--block-length")
-    check_steps(args, parser, policy, -(-args.length // (args.block_length or args.length)), args.length, "--length")
+    # llada.infill's bound: every position of every block (the last one may
+    # hold fewer tokens to fill, and then runs fewer forwards).
+    block_length = args.block_length or args.length
+    blocks = -(-args.length // block_length)
+    check_steps(args, parser, policy, blocks, blocks * block_length,
+                "--length" if args.block_length is None else f"{blocks} block{'s' * (blocks > 1)} of --block-length")
     check_scales(args, parser, "--temperature")
     engine = load_for_cli(args)
     stats = DecodeStats()
@@ -644,9 +656,9 @@ def run_infill(args, parser) -> int:
                             policy=policy, stats=stats)
     except ValueError as e:  # "length: ...": named as the user wrote it
         field, _, reason = str(e).partition(": ")
-        if field not in ("prefix", "suffix", "length", "prefix/suffix"):
+        if field not in ("prefix", "suffix", "length", "prefix/suffix", "steps", "block_length"):
             raise
-        raise ValueError(f"--{field.replace('/', '/--')}: {reason}") from None
+        raise ValueError(f"--{field.replace('/', '/--').replace('_', '-')}: {reason}") from None
     print(args.prefix + gap + args.suffix)
     if args.stats:
         print_stats(stats)

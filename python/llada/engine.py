@@ -20,7 +20,7 @@ import torch
 from .checkpoint import load_model, load_tokenizer
 from .likelihood import log_likelihood
 from .model import LLaDAModel, llada_model_of
-from .sampler import BlockEvent, DecodeStats, infill, stream
+from .sampler import BlockEvent, DecodeStats, check_row_keys, infill, stream
 from .token_ids import is_int
 
 # A prompt: text, or (for chat) a conversation of {"role": ..., "content": ...} messages.
@@ -207,7 +207,7 @@ class Engine:
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]], *, chat: bool = False,
                  system: Optional[str] = None, batch_size: int = 8, by_length: bool = True,
                  stop: Union[str, Sequence[str]] = (), stats: Optional[DecodeStats] = None,
-                 **options) -> Union[str, list[str]]:
+                 row_keys: Optional[Sequence[int]] = None, **options) -> Union[str, list[str]]:
         """The answer to a prompt, or the answers to a list of prompts in order.
         A prompt is a str or, with ``chat``, a conversation (see :meth:`encode`,
         which ``system`` goes to).
@@ -216,8 +216,13 @@ class Engine:
         left-padded to its longest prompt. With ``by_length`` (the default)
         the batches are formed longest prompt first, so that prompts of
         similar lengths share a batch and little of it is padding; otherwise
-        in the list's order. (A row's sampling noise, with a temperature, is
-        keyed by its place in its batch.) An answer ends at its first EOS/EoT
+        in the list's order. With a temperature, a prompt's sampling noise
+        is keyed by its index in the list, or by its key in ``row_keys``
+        (ints >= 0, one per prompt; a list of one for a single prompt), as
+        :func:`llada.generate`'s ``row_keys``: its answer depends on the
+        seed, that key and the prompt, not on ``batch_size`` nor on the
+        prompts that share its batch (but 'random' ranking draws for each
+        batch as a whole). An answer ends at its first EOS/EoT
         and before the first of the ``stop`` strings it holds, and its row
         costs no forward after the block that completes that end.
         ``options`` are the decoding arguments of :func:`llada.stream` (those
@@ -237,15 +242,22 @@ class Engine:
         _check_stats(stats)
         # Every prompt is encoded and checked first: a bad one fails before any decoding.
         encoded = [self._encode_named(text, chat, system, None if single else i) for i, text in enumerate(texts)]
-        self._check_prompts(encoded, options.get("gen_length", _STREAM_DEFAULTS["gen_length"]),
-                            "prompt" if single else "prompts")
+        gen_length = options.get("gen_length", _STREAM_DEFAULTS["gen_length"])
+        self._check_prompts(encoded, gen_length, "prompt" if single else "prompts")
+        if row_keys is None:
+            row_keys = range(len(texts))
+        # Checked for the whole list here, so that an error names the
+        # prompt's own index (a bad gen_length is left to the decoding).
+        row_keys = check_row_keys(row_keys, len(texts), gen_length if _is_positive_int(gen_length) else 1, "prompt")
         order = list(range(len(texts)))
         if by_length:
             order.sort(key=lambda i: -len(encoded[i]))  # stable: equal lengths keep their order
         answers = [""] * len(texts)
         for first in range(0, len(order), batch_size):
             batch = order[first: first + batch_size]
-            for i, answer in zip(batch, self._answer_batch([encoded[i] for i in batch], stop, stats, options)):
+            keys = [row_keys[i] for i in batch]
+            for i, answer in zip(batch, self._answer_batch([encoded[i] for i in batch], stop, stats,
+                                                           dict(options, row_keys=keys))):
                 answers[i] = answer
         return answers[0] if single else answers
 
@@ -422,7 +434,8 @@ class Engine:
         join to the whole text decoded. Where the decoder does not give back
         the caller's texts before a gap as they are (a double space, say), a
         gap's text is its tokens decoded alone with the separators a decoder
-        puts at its two seams, each found from the gap and its neighbour."""
+        puts at its two seams, each found from the gap and its neighbour (a
+        gap with no tokens of its own: from the tokens on either side)."""
         decoded = [self._text([t for piece in pieces[: i + 1] for t in piece]) for i in range(len(pieces))]
         joined, texts = "", []
         for i, string in enumerate(strings):
@@ -440,7 +453,10 @@ class Engine:
                 if rest.startswith(before) and rest.endswith(given) and len(rest) - len(given) >= len(before):
                     text += rest[len(before): len(rest) - len(given)]
                 else:
-                    text += self._seam(pieces[i], pieces[after])
+                    # A gap filled with EOS only has no tokens of its own: the
+                    # texts on its two sides meet there, with their separator.
+                    left = next((pieces[j] for j in range(i, -1, -1) if pieces[j]), [])
+                    text += self._seam(left, pieces[after])
             texts.append(text)
             joined += text
         return texts

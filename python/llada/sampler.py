@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -166,6 +166,7 @@ def generate(
     seed: Optional[int] = None,
     *,
     policy: Optional[DecodePolicy] = None,
+    row_keys: Optional[Sequence[int]] = None,
     on_step: Optional[Callable[[int, int, torch.Tensor], None]] = None,
     return_stats: bool = False,
 ):
@@ -189,8 +190,8 @@ def generate(
             block size (gen_length for a single block).
         temperature: 0 = greedy; > 0 samples softmax(logits / temperature)
             with counter-based Gumbel noise keyed by (seed, step of the
-            block, batch row, place in the answer): a row's sample does not
-            depend on the other rows of the batch.
+            block, batch row or its ``row_keys`` key, place in the answer):
+            a row's sample does not depend on the other rows of the batch.
         cfg_scale: classifier-free guidance; > 0 adds a pass with the prompt
             masked: logits = un + (cfg_scale + 1) * (cond - un).
         remasking: 'low_confidence' (probability of the prediction) or
@@ -206,6 +207,12 @@ def generate(
         policy: a :class:`DecodePolicy` (commit rule, ranking, cache, early
             stop, re-masking), or the name ``"exact"`` (the default: the
             official algorithm) or ``"fast"`` (:meth:`DecodePolicy.fast`).
+        row_keys: the key of each row's sampling noise in place of its
+            index in the batch (ints >= 0, one per row; default 0..B-1),
+            e.g. each prompt's index in a longer list decoded in several
+            batches: a prompt then samples the same whichever batch it
+            lands in. ('random' ranking draws for the whole batch and is
+            not keyed by row.)
         on_step: called as ``on_step(step, total_steps, canvas)`` after every
             step; ``canvas`` is the live [B, Lp + gen_length] tensor (read
             only). ``total_steps`` is ``steps`` under the fixed schedule and
@@ -225,7 +232,7 @@ def generate(
     _check_bool("return_stats", return_stats)
     canvas, key_mask, args = _prepare_generate(
         model, prompt, attention_mask, steps, gen_length, block_length, temperature, cfg_scale,
-        remasking, mask_id, logits_eos_inf, confidence_eos_eot_inf, seed, policy,
+        remasking, mask_id, logits_eos_inf, confidence_eos_eot_inf, seed, policy, row_keys,
     )
     total_steps = steps if args["policy"].commit == "schedule" else None
     stats = DecodeStats()
@@ -252,6 +259,7 @@ def stream(
     seed: Optional[int] = None,
     *,
     policy: Optional[DecodePolicy] = None,
+    row_keys: Optional[Sequence[int]] = None,
     stats: Optional[DecodeStats] = None,
 ):
     """Like :func:`generate` (same arguments), but an iterator of
@@ -263,7 +271,7 @@ def stream(
         raise TypeError(f"stats: expected a DecodeStats or None, got {type(stats).__name__}")
     canvas, key_mask, args = _prepare_generate(
         model, prompt, attention_mask, steps, gen_length, block_length, temperature, cfg_scale,
-        remasking, mask_id, logits_eos_inf, confidence_eos_eot_inf, seed, policy,
+        remasking, mask_id, logits_eos_inf, confidence_eos_eot_inf, seed, policy, row_keys,
     )
     yield from _decode(model, canvas, key_mask, stats=DecodeStats() if stats is None else stats, **args)
 
@@ -382,7 +390,7 @@ def resolve_policy(policy, remasking) -> DecodePolicy:
 
 def _prepare_generate(model, prompt, attention_mask, steps, gen_length, block_length, temperature,
                       cfg_scale, remasking, mask_id, logits_eos_inf, confidence_eos_eot_inf, seed,
-                      policy):
+                      policy, row_keys):
     config = getattr(model, "config", None)
     mask_id = _config_id(config, "mask_token_id", mask_id, 126336)
     policy = resolve_policy(policy, remasking)
@@ -391,6 +399,8 @@ def _prepare_generate(model, prompt, attention_mask, steps, gen_length, block_le
               policy.commit == "schedule")
     device = _device_of(model)
     b, lp = prompt.shape
+    if row_keys is not None:
+        row_keys = torch.tensor(check_row_keys(row_keys, b, gen_length), dtype=torch.long, device=device)
     total = lp + gen_length
     canvas = torch.full((b, total), mask_id, dtype=torch.long, device=device)
     canvas[:, :lp] = prompt.to(device)
@@ -401,7 +411,29 @@ def _prepare_generate(model, prompt, attention_mask, steps, gen_length, block_le
     num_blocks = gen_length // block_length
     args = _decode_args(config, mask_id, lp, total, block_length, steps // num_blocks,
                         temperature, cfg_scale, logits_eos_inf, confidence_eos_eot_inf, seed, policy)
-    return canvas, key_mask, args
+    return canvas, key_mask, dict(args, row_keys=row_keys)
+
+
+def check_row_keys(row_keys, count: int, width: int, per: str = "batch row") -> list[int]:
+    """``row_keys`` (a list, tuple or range of ints, or a 1-D integer
+    tensor: one key >= 0 per ``per``) as Python ints. A position's noise key
+    is its row's key * ``width`` + its place, which must stay an int64."""
+    if isinstance(row_keys, torch.Tensor):
+        if row_keys.dim() != 1 or row_keys.dtype not in _ID_DTYPES:
+            raise TypeError(f"row_keys: expected a 1-D integer tensor or a list of ints, got {row_keys.dtype} "
+                            f"of shape {list(row_keys.shape)}")
+        row_keys = row_keys.tolist()
+    if not isinstance(row_keys, (list, tuple, range)):
+        raise TypeError(f"row_keys: expected a list of ints (one per {per}) or None, got {type(row_keys).__name__}")
+    if len(row_keys) != count:
+        raise ValueError(f"row_keys: expected one key per {per} ({count}), got {len(row_keys)}")
+    limit = 2**63 // width
+    for i, key in enumerate(row_keys):
+        if not is_int(key):
+            raise TypeError(f"row_keys[{i}]: expected an int, got {type(key).__name__}")
+        if not 0 <= key < limit:
+            raise ValueError(f"row_keys[{i}]: expected an int in [0, {limit}), got {key}")
+    return [int(key) for key in row_keys]
 
 
 def _decode_args(config, mask_id, first, last, block_length, steps_per_block, temperature,
@@ -421,7 +453,7 @@ def _decode_args(config, mask_id, first, last, block_length, steps_per_block, te
 
 def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, block_length,
             steps_per_block, temperature, cfg_scale, logits_eos_inf, confidence_eos_eot_inf, seed,
-            policy, stats, filling=False):
+            policy, stats, filling=False, row_keys=None):
     """The decoding loop, shared by every entry point: fills the masks of
     ``canvas`` [B, T] in columns first..last in place, yielding events.
 
@@ -450,14 +482,16 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
     # Whole-block steps sample every block position: only at temperature 0 is
     # a row's choice independent of which other rows are sampled with it.
     whole_block_ok = temperature == 0 and noise_gen is None and policy.remask_below is None
-    # Each position's noise key: its batch row and its place in the answer
-    # (in the canvas, when filling: the span between the batch's first and
-    # last gaps depends on the other rows), whatever the other rows are
-    # doing (see ops.sample_tokens' noise_rows).
+    # Each position's noise key: its batch row (or the caller's key for
+    # the row) and its place in the answer (in the canvas, when filling:
+    # the span between the batch's first and last gaps depends on the other
+    # rows), whatever the other rows are doing (see ops.sample_tokens'
+    # noise_rows).
     noise_keys = None
     if temperature > 0:
         start, width = (0, total) if filling else (first, last - first)
-        noise_keys = (torch.arange(b, device=device)[:, None] * width
+        rows = torch.arange(b, device=device) if row_keys is None else row_keys
+        noise_keys = (rows[:, None] * width
                       + torch.arange(total, device=device)[None, :] - start)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     remasked_once = torch.zeros(b, total, dtype=torch.bool, device=device)
