@@ -323,14 +323,22 @@ def test_equal_confidences_terminate():
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_logits_without_a_valid_token_are_an_error(model, bad):
+@pytest.mark.parametrize("where", ["one column", "every column"])
+def test_logits_without_a_valid_token_are_an_error(model, bad, where):
     # A NaN or +inf logit leaves no valid probability: the adaptive rules
-    # would find no candidate and never end, the schedule would commit junk.
+    # would find no candidate and never end, the schedule would commit junk
+    # (with every logit NaN, token -1, which no embedding holds), whatever
+    # the ranking.
     broken = copy.deepcopy(model)
     with torch.no_grad():
-        broken.get_parameter("model.transformer.ff_out.weight")[5] = bad
+        if where == "one column":
+            broken.get_parameter("model.transformer.ff_out.weight")[5] = bad
+        else:
+            broken.get_parameter("model.transformer.ln_f.weight")[:] = bad
     prompt, mask = prompt_batch(model)
-    for name, policy in POLICIES.items():
+    policies = list(POLICIES.values()) + [DecodePolicy(ranking=r, commit=c) for r in ("margin", "entropy", "random")
+                                          for c in ("schedule", "threshold")]
+    for policy in policies:
         with pytest.raises(FloatingPointError, match="NaN or [+]inf"):
             llada.generate(broken, prompt, mask, steps=16, gen_length=16, block_length=8, policy=policy)
 

@@ -380,3 +380,31 @@ def test_forward_mode_derivatives_agree_with_reverse_mode(tmp_path, dtype):
     right = sum((gradients[name].double() * tangents[name].double()).sum() for name in params)
     assert left.abs() > 0
     torch.testing.assert_close(left, right, rtol=1e-4 if dtype == torch.float32 else 3e-2, atol=0)
+
+
+def test_forward_mode_derivatives_through_a_cache(tmp_path):
+    """A cached forward differentiated by a cache's keys (the model writes
+    the caches, so a tangent there must take the compositions too): forward
+    and reverse mode agree, <u, J t> = <J^T u, t>."""
+    folder = make_checkpoint(tmp_path, seed=9, d_model=128, n_heads=2, n_kv_heads=1)  # head dim 64
+    model = llada.load_model(folder, dtype=torch.float32, device="cpu")
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 256, (1, 8), generator=g)
+    filled = KVCache(model.config, 1, 8, "cpu", torch.float32)
+    with torch.no_grad():
+        model(ids, cache=filled, start=0)
+    keys, others = filled.layers[0][0], filled.layers
+
+    def logits_of(k0):
+        cache = KVCache(model.config, 1, 8, "cpu", torch.float32)
+        cache.layers = [(k0.clone(), others[0][1].clone())] + [(k.clone(), v.clone()) for k, v in others[1:]]
+        return model(ids[:, 4:6], cache=cache, start=4).logits
+
+    t = torch.randn(keys.shape, generator=g)
+    _, forward = torch.func.jvp(logits_of, (keys,), (t,))
+    _, pull_back = torch.func.vjp(logits_of, keys)
+    u = torch.randn(forward.shape, generator=g)
+    (gradient,) = pull_back(u)
+    left, right = (u * forward).sum().double(), (gradient * t).sum().double()
+    assert left.abs() > 0
+    torch.testing.assert_close(left, right, rtol=1e-4, atol=0)

@@ -163,8 +163,10 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def store_kv(k, v, cos, sin, cache_k, cache_v, positions) -> None:
     """Rotates k and writes it and v into the caches at positions (int64
     [L]): one kernel (llada.ops.store_kv, the same bits) when no gradient is
-    needed; the composition otherwise."""
+    needed (by k, v or the caches, which it writes); the composition
+    otherwise."""
     if (_kernels_take(k) and _kernels_take(v) and cos.dtype == torch.float32
+            and not autodiff.needs_derivative(cache_k) and not autodiff.needs_derivative(cache_v)
             and v.dtype == cache_k.dtype == cache_v.dtype == k.dtype
             and cache_k.is_contiguous() and cache_v.is_contiguous()):
         ops.store_kv(k, v, cos, sin, cache_k, cache_v, positions)

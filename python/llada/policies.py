@@ -162,16 +162,22 @@ DEFAULTS = {f.name: f.default for f in fields(DecodePolicy)}
 
 
 def ranking_scores(choice: ops.TokenChoice, ranking: str, noise: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per predicted position, the score that ranks it (higher = surer)."""
+    """Per predicted position, the score that ranks it (higher = surer;
+    -inf: no candidate)."""
     if ranking == "probability":
-        return choice.confidence
+        return choice.confidence  # -inf or NaN where there is no prediction
     if ranking == "margin":
-        return choice.margin
-    if ranking == "entropy":
+        score = choice.margin
+    elif ranking == "entropy":
         # In (0, 1], as a probability: -entropy (<= 0) would pass no
         # threshold, and the factor rule's (n + 1)(1 - c_n) would stay >= 2.
-        return torch.exp(-choice.entropy)
-    return noise
+        score = torch.exp(-choice.entropy)
+    else:
+        score = noise
+    # A position without a prediction (logits all -inf or NaN: token -1,
+    # confidence -inf; a NaN logit: confidence NaN) is no candidate under any
+    # ranking, as under the probability's: its margin and entropy say nothing.
+    return torch.where(choice.confidence >= 0, score, -math.inf)
 
 
 def _top_k_stop_predictions_last(scores: torch.Tensor, stop: torch.Tensor, k) -> torch.Tensor:
