@@ -116,6 +116,25 @@ def test_rows_without_a_finite_logit(device):
     assert (out.tokens == -1).all()
 
 
+def test_a_nan_logit_makes_the_probabilities_nan(device):
+    # The decoder stops on a NaN confidence, so no device may drop the NaN:
+    # the chosen token is the best of the others, never the NaN's column.
+    logits = torch.full((3, 5000), -math.inf, device=device)
+    logits[0] = random_logits(1, 5000, torch.float32, device)[0]
+    logits[0, 17] = math.nan
+    logits[1, 3] = 2.0
+    logits[1, 4000] = math.nan  # far from the row's only finite logit
+    logits[2, 9] = math.nan  # nothing else: no finite logit, as for an all -inf row
+    for temperature in (0.0, 1.0):
+        out = llada.sample_tokens(logits, temperature=temperature, seed=3)
+        assert out.tokens[1].item() == 3 and out.tokens[0].item() != 17
+        if temperature == 0.0:
+            assert out.tokens[0].item() == int(logits[0].nan_to_num(-math.inf).argmax())
+        for row in (0, 1):
+            assert out.confidence[row].isnan() and out.margin[row].isnan() and out.entropy[row].isnan()
+        assert out.tokens[2].item() == -1 and out.confidence[2].item() == -math.inf
+
+
 def test_largest_noise_matches_reference(device):
     # Under seed 0, row key 175 hashes column 43649 to the largest u the noise
     # can draw. It must stay below 1: a u rounded up to 1 gives log(0) and a

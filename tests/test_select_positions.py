@@ -94,8 +94,8 @@ def test_negative_confidences_rank_too(device):
 
 
 def test_signed_zeros_are_a_tie(device):
-    # A one-hot row's negative entropy is -0.0: it ties with +0.0, so the
-    # lower position wins whichever zero it holds.
+    # -0.0 (a negated 0, say) ties with +0.0, so the lower position wins
+    # whichever zero it holds.
     for row in ([-0.0, 0.0], [0.0, -0.0]):
         c = torch.tensor([row, [-1.0, -0.0]], device=device)
         for rule in RULES:

@@ -30,6 +30,7 @@ struct RowState {
   float wsum = 0.0f;       // sum of exp(x - max) * (x - max) * log2(e)
   float best = kNegInf;    // best Gumbel score ...
   int32_t best_index = -1; // ... and its index
+  bool nan = false;        // whether a logit is NaN (the max and sums skip it)
 };
 
 // 2^x in one special-function instruction (relative error ~2^-22; results
@@ -64,6 +65,7 @@ __device__ __forceinline__ void merge(RowState& a, const RowState& b) {
     a.wsum += bb.wsum;
   }
   if (b_first) a.max_index = b.max_index;
+  a.nan = a.nan || b.nan;
   if (b.best_index >= 0 &&
       (a.best_index < 0 || b.best > a.best || (b.best == a.best && b.best_index < a.best_index))) {
     a.best = b.best;
@@ -89,6 +91,8 @@ __device__ __forceinline__ void accumulate(RowState& s, float (&v)[N], int32_t c
   float chunk_max = v[0];
 #pragma unroll
   for (int j = 1; j < N; ++j) chunk_max = fmaxf(chunk_max, v[j]);
+#pragma unroll
+  for (int j = 0; j < N; ++j) s.nan = s.nan || v[j] != v[j];
   if (chunk_max > s.max) {
     // A new maximum: rare after the first chunks, so the per-element work
     // of locating it and of finding the chunk's runner-up is done only here.
@@ -124,7 +128,7 @@ __device__ __forceinline__ void accumulate(RowState& s, float (&v)[N], int32_t c
   if (sampling) {
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      if (v[j] == kNegInf) continue;
+      if (!(v[j] > kNegInf)) continue;  // -inf or NaN: never sampled
       float score = gumbel_score(v[j], scale, key, uint32_t(col0 + j));
       if (score > s.best || s.best_index < 0) {
         s.best = score;
@@ -166,6 +170,7 @@ __device__ __forceinline__ RowState shuffle_xor(const RowState& s, int offset) {
   o.wsum = __shfl_xor_sync(0xffffffffu, s.wsum, offset);
   o.best = __shfl_xor_sync(0xffffffffu, s.best, offset);
   o.best_index = __shfl_xor_sync(0xffffffffu, s.best_index, offset);
+  o.nan = __shfl_xor_sync(0xffffffffu, int(s.nan), offset) != 0;
   return o;
 }
 
@@ -291,6 +296,9 @@ __global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(SampleTokens
   // rounding of 2^d behind (a few 1e-8, of either sign). Elsewhere rounding
   // must not take it below 0, which no distribution has.
   p.entropy[row] = s.sum == top ? 0.0f : fmaxf(0.0f, logf(s.sum) - s.wsum / (s.sum * kLog2e));
+  if (s.nan) {  // as on the CPU, where a NaN logit makes the row's sums NaN
+    p.confidence[row] = p.margin[row] = p.entropy[row] = __int_as_float(0x7fc00000);
+  }
 }
 
 }  // namespace

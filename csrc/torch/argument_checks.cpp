@@ -68,9 +68,23 @@ TORCH_LIBRARY_FRAGMENT(llada, m) {
   m.def("check_silu_mul(Tensor gate, Tensor up) -> ()");
 }
 
-// Registered for every dispatch key at once: the checks read only shapes,
-// dtypes, devices and strides (and select_positions' per-row k).
-TORCH_LIBRARY_IMPL(llada, CompositeExplicitAutograd, m) {
+// For the CPU (where the tests compare them with the kernels' errors) and
+// for CUDA devices, with or without CUDA kernels in the build: the checks
+// read only shapes, dtypes, devices and strides (and select_positions'
+// per-row k, which fake tensors have not: their fake kernels, which check
+// nothing, are in llada/ops.py).
+TORCH_LIBRARY_IMPL(llada, CPU, m) {
+  m.impl("check_sample_tokens", &llada::check_sample_tokens);
+  m.impl("check_select_positions", &llada::check_select_positions);
+  m.impl("check_commit_tokens", &llada::check_commit_tokens);
+  m.impl("check_attention", &llada::check_attention);
+  m.impl("check_rms_norm", &llada::check_rms_norm);
+  m.impl("check_rope", &llada::check_rope);
+  m.impl("check_store_kv", &llada::check_store_kv);
+  m.impl("check_silu_mul", &llada::check_silu_mul);
+}
+
+TORCH_LIBRARY_IMPL(llada, CUDA, m) {
   m.impl("check_sample_tokens", &llada::check_sample_tokens);
   m.impl("check_select_positions", &llada::check_select_positions);
   m.impl("check_commit_tokens", &llada::check_commit_tokens);

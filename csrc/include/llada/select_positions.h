@@ -36,8 +36,8 @@ LLADA_HD bool passes_rule(SelectionRule rule, float c, int64_t j, float threshol
 
 // Sort key: ascending key order = descending confidence, then ascending
 // position; non-candidates sort last. -0.0 and +0.0 are equal confidences
-// (a one-hot row's negative entropy is -0.0), so adding +0.0 first turns
-// -0.0 into +0.0 before the bits are compared.
+// (as a caller's scores may hold both: a negated 0 is -0.0), so adding +0.0
+// first turns -0.0 into +0.0 before the bits are compared.
 LLADA_HD uint64_t ranking_key(float c, int64_t position) {
   uint32_t order = is_candidate(c) ? ~ordered_bits(c + 0.0f) : 0xffffffffu;
   return (uint64_t(order) << 32) | uint64_t(uint32_t(position));
