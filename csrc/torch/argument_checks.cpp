@@ -52,6 +52,18 @@ void check_silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   check_silu_mul_args(gate, up, half_allowed(gate));
 }
 
+// Each check as its op's kernel.
+void register_checks(torch::Library& m) {
+  m.impl("check_sample_tokens", &check_sample_tokens);
+  m.impl("check_select_positions", &check_select_positions);
+  m.impl("check_commit_tokens", &check_commit_tokens);
+  m.impl("check_attention", &check_attention);
+  m.impl("check_rms_norm", &check_rms_norm);
+  m.impl("check_rope", &check_rope);
+  m.impl("check_store_kv", &check_store_kv);
+  m.impl("check_silu_mul", &check_silu_mul);
+}
+
 }  // namespace
 }  // namespace llada
 
@@ -73,24 +85,5 @@ TORCH_LIBRARY_FRAGMENT(llada, m) {
 // read only shapes, dtypes, devices and strides (and select_positions'
 // per-row k, which fake tensors have not: their fake kernels, which check
 // nothing, are in llada/ops.py).
-TORCH_LIBRARY_IMPL(llada, CPU, m) {
-  m.impl("check_sample_tokens", &llada::check_sample_tokens);
-  m.impl("check_select_positions", &llada::check_select_positions);
-  m.impl("check_commit_tokens", &llada::check_commit_tokens);
-  m.impl("check_attention", &llada::check_attention);
-  m.impl("check_rms_norm", &llada::check_rms_norm);
-  m.impl("check_rope", &llada::check_rope);
-  m.impl("check_store_kv", &llada::check_store_kv);
-  m.impl("check_silu_mul", &llada::check_silu_mul);
-}
-
-TORCH_LIBRARY_IMPL(llada, CUDA, m) {
-  m.impl("check_sample_tokens", &llada::check_sample_tokens);
-  m.impl("check_select_positions", &llada::check_select_positions);
-  m.impl("check_commit_tokens", &llada::check_commit_tokens);
-  m.impl("check_attention", &llada::check_attention);
-  m.impl("check_rms_norm", &llada::check_rms_norm);
-  m.impl("check_rope", &llada::check_rope);
-  m.impl("check_store_kv", &llada::check_store_kv);
-  m.impl("check_silu_mul", &llada::check_silu_mul);
-}
+TORCH_LIBRARY_IMPL(llada, CPU, m) { llada::register_checks(m); }
+TORCH_LIBRARY_IMPL(llada, CUDA, m) { llada::register_checks(m); }
