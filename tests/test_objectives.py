@@ -182,6 +182,13 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="answer: expected token ids"):
         log_likelihood(model, [1], [2, 3.0])
     assert log_likelihood(model, [np.int64(1)], [2], seed=0) == log_likelihood(model, [1], [2], seed=0)
+    # numpy ints count as ints everywhere, as in generate.
+    assert log_likelihood(model, [1], [2], mc_num=np.int64(16), batch_size=np.int32(8), seed=np.int64(3)) == \
+        log_likelihood(model, [1], [2], mc_num=16, batch_size=8, seed=3)
+    with pytest.raises(ValueError, match=r"^answer: token ids must lie in \[0, vocabulary size\), got 2\.\.10{20}$"):
+        log_likelihood(model, [1], [2, 10**20])
+    with pytest.raises(ValueError, match=r"^prompt: token ids must lie in"):
+        log_likelihood(model, [-2**70], [2])
     with pytest.raises(ValueError, match="prompt: token ids"):
         log_likelihood(model, [VOCAB], [2])
     with pytest.raises(ValueError, match="answer: token ids"):

@@ -50,9 +50,12 @@ def _ids(x, name: str) -> torch.Tensor:
         return x
     if isinstance(x, (list, tuple)):
         bad = next((i for i in x if not is_int(i)), None)
-        if bad is None:
-            return torch.tensor([int(i) for i in x], dtype=torch.long)
-        raise TypeError(f"{name}: expected token ids (ints), got an element of type {type(bad).__name__}")
+        if bad is not None:
+            raise TypeError(f"{name}: expected token ids (ints), got an element of type {type(bad).__name__}")
+        ids = [int(i) for i in x]
+        if ids and not -2**63 <= min(ids) <= max(ids) < 2**63:  # beyond what a tensor of ids holds
+            raise ValueError(f"{name}: token ids must lie in [0, vocabulary size), got {min(ids)}..{max(ids)}")
+        return torch.tensor(ids, dtype=torch.long)
     raise TypeError(f"{name}: expected a tensor or a list of token ids, got {type(x).__name__}")
 
 
@@ -84,8 +87,9 @@ def log_likelihood(
     if answer.numel() == 0:
         raise ValueError("answer: expected at least one token")
     for name, value in (("mc_num", mc_num), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_DRAWS:
+        if not is_int(value) or not 1 <= value <= MAX_DRAWS:
             raise ValueError(f"{name}: expected a positive int up to {MAX_DRAWS}, got {value!r}")
+    mc_num, batch_size = int(mc_num), int(batch_size)
     if mc_num % batch_size:
         raise ValueError(f"mc_num: expected a positive multiple of batch_size ({batch_size}), got {mc_num}")
     if not isinstance(cfg_scale, numbers.Real) or isinstance(cfg_scale, bool) or not (
@@ -113,7 +117,7 @@ def log_likelihood(
         raise ValueError(f"{name}: prompt ({prompt.numel()}) and answer ({answer.numel()}) tokens exceed the "
                          f"model's max_sequence_length {max_len}")
     device = next(model.parameters()).device if hasattr(model, "parameters") else prompt.device
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
 
     lp, la = prompt.numel(), answer.numel()
     sequence = torch.cat([prompt, answer]).to(device)
@@ -138,6 +142,7 @@ def log_likelihood(
         weight = (la / counts.to(device=device, dtype=torch.float32))[:, None].expand(-1, lp + la)
         total += float((ce * weight[masked]).sum()) / batch_size
     if math.isnan(total):  # (-inf is an answer the model rules out)
-        raise FloatingPointError("the logits hold NaN or +inf, so the estimate is not a number: check the "
-                                 "weights, the dtype (16 bits may overflow where float32 does not) and cfg_scale")
+        raise FloatingPointError("the logits hold NaN or +inf (or, with cfg_scale, -inf in the pass without the "
+                                 "prompt only, which guidance makes +inf), so the estimate is not a number: check "
+                                 "the weights, the dtype (16 bits may overflow where float32 does not) and cfg_scale")
     return -total / (mc_num // batch_size)
