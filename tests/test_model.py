@@ -5,6 +5,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,6 +175,52 @@ def test_a_cache_that_does_not_fit_the_model_is_named(tmp_path):
             model(ids, mask, cache=[], start=4)
 
 
+def test_positions_that_are_not_a_tensor_are_named_with_their_type(tmp_path):
+    # A list failed on a missing attribute, a numpy array with a message
+    # that printed the expected shape as the one got.
+    model = llada.load_model(make_checkpoint(tmp_path), device="cpu")
+    cache = KVCache(model.config, 2, 10, "cpu", torch.float32)
+    model(torch.zeros(2, 10, dtype=torch.long), cache=cache)
+    for positions, got in (([0, 1, 2, 3, 4, 5], "list"), (np.arange(6), "ndarray")):
+        with pytest.raises(TypeError, match=rf"^positions: expected an int64 tensor \[6\] on cpu, got {got}$"):
+            model(torch.zeros(2, 6, dtype=torch.long), cache=cache, positions=positions)
+
+
+def test_an_attention_mask_that_is_not_a_tensor_is_named_with_its_type(tmp_path):
+    # A numpy mask of the right shape was refused as if its shape were wrong.
+    model = llada.load_model(make_checkpoint(tmp_path), device="cpu")
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    cache = KVCache(model.config, 2, 10, "cpu", torch.float32)
+    for mask, got in ((np.ones((2, 6)), "ndarray"), ([[1] * 6] * 2, "list")):
+        with pytest.raises(TypeError, match=rf"^attention_mask: expected a tensor of shape \(2, 6\), got {got}$"):
+            model(ids, mask)
+    with pytest.raises(TypeError, match=r"^attention_mask: expected a tensor of shape \(2, 10\), got ndarray$"):
+        model(ids, np.ones((2, 10)), cache=cache)
+
+
+def test_numpy_ints_bound_a_logits_slice(tmp_path):
+    # As in Python's own slicing.
+    checkpoint = make_checkpoint(tmp_path)
+    model = llada.load_model(checkpoint, device="cpu")
+    ids, _ = left_padded_batch(model.config, [7, 7], seed=5)
+    want = NaiveLLaDA(checkpoint).forward(ids)
+    for cut, rows in ((slice(np.int64(1), np.int32(3)), slice(1, 3)), (slice(np.int64(-3), None), slice(4, 7)),
+                      (slice(None, np.uint8(100)), slice(0, 7))):
+        got = model(ids, logits_at=cut).logits
+        assert got.shape == (2, rows.stop - rows.start, model.config.embedding_size)
+        assert rel_err(got, want[:, rows]) < 1e-5
+
+
+def test_start_none_without_a_cache_is_no_start(tmp_path):
+    # Without a cache start means nothing, so None (no start) is as good as the default.
+    checkpoint = make_checkpoint(tmp_path)
+    model = llada.load_model(checkpoint, device="cpu")
+    ids, _ = left_padded_batch(model.config, [7, 7], seed=6)
+    assert rel_err(model(ids, start=None).logits, NaiveLLaDA(checkpoint).forward(ids)) < 1e-5
+    with pytest.raises(ValueError, match="^start, positions: only meaningful with a cache$"):
+        model(ids, start=2)
+
+
 SIZES = ["d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "vocab_size", "embedding_size",
          "max_sequence_length"]
 
@@ -185,6 +232,29 @@ def test_config_sizes_must_be_positive_ints(name, value):
     # a bool size deep inside torch: each is refused by name at the config.
     with pytest.raises(ValueError, match=f"^{name}: expected an int >= 1, got {re.escape(repr(value))}$"):
         LLaDAConfig(**{name: value})
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    *[("rope_theta", v, "a finite number > 0") for v in (0, 0.0, -1e4, math.nan, math.inf, np.float32(math.nan),
+                                                        10**400, "1e4", True, None)],
+    *[("rms_norm_eps", v, "a finite number >= 0") for v in (-1.0, -1e-30, math.nan, -math.inf, "1e-5", False,
+                                                           None)],
+    *[("weight_tying", v, "True or False") for v in ("no", 0, 1, None, np.bool_(True))],
+], ids=lambda v: repr(v) if len(repr(v)) < 24 else f"{type(v).__name__}-{len(repr(v))}-digits")
+def test_config_rope_theta_norm_eps_and_tying_are_checked(name, value, expected):
+    # rope_theta <= 0 or NaN would make every logit NaN, a negative eps fail
+    # inside the norm naming its own eps, and weight_tying="no" tie the head.
+    with pytest.raises(ValueError, match=f"^{name}: expected {expected}, got {re.escape(repr(value))}$"):
+        LLaDAConfig(**{name: value})
+
+
+def test_config_takes_python_and_numpy_numbers_as_floats():
+    config = LLaDAConfig(rope_theta=np.float32(10000.0), rms_norm_eps=0, weight_tying=True)
+    assert (config.rope_theta, config.rms_norm_eps, config.weight_tying) == (10000.0, 0.0, True)
+    assert type(config.rope_theta) is float and type(config.rms_norm_eps) is float
+    config = LLaDAConfig(rope_theta=500000, rms_norm_eps=np.float64(1e-6))
+    assert (config.rope_theta, config.rms_norm_eps) == (500000.0, 1e-6)
+    assert type(config.rope_theta) is float and type(config.rms_norm_eps) is float
 
 
 def test_the_smallest_config_makes_a_working_model():

@@ -206,6 +206,24 @@ def test_bad_arguments():
         pretraining_loss(model, torch.zeros(2, 4), MASK)
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU present")
+
+
+@pytest.mark.parametrize("model_device, prompt_device", [
+    ("cpu", "cpu"),
+    pytest.param("cuda", "cuda", marks=CUDA),  # the answer, a list, on the CPU
+    pytest.param("cpu", "cuda", marks=CUDA),
+])
+def test_likelihood_takes_a_prompt_and_an_answer_on_different_devices(model_device, prompt_device):
+    # An answer of one token repeated: every draw that masks l of its L
+    # tokens scores L / l * l * log q[3], so the estimate is exactly L log q[3].
+    q = torch.softmax(torch.randn(VOCAB, generator=torch.Generator().manual_seed(4)), dim=0)
+    model = Unigram(q).to(model_device)
+    prompt = torch.tensor([1, 2], device=prompt_device)
+    got = log_likelihood(model, prompt, [3, 3, 3], mc_num=16, batch_size=8, seed=0)
+    assert math.isclose(got, 3 * math.log(float(q[3])), rel_tol=1e-5)
+
+
 def test_guidance_is_neutral_when_the_prompt_does_not_matter():
     # For a context-free model the guided logits equal the plain ones.
     model = Unigram(torch.softmax(torch.randn(VOCAB), dim=0))

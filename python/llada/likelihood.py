@@ -120,7 +120,8 @@ def log_likelihood(
     generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
 
     lp, la = prompt.numel(), answer.numel()
-    sequence = torch.cat([prompt, answer]).to(device)
+    # Each moved on its own: a prompt and an answer may come on different devices.
+    sequence = torch.cat([prompt.to(device), answer.to(device)])
     total = 0.0
     for _ in range(mc_num // batch_size):
         counts = stratified_mask_counts(batch_size, la, generator)

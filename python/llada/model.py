@@ -15,6 +15,8 @@ checkpoint's weight names and loading needs no renaming table.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
@@ -67,6 +69,13 @@ class LLaDAConfig:
             value = getattr(self, name)
             if not is_int(value) or value < 1:  # is_int: True is no size
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        # A rope_theta <= 0 or NaN makes every logit NaN without an error, and a
+        # negative eps can make the norm's rsqrt NaN; the bounds are config.json's.
+        self.rope_theta = _finite_number("rope_theta", self.rope_theta, inclusive=False)
+        self.rms_norm_eps = _finite_number("rms_norm_eps", self.rms_norm_eps, inclusive=True)
+        # Any other value would pick the head by its truthiness: "no" ties it.
+        if not isinstance(self.weight_tying, bool):
+            raise ValueError(f"weight_tying: expected True or False, got {self.weight_tying!r}")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})"
@@ -81,6 +90,20 @@ class LLaDAConfig:
             raise ValueError(
                 f"embedding_size ({self.embedding_size}) must be >= vocab_size ({self.vocab_size})"
             )
+
+
+def _finite_number(name: str, value, inclusive: bool) -> float:
+    """``value`` as a float where it is a finite real number (a Python or
+    numpy int or float, not a bool) above 0, or at 0 too when ``inclusive``;
+    otherwise a ValueError naming ``name``."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float range
+            number = math.inf
+        if math.isfinite(number) and (number >= 0 if inclusive else number > 0):
+            return number
+    raise ValueError(f"{name}: expected a finite number {'>=' if inclusive else '>'} 0, got {value!r}")
 
 
 class LLaDAOutput(NamedTuple):
@@ -483,21 +506,28 @@ class LLaDAModel(nn.Module):
                 positions = torch.arange(start, start + l, device=device)
             elif start != 0:
                 raise ValueError("start: give either start or positions, not both")
+            elif not isinstance(positions, torch.Tensor):
+                raise TypeError(f"positions: expected an int64 tensor [{l}] on {device}, "
+                                f"got {type(positions).__name__}")
             elif positions.dtype != torch.int64 or positions.shape != (l,) or positions.device != device:
                 raise ValueError(
                     f"positions: expected int64 [{l}] on {device}, got {positions.dtype} "
                     f"{tuple(positions.shape)} on {positions.device}"
                 )
-        elif start != 0 or positions is not None:
+        # Without a cache start has no meaning, so None (no start) is as good as the default 0.
+        elif (start is not None and start != 0) or positions is not None:
             raise ValueError("start, positions: only meaningful with a cache")
         else:
             positions = torch.arange(l, device=device)
         if attention_mask is not None:
             # After the cache's checks: with a cache, the mask's shape is the cache's.
             keys = (b, l if cache is None else cache.total)
-            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != keys:
-                raise ValueError(f"attention_mask: expected a tensor of shape {keys}, got "
-                                 f"{tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}")
+            if not isinstance(attention_mask, torch.Tensor):
+                raise TypeError(f"attention_mask: expected a tensor of shape {keys}, "
+                                f"got {type(attention_mask).__name__}")
+            if tuple(attention_mask.shape) != keys:
+                raise ValueError(f"attention_mask: expected a tensor of shape {keys}, "
+                                 f"got {tuple(attention_mask.shape)}")
         key_mask = None
         if attention_mask is not None:
             key_mask = attention_mask.to(device=device) != 0
@@ -562,8 +592,9 @@ def _slice_bound(bound, default: int, l: int) -> int:
     torch.compile cannot trace on every torch version)."""
     if bound is None:
         return default
-    if not isinstance(bound, int) or isinstance(bound, bool):
+    if not is_int(bound):  # numpy ints too, as Python's slicing takes them
         raise TypeError(f"logits_at: slice bounds must be ints or None, got {type(bound).__name__}")
+    bound = int(bound)
     return min(max(bound + l if bound < 0 else bound, 0), l)
 
 
