@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from llada.checkpoint import INDEX_FILE, save_weights
+from llada.train import STATE_FILE
 
 FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
          "train_args.json", "train_log.csv", "data.json"]
@@ -26,6 +27,17 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32")
     args = parser.parse_args()
     run, dest = Path(args.run), Path(args.dest)
+    # Everything is checked before the first write: a refused export leaves both folders as they were.
+    for name in ["model.safetensors"] + FILES:
+        if not (run / name).is_file():
+            parser.error(f"run: {run} has no {name}; expected a folder written by llada train")
+    if dest.exists() and not dest.is_dir():
+        parser.error(f"dest: {dest} is not a folder")
+    if dest.resolve() == run.resolve() or (dest.exists() and dest.samefile(run)):
+        # The export would replace the run's float32 weights, which its resume state was saved with.
+        parser.error(f"dest: {dest} is the run folder itself; export into another folder")
+    if (dest / STATE_FILE).exists():
+        parser.error(f"dest: {dest} holds {STATE_FILE} (a training run); export into another folder")
     if (dest / INDEX_FILE).exists():
         # model.safetensors beside a sharded model's index: no loader could tell which weights are the model's.
         parser.error(f"dest: {dest} holds {INDEX_FILE} (a sharded model); export into another folder")

@@ -231,6 +231,44 @@ def test_a_missing_weight_tying_means_tied(tmp_path):
         llada.load_model(untied, device="cpu")
 
 
+def test_missing_sizes_take_the_official_defaults(tmp_path):
+    # configuration_llada.ModelConfig: max_sequence_length 1024, embedding_size
+    # 50304; its model takes vocab_size rows for an embedding_size of null.
+    folder = make_checkpoint(tmp_path, seed=2)
+    want = llada.load_model(folder, device="cpu")
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw["vocab_size"] == raw["embedding_size"] == 272 and raw["max_sequence_length"] == 512
+    edit_config(folder, embedding_size=None, max_sequence_length=None)
+    cfg = llada.load_config(folder)
+    assert (cfg.embedding_size, cfg.max_sequence_length) == (272, 1024)
+    del raw["embedding_size"], raw["max_sequence_length"]
+    (folder / "config.json").write_text(json.dumps(raw))
+    cfg = llada.load_config(folder)
+    assert (cfg.embedding_size, cfg.max_sequence_length) == (50304, 1024)
+    with pytest.raises(ValueError, match=r"^weight model\.transformer\.ff_out\.weight \(in model\.safetensors\): "
+                                         r"expected shape \[50304, 32\], got \[272, 32\] \(config\.json: "
+                                         r"embedding_size is missing, which the official LLaDA code takes as 50304 "
+                                         r"rows\)$"):
+        llada.load_model(folder, device="cpu")
+
+    # The official code's checkpoint of such a config: 50304 rows, the ones past the vocabulary unused.
+    def pad_rows(weights):
+        for name in ("model.transformer.wte.weight", "model.transformer.ff_out.weight"):
+            weights[name] = torch.cat([weights[name], torch.zeros(50304 - 272, 32)])
+
+    edit_weights(folder, pad_rows)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    logits = llada.load_model(folder, device="cpu")(ids).logits
+    assert logits.shape == (1, 5, 50304)
+    torch.testing.assert_close(logits[..., :272], want(ids).logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits[..., 272:], torch.zeros(1, 5, 50304 - 272))
+    # A vocabulary beyond those 50304 rows: the missing key cannot be what the folder means.
+    with pytest.raises(ValueError, match=r"^config\.json: embedding_size is missing, which in the official LLaDA "
+                                         r"code means 50304 rows, fewer than vocab_size = 60000; give "
+                                         r"embedding_size \(null means vocab_size\)$"):
+        config_from_dict(dict(raw, vocab_size=60000))
+
+
 @pytest.mark.parametrize("multi_query, n_kv_heads, expected", [
     (None, None, 4), (None, 2, 2),
     (True, None, 1), (True, 1, 1), (True, 2, "multi_query_attention = True means 1 key/value head(s), but "
@@ -418,6 +456,26 @@ def test_a_model_too_large_for_memory_is_refused_before_loading(tmp_path, monkey
 
     monkeypatch.setattr(llada.checkpoint, "_available_host_memory", lambda: None)  # not Linux: no check
     llada.load_model(folder, device="cpu", dtype=torch.float32)
+
+
+def test_the_memory_error_gives_sizes_in_units_that_show_them(tmp_path, monkeypatch):
+    folder = make_checkpoint(tmp_path, seed=3)
+    params = sum(t.numel() for t in load_file(str(folder / "model.safetensors")).values())
+    assert 1_000 <= params < 250_000  # thousands of parameters, under 1 MB as float32
+    monkeypatch.setattr(llada.checkpoint, "_available_host_memory", lambda: 4 * params - 1)
+    with pytest.raises(MemoryError) as error:
+        llada.load_model(folder, device="cpu", dtype=torch.float32)
+    assert str(error.value) == (
+        f"dtype: the model's {params / 1e3:.2f}K parameters take {4 * params / 1e3:.1f} kB as torch.float32, "
+        f"but this machine has {(4 * params - 1) / 1e3:.1f} kB of memory available; as torch.bfloat16 they "
+        f"take {2 * params / 1e3:.1f} kB (CLI: --dtype bfloat16)")
+    # LLaDA-8B: 2 * 126464 * 4096 (embedding and head) + 32 blocks * (4 * 4096^2 + 3 * 4096 * 12288 + 2 * 4096)
+    # + 4096 = 8,015,581,184 parameters.
+    monkeypatch.setattr(llada.checkpoint, "_available_host_memory", lambda: 500_000_000)
+    with pytest.raises(MemoryError) as error:
+        llada.checkpoint._check_memory(llada.LLaDAConfig(), torch.device("cpu"), torch.bfloat16)
+    assert str(error.value) == ("dtype: the model's 8.02B parameters take 16.0 GB as torch.bfloat16, but this "
+                                "machine has 500.0 MB of memory available")
 
 
 def meminfo_kib(key):

@@ -283,6 +283,35 @@ def test_resume_refuses_what_cannot_change_and_applies_the_rest(tmp_path, capsys
     assert float(row["lr"]) != pytest.approx(1e-2 * cosine(2 / 4, 0.1), rel=1e-4)
 
 
+def test_resume_without_memory_for_the_weights_is_one_error_line(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    import llada.checkpoint
+
+    folder = tmp_path / "run"
+    run(SORT + TINY + ["--steps", "4", "--eval-every", "2", "--stop-at", "2", "--out", str(folder)])
+    params = sum(t.numel() for t in load_file(folder / "model.safetensors").values())
+    assert 1_000 <= params < 1_000_000  # thousands, so K and kB below
+    # A busy machine: 1000 bytes left, fewer than the float32 weights take.
+    monkeypatch.setattr(llada.checkpoint, "_available_host_memory", lambda: 1000)
+    capsys.readouterr()
+    assert train.main(["--resume", str(folder)]) == 2
+    assert capsys.readouterr().err == (
+        f"llada train: error: --resume: {folder}: the model's {params / 1e3:.2f}K parameters take "
+        f"{params * 4 / 1e3:.1f} kB as torch.float32, but this machine has 1.0 kB of memory available "
+        f"(training keeps its weights in float32)\n")
+    assert torch.load(folder / train.STATE_FILE, weights_only=False)["step"] == 2  # the run is as it was
+    # An allocation that fails anywhere else in training is no traceback either.
+    monkeypatch.setattr(llada.checkpoint, "_available_host_memory", lambda: None)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(train, "make_optimizer", no_memory)
+    assert train.main(["--resume", str(folder)]) == 2
+    assert capsys.readouterr().err == "llada train: error: out of memory\n"
+
+
 @pytest.mark.parametrize("saved, given", [(None, "."), ("stdlib", "./stdlib"), ("stdlib", "stdlib/")])
 def test_a_resumed_corpus_path_is_never_the_runs_keyword_or_its_lack_of_corpus(tmp_path, monkeypatch, capsys,
                                                                                saved, given):
@@ -721,6 +750,47 @@ def test_export_model_writes_files_anyone_may_read(tmp_path, monkeypatch, dtype)
         runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / "export_model.py"),
                        run_name="__main__")
     assert stopped.value.code == 2 and sorted(p.name for p in sharded.iterdir()) == ["model.safetensors.index.json"]
+
+
+def export_model(monkeypatch, capsys, *argv) -> str:
+    """Runs scripts/export_model.py, which must refuse as argparse does; its error line."""
+    import runpy
+    import sys
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["export_model.py", *map(str, argv)])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / "export_model.py"),
+                       run_name="__main__")
+    assert stopped.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+def test_export_model_refuses_a_run_folder_as_destination_before_writing(tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    run(SORT + TINY + ["--steps", "2", "--eval-every", "2", "--out", str(run_dir)])
+
+    def contents(folder):
+        return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    before = contents(run_dir)
+    (tmp_path / "link").symlink_to(run_dir)
+    for dest in (run_dir, run_dir / ".." / "run", tmp_path / "link"):
+        assert export_model(monkeypatch, capsys, run_dir, dest, "--dtype", "bfloat16") == (
+            f"export_model.py: error: dest: {dest} is the run folder itself; export into another folder")
+    # Another run's folder: its float32 weights belong with its resume state.
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    assert export_model(monkeypatch, capsys, run_dir, other) == (
+        f"export_model.py: error: dest: {other} holds {train.STATE_FILE} (a training run); export into another folder")
+    assert contents(run_dir) == before and contents(other) == before
+    # A run folder without one of the files the export copies: nothing is written.
+    (other / "data.json").unlink()
+    dest = tmp_path / "model"
+    assert export_model(monkeypatch, capsys, other, dest) == (
+        f"export_model.py: error: run: {other} has no data.json; expected a folder written by llada train")
+    assert not dest.exists()
+    assert train.main(["--resume", str(run_dir), "--steps", "3"]) == 0  # the run still resumes
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -70,8 +70,12 @@ SPECIAL_TOKENS = {
 def config_from_dict(raw: dict, eot_token_id: Optional[int] = None, source: str = "config.json") -> LLaDAConfig:
     """Validate a config.json dict and turn it into an :class:`LLaDAConfig`.
 
-    An optional key that is missing or null takes the official code's default
-    (a feature key whose default we do not implement must be given; see
+    An optional key that is missing or null takes the official code's
+    default (configuration_llada.ModelConfig's: max_sequence_length 1024,
+    embedding_size 50304, rope_theta 10000.0, ...; its model reads a null
+    embedding_size as vocab_size, and so do we), except the special token
+    ids, which take LLaDA-8B's, as the errors about them say. A feature key
+    whose default we do not implement must be given (see
     ``SUPPORTED_VALUES``). ``eot_token_id`` is the id of ``<|eot_id|>`` in
     tokenizer.json, used when config.json has no ``eot_token_id`` (LLaDA's
     has none). ``source`` names ``raw`` in errors.
@@ -169,6 +173,16 @@ def config_from_dict(raw: dict, eot_token_id: Optional[int] = None, source: str 
     elif n_kv_heads is None:
         n_kv_heads = n_heads
 
+    # Missing is not null here: the official ModelConfig's default is 50304
+    # rows (GPT-2's vocabulary padded), and its model reads a null as vocab_size.
+    if "embedding_size" in raw:
+        embedding_size = integer("embedding_size", vocab_size)
+    elif vocab_size <= 50304:
+        embedding_size = 50304
+    else:
+        raise ValueError(f"{source}: embedding_size is missing, which in the official LLaDA code means 50304 rows, "
+                         f"fewer than vocab_size = {vocab_size}; give embedding_size (null means vocab_size)")
+
     fields = dict(
         d_model=d_model,
         n_heads=n_heads,
@@ -176,8 +190,8 @@ def config_from_dict(raw: dict, eot_token_id: Optional[int] = None, source: str 
         n_layers=n_layers,
         mlp_hidden_size=mlp_hidden_size,
         vocab_size=vocab_size,
-        embedding_size=integer("embedding_size", vocab_size),
-        max_sequence_length=integer("max_sequence_length", 4096),
+        embedding_size=embedding_size,
+        max_sequence_length=integer("max_sequence_length", 1024),
         rope_theta=number("rope_theta", 10000.0, 0, inclusive=False),
         # The norm kernels accept 0; a negative eps can make the rsqrt NaN.
         rms_norm_eps=number("rms_norm_eps", 1e-5, 0, inclusive=True),
@@ -364,7 +378,10 @@ def _open_weights(path: Path, device: torch.device):
 def _check_and_assign(model, shapes, name, file, tensor, dtype):
     where = f"weight {name} (in {file})"
     if tuple(tensor.shape) != shapes[name]:
-        raise ValueError(f"{where}: expected shape {list(shapes[name])}, got {list(tensor.shape)}")
+        note = ""
+        if name in (EMBEDDING_WEIGHT, HEAD_WEIGHT) and "embedding_size" not in model.config.extra:
+            note = " (config.json: embedding_size is missing, which the official LLaDA code takes as 50304 rows)"
+        raise ValueError(f"{where}: expected shape {list(shapes[name])}, got {list(tensor.shape)}{note}")
     if not tensor.is_floating_point():  # an int or bool tensor is no weight, whatever the cast gives
         raise ValueError(f"{where}: expected a floating-point dtype, got {tensor.dtype}")
     converted = tensor.to(dtype)
@@ -381,6 +398,7 @@ def _check_and_assign(model, shapes, name, file, tensor, dtype):
     _assign(model, name, converted)
 
 
+EMBEDDING_WEIGHT = "model.transformer.wte.weight"
 HEAD_WEIGHT = "model.transformer.ff_out.weight"
 
 
@@ -469,26 +487,52 @@ def _memory_stat(path: Path, key: str) -> int:
     return 0
 
 
+def _format_bytes(n: int) -> str:
+    """A size in the largest of GB, MB, kB it reaches, so that a small model reads as more than 0.0 GB."""
+    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _format_count(n: int) -> str:
+    """A parameter count in the largest of billions, millions, thousands it reaches."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def memory_shortfall(cfg: LLaDAConfig, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """What the weights of a model with config ``cfg`` take as ``dtype`` and
+    what ``device`` has free, when they do not fit there; None when they fit
+    or the free memory cannot be read."""
+    params = count_parameters(cfg)
+    need = params * dtype.itemsize
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        where = f"{device} has {_format_bytes(free)} free"
+    else:
+        free = _available_host_memory()
+        where = f"this machine has {_format_bytes(free or 0)} of memory available"
+    if free is None or need <= free:
+        return None
+    return f"the model's {_format_count(params)} parameters take {_format_bytes(need)} as {dtype}, but {where}"
+
+
 def _check_memory(cfg: LLaDAConfig, device: torch.device, dtype: torch.dtype) -> None:
     """Refuses, before reading any weight, a model whose weights alone do not
     fit where they are going: an 8B model in float32 takes 32 GB, and
     running out half-way through loading it kills the process (or stalls
     the machine) instead of saying why."""
-    params = count_parameters(cfg)
-    need = params * dtype.itemsize
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        where = f"{device} has {free / 1e9:.1f} GB free"
-    else:
-        free = _available_host_memory()
-        where = f"this machine has {(free or 0) / 1e9:.1f} GB of memory available"
-    if free is None or need <= free:
+    shortfall = memory_shortfall(cfg, device, dtype)
+    if shortfall is None:
         return
     hint = ""
-    if dtype == torch.float32 and need // 2 <= free:
-        hint = f"; as torch.bfloat16 they take {need / 2e9:.1f} GB (CLI: --dtype bfloat16)"
-    raise MemoryError(f"dtype: the model's {params / 1e9:.2f}B parameters take {need / 1e9:.1f} GB as "
-                      f"{dtype}, but {where}{hint}")
+    if dtype == torch.float32 and memory_shortfall(cfg, device, torch.bfloat16) is None:
+        hint = (f"; as torch.bfloat16 they take {_format_bytes(count_parameters(cfg) * 2)} "
+                f"(CLI: --dtype bfloat16)")
+    raise MemoryError(f"dtype: {shortfall}{hint}")
 
 
 def load_model(

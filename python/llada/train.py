@@ -53,7 +53,7 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import INDEX_FILE, config_to_dict, load_model, save_weights
+from .checkpoint import INDEX_FILE, config_to_dict, load_config, load_model, memory_shortfall, save_weights
 from .devices import out_of_memory
 from .model import LLaDAConfig, LLaDAModel, count_parameters
 from .objectives import pretraining_loss, sft_loss
@@ -418,6 +418,10 @@ def train(args) -> Path:
     data = Data(args, tok=read_tokenizer(out) if resuming else None)
     if resuming:
         check_same_data(out, data.info, args)
+        # Checked here rather than by load_model, whose error is about its dtype argument.
+        shortfall = memory_shortfall(load_config(out), device, torch.float32)
+        if shortfall is not None:
+            raise MemoryError(f"--resume: {out}: {shortfall} (training keeps its weights in float32)")
         model = load_model(out, device=device, dtype=torch.float32)
         for p in model.parameters():
             p.requires_grad_(True)
@@ -846,6 +850,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         out = train(args)
     except (ValueError, TypeError, OSError, FloatingPointError) as e:  # OSError: e.g. --out under a file
         print(f"llada train: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError as e:  # Python's own, from an allocation, carries no message
+        print(f"llada train: error: {str(e) or 'out of memory'}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         if not out_of_memory(e):
