@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llada
+from llada import devices
 from llada.ops import gumbel_noise_reference, sample_tokens_reference
 
 from conftest import needs_cuda, poison_allocator
@@ -133,6 +134,70 @@ def test_a_nan_logit_makes_the_probabilities_nan(device):
         for row in (0, 1):
             assert out.confidence[row].isnan() and out.margin[row].isnan() and out.entropy[row].isnan()
         assert out.tokens[2].item() == -1 and out.confidence[2].item() == -math.inf
+
+
+def test_reference_answers_as_the_kernels_on_nan_and_inf_logits(monkeypatch):
+    # The reference runs in the op's place on a GPU this build has no code
+    # for, so on logits outside the contract too it must answer as the
+    # kernels do: a NaN is never chosen and makes the row's probabilities NaN;
+    # the first +inf is chosen, and makes them NaN as well.
+    v = 300
+    logits = random_logits(8, v, torch.float32, "cpu")
+    logits[0, 17] = math.nan
+    logits[1] = -math.inf
+    logits[1, 3], logits[1, 250] = 2.0, math.nan  # the NaN far from the only finite logit
+    logits[2, [7, 30]] = math.inf
+    logits[3, 40], logits[3, 41] = math.nan, math.inf
+    logits[4] = -math.inf
+    logits[4, 9] = math.nan  # no logit above -inf: nothing to choose
+    logits[5] = -math.inf
+    logits[5, 100] = math.inf
+    logits[6] = logits[6].abs() + 1.0  # every logit positive: x / T overflows first
+    best_of_the_others = int(logits[0].nan_to_num(-math.inf).argmax())
+
+    def kernel_must_not_run(*args, **kwargs):
+        raise AssertionError("torch.ops.llada.sample_tokens ran")
+
+    for temperature in (0.0, 1e-308, 5e-324, 0.5, 1.0, 2.5):
+        kernel = llada.sample_tokens(logits, temperature, seed=3)
+        with monkeypatch.context() as m:  # as on a GPU without code in this build
+            m.setattr(devices, "kernels_run_on", lambda device: False)
+            m.setattr(torch.ops.llada, "sample_tokens", kernel_must_not_run)
+            reference = llada.sample_tokens(logits, temperature, seed=3)
+        assert torch.equal(reference.tokens, kernel.tokens), temperature
+        tokens = reference.tokens.tolist()
+        assert tokens[1:6] == [3, 7, 41, -1, 100] and tokens[0] != 17, temperature
+        if temperature < 1e-300:  # below the noise's reach: the argmax
+            assert tokens[0] == best_of_the_others and tokens[6] == int(logits[6].argmax())
+        for got, want in zip(reference[1:], kernel[1:]):
+            assert torch.equal(got.isnan(), want.isnan()), temperature
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, equal_nan=True)
+        assert reference.confidence[[0, 1, 2, 3, 5]].isnan().all()
+        assert reference.entropy[[0, 1, 2, 3, 5]].isnan().all()
+        assert reference.confidence[4] == -math.inf and reference.entropy[4] == 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_masked_with_the_lowest_finite_value(device, dtype):
+    # torch.finfo(dtype).min is a common mask value; for float32 and bfloat16
+    # it times log2(e) overflows float32, which must not turn into NaN sums.
+    lowest = torch.finfo(dtype).min
+    v = 20000  # rows 16-byte aligned: the GPU reads them in vectors, several in flight
+    logits = random_logits(4, v, dtype, device)
+    logits[0] = lowest  # the whole row
+    logits[1, :256] = lowest  # ids 0..255, which the first threads read first
+    logits[2, 256:] = lowest  # all but ids 0..255
+    logits[3, ::2] = lowest  # every other id
+    for temperature in (0.0, 1.0):
+        assert_matches_reference(logits, temperature, seed=5)
+        out = llada.sample_tokens(logits, temperature, seed=5)
+        if temperature == 0.0 or lowest < -1e30:  # float16's -65504 is not beyond the noise
+            assert out.tokens[0].item() == 0  # all tie, the noise far below their spacing
+        assert out.margin[0].item() == 0.0
+        torch.testing.assert_close(out.confidence[0].cpu(), torch.tensor(1.0 / v), rtol=2e-5, atol=0)
+        torch.testing.assert_close(out.entropy[0].cpu(), torch.tensor(math.log(v)), rtol=2e-5, atol=0)
+        assert 256 <= out.tokens[1].item() and out.tokens[2].item() < 256 and out.tokens[3].item() % 2 == 1
+        assert all(t.isfinite().all() for t in out[1:])
 
 
 def test_largest_noise_matches_reference(device):
@@ -279,10 +344,10 @@ def test_bad_input(device):
             torch.ops.llada.sample_tokens(good, torch.tensor([1]), 0.0, 0)
 
 
-@pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-44])
+@pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-44, 1e-300, 1e-308, 5e-324])
 def test_tiny_temperatures_sample_the_argmax(device, temperature):
-    # logits / T overflows float32 here (45 / 1e-38 is +inf, as is 44 / 1e-38):
-    # the draw must still be the argmax, as in the float64 reference.
+    # logits / T overflows float32 here (45 / 1e-38 is +inf, as is 44 / 1e-38),
+    # and from about 1e-307 float64 too: the draw must still be the argmax.
     logits = torch.tensor([[10.0, 45.0, 44.0, -3.0], [0.0, -1.0, 0.5, 0.25]], device=device)
     got = llada.sample_tokens(logits, temperature, seed=1)
     want = sample_tokens_reference(logits, temperature, seed=1)

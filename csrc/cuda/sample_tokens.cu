@@ -41,12 +41,24 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// Exponent of x relative to the maximum, in base 2: (x - max) * log2(e).
+// Subtracting first keeps it finite for every x <= max: x * log2(e) and
+// max * log2(e) overflow float32 for logits below -FLT_MAX / log2(e), which
+// torch.finfo(dtype).min is, a common mask value. -inf and NaN offsets are
+// clamped to a finite one whose exp is exactly 0, so they add nothing and
+// never make 0 * inf.
+__device__ __forceinline__ float offset_log2(float x, float max) {
+  return fmaxf((x - max) * kLog2e, -1.0e4f);
+}
+
 // Re-expresses the sums relative to a new, larger maximum.
 __device__ __forceinline__ void rescale(RowState& s, float new_max) {
   if (s.sum > 0.0f) {
     float shift = (s.max - new_max) * kLog2e;
     float a = fast_exp2(shift);
-    s.wsum = a * (s.wsum + s.sum * shift);
+    // A factor of 0 drops the old terms outright: the shift may be -inf or
+    // so large that sum * shift is, and 0 * inf would be NaN.
+    s.wsum = a > 0.0f ? a * (s.wsum + s.sum * shift) : 0.0f;
     s.sum *= a;
   }
   s.max = new_max;
@@ -110,14 +122,10 @@ __device__ __forceinline__ void accumulate(RowState& s, float (&v)[N], int32_t c
     s.second = fmaxf(s.second, chunk_max);
   }
   if (s.max != kNegInf) {
-    // Work in base 2: t = (x - max) * log2(e) is one fused multiply-add.
-    const float max_log2 = s.max * kLog2e;
     float chunk_sum = 0.0f, chunk_wsum = 0.0f;
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      // -inf logits are clamped to a finite offset whose exp is exactly 0,
-      // so they add nothing and never make 0 * inf.
-      float t = fmaxf(fmaf(v[j], kLog2e, -max_log2), -1.0e4f);
+      float t = offset_log2(v[j], s.max);
       float e = fast_exp2(t);
       chunk_sum += e;
       chunk_wsum = fmaf(e, t, chunk_wsum);
@@ -282,21 +290,20 @@ __global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(SampleTokens
     return;
   }
   const float chosen = token == s.max_index ? s.max : load_one(x + token);
-  // The terms summed against the final maximum carry a common factor 2^d,
-  // d being the rounding error of max * log2(e) in the multiply-add. The
-  // numerators are computed the same way, so the factor cancels: a row with
-  // one finite logit gets a confidence of exactly 1.
-  const float max_log2 = s.max * kLog2e;
-  const float top = fast_exp2(fmaf(s.max, kLog2e, -max_log2));
+  // The maximum's own term, exactly as the sums took it (offset 0): a row
+  // with one finite logit gets a confidence of exactly 1.
+  const float top = fast_exp2(0.0f);
   p.tokens[row] = token;
-  p.confidence[row] = fast_exp2(fmaxf(fmaf(chosen, kLog2e, -max_log2), -1.0e4f)) / s.sum;
-  p.margin[row] = (top - fast_exp2(fmaxf(fmaf(s.second, kLog2e, -max_log2), -1.0e4f))) / s.sum;
+  p.confidence[row] = fast_exp2(offset_log2(chosen, s.max)) / s.sum;
+  p.margin[row] = (top - fast_exp2(offset_log2(s.second, s.max))) / s.sum;
   // When the other terms vanish next to the top one the sum is that one term
-  // and the entropy is exactly 0, as on the CPU; the formula would leave the
-  // rounding of 2^d behind (a few 1e-8, of either sign). Elsewhere rounding
-  // must not take it below 0, which no distribution has.
+  // and the entropy is exactly 0, as on the CPU, whatever products too small
+  // to move the sum the weighted sum kept. Elsewhere rounding must not take
+  // it below 0, which no distribution has.
   p.entropy[row] = s.sum == top ? 0.0f : fmaxf(0.0f, logf(s.sum) - s.wsum / (s.sum * kLog2e));
-  if (s.nan) {  // as on the CPU, where a NaN logit makes the row's sums NaN
+  // As on the CPU, where a NaN logit, or a +inf one (inf - inf), makes the
+  // row's sums NaN; here both terms were dropped from the sums.
+  if (s.nan || s.max == -kNegInf) {
     p.confidence[row] = p.margin[row] = p.entropy[row] = __int_as_float(0x7fc00000);
   }
 }

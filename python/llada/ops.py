@@ -318,31 +318,41 @@ def sample_tokens_reference(
     ids = ids[(ids >= 0) & (ids < v)]
     x[:, ids] = -math.inf
 
-    finite = torch.isfinite(x).any(dim=1)
+    # A row can be chosen from when some logit is above -inf (a NaN is not).
+    # Logits outside the contract get the kernels' answers: a NaN is never
+    # chosen but makes the row's probabilities NaN; a +inf is chosen (the first
+    # one) and makes them NaN too.
+    choosable = (x > -math.inf).any(dim=1)
     if temperature > 0:
         keys = n if noise_rows is None else noise_rows.tolist()
-        score = x / temperature + gumbel_noise_reference(seed, keys, v)
-        score[torch.isinf(x)] = -math.inf
+        noise = gumbel_noise_reference(seed, keys, v)
+        # Below 1 the noise is scaled down rather than the logits up: the same
+        # argmax, and x / temperature would overflow even float64 for a tiny
+        # temperature (45 / 1e-308 is +inf, a tie with every positive logit).
+        score = x + temperature * noise if temperature < 1 else x / temperature + noise
     else:
         score = x
-    # torch.argmax returns the first maximal index: the documented tie-break.
-    tokens = torch.where(finite, torch.argmax(score, dim=1), -1)
+    # torch.argmax returns the first maximal index (the documented tie-break),
+    # but takes NaN for the maximum.
+    score = torch.where(score.isnan(), -math.inf, score)
+    tokens = torch.where(choosable, torch.argmax(score, dim=1), -1)
 
     p = torch.softmax(x, dim=1)
-    p = torch.where(finite[:, None], p, 0.0)
+    p = torch.where(choosable[:, None], p, 0.0)
     confidence = torch.where(
-        finite, p.gather(1, tokens.clamp(min=0)[:, None])[:, 0], -math.inf
+        choosable, p.gather(1, tokens.clamp(min=0)[:, None])[:, 0], -math.inf
     )
     top2 = p.topk(min(2, v), dim=1).values
     margin = top2[:, 0] - (top2[:, 1] if v > 1 else 0.0)
-    plogp = torch.where(p > 0, p * torch.log(p), 0.0)
+    # 0 log 0 is 0; a NaN probability stays NaN.
+    plogp = torch.where(p == 0, 0.0, p * torch.log(p))
     entropy = -plogp.sum(dim=1)
     dev = logits.device
     return TokenChoice(
         tokens.to(dev),
         confidence.to(device=dev, dtype=torch.float32),
-        torch.where(finite, margin, 0.0).to(device=dev, dtype=torch.float32),
-        torch.where(finite, entropy, 0.0).to(device=dev, dtype=torch.float32),
+        torch.where(choosable, margin, 0.0).to(device=dev, dtype=torch.float32),
+        torch.where(choosable, entropy, 0.0).to(device=dev, dtype=torch.float32),
     )
 
 
