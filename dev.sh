@@ -37,7 +37,14 @@ build() {
 
 bench_build() {
   setup
-  "$VENV/bin/cmake" -S bench/cuda -B build/bench -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  # Where bench/cuda/CMakeLists.txt looks for nvcc.
+  if [ -z "${CUDACXX:-}" ] && ! command -v nvcc >/dev/null && [ ! -x /usr/local/cuda/bin/nvcc ]; then
+    echo "./dev.sh bench-build: needs nvcc (the CUDA toolkit): none on PATH or at /usr/local/cuda/bin/nvcc" >&2
+    exit 1
+  fi
+  # The venv's ninja: a fresh machine may have no other on PATH.
+  "$VENV/bin/cmake" -S bench/cuda -B build/bench -G Ninja -DCMAKE_MAKE_PROGRAM="$PWD/$VENV/bin/ninja" \
+    -DCMAKE_BUILD_TYPE=Release \
     ${LLADA_CUDA_ARCHITECTURES:+-DLLADA_CUDA_ARCHITECTURES="$LLADA_CUDA_ARCHITECTURES"}
   "$VENV/bin/cmake" --build build/bench
 }

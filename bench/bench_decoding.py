@@ -13,6 +13,11 @@ against batch 1 in the same run, "n/a" if that failed), and a last one times
 the parts of a dual-cache block on their own, and where one forward's and
 one whole decode's device time goes. Random weights say nothing about
 quality (see bench/quality.py for that), only about speed.
+
+A row that raises reads "failed"; a row that only launches the same
+computation differently (eager steps instead of CUDA graphs, a first call)
+must give the same tokens as the row it varies, and reads "wrong" if not.
+Either way the whole report still prints, then the script exits non-zero.
 """
 
 from __future__ import annotations
@@ -33,6 +38,15 @@ SHAPES = {
     "8b": dict(size="8b-shape", prompt=256, gen=256, block=32),
 }
 BASELINE = "exact, 1 token/step"  # the row the others' ratios are against
+# Rows that differ from another only in how its computation is launched (or
+# in starting without a workspace): their tokens must equal that row's.
+SAME_TOKENS_AS = {
+    "dual cache, 4 tokens/step, first call": "dual cache, 4 tokens/step",
+    "prefix cache, 4 tokens/step, first call": "prefix cache, 4 tokens/step",
+    "prefix cache, 4 tokens/step, eager": "prefix cache, 4 tokens/step",
+    "dual cache, 4 tokens/step, eager": "dual cache, 4 tokens/step",
+    "dual cache + threshold 0.9, eager": "dual cache + threshold 0.9",
+}
 
 
 @contextmanager
@@ -116,7 +130,7 @@ def run(model, prompt, steps, gen, block, policy, device):
     out, stats = llada.generate(model, prompt, steps=steps, gen_length=gen, block_length=block,
                                 policy=policy, return_stats=True)
     sync()
-    return time.perf_counter() - start, stats
+    return time.perf_counter() - start, out, stats
 
 
 def ratio_text(tps: float, base) -> str:
@@ -125,11 +139,11 @@ def ratio_text(tps: float, base) -> str:
     return f"{tps / base:.2f}" if base else "n/a"
 
 
-def batch_throughput(model, cfg, shape, device: str, repeats: int) -> None:
+def batch_throughput(model, cfg, shape, device: str, repeats: int) -> list[str]:
     """Dual cache at 4 tokens per step for a batch of rows: every row's
     tokens per second, against batch 1. The padded batch's prompts are
     left-padded to the longest (lengths down to 3/4 of it), as a batch of
-    real prompts is."""
+    real prompts is. Returns the names of the batches that failed."""
     prompt_len, gen, block = shape["prompt"], shape["gen"], shape["block"]
     policy = llada.DecodePolicy(cache="dual")
     g = torch.Generator().manual_seed(2)
@@ -142,7 +156,7 @@ def batch_throughput(model, cfg, shape, device: str, repeats: int) -> None:
             lengths[0] = prompt_len
             mask = (torch.arange(prompt_len)[None, :] >= prompt_len - lengths[:, None]).long()
         cases.append((batch, padded, prompt, mask))
-    rows, base = [], None
+    rows, base, failed = [], None, []
     for batch, padded, prompt, mask in cases:
         def decode():
             if device == "cuda":
@@ -159,6 +173,7 @@ def batch_throughput(model, cfg, shape, device: str, repeats: int) -> None:
             tps = batch * gen / min(decode() for _ in range(repeats))
         except RuntimeError as error:  # out of memory, say: the other rows still run
             rows.append((name, "failed", ""))
+            failed.append(f"batch '{name}'")
             print(f"RESULT decoding_batch {device} batch='{name}' FAILED: {str(error).splitlines()[0]}", flush=True)
             continue
         if batch == 1 and not padded:
@@ -171,6 +186,7 @@ def batch_throughput(model, cfg, shape, device: str, repeats: int) -> None:
     print("|---|---:|---:|")
     for name, tps, ratio in rows:
         print(f"| {name} | {tps} | {ratio} |")
+    return failed
 
 
 def step_anatomy(model, prompt_len: int, gen: int, block: int, device: str, min_time: float) -> None:
@@ -277,6 +293,8 @@ def main() -> None:
 
     run(model, prompt, gen // 4, gen, block, llada.DecodePolicy(cache="dual"), args.device)  # warm-up
     rows, base = [], None
+    tokens = {}  # row name -> the tokens it decoded
+    failed = []  # what failed, for the exit status once everything is printed
     for name, steps, policy, fresh, setting in policies(gen, block, args.device, args.compile):
         best = None
         try:
@@ -289,13 +307,15 @@ def main() -> None:
                 for _ in range(args.repeats):
                     if fresh:
                         llada.release_decode_workspace(decoder)
-                    seconds, stats = run(decoder, prompt, steps, gen, block, policy, args.device)
+                    seconds, out, stats = run(decoder, prompt, steps, gen, block, policy, args.device)
                     best = seconds if best is None else min(best, seconds)
         except RuntimeError as error:  # one failing path must not cost the other rows
             rows.append((name, None))
+            failed.append(f"policy '{name}'")
             print(f"RESULT decoding {args.shape} {args.device} policy='{name}' FAILED: "
                   f"{str(error).splitlines()[0]}", flush=True)
             continue
+        tokens[name] = out
         tps = gen / best
         if name == BASELINE:
             base = tps
@@ -303,6 +323,13 @@ def main() -> None:
         rows.append((name, (stats.nfe, stats.tokens_per_forward, stats.positions_per_forward, tps, ratio)))
         print(f"RESULT decoding {args.shape} {args.device} policy='{name}' nfe={stats.nfe} "
               f"tok_per_s={tps:.1f} x_exact={ratio}", flush=True)
+        same_as = SAME_TOKENS_AS.get(name)
+        if same_as in tokens and not torch.equal(out, tokens[same_as]):
+            # Timed all the same; "wrong" in the table.
+            rows[-1] = (f"{name} (wrong: tokens differ from '{same_as}')", rows[-1][1])
+            failed.append(f"policy '{name}' (tokens differ from '{same_as}')")
+            print(f"RESULT decoding {args.shape} {args.device} policy='{name}' FAILED: "
+                  f"its tokens differ from those of '{same_as}'", flush=True)
 
     print()
     print("| policy | NFE | tokens/forward | positions/forward | tokens/s | x exact |")
@@ -313,16 +340,18 @@ def main() -> None:
             continue
         nfe, tpf, ppf, tps, ratio = figures
         print(f"| {name} | {nfe} | {tpf:.2f} | {ppf:.1f} | {tps:.1f} | {ratio} |")
-    batch_throughput(model, cfg, shape, args.device, args.repeats)
+    failed += batch_throughput(model, cfg, shape, args.device, args.repeats)
     with torch.no_grad():
         step_anatomy(model, shape["prompt"], gen, block, args.device, 0.5 if args.device == "cuda" else 1.0)
     # A whole decode with the default fast path: what the GPU does between
     # the forwards, and how long it waits on the host.
     default = ("dual cache, 4 tokens/step", gen // 4, llada.DecodePolicy(cache="dual"))
-    seconds, _ = run(model, prompt, default[1], gen, block, default[2], args.device)
+    seconds, _, _ = run(model, prompt, default[1], gen, block, default[2], args.device)
     device_time(f"one decode, {default[0]}",
                 lambda: run(model, prompt, default[1], gen, block, default[2], args.device),
                 args.device, seconds * 1e3, calls=1)
+    if failed:
+        raise SystemExit(f"{len(failed)} row(s) failed (see their RESULT lines): {'; '.join(failed)}")
 
 
 if __name__ == "__main__":

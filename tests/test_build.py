@@ -13,12 +13,28 @@ def test_cuda_availability_is_reported_separately_from_the_gpu():
         assert all(a.strip().isdigit() for a in llada._C.cuda_architectures().split(","))
 
 
+# Every op the extension defines (csrc/torch): the kernels, and the argument
+# checks that run before a torch reference where no kernel does.
+KERNEL_OPS = ("sample_tokens", "select_positions", "commit_tokens", "attention", "rms_norm", "add_rms_norm",
+              "rope", "silu_mul", "store_kv")
+CHECK_OPS = ("check_sample_tokens", "check_select_positions", "check_commit_tokens", "check_attention",
+             "check_rms_norm", "check_rope", "check_store_kv", "check_silu_mul")
+
+
 def test_ops_are_registered_for_cpu_and_cuda():
-    for name in ("sample_tokens", "select_positions", "commit_tokens"):
+    # A kernel has a CUDA implementation only in a build with the CUDA
+    # kernels; the checks read no data, so every build has them for CUDA too.
+    for name in KERNEL_OPS + CHECK_OPS:
         op = getattr(torch.ops.llada, name).default
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU"), name
         has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA")
-        assert has_cuda == llada.cuda_kernels_available()
+        assert has_cuda == (name in CHECK_OPS or llada.cuda_kernels_available()), name
+
+
+def test_the_registration_test_covers_every_op():
+    registered = {name.removeprefix("llada::") for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("llada::")}
+    assert registered == set(KERNEL_OPS + CHECK_OPS)
 
 
 def test_version():
