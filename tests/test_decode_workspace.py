@@ -207,20 +207,70 @@ def test_a_failed_decode_gives_its_workspace_back(model):
     assert len(pooled(model)) == 1
 
 
-def test_rows_leaving_the_batch_reuse_what_they_can(tmp_path, held):
-    # Early stop: rows that end leave the batch, so a decode moves to smaller
-    # workspaces; a repeat gives the same tokens and forwards.
-    folder = make_checkpoint(tmp_path, seed=5, boost_stop_tokens=8.0, **SHAPES["gqa"])
-    model = llada.load_model(folder, dtype=torch.float32, device="cpu")
+@pytest.fixture(scope="module")
+def stop_folder(tmp_path_factory):
+    """A checkpoint whose head favours EOS: with early stop, rows end after
+    different blocks (see rows_leave)."""
+    return make_checkpoint(tmp_path_factory.mktemp("stop"), seed=5, boost_stop_tokens=8.0, **SHAPES["gqa"])
+
+
+def rows_leave(model):
+    """A decode of four rows, some of which end before the others."""
     prompt = torch.randint(0, 256, (4, 7), generator=torch.Generator().manual_seed(0))
-    kw = dict(steps=24, gen_length=24, block_length=8, return_stats=True,
-              policy=DecodePolicy(commit="threshold", threshold=0.3, early_stop=True, cache="dual"))
-    want, want_stats = llada.generate(model, prompt, **kw)
-    sizes = [c.batch for c in caches_of(held)[0]]
-    assert sizes[0] == 4 and len(sizes) > 1  # rows did leave
-    got, got_stats = llada.generate(model, prompt, **kw)
+    policy = DecodePolicy(commit="threshold", threshold=0.3, early_stop=True, cache="dual")
+    return llada.generate(model, prompt, steps=24, gen_length=24, block_length=8, return_stats=True,
+                          policy=policy)
+
+
+def test_rows_leaving_the_batch_reuse_what_they_can(stop_folder, held):
+    # Early stop: rows that end leave the batch, so a decode moves to smaller
+    # workspaces; a repeat gives the same tokens and forwards, and reuses the
+    # two kept (the full batch's and the last one).
+    model = llada.load_model(stop_folder, dtype=torch.float32, device="cpu")
+    want, want_stats = rows_leave(model)
+    (first,) = caches_of(held)
+    assert first[0].batch == 4 and len(first) > 1  # rows did leave
+    got, got_stats = rows_leave(model)
     assert torch.equal(got, want) and got_stats == want_stats
+    _, second = caches_of(held)
+    assert second[0] is first[0] and second[-1] is first[-1]
     assert len(pooled(model)) == 2
+
+
+def test_rows_leaving_the_batch_drop_the_larger_workspace_when_memory_runs_out(stop_folder, monkeypatch):
+    # A decode that fits with all its rows must still fit when some leave:
+    # if the smaller batch's forward runs out of memory beside the full
+    # batch's cache, kept for later calls, that cache is dropped and the
+    # forward runs again.
+    model = llada.load_model(stop_folder, dtype=torch.float32, device="cpu")
+    want = rows_leave(model)
+    llada.release_decode_workspace(model)
+    allocate, made = workspaces.KVCache, []
+
+    def allocate_and_track(*args):
+        cache = allocate(*args)
+        made.append(weakref.ref(cache))
+        return cache
+
+    forward, tries = type(model).forward, []
+
+    def forward_if_room(self, ids, *args, **kw):
+        full_batch_cache_alive = any(ref() is not None and ref().batch == 4 for ref in made)
+        tries.append((ids.shape[0], full_batch_cache_alive))
+        if ids.shape[0] < 4 and full_batch_cache_alive:
+            raise RuntimeError(CPU_OUT_OF_MEMORY)
+        return forward(self, ids, *args, **kw)
+
+    monkeypatch.setattr(workspaces, "KVCache", allocate_and_track)
+    monkeypatch.setattr(type(model), "forward", forward_if_room)
+    got = rows_leave(model)
+    assert torch.equal(got[0], want[0]) and got[1] == want[1]
+    # Rows left, and the first forward of a smaller batch ran out of memory...
+    failed = next(i for i, (rows, alive) in enumerate(tries) if rows < 4 and alive)
+    # ...and ran again with the full batch's cache gone, which stayed gone.
+    assert tries[failed + 1] == (tries[failed][0], False)
+    assert not any(alive for _, alive in tries[failed + 1:])
+    assert 4 not in [w.cache.batch for w in pooled(model)]
 
 
 def test_replaced_weights_are_not_reused(model, held):
@@ -339,6 +389,80 @@ def test_running_out_of_cpu_memory_frees_the_kept_workspaces_and_retries(model, 
     assert len(pooled(model)) == 1  # this decode's
     monkeypatch.undo()
     assert torch.equal(got, fresh(model, prompt, mask, **KW, policy=policy))
+
+
+@pytest.mark.parametrize("policy", [DecodePolicy(cache="dual"), DecodePolicy(commit="threshold")],
+                         ids=["dual", "no-cache"])
+def test_a_forward_that_runs_out_of_memory_frees_the_kept_workspaces_and_retries(model, monkeypatch, policy):
+    # The cache fits, but the block's first forward does not while workspaces
+    # kept for other shapes hold memory: they are dropped and it runs again.
+    prompt, mask = prompts(model, seed=25)
+    want = fresh(model, prompt, mask, **KW, policy=policy)
+    kept = keep_two_other_shapes(model, DecodePolicy(cache="dual"))
+    forward, alive_at_each_try = type(model).forward, []
+
+    def forward_if_room(self, *args, **kw):
+        alive_at_each_try.append(sum(ref() is not None for ref in kept))
+        if alive_at_each_try[-1]:
+            raise RuntimeError(CPU_OUT_OF_MEMORY)
+        return forward(self, *args, **kw)
+
+    monkeypatch.setattr(type(model), "forward", forward_if_room)
+    got = llada.generate(model, prompt, mask, **KW, policy=policy)
+    assert alive_at_each_try[:2] == [2, 0] and set(alive_at_each_try[1:]) == {0}
+    assert torch.equal(got, want)
+    # Only this decode's workspace is kept (a decode without a cache has none).
+    assert len(pooled(model)) == (0 if policy.cache == "none" else 1)
+
+
+def test_a_graph_capture_that_runs_out_of_memory_frees_the_kept_workspaces_and_retries(model, monkeypatch):
+    # On CUDA a cached step captures a graph, whose warm-up forward may run
+    # out of memory too. Here a stand-in for the graph runs the eager step.
+    policy = DecodePolicy(cache="dual")
+    prompt, mask = prompts(model, seed=26)
+    want = fresh(model, prompt, mask, **KW, policy=policy)
+    kept = keep_two_other_shapes(model, policy)
+    alive_at_each_capture = []
+
+    def capture_if_room(workspace, base, key_mask, ids, start, logits_width):
+        alive_at_each_capture.append(sum(ref() is not None for ref in kept))
+        if alive_at_each_capture[-1]:
+            raise RuntimeError(CPU_OUT_OF_MEMORY)
+
+        def replay(key_mask, ids, start):
+            return base(ids, key_mask, logits_at=slice(0, logits_width), cache=workspace.cache,
+                        start=start).logits
+
+        return replay
+
+    monkeypatch.setattr(sampler._Forward, "_graphs_run_on", staticmethod(lambda ids: True))
+    monkeypatch.setattr(workspaces.Workspace, "graph", capture_if_room)
+    got = llada.generate(model, prompt, mask, **KW, policy=policy)
+    assert alive_at_each_capture[:2] == [2, 0] and set(alive_at_each_capture[1:]) == {0}
+    assert torch.equal(got, want)
+
+
+def test_a_forward_that_fails_otherwise_or_with_nothing_kept_is_not_retried(model, monkeypatch):
+    policy = DecodePolicy(cache="dual")
+    tries = []
+
+    def fail_with(error):
+        def forward_and_fail(self, *args, **kw):
+            tries.append(args)
+            raise RuntimeError(error)
+        return forward_and_fail
+
+    keep_two_other_shapes(model, policy)
+    monkeypatch.setattr(type(model), "forward", fail_with("not enough room on the abacus"))
+    with pytest.raises(RuntimeError, match="^not enough room on the abacus$"):
+        llada.generate(model, *prompts(model, seed=27), **KW, policy=policy)
+    assert len(tries) == 1
+    llada.release_decode_workspace(model)
+    tries.clear()
+    monkeypatch.setattr(type(model), "forward", fail_with(CPU_OUT_OF_MEMORY))
+    with pytest.raises(RuntimeError, match="DefaultCPUAllocator: can't allocate memory") as failure:
+        llada.generate(model, *prompts(model, seed=27), **KW, policy=policy)
+    assert len(tries) == 1 and failure.value.__context__ is None
 
 
 def test_other_allocation_errors_propagate_and_keep_the_pool(model, monkeypatch):

@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,6 +102,42 @@ def test_chat_without_a_template_is_named(engine):
     with pytest.raises(ValueError, match="chat: the tokenizer has no chat template"):
         base.generate("Hi", chat=True, **SHAPE)
     assert base.generate("Hi", **SHAPE) == engine.generate("Hi", **SHAPE)
+
+
+def test_an_error_about_one_prompt_of_a_list_names_its_index(engine, word_engine):
+    # Only prompts[3] is bad; an error made for it says so, naming the
+    # argument it concerns after the prompt's place.
+    conversations = [[{"role": "user", "content": f"q{i}"}] for i in range(5)]
+    conversations[3] = [{"role": "system", "content": "own"}, {"role": "user", "content": "q3"}]
+    with pytest.raises(ValueError, match=r"^prompts\[3\]: system: the conversation already has a system message$"):
+        engine.generate(conversations, chat=True, system="Be brief.", **SHAPE)
+    # A template that refuses one conversation (templates raise on what they do not take).
+    refusing = llada.Engine(engine.model, copy.deepcopy(engine.tokenizer))
+    refusing.tokenizer.chat_template = (
+        "{% if messages[-1]['content'] == 'q3' %}{{ raise_exception('no q3') }}{% endif %}"
+        + engine.tokenizer.chat_template)
+    conversations[3] = [{"role": "user", "content": "q3"}]
+    with pytest.raises(ValueError, match=r"^prompts\[3\]: chat: the tokenizer's chat template failed on this "
+                                         r"conversation: TemplateError: no q3$"):
+        refusing.generate(conversations, chat=True, **SHAPE)
+    with pytest.raises(ValueError, match=r"^chat: the tokenizer's chat template failed on this conversation"):
+        refusing.generate(conversations[3], chat=True, **SHAPE)  # one prompt: nothing to tell apart
+    prompts = ["1 x 2"] * 5
+    prompts[3] = "1 <|eot_id|> 2"
+    with pytest.raises(ValueError, match=r"^prompts\[3\]: chat: a message spells the special token '<\|eot_id\|>'"):
+        word_engine.generate(prompts, chat=True, steps=4, gen_length=4, block_length=4)
+
+
+def test_an_error_about_every_prompt_of_a_list_names_none(engine):
+    # Arguments wrong whatever the prompt are named alone, not as one prompt's.
+    with pytest.raises(TypeError, match=r"^system: expected a str"):
+        engine.generate(["a", "b"], chat=True, system=3, **SHAPE)
+    with pytest.raises(ValueError, match=r"^system: a system message needs chat=True"):
+        engine.generate(["a", "b"], system="x", **SHAPE)
+    base = llada.Engine(engine.model, copy.deepcopy(engine.tokenizer))
+    base.tokenizer.chat_template = None
+    with pytest.raises(ValueError, match=r"^chat: the tokenizer has no chat template"):
+        base.generate(["a", "b"], chat=True, **SHAPE)
 
 
 def test_decode_stops_at_the_first_stop_token(engine):
@@ -526,6 +563,26 @@ def test_load_defaults_to_the_bundled_model():
 def test_bad_arguments_name_themselves(engine, call, error, named):
     with pytest.raises(error, match=named.replace("[", r"\[").replace("]", r"\]")):
         call(engine)
+
+
+@pytest.mark.parametrize("gen_length, named", [(8, 1), (np.int64(8), 1), (np.int32(8), 1),
+                                               (np.int64(2**63 - 1), 0)])  # too long for even "hi"
+def test_a_prompt_too_long_for_a_numpy_int_gen_length_is_named(engine, gen_length, named):
+    # numpy ints are ints to llada: the first prompt too long is named (not
+    # the padded batch, by the decoding), however large the gen_length.
+    prompts = ["hi", "a " * 600]
+    size = len(engine.tokenizer(prompts[named])["input_ids"])
+    max_len = engine.model.config.max_sequence_length
+    problem = f"{size} tokens and gen_length {int(gen_length)} exceed the model's max_sequence_length {max_len}"
+    assert engine.prompt_problem(engine.encode(prompts[named]), gen_length) == problem
+    with pytest.raises(ValueError, match=f"^{re.escape(f'prompts[{named}]: {problem}')}$"):
+        engine.generate(prompts, steps=4, gen_length=gen_length, block_length=8)
+
+
+def test_generate_takes_a_numpy_int_gen_length(engine, checkpoint):
+    texts = ["Hi", "Two\nlines"]
+    assert (engine.generate(texts, **dict(SHAPE, gen_length=np.int64(16)))
+            == naive_answers(checkpoint, engine.tokenizer, texts, **SHAPE))
 
 
 def test_text_longer_than_the_context_draws_no_transformers_warning(checkpoint, capfd):

@@ -186,23 +186,30 @@ def test_a_row_that_finishes_first_stops_costing(tmp_path):
     assert stats.committed < full_stats.committed
 
 
-def test_remasking_masks_exactly_the_weak_decoded_tokens(model):
+@pytest.mark.parametrize("logits_eos_inf", [False, True], ids=["eos-allowed", "no-eos"])
+def test_remasking_masks_exactly_the_weak_decoded_tokens(model, logits_eos_inf):
     # After each commit, the tokens decoded at earlier steps of the active
     # block (not re-masked before) whose probability under this step's
     # prediction is below remask_below are masked again. The prediction is
-    # recomputed here from the canvas before the step with a float64 softmax.
+    # recomputed here from the canvas before the step with a float64 softmax
+    # over the tokens a step may choose: never the mask (an adaptive rule),
+    # nor EOS under logits_eos_inf.
     prompt = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(0))
     mask_id, below = model.config.mask_token_id, 0.2
+    never = [mask_id] + ([model.config.eos_token_id] if logits_eos_inf else [])
     policy = DecodePolicy(commit="threshold", threshold=0.3, remask_below=below)
     before = torch.cat([prompt, torch.full((3, 16), mask_id)], dim=1)
     remasked_once = torch.zeros_like(before, dtype=torch.bool)
     steps_that_remasked = 0
-    for event in llada.stream(model, prompt, steps=16, gen_length=16, block_length=8, policy=policy):
+    for event in llada.stream(model, prompt, steps=16, gen_length=16, block_length=8, policy=policy,
+                              logits_eos_inf=logits_eos_inf):
         if not isinstance(event, StepEvent):
             continue
         start = 7 + 8 * event.block
         with torch.no_grad():
-            probs = torch.softmax(model(before).logits.double(), dim=-1)
+            logits = model(before).logits.double()
+        logits[..., never] = -math.inf
+        probs = torch.softmax(logits, dim=-1)
         p = probs.gather(2, before[:, :, None])[:, :, 0]  # of each position's current token
         in_block = torch.zeros_like(remasked_once)
         in_block[:, start:start + 8] = True
@@ -217,6 +224,45 @@ def test_remasking_masks_exactly_the_weak_decoded_tokens(model):
         before = event.canvas.clone()
     assert steps_that_remasked >= 1
     assert not (before == mask_id).any()
+
+
+class ConstantLogits(torch.nn.Module):
+    """Logits that ignore the canvas, over 10 tokens (EoT 7, EOS 8, mask 9):
+    token 5 is the best after EOS everywhere, by far at the first answer
+    position (of prompts of length 2). Without EOS and the mask, token 5 has
+    probability e^5 / (e^5 + 7) = 0.955 there and e^2 / (e^2 + 7) = 0.514
+    elsewhere; EOS would take most of it (e^7 against e^5 + e^2 + ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), dict(mask_token_id=9, eos_token_id=8, eot_token_id=7,
+                                               embedding_size=10, max_sequence_length=64))()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # a device to run on
+
+    def forward(self, ids, attention_mask=None):
+        logits = torch.zeros(*ids.shape, 10)
+        logits[..., 5] = 2.0
+        logits[:, 2, 5] = 5.0
+        logits[..., 8] = 7.0
+        return type("Output", (), {"logits": logits})()
+
+
+def test_remasking_reads_the_probability_a_token_was_committed_with():
+    # With EOS never predicted, token 5 is committed at 0.955 first, then at
+    # 0.514 everywhere else, and the prediction never changes: no token ever
+    # falls below 0.5, so re-masking changes nothing, not even the count of
+    # forwards (one per position at threshold 0.9).
+    model, prompt = ConstantLogits(), torch.tensor([[1, 2]])
+    kw = dict(steps=4, gen_length=4, block_length=4, logits_eos_inf=True)
+    want = torch.tensor([[1, 2, 5, 5, 5, 5]])
+    for remask_below in (None, 0.5):
+        policy = DecodePolicy(commit="threshold", threshold=0.9, remask_below=remask_below)
+        out, stats = llada.generate(model, prompt, policy=policy, return_stats=True, **kw)
+        assert torch.equal(out, want)
+        assert (stats.nfe, stats.committed) == (4, 4), remask_below
+    events = [e for e in llada.stream(model, prompt, policy=policy, **kw) if isinstance(e, StepEvent)]
+    assert [e.positions() for e in events] == [[2], [3], [4], [5]]
+    assert not any(e.remasked.any() for e in events)
 
 
 def expected_first_commit(model, canvas, start, end, score, rule, k=None, factor=1.0, suppress=()):
@@ -492,11 +538,25 @@ def test_infill_refuses_more_steps_than_the_blocks_have_positions(model):
     assert (llada.infill(model, canvas, steps=10**10, block_length=3, policy=fast) != mask_id).all()
 
 
+def test_an_infill_block_longer_than_the_span_is_the_span(model):
+    # One block either way: the same tokens, and steps bounded by the gap's
+    # 5 positions, not by the block length the caller gave (a huge one would
+    # otherwise pad the schedule to it, or spin through empty steps).
+    mask_id = model.config.mask_token_id
+    canvas = torch.tensor([[3, mask_id, mask_id, 4, mask_id, mask_id, 5]])
+    want = llada.infill(model, canvas, steps=5, block_length=5)
+    for block_length in (6, 10**6, 10**20):
+        assert torch.equal(llada.infill(model, canvas, steps=5, block_length=block_length), want)
+        with pytest.raises(ValueError, match=r"^steps: expected at most 5 \(1 blocks of 5 positions\), got 6$"):
+            llada.infill(model, canvas, steps=6, block_length=block_length)
+
+
 @pytest.mark.parametrize("policy", [None, DecodePolicy(commit="threshold")], ids=["schedule", "threshold"])
 def test_a_sampled_infill_row_does_not_depend_on_the_other_rows_gaps(model, policy):
     """A row's noise is keyed by its row and place in the canvas: moving
     another row's gap (which moves the batch's first masked column) leaves
-    its sample as it was, as generate's docs promise for every row."""
+    its sample as it was, in one block without a cache (blocks and cached
+    windows span the batch's columns: see infill's block_length)."""
     mask_id = model.config.mask_token_id
     base = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(3))
     row = base.clone()
@@ -510,6 +570,25 @@ def test_a_sampled_infill_row_does_not_depend_on_the_other_rows_gaps(model, poli
         with_early = llada.infill(model, torch.stack([row, early]), **kw)
         assert torch.equal(with_late[0], with_early[0]), seed
         assert (with_late[0] != mask_id).all()
+
+
+@pytest.mark.parametrize("policy", [DecodePolicy.fast(threshold=0.5), DecodePolicy(cache="dual")],
+                         ids=["dual-threshold", "dual-schedule"])
+def test_infill_rows_whose_gaps_span_the_same_columns_decode_as_alone(model, policy):
+    # Blocks and the dual cache's windows are laid out from the batch's
+    # first to its last masked column: when every row's masks span the same
+    # columns, they are each row's own, and each row gets what it gets alone,
+    # whatever the masks between (here 12, 6 and 7 of them, in blocks of 3).
+    mask_id = model.config.mask_token_id
+    canvas = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(3))
+    canvas[0, 4:16] = mask_id
+    canvas[1, [4, 5, 9, 10, 11, 15]] = mask_id
+    canvas[2, [4, 7, 8, 12, 13, 14, 15]] = mask_id
+    for kw in (dict(block_length=3), dict(block_length=3, cfg_scale=1.0)):
+        batch = llada.infill(model, canvas, policy=policy, **kw)
+        assert not (batch == mask_id).any()
+        for row in range(3):
+            assert torch.equal(batch[row], llada.infill(model, canvas[row], policy=policy, **kw)), (row, kw)
 
 
 def test_bad_infill_arguments(model):

@@ -264,6 +264,23 @@ def test_numpy_integers_are_ints(checkpoint):
     assert got.dtype == torch.long and torch.equal(got, want)
 
 
+def test_a_numpy_gen_length_with_row_keys(checkpoint):
+    # The row keys' bound, 2**63 // gen_length, is a Python int past int64:
+    # a numpy gen_length must not turn it into numpy arithmetic.
+    np = pytest.importorskip("numpy")
+    model = llada.load_model(checkpoint, device="cpu")
+    prompt, mask = prompts(model.config, padded=True)
+    kw = dict(steps=9, block_length=8, temperature=1.0, seed=3, return_stats=True,
+              policy=llada.DecodePolicy(cache="dual"))
+    want, want_stats = llada.generate(model, prompt, mask, gen_length=24, row_keys=[5, 0, 7], **kw)
+    got, got_stats = llada.generate(model, prompt, mask, gen_length=np.int64(24),
+                                    row_keys=[np.int64(5), 0, 7], **kw)
+    assert torch.equal(got, want) and got_stats == want_stats
+    assert type(got_stats.positions) is int
+    with pytest.raises(ValueError, match=rf"row_keys\[0\]: expected an int in \[0, {2**63 // 24}\)"):
+        llada.generate(model, prompt[:1], gen_length=np.int64(24), row_keys=[2**63 // 24], **kw)
+
+
 def test_on_step_total_is_the_schedules_step_count_or_none(checkpoint):
     model = llada.load_model(checkpoint, device="cpu")
     prompt, mask = prompts(model.config, padded=True)

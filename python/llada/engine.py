@@ -76,23 +76,36 @@ class Engine:
         turn, or a conversation (a list of ``{"role": ..., "content": ...}``
         messages, e.g. earlier turns) as it stands; ``system`` adds a system
         message first."""
+        self._check_encode_options(chat, system)
+        return self._encode_prompt(prompt, chat, system)
+
+    def _check_encode_options(self, chat: bool, system: Optional[str]) -> None:
+        """What :meth:`encode` checks whatever the prompt: a list of prompts
+        checks it once, and its errors name no prompt."""
         if not chat:
             if system is not None:
                 raise ValueError("system: a system message needs chat=True")
+            return
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("chat: the tokenizer has no chat template (a base model?); "
+                             "leave chat off to use the text as it stands")
+        if system is not None:
+            if not isinstance(system, str):
+                raise TypeError(f"system: expected a str, got {type(system).__name__}")
+            _check_unicode("system", system)
+
+    def _encode_prompt(self, prompt: Prompt, chat: bool, system: Optional[str]) -> list[int]:
+        """:meth:`encode` once :meth:`_check_encode_options` passed: what
+        fails from here fails for this prompt."""
+        if not chat:
             if _is_conversation(prompt):
                 raise ValueError("prompt: a conversation (a list of messages) needs chat=True")
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt: expected a str, got {type(prompt).__name__}")
             _check_unicode("prompt", prompt)
             return self.token_ids(prompt, add_special_tokens=True)
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("chat: the tokenizer has no chat template (a base model?); "
-                             "leave chat off to use the text as it stands")
         messages = _messages(prompt)
         if system is not None:
-            if not isinstance(system, str):
-                raise TypeError(f"system: expected a str, got {type(system).__name__}")
-            _check_unicode("system", system)
             if any(message["role"] == "system" for message in messages):
                 raise ValueError("system: the conversation already has a system message")
             messages = [{"role": "system", "content": system}] + messages
@@ -170,14 +183,26 @@ class Engine:
         return self._specials
 
     def _encode_named(self, prompt: Prompt, chat: bool, system: Optional[str], index: Optional[int]) -> list[int]:
-        """:meth:`encode`, its errors about the prompt naming ``prompts[index]``
-        when the prompt is one of a list."""
+        """:meth:`_encode_prompt`, its errors naming ``prompts[index]`` when
+        the prompt is one of a list: "prompt: ..." and "prompt[2]: ..." become
+        "prompts[index]: ..." and "prompts[index][2]: ...", and an error naming
+        another argument for this prompt ("system: ...", "chat: ...") is
+        located in it, as "prompts[index]: system: ..."."""
         try:
-            return self.encode(prompt, chat, system)
+            return self._encode_prompt(prompt, chat, system)
         except (TypeError, ValueError) as e:
-            if index is None or not str(e).startswith("prompt"):
+            # llada's own errors are plain TypeError/ValueError; a subclass
+            # (e.g. UnicodeDecodeError) is someone else's, and goes on as it is.
+            if index is None or type(e) not in (TypeError, ValueError):
                 raise
-            raise type(e)(f"prompts[{index}]{str(e)[len('prompt'):]}") from None
+            message = str(e)
+            if message.startswith("prompt"):
+                named = f"prompts[{index}]{message[len('prompt'):]}"
+            elif message.startswith(("system: ", "chat: ")):
+                named = f"prompts[{index}]: {message}"
+            else:
+                raise
+            raise type(e)(named) from None
 
     def decode(self, ids: Union[Sequence[int], torch.Tensor]) -> str:
         """The text of generated ids (a list or a 1-D tensor) up to the first
@@ -241,6 +266,7 @@ class Engine:
         stop = _stop_strings(stop)
         _check_stats(stats)
         # Every prompt is encoded and checked first: a bad one fails before any decoding.
+        self._check_encode_options(chat, system)
         encoded = [self._encode_named(text, chat, system, None if single else i) for i, text in enumerate(texts)]
         gen_length = options.get("gen_length", _STREAM_DEFAULTS["gen_length"])
         self._check_prompts(encoded, gen_length, "prompt" if single else "prompts")
@@ -270,7 +296,8 @@ class Engine:
         max_len, mask_id = config.max_sequence_length, config.mask_token_id
         if mask_id in ids:
             return f"the text holds the mask token ({mask_id}), which only gaps may; fill gaps with infill or fill"
-        if isinstance(gen_length, int) and max_len is not None and len(ids) + gen_length > max_len:
+        # A numpy int too; added as a Python int, which cannot wrap around.
+        if is_int(gen_length) and max_len is not None and len(ids) + int(gen_length) > max_len:
             return (f"{len(ids)} tokens and {gen_length_name} {gen_length} exceed the model's "
                     f"max_sequence_length {max_len}")
         return None

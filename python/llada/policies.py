@@ -56,7 +56,9 @@ remask_below
     error correction (adaptive commit rules only): after each commit, tokens
     decoded at earlier steps of the active block whose probability under the
     current prediction is below this value are masked again, each position at
-    most once, so decoding still terminates.
+    most once, so decoding still terminates. The probability is the one a
+    commit is scored on: the mask token, and EOS under logits_eos_inf, take
+    no share of it.
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import ops
+from . import devices, ops
 from .model import llada_model_of
 from .policies import DecodePolicy, ranking_scores, select
 from .token_ids import check_token_ids, is_int
-from .workspace import Workspace, checkin, checkout
+from .workspace import Workspace, checkin, checkout, drop_kept
 
 REMASKING = ("low_confidence", "random")
 _INT64_MAX = 2**63 - 1
@@ -302,9 +302,18 @@ def infill(
             most the blocks' positions); a block with fewer masks than its
             share takes one forward per mask, so fewer forwards may run.
             Defaults to one token per step in the block with the most masks.
-        block_length: semi-autoregressive blocks over the span from the first
-            to the last masked position; defaults to the whole span.
-        Other arguments as in :func:`generate`.
+        block_length: semi-autoregressive blocks over the span from the
+            first to the last masked column of any row of the batch;
+            defaults to the whole span, and a longer one acts as it. The blocks (and, with a cache, the
+            positions each step feeds) are laid out on the batch's columns,
+            not each row's: in a batch whose rows' gaps sit in different
+            columns, a row's result can depend on the other rows, even at
+            temperature 0. When every row's masked columns span the same
+            first to last column, each row gets what it gets decoded alone
+            (at temperature 0; sampling keys a row's noise by its index in
+            the batch and its column).
+        Other arguments as in :func:`generate`, except that a row's result
+            can depend on the other rows (see ``block_length``).
 
     Returns:
         a new int64 tensor shaped like ``canvas`` with the masks filled.
@@ -338,6 +347,9 @@ def infill(
         raise TypeError(f"block_length: expected an int or None, got {type(block_length).__name__}")
     if block_length < 1:
         raise ValueError(f"block_length: expected a positive int, got {block_length!r}")
+    # A block longer than the span is the span (the same one block), so that
+    # padding and the bound on steps follow the gap, not a number the caller chose.
+    block_length = min(int(block_length), span)
     num_blocks = -(-span // block_length)
     if steps is None:  # one token per step in the fullest block
         holes = (ids[:, first:last] == mask_id).long()
@@ -427,7 +439,7 @@ def check_row_keys(row_keys, count: int, width: int, per: str = "batch row") -> 
         raise TypeError(f"row_keys: expected a list of ints (one per {per}) or None, got {type(row_keys).__name__}")
     if len(row_keys) != count:
         raise ValueError(f"row_keys: expected one key per {per} ({count}), got {len(row_keys)}")
-    limit = 2**63 // width
+    limit = 2**63 // int(width)  # a numpy width would overflow at 2**63
     for i, key in enumerate(row_keys):
         if not is_int(key):
             raise TypeError(f"row_keys[{i}]: expected an int, got {type(key).__name__}")
@@ -441,6 +453,7 @@ def _decode_args(config, mask_id, first, last, block_length, steps_per_block, te
     # Python ints from here on: a numpy int64 seed would overflow in step_seed.
     seed = int(torch.randint(0, _INT64_MAX, (1,))) if seed is None else int(seed)
     mask_id, block_length, steps_per_block = int(mask_id), int(block_length), int(steps_per_block)
+    first, last = int(first), int(last)  # last = prompt length + gen_length, which may be numpy
     eos_id = _config_id(config, "eos_token_id", None, 126081)
     eot_id = _config_id(config, "eot_token_id", None, 126348)
     return dict(
@@ -613,7 +626,7 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                     # Each position at most once, and only in rows still decoding
                     # this block: a row's steps stay bounded by twice its masks.
                     remask = _weak_tokens(logits[decoded[query]], canvas[decoded], decoded,
-                                          policy.remask_below)
+                                          policy.remask_below, suppress)
                     remask &= ~remasked_once & active.any(1)[:, None]
                     remasked_once |= remask
                 ops.commit_tokens(canvas, x0, accepted, mask_id, remask)
@@ -694,10 +707,17 @@ class _BlockSpread:
         return torch.where(active, grid, fill)
 
 
-def _weak_tokens(logits, tokens, where, below):
+def _weak_tokens(logits, tokens, where, below, suppress):
     """[B, T] bool: decoded positions (``where``) whose current token has
-    probability < ``below`` under the latest prediction."""
-    p = torch.softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
+    probability < ``below`` under the latest prediction, read as the step
+    reads it: with the ``suppress`` ids (a tensor, or None) at -inf. A token
+    is then judged by the distribution it was committed from, not one where
+    a token no step may choose (EOS under logits_eos_inf, the mask) takes a
+    share."""
+    logits = logits.float()
+    if suppress is not None:
+        logits = logits.index_fill(1, suppress, -math.inf)
+    p = torch.softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
     weak = torch.zeros_like(where)
     weak[where] = p < below
     return weak
@@ -786,10 +806,9 @@ class _Forward:
         refresh = self._refresh_due()
         self.calls += 1
         if policy.cache == "none" or refresh:
-            cache = None if policy.cache == "none" else self._hold_workspace(ids).cache
             self.stats.positions += ids.numel()
             at = slice(self.start, self.end) if whole_block else query
-            return model(ids, self.key_mask, logits_at=at, cache=cache).logits
+            return self._freeing_kept_workspaces(lambda: self._full_forward(ids, at))
         lo, hi = self.start, (self.end if policy.cache == "dual" else ids.shape[1])
         self.stats.positions += ids.shape[0] * (hi - lo)
         cache = self.workspace.cache
@@ -798,7 +817,8 @@ class _Forward:
             # (into a buffer that the next replay overwrites), also when it
             # feeds what follows the block (prefix cache).
             fed, width = ids[:, lo:hi], self.end - lo
-            graph = self.workspace.graph(self.base, self.key_mask, fed, lo, width)
+            graph = self._freeing_kept_workspaces(
+                lambda: self.workspace.graph(self.base, self.key_mask, fed, lo, width))
             logits = graph(self.key_mask, fed, lo)
             return logits if whole_block else logits[query[:, lo:self.end]]
         if whole_block:
@@ -806,11 +826,32 @@ class _Forward:
                          start=lo).logits
         return model(ids[:, lo:hi], self.key_mask, logits_at=query[:, lo:hi], cache=cache, start=lo).logits
 
+    def _full_forward(self, ids, at):
+        cache = None if self.policy.cache == "none" else self._hold_workspace(ids).cache
+        return self.model(ids, self.key_mask, logits_at=at, cache=cache).logits
+
+    def _freeing_kept_workspaces(self, run):
+        """``run()`` (a full forward, or a graph's capture with its warm-up
+        forward); run once more when it runs out of memory while the model's
+        pool keeps workspaces for later calls, after dropping them: memory
+        kept for other shapes must not cost this decode its forwards. The
+        retry is safe: the forward rewrites whatever the failed one wrote."""
+        try:
+            return run()
+        except RuntimeError as e:  # torch.OutOfMemoryError on a GPU; a plain RuntimeError on the CPU
+            if not devices.out_of_memory(e) or not drop_kept(self.base):
+                raise
+        # Out of the handler: the failed forward's tensors, which the error's
+        # traceback holds, are freed before the retry.
+        return run()
+
     def _hold_workspace(self, ids) -> Workspace:
         """The workspace for a full forward over ``ids``: the one held if it
         has their shape, else one checked out for them (giving back the one
-        held: finished rows left the batch). A full forward rewrites every
-        position of the cache, so what a pooled cache held never shows."""
+        held: finished rows left the batch, and a later call with all of them
+        reuses it; should the smaller batch not fit beside it, the forward
+        drops it and runs again). A full forward rewrites every position of
+        the cache, so what a pooled cache held never shows."""
         key = (ids.device, self._cache_dtype(ids.device), ids.shape[0], ids.shape[1], self.key_mask is not None)
         if self.workspace is None or self.workspace.key != key:
             self.give_back()

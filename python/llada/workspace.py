@@ -92,13 +92,25 @@ def checkout(model, key) -> Workspace:
         try:
             return Workspace(key, weights, KVCache(model.config, rows, total, device, dtype))
         except RuntimeError as e:  # torch.OutOfMemoryError on a GPU; a plain RuntimeError on the CPU
-            if not devices.out_of_memory(e) or not pool:  # nothing kept to free: a retry fails alike
+            # Workspaces kept for other shapes must not cost this decode its
+            # memory; with nothing kept to free, a retry would fail alike.
+            if not devices.out_of_memory(e) or not drop_kept(model):
                 raise
-        # Workspaces kept for other shapes must not cost this decode its
-        # memory. Retried out of the handler, so that a second failure is
-        # not reported as raised while handling the first.
-        pool.clear()
+        # Retried out of the handler, so that a second failure is not
+        # reported as raised while handling the first.
         return Workspace(key, weights, KVCache(model.config, rows, total, device, dtype))
+
+
+def drop_kept(model) -> bool:
+    """Drops the workspaces kept in ``model``'s pool for later calls (not
+    those decodes hold now), giving their memory back to torch's allocator;
+    whether there were any. A decode that runs out of memory calls it and
+    tries once more."""
+    pool = _pools.get(model)
+    if not pool:
+        return False
+    pool.clear()
+    return True
 
 
 def _take_kept(pool: list, key, weights) -> Optional[Workspace]:
@@ -149,7 +161,9 @@ def release_decode_workspace(model) -> None:
     guidance or none; and for a graph, the block width), which then skips
     the allocation, the warm-up and the capture. At most two are kept per
     model, and a decode holds one alone until it ends, so decodes running
-    at once (interleaved streams) never share one. A model that
+    at once (interleaved streams) never share one. A decode that runs out
+    of memory while some are kept (including the one of its own larger
+    batch, which rows that ended left) drops them all and tries once more. A model that
     ``torch.compile`` made shares its module's workspaces. Graphs are not reused
     after the model's weights are replaced (updating them in place is fine)
     or the attention backend, ``LLADA_ATTENTION_SM90`` or
