@@ -4,6 +4,7 @@ file), infill, stream and make-random-checkpoint."""
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -260,6 +261,19 @@ def test_infill_takes_every_steps_count_llada_infill_takes(checkpoint, capsys):
             "got 9") in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("block_length", ["4", "5", "3000000000", str(2**40), str(10**20)])
+def test_infill_block_longer_than_the_gap_is_the_gap(checkpoint, capsys, block_length):
+    # The gap is one span of --length tokens: a longer block decodes it as
+    # one block, whatever the flag's size (which no tensor is made of).
+    base = ["infill", "--model", str(checkpoint), "--device", "cpu", "--prefix", "ab", "--suffix", "yz",
+            "--length", "4", "--block-length", block_length, "--stats"]
+    expected = "ab" + oracle_infill(checkpoint, "ab", "yz", 4) + "yz\n"
+    for steps in ([], ["--steps", "4"]):
+        assert main([*base, *steps]) == 0
+        captured = capsys.readouterr()
+        assert captured.out == expected and "forwards 4," in captured.err
+
+
 @pytest.mark.parametrize("command", [
     ["generate", "--device", "cpu", "--gen-length", "8", "--block-length", "8", "x"],
     ["generate", "--device", "cpu", "--gen-length", "8", "--block-length", "8", "--show-steps", "x"],
@@ -429,6 +443,26 @@ def test_out_of_memory_is_one_line(checkpoint, capsys, monkeypatch, error):
     monkeypatch.setattr(llada.Engine, "log_likelihood", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
     with pytest.raises(RuntimeError):
         main(["likelihood", "--model", str(checkpoint), "--device", "cpu", "--prompt", "Q", "--answer", " x"])
+
+
+@pytest.mark.parametrize("command, flags, method, hinted", [
+    ("generate", ["x"], "generate", {"--gen-length", "--prompts-file", "--batch-size"}),
+    ("generate", ["--stream", "x"], "stream", {"--gen-length", "--prompts-file", "--batch-size"}),
+    ("chat", [], "stream", {"--gen-length"}),
+    ("infill", ["--length", "4"], "infill", {"--length"}),
+    ("likelihood", ["--prompt", "Q", "--answer", " x"], "log_likelihood", {"--batch-size"}),
+])
+def test_out_of_memory_hints_at_flags_of_the_subcommand(checkpoint, capsys, monkeypatch, command, flags, method,
+                                                        hinted):
+    def fails(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+
+    monkeypatch.setattr(llada.Engine, method, fails)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))  # chat's one message
+    assert main([command, "--model", str(checkpoint), "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llada: error: out of memory (CUDA out of memory.") and err.count("\n") == 1
+    assert set(re.findall(r"--[a-z-]+", err)) == hinted
 
 
 def test_likelihood_prompts_file_scores_every_answer_of_every_line(checkpoint, capsys, tmp_path):
@@ -759,19 +793,52 @@ def test_chat_reports_a_line_that_is_not_utf8_and_goes_on(checkpoint, capsys, mo
     (["infill", "--length", "0"], "--length: expected a positive int"),
     (["infill", "--length", "4", "--steps", "8"], "at most --length (4), got 8"),
     (["infill", "--length", "5", "--block-length", "2", "--steps", "12"], "at most 3 blocks of --block-length (6)"),
-    (["infill", "--length", "4", "--block-length", "8", "--steps", "9"], "at most 1 block of --block-length (8)"),
+    # A block longer than the gap is the gap: its steps are bounded by the gap's length.
+    (["infill", "--length", "4", "--block-length", "8", "--steps", "5"], "at most --length (4), got 5"),
+    (["infill", "--length", "8", "--block-length", "1000000", "--steps", "1000000"],
+     "--steps: expected a multiple of the number of blocks (1), at most --length (8), got 1000000"),
+    (["infill", "--length", "8", "--block-length", str(10**20), "--steps", str(10**19)],
+     f"--steps: expected a multiple of the number of blocks (1), at most --length (8), got {10**19}"),
     (["generate", "--device", "", "x"], "--device: expected cpu or cuda[:N], got an empty string"),
     (["likelihood", "--device", " ", "--prompt", "a", "--answer", "b"], "--device: expected cpu or cuda[:N]"),
     (["make-random-checkpoint", "unwritten", "--shards", "0"], "--shards: expected an int in [1, 21]"),
     (["generate", "--model", "/nonexistent", "x"], "--model: /nonexistent does not exist"),
     (["generate", "--model", __file__, "x"], "is not a folder"),
-    (["generate", "--ranking", "margin", "--remasking", "random", "x"], "--remasking: 'random' ranks positions"),
+    # --remasking random is --ranking random, low_confidence any other: given both, they must agree.
+    (["generate", "--ranking", "margin", "--remasking", "random", "x"],
+     "--remasking random, --ranking margin: the two disagree"),
+    (["generate", "--ranking", "probability", "--remasking", "random", "x"],
+     "--remasking random, --ranking probability: the two disagree"),
+    (["chat", "--remasking", "low_confidence", "--ranking", "random"],
+     "--remasking low_confidence, --ranking random: the two disagree"),
+    (["generate", "--policy", "fast", "--remasking", "random", "--ranking", "entropy", "x"],
+     "--remasking random, --ranking entropy: the two disagree"),
     (["chat", "--commit", "entropy_bound", "--remasking", "random"], "--remasking: 'random' ranks positions"),
 ])
 def test_decoding_flags_are_checked_before_the_model_loads(capsys, monkeypatch, argv, message):
     monkeypatch.setattr("llada.cli.load_for_cli", lambda args: pytest.fail("the model was loaded"))
     assert _exit_code(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, ranking", [
+    ([], "probability"),
+    (["--remasking", "low_confidence"], "probability"),
+    (["--ranking", "probability"], "probability"),
+    (["--remasking", "low_confidence", "--ranking", "probability"], "probability"),
+    (["--remasking", "low_confidence", "--ranking", "margin"], "margin"),
+    (["--remasking", "low_confidence", "--ranking", "entropy"], "entropy"),
+    (["--remasking", "random"], "random"),
+    (["--ranking", "random"], "random"),
+    (["--remasking", "random", "--ranking", "random"], "random"),
+])
+def test_remasking_and_ranking_that_agree_decode_by_that_ranking(checkpoint, capsys, flags, ranking):
+    assert main(["generate", "--model", str(checkpoint), *ARGS, "--seed", "3", *flags, "Hello"]) == 0
+    expected = llada.load(checkpoint, device="cpu").generate(
+        "Hello", steps=8, gen_length=16, block_length=8, seed=3, policy=llada.DecodePolicy(ranking=ranking))
+    assert capsys.readouterr().out == expected + "\n"
+    if ranking == "probability":  # the official algorithm
+        assert expected == oracle_answer(checkpoint, "Hello")
 
 
 def test_errors_show_the_usage_of_their_subcommand(capsys):
@@ -852,6 +919,31 @@ def test_prompts_file_lines_python_reads_but_cannot_keep_are_named(checkpoint, c
     path.write_text(content + "\n", encoding="utf-8")
     assert main(["generate", "--model", str(checkpoint), *ARGS, "--prompts-file", str(path)]) == 2
     assert f"llada: error: --prompts-file {path} {message}" in capsys.readouterr().err
+
+
+LONG = "1" * 4500  # longer than the 4300 digits Python's int takes from text
+
+
+@pytest.mark.parametrize("command, content, flags, message", [
+    ("generate", '"ok"\n{"prompt": 5}', [], 'line 2: "prompt": expected a string, got 5'),
+    ("generate", f'"ok"\n{{"prompt": {LONG}}}', [], f'line 2: "prompt": expected a string, got {LONG}'),
+    ("generate", f'{{"messages": {LONG}}}', ["--chat"],
+     f'line 1: "messages": expected a non-empty list of {{"role", "content"}} objects, got {LONG}'),
+    ("generate", f'{{"messages": {{"a": [{LONG}, "b"]}}}}', ["--chat"],
+     f'line 1: "messages": expected a non-empty list of {{"role", "content"}} objects, got {{"a": [{LONG}, "b"]}}'),
+    ("generate", f'{{"messages": [{{"role": "user", "content": {LONG}}}]}}', ["--chat"],
+     f"line 1: messages[0]: expected a message {{\"role\": str, \"content\": str}}, got "
+     f"{{'role': 'user', 'content': {LONG}}}"),
+    ("likelihood", f'{{"prompt": {LONG}, "answers": ["x"]}}', [], f'line 1: "prompt": expected a string, got {LONG}'),
+])
+def test_prompts_file_names_a_long_integer_where_text_belongs(checkpoint, capsys, tmp_path, command, content, flags,
+                                                             message):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(content + "\n", encoding="utf-8")
+    decoding = ARGS if command == "generate" else ["--device", "cpu"]
+    assert main([command, "--model", str(checkpoint), *decoding, "--prompts-file", str(path), *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"llada: error: --prompts-file {path} {message}\n" and captured.out == ""
 
 
 def test_a_closed_standard_input_is_named(checkpoint, capsys, monkeypatch):

@@ -253,3 +253,29 @@ def test_tokenizer_builders_refuse_one_text_for_many():
         train_bpe("one big text", vocab_size=300)
     tok = word_tokenizer(["plus", "one"])
     assert tok.token_to_id("plus") is not None and tok.token_to_id("p") is None
+
+
+@pytest.mark.parametrize("min_frequency, error, message", [
+    (-1, ValueError, "min_frequency: expected an int >= 0, got -1"),
+    (2.5, TypeError, "min_frequency: expected an int >= 0, got float"),
+    ("2", TypeError, "min_frequency: expected an int >= 0, got str"),
+    (True, TypeError, "min_frequency: expected an int >= 0, got bool"),
+])
+def test_train_bpe_checks_min_frequency(min_frequency, error, message):
+    from llada.tokenizer import train_bpe
+
+    with pytest.raises(error) as e:
+        train_bpe(["def f(x):\n    return x\n"] * 20, vocab_size=300, min_frequency=min_frequency)
+    assert str(e.value) == message
+
+
+def test_train_bpe_takes_any_int_min_frequency():
+    import numpy as np
+
+    from llada.tokenizer import train_bpe
+
+    texts = ["def f(x):\n    return x\n"] * 20
+    assert train_bpe(texts, 300, np.int64(3)).get_vocab() == train_bpe(texts, 300, 3).get_vocab()
+    # No pair occurs 2**64 times (beyond what tokenizers counts in): no merge,
+    # only the 4 special tokens and the 256 bytes.
+    assert train_bpe(texts, 300, 2**64).get_vocab_size() == 4 + 256

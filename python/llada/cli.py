@@ -29,6 +29,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 MASK_GLYPH = {True: "░", False: "_"}  # terminal, plain text
 # --prompts-file: batches decoded (and grouped by prompt length) between outputs.
 PROMPTS_FILE_WINDOW = 8
+# What each subcommand can do about running out of memory, in its own flags.
+OUT_OF_MEMORY_HINTS = {
+    "generate": "a smaller --gen-length (or, with --prompts-file, --batch-size) needs less",
+    "chat": "a smaller --gen-length needs less",
+    "infill": "a smaller --length needs less",
+    "likelihood": "a smaller --batch-size needs less",
+}
 
 
 DTYPE_HELP = "default: bfloat16 on cuda (float16 on GPUs before compute capability 8.0), float32 on cpu"
@@ -102,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "forward per token (default: one token per step); an "
                                                 "adaptive --commit "
                                                 "decides its own")
-    fill.add_argument("--block-length", type=int, default=None, help="default: the whole gap")
+    fill.add_argument("--block-length", type=int, default=None,
+                      help="tokens decoded as one semi-autoregressive block (default: the whole gap; "
+                           "a longer block is the whole gap)")
     fill.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     fill.add_argument("--seed", type=seed_argument, help="for sampling and random ranking")
     fill.add_argument("--device", help="default: cuda when available, else cpu")
@@ -137,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train a small LLaDA model (see llada train --help)", add_help=False)
 
     rnd = sub.add_parser("make-random-checkpoint", help="write a random LLaDA checkpoint folder")
-    rnd.add_argument("dir", metavar="DIR")
-    rnd.add_argument("--size", choices=("tiny", "mid", "8b-shape"), default="tiny")
-    rnd.add_argument("--seed", type=seed_argument, default=0)
+    rnd.add_argument("dir", metavar="DIR", help="the folder to write (created; it must not hold a checkpoint)")
+    rnd.add_argument("--size", choices=("tiny", "mid", "8b-shape"), default="tiny",
+                     help="tiny (default) for tests, mid for benchmarks, 8b-shape: LLaDA-8B's shapes")
+    rnd.add_argument("--seed", type=seed_argument, default=0, help="seed of the random weights (default: 0)")
     rnd.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32, bfloat16 for 8b-shape")
     rnd.add_argument("--shards", type=int, default=None, help="default: 1, 8 for 8b-shape")
     rnd.set_defaults(run=run_make_random, parser=rnd)
@@ -162,8 +172,9 @@ def add_decoding_arguments(parser, chat_flag: bool) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     parser.add_argument("--cfg-scale", type=float, default=0.0,
                         help="classifier-free guidance scale (default: 0, off)")
-    parser.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence",
-                        help="the official ranking option (--ranking offers more)")
+    parser.add_argument("--remasking", choices=("low_confidence", "random"),
+                        help="the official ranking option: low_confidence (the default) ranks by the model's "
+                             "confidence, as --ranking says; random is --ranking random")
     parser.add_argument("--seed", type=seed_argument, help="for sampling and random ranking")
     parser.add_argument("--stop", action="append", metavar="TEXT", type=text_argument,
                         help="end the answer before this text (repeatable; in bash, $'\\n\\n' is two "
@@ -176,9 +187,11 @@ def add_decoding_arguments(parser, chat_flag: bool) -> None:
 def decoding_options(args, policy) -> dict:
     # Adaptive rules decide their own steps: the library takes and ignores any count.
     steps = args.gen_length if args.steps is None else args.steps
-    return dict(steps=steps, gen_length=args.gen_length, block_length=args.block_length,
-                temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
-                seed=args.seed, policy=policy)
+    options = dict(steps=steps, gen_length=args.gen_length, block_length=args.block_length,
+                   temperature=args.temperature, cfg_scale=args.cfg_scale, seed=args.seed, policy=policy)
+    if args.remasking is not None:  # otherwise the library's default
+        options["remasking"] = args.remasking
+    return options
 
 
 def add_policy_arguments(parser) -> None:
@@ -281,8 +294,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except RuntimeError as e:
         if not out_of_memory(e):
             raise
-        print(f"llada: error: out of memory ({str(e).splitlines()[0]}); a smaller --batch-size, --gen-length "
-              f"or --mc-num needs less", file=sys.stderr)
+        hint = OUT_OF_MEMORY_HINTS.get(args.command)
+        print(f"llada: error: out of memory ({str(e).splitlines()[0]})" + (f"; {hint}" if hint else ""),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nllada: interrupted", file=sys.stderr)
@@ -348,10 +362,17 @@ def check_decoding(args, parser, policy) -> None:
     check_scales(args, parser, "--temperature", "--cfg-scale")
     if not all(args.stop or ()):
         parser.error("--stop: expected a non-empty text")
-    try:
-        resolve_policy(policy, args.remasking)
-    except ValueError as e:  # "remasking: ..."
-        parser.error(f"--{e}")
+    # Without --remasking the library's default applies, which keeps the policy's ranking.
+    if args.remasking is not None:
+        # One of the two would be overruled: a flag the policy would not use is an error.
+        if args.ranking is not None and (args.remasking == "random") != (args.ranking == "random"):
+            parser.error(f"--remasking {args.remasking}, --ranking {args.ranking}: the two disagree "
+                         f"(--remasking random is --ranking random; low_confidence, any other ranking); "
+                         f"give one of them")
+        try:
+            resolve_policy(policy, args.remasking)
+        except ValueError as e:  # "remasking: ..."
+            parser.error(f"--{e}")
 
 
 def encode_line(engine, args, where: str, line: dict) -> list[int]:
@@ -641,18 +662,21 @@ def run_infill(args, parser) -> int:
     policy = policy_from_arguments(args, parser)
     check_model(args, parser)
     check_counts(args, parser, "--length", "--steps", "--block-length")
+    # The gap is one span of --length masks: a longer block is that span
+    # (as llada.infill takes it), so a huge --block-length costs nothing.
+    block_length = None if args.block_length is None else min(args.block_length, args.length)
     # llada.infill's bound: every position of every block (the last one may
     # hold fewer tokens to fill, and then runs fewer forwards).
-    block_length = args.block_length or args.length
-    blocks = -(-args.length // block_length)
-    check_steps(args, parser, policy, blocks, blocks * block_length,
-                "--length" if args.block_length is None else f"{blocks} block{'s' * (blocks > 1)} of --block-length")
+    size = block_length or args.length
+    blocks = -(-args.length // size)
+    check_steps(args, parser, policy, blocks, blocks * size,
+                "--length" if size == args.length else f"{blocks} block{'s' * (blocks > 1)} of --block-length")
     check_scales(args, parser, "--temperature")
     engine = load_for_cli(args)
     stats = DecodeStats()
     try:
         gap = engine.infill(args.prefix, args.suffix, args.length, steps=args.steps,
-                            block_length=args.block_length, temperature=args.temperature, seed=args.seed,
+                            block_length=block_length, temperature=args.temperature, seed=args.seed,
                             policy=policy, stats=stats)
     except ValueError as e:  # "length: ...": named as the user wrote it
         field, _, reason = str(e).partition(": ")

@@ -36,6 +36,9 @@ class LongInteger:
     def __str__(self) -> str:
         return self.text
 
+    def __repr__(self) -> str:  # inside a list or dict, as the file wrote it
+        return self.text
+
 
 def _integer(text: str):
     return int(text) if len(text) <= 4000 else LongInteger(text)
@@ -82,6 +85,25 @@ def read_json_lines(path: str) -> list[Line]:
     return values
 
 
+def _as_json(value) -> str:
+    """``value`` as JSON for an error message, a LongInteger as its digits
+    (which json.dumps cannot write)."""
+    try:
+        return _json_text(value)
+    except RecursionError:  # nested deeper than this recursion goes: a LongInteger in quotes
+        return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _json_text(value) -> str:
+    if isinstance(value, LongInteger):
+        return value.text
+    if isinstance(value, list):
+        return "[" + ", ".join([_json_text(item) for item in value]) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join([f"{_json_text(key)}: {_json_text(item)}" for key, item in value.items()]) + "}"
+    return json.dumps(value, ensure_ascii=False)
+
+
 def _check_prompt(item, where: str, chat: bool, expected: str) -> None:
     """A line holds either a "prompt" string or, with --chat, a non-empty
     "messages" list (its messages are checked when it is encoded)."""
@@ -94,10 +116,10 @@ def _check_prompt(item, where: str, chat: bool, expected: str) -> None:
             raise ValueError(f'{where}: "messages" (a conversation) needs --chat')
         if not (isinstance(item["messages"], list) and item["messages"]):
             raise ValueError(f'{where}: "messages": expected a non-empty list of {{"role", "content"}} '
-                             f'objects, got {json.dumps(item["messages"], ensure_ascii=False)}')
+                             f'objects, got {_as_json(item["messages"])}')
     elif not isinstance(item["prompt"], str):
         raise ValueError(f'{where}: "prompt": expected a string, '
-                         f'got {json.dumps(item["prompt"], ensure_ascii=False)}')
+                         f'got {_as_json(item["prompt"])}')
 
 
 def _check_output_key(item: dict, key: str, where: str) -> None:

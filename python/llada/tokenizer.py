@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .checkpoint import CHAT_TEMPLATE, SPECIAL_TOKENS
+from .token_ids import is_int
 
 # Fixed ids 0..3, so a model's config never depends on what BPE learned.
 SPECIAL_ORDER = ("bos", "eos", "mask", "eot")
@@ -44,7 +45,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
     """A byte-level BPE ``tokenizers.Tokenizer`` learned from ``texts``.
 
     ``vocab_size`` counts everything: the special tokens, the 256 byte tokens
-    and the merges.
+    and the merges; ``min_frequency`` (an int >= 0) is the fewest times a pair
+    must occur to be merged.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -52,12 +54,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
         raise TypeError("texts: expected an iterable of texts, got one text")
     if not isinstance(vocab_size, int) or vocab_size < 256 + len(SPECIAL_LIST):
         raise ValueError(f"vocab_size: expected an int >= {256 + len(SPECIAL_LIST)}, got {vocab_size!r}")
+    if not is_int(min_frequency):
+        raise TypeError(f"min_frequency: expected an int >= 0, got {type(min_frequency).__name__}")
+    if min_frequency < 0:
+        raise ValueError(f"min_frequency: expected an int >= 0, got {min_frequency}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        min_frequency=min_frequency,
+        # tokenizers counts in 64 bits; no pair occurs more often than that.
+        min_frequency=min(int(min_frequency), 2**64 - 1),
         special_tokens=SPECIAL_LIST,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
