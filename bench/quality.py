@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,10 +116,18 @@ def run(model, tok, task, examples, policy: Policy, batch_size: int):
     return acc, stats.nfe / batches, kwargs, seconds
 
 
-def held_out_examples(folder: Path) -> int:
-    """How many of the task's held-out examples the model's training left out
-    (its data.json): only those are unseen."""
-    return json.loads((folder / "data.json").read_text(encoding="utf-8"))["held_out_examples"]
+def task_run(folder: Path) -> dict | None:
+    """The data.json of a task model's training run: its "task" and how many of
+    the task's held-out examples the training left out ("held_out_examples":
+    only those are unseen). None for a folder that is not a task run (e.g. a
+    pretraining run saved next to the task runs)."""
+    data_file = folder / "data.json"
+    if not data_file.is_file():
+        return None
+    data = json.loads(data_file.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or "task" not in data or "held_out_examples" not in data:
+        return None
+    return data
 
 
 def main(argv=None) -> int:
@@ -129,23 +138,33 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=str(TASK_MODELS), help="folder of task model folders")
     args = parser.parse_args(argv)
 
-    folders = sorted(p for p in Path(args.models).iterdir() if (p / "config.json").is_file())
-    if not folders:
+    if not Path(args.models).is_dir():
+        parser.error(f"--models: expected a folder of task model folders, got {args.models!r}, "
+                     f"which is not a folder")
+    runs = {}  # folder -> its data.json
+    for folder in sorted(p for p in Path(args.models).iterdir() if (p / "config.json").is_file()):
+        if (data := task_run(folder)) is None:
+            print(f'quality: skipping {folder}: not a task model (no data.json with "task" and '
+                  f'"held_out_examples")', file=sys.stderr)
+        else:
+            runs[folder] = data
+    if not runs:
         raise SystemExit(f"no task models under {args.models}")
     if args.examples < 1:
         parser.error(f"--examples: expected a positive int, got {args.examples}")
     if args.batch_size < 1:
         parser.error(f"--batch-size: expected a positive int, got {args.batch_size}")
-    for folder in folders:
-        if args.examples > (unseen := held_out_examples(folder)):
+    for folder, data in runs.items():
+        if args.examples > (unseen := data["held_out_examples"]):
             parser.error(f"--examples: expected at most {unseen}, got {args.examples}: {folder.name}'s training "
                          f"left out only the first {unseen} held-out examples (its data.json "
                          f'"held_out_examples"); more would score it on training prompts')
     print(f"device: {args.device}; {args.examples} held-out examples per task; G = gen_length\n")
     print("| task | policy | steps | block | remasking | NFE | accuracy | seconds |")
     print("|---|---|---:|---:|---|---:|---:|---:|")
-    for folder in folders:
-        task = tasks.get_task(folder.name)
+    for folder, data in runs.items():
+        # The run's own record of its task: the folder may be named anything.
+        task = tasks.get_task(data["task"])
         model = llada.load_model(folder, device=args.device, dtype=torch.float32)
         tok = read_tokenizer(folder)
         examples = tasks.held_out_set(task, args.examples)

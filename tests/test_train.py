@@ -426,6 +426,11 @@ ONLY_SFT = r"argument --{}: only SFT \(--task\) runs use it; this run is pretrai
         (NEW_SORT + ["--seed", "-1"], "argument --seed"),
         (["--corpus", "{tmp}", "--out", "{out}", "--held-out-fraction", "1"], "argument --held-out-fraction"),
         (["--corpus", "{tmp}", "--out", "{out}", "--vocab-size", "10"], "argument --vocab-size: expected at least"),
+        # Beyond a C int, torch and the tokenizer trainer would fail naming no flag.
+        (["--corpus", "{tmp}", "--out", "{out}", "--vocab-size", str(10**20)],
+         f"argument --vocab-size: expected at most 2147483647, got {10**20}"),
+        (NEW_SORT + ["--batch-size", str(10**20)], f"argument --batch-size: expected at most 2147483647, got {10**20}"),
+        (NEW_SORT + ["--mlp-hidden", str(10**20)], f"argument --mlp-hidden: expected at most 2147483647, got {10**20}"),
         # The options of the other mode, which it would ignore, whatever their value (the default too).
         (NEW_SORT + ["--seq-len", "64"], ONLY_PRETRAINING.format("seq-len")),
         (NEW_SORT + ["--seq-len", "-5"], ONLY_PRETRAINING.format("seq-len")),
@@ -559,8 +564,7 @@ def test_a_run_killed_before_its_first_save_resumes_from_the_start(tmp_path, mon
         return loss(model, *args, **kwargs)
 
     monkeypatch.setattr(train, "compute_loss", killed_in_step_2)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(common + ["--out", str(killed)])
+    assert train.main(common + ["--out", str(killed)]) == 130
     assert torch.load(killed / train.STATE_FILE, weights_only=False)["step"] == 0
     monkeypatch.setattr(train, "compute_loss", loss)
     run(["--resume", str(killed)])
@@ -600,6 +604,75 @@ def test_a_diverged_run_stops_with_its_last_save_kept(tmp_path, monkeypatch, cap
     assert torch.load(folder / train.STATE_FILE, weights_only=False)["step"] == 2
     model = llada.load_model(folder, device="cpu")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_ctrl_c_while_preparing_the_data_is_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(args, tok=None):
+        raise KeyboardInterrupt  # Ctrl-C before the training loop handles it
+
+    monkeypatch.setattr(train, "Data", interrupted)
+    assert train.main(SORT + TINY + ["--out", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err == "\nllada train: interrupted\n"
+
+
+def test_a_corpus_file_name_that_is_not_utf8_is_named_before_training(tmp_path, monkeypatch, capsys):
+    corpus = small_corpus(tmp_path / "corpus")
+    try:  # Latin-1 "cafe" with an acute e
+        with open(os.path.join(os.fsencode(corpus), b"caf\xe9.py"), "wb") as f:
+            f.write(b"x = 1\n")
+    except OSError:
+        pytest.skip("this filesystem refuses names that are not UTF-8")
+    if os.fsencode(corpus / os.fsdecode(b"caf\xe9.py")) not in {os.fsencode(p) for p in corpus.iterdir()}:
+        pytest.skip("this filesystem changes names that are not UTF-8")
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained")
+
+    monkeypatch.setattr(llada.tokenizer, "train_bpe", not_reached)
+    assert train.main(["--corpus", str(corpus), "--out", str(tmp_path / "run")] + PRETRAIN) == 2
+    assert capsys.readouterr().err == (f"llada train: error: --corpus: the file name {corpus}/caf\\xe9.py is not "
+                                       "UTF-8; rename the file, or move it out of the corpus\n")
+
+
+def _quality():
+    """bench/quality.py as a module."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parent.parent / "bench"
+                                                  / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["quality"] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_reads_the_task_of_each_run_and_skips_other_runs(tmp_path, monkeypatch, capsys):
+    # The training scripts save task runs and the pretraining run side by side,
+    # and a run's folder may be named anything: its data.json names its task.
+    models = tmp_path / "runs"
+    shutil.copytree(Path(llada.__file__).resolve().parent / "task_models" / "sort", models / "sort_run")
+    (models / "default_model").mkdir()
+    (models / "default_model" / "config.json").write_text("{}")
+    (models / "default_model" / "data.json").write_text(json.dumps({"corpus": {"files": 3}}))
+    (models / "exported").mkdir()
+    (models / "exported" / "config.json").write_text("{}")
+    quality = _quality()
+    monkeypatch.setattr(quality, "policies", lambda: [quality.Policy(
+        "fixed, steps = G", llada.generate, lambda n: dict(steps=n, block_length=n))])
+    assert quality.main(["--examples", "2", "--batch-size", "2", "--models", str(models), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    rows = [line for line in out.splitlines() if line.startswith("| sort")]
+    assert len(rows) == 1  # the task read from data.json, not from the folder's name
+    # One batch of 2, 10 steps of one forward each.
+    assert rows[0].startswith("| sort (G=10) | fixed, steps = G | 10 | 10 | low_confidence | 10.0 | ")
+    not_a_task_model = 'not a task model (no data.json with "task" and "held_out_examples")'
+    assert err == (f"quality: skipping {models / 'default_model'}: {not_a_task_model}\n"
+                   f"quality: skipping {models / 'exported'}: {not_a_task_model}\n")
+    with pytest.raises(SystemExit) as refused:
+        quality.main(["--models", str(tmp_path / "none")])
+    assert refused.value.code == 2
+    assert f"--models: expected a folder of task model folders, got '{tmp_path / 'none'}'" in capsys.readouterr().err
 
 
 def test_out_of_memory_is_one_line(monkeypatch, capsys):
@@ -644,8 +717,7 @@ def test_a_save_cut_off_while_writing_keeps_every_file_of_the_previous_one(tmp_p
         return dump(obj, f, **kwargs)
 
     monkeypatch.setattr(json, "dump", cut_off_in_train_args)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(["--resume", str(folder), "--stop-at", "4"])
+    assert train.main(["--resume", str(folder), "--stop-at", "4"]) == 130
     monkeypatch.setattr(json, "dump", dump)
     assert {f.name: f.read_bytes() for f in folder.iterdir() if f.name != train.LOG_FILE} == saved
     run(["--resume", str(folder)])
@@ -667,8 +739,7 @@ def test_weights_and_state_of_different_saves_do_not_resume(tmp_path, monkeypatc
             raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "replace", cut_off_after_the_weights)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(["--resume", str(folder), "--stop-at", "4"])
+    assert train.main(["--resume", str(folder), "--stop-at", "4"]) == 130
     monkeypatch.setattr(os, "replace", replace)
     assert (folder / "model.safetensors").read_bytes() != step_2_weights
     assert torch.load(folder / train.STATE_FILE, weights_only=False)["step"] == 2

@@ -94,6 +94,15 @@ def corpus_files(corpus: str) -> tuple[Path, list[Path]]:
     if not files:
         raise ValueError(f"--corpus: no *.py files under {root} outside folders named "
                          f"{', '.join(sorted(EXCLUDED_DIRS))}")
+    for p in files:
+        # The run's data.json records the paths as UTF-8 JSON, and hashes them:
+        # a name that is not UTF-8 (say Latin-1) has no such form.
+        try:
+            str(p).encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(p).decode("utf-8", errors="backslashreplace")
+            raise ValueError(f"--corpus: the file name {shown} is not UTF-8; rename the file, or move it "
+                             f"out of the corpus") from None
     return root, files
 
 
@@ -774,6 +783,11 @@ def resumed_args(parser: argparse.ArgumentParser, argv, args: argparse.Namespace
     return resumed
 
 
+# Sizes and counts reach torch and the tokenizer trainer as C ints: beyond
+# this they fail there with an overflow (or C++ stack frames) naming no flag.
+MAX_INT_OPTION = 2**31 - 1
+
+
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     def fail(name: str, message: str):
         parser.error(f"argument {flag(name)}: {message}")
@@ -794,6 +808,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         value = getattr(args, name)
         if not isinstance(value, int) or value < 1:
             fail(name, f"expected a positive int, got {value!r}")
+        if value > MAX_INT_OPTION:
+            fail(name, f"expected at most {MAX_INT_OPTION}, got {value}")
     if args.task:
         from .tasks import DISTINCT_PROMPTS
 
@@ -809,6 +825,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         value = getattr(args, name)
         if not isinstance(value, int) or value < 0:
             fail(name, f"expected an int >= 0, got {value!r}")
+        if value > MAX_INT_OPTION:
+            fail(name, f"expected at most {MAX_INT_OPTION}, got {value}")
     if args.stop_at > args.steps:
         fail("stop_at", f"{args.stop_at} is past --steps ({args.steps})")
     if not 0 <= args.seed < 2**32:
@@ -848,7 +866,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)  # bad options exit with status 2, as argparse's own do
     try:
         out = train(args)
-    except (ValueError, TypeError, OSError, FloatingPointError) as e:  # OSError: e.g. --out under a file
+    except (ValueError, TypeError, OSError, OverflowError, FloatingPointError) as e:  # OSError: --out under a file
         print(f"llada train: error: {e}", file=sys.stderr)
         return 2
     except MemoryError as e:  # Python's own, from an allocation, carries no message
@@ -859,6 +877,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"llada train: error: out of memory ({str(e).splitlines()[0]})", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C before the training loop (which saves on a first one), or a
+        # second one in it: what the last save holds is kept.
+        print("\nllada train: interrupted", file=sys.stderr)
+        return 130
     print(f"llada train: wrote {out}", file=sys.stderr)
     return 0
 
