@@ -467,7 +467,9 @@ class LLaDAModel(nn.Module):
                 [N, V] of its True positions in row-major order (like
                 ``x[mask]``); int64 positions [B, K] for logits [B, K, V]; or
                 a slice (step 1) of positions, the same for every row, for
-                logits [B, K, V]. The last block's queries and MLP, the final
+                logits [B, K, V] (its bounds Python or numpy ints; under
+                torch.compile, Python ints only: it traces a numpy int as a
+                tensor, whose value no shape may depend on). The last block's queries and MLP, the final
                 norm and the head then run on those rows only; keys and
                 values still see every position. A slice is the only form
                 that reads nothing back from the device (a mask needs its
