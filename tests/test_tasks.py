@@ -2,6 +2,7 @@
 verifiers, SFT encoding, and the shipped task models' accuracy."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -279,3 +280,31 @@ def test_train_bpe_takes_any_int_min_frequency():
     # No pair occurs 2**64 times (beyond what tokenizers counts in): no merge,
     # only the 4 special tokens and the 256 bytes.
     assert train_bpe(texts, 300, 2**64).get_vocab_size() == 4 + 256
+
+
+def test_quality_reads_the_task_of_each_run_and_skips_other_runs(tmp_path, monkeypatch, capsys):
+    # The training scripts save task runs and the pretraining run side by side,
+    # and a run's folder may be named anything: its data.json names its task.
+    models = tmp_path / "runs"
+    shutil.copytree(Path(llada.__file__).resolve().parent / "task_models" / "sort", models / "sort_run")
+    (models / "default_model").mkdir()
+    (models / "default_model" / "config.json").write_text("{}")
+    (models / "default_model" / "data.json").write_text(json.dumps({"corpus": {"files": 3}}))
+    (models / "exported").mkdir()
+    (models / "exported" / "config.json").write_text("{}")
+    quality = _quality()
+    monkeypatch.setattr(quality, "policies", lambda: [quality.Policy(
+        "fixed, steps = G", llada.generate, lambda n: dict(steps=n, block_length=n))])
+    assert quality.main(["--examples", "2", "--batch-size", "2", "--models", str(models), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    rows = [line for line in out.splitlines() if line.startswith("| sort")]
+    assert len(rows) == 1  # the task read from data.json, not from the folder's name
+    # One batch of 2, 10 steps of one forward each.
+    assert rows[0].startswith("| sort (G=10) | fixed, steps = G | 10 | 10 | low_confidence | 10.0 | ")
+    not_a_task_model = 'not a task model (no data.json with "task" and "held_out_examples")'
+    assert err == (f"quality: skipping {models / 'default_model'}: {not_a_task_model}\n"
+                   f"quality: skipping {models / 'exported'}: {not_a_task_model}\n")
+    with pytest.raises(SystemExit) as refused:
+        quality.main(["--models", str(tmp_path / "none")])
+    assert refused.value.code == 2
+    assert f"--models: expected a folder of task model folders, got '{tmp_path / 'none'}'" in capsys.readouterr().err

@@ -634,47 +634,6 @@ def test_a_corpus_file_name_that_is_not_utf8_is_named_before_training(tmp_path, 
                                        "UTF-8; rename the file, or move it out of the corpus\n")
 
 
-def _quality():
-    """bench/quality.py as a module."""
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parent.parent / "bench"
-                                                  / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["quality"] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_quality_reads_the_task_of_each_run_and_skips_other_runs(tmp_path, monkeypatch, capsys):
-    # The training scripts save task runs and the pretraining run side by side,
-    # and a run's folder may be named anything: its data.json names its task.
-    models = tmp_path / "runs"
-    shutil.copytree(Path(llada.__file__).resolve().parent / "task_models" / "sort", models / "sort_run")
-    (models / "default_model").mkdir()
-    (models / "default_model" / "config.json").write_text("{}")
-    (models / "default_model" / "data.json").write_text(json.dumps({"corpus": {"files": 3}}))
-    (models / "exported").mkdir()
-    (models / "exported" / "config.json").write_text("{}")
-    quality = _quality()
-    monkeypatch.setattr(quality, "policies", lambda: [quality.Policy(
-        "fixed, steps = G", llada.generate, lambda n: dict(steps=n, block_length=n))])
-    assert quality.main(["--examples", "2", "--batch-size", "2", "--models", str(models), "--device", "cpu"]) == 0
-    out, err = capsys.readouterr()
-    rows = [line for line in out.splitlines() if line.startswith("| sort")]
-    assert len(rows) == 1  # the task read from data.json, not from the folder's name
-    # One batch of 2, 10 steps of one forward each.
-    assert rows[0].startswith("| sort (G=10) | fixed, steps = G | 10 | 10 | low_confidence | 10.0 | ")
-    not_a_task_model = 'not a task model (no data.json with "task" and "held_out_examples")'
-    assert err == (f"quality: skipping {models / 'default_model'}: {not_a_task_model}\n"
-                   f"quality: skipping {models / 'exported'}: {not_a_task_model}\n")
-    with pytest.raises(SystemExit) as refused:
-        quality.main(["--models", str(tmp_path / "none")])
-    assert refused.value.code == 2
-    assert f"--models: expected a folder of task model folders, got '{tmp_path / 'none'}'" in capsys.readouterr().err
-
-
 def test_out_of_memory_is_one_line(monkeypatch, capsys):
     def fails(args):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes.\nmore")
