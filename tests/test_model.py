@@ -221,6 +221,21 @@ def test_start_none_without_a_cache_is_no_start(tmp_path):
         model(ids, start=2)
 
 
+def test_start_none_with_a_cache_is_where_positions_say(tmp_path):
+    # None is "no start": position 0, or the positions given instead.
+    model = llada.load_model(make_checkpoint(tmp_path), device="cpu")
+    ids, _ = left_padded_batch(model.config, [9, 9], seed=7)
+    want = model(ids).logits
+    cache = KVCache(model.config, 2, 9, "cpu", torch.float32)
+    assert rel_err(model(ids, cache=cache, start=None).logits, want) < 1e-5
+    cache = KVCache(model.config, 2, 9, "cpu", torch.float32)
+    model(ids, cache=cache)  # every position's keys, as a full forward sees them
+    tail = model(ids[:, 4:], cache=cache, start=None, positions=torch.arange(4, 9)).logits
+    assert rel_err(tail, want[:, 4:]) < 1e-5
+    with pytest.raises(ValueError, match="^start: give either start or positions, not both$"):
+        model(ids[:, 4:], cache=cache, start=4, positions=torch.arange(4, 9))
+
+
 SIZES = ["d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "vocab_size", "embedding_size",
          "max_sequence_length"]
 

@@ -451,7 +451,7 @@ class LLaDAModel(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         logits_at: Optional[torch.Tensor | slice] = None,
         cache: Optional[KVCache] = None,
-        start: int = 0,
+        start: Optional[int] = 0,
         positions: Optional[torch.Tensor] = None,
     ) -> LLaDAOutput:
         """Logits of every position, or only of the positions in ``logits_at``.
@@ -480,7 +480,8 @@ class LLaDAModel(nn.Module):
                 keys and values are attended to, RoPE uses the true positions,
                 and ``attention_mask`` (if any) covers the whole sequence.
                 ``logits_at`` counts positions of ``input_ids``.
-            start: where ``input_ids`` begin in the cached sequence.
+            start: where ``input_ids`` begin in the cached sequence (None: 0,
+                or where ``positions`` say).
             positions: instead of ``start``, the cached positions as an int64
                 tensor [L] on the model's device. Nothing is read back to the
                 host, so a forward taking them can be captured once as a CUDA
@@ -497,6 +498,8 @@ class LLaDAModel(nn.Module):
         device = input_ids.device
         if cache is not None:
             self._check_cache(cache)
+            start_given = start is not None
+            start = 0 if start is None else start
             if not is_int(start):
                 raise TypeError(f"start: expected an int, got {type(start).__name__}")
             if cache.batch != b or not 0 <= start <= cache.total - l:
@@ -506,7 +509,7 @@ class LLaDAModel(nn.Module):
                 )
             if positions is None:
                 positions = torch.arange(start, start + l, device=device)
-            elif start != 0:
+            elif start_given and start != 0:
                 raise ValueError("start: give either start or positions, not both")
             elif not isinstance(positions, torch.Tensor):
                 raise TypeError(f"positions: expected an int64 tensor [{l}] on {device}, "
