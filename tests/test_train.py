@@ -283,7 +283,7 @@ def test_resume_refuses_what_cannot_change_and_applies_the_rest(tmp_path, capsys
     assert float(row["lr"]) != pytest.approx(1e-2 * cosine(2 / 4, 0.1), rel=1e-4)
 
 
-def test_resume_without_memory_for_the_weights_is_one_error_line(tmp_path, monkeypatch, capsys):
+def test_resume_without_memory_for_the_training_state_is_one_error_line(tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
     import llada.checkpoint
@@ -292,14 +292,16 @@ def test_resume_without_memory_for_the_weights_is_one_error_line(tmp_path, monke
     run(SORT + TINY + ["--steps", "4", "--eval-every", "2", "--stop-at", "2", "--out", str(folder)])
     params = sum(t.numel() for t in load_file(folder / "model.safetensors").values())
     assert 1_000 <= params < 1_000_000  # thousands, so K and kB below
-    # A busy machine: 1000 bytes left, fewer than the float32 weights take.
-    monkeypatch.setattr(llada.checkpoint, "_available_host_memory", lambda: 1000)
+    # A busy machine: room for the float32 weights, but not for their
+    # gradients and AdamW's two moments besides (16 bytes a parameter).
+    monkeypatch.setattr(llada.checkpoint, "_available_host_memory", lambda: params * 12)
     capsys.readouterr()
     assert train.main(["--resume", str(folder)]) == 2
     assert capsys.readouterr().err == (
         f"llada train: error: --resume: {folder}: the model's {params / 1e3:.2f}K parameters take "
-        f"{params * 4 / 1e3:.1f} kB as torch.float32, but this machine has 1.0 kB of memory available "
-        f"(training keeps its weights in float32)\n")
+        f"{params * 16 / 1e3:.1f} kB as torch.float32 4 times over, but this machine has "
+        f"{params * 12 / 1e3:.1f} kB of memory available (training keeps the weights, their gradients "
+        f"and AdamW's two moments in float32)\n")
     assert torch.load(folder / train.STATE_FILE, weights_only=False)["step"] == 2  # the run is as it was
     # An allocation that fails anywhere else in training is no traceback either.
     monkeypatch.setattr(llada.checkpoint, "_available_host_memory", lambda: None)
@@ -310,6 +312,21 @@ def test_resume_without_memory_for_the_weights_is_one_error_line(tmp_path, monke
     monkeypatch.setattr(train, "make_optimizer", no_memory)
     assert train.main(["--resume", str(folder)]) == 2
     assert capsys.readouterr().err == "llada train: error: out of memory\n"
+
+
+def test_a_new_run_without_memory_for_its_training_state_is_refused_before_training(tmp_path, monkeypatch,
+                                                                                   capsys):
+    import llada.checkpoint
+
+    monkeypatch.setattr(llada.checkpoint, "_available_host_memory", lambda: 1000)
+    folder = tmp_path / "run"
+    capsys.readouterr()
+    assert train.main(SORT + TINY + ["--steps", "4", "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llada train: error: --d-model, --n-layers, --mlp-hidden: the model's ")
+    assert err.endswith(" 4 times over, but this machine has 1.0 kB of memory available (training keeps the "
+                        "weights, their gradients and AdamW's two moments in float32)\n")
+    assert not (folder / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("saved, given", [(None, "."), ("stdlib", "./stdlib"), ("stdlib", "stdlib/")])

@@ -503,12 +503,12 @@ def _format_count(n: int) -> str:
     return str(n)
 
 
-def memory_shortfall(cfg: LLaDAConfig, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """What the weights of a model with config ``cfg`` take as ``dtype`` and
-    what ``device`` has free, when they do not fit there; None when they fit
-    or the free memory cannot be read."""
+def memory_shortfall(cfg: LLaDAConfig, device: torch.device, dtype: torch.dtype, copies: int = 1) -> Optional[str]:
+    """What ``copies`` tensors the size of the weights of a model with config
+    ``cfg`` take as ``dtype`` and what ``device`` has free, when they do not
+    fit there; None when they fit or the free memory cannot be read."""
     params = count_parameters(cfg)
-    need = params * dtype.itemsize
+    need = params * dtype.itemsize * copies
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
         where = f"{device} has {_format_bytes(free)} free"
@@ -517,7 +517,8 @@ def memory_shortfall(cfg: LLaDAConfig, device: torch.device, dtype: torch.dtype)
         where = f"this machine has {_format_bytes(free or 0)} of memory available"
     if free is None or need <= free:
         return None
-    return f"the model's {_format_count(params)} parameters take {_format_bytes(need)} as {dtype}, but {where}"
+    held = "" if copies == 1 else f" {copies} times over"
+    return f"the model's {_format_count(params)} parameters take {_format_bytes(need)} as {dtype}{held}, but {where}"
 
 
 def _check_memory(cfg: LLaDAConfig, device: torch.device, dtype: torch.dtype) -> None:

@@ -186,6 +186,16 @@ def build_config(args, vocab_size: int, ids: dict, max_len: int) -> LLaDAConfig:
     )
 
 
+def check_training_memory(cfg: LLaDAConfig, device: torch.device, what: str) -> None:
+    """Refuses, before any allocation, a model whose training state cannot
+    fit on ``device``: the weights, their gradients and AdamW's two moments,
+    all float32 (activations come on top)."""
+    shortfall = memory_shortfall(cfg, device, torch.float32, copies=4)
+    if shortfall is not None:
+        raise MemoryError(f"{what}: {shortfall} (training keeps the weights, their gradients and "
+                          f"AdamW's two moments in float32)")
+
+
 def init_weights(model: LLaDAModel, seed: int) -> None:
     """N(0, 0.02) everywhere, residual outputs shrunk by 1/sqrt(2 n_layers)
     (GPT-2 style) so the residual stream does not grow with depth; norms 1."""
@@ -428,9 +438,7 @@ def train(args) -> Path:
     if resuming:
         check_same_data(out, data.info, args)
         # Checked here rather than by load_model, whose error is about its dtype argument.
-        shortfall = memory_shortfall(load_config(out), device, torch.float32)
-        if shortfall is not None:
-            raise MemoryError(f"--resume: {out}: {shortfall} (training keeps its weights in float32)")
+        check_training_memory(load_config(out), device, f"--resume: {out}")
         model = load_model(out, device=device, dtype=torch.float32)
         for p in model.parameters():
             p.requires_grad_(True)
@@ -440,6 +448,7 @@ def train(args) -> Path:
             raise ValueError(f"--max-len: {args.max_len} is shorter than the data's sequences ({data.seq_len} "
                              f"tokens); give at least that, or 0 for the data's")
         cfg = build_config(args, vocab, data.ids, args.max_len or data.seq_len)
+        check_training_memory(cfg, device, "--d-model, --n-layers, --mlp-hidden")
         model = LLaDAModel(cfg)
         init_weights(model, args.seed)
         model.to(device)
