@@ -954,6 +954,28 @@ def test_a_closed_standard_input_is_named(checkpoint, capsys, monkeypatch):
     assert "llada chat: error: standard input is closed" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("data, expected", [
+    # A lone CR is JSON whitespace inside a line; only "\n" ends a JSON Lines line.
+    (b'{"prompt": "a",\r"id": 1}\n{"prompt": "b"}\n', [{"prompt": "a", "id": 1}, {"prompt": "b"}]),
+    (b'"a"\r \n{"prompt": 5}\n', 'line 2: "prompt": expected a string, got 5'),
+    (b'\xef\xbb\xbf"a"\r\n\r\n"b"\r\n{"prompt": 5}\r\n', 'line 4: "prompt": expected a string, got 5'),
+    (b'"a\rb"\n', "line 1: not JSON (Invalid control character at)"),
+], ids=["cr-inside-a-line", "cr-before-a-newline", "crlf-and-byte-order-mark", "cr-inside-a-string"])
+def test_prompts_file_reads_a_file_and_standard_input_alike(tmp_path, monkeypatch, data, expected):
+    from llada.prompts_file import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(data)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="ascii"))
+    for source, name in ((str(path), str(path)), ("-", "standard input")):
+        if isinstance(expected, list):
+            assert [line.value for line in read_prompts(source, chat=False)] == expected
+        else:
+            with pytest.raises(ValueError) as e:
+                read_prompts(source, chat=False)
+            assert str(e.value) == f"--prompts-file {name} {expected}"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--device", "foo", "x"], "llada: error: --device: expected 'cpu', 'cuda' or 'cuda:N', got 'foo'"),
     (["likelihood", "--prompt", "a", "--answer", "b", "--mc-num", str(10**20), "--batch-size", str(10**20)],

@@ -51,12 +51,16 @@ def read_json_lines(path: str) -> list[Line]:
     if path == "-" and sys.stdin is None:  # started with standard input closed (`<&-`)
         raise ValueError("--prompts-file -: standard input is closed; give the prompts there or name a file")
     try:
-        # utf-8-sig: a byte order mark at the start is not part of the JSON.
+        # Bytes from either source, decoded alike: a file opened as text would
+        # take a lone "\r" (JSON whitespace) for a line break, which JSON Lines
+        # does not (a "\r" before "\n" is whitespace at the end of its line).
         if path == "-":
-            text = sys.stdin.buffer.read().decode("utf-8-sig")
+            data = sys.stdin.buffer.read()
         else:
-            with open(path, encoding="utf-8-sig") as f:
-                text = f.read()
+            with open(path, "rb") as f:
+                data = f.read()
+        # utf-8-sig: a byte order mark at the start is not part of the JSON.
+        text = data.decode("utf-8-sig")
     except OSError as e:
         raise FileNotFoundError(f"--prompts-file {name}: cannot read it ({e.strerror})") from None
     except UnicodeDecodeError as e:
