@@ -66,6 +66,7 @@ def runtime_warnings(fn):
 
 
 def test_a_gpu_without_code_is_reported_once(monkeypatch, fresh_answers):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(devices._C, "cuda_compiled", lambda: True)
     monkeypatch.setattr(devices._C, "cuda_architectures", lambda: "80,90")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))
@@ -280,12 +281,28 @@ def test_kernels_run_on_takes_a_device_name(device):
 
 @pytest.mark.parametrize("device", ["cuda:1", 1])
 def test_kernels_run_on_takes_a_gpu_name_or_index(monkeypatch, fresh_answers, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(devices._C, "cuda_compiled", lambda: True)
     monkeypatch.setattr(devices._C, "cuda_architectures", lambda: "80,90")
     asked = []
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or (7, 5))
     runs, said = runtime_warnings(lambda: devices.kernels_run_on(device))
     assert runs is False and asked == [1] and "on cuda:1 (compute capability 7.5" in said[0]
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", 0, torch.device("cuda"), torch.device("cuda", 1)])
+def test_kernels_run_on_a_machine_without_a_gpu_answers_no(monkeypatch, fresh_answers, device):
+    # Without a GPU (or its driver), torch raises when asked about one: the
+    # answer is that the kernels run on no CUDA device, and nothing is said.
+    def no_driver(*args):
+        raise RuntimeError("Found no NVIDIA driver on your system.")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", no_driver)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", no_driver)
+    monkeypatch.setattr(devices._C, "cuda_compiled", lambda: True)
+    runs, said = runtime_warnings(lambda: [devices.kernels_run_on(device) for _ in range(2)])
+    assert runs == [False, False] and said == []
 
 
 @pytest.mark.parametrize("device, says", [

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import pytest
@@ -150,6 +151,17 @@ def test_decode_stops_at_the_first_stop_token(engine):
     for bad in ([-1], "ab", torch.zeros(2, 2, dtype=torch.long), [1.5]):
         with pytest.raises((TypeError, ValueError), match="^ids: expected"):
             engine.decode(bad)
+
+
+def test_decode_reads_any_iterable_of_ids(engine):
+    # Read once: an iterator checked and then read again would be empty.
+    eot = engine.model.config.eot_token_id
+    words = engine.tokenizer("ab cd", add_special_tokens=False)["input_ids"]
+    ids = words + [eot] + words
+    for given in (iter(ids), (t for t in ids), map(int, ids), tuple(ids), np.array(ids)):
+        assert engine.decode(given) == engine.tokenizer.decode(words)
+    with pytest.raises(TypeError, match=r"^ids: expected token ids \(ints >= 0\), got int$"):
+        engine.decode(5)
 
 
 @pytest.fixture(scope="module")
@@ -416,6 +428,69 @@ def test_a_gap_filled_with_eos_only_keeps_its_neighbours_apart(word_engine, monk
     assert word_engine.infill("add 3 1 2", "= 1 2 3\n", 2) == " "
     assert word_engine.infill("add 3 1 2", "= 1 2 3", 2) == " "
     assert word_engine.fill(["add  4 7", 1, "+ 5 8 3 =\n", 2]) == [" ", ""]
+
+
+def byte_token_ids(tokenizer, text: Union[str, bytes]) -> list[int]:
+    """The ids of the byte-level tokens of ``text``'s (UTF-8) bytes, one per
+    byte (GPT-2's table of a printable character for each byte)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table = {b: chr(b) for b in printable}
+    table.update({b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in printable)})
+    return tokenizer.convert_tokens_to_ids([table[b] for b in (text.encode() if isinstance(text, str) else text)])
+
+
+@pytest.mark.parametrize("parts, fills, expected", [
+    (["caf", 1, 1, "!"], ["é"], ["", "é"]),
+    (["caf", 1, "", 1, "!"], ["é"], ["", "é"]),
+    (["price = '", 2, 2, "'\n"], ["x", "€"], ["x", "€"]),
+    (["a", 2, 1], ["€"], ["", "€"]),
+    (["caf", 1, 1, 1, "!"], [b"\xc3", "EOS", b"\xa9"], ["", "", "é"]),  # an EOS-only gap between
+    # A character never completed stays U+FFFD, as the whole text reads it.
+    (["caf", 1, 1, "!"], [b"\xc3", "b"], ["\ufffd", "b"]),
+    (["caf", 1, "!"], [b"\xc3"], ["\ufffd"]),
+])
+def test_a_character_two_gaps_share_is_the_later_gaps_text(monkeypatch, parts, fills, expected):
+    # A byte-level tokenizer has a token per byte: the model may end a gap
+    # with a character's first bytes and start the next gap with the rest.
+    from llada import engine as engine_module
+
+    engine = llada.load(device="cpu")  # the bundled model: a byte-level tokenizer
+    tok, config = engine.tokenizer, engine.model.config
+    tokens = []
+    for fill in fills:
+        tokens += [config.eos_token_id] if fill == "EOS" else byte_token_ids(tok, fill)
+    assert tok.decode(byte_token_ids(tok, "é€")) == "é€"  # the table is the tokenizer's
+
+    def model_fills(model, canvas, **kw):
+        out = canvas.clone()
+        out[canvas == config.mask_token_id] = torch.tensor(tokens)
+        return out, llada.DecodeStats()
+
+    monkeypatch.setattr(engine_module, "infill", model_fills)
+    gaps = engine.fill(parts)
+    assert gaps == expected
+    # The parts and the gaps join to the text of the whole canvas.
+    canvas, texts = [], iter(gaps)
+    for part in parts:
+        canvas += tok(part, add_special_tokens=False)["input_ids"] if isinstance(part, str) else tokens[:part]
+        tokens = tokens[0 if isinstance(part, str) else part:]
+    joined = "".join(part if isinstance(part, str) else next(texts) for part in parts)
+    assert joined == tok.decode(canvas, skip_special_tokens=True)
+
+
+def test_a_role_is_plain_text(engine):
+    # A role goes into the template's text: a lone surrogate is no text, and
+    # a role spelling a special token would end its turn.
+    eot = engine.model.config.eot_token_id
+    assert engine.tokenizer("<|eot_id|>", add_special_tokens=False)["input_ids"] == [eot]
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "as\ud800", "content": "x"}]
+    with pytest.raises(ValueError, match=r"^prompt\[1\]: role: not valid Unicode text \(a lone surrogate at index 2"):
+        engine.generate(conversation, chat=True, **SHAPE)
+    with pytest.raises(ValueError, match=r"^prompts\[1\]\[0\]: role: expected plain text, got 'user<\|eot_id\|>', "
+                                         r"which spells the special token '<\|eot_id\|>'$"):
+        engine.generate(["Hi", [{"role": "user<|eot_id|>", "content": "x"}]], chat=True, **SHAPE)
+    with pytest.raises(ValueError, match=r"^prompt\[0\]: role: expected plain text"):
+        engine.encode([{"role": "<|eot_id|>user", "content": "x"}], chat=True)
 
 
 def test_decoding_keeps_the_spaces_the_model_wrote(checkpoint):

@@ -26,7 +26,8 @@ def kernels_run_on(device: torch.device | str | int) -> bool:
     """Whether llada's compiled kernels can run on ``device`` (a
     ``torch.device``, or what ``torch.device`` takes: "cuda:0", "cpu", 0).
     Devices other than CUDA GPUs are left to the op dispatcher (CPU: always;
-    meta, for fake tensors: their fake kernels)."""
+    meta, for fake tensors: their fake kernels). Where torch sees no CUDA
+    GPU, none of them is one the kernels run on."""
     try:
         runs = _answers.get(device)  # every op asks: one lookup
     except TypeError:  # unhashable, so no device either
@@ -36,6 +37,8 @@ def kernels_run_on(device: torch.device | str | int) -> bool:
             return kernels_run_on(_as_device(device))
         if device.type != "cuda":
             runs = True
+        elif not torch.cuda.is_available():  # no GPU here (or no driver): nothing to run the kernels on
+            runs = False
         elif device.index is None:  # the current device, which may change
             return _cuda_kernels_run_on(torch.cuda.current_device())
         else:

@@ -13,7 +13,7 @@ import inspect
 import os
 import re
 import uuid
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -105,6 +105,14 @@ class Engine:
             _check_unicode("prompt", prompt)
             return self.token_ids(prompt, add_special_tokens=True)
         messages = _messages(prompt)
+        # A role is plain text too. Refused rather than hidden as a message's
+        # text is: a template compares it ("user", "assistant").
+        special, _ = self._special_tokens()
+        for i, message in enumerate(messages):
+            found = special.search(message["role"]) if special is not None else None
+            if found is not None:
+                raise ValueError(f"prompt[{i}]: role: expected plain text, got {message['role']!r}, which spells "
+                                 f"the special token {found.group()!r}")
         if system is not None:
             if any(message["role"] == "system" for message in messages):
                 raise ValueError("system: the conversation already has a system message")
@@ -204,14 +212,20 @@ class Engine:
                 raise
             raise type(e)(named) from None
 
-    def decode(self, ids: Union[Sequence[int], torch.Tensor]) -> str:
-        """The text of generated ids (a list or a 1-D tensor) up to the first
-        EOS/EoT, special tokens dropped."""
+    def decode(self, ids: Union[Iterable[int], torch.Tensor]) -> str:
+        """The text of generated ids (a list, any iterable of ints, or a 1-D
+        tensor) up to the first EOS/EoT, special tokens dropped."""
         if isinstance(ids, torch.Tensor):
             if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
                 raise ValueError(f"ids: expected a 1-D tensor of token ids, got {ids.dtype} {tuple(ids.shape)}")
             ids = ids.tolist()
-        if isinstance(ids, str) or not all(is_int(t) and t >= 0 for t in ids):
+        if isinstance(ids, str):
+            raise TypeError(f"ids: expected token ids (ints >= 0), got {ids!r}")
+        try:
+            ids = list(ids)  # once: an iterator checked, then read again, would be empty
+        except TypeError:
+            raise TypeError(f"ids: expected token ids (ints >= 0), got {type(ids).__name__}") from None
+        if not all(is_int(t) and t >= 0 for t in ids):
             raise TypeError(f"ids: expected token ids (ints >= 0), got {ids!r}")
         ids = [int(t) for t in ids]
         # (An id below it that the tokenizer lacks has no text: the tokenizer skips it.)
@@ -244,10 +258,13 @@ class Engine:
         in the list's order. With a temperature, a prompt's sampling noise
         is keyed by its index in the list, or by its key in ``row_keys``
         (ints >= 0, one per prompt; a list of one for a single prompt), as
-        :func:`llada.generate`'s ``row_keys``: its answer depends on the
-        seed, that key and the prompt, not on ``batch_size`` nor on the
-        prompts that share its batch (but 'random' ranking draws for each
-        batch as a whole). An answer ends at its first EOS/EoT
+        :func:`llada.generate`'s ``row_keys``: it depends on the seed and
+        that key, not on ``batch_size`` nor on the prompts that share its
+        batch (but 'random' ranking draws for each batch as a whole). In
+        bfloat16 or float16 a prompt's left padding and its batch's shape
+        change roundings, which can change its answer even at temperature 0
+        (``batch_size=1`` avoids it); in float32 they differ too little to
+        change an answer except at near ties. An answer ends at its first EOS/EoT
         and before the first of the ``stop`` strings it holds, and its row
         costs no forward after the block that completes that end.
         ``options`` are the decoding arguments of :func:`llada.stream` (those
@@ -396,7 +413,8 @@ class Engine:
         the ids the tokenizer starts an encoded text with, e.g. BOS). Returns
         the gaps' texts in order, EOS/EoT tokens dropped, each with the
         separators its decoder puts at its seams: the parts, gaps replaced
-        by their texts, join to the whole text. ``options`` are
+        by their texts, join to the whole text (a character whose tokens two
+        gaps share is the later gap's). ``options`` are
         :func:`llada.infill`'s (``steps``: default one token per step;
         ``block_length``: default all the gaps in one block)."""
         if not isinstance(parts, (list, tuple)):
@@ -462,8 +480,11 @@ class Engine:
         the caller's texts before a gap as they are (a double space, say), a
         gap's text is its tokens decoded alone with the separators a decoder
         puts at its two seams, each found from the gap and its neighbour (a
-        gap with no tokens of its own: from the tokens on either side)."""
+        gap with no tokens of its own: from the tokens on either side).
+        A gap's text ends where a character does: a character whose bytes
+        (byte-level tokens) two gaps share is the text of the later one."""
         decoded = [self._text([t for piece in pieces[: i + 1] for t in piece]) for i in range(len(pieces))]
+        whole = decoded[-1]
         joined, texts = "", []
         for i, string in enumerate(strings):
             if string is not None:
@@ -471,6 +492,13 @@ class Engine:
                 continue
             if decoded[i].startswith(joined):
                 text = decoded[i][len(joined):]
+                # Decoded up to the gap's end, a character whose last bytes
+                # the next gap holds reads as U+FFFD; the whole text has it.
+                end = len(text)
+                while end and text[end - 1] == "\ufffd" and not whole.startswith(joined + text[:end]):
+                    end -= 1
+                if whole.startswith(joined + text[:end]):
+                    text = text[:end]
             else:
                 previous = next((pieces[j] for j in range(i - 1, -1, -1) if pieces[j]), [])
                 text = self._seam(previous, pieces[i]) + self._text(pieces[i])
@@ -572,6 +600,7 @@ def _messages(prompt) -> list[dict]:
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)
                 and isinstance(message.get("content"), str)):
             raise TypeError(f'prompt[{i}]: expected a message {{"role": str, "content": str}}, got {message!r}')
+        _check_unicode(f"prompt[{i}]: role", message["role"])
         _check_unicode(f"prompt[{i}]", message["content"])
     return [dict(message) for message in prompt]
 
