@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import llada
-from llada.checkpoint import config_from_dict, random_model, write_random_checkpoint
+from llada.checkpoint import (config_from_dict, config_to_dict, random_config, random_model, random_weights,
+                              write_random_checkpoint)
 from llada.cli import main
 
 from checkpoints import TINY, make_checkpoint
@@ -164,6 +165,60 @@ def test_random_model_matches_written_checkpoint(tmp_path):
     direct = random_model(llada.load_config(folder), seed=9)
     ids = torch.randint(0, 256, (2, 7))
     assert torch.equal(direct(ids).logits, llada.load_model(folder, device="cpu")(ids).logits)
+
+
+def test_random_model_and_weights_check_their_arguments():
+    # An int dtype built a model of 0s and 1s that failed in its forward; a
+    # seed beyond torch's range failed naming no argument.
+    cfg = random_config()
+    dtypes = "torch.float32, torch.bfloat16, torch.float16 or torch.float64"
+    for make in (random_model, random_weights):  # random_weights at the call, not at the first weight
+        for dtype in (torch.int32, torch.bool, "float32"):
+            with pytest.raises(TypeError, match=f"^dtype: expected {dtypes}, got {re.escape(repr(dtype))}$"):
+                make(cfg, dtype=dtype)
+        for seed in (-1, 2**70, 1.0, True):
+            message = f"seed: expected an int in [0, 18446688729348], got {seed!r}"
+            with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+                make(cfg, seed=seed)
+        with pytest.raises(TypeError, match="^cfg: expected an LLaDAConfig, got NoneType$"):
+            make(None)
+    # The dtypes it takes: each the float32 draws, cast.
+    want = dict(random_model(cfg, seed=4).named_parameters())
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        got = dict(random_model(cfg, seed=4, dtype=dtype).named_parameters())
+        assert all(torch.equal(got[name], want[name].to(dtype)) for name in want), dtype
+
+
+def test_config_dict_helpers_check_their_arguments():
+    raw = config_to_dict(random_config())
+    for value in (None, [], "config.json"):
+        with pytest.raises(TypeError, match=rf"^raw: expected a dict \(the JSON object of config\.json\), "
+                                            rf"got {type(value).__name__}$"):
+            config_from_dict(value)
+    for value in ("x", True, 3.0):
+        with pytest.raises(TypeError, match=f"^eot_token_id: expected None or an int, got {re.escape(repr(value))}$"):
+            config_from_dict(raw, eot_token_id=value)
+    with pytest.raises(ValueError, match=r"^eot_token_id: expected None or an int >= 0, got -1$"):
+        config_from_dict(raw, eot_token_id=-1)
+    assert config_from_dict(raw, eot_token_id=5).eot_token_id == 5
+    for value in (None, raw):
+        with pytest.raises(TypeError, match=f"^cfg: expected an LLaDAConfig, got {type(value).__name__}$"):
+            config_to_dict(value)
+
+
+def test_config_from_dict_blames_each_bad_id_on_its_source():
+    raw = config_to_dict(random_config())  # 288 rows
+    for key, value in (("mask_token_id", True), ("eos_token_id", "1"), ("pad_token_id", -1)):
+        with pytest.raises(ValueError, match=f"^config.json: {key}: expected a non-negative integer, got {value!r}$"):
+            config_from_dict(dict(raw, **{key: value}))
+    with pytest.raises(ValueError, match=r"^config\.json: eos_token_id = 288 is outside the embedding \(288 rows\)$"):
+        config_from_dict(dict(raw, eos_token_id=288))
+    with pytest.raises(ValueError, match=r"^tokenizer\.json: <\|eot_id\|> has id 300, which is outside the "
+                                         r"embedding \(288 rows\)$"):
+        config_from_dict(raw, eot_token_id=300)
+    # An embedding smaller than the vocabulary is named first, ahead of the ids beyond it.
+    with pytest.raises(ValueError, match=r"^config\.json: embedding_size \(200\) must be >= vocab_size \(288\)$"):
+        config_from_dict(dict(raw, embedding_size=200))
 
 
 def test_config_values(tmp_path):

@@ -272,6 +272,37 @@ def test_config_takes_python_and_numpy_numbers_as_floats():
     assert type(config.rope_theta) is float and type(config.rms_norm_eps) is float
 
 
+SMALL = dict(d_model=64, n_heads=4, n_kv_heads=4, n_layers=1, mlp_hidden_size=128, vocab_size=300,
+             embedding_size=300, bos_token_id=296, eos_token_id=297, pad_token_id=297, eot_token_id=298,
+             mask_token_id=299)
+
+
+@pytest.mark.parametrize("name, value", [
+    *[(name, v) for name in ("mask_token_id", "eos_token_id", "pad_token_id")
+      for v in (None, True, "299", 299.0, -1, 300, 5000)],
+    *[(name, v) for name in ("bos_token_id", "eot_token_id") for v in (True, False, "0", 1.0, -1, 300, 5000)],
+], ids=repr)
+def test_config_special_ids_must_be_rows_of_the_embedding(name, value):
+    # True would be token 1, None the 8B mask id in the sampler, 5000 an EoT
+    # that never stops a 300-row model: each is refused by name at the config.
+    optional = "None or " if name in ("bos_token_id", "eot_token_id") else ""
+    message = f"{name}: expected {optional}an int in [0, 300) (the embedding's rows), got {value!r}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        LLaDAConfig(**dict(SMALL, **{name: value}))
+
+
+def test_config_takes_special_ids_within_the_embedding():
+    # Its padding rows (beyond vocab_size) included; BOS and EoT may be absent,
+    # as in LLaDA's config.json.
+    config = LLaDAConfig(**dict(SMALL, vocab_size=290, mask_token_id=np.int64(299), eos_token_id=0,
+                                pad_token_id=0, bos_token_id=None, eot_token_id=None))
+    assert (config.mask_token_id, config.eos_token_id, config.bos_token_id, config.eot_token_id) == \
+        (299, 0, None, None)
+    default = LLaDAConfig()  # LLaDA-8B's ids
+    assert (default.mask_token_id, default.eos_token_id, default.pad_token_id, default.bos_token_id,
+            default.eot_token_id) == (126336, 126081, 126081, 126080, 126348)
+
+
 def test_the_smallest_config_makes_a_working_model():
     from llada.checkpoint import random_model
 

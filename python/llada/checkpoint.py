@@ -2,9 +2,11 @@
 random ones in the same format for tests and benchmarks.
 
 A folder holds ``config.json``, ``model.safetensors`` (or shards listed in
-``model.safetensors.index.json``) and the tokenizer files. Weights are read one
-tensor at a time straight onto the target device and dtype, into a model built
-on the meta device, so a model never exists twice in memory.
+``model.safetensors.index.json``) and the tokenizer files. Weights go one
+tensor at a time onto the target device and dtype, into a model built on the
+meta device, so a model never exists twice in memory. On the CPU a weight whose
+file dtype is the target dtype is not copied at all: it stays a view of the
+file's memory map, read as it is used (see :func:`load_model`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import sys
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -21,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .model import LLaDAConfig, LLaDAModel, count_parameters, pack_projections
+from .token_ids import is_int
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -80,6 +84,12 @@ def config_from_dict(raw: dict, eot_token_id: Optional[int] = None, source: str 
     tokenizer.json, used when config.json has no ``eot_token_id`` (LLaDA's
     has none). ``source`` names ``raw`` in errors.
     """
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"raw: expected a dict (the JSON object of {source}), got {type(raw).__name__}")
+    if eot_token_id is not None and not is_int(eot_token_id):
+        raise TypeError(f"eot_token_id: expected None or an int, got {eot_token_id!r}")
+    if eot_token_id is not None and eot_token_id < 0:
+        raise ValueError(f"eot_token_id: expected None or an int >= 0, got {eot_token_id}")
     model_type = raw.get("model_type", "llada")
     if model_type != "llada":
         raise ValueError(f"{source}: model_type {model_type!r} is not supported (expected 'llada')")
@@ -199,18 +209,23 @@ def config_from_dict(raw: dict, eot_token_id: Optional[int] = None, source: str 
         extra=dict(raw),
         **{key: value for key, (value, _) in ids.items()},
     )
+    # LLaDAConfig refuses these ids too, but would blame them on config.json
+    # where they are LLaDA-8B defaults or come from tokenizer.json. An
+    # embedding smaller than the vocabulary is its error to name first.
+    if embedding_size >= vocab_size:
+        for key, (value, origin) in ids.items():
+            if value is not None and value >= embedding_size:
+                raise ValueError(f"{origin} is outside the embedding ({embedding_size} rows)")
     try:
-        cfg = LLaDAConfig(**fields)
+        return LLaDAConfig(**fields)
     except ValueError as e:  # sizes that do not fit together, e.g. d_model and n_heads
         raise ValueError(f"{source}: {e}") from None
-    for key, (value, origin) in ids.items():
-        if value is not None and value >= cfg.embedding_size:
-            raise ValueError(f"{origin} is outside the embedding ({cfg.embedding_size} rows)")
-    return cfg
 
 
 def config_to_dict(cfg: LLaDAConfig) -> dict:
     """The config.json a LLaDA checkpoint with this shape carries."""
+    if not isinstance(cfg, LLaDAConfig):
+        raise TypeError(f"cfg: expected an LLaDAConfig, got {type(cfg).__name__}")
     raw = {
         "architectures": ["LLaDAModelLM"],
         "model_type": "llada",
@@ -554,6 +569,13 @@ def load_model(
     :func:`llada.model.pack_projections`). A model whose weights do not fit
     in the device's free memory (the host's available memory and swap, on
     the CPU) raises MemoryError before any weight is read.
+
+    On the CPU, the weights of a file already in the dtype loaded are not
+    copied: the parameters are views of a private memory map of the
+    .safetensors file, read from disk as they are used. Writing to them
+    leaves the file as it was, but a file overwritten in place changes the
+    loaded model, and one truncated kills the process (SIGBUS); replace
+    such files by writing a new one and renaming it over the old.
     """
     folder = _folder(path)
     cfg = load_config(folder)
@@ -680,12 +702,50 @@ def _random_config_fields(size: str, overrides: dict) -> dict:
     return values
 
 
+# random_weights seeds each weight's generator with seed * 1_000_003 plus a
+# CRC-32, which torch takes below 2**64.
+MAX_SEED = (2**64 - 2**32) // 1_000_003
+
+# The dtypes of a checkpoint's weights (those load_model takes), and of a
+# random model, which may also be float64 (its forward runs the pure-torch
+# references). An int dtype would truncate the draws to a few integers.
+FILE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MODEL_DTYPES = FILE_DTYPES + (torch.float64,)
+
+
+def _check_seed(seed) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed: expected an int in [0, {MAX_SEED}], got {seed!r}")
+
+
+def _check_weight_dtype(dtype, allowed: tuple[torch.dtype, ...]) -> None:
+    if not isinstance(dtype, torch.dtype) or dtype not in allowed:
+        names = [str(d) for d in allowed]
+        raise TypeError(f"dtype: expected {', '.join(names[:-1])} or {names[-1]}, got {dtype!r}")
+
+
+def _check_random_arguments(cfg, seed, dtype) -> None:
+    if not isinstance(cfg, LLaDAConfig):
+        raise TypeError(f"cfg: expected an LLaDAConfig, got {type(cfg).__name__}")
+    _check_seed(seed)
+    _check_weight_dtype(dtype, MODEL_DTYPES)
+
+
 def random_weights(
     cfg: LLaDAConfig, seed: int = 0, dtype=torch.float32, device="cpu"
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every weight, each drawn from its own generator so a
     weight depends only on (seed, name). Scales keep activations O(1) and the
-    logits spread (std ~2), so decoding decisions are well separated."""
+    logits spread (std ~2), so decoding decisions are well separated.
+
+    ``seed`` is an int in [0, ``MAX_SEED``]; ``dtype`` torch.float32,
+    torch.bfloat16, torch.float16 or torch.float64. Both are checked here,
+    not when the first weight is drawn."""
+    _check_random_arguments(cfg, seed, dtype)
+    return _random_weights(cfg, seed, dtype, device)
+
+
+def _random_weights(cfg: LLaDAConfig, seed: int, dtype, device) -> Iterator[tuple[str, torch.Tensor]]:
     with torch.device("meta"):
         shapes = expected_shapes(LLaDAModel(cfg))
     for name, shape in shapes.items():
@@ -704,7 +764,9 @@ def random_weights(
 
 def random_model(cfg: LLaDAConfig, seed: int = 0, device="cpu", dtype=torch.float32) -> LLaDAModel:
     """A randomly initialised model built directly on ``device`` (no files),
-    with its projections packed on CUDA as ``load_model`` does."""
+    with its projections packed on CUDA as ``load_model`` does. ``seed`` and
+    ``dtype`` as in :func:`random_weights`."""
+    _check_random_arguments(cfg, seed, dtype)
     with torch.device("meta"):
         model = LLaDAModel(cfg)
     for name, tensor in random_weights(cfg, seed, dtype, device):
@@ -808,7 +870,7 @@ def write_random_checkpoint(
         config_overrides: LLaDAConfig fields replacing those of ``size``;
             the result must pass the checks ``load_model`` makes of config.json.
         seed: the weights depend only on (seed, weight name); an int in
-            [0, ``(2**64 - 2**32) // 1_000_003``].
+            [0, ``MAX_SEED``] (``(2**64 - 2**32) // 1_000_003``).
         size: "tiny", "mid" or "8b-shape" (see ``SIZES``).
         dtype: storage dtype of the weights: torch.float32, torch.bfloat16
             or torch.float16.
@@ -820,15 +882,10 @@ def write_random_checkpoint(
     """
     import shutil
 
-    # random_weights seeds each weight's generator with seed * 1_000_003 plus a
-    # CRC-32, which torch takes below 2**64.
-    max_seed = (2**64 - 2**32) // 1_000_003
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= max_seed:
-        raise ValueError(f"seed: expected an int in [0, {max_seed}], got {seed!r}")
+    _check_seed(seed)
     if os.fspath(path) == "":
         raise ValueError("path: expected a folder, got an empty path")
-    if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+    _check_weight_dtype(dtype, FILE_DTYPES)
     cfg = _checked_random_config(size, config_overrides)
     with torch.device("meta"):
         names = list(expected_shapes(LLaDAModel(cfg)))

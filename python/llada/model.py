@@ -34,6 +34,11 @@ from .token_ids import is_int
 _SIZE_FIELDS = ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "vocab_size", "embedding_size",
                 "max_sequence_length")
 
+# The special token ids: each a row of the embedding; the optional ones may be
+# None, as LLaDA's config.json gives no BOS or EoT id.
+_ID_FIELDS = ("mask_token_id", "eos_token_id", "pad_token_id")
+_OPTIONAL_ID_FIELDS = ("bos_token_id", "eot_token_id")
+
 
 @dataclass
 class LLaDAConfig:
@@ -90,6 +95,17 @@ class LLaDAConfig:
             raise ValueError(
                 f"embedding_size ({self.embedding_size}) must be >= vocab_size ({self.vocab_size})"
             )
+        # Last, as the bound is embedding_size. An id beyond it would fail far
+        # from here under another name, or never match a token (an EoT that
+        # never stops); True would be the id 1.
+        for name in _ID_FIELDS + _OPTIONAL_ID_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_ID_FIELDS:
+                continue
+            if not is_int(value) or not 0 <= value < self.embedding_size:
+                optional = "None or " if name in _OPTIONAL_ID_FIELDS else ""
+                raise ValueError(f"{name}: expected {optional}an int in [0, {self.embedding_size}) "
+                                 f"(the embedding's rows), got {value!r}")
 
 
 def _finite_number(name: str, value, inclusive: bool) -> float:
