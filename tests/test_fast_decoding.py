@@ -2,8 +2,10 @@
 
 import copy
 import math
+import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 
 import llada
 from llada.model import KVCache
-from llada.policies import DecodePolicy, entropy_bound_select, select
+from llada.policies import DecodePolicy, entropy_bound_select, ranking_scores, select
 from llada.sampler import BlockEvent, StepEvent
 
 from checkpoints import SHAPES, make_checkpoint
@@ -366,6 +368,82 @@ def test_equal_confidences_terminate():
     assert got.sum(1).tolist() == [1, 1] and got[0, 0] and got[1, 2]
     got = entropy_bound_select(ent, torch.isfinite(scores), gamma=1.5)
     assert got.sum(1).tolist() == [3, 3]
+
+
+def test_entropy_bound_sums_the_entries_before_the_largest_exactly():
+    # U = both entries: sum(U) - max(U) is the first entry, 2**-25 above
+    # gamma, so only the first is taken, whichever column holds it. A running
+    # sum less the last entry, in float32, rounds at the size of 11.3 and
+    # lands on gamma.
+    low = 0.25 + 2**-25  # a float32 value, as 11.3 (rounded) and 0.25 are
+    both = torch.ones(1, 2, dtype=torch.bool)
+    for row, want in (([low, 11.3], [True, False]), ([11.3, low], [False, True])):
+        got = entropy_bound_select(torch.tensor([row], dtype=torch.float32), both, gamma=0.25)
+        assert got[0].tolist() == want
+    # gamma is read as given: the float32 nearest 0.1 is above 0.1.
+    got = entropy_bound_select(torch.tensor([[0.1, 5.0]], dtype=torch.float32), both, gamma=0.1)
+    assert got[0].tolist() == [True, False]
+    got = entropy_bound_select(torch.tensor([[0.25, 5.0]], dtype=torch.float32), both, gamma=0.25)
+    assert got[0].tolist() == [True, True]  # equal to gamma is within the bound
+
+
+def entropy_bound_reference(entropies, candidates, gamma):
+    """The EB rule as DESIGN.md states it, in float64: the candidates sorted
+    by entropy (ties: lower position), the largest prefix U with
+    sum(H(U)) - max(H(U)) <= gamma, at least one."""
+    order = sorted((i for i in range(len(entropies)) if candidates[i]), key=lambda i: (entropies[i], i))
+    n = 1
+    for m in range(1, len(order) + 1):
+        u = [entropies[i] for i in order[:m]]
+        if math.fsum(u) - max(u) <= gamma:
+            n = m
+    return set(order[:n])
+
+
+def on_exact_grid(x):
+    """The float32 value nearest x (>= 0) that is a multiple of 2**-40: sums
+    of up to 2**8 such values below 16 are exact in float64, so the reference
+    compares the exact sum with gamma, whatever the order of summing."""
+    x = float(np.float32(max(x, 0.0)))
+    return x if x >= 2**-16 else round(x * 2**40) / 2**40  # < 2**24 multiples: float32 too
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_entropy_bound_matches_the_rule_in_float64(seed):
+    # Most rows put the k lowest entropies' sum within a few float32 units of
+    # gamma, so that whether the next (larger) entry is taken turns on the
+    # last bit; the other entropies go up to 12 (a whole vocabulary's). The
+    # other columns are no candidates and hold anything.
+    rng = random.Random(seed)
+    rows, width = 48, 10
+    entropy = torch.empty(rows, width, dtype=torch.float32)
+    candidate = torch.zeros(rows, width, dtype=torch.bool)
+    gamma = rng.choice([0.0, 0.1, 0.25, 0.3, 0.5, 1.0, 2.0, rng.uniform(0.0, 3.0)])
+    for r in range(rows):
+        n = rng.randint(0, width)
+        values = [on_exact_grid(rng.uniform(gamma, 12.0)) for _ in range(n)]
+        if n >= 2 and rng.random() < 0.8:
+            k = rng.randint(1, n - 1)
+            low = [on_exact_grid(rng.choice([0.0, rng.uniform(0.0, gamma / k)])) for _ in range(k - 1)]
+            if low and rng.random() < 0.3:
+                low[-1] = low[0]  # a tie
+            rest = on_exact_grid(gamma - math.fsum(low))
+            step = max(float(np.spacing(np.float32(rest))), 2**-40)
+            low.append(on_exact_grid(rest + rng.randint(-2, 2) * step))
+            values[:k] = low
+        columns = rng.sample(range(width), n)
+        for c in range(width):
+            entropy[r, c] = rng.choice([0.0, math.nan, math.inf, 3.0])
+        for c, v in zip(columns, values):
+            entropy[r, c] = v
+            candidate[r, c] = True
+    got = entropy_bound_select(entropy, candidate, gamma)
+    for r in range(rows):
+        row = entropy[r].tolist()
+        assert all(v == on_exact_grid(v) for v, c in zip(row, candidate[r].tolist()) if c)
+        want = entropy_bound_reference(row, candidate[r].tolist(), gamma)
+        assert set(torch.nonzero(got[r]).flatten().tolist()) == want, (row, candidate[r].tolist(), gamma)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
@@ -1101,6 +1179,25 @@ class SharperByPosition(StandIn):
         logits = torch.zeros(*ids.shape, 10)
         logits[..., 5] = self.sharpness[: ids.shape[1]]
         return logits
+
+
+def test_the_entropy_score_exceeds_the_top1_probability_only_by_rounding():
+    # exp(-H) <= p_max, with equality for a prediction uniform over its m
+    # likeliest tokens: there float32 may put it a few units in the last
+    # place above, never more. The top-1 probability is computed here in
+    # float64 from the logits, over LLaDA's vocabulary.
+    vocab = 126464
+    sizes = [1, 2, 3, 7, 19, 100, 1000, 4096, 50000, vocab - 1, vocab]
+    g = torch.Generator().manual_seed(0)
+    logits = torch.cat([torch.full((len(sizes), vocab), -1e4),
+                        torch.randn(64, vocab, generator=g) * torch.rand(64, 1, generator=g) * 20])
+    for row, m in enumerate(sizes):
+        logits[row, :m] = 3.0
+    score = ranking_scores(llada.ops.sample_tokens(logits), "entropy", None).double()
+    p_max = torch.softmax(logits.double(), dim=-1).amax(-1)
+    assert (score <= p_max * (1 + 8 * 2**-24)).all()
+    uniform = score[: len(sizes)]
+    torch.testing.assert_close(uniform, p_max[: len(sizes)], rtol=8 * 2**-24, atol=0)
 
 
 @pytest.mark.parametrize("commit", ["threshold", "factor"])

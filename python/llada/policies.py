@@ -26,10 +26,12 @@ ranking (which positions count as confident)
     it as they read a probability. exp(-H) ranks as -H does, the lowest
     entropy first, except that entropies it rounds to one float32 value tie
     (all below about 3e-8 give 1.0; ties go to the lower position, as
-    everywhere). It never exceeds the top-1 probability
-    (the entropy is at least the min-entropy, -log p_max): a threshold on
-    it is at least as strict as the same threshold on the top-1 probability
-    (the probability ranking at temperature 0).
+    everywhere). Up to float32 rounding it never exceeds the top-1
+    probability (the entropy is at least the min-entropy, -log p_max): a
+    threshold on it is at least as strict as the same threshold on the
+    top-1 probability (the probability ranking at temperature 0). Where the
+    two are equal or nearly so (a prediction close to uniform over its
+    likeliest tokens) it can come out a few units in the last place above.
     ``entropy_bound`` orders by entropy itself: it takes no other ranking.
 cache (what is recomputed per step)
     ``"none"``   a full forward every step (exact).
@@ -206,10 +208,13 @@ def entropy_bound_select(entropy: torch.Tensor, candidate: torch.Tensor, gamma: 
     h = torch.where(candidate, entropy, math.inf)
     order = torch.sort(h, dim=1, stable=True).indices
     sorted_h = h.gather(1, order)
-    # With ascending entropies, sum(U) - max(U) is the sum of all but the last.
-    before = torch.cumsum(torch.nan_to_num(sorted_h, posinf=0.0), dim=1) - torch.nan_to_num(
-        sorted_h, posinf=0.0
-    )
+    # With ascending entropies, sum(U) - max(U) is the sum of all but the
+    # last. It is summed as such, since a running sum less the last entry
+    # rounds at the size of that largest entry, and in float64 against gamma
+    # as given, since float32 would round both near the boundary.
+    finite_h = torch.nan_to_num(sorted_h.double(), posinf=0.0)
+    before = torch.zeros_like(finite_h)
+    before[:, 1:] = torch.cumsum(finite_h[:, :-1], dim=1)
     take = (before <= gamma) & torch.isfinite(sorted_h)
     take[:, 0] &= torch.isfinite(sorted_h[:, 0])
     accepted = torch.zeros_like(candidate)
