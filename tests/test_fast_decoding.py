@@ -521,6 +521,18 @@ def test_stream_events_reassemble_to_the_output(model):
         assert stats == want_stats  # forwards, tokens and positions, counted live
 
 
+def test_stream_events_count_their_own_decodes_forwards(model):
+    # A DecodeStats may gather several decodes; an event's nfe is this one's.
+    prompt, mask = prompt_batch(model)
+    kw = dict(steps=16, gen_length=16, block_length=8)
+    stats = llada.DecodeStats()
+    for _ in range(2):
+        events = list(llada.stream(model, prompt, mask, **kw, stats=stats))
+        assert [e.nfe for e in events if isinstance(e, StepEvent)] == list(range(1, 17))
+        assert [e.nfe for e in events if isinstance(e, BlockEvent)] == [8, 16]
+    assert stats.nfe == 32
+
+
 @pytest.mark.parametrize("policy", [None, DecodePolicy.fast()], ids=["exact", "fast"])
 def test_a_stream_can_stop_rows_at_a_block_end(model, policy):
     prompt, mask = prompt_batch(model)  # 3 rows of 7 tokens

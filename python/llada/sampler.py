@@ -106,7 +106,7 @@ class StepEvent:
 
     step: int
     block: int
-    nfe: int
+    nfe: int  # forwards this decode has run so far
     canvas: torch.Tensor  # [B, T], live: read it before the next event
     committed: torch.Tensor  # [B, T] bool
     scores: torch.Tensor  # [B, T] float32, the ranking score of committed positions
@@ -130,7 +130,7 @@ class BlockEvent:
     block: int
     start: int
     end: int
-    nfe: int
+    nfe: int  # forwards this decode has run so far
     tokens: torch.Tensor  # [B, end - start]
     finished: torch.Tensor  # [B] bool: rows needing no more forwards
     _stop_rows: Optional[Callable[[torch.Tensor], None]] = field(default=None, repr=False, compare=False)
@@ -191,7 +191,9 @@ def generate(
         temperature: 0 = greedy; > 0 samples softmax(logits / temperature)
             with counter-based Gumbel noise keyed by (seed, step of the
             block, batch row or its ``row_keys`` key, place in the answer):
-            a row's sample does not depend on the other rows of the batch.
+            a row's noise does not depend on the other rows of the batch
+            (its answer can, in 16-bit dtypes: padding and the batch's shape
+            change roundings).
         cfg_scale: classifier-free guidance; > 0 adds a pass with the prompt
             masked: logits = un + (cfg_scale + 1) * (cond - un).
         remasking: 'low_confidence' (probability of the prediction) or
@@ -210,7 +212,7 @@ def generate(
         row_keys: the key of each row's sampling noise in place of its
             index in the batch (ints >= 0, one per row; default 0..B-1),
             e.g. each prompt's index in a longer list decoded in several
-            batches: a prompt then samples the same whichever batch it
+            batches: a prompt then draws the same noise whichever batch it
             lands in. ('random' ranking draws for the whole batch and is
             not keyed by row.)
         on_step: called as ``on_step(step, total_steps, canvas)`` after every
@@ -516,6 +518,8 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
     # the model predicted nothing, and an adaptive rule would wait forever.
     lowest = torch.ones((), device=device)
     step = 0
+    # Events count this decode's forwards, though ``stats`` may hold earlier ones.
+    nfe_before = stats.nfe
     num_blocks = -(-(last - first) // block_length)
     # The workspace goes back to the model's pool however the decode ends:
     # finished, failed, or a stream closed or dropped mid-way.
@@ -525,7 +529,7 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
             finished_now = finished.cpu()
             if bool(finished_now.all()):
                 # Every row has stopped: the block is final as it is (EOS), at no cost.
-                yield BlockEvent(blk, start, end, stats.nfe, canvas[:, start:end].clone(), finished.clone(),
+                yield BlockEvent(blk, start, end, stats.nfe - nfe_before, canvas[:, start:end].clone(), finished.clone(),
                                  lambda rows: None)
                 continue
             in_block = torch.zeros(b, total, dtype=torch.bool, device=device)
@@ -631,7 +635,7 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                     remasked_once |= remask
                 ops.commit_tokens(canvas, x0, accepted, mask_id, remask)
                 stats.count_committed(accepted)
-                pending = StepEvent(step, blk, stats.nfe, canvas, accepted, score_grid, remask)
+                pending = StepEvent(step, blk, stats.nfe - nfe_before, canvas, accepted, score_grid, remask)
                 i, step = i + 1, step + 1
             # The gap (run of positions to fill) that goes on past this
             # block: when generating, all the rest of the canvas.
@@ -668,7 +672,7 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
             if pending is not None:
                 yield pending
             _refuse_invalid_predictions(lowest.item(), blk)
-            yield BlockEvent(blk, start, end, stats.nfe, canvas[:, start:end].clone(), finished.clone(), stop_rows)
+            yield BlockEvent(blk, start, end, stats.nfe - nfe_before, canvas[:, start:end].clone(), finished.clone(), stop_rows)
     finally:
         forward.give_back()
 
