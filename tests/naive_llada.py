@@ -1,6 +1,8 @@
 """An independent, naive LLaDA: the official forward and sampler re-written
-from their published description in plain torch, as the test oracle. Nothing from llada is
-imported here; the weights are read from the checkpoint folder directly.
+from their published description in plain torch, as the test oracle. From llada
+only the specification of the sampling noise is imported (the Gumbel noise of a
+key, and the key of a step); the weights are read from the checkpoint folder
+directly.
 
 Slow on purpose: explicit loops over heads and rows, repeat_interleave for GQA,
 the additive key-padding bias of the official code, float64 softmax for the
@@ -15,6 +17,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+# The documented noise of a temperature: Gumbel(0, 1) per (key, row key,
+# vocabulary column), and the key of a step of a block under a seed.
+from llada.ops import gumbel_noise_reference
+from llada.sampler import step_seed
 
 
 class NaiveLLaDA:
@@ -127,15 +134,25 @@ def naive_generate(
     confidence_eos_eot_inf=False,
     seed=0,
     softmax_dtype=torch.float64,
+    temperature=0.0,
+    row_keys=None,
 ):
-    """The official greedy (temperature 0) LLaDA sampler, with its faults fixed:
-    CFG works without a mask, EOS/EoT predictions rank last (still candidates),
-    and the confidence softmax runs in ``softmax_dtype``.
+    """The official LLaDA sampler, with its faults fixed: CFG works without a
+    mask, EOS/EoT predictions rank last (still candidates), and the confidence
+    softmax runs in ``softmax_dtype``.
 
     ``forward(ids, attention_mask) -> logits [B, L, V]`` over the whole canvas.
     Ranking: confidence descending, lower position first on ties. 'random'
     remasking draws torch.rand(B, L) from a CPU generator seeded with ``seed``,
     once per step.
+
+    ``temperature`` 0 predicts the argmax; > 0 the argmax, in float64, of
+    logits / temperature + Gumbel noise, the documented sample of
+    softmax(logits / temperature). The noise of a masked position at step s of
+    its block is gumbel_noise_reference(step_seed(seed, s), [key], V) with
+    key = row key * gen_length + place in the answer; a row's key is its index
+    in the batch, or its entry of ``row_keys``. The confidence stays the
+    probability of the prediction under softmax(logits).
     """
     b, lp = prompt.shape
     x = torch.full((b, lp + gen_length), mask_id, dtype=torch.long)
@@ -146,6 +163,7 @@ def naive_generate(
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
     gen = torch.Generator().manual_seed(seed)
+    row_keys = list(range(b)) if row_keys is None else list(row_keys)
     for blk in range(num_blocks):
         start, end = lp + blk * block_length, lp + (blk + 1) * block_length
         counts = [transfer_counts(int((x[r, start:end] == mask_id).sum()), steps_per_block) for r in range(b)]
@@ -163,6 +181,13 @@ def naive_generate(
             if logits_eos_inf:
                 logits[:, :, eos_id] = -math.inf
             x0 = logits.argmax(dim=-1)
+            if temperature > 0:
+                for r in range(b):
+                    for i in range(start, end):
+                        if mask_index[r, i]:
+                            key = row_keys[r] * gen_length + (i - lp)
+                            noise = gumbel_noise_reference(step_seed(seed, step), [key], logits.shape[-1])[0]
+                            x0[r, i] = int((logits[r, i].double() / temperature + noise).argmax())
             if remasking == "low_confidence":
                 p = torch.softmax(logits.to(softmax_dtype), dim=-1)
                 conf = p.gather(-1, x0[..., None])[..., 0]

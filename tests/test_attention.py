@@ -22,6 +22,10 @@ from llada.ops import attention_reference
 
 from conftest import DEVICES, assert_new_tensor_like, needs_cuda, poison_allocator
 
+# Query rows per task of the CPU kernel (kAttentionCpuQueryTile in
+# csrc/include/llada/attention.h): more queries than this reach a second tile.
+CPU_QUERY_TILE = 256
+
 DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
 
 
@@ -167,15 +171,18 @@ def test_custom_scale_and_long_keys(device):
 def test_many_query_tiles(device, dtype, d, masked):
     """Enough query tiles that the CUDA kernel takes 32 query rows per warp
     and does not split the keys; the last query and key tiles are partial,
-    and without a mask the whole key tiles skip the per-key checks."""
+    and without a mask the whole key tiles skip the per-key checks. On the
+    CPU, 300 queries are two query tiles of the kernel (the second partial)
+    and 400 keys end in a partial key tile; kept small for a short CPU run."""
     if dtype not in DTYPES[device]:
         pytest.skip(f"{dtype} is not supported on {device}")
-    if device == "cpu" and dtype == torch.float32:
-        pytest.skip("covered by the smaller CPU cases; keeps the CPU run short")
-    b = 4 if device == "cuda" else 1
-    q, k, v = make_qkv(b, 380, 700, 32 if device == "cuda" else 4, 8 if device == "cuda" else 2,
-                       d, dtype, device)
-    check_against_reference(q, k, v, padding_mask(b, 700, device) if masked else None)
+    if device == "cuda":
+        b, lq, lk, hq, hkv = 4, 380, 700, 32, 8
+    else:
+        b, lq, lk, hq, hkv = 1, 300, 400, 2, 1
+        assert CPU_QUERY_TILE < lq < 2 * CPU_QUERY_TILE
+    q, k, v = make_qkv(b, lq, lk, hq, hkv, d, dtype, device)
+    check_against_reference(q, k, v, padding_mask(b, lk, device) if masked else None)
 
 
 def test_strided_inputs(device):
