@@ -976,6 +976,19 @@ def test_prompts_file_reads_a_file_and_standard_input_alike(tmp_path, monkeypatc
             assert str(e.value) == f"--prompts-file {name} {expected}"
 
 
+def test_an_output_line_holds_no_carriage_return():
+    # A lone CR between JSON values is whitespace; copied as is, a reader in
+    # text mode would split the output line in two.
+    from llada.prompts_file import Line, output_line
+
+    for text in ('{"prompt": "a",\r"id": 1}\r', '\r"a"\r'):
+        out = output_line(Line("line 1", json.loads(text), text), "answer", "b")
+        assert "\r" not in out
+        assert out.splitlines() == [out]
+        assert json.loads(out) == dict(json.loads(text) if text.strip().startswith("{") else {"prompt": "a"},
+                                       answer="b")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--device", "foo", "x"], "llada: error: --device: expected 'cpu', 'cuda' or 'cuda:N', got 'foo'"),
     (["likelihood", "--prompt", "a", "--answer", "b", "--mc-num", str(10**20), "--batch-size", str(10**20)],

@@ -531,6 +531,15 @@ def test_stream_events_count_their_own_decodes_forwards(model):
         assert [e.nfe for e in events if isinstance(e, StepEvent)] == list(range(1, 17))
         assert [e.nfe for e in events if isinstance(e, BlockEvent)] == [8, 16]
     assert stats.nfe == 32
+    # Two streams interleaved on one DecodeStats: each counts its own.
+    first, second = (llada.stream(model, prompt, mask, **kw, stats=stats) for _ in range(2))
+    counts = [[], []]
+    for pair in zip(first, second):
+        for count, event in zip(counts, pair):
+            if isinstance(event, StepEvent):
+                count.append(event.nfe)
+    assert counts == [list(range(1, 17))] * 2
+    assert stats.nfe == 64
 
 
 @pytest.mark.parametrize("policy", [None, DecodePolicy.fast()], ids=["exact", "fast"])

@@ -296,7 +296,11 @@ def test_resume_without_memory_for_the_training_state_is_one_error_line(tmp_path
     # gradients and AdamW's two moments besides (16 bytes a parameter).
     monkeypatch.setattr(llada.checkpoint, "_available_host_memory", lambda: params * 12)
     capsys.readouterr()
-    assert train.main(["--resume", str(folder)]) == 2
+    with monkeypatch.context() as m:
+        # Checked before the training state is read: read, its AdamW moments
+        # would be in memory already and count twice.
+        m.setattr(torch, "load", lambda *args, **kwargs: pytest.fail("the training state was read first"))
+        assert train.main(["--resume", str(folder)]) == 2
     assert capsys.readouterr().err == (
         f"llada train: error: --resume: {folder}: the model's {params / 1e3:.2f}K parameters take "
         f"{params * 16 / 1e3:.1f} kB as torch.float32 4 times over, but this machine has "
@@ -323,7 +327,8 @@ def test_a_new_run_without_memory_for_its_training_state_is_refused_before_train
     capsys.readouterr()
     assert train.main(SORT + TINY + ["--steps", "4", "--out", str(folder)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("llada train: error: --d-model, --n-layers, --mlp-hidden: the model's ")
+    assert err.startswith("llada train: error: the model of --d-model, --n-layers, --mlp-hidden, --vocab-size "
+                          "and --weight-tying: the model's ")
     assert err.endswith(" 4 times over, but this machine has 1.0 kB of memory available (training keeps the "
                         "weights, their gradients and AdamW's two moments in float32)\n")
     assert not (folder / "model.safetensors").exists()

@@ -175,7 +175,10 @@ def output_line(line: Line, key: str, value) -> str:
     added = f"{json.dumps(key)}: {json.dumps(value, ensure_ascii=False, allow_nan=False)}"
     # (JSON whitespace is all str.strip takes off: the text starts and ends
     # with the value's own quote or brace.)
-    text = line.text.strip()
+    # A "\r" inside a line can only be whitespace between JSON values (a
+    # string may not hold one raw); written as is, text-mode readers would
+    # take it for a line break.
+    text = line.text.strip().replace("\r", " ")
     if text.startswith('"'):  # a string: the prompt
         return f'{{"prompt": {text}, {added}}}'
     # An object: its last "}" closes it, and it has a key ("prompt" or "messages") before the new one.

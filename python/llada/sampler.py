@@ -518,8 +518,6 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
     # the model predicted nothing, and an adaptive rule would wait forever.
     lowest = torch.ones((), device=device)
     step = 0
-    # Events count this decode's forwards, though ``stats`` may hold earlier ones.
-    nfe_before = stats.nfe
     num_blocks = -(-(last - first) // block_length)
     # The workspace goes back to the model's pool however the decode ends:
     # finished, failed, or a stream closed or dropped mid-way.
@@ -529,7 +527,7 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
             finished_now = finished.cpu()
             if bool(finished_now.all()):
                 # Every row has stopped: the block is final as it is (EOS), at no cost.
-                yield BlockEvent(blk, start, end, stats.nfe - nfe_before, canvas[:, start:end].clone(), finished.clone(),
+                yield BlockEvent(blk, start, end, forward.nfe, canvas[:, start:end].clone(), finished.clone(),
                                  lambda rows: None)
                 continue
             in_block = torch.zeros(b, total, dtype=torch.bool, device=device)
@@ -635,7 +633,7 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
                     remasked_once |= remask
                 ops.commit_tokens(canvas, x0, accepted, mask_id, remask)
                 stats.count_committed(accepted)
-                pending = StepEvent(step, blk, stats.nfe - nfe_before, canvas, accepted, score_grid, remask)
+                pending = StepEvent(step, blk, forward.nfe, canvas, accepted, score_grid, remask)
                 i, step = i + 1, step + 1
             # The gap (run of positions to fill) that goes on past this
             # block: when generating, all the rest of the canvas.
@@ -672,7 +670,7 @@ def _decode(model, canvas, key_mask, *, mask_id, eos_id, eot_id, first, last, bl
             if pending is not None:
                 yield pending
             _refuse_invalid_predictions(lowest.item(), blk)
-            yield BlockEvent(blk, start, end, stats.nfe - nfe_before, canvas[:, start:end].clone(), finished.clone(), stop_rows)
+            yield BlockEvent(blk, start, end, forward.nfe, canvas[:, start:end].clone(), finished.clone(), stop_rows)
     finally:
         forward.give_back()
 
@@ -753,6 +751,9 @@ class _Forward:
         # forward (a replayed graph launches nothing from Python anyway).
         self.base = llada_model_of(model)
         self.cfg_scale, self.mask_id, self.policy, self.stats = cfg_scale, mask_id, policy, stats
+        # This decode's forwards, for its events: ``stats`` may also gather
+        # other decodes', earlier or interleaved with this one.
+        self.nfe = 0
         self.workspace: Optional[Workspace] = None
 
     def new_block(self, start, end, rows):
@@ -796,6 +797,7 @@ class _Forward:
         self.key_mask = key_mask
         logits = self._run(ids, query, whole_block)
         self.stats.nfe += 1
+        self.nfe += 1
         if self.cfg_scale > 0:
             cond, un = logits.chunk(2)
             # Where both halves agree (-inf included: -inf - -inf is NaN) guidance changes nothing.

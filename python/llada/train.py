@@ -418,6 +418,10 @@ def train(args) -> Path:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     resuming = (out / STATE_FILE).is_file() and args.resume
     if resuming:
+        # Checked before the training state is read: once read, AdamW's
+        # moments would count twice. (Here rather than by load_model, whose
+        # error is about its dtype argument.)
+        check_training_memory(load_config(out), device, f"--resume: {out}")
         try:
             state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)
         except Exception as e:  # torch's errors on a damaged file name neither the file nor the cause
@@ -437,8 +441,6 @@ def train(args) -> Path:
     data = Data(args, tok=read_tokenizer(out) if resuming else None)
     if resuming:
         check_same_data(out, data.info, args)
-        # Checked here rather than by load_model, whose error is about its dtype argument.
-        check_training_memory(load_config(out), device, f"--resume: {out}")
         model = load_model(out, device=device, dtype=torch.float32)
         for p in model.parameters():
             p.requires_grad_(True)
@@ -448,7 +450,8 @@ def train(args) -> Path:
             raise ValueError(f"--max-len: {args.max_len} is shorter than the data's sequences ({data.seq_len} "
                              f"tokens); give at least that, or 0 for the data's")
         cfg = build_config(args, vocab, data.ids, args.max_len or data.seq_len)
-        check_training_memory(cfg, device, "--d-model, --n-layers, --mlp-hidden")
+        check_training_memory(cfg, device, "the model of --d-model, --n-layers, --mlp-hidden, --vocab-size "
+                                           "and --weight-tying")
         model = LLaDAModel(cfg)
         init_weights(model, args.seed)
         model.to(device)
