@@ -813,7 +813,10 @@ def test_chat_reports_a_line_that_is_not_utf8_and_goes_on(checkpoint, capsys, mo
      "--remasking low_confidence, --ranking random: the two disagree"),
     (["generate", "--policy", "fast", "--remasking", "random", "--ranking", "entropy", "x"],
      "--remasking random, --ranking entropy: the two disagree"),
-    (["chat", "--commit", "entropy_bound", "--remasking", "random"], "--remasking: 'random' ranks positions"),
+    # The entropy_bound rule takes no ranking: naming one, even the default, is an error.
+    (["chat", "--commit", "entropy_bound", "--remasking", "random"], "--remasking: the entropy_bound rule"),
+    (["chat", "--commit", "entropy_bound", "--remasking", "low_confidence"], "--remasking: the entropy_bound rule"),
+    (["generate", "--commit", "entropy_bound", "--ranking", "probability", "x"], "--ranking: the entropy_bound rule"),
 ])
 def test_decoding_flags_are_checked_before_the_model_loads(capsys, monkeypatch, argv, message):
     monkeypatch.setattr("llada.cli.load_for_cli", lambda args: pytest.fail("the model was loaded"))
@@ -999,6 +1002,17 @@ def test_an_output_line_holds_no_carriage_return():
 def test_errors_name_the_flag(checkpoint, capsys, argv, message):
     assert _exit_code([argv[0], "--model", str(checkpoint), *argv[1:]]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_errors_never_reach_standard_output_when_standard_error_is_closed(capsys, monkeypatch, tmp_path):
+    # With fd 2 closed Python's sys.stderr is None, and print(file=None)
+    # writes to standard output: among the answers.
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('"a"\n{"prompt": 5}\n')
+    monkeypatch.setattr(sys, "stderr", None)
+    for argv in (["generate", "--device", "tpu", "x"], ["generate", "--prompts-file", str(bad)]):
+        assert main(argv) == 2
+        assert capsys.readouterr().out == ""
 
 
 def test_cuda_without_a_gpu_names_the_flag(checkpoint, capsys, monkeypatch):

@@ -238,6 +238,8 @@ def policy_from_arguments(args, parser=None):
     for name, rule in RULE_OF_SETTING.items():
         if name in changes and commit != rule:
             fail(f"--{name}: applies with --commit {rule}; this policy commits by {commit!r}")
+    if "ranking" in changes and commit == "entropy_bound":
+        fail("--ranking: the entropy_bound rule orders positions by entropy itself and takes no ranking")
     if "refresh_every" in changes and cache == "none":
         fail("--refresh-every: applies with a cache (--cache prefix or dual); this policy has no cache")
     if "cuda_graph" in changes and cache == "none":
@@ -273,6 +275,10 @@ def print_stats(stats) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if sys.stderr is None:
+        # Started with standard error closed (`2>&-`): print(file=None) would
+        # put messages among the answers on standard output.
+        sys.stderr = open(os.devnull, "w")
     if argv[:1] == ["train"]:  # it writes to standard error and files only
         return run_train(argv[1:])
     if sys.stdout is None:  # started with standard output closed (`>&-`): the answer would go nowhere
@@ -364,6 +370,9 @@ def check_decoding(args, parser, policy) -> None:
         parser.error("--stop: expected a non-empty text")
     # Without --remasking the library's default applies, which keeps the policy's ranking.
     if args.remasking is not None:
+        if policy.commit == "entropy_bound":
+            parser.error(f"--remasking: the entropy_bound rule orders positions by entropy itself and "
+                         f"takes no ranking, got --remasking {args.remasking}")
         # One of the two would be overruled: a flag the policy would not use is an error.
         if args.ranking is not None and (args.remasking == "random") != (args.ranking == "random"):
             parser.error(f"--remasking {args.remasking}, --ranking {args.ranking}: the two disagree "
