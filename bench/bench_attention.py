@@ -33,10 +33,15 @@ with each one's setting (SDPA backend, environment variables) entered around
 its timing rather than around each call. The table reports TFLOP/s (4 B H Lq
 Lk D flops per call) and llada's speed as a multiple of the best SDPA
 backend.
-On CUDA a second table times each contender's CUDA graph replayed: the
-kernels alone, without the Python work of a call, which the first table's
-small shapes are partly made of (a model decoding under CUDA graphs pays
-only the kernels).
+On CUDA a second table times each contender's calls captured in a CUDA
+graph (timing.GRAPH_CALLS calls a graph, which share the launch of its
+replay) and replayed: the kernels alone, without the Python work of a call,
+which the first table's small shapes are partly made of (a model decoding
+under CUDA graphs pays only the kernels).
+Each shape's results also print as soon as they are measured, one "RESULT
+attention" line for llada (the op's default plan) and one "RESULT
+attention_variant" line per other llada column, so that a run cut short
+keeps the shapes it measured.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import llada
 from llada.ops import attention_reference
-from timing import cuda_graphed, time_interleaved
+from timing import GRAPH_CALLS, cuda_graphed, time_interleaved
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -191,6 +196,7 @@ def main() -> None:
         del checker
         us = time_interleaved(contenders, device, min_time, contexts=contexts)
         tflops = {name: flops / t / 1e6 for name, t in us.items()}
+        graph_tflops, graph_wrong = None, None
         if device == "cuda":
             graphed, graph_wrong = {}, dict(wrong)
             for name, fn in contenders.items():
@@ -202,18 +208,20 @@ def main() -> None:
                     graph_wrong[name] = "no graph"
                     if name not in BACKENDS:  # llada's ops are meant to be captured
                         llada_wrong.append((kind, shape, name, "no CUDA graph"))
+            # A replay runs GRAPH_CALLS calls.
             us = time_interleaved(graphed, device, min_time)
             del graphed
-            graph_rows.append((kind, shape, {name: flops / t / 1e6 for name, t in us.items()}, graph_wrong))
+            graph_tflops = {name: flops * GRAPH_CALLS / t / 1e6 for name, t in us.items()}
+            graph_rows.append((kind, shape, graph_tflops, graph_wrong))
         rows.append((kind, shape, tflops, wrong))
-        best_name, best = best_sdpa(tflops)
-        best = best or float("nan")  # no SDPA backend ran: no ratio
-        mine = tflops.get("llada", float("nan"))  # NaN: wrong, not timed
-        print(f"{kind:<5} {shape:<34} llada {mine:8.3f} TFLOP/s  best SDPA {best_name} "
-              f"{best:8.3f}  x{mine / best:5.2f}", flush=True)
-        for name in variants:
-            if name in tflops:
-                print(f"{'':<40} {name} {tflops[name]:8.3f} TFLOP/s  x{tflops[name] / best:5.2f}", flush=True)
+        # Each row's result as soon as it is measured, so that a run cut
+        # short still reports the shapes it got through.
+        for name in {"llada": {}, **variants}:
+            tag = "attention" if name == "llada" else "attention_variant"
+            text = f"eager {result_text(tflops, wrong, name)}"
+            if graph_tflops is not None:
+                text += f"; CUDA graphs {result_text(graph_tflops, graph_wrong, name)}"
+            print(f"RESULT {tag} {kind} {shape} {name}: {text}", flush=True)
         del q, k, v, qt, kt, vt
 
     print_table(f"attention, {dtype}, {device}: TFLOP/s (higher is better), each call launched from Python",
@@ -223,6 +231,18 @@ def main() -> None:
     if llada_wrong:
         raise SystemExit("llada's attention is wrong (against the float64 reference) or failed at: "
                          + "; ".join(f"{kind} {shape} {name} ({what})" for kind, shape, name, what in llada_wrong))
+
+
+def result_text(tflops, wrong, name) -> str:
+    """name's TFLOP/s in a row and its multiple of the row's best SDPA
+    backend, or why it has none ("wrong", "failed", "no graph")."""
+    if name in wrong:
+        return wrong[name]
+    if not tflops.get(name):
+        return "n/a"
+    best_name, best = best_sdpa(tflops)
+    against = f"x{tflops[name] / best:.2f} of SDPA {best_name}" if best else "no SDPA backend ran"
+    return f"{tflops[name]:.3f} TFLOP/s {against}"
 
 
 def best_sdpa(tflops):

@@ -14,11 +14,15 @@
 #
 # Logs go to build/gpu_check/; when $OUT is set, the summary and a tarball of
 # the logs are copied there after every step, so a run cut short still leaves
-# what it measured. The steps run in order of what matters most: the Hopper
-# kernel's tests, the attention binary (every kernel and pipeline variant
-# validated against the CPU twin, then timed), the attention and decoding
-# benchmarks, the other tests, then everything else. The kernel binaries
-# build in the background meanwhile.
+# what it measured (the benchmarks print each result as they measure it, and
+# the summary keeps those lines). The steps run in order of what matters
+# most: the Hopper kernel's tests, the attention and decoding benchmarks, the
+# attention binary (every kernel and pipeline variant validated against the
+# CPU twin, then timed), the CUDA tests (the CPU-only ones run in CI), then
+# everything else. The kernel binaries build in the background meanwhile.
+# The summary goes to build/gpu_check/summary.txt; the script ends by
+# printing only its last part, the key results and the status, which fits
+# a terminal's (or a tool's) last 12,000 characters.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,7 +55,7 @@ step() {  # step NAME COMMAND...: run, log, remember failures, save what there i
     echo "$name ok ($((SECONDS - start)) s)" >>"$LOGS/steps.txt"
   else
     echo "   FAILED ($((SECONDS - start)) s); last lines:"
-    tail -n 25 "$LOGS/$name.log" | sed 's/^/   | /'
+    tail -n 25 "$LOGS/$name.log" | awk '{ print "   | " $0 }'  # a line to itself even if the log ends mid-line
     echo "$name FAILED ($((SECONDS - start)) s)" >>"$LOGS/steps.txt"
     status=1
   fi
@@ -64,25 +68,82 @@ save() {  # the summary and the logs so far, to $OUT when set
   tar czf "$OUT/gpu_check_logs.tar.gz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")" 2>/dev/null  # a log may still grow
 }
 
-summary() {  # the long tables first, the steps and tests last (a reader of the tail sees them)
+summary() {  # everything: the long tables first, then key_results (a reader of the tail sees them)
   echo "================ summary ================"
   # Timed and failed kernel cases; the cases only validated are counted.
   grep -h -A2 '^RESULT' "$LOGS"/bin_bench_*.log 2>/dev/null | grep -E ' us=| FAIL$|^  bad by' | sed 's/^RESULT /  /'
   echo "  validated only (not timed): $(grep -h '^RESULT.*validated ok$' "$LOGS"/bin_bench_*.log 2>/dev/null | wc -l) ok"
-  # The tables' rows, and the titles of bench_attention's two tables (eager
-  # calls, then CUDA graph replays), whose headers are the same.
+  # The tables' rows, the titles of bench_attention's two tables (eager
+  # calls, then CUDA graph replays), whose headers are the same, and the
+  # other llada columns' results of bench_attention (in its tables too, when
+  # it got that far).
   for f in "$LOGS"/bench_attention.log "$LOGS"/bench_decoding.log "$LOGS"/bench_gemm.log \
            "$LOGS"/bench_ops.log "$LOGS"/bench_generate.log; do
-    [ -f "$f" ] && { echo "-- $(basename "$f" .log)"; sed -n -e '/^attention, .*: TFLOP\/s/p' -e '/^|/p' "$f"; }
+    [ -f "$f" ] && { echo "-- $(basename "$f" .log)"
+                     sed -n -e '/^RESULT attention_variant /p' -e '/^attention, .*: TFLOP\/s/p' -e '/^|/p' "$f"; }
+  done
+  key_results
+}
+
+key_results() {  # the part of the summary the script ends by printing: short, the status last
+  echo "================ key results ================"
+  local f end
+  for f in "$LOGS"/bin_bench_*.log; do
+    [ -f "$f" ] || continue
+    end=""
+    tail -n 1 "$f" | grep -qE '^(ALL OK|SOME CASES FAILED)$' || end=" (did not finish)"
+    echo "$(basename "$f" .log): $(grep -c '^RESULT.* ok$' "$f") cases ok, $(grep -c '^RESULT.* FAIL$' "$f") FAIL$end"
+    grep '^RESULT.* FAIL$' "$f" | head -n 5 | sed 's/^RESULT /  /'
+  done
+  # Printed by the benchmarks as each is measured: what a step cut short
+  # by its timeout got through. llada's own attention (the op's default
+  # plan) against the best SDPA backend, then the decoding policies' and
+  # batches' tokens/s, then exact generation's.
+  for f in "$LOGS"/bench_attention.log "$LOGS"/bench_decoding.log "$LOGS"/bench_generate.log; do
+    [ -f "$f" ] && grep -E '^RESULT (attention|decoding|decoding_batch|generate) ' "$f"
   done
   echo "---------------- status ----------------"
   cat "$LOGS/device.txt"
   echo "steps: $(paste -sd ',' "$LOGS/steps.txt" 2>/dev/null | sed 's/,/, /g')"
+  local t
   for t in tests_sm90 tests_sm90_pipelines tests; do
-    [ -f "$LOGS/$t.log" ] || continue
-    echo "$t: $(grep -E '(passed|failed|error)' "$LOGS/$t.log" | tail -n 1)"
-    grep -E '^(FAILED|ERROR) ' "$LOGS/$t.log" | sed 's/^/  /'
+    [ -f "$LOGS/$t.log" ] && test_status "$t"
   done
+}
+
+# pytest's closing line ("=== 3 passed, 1 skipped in 9.1s ===", without the
+# "=" under -q).
+PYTEST_CLOSING='^=* *([0-9]+ [a-z]+|no tests ran)(, [0-9]+ [a-z]+)* in [0-9.]+s'
+# A test's outcome as -v prints it when the test ends: "[gw3] [ 40%] PASSED
+# <test id>" under pytest-xdist, "<test id> PASSED   [ 40%]" without it.
+progress() {  # progress OUTCOME LOG: the test ids with that outcome so far
+  sed -nE -e "s/^\[gw[0-9]+\] \[ *[0-9]+%\] $1 (.*[^ ]) *\$/\1/p" -e 't' \
+          -e "s/^(.*[^ ]) $1 +\[ *[0-9]+%\]\$/\1/p" "$2"
+}
+
+test_status() {  # test_status STEP: its pytest closing line (or the counts so far), then what failed
+  local log="$LOGS/$1.log" closing failed n outcome
+  closing=$(grep -E "$PYTEST_CLOSING" "$log" | tail -n 1 | sed -E 's/^=+ //; s/ =+$//')
+  if [ -z "$closing" ]; then  # cut short: what -v printed so far
+    closing="cut short after"
+    for outcome in PASSED FAILED ERROR SKIPPED; do
+      closing="$closing $(progress "$outcome" "$log" | wc -l) ${outcome,,},"
+    done
+    closing="${closing%,}"
+  fi
+  echo "$1: $closing"
+  # Each test that failed or errored, once, whether -v named it as it ended
+  # or the closing summary did (which a run cut short never prints); a test
+  # that the thread timeout stopped (the whole pytest run with it, without
+  # pytest-xdist) or whose xdist worker crashed.
+  failed=$({ for outcome in FAILED ERROR; do progress "$outcome" "$log" | sed "s/^/$outcome /"; done
+             sed -nE -e 's/^(FAILED|ERROR) ([^ ]+) - .*$/\1 \2/p' -e 't' -e 's/^(FAILED|ERROR) ([^ ]+)$/\1 \2/p' \
+                     -e 's/^(.*[^ ]) \++ Timeout \++$/TIMEOUT \1/p' \
+                     -e "s/^worker '[^']*' crashed while running '(.*)'\$/CRASHED \1/p" "$log"
+           } | awk '!seen[$0]++')
+  n=$(printf '%s' "$failed" | grep -c .)
+  printf '%s\n' "$failed" | head -n 15 | grep . | sed 's/^/  /'
+  [ "$n" -le 15 ] || echo "  ... and $((n - 15)) more: $log"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$LOGS/device.txt"
@@ -124,6 +185,14 @@ collect_bench_build() {  # the background build's log and status, once it is don
   cat "$LOGS/bench_build.background.log"
   return $rc
 }
+wait_for_bench_build() {  # wait_for_bench_build SECONDS: until the background build is done, at most SECONDS
+  local until=$((SECONDS + $1))
+  while kill -0 "$bench_build_pid" 2>/dev/null && [ "$SECONDS" -lt "$until" ]; do sleep 1; done
+  if kill -0 "$bench_build_pid" 2>/dev/null; then
+    echo "   the kernel binaries are still building: the benchmarks below share the CPUs with the compilers"
+    echo "the Python benchmarks ran beside the kernel binaries' build" >>"$LOGS/device.txt"
+  fi
+}
 
 step build "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v . \
   -C cmake.define.LLADA_CUDA_ARCHITECTURES="$ARCHS" -C build-dir=build/gpu
@@ -132,11 +201,19 @@ step build "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v
 step kernels_run_on_gpu "$PYTHON" -c "import torch, llada.devices as d; import sys; \
 sys.exit(0 if d.kernels_run_on(torch.device('cuda', 0)) else 'the built kernels do not run on this GPU')"
 kernels_ok=$(grep -q '^kernels_run_on_gpu ok' "$LOGS/steps.txt" && echo 1 || true)
-# With pytest-xdist the tests run in parallel and a crashing test cannot end
-# the run; 2 threads per worker, 8 workers on 16 cores. With pytest-timeout a
-# hung test costs its own time only.
-parallel=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-parallel="$parallel $("$PYTHON" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120" || true)"
+# With pytest-xdist the tests run in 8 workers of 2 threads each (16 cores);
+# a worker that crashes or is stopped is replaced, its test reported FAILED,
+# and the run goes on. With pytest-timeout a test past its limit is stopped
+# by the "thread" method: a timer thread dumps the stacks and ends the
+# process. (The default "signal" method raises from a signal handler, which
+# never runs while the test waits inside libcuda on a hung kernel.) That ends
+# the test's xdist worker, or without xdist the whole pytest run, whose log
+# then has no closing line.
+xdist=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+has_timeout=$("$PYTHON" -c "import pytest_timeout" 2>/dev/null && echo 1 || true)
+per_test() {  # per_test SECONDS: the options that limit each test to SECONDS, if pytest-timeout is there
+  [ -z "$has_timeout" ] || echo "--timeout $1 --timeout-method=thread"
+}
 PYTEST=(env OMP_NUM_THREADS=2 "$PYTHON" -m pytest)
 # The Hopper attention kernel's tests go first, alone and under a timeout. If
 # they hang or fault the device, every step below runs with that kernel
@@ -144,18 +221,23 @@ PYTEST=(env OMP_NUM_THREADS=2 "$PYTHON" -m pytest)
 # wrong, the steps keep it: the tests then fail where the op's plan takes it,
 # bench_attention shows "wrong" where it disagrees with the float64
 # reference (not timed) and fails, and the decoding and generation
-# benchmarks time it without checking its results.
-step tests_sm90 timeout --kill-after=10 150 "${PYTEST[@]}" -q -rfEs -p no:cacheprovider $parallel \
+# benchmarks time it without checking its results. Each of these tests takes
+# seconds: one still running after 60 is taken for hung.
+step tests_sm90 timeout --kill-after=10 150 "${PYTEST[@]}" -v -rfEs -p no:cacheprovider $xdist $(per_test 60) \
   tests/test_attention.py -k "sm90 and not pipelines"
 sm90_log="$LOGS/tests_sm90.log"
-# pytest's summary line ("3 passed, 1 skipped in 9.1s"), if it got that far.
-sm90_summary=$(grep -E '^=*[ ]*[0-9]+ (passed|failed|skipped|deselected|error).* in [0-9.]+s' "$sm90_log" \
-  2>/dev/null | tail -n 1)
+# pytest's closing line ("3 passed, 1 skipped in 9.1s"), if it got that far.
+sm90_summary=$(grep -E "$PYTEST_CLOSING" "$sm90_log" 2>/dev/null | tail -n 1)
+# A fault's CUDA error, or a test stopped by pytest-timeout: its "+++ Timeout
+# +++" banner (without xdist, the run then ends: no closing line), its xdist
+# worker "node down" and "crashed" (with xdist; a worker killed by a fault
+# reads the same).
+sm90_fault='illegal (memory|instruction)|launch failure|misaligned address|device-side|CUDA error'
+sm90_fault="$sm90_fault|\+ Timeout \+|node down|crashed"
 if grep -q '^tests_sm90 SKIPPED' "$LOGS/steps.txt"; then
   echo "   the Hopper attention kernel's tests did not run (budget): the steps below run without it"
   export LLADA_ATTENTION_SM90=0
-elif grep -qiE 'illegal (memory|instruction)|launch failure|misaligned address|device-side|CUDA error' \
-       "$sm90_log" || [ -z "$sm90_summary" ]; then
+elif grep -qiE "$sm90_fault" "$sm90_log" || [ -z "$sm90_summary" ]; then
   echo "   the Hopper attention kernel hung or faulted: the steps below run without it"
   export LLADA_ATTENTION_SM90=0
 elif ! echo "$sm90_summary" | grep -qE '[0-9]+ (passed|failed)'; then
@@ -171,8 +253,8 @@ fi
 if [ "${LLADA_ATTENTION_SM90:-}" != 0 ]; then
   # -v prints each test's outcome as it ends, so a run cut short by the
   # timeout (one pipeline hanging) still names those that passed.
-  step tests_sm90_pipelines timeout --kill-after=10 150 "${PYTEST[@]}" -v -rA -p no:cacheprovider $parallel \
-    tests/test_attention.py -k sm90_pipelines
+  step tests_sm90_pipelines timeout --kill-after=10 150 "${PYTEST[@]}" -v -rA -p no:cacheprovider $xdist \
+    $(per_test 60) tests/test_attention.py -k sm90_pipelines
   # "PASSED <test id>" (xdist, summary) or "<test id> PASSED" (no xdist).
   passed_id='PASSED [^ ]*test_sm90_pipelines_match_reference\[[a-z0-9-]+\]'
   passed_id="$passed_id|test_sm90_pipelines_match_reference\[[a-z0-9-]+\] PASSED"
@@ -182,16 +264,26 @@ if [ "${LLADA_ATTENTION_SM90:-}" != 0 ]; then
   echo "   pipelines to benchmark: ${LLADA_BENCH_SM90_PIPELINES:-none}"
   echo "pipelines that passed: ${LLADA_BENCH_SM90_PIPELINES:-none}" >>"$LOGS/device.txt"
 fi
-step bench_build collect_bench_build
-step bin_bench_attention timeout 150 build/bench-gpu/bench_attention
 # Without our kernels on this GPU the Python steps would time torch's
 # compositions and skip every CUDA test: only the kernel binaries run.
 if [ -n "$kernels_ok" ]; then
+  # The Python benchmarks go before the attention binary, which could hang
+  # and take their time. Timed beside the compilers, the Python work of
+  # each call would be slower: the build has had the tests' time to finish,
+  # and gets a minute more.
+  wait_for_bench_build 60
   step bench_attention timeout 150 "$PYTHON" bench/bench_attention.py --device cuda
   step bench_decoding timeout 200 "$PYTHON" bench/bench_decoding.py --device cuda --shape 8b --repeats 1
-  # The CPU-only tests run in CI; here they run beside the CUDA ones anyway.
-  step tests timeout --kill-after=10 240 "${PYTEST[@]}" -q -rfEs -p no:cacheprovider $parallel tests \
-    -k "not (sm90 and test_attention.py)"
+fi
+step bench_build collect_bench_build
+step bin_bench_attention timeout 150 build/bench-gpu/bench_attention
+if [ -n "$kernels_ok" ]; then
+  # Only the tests that need a GPU (the CPU-only ones run in CI): those whose
+  # id says "cuda" (the device parameter, test_cuda_graph.py, or the name),
+  # which takes in every test that skips for want of a GPU, but the Hopper
+  # kernel's, tested above.
+  step tests timeout --kill-after=10 240 "${PYTEST[@]}" -v -rfEs -p no:cacheprovider $xdist $(per_test 120) \
+    tests -k "cuda and not (sm90 and test_attention.py)"
   step bench_gemm timeout 90 "$PYTHON" bench/bench_gemm.py
 fi
 for bin in build/bench-gpu/bench_*; do
@@ -202,7 +294,9 @@ if [ -n "$kernels_ok" ]; then
   step bench_generate timeout 150 "$PYTHON" bench/bench_generate.py --device cuda --shape 8b
 fi
 
-echo
-summary | tee "$LOGS/summary.txt"
+summary >"$LOGS/summary.txt"
 save
+echo
+echo "(the whole summary, with every table: $LOGS/summary.txt${OUT:+ and $OUT/summary.txt})"
+key_results
 exit $status

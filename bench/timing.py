@@ -58,11 +58,22 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str, min_time
     return best
 
 
-def cuda_graphed(fn: Callable[[], object]) -> Callable[[], None]:
-    """fn captured as a CUDA graph, to be timed by its replay: a replay
-    launches fn's kernels with no host work, so its time is the kernels'
-    alone, whatever fn costs on the host. Warmed up on a side stream first,
-    as capture wants."""
+# The calls one CUDA graph holds: a replay launches them all, so the host's
+# cost of launching the graph is spread over this many calls (a replay of a
+# few-microsecond kernel alone could take longer to launch than to run).
+GRAPH_CALLS = 20
+
+
+def cuda_graphed(fn: Callable[[], object], calls: int = GRAPH_CALLS) -> Callable[[], None]:
+    """`calls` calls of fn captured one after another as one CUDA graph, to
+    be timed by its replay: a replay launches their kernels with no host work
+    between them, so its time divided by `calls` is one call's kernels,
+    whatever fn costs on the host, plus a `calls`-th of the graph's launch.
+    The calls all read fn's inputs and each drops its output, which is
+    right for timing only. Warmed up on a side stream first, as capture
+    wants."""
+    if not isinstance(calls, int) or isinstance(calls, bool) or calls < 1:
+        raise ValueError(f"calls: expected a positive int, got {calls!r}")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -71,5 +82,6 @@ def cuda_graphed(fn: Callable[[], object]) -> Callable[[], None]:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        for _ in range(calls):
+            fn()
     return graph.replay
