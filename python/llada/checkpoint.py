@@ -450,8 +450,7 @@ def resolve_device_dtype(device, dtype):
             dtype = cuda_default_dtype(torch.cuda.get_device_capability(device))
         else:
             dtype = torch.float32
-    if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+    _check_weight_dtype(dtype, FILE_DTYPES)
     return device, dtype
 
 
