@@ -593,6 +593,136 @@ def test_a_run_killed_before_its_first_save_resumes_from_the_start(tmp_path, mon
     assert same_weights(straight, killed)
 
 
+def test_a_run_killed_in_its_first_evaluation_resumes_from_the_start(tmp_path, monkeypatch):
+    common = SORT + TINY + ["--steps", "4", "--eval-every", "2", "--save-every", "100"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run(common + ["--out", str(straight)])
+
+    def killed_in_the_evaluation(*args, **kwargs):
+        raise KeyboardInterrupt  # a second Ctrl-C (or a kill) while the step-0 evaluation runs
+
+    monkeypatch.setattr(train, "evaluate_loss", killed_in_the_evaluation)
+    assert train.main(common + ["--out", str(killed)]) == 130
+    assert torch.load(killed / train.STATE_FILE, weights_only=False)["step"] == 0
+    monkeypatch.undo()
+    run(["--resume", str(killed)])
+    assert same_weights(straight, killed)
+    fields = ["step", "lr", "train_loss", "eval_loss", "tokens"]
+    assert [[r[k] for k in fields] for r in log_rows(killed)] == [[r[k] for k in fields] for r in log_rows(straight)]
+
+
+def test_ctrl_c_in_the_first_save_stops_before_the_first_evaluation(tmp_path, monkeypatch):
+    common = SORT + TINY + ["--steps", "4", "--eval-every", "2", "--save-every", "100"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run(common + ["--out", str(straight)])
+    save, evaluate, evaluations = train.save_weights, train.evaluate_loss, []
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the step-0 save is written
+        return save(*args, **kwargs)
+
+    def counted(*args, **kwargs):
+        evaluations.append(1)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "save_weights", interrupted)
+    monkeypatch.setattr(train, "evaluate_loss", counted)
+    run(common + ["--out", str(stopped)])
+    assert evaluations == [] and log_rows(stopped) == []  # stopped without waiting for the evaluation
+    assert torch.load(stopped / train.STATE_FILE, weights_only=False)["step"] == 0
+    monkeypatch.undo()
+    run(["--resume", str(stopped)])  # which evaluates step 0 first
+    assert same_weights(straight, stopped)
+    fields = ["step", "lr", "train_loss", "eval_loss", "tokens"]
+    assert [[r[k] for k in fields] for r in log_rows(stopped)] == [[r[k] for k in fields] for r in log_rows(straight)]
+
+
+def test_a_new_run_whose_first_save_fails_starts_over_with_the_same_command(tmp_path, monkeypatch, capsys):
+    common = SORT + TINY + ["--steps", "4", "--eval-every", "2", "--save-every", "100"]
+    straight, failed = tmp_path / "straight", tmp_path / "failed"
+    run(common + ["--out", str(straight)])
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1234 vs 1200")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    capsys.readouterr()
+    assert train.main(common + ["--out", str(failed)]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"llada train: error: {failed}: the save failed ([enforce fail at inline_container.cc:672] . unexpected "
+        "pos 1234 vs 1200); there is no earlier save to keep; the same command starts the run over\n")
+    monkeypatch.undo()
+    run(common + ["--out", str(failed)])
+    assert same_weights(straight, failed)
+    fields = ["step", "lr", "train_loss", "eval_loss", "tokens"]
+    assert [[r[k] for k in fields] for r in log_rows(failed)] == [[r[k] for k in fields] for r in log_rows(straight)]
+
+
+@pytest.mark.parametrize("cut_off", ["while writing", "between renames"])
+def test_a_first_save_cut_off_starts_over_with_the_same_command(tmp_path, monkeypatch, capsys, cut_off):
+    common = SORT + TINY + ["--steps", "4", "--eval-every", "2", "--save-every", "100"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run(common + ["--out", str(straight)])
+    if cut_off == "while writing":
+        dump = json.dump
+
+        def killed_in_train_args(obj, f, **kwargs):
+            if Path(f.name).name == train.ARGS_FILE:
+                raise KeyboardInterrupt
+            return dump(obj, f, **kwargs)
+
+        monkeypatch.setattr(json, "dump", killed_in_train_args)
+        # As when killed outright: nothing cleans up the staging folder.
+        monkeypatch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)
+    else:
+        replace = os.replace
+
+        def killed_after_the_config(src, dst):
+            replace(src, dst)
+            if Path(dst).name == "config.json":
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(os, "replace", killed_after_the_config)
+    assert train.main(common + ["--out", str(killed)]) == 130
+    monkeypatch.undo()
+    left = sorted(p.name for p in killed.iterdir())
+    assert left == ([train.STAGING_DIR, train.LOG_FILE] if cut_off == "while writing"
+                    else [train.STAGING_DIR, "config.json", train.LOG_FILE])
+    assert re.search(f"argument --resume: the run in {re.escape(str(killed))} stopped before its first save, so "
+                     "there is nothing to resume; start it over with the command that started it",
+                     usage_error(["--resume", str(killed)], capsys))
+    run(common + ["--out", str(killed)])
+    assert not (killed / train.STAGING_DIR).exists()
+    assert same_weights(straight, killed)
+    assert [r["step"] for r in log_rows(killed)] == ["0", "2", "4"]
+
+
+@pytest.mark.parametrize("contents", [
+    {"config.json": "{}"},
+    {train.LOG_FILE: ",".join(train.LOG_FIELDS) + "\r\n0,3e-05,,2.6,,0,0\r\n"},  # a run's log with a row
+    {train.LOG_FILE: ",".join(train.LOG_FIELDS) + "\r\n", "notes.txt": "mine"},
+    {train.STAGING_DIR + "/model.safetensors": "", "notes.txt": "mine"},
+    {train.STAGING_DIR: "a file, not a staging folder"},
+    {"config.json": "{}", train.LOG_FILE: ",".join(train.LOG_FIELDS) + "\r\n"},  # no staging folder beside it
+    {train.STAGING_DIR + "/x": "", train.STATE_FILE: "a run's state", train.LOG_FILE: ",".join(train.LOG_FIELDS)},
+])
+def test_a_new_run_never_writes_over_what_it_did_not_leave_before_a_first_save(tmp_path, capsys, contents):
+    folder = tmp_path / "out"
+    for name, text in contents.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text, newline="")
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    argv = SORT + TINY + ["--steps", "2", "--out", str(folder)]
+    assert re.search("argument --out: .* is not empty", usage_error(argv, capsys))
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_the_files_a_save_renames_before_its_state_are_known(tmp_path):
+    run(SORT + TINY + ["--steps", "1", "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(train.SAVED_FILES + (train.STATE_FILE,
+                                                                                    train.LOG_FILE))
+
+
 def test_a_resumed_run_drops_the_rows_logged_after_its_save(tmp_path):
     # As when a run is killed: the log holds rows past the last save.
     common = SORT + TINY + ["--steps", "10", "--eval-every", "2", "--save-every", "100"]

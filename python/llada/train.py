@@ -66,6 +66,9 @@ WEIGHTS_FILE = "model.safetensors"
 CONTENT_KEY = "content_sha256"  # in data.json; runs saved before it was added lack it
 STAGING_DIR = ".saving"  # a save's files before they are renamed into place
 LOG_FIELDS = ["step", "lr", "train_loss", "eval_loss", "eval_accuracy", "tokens", "elapsed_s"]
+# The files a save renames into place before STATE_FILE (the tokenizer's three among them).
+SAVED_FILES = ("config.json", ARGS_FILE, DATA_FILE, WEIGHTS_FILE, "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json")
 
 
 def default_model_path() -> str:
@@ -255,6 +258,7 @@ def save_checkpoint(folder: Path, model: LLaDAModel, tok, state: dict, args, dat
         raise ValueError(f"{folder}: holds {INDEX_FILE} (a sharded checkpoint); saving {WEIGHTS_FILE} beside "
                          "it would leave two sets of weights; pick another folder")
     folder.mkdir(parents=True, exist_ok=True)
+    earlier = (folder / STATE_FILE).is_file()  # a save of this run is there to fall back on
     staging = folder / STAGING_DIR
     shutil.rmtree(staging, ignore_errors=True)  # what an interrupted save left
     staging.mkdir()
@@ -277,8 +281,9 @@ def save_checkpoint(folder: Path, model: LLaDAModel, tok, state: dict, args, dat
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(e, (OSError, RuntimeError)):  # a full disk: torch.save says RuntimeError
-            raise OSError(f"{folder}: the save failed ({str(e).splitlines()[0]}); "
-                          "the previous save is kept") from None
+            kept = ("the previous save is kept" if earlier else
+                    "there is no earlier save to keep; the same command starts the run over")
+            raise OSError(f"{folder}: the save failed ({str(e).splitlines()[0]}); {kept}") from None
         raise
     names = sorted(p.name for p in staging.iterdir() if p.name != STATE_FILE) + [STATE_FILE]
     for name in names:
@@ -292,6 +297,35 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def stopped_before_first_save(folder: Path) -> bool:
+    """Whether ``folder`` holds only what a new run writes before its first
+    save is complete: a train_log.csv without rows, the staging folder of a
+    save cut off while writing and, beside it, the files such a save had
+    renamed into place before it was cut off. A new run may start there:
+    nothing in it is a run to resume or anyone else's file. (Any later save
+    comes after the step-0 row of the log.)"""
+    if (folder / STATE_FILE).exists():
+        return False
+    staging = (folder / STAGING_DIR).is_dir()
+    for entry in folder.iterdir():
+        if entry.name == STAGING_DIR and entry.is_dir():
+            continue
+        if entry.name == LOG_FILE and entry.is_file() and log_without_rows(entry):
+            continue
+        if staging and entry.name in SAVED_FILES and entry.is_file():
+            continue
+        return False
+    return True
+
+
+def log_without_rows(path: Path) -> bool:
+    """Whether ``path`` is a train_log.csv that holds its header only."""
+    if path.stat().st_size > 1000:  # far more than the header
+        return False
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return list(csv.reader(f)) == [LOG_FIELDS]
 
 
 def check_weights_match(folder: Path, state: dict) -> None:
@@ -492,6 +526,8 @@ def train(args) -> Path:
         # second Ctrl-C) belong to steps the resumed run does again.
         keep_log_rows_up_to(log_path, step)
     else:
+        # The folder is empty, or holds only what a run stopped before its
+        # first save left there (stopped_before_first_save): nothing to keep.
         with open(log_path, "w", newline="") as f:
             csv.writer(f).writerow(LOG_FIELDS)
 
@@ -527,9 +563,13 @@ def train(args) -> Path:
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
     stop = args.stop_at or args.steps
     with StopRequest() as stop_request:
-        if step == 0 and not resuming:
+        if not resuming:
+            # Before the step-0 evaluation (which may take long): the run is
+            # resumable from the start, however it stops.
+            checkpoint()
+        # Unless a run stopped after logging it; or asked to stop: a resumed run does it.
+        if step == 0 and log_without_rows(log_path) and not stop_request.asked:
             log_eval("")
-            checkpoint()  # resumable from the start, however it stops
         while step < stop and not stop_request.asked:
             t0 = time.perf_counter()
             ids, prompt_lengths = data.batch(args.batch_size, generators["data"])
@@ -761,6 +801,10 @@ def resumed_args(parser: argparse.ArgumentParser, argv, args: argparse.Namespace
     now that may change."""
     folder = Path(args.resume)
     if not (folder / ARGS_FILE).is_file() or not (folder / STATE_FILE).is_file():
+        if folder.is_dir() and any(folder.iterdir()) and stopped_before_first_save(folder):
+            parser.error(f"argument --resume: the run in {folder} stopped before its first save, so there is "
+                         f"nothing to resume; start it over with the command that started it (--out {folder} "
+                         f"may be given again)")
         parser.error(f"argument --resume: {folder} has no {ARGS_FILE} and {STATE_FILE} to resume from")
     try:
         with open(folder / ARGS_FILE, encoding="utf-8") as f:
@@ -811,7 +855,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         fail("out", f"{out} is a file, not a folder")
-    if not args.resume and out.is_dir() and any(out.iterdir()):
+    if not args.resume and out.is_dir() and any(out.iterdir()) and not stopped_before_first_save(out):
         # A new run would overwrite what is there (a checkpoint, a run's log).
         fail("out", f"{out} is not empty; pick a new folder, or --resume {out} to continue the run saved there")
     positive = ["steps", "batch_size", "eval_every", "eval_batches", "save_every", "d_model", "n_layers", "n_heads"]
