@@ -96,6 +96,71 @@ def test_corruption_rate_follows_t():
     assert torch.equal(c.masked, c.noisy == MASK) and bool((c.noisy[~c.masked] == 0).all())
 
 
+def replayed_times(seed, batch, length=None):
+    """The diffusion times a loss given ``torch.Generator().manual_seed(seed)``
+    draws, replayed on a fresh generator: first the crop's two draws (when
+    ``length`` is given, a crop to a length that must come out), then t, in
+    float64."""
+    replay = torch.Generator().manual_seed(seed)
+    if length is not None:
+        assert float(torch.rand((), generator=replay)) < 1.0
+        assert int(torch.randint(1, length + 1, (), generator=replay)) <= length
+    return torch.rand(batch, generator=replay).double()
+
+
+def test_drawn_times_are_uniform_on_zero_to_one():
+    eps, n = 1e-3, 200_000
+    c = corrupt(torch.zeros(n, 1, dtype=torch.long), MASK, eps=eps, generator=torch.Generator().manual_seed(5))
+    # t is the first draw from the generator: p = (1 - eps) t + eps with exactly that t.
+    t = torch.rand(n, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(c.p_mask, (1 - eps) * t + eps)
+    # And t is U(0, 1): the times p_mask stands for, sorted, follow the uniform CDF
+    # (Kolmogorov-Smirnov distance; about 0.003 is typical for n = 200000, 0.5 for U(0, 0.5)).
+    times = ((c.p_mask.double() - eps) / (1 - eps)).sort().values
+    assert float(times[0]) >= -1e-6 and float(times[-1]) <= 1 + 1e-6
+    ranks = torch.arange(n, dtype=torch.float64)
+    distance = torch.maximum((ranks + 1) / n - times, times - ranks / n).max()
+    assert float(distance) < 0.01
+    assert abs(float(times.mean()) - 0.5) < 0.005 and float(times[-1]) > 0.99
+    # Each position is masked with its row's p: about E[p] = (1 - eps) / 2 + eps of them.
+    assert abs(float(c.masked.double().mean()) - ((1 - eps) / 2 + eps)) < 0.006
+
+
+@pytest.mark.parametrize("crop_probability, seed", [(0.0, 8), (1.0, 9)])
+def test_pretraining_loss_with_drawn_times_matches_direct_sum(crop_probability, seed):
+    torch.manual_seed(6)
+    b, l = 4, 12
+    ids = torch.randint(0, MASK, (b, l))
+    logits = torch.randn(b, l, VOCAB)
+    model = FixedLogits(logits)
+    loss = pretraining_loss(model, ids, MASK, eps=1e-3, crop_probability=crop_probability,
+                            generator=torch.Generator().manual_seed(seed))
+    noisy = model.seen[0]
+    length = noisy.shape[1]
+    assert length == l or crop_probability == 1.0
+    t = replayed_times(seed, b, l if crop_probability == 1.0 else None)
+    p = (1 - 1e-3) * t + 1e-3
+    want = direct_loss(logits, ids[:, :length], noisy, [1 / float(pb) for pb in p]) / (b * length)
+    assert want > 0  # some positions were masked
+    assert math.isclose(float(loss), want, rel_tol=1e-5)
+
+
+def test_sft_loss_with_drawn_times_matches_direct_sum():
+    torch.manual_seed(7)
+    b, l = 4, 12
+    ids = torch.randint(0, MASK, (b, l))
+    logits = torch.randn(b, l, VOCAB)
+    model = FixedLogits(logits)
+    prompt_lengths = [0, 3, 6, 11]
+    loss = sft_loss(model, ids, torch.tensor(prompt_lengths), MASK, eps=1e-3,
+                    generator=torch.Generator().manual_seed(10))
+    p = (1 - 1e-3) * replayed_times(10, b) + 1e-3
+    weights = [1 / (float(p[row]) * (l - prompt_lengths[row])) for row in range(b)]
+    want = direct_loss(logits, ids, model.seen[0], weights) / b
+    assert want > 0
+    assert math.isclose(float(loss), want, rel_tol=1e-5)
+
+
 def test_pretraining_crop_shortens_the_batch():
     model = FixedLogits(torch.randn(2, 50, VOCAB))
     ids = torch.randint(0, MASK, (2, 50))
@@ -358,6 +423,74 @@ def test_prompt_lengths_must_be_token_counts(lengths):
     ids = torch.randint(0, MASK, (2, 8))
     with pytest.raises(TypeError, match="prompt_lengths: expected integer token counts"):
         sft_loss(FixedLogits(torch.zeros(2, 8, VOCAB)), ids, lengths, MASK, t=torch.ones(2))
+
+
+@pytest.mark.parametrize("mask_id, error, message", [
+    (VOCAB, ValueError, r"^mask_id: 11 is outside the vocabulary \[0, 11\)$"),
+    (-1, ValueError, r"^mask_id: -1 is outside the vocabulary \[0, 11\)$"),
+    (10**20, ValueError, r"^mask_id: 100000000000000000000 is outside the vocabulary \[0, 11\)$"),
+    (MASK + 0.7, TypeError, r"^mask_id: expected an int, got float$"),
+    (float(MASK), TypeError, r"^mask_id: expected an int, got float$"),
+    (True, TypeError, r"^mask_id: expected an int, got bool$"),
+])
+def test_the_losses_take_a_mask_id_of_the_models_vocabulary(mask_id, error, message):
+    model = Unigram(torch.softmax(torch.randn(VOCAB), dim=0))  # its config embeds VOCAB ids
+    ids = torch.randint(0, MASK, (2, 8))
+    with pytest.raises(error, match=message):
+        pretraining_loss(model, ids, mask_id, crop_probability=0, t=torch.ones(2))
+    with pytest.raises(error, match=message):
+        sft_loss(model, ids, torch.tensor([2, 2]), mask_id, t=torch.ones(2))
+
+
+@pytest.mark.parametrize("mask_id, error, message", [
+    (-1, ValueError, r"^mask_id: expected an id in \[0, 2\*\*63\), got -1$"),
+    (2**63, ValueError, r"^mask_id: expected an id in \[0, 2\*\*63\), got 9223372036854775808$"),
+    (MASK + 0.7, TypeError, r"^mask_id: expected an int, got float$"),
+    (torch.tensor(MASK), TypeError, r"^mask_id: expected an int, got Tensor$"),
+])
+def test_corrupt_takes_an_int_mask_id(mask_id, error, message):
+    with pytest.raises(error, match=message):
+        corrupt(torch.zeros(2, 8, dtype=torch.long), mask_id, t=torch.ones(2))
+
+
+def test_a_mask_id_is_any_int_of_the_vocabulary():
+    ids = torch.randint(0, MASK, (2, 8))
+    # numpy ints count as ints; with t = 1 and eps = 0 every position is masked.
+    assert corrupt(ids, np.int64(VOCAB - 1), eps=0.0, t=torch.ones(2)).noisy.tolist() == [[VOCAB - 1] * 8] * 2
+    # Unigram's loss with every (answer) position masked at p = 1: the mean of -log q over them.
+    q = torch.softmax(torch.randn(VOCAB, dtype=torch.float64), dim=0)
+    model = Unigram(q.float())
+    with torch.no_grad():
+        loss = pretraining_loss(model, ids, VOCAB - 1, eps=0.0, crop_probability=0, t=torch.ones(2))
+        assert math.isclose(float(loss), float(-q.log()[ids].mean()), rel_tol=1e-5)
+        loss = sft_loss(model, ids, torch.tensor([2, 2]), 0, eps=0.0, t=torch.ones(2))
+        assert math.isclose(float(loss), float(-q.log()[ids[:, 2:]].mean()), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("keep, error, message", [
+    (torch.ones(2, 6, dtype=torch.long), TypeError, r"^keep: expected a bool tensor of shape \(2, 6\), got torch.int64$"),
+    (torch.ones(2, 6), TypeError, r"^keep: expected a bool tensor of shape \(2, 6\), got torch.float32$"),
+    ([[True] * 6] * 2, TypeError, r"^keep: expected a bool tensor of shape \(2, 6\), got list$"),
+    (torch.ones(2, 7, dtype=torch.bool), ValueError, r"^keep: expected shape \(2, 6\) \(that of input_ids\), "
+                                                    r"got \(2, 7\)$"),
+    # These two would broadcast: one row (or column) of keep taken for every row.
+    (torch.ones(6, dtype=torch.bool), ValueError, r"^keep: expected shape \(2, 6\) \(that of input_ids\), "
+                                                  r"got \(6,\)$"),
+    (torch.ones(2, 1, dtype=torch.bool), ValueError, r"^keep: expected shape \(2, 6\) \(that of input_ids\), "
+                                                     r"got \(2, 1\)$"),
+])
+def test_keep_is_a_bool_tensor_of_the_batchs_shape(keep, error, message):
+    with pytest.raises(error, match=message):
+        corrupt(torch.randint(0, MASK, (2, 6)), MASK, t=torch.ones(2), keep=keep)
+
+
+def test_kept_positions_are_never_masked():
+    ids = torch.randint(0, MASK, (2, 6))
+    keep = torch.tensor([[True, False, False, True, False, False], [False] * 5 + [True]])
+    c = corrupt(ids, MASK, eps=0.0, t=torch.ones(2), keep=keep)  # p = 1: all else is masked
+    assert c.masked.tolist() == [[False, True, True, False, True, True], [True] * 5 + [False]]
+    assert c.noisy.tolist() == [[ids[0, 0].item(), MASK, MASK, ids[0, 3].item(), MASK, MASK],
+                                [MASK] * 5 + [ids[1, 5].item()]]
 
 
 class RulesOutOneToken(BagOfTokens):

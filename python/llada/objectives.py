@@ -21,6 +21,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from .token_ids import is_int
+
 DEFAULT_EPS = 1e-3
 
 
@@ -41,6 +43,32 @@ def _check_ids(input_ids: torch.Tensor, name: str = "input_ids") -> None:
         raise TypeError(f"{name}: expected dtype torch.int64, got {input_ids.dtype}")
 
 
+def _check_mask_id(mask_id, vocab: Optional[int] = None) -> None:
+    """An int id of the vocabulary (``vocab`` ids, when known): the masked
+    positions are fed to the embedding, which has no row for any other
+    (a float would be truncated to some other token's id)."""
+    if not is_int(mask_id):
+        raise TypeError(f"mask_id: expected an int, got {type(mask_id).__name__}")
+    if vocab is not None and not 0 <= mask_id < vocab:
+        raise ValueError(f"mask_id: {mask_id} is outside the vocabulary [0, {vocab})")
+    if not 0 <= mask_id < 2**63:  # without a vocabulary, at least an id an int64 tensor holds
+        raise ValueError(f"mask_id: expected an id in [0, 2**63), got {mask_id}")
+
+
+def _vocab_of(model) -> Optional[int]:
+    """The number of token ids the model embeds, where its config says."""
+    return getattr(getattr(model, "config", None), "embedding_size", None)
+
+
+def _check_keep(keep, shape: tuple) -> None:
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+        raise TypeError(f"keep: expected a bool tensor of shape {shape}, got "
+                        f"{keep.dtype if isinstance(keep, torch.Tensor) else type(keep).__name__}")
+    # Broadcasting one row to every row (or a column to every position) would be no error.
+    if tuple(keep.shape) != shape:
+        raise ValueError(f"keep: expected shape {shape} (that of input_ids), got {tuple(keep.shape)}")
+
+
 def corrupt(
     input_ids: torch.Tensor,
     mask_id: int,
@@ -52,14 +80,18 @@ def corrupt(
     """Masks each token of row b with probability p_b = (1 - eps) t_b + eps.
 
     Args:
+        mask_id: the id masked positions get, an int >= 0.
         t: (B,) diffusion times, a floating-point tensor of values in
             [0, 1]; drawn uniformly from [0, 1) when None.
         keep: (B, L) bool, positions never masked (the prompt in SFT).
     """
     _check_ids(input_ids)
+    _check_mask_id(mask_id)
     if not 0 <= eps < 1:
         raise ValueError(f"eps: expected a value in [0, 1), got {eps}")
     b, l = input_ids.shape
+    if keep is not None:
+        _check_keep(keep, (b, l))
     device = input_ids.device
     if t is None:
         t = torch.rand(b, generator=generator, device=device)
@@ -109,8 +141,12 @@ def pretraining_loss(
     t: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """The LLaDA pretraining loss of one batch (a scalar tensor)."""
+    """The LLaDA pretraining loss of one batch (a scalar tensor).
+
+    ``mask_id`` must lie in the vocabulary, where ``model.config`` gives its
+    ``embedding_size``."""
     _check_ids(input_ids)
+    _check_mask_id(mask_id, _vocab_of(model))
     if not 0 <= crop_probability <= 1:
         raise ValueError(f"crop_probability: expected a value in [0, 1], got {crop_probability}")
     device = input_ids.device
@@ -135,9 +171,11 @@ def sft_loss(
     """The LLaDA SFT loss of one batch of prompt + answer rows (a scalar).
 
     ``prompt_lengths`` (B,) gives how many leading tokens of each row are
-    prompt; the rest (EOS padding included) is answer.
+    prompt; the rest (EOS padding included) is answer. ``mask_id`` must lie
+    in the vocabulary, where ``model.config`` gives its ``embedding_size``.
     """
     _check_ids(input_ids)
+    _check_mask_id(mask_id, _vocab_of(model))
     b, l = input_ids.shape
     prompt_lengths = torch.as_tensor(prompt_lengths, device=input_ids.device)
     if prompt_lengths.is_floating_point() or prompt_lengths.is_complex() or prompt_lengths.dtype == torch.bool:
