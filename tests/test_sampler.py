@@ -264,6 +264,34 @@ def test_bad_arguments_are_named(tmp_path, kwargs, error, match):
         llada.generate(model, **args)
 
 
+def test_an_engine_is_refused_with_the_way_to_its_model(tmp_path):
+    # Before, generate failed reading the Engine's parameters.
+    engine = llada.load(make_checkpoint(tmp_path), device="cpu")
+    prompt = torch.tensor([[1, 2, 3]])
+    calls = {
+        "generate": lambda: llada.generate(engine, prompt, steps=4, gen_length=4, block_length=4),
+        "stream": lambda: next(llada.stream(engine, prompt, steps=4, gen_length=4, block_length=4)),
+        "infill": lambda: llada.infill(engine, torch.tensor([1, engine.model.config.mask_token_id, 3])),
+    }
+    for method, call in calls.items():
+        with pytest.raises(TypeError, match=rf"^model: expected a model .*got an Engine: pass engine\.model, "
+                                            rf"or call engine\.{method}\(\.\.\.\), which takes text$"):
+            call()
+
+
+@pytest.mark.parametrize("model,message", [
+    (None, r"^model: expected a model called as model\(ids\)\.logits .*got NoneType$"),
+    ({"weight": torch.zeros(2)}, r"^model: expected a model called as model\(ids\)\.logits .*got dict$"),
+    # Callable, but nothing says which device the canvas goes to.
+    (lambda ids, attention_mask=None: None,
+     r"^model: expected a `device` attribute or a parameter .*got function with neither$"),
+    (torch.nn.Identity(), r"^model: expected a `device` attribute or a parameter .*got Identity with neither$"),
+])
+def test_what_is_no_model_is_refused_by_name(model, message):
+    with pytest.raises(TypeError, match=message):
+        llada.generate(model, torch.tensor([[1, 2, 3]]), steps=4, gen_length=4, block_length=4, mask_id=0)
+
+
 def test_numpy_integers_are_ints(checkpoint):
     # A numpy seed must not overflow the per-step noise keys (Python ints do not).
     np = pytest.importorskip("numpy")

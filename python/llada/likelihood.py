@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .sampler import check_seed
+from .sampler import check_model, check_seed
 from .token_ids import check_token_ids, is_int
 
 
@@ -82,6 +82,7 @@ def log_likelihood(
         mask_id: defaults to the model config's ``mask_token_id``.
         seed: makes the estimate deterministic.
     """
+    check_model(model, "log_likelihood")
     prompt = _ids(prompt, "prompt")
     answer = _ids(answer, "answer")
     if answer.numel() == 0:

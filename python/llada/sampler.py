@@ -273,7 +273,7 @@ def stream(
         raise TypeError(f"stats: expected a DecodeStats or None, got {type(stats).__name__}")
     canvas, key_mask, args = _prepare_generate(
         model, prompt, attention_mask, steps, gen_length, block_length, temperature, cfg_scale,
-        remasking, mask_id, logits_eos_inf, confidence_eos_eot_inf, seed, policy, row_keys,
+        remasking, mask_id, logits_eos_inf, confidence_eos_eot_inf, seed, policy, row_keys, method="stream",
     )
     yield from _decode(model, canvas, key_mask, stats=DecodeStats() if stats is None else stats, **args)
 
@@ -320,6 +320,7 @@ def infill(
     Returns:
         a new int64 tensor shaped like ``canvas`` with the masks filled.
     """
+    check_model(model, "infill")
     config = getattr(model, "config", None)
     mask_id = _config_id(config, "mask_token_id", mask_id, 126336)
     _check_bool("return_stats", return_stats)
@@ -404,7 +405,8 @@ def resolve_policy(policy, remasking) -> DecodePolicy:
 
 def _prepare_generate(model, prompt, attention_mask, steps, gen_length, block_length, temperature,
                       cfg_scale, remasking, mask_id, logits_eos_inf, confidence_eos_eot_inf, seed,
-                      policy, row_keys):
+                      policy, row_keys, method="generate"):
+    check_model(model, method)
     config = getattr(model, "config", None)
     mask_id = _config_id(config, "mask_token_id", mask_id, 126336)
     policy = resolve_policy(policy, remasking)
@@ -878,10 +880,29 @@ class _Forward:
             checkin(self.base, workspace)
 
 
+def check_model(model, method: str) -> None:
+    """``model`` is something to call as ``model(ids).logits``; otherwise a
+    TypeError naming it, before its first use fails with a puzzling error
+    (an Engine holds its model in ``.model`` and has its own ``method``)."""
+    from .engine import Engine  # here: the engine module imports this one
+
+    if isinstance(model, Engine):
+        raise TypeError(f"model: expected a model (an LLaDAModel, or what torch.compile made of one), got an "
+                        f"Engine: pass engine.model, or call engine.{method}(...), which takes text")
+    if not callable(model):
+        raise TypeError(f"model: expected a model called as model(ids).logits (an LLaDAModel, or what "
+                        f"torch.compile made of one), got {type(model).__name__}")
+
+
 def _device_of(model) -> torch.device:
     device = getattr(model, "device", None)
     if device is None:
-        device = next(model.parameters()).device
+        parameters = getattr(model, "parameters", None)
+        first = next(iter(parameters()), None) if callable(parameters) else None
+        if first is None:
+            raise TypeError(f"model: expected a `device` attribute or a parameter to read the device off, "
+                            f"got {type(model).__name__} with neither")
+        device = first.device
     return torch.device(device)
 
 
