@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,6 +152,18 @@ def test_bad_task_arguments():
         tasks.get_task("multiply")
     with pytest.raises(ValueError, match="n:"):
         tasks.make_examples("sort", -1, seed=0)
+    # A bool is no count (Python counts True as 1).
+    with pytest.raises(ValueError, match=r"^n: expected a non-negative int, got True$"):
+        tasks.make_examples("add", True, seed=0)
+    with pytest.raises(ValueError, match=r"^n: expected a non-negative int, got True$"):
+        tasks.held_out_set("add", True)
+
+
+def test_numpy_integers_are_counts():
+    n = np.int64(5)
+    assert tasks.make_examples("add", n, seed=0) == tasks.make_examples("add", 5, seed=0)
+    assert tasks.held_out_set("add", n) == tasks.held_out_set("add", 5)
+    assert len(tasks.held_out_set("add", n)) == 5
 
 
 @pytest.mark.parametrize("batch_size", [0, -8, 2.5, True])
@@ -159,6 +172,24 @@ def test_evaluate_refuses_a_batch_size_that_is_not_positive(batch_size):
     model = torch.nn.Linear(1, 1)
     with pytest.raises(ValueError, match=rf"^batch_size: expected a positive int, got {batch_size!r}$"):
         tasks.evaluate(model, tasks.tokenizer_for("add"), "add", tasks.held_out_set("add", 4), batch_size=batch_size)
+
+
+def test_evaluate_takes_a_numpy_batch_size():
+    # A stand-in decoder that records its batches and answers each prompt
+    # with its exact sum, so the accuracy is 1 whatever the model.
+    examples, seen = tasks.held_out_set("add", 5), []
+    tok = tasks.tokenizer_for("add")
+    answers, eos = {e.prompt: e.answer for e in examples}, special_ids(tok)["eos"]
+
+    def solve(model, prompt, gen_length, **_):
+        seen.append(len(prompt))
+        rows = [tok.encode(answers[tok.decode(row.tolist(), skip_special_tokens=True)],
+                           add_special_tokens=False).ids for row in prompt]
+        return torch.cat([prompt, torch.tensor([r + [eos] * (gen_length - len(r)) for r in rows])], 1)
+
+    model = torch.nn.Linear(1, 1)
+    assert tasks.evaluate(model, tok, "add", examples, batch_size=np.int64(2), generate_fn=solve) == 1.0
+    assert seen == [2, 2, 1]
 
 
 def shipped():

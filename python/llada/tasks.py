@@ -32,6 +32,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from .token_ids import is_int
+
 DIGITS = [str(d) for d in range(10)]
 
 
@@ -188,8 +190,9 @@ def make_examples(task: str | Task, n: int, seed: int, exclude: Sequence[Example
     ``exclude`` (so a training set can avoid the held-out prompts). Any ``n``
     up to the number of prompts outside ``exclude`` can be had."""
     task = get_task(task) if isinstance(task, str) else task
-    if not isinstance(n, int) or n < 0:
+    if not is_int(n) or n < 0:
         raise ValueError(f"n: expected a non-negative int, got {n!r}")
+    n = int(n)
     rng = random.Random(f"{task.name}:{seed}")
     seen = {e.prompt for e in exclude}
     out: list[Example] = []
@@ -288,8 +291,9 @@ def evaluate(
     task = get_task(task) if isinstance(task, str) else task
     if not examples:
         raise ValueError("examples: expected at least one example")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    batch_size = int(batch_size)
     gen_length = task.answer_tokens
     steps = gen_length if steps is None else steps
     block_length = gen_length if block_length is None else block_length
