@@ -31,8 +31,17 @@ setup() {
 
 build() {
   setup
-  "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e . \
-    ${LLADA_CMAKE_ARGS:+--config-settings=cmake.args="$LLADA_CMAKE_ARGS"}
+  # LLADA_CMAKE_ARGS="-DNAME=VALUE ...": one define each, so a value may hold
+  # a list ("-DLLADA_CUDA_ARCHITECTURES=80;90").
+  local words defines=() word
+  read -ra words <<< "${LLADA_CMAKE_ARGS:-}"
+  for word in ${words[@]+"${words[@]}"}; do
+    case "$word" in
+      -D?*=*) word=${word#-D}; defines+=("--config-settings=cmake.define.${word%%=*}=${word#*=}") ;;
+      *) echo "./dev.sh: LLADA_CMAKE_ARGS: expected -DNAME=VALUE words, got '$word'" >&2; exit 2 ;;
+    esac
+  done
+  "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e . ${defines[@]+"${defines[@]}"}
 }
 
 bench_build() {
