@@ -1,5 +1,9 @@
 """The compiled core: build information and op registration."""
 
+import importlib.metadata
+import subprocess
+import sys
+
 import torch
 
 import llada
@@ -38,7 +42,21 @@ def test_the_registration_test_covers_every_op():
 
 
 def test_version():
+    # The extension's version (CMake's project version) is the package's
+    # (pyproject's): a bump of one alone shows here.
     assert llada.__version__.count(".") == 2
+    assert llada.__version__ == importlib.metadata.version("llada")
+
+
+def test_a_missing_extension_is_named():
+    # Without the compiled module, `import llada` says what is missing and how
+    # to build it (not a puzzling circular-import error).
+    code = "import sys; sys.modules['llada._C'] = None; import llada"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stderr.rstrip().splitlines()[-1].startswith(
+        "ImportError: llada: the compiled extension llada._C did not load")
+    assert "pip install --no-build-isolation ." in run.stderr
 
 
 def test_cpu_ops_run_on_torch_intra_op_threads():

@@ -2,7 +2,13 @@
 
 import torch  # noqa: F401  (loads libtorch before the extension needs it)
 
-from . import _C, devices, ops
+try:
+    from . import _C
+except ImportError as e:  # said plainly: otherwise it surfaces as a circular import, or a torch library
+    raise ImportError(f"llada: the compiled extension llada._C did not load ({e}); it is not built, or was "
+                      "built against another torch: build it with `pip install --no-build-isolation .` "
+                      "(or `./dev.sh build` in a clone)") from e
+from . import devices, ops
 from .ops import (TokenChoice, add_rms_norm, attention, commit_tokens, rms_norm, rope, sample_tokens,
                   select_positions, silu_mul, store_kv)
 from .model import LLaDAConfig, LLaDAModel

@@ -64,7 +64,7 @@ def _as_device(device) -> torch.device:
 def _cuda_kernels_run_on(index: int) -> bool:
     # Said once per device: the results are the same, but slower.
     if not _C.cuda_compiled():
-        warnings.warn(f"llada: this build has no CUDA kernels (nvcc was not found when it was built); torch "
+        warnings.warn(f"llada: this build has no CUDA kernels (built without nvcc, or with LLADA_CUDA=OFF); torch "
                       f"compositions run on cuda:{index} in their place", RuntimeWarning, stacklevel=2)
         return False
     capability = torch.cuda.get_device_capability(index)
