@@ -42,24 +42,25 @@ inline float exp_reduced(float x, float n) {
 }
 
 // exp(t) for t <= 0 (or -inf), about 1 ulp, in plain arithmetic so the loops
-// calling it vectorise. Exactly 0 below -87.
+// calling it vectorise. Exactly 0 below -87; NaN stays NaN. (The clamp sends
+// NaN to -87 too: converting a NaN n to an int is undefined behaviour.)
 inline float exp_nonpositive(float t) {
-  const float x = t < -87.0f ? -87.0f : t;
+  const float x = t >= -87.0f ? t : -87.0f;
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   const float scale = bits_float(uint32_t(int32_t(n) + 127) << 23);
-  return t < -87.0f ? 0.0f : exp_reduced(x, n) * scale;
+  return t >= -87.0f ? exp_reduced(x, n) * scale : (t < -87.0f ? 0.0f : t);
 }
 
 // exp(t) for any t, about 1 ulp, vectorisable too: 2^n is applied in two
 // halves, so that the result reaches FLT_MAX (and overflows to inf beyond).
-// 0 below -87; NaN stays NaN.
+// 0 below -87; NaN stays NaN (clamped first, as in exp_nonpositive).
 inline float exp_float(float t) {
-  const float x = t < -87.0f ? -87.0f : (t > 89.0f ? 89.0f : t);
+  const float x = t >= -87.0f ? (t > 89.0f ? 89.0f : t) : -87.0f;
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   const int32_t k = int32_t(n), half = k / 2;
   const float scale_a = bits_float(uint32_t(half + 127) << 23);
   const float scale_b = bits_float(uint32_t(k - half + 127) << 23);
-  return t < -87.0f ? 0.0f : exp_reduced(x, n) * scale_a * scale_b;
+  return t >= -87.0f ? exp_reduced(x, n) * scale_a * scale_b : (t < -87.0f ? 0.0f : t);
 }
 
 }  // namespace llada
