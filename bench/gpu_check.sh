@@ -121,6 +121,20 @@ progress() {  # progress OUTCOME LOG: the test ids with that outcome so far
           -e "s/^(.*[^ ]) $1 +\[ *[0-9]+%\]\$/\1/p" "$2"
 }
 
+# Without pytest-xdist, -v names a test as it starts ("<test id> ", its
+# outcome then ends that line), so the test a stop cut short is the last one
+# named without an outcome: pytest-timeout's "+++ Timeout +++" banner (which
+# starts on a line of its own) follows it, or a fault or the step's timeout
+# left the log without a closing line. (Under pytest-xdist -v names tests
+# only as they end: a stopped worker's test is its "crashed" line.)
+stopped() {  # stopped LOG: "TIMEOUT <test id>" or "STOPPED <test id>" for the test a stop cut short
+  awk -v closing="$PYTEST_CLOSING" '
+    /^[^ ]+\.py::[^ ]+/ { started = $1; ended = ($0 ~ /\[ *[0-9]+%\]$/) }
+    /\++ Timeout \++$/ && started != "" && !ended && !(started in timed) { timed[started] = 1; print "TIMEOUT " started }
+    $0 ~ closing { closed = 1 }
+    END { if (!closed && started != "" && !ended && !(started in timed)) print "STOPPED " started }' "$1"
+}
+
 test_status() {  # test_status STEP: its pytest closing line (or the counts so far), then what failed
   local log="$LOGS/$1.log" closing failed n outcome
   closing=$(grep -E "$PYTEST_CLOSING" "$log" | tail -n 1 | sed -E 's/^=+ //; s/ =+$//')
@@ -134,12 +148,12 @@ test_status() {  # test_status STEP: its pytest closing line (or the counts so f
   echo "$1: $closing"
   # Each test that failed or errored, once, whether -v named it as it ended
   # or the closing summary did (which a run cut short never prints); a test
-  # that the thread timeout stopped (the whole pytest run with it, without
+  # that a timeout or a fault stopped (the whole pytest run with it, without
   # pytest-xdist) or whose xdist worker crashed.
   failed=$({ for outcome in FAILED ERROR; do progress "$outcome" "$log" | sed "s/^/$outcome /"; done
              sed -nE -e 's/^(FAILED|ERROR) ([^ ]+) - .*$/\1 \2/p' -e 't' -e 's/^(FAILED|ERROR) ([^ ]+)$/\1 \2/p' \
-                     -e 's/^(.*[^ ]) \++ Timeout \++$/TIMEOUT \1/p' \
                      -e "s/^worker '[^']*' crashed while running '(.*)'\$/CRASHED \1/p" "$log"
+             stopped "$log"
            } | awk '!seen[$0]++')
   n=$(printf '%s' "$failed" | grep -c .)
   printf '%s\n' "$failed" | head -n 15 | grep . | sed 's/^/  /'
@@ -196,10 +210,19 @@ wait_for_bench_build() {  # wait_for_bench_build SECONDS: until the background b
 
 step build "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v . \
   -C cmake.define.LLADA_CUDA_ARCHITECTURES="$ARCHS" -C build-dir=build/gpu
-# Without kernels for this GPU every CUDA test would skip and the ops run torch's
-# compositions: say so here rather than pass quietly.
-step kernels_run_on_gpu "$PYTHON" -c "import torch, llada.devices as d; import sys; \
+# A failed build leaves no llada, or (on a machine that ran this before) the
+# previous run's: no test or Python benchmark runs on it. The kernel binaries
+# do not import llada: they still run if their own build works.
+build_ok=$(grep -q '^build ok' "$LOGS/steps.txt" && echo 1 || true)
+if [ -z "$build_ok" ]; then
+  echo "   the build failed: no test or Python benchmark runs (llada would be missing or stale); the kernel binaries do"
+  echo "llada's build failed: no test or Python benchmark ran, only the kernel binaries" >>"$LOGS/device.txt"
+else
+  # Without kernels for this GPU every CUDA test would skip and the ops run torch's
+  # compositions: say so here rather than pass quietly.
+  step kernels_run_on_gpu "$PYTHON" -c "import torch, llada.devices as d; import sys; \
 sys.exit(0 if d.kernels_run_on(torch.device('cuda', 0)) else 'the built kernels do not run on this GPU')"
+fi
 kernels_ok=$(grep -q '^kernels_run_on_gpu ok' "$LOGS/steps.txt" && echo 1 || true)
 # With pytest-xdist the tests run in 8 workers of 2 threads each (16 cores);
 # a worker that crashes or is stopped is replaced, its test reported FAILED,
@@ -223,8 +246,8 @@ PYTEST=(env OMP_NUM_THREADS=2 "$PYTHON" -m pytest)
 # reference (not timed) and fails, and the decoding and generation
 # benchmarks time it without checking its results. Each of these tests takes
 # seconds: one still running after 60 is taken for hung.
-step tests_sm90 timeout --kill-after=10 150 "${PYTEST[@]}" -v -rfEs -p no:cacheprovider $xdist $(per_test 60) \
-  tests/test_attention.py -k "sm90 and not pipelines"
+[ -z "$build_ok" ] || step tests_sm90 timeout --kill-after=10 150 "${PYTEST[@]}" -v -rfEs -p no:cacheprovider \
+  $xdist $(per_test 60) tests/test_attention.py -k "sm90 and not pipelines"
 sm90_log="$LOGS/tests_sm90.log"
 # pytest's closing line ("3 passed, 1 skipped in 9.1s"), if it got that far.
 sm90_summary=$(grep -E "$PYTEST_CLOSING" "$sm90_log" 2>/dev/null | tail -n 1)
@@ -234,7 +257,9 @@ sm90_summary=$(grep -E "$PYTEST_CLOSING" "$sm90_log" 2>/dev/null | tail -n 1)
 # reads the same).
 sm90_fault='illegal (memory|instruction)|launch failure|misaligned address|device-side|CUDA error'
 sm90_fault="$sm90_fault|\+ Timeout \+|node down|crashed"
-if grep -q '^tests_sm90 SKIPPED' "$LOGS/steps.txt"; then
+if [ -z "$build_ok" ]; then
+  :  # not tested (said above): the attention binary validates every Hopper variant against the CPU twin itself
+elif grep -q '^tests_sm90 SKIPPED' "$LOGS/steps.txt"; then
   echo "   the Hopper attention kernel's tests did not run (budget): the steps below run without it"
   export LLADA_ATTENTION_SM90=0
 elif grep -qiE "$sm90_fault" "$sm90_log" || [ -z "$sm90_summary" ]; then
@@ -250,7 +275,7 @@ fi
 # Then the pipeline variants of its 128-query blocks, each tested on its own:
 # the benchmarks time only those that passed (LLADA_BENCH_SM90_PIPELINES), so
 # that one that hangs or faults cannot take a benchmark down.
-if [ "${LLADA_ATTENTION_SM90:-}" != 0 ]; then
+if [ -n "$build_ok" ] && [ "${LLADA_ATTENTION_SM90:-}" != 0 ]; then
   # -v prints each test's outcome as it ends, so a run cut short by the
   # timeout (one pipeline hanging) still names those that passed.
   step tests_sm90_pipelines timeout --kill-after=10 150 "${PYTEST[@]}" -v -rA -p no:cacheprovider $xdist \
