@@ -202,19 +202,20 @@ def step_anatomy(model, prompt_len: int, gen: int, block: int, device: str, min_
     total, lo, hi = prompt_len + gen, prompt_len, prompt_len + block
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, min(cfg.vocab_size, 30000), (1, total), generator=g).to(device)
-    in_block = torch.zeros(1, total, dtype=torch.bool, device=device)
-    in_block[:, lo:hi] = True
     cache = KVCache(cfg, 1, total, device, model.dtype)
-    all_block = torch.ones(1, block, dtype=torch.bool, device=device)
+    # The block's positions as slices, as the decoder's whole-block steps
+    # pass them on CUDA: a bool mask would add host syncs to the forwards
+    # (counting and gathering its positions) that decoding never pays.
     rows = {
-        "full forward (fills the cache)": lambda: model(ids, None, logits_at=in_block, cache=cache),
-        "cached forward of the block": lambda: model(ids[:, lo:hi], None, logits_at=all_block, cache=cache,
+        "full forward (fills the cache)": lambda: model(ids, None, logits_at=slice(lo, hi), cache=cache),
+        "cached forward of the block": lambda: model(ids[:, lo:hi], None, logits_at=slice(0, block), cache=cache,
                                                      start=lo),
     }
     if device == "cuda":
         graph = CachedStepGraph(model, cache, None, ids[:, lo:hi], lo)
         rows["cached forward, CUDA graph"] = lambda: graph(None, ids[:, lo:hi], lo)
-    logits = model(ids, None, logits_at=in_block, cache=cache).logits
+    logits = model(ids, None, logits_at=slice(lo, hi), cache=cache).logits  # [1, block, V]
+    logits = logits.view(block, logits.shape[-1])  # one row per position, as the decoder samples them
     canvas = ids.clone()
     k = torch.full((1,), 4, dtype=torch.int64, device=device)
 
