@@ -33,11 +33,12 @@ build() {
   setup
   # LLADA_CMAKE_ARGS="-DNAME=VALUE ...": one define each, so a value may hold
   # a list ("-DLLADA_CUDA_ARCHITECTURES=80;90").
-  local words defines=() word
-  read -ra words <<< "${LLADA_CMAKE_ARGS:-}"
+  local words defines=() word name
+  read -ra words -d '' <<< "${LLADA_CMAKE_ARGS:-}" || true  # every line's words
   for word in ${words[@]+"${words[@]}"}; do
     case "$word" in
-      -D?*=*) word=${word#-D}; defines+=("--config-settings=cmake.define.${word%%=*}=${word#*=}") ;;
+      -D?*=*) name=${word%%=*}; name=${name#-D}; name=${name%%:*}  # -DNAME:TYPE=VALUE: no type
+              defines+=("--config-settings=cmake.define.$name=${word#*=}") ;;
       *) echo "./dev.sh: LLADA_CMAKE_ARGS: expected -DNAME=VALUE words, got '$word'" >&2; exit 2 ;;
     esac
   done
