@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .sampler import check_model, check_seed
-from .token_ids import check_token_ids, is_int
+from .token_ids import check_token_id, check_token_ids, is_int
 
 
 # The most draws (and draws per forward) an estimate takes: torch indexes
@@ -102,11 +102,7 @@ def log_likelihood(
         mask_id = getattr(config, "mask_token_id", None)
         if mask_id is None:
             raise ValueError("mask_id: not given and the model's config has no mask_token_id")
-    elif not is_int(mask_id):
-        raise TypeError(f"mask_id: expected an int, got {type(mask_id).__name__}")
-    vocab = getattr(config, "embedding_size", None)
-    if not 0 <= mask_id < (vocab if vocab is not None else 2**63):
-        raise ValueError(f"mask_id: {mask_id} is outside the vocabulary [0, {vocab})")
+    check_token_id("mask_id", mask_id, config)
     for name, ids in (("prompt", prompt), ("answer", answer)):
         check_token_ids(name, ids, config)
         if bool((ids == mask_id).any()):

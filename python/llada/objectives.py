@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .token_ids import is_int
+from .token_ids import check_token_id
 
 DEFAULT_EPS = 1e-3
 
@@ -41,23 +41,6 @@ def _check_ids(input_ids: torch.Tensor, name: str = "input_ids") -> None:
         raise ValueError(f"{name}: expected a non-empty (B, L) tensor, got shape {tuple(input_ids.shape)}")
     if input_ids.dtype != torch.long:
         raise TypeError(f"{name}: expected dtype torch.int64, got {input_ids.dtype}")
-
-
-def _check_mask_id(mask_id, vocab: Optional[int] = None) -> None:
-    """An int id of the vocabulary (``vocab`` ids, when known): the masked
-    positions are fed to the embedding, which has no row for any other
-    (a float would be truncated to some other token's id)."""
-    if not is_int(mask_id):
-        raise TypeError(f"mask_id: expected an int, got {type(mask_id).__name__}")
-    if vocab is not None and not 0 <= mask_id < vocab:
-        raise ValueError(f"mask_id: {mask_id} is outside the vocabulary [0, {vocab})")
-    if not 0 <= mask_id < 2**63:  # without a vocabulary, at least an id an int64 tensor holds
-        raise ValueError(f"mask_id: expected an id in [0, 2**63), got {mask_id}")
-
-
-def _vocab_of(model) -> Optional[int]:
-    """The number of token ids the model embeds, where its config says."""
-    return getattr(getattr(model, "config", None), "embedding_size", None)
 
 
 def _check_keep(keep, shape: tuple) -> None:
@@ -86,7 +69,7 @@ def corrupt(
         keep: (B, L) bool, positions never masked (the prompt in SFT).
     """
     _check_ids(input_ids)
-    _check_mask_id(mask_id)
+    check_token_id("mask_id", mask_id, None)
     if not 0 <= eps < 1:
         raise ValueError(f"eps: expected a value in [0, 1), got {eps}")
     b, l = input_ids.shape
@@ -146,7 +129,7 @@ def pretraining_loss(
     ``mask_id`` must lie in the vocabulary, where ``model.config`` gives its
     ``embedding_size``."""
     _check_ids(input_ids)
-    _check_mask_id(mask_id, _vocab_of(model))
+    check_token_id("mask_id", mask_id, getattr(model, "config", None))
     if not 0 <= crop_probability <= 1:
         raise ValueError(f"crop_probability: expected a value in [0, 1], got {crop_probability}")
     device = input_ids.device
@@ -175,7 +158,7 @@ def sft_loss(
     in the vocabulary, where ``model.config`` gives its ``embedding_size``.
     """
     _check_ids(input_ids)
-    _check_mask_id(mask_id, _vocab_of(model))
+    check_token_id("mask_id", mask_id, getattr(model, "config", None))
     b, l = input_ids.shape
     prompt_lengths = torch.as_tensor(prompt_lengths, device=input_ids.device)
     if prompt_lengths.is_floating_point() or prompt_lengths.is_complex() or prompt_lengths.dtype == torch.bool:
