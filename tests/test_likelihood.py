@@ -39,4 +39,11 @@ def test_the_engines_model_and_any_callable_with_logits_are_taken(engine):
 
     got = llada.log_likelihood(uniform, [5, 6], answer, mc_num=8, batch_size=4, mask_id=3, seed=0)
     assert math.isclose(got, -len(answer) * math.log(vocab), rel_tol=1e-6)
+
+    class Uniform(torch.nn.Module):  # a module without parameters: computes where the prompt is
+        def forward(self, ids):
+            return uniform(ids)
+
+    got = llada.log_likelihood(Uniform(), [5, 6], answer, mc_num=8, batch_size=4, mask_id=3, seed=0)
+    assert math.isclose(got, -len(answer) * math.log(vocab), rel_tol=1e-6)
     assert math.isfinite(llada.log_likelihood(engine.model, [5, 6], answer, mc_num=4, batch_size=4, seed=0))

@@ -13,6 +13,8 @@ import llada
 from llada import tasks
 from llada.tokenizer import read_tokenizer, special_ids
 
+from checkpoints import make_checkpoint
+
 TASK_MODELS = Path(llada.__file__).resolve().parent / "task_models"
 
 
@@ -190,6 +192,13 @@ def test_evaluate_takes_a_numpy_batch_size():
     model = torch.nn.Linear(1, 1)
     assert tasks.evaluate(model, tok, "add", examples, batch_size=np.int64(2), generate_fn=solve) == 1.0
     assert seen == [2, 2, 1]
+
+
+def test_evaluate_refuses_an_engine_with_the_way_to_its_model(tmp_path):
+    engine = llada.load(make_checkpoint(tmp_path), device="cpu")
+    examples = tasks.held_out_set("add", 2)
+    with pytest.raises(TypeError, match=r"^model: expected a model .*got an Engine: pass engine\.model$"):
+        tasks.evaluate(engine, tasks.tokenizer_for("add"), "add", examples)
 
 
 def shipped():

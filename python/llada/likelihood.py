@@ -113,7 +113,9 @@ def log_likelihood(
         name = "prompt" if prompt.numel() >= max_len else "answer"
         raise ValueError(f"{name}: prompt ({prompt.numel()}) and answer ({answer.numel()}) tokens exceed the "
                          f"model's max_sequence_length {max_len}")
-    device = next(model.parameters()).device if hasattr(model, "parameters") else prompt.device
+    # A model without parameters (a stand-in) computes where the prompt is.
+    first = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    device = prompt.device if first is None else first.device
     generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
 
     lp, la = prompt.numel(), answer.numel()

@@ -369,8 +369,8 @@ def infill(
                          f"{block_length} positions), got {steps!r}")
     key_mask = None
     if attention_mask is not None and not bool((attention_mask != 0).all()):
-        key_mask = (attention_mask != 0).to(_device_of(model))
-    work = ids.to(device=_device_of(model), dtype=torch.long, copy=True)
+        key_mask = (attention_mask != 0).to(device_of(model))
+    work = ids.to(device=device_of(model), dtype=torch.long, copy=True)
     stats = DecodeStats()
     for _ in _decode(model, work, key_mask, stats=stats, filling=True, **_decode_args(
             config, mask_id, first, last, block_length, steps // num_blocks, temperature,
@@ -413,7 +413,7 @@ def _prepare_generate(model, prompt, attention_mask, steps, gen_length, block_le
     _validate(config, prompt, attention_mask, steps, gen_length, block_length, temperature,
               cfg_scale, remasking, mask_id, seed, logits_eos_inf, confidence_eos_eot_inf,
               policy.commit == "schedule")
-    device = _device_of(model)
+    device = device_of(model)
     b, lp = prompt.shape
     if row_keys is not None:
         row_keys = torch.tensor(check_row_keys(row_keys, b, gen_length), dtype=torch.long, device=device)
@@ -880,21 +880,23 @@ class _Forward:
             checkin(self.base, workspace)
 
 
-def check_model(model, method: str) -> None:
+def check_model(model, method: Optional[str]) -> None:
     """``model`` is something to call as ``model(ids).logits``; otherwise a
     TypeError naming it, before its first use fails with a puzzling error
-    (an Engine holds its model in ``.model`` and has its own ``method``)."""
+    (an Engine holds its model in ``.model``, and has its own ``method``
+    where one is named)."""
     from .engine import Engine  # here: the engine module imports this one
 
     if isinstance(model, Engine):
+        instead = f", or call engine.{method}(...), which takes text" if method else ""
         raise TypeError(f"model: expected a model (an LLaDAModel, or what torch.compile made of one), got an "
-                        f"Engine: pass engine.model, or call engine.{method}(...), which takes text")
+                        f"Engine: pass engine.model{instead}")
     if not callable(model):
         raise TypeError(f"model: expected a model called as model(ids).logits (an LLaDAModel, or what "
                         f"torch.compile made of one), got {type(model).__name__}")
 
 
-def _device_of(model) -> torch.device:
+def device_of(model) -> torch.device:
     device = getattr(model, "device", None)
     if device is None:
         parameters = getattr(model, "parameters", None)

@@ -286,7 +286,7 @@ def evaluate(
     :class:`llada.DecodePolicy`. ``generate_fn`` (same signature as
     :func:`llada.generate`) lets benchmarks plug in other decoders.
     """
-    from .sampler import generate
+    from .sampler import check_model, device_of, generate
 
     task = get_task(task) if isinstance(task, str) else task
     if not examples:
@@ -298,7 +298,8 @@ def evaluate(
     steps = gen_length if steps is None else steps
     block_length = gen_length if block_length is None else block_length
     generate_fn = generate if generate_fn is None else generate_fn
-    device = next(model.parameters()).device
+    check_model(model, None)
+    device = device_of(model)
     correct = 0
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
