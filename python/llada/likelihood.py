@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .sampler import check_model, check_seed
+from .sampler import check_model, check_seed, device_of
 from .token_ids import check_token_id, check_token_ids, is_int
 
 
@@ -113,9 +113,7 @@ def log_likelihood(
         name = "prompt" if prompt.numel() >= max_len else "answer"
         raise ValueError(f"{name}: prompt ({prompt.numel()}) and answer ({answer.numel()}) tokens exceed the "
                          f"model's max_sequence_length {max_len}")
-    # A model without parameters (a stand-in) computes where the prompt is.
-    first = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    device = prompt.device if first is None else first.device
+    device = device_of(model, fallback=prompt.device)  # a stand-in without parameters: the prompt's
     generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
 
     lp, la = prompt.numel(), answer.numel()

@@ -896,11 +896,15 @@ def check_model(model, method: Optional[str]) -> None:
                         f"torch.compile made of one), got {type(model).__name__}")
 
 
-def device_of(model) -> torch.device:
+def device_of(model, fallback: Optional[torch.device] = None) -> torch.device:
+    """Where ``model`` computes: its ``device``, or its first parameter's;
+    ``fallback`` for a model with neither (a stand-in), else a TypeError."""
     device = getattr(model, "device", None)
     if device is None:
         parameters = getattr(model, "parameters", None)
         first = next(iter(parameters()), None) if callable(parameters) else None
+        if first is None and fallback is not None:
+            return torch.device(fallback)
         if first is None:
             raise TypeError(f"model: expected a `device` attribute or a parameter to read the device off, "
                             f"got {type(model).__name__} with neither")
